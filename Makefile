@@ -1,0 +1,27 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both create .venv when missing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= .cache/demo/qwen2-zero3-bf16
+
+.PHONY: setup setup-vllm demo test lint bench
+
+setup:
+	@scripts/bootstrap.sh
+
+setup-vllm:
+	@scripts/setup_vllm_venv.sh
+
+# Consolidate a small real ZeRO-3 checkpoint (generated once with real DeepSpeed, then cached).
+demo: setup
+	@DEMO_OUT=$(DEMO_OUT) $(PY) -m tests.corpus.demo
+
+test: setup setup-vllm
+	$(VENV)/bin/ruff check src tests train bench
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests train bench
+
+bench: setup
+	$(PY) bench/run.py

@@ -1,0 +1,314 @@
+"""Convert one checkpoint into an inference-ready Hugging Face folder.
+
+The steps, in order: detect the input, read its metadata, find config and tokenizer, decide names
+and dtypes, plan every output file, check disk space, stream the weights into a temporary sibling
+folder, copy the assets, validate, and only then rename the folder into place. On any failure the
+temporary folder is removed and ``--output`` is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_consolidate import readers
+from vllm_consolidate.assets import copy_assets, find_assets, read_config, search_chain
+from vllm_consolidate.errors import (
+    ConfigNotFoundError,
+    InsufficientDiskError,
+    OutputExistsError,
+    UsageError,
+    ValidationFailedError,
+)
+from vllm_consolidate.planner import OutputPlan, dtype_name, plan_output
+from vllm_consolidate.source import SourceModel, TensorSpec
+from vllm_consolidate.writer import write_plan
+
+DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+DEFAULT_MAX_SHARD_SIZE = 40 * 10**9
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")
+LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+
+
+@dataclass
+class ConvertOptions:
+    """Options of one conversion; the CLI flags map one to one.
+
+    Attributes:
+        input: What the user passed as ``--input``.
+        output: The output folder.
+        input_type: ``auto``, ``deepspeed`` or ``hf_sharded``.
+        checkpoint_dir: Overrides detection when given.
+        base_model_name: Local folder or Hub id for config/tokenizer the checkpoint lacks.
+        dtype: Output dtype for floating tensors; ignored with ``keep_original_precision``.
+        keep_original_precision: DeepSpeed: the precision it was trained in (bf16/fp16 enabled in
+            its DeepSpeed config, else fp32). HF: each tensor's stored dtype.
+        fmt: ``safetensors`` or ``bin``.
+        max_shard_size: Bytes per file before splitting.
+        force: Replace an existing output (only after the new one is complete).
+        validate: Run the static validation before publishing the output.
+        progress: Called as ``progress(bytes_done, bytes_total)`` while writing.
+    """
+
+    input: Path
+    output: Path
+    input_type: str = "auto"
+    checkpoint_dir: Path | None = None
+    base_model_name: str | None = DEFAULT_BASE_MODEL
+    dtype: torch.dtype = torch.float32
+    keep_original_precision: bool = False
+    fmt: str = "safetensors"
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    force: bool = False
+    validate: bool = True
+    progress: Callable[[int, int], None] | None = None
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion did, for the summary and ``--json``."""
+
+    output: Path
+    status: str  # "converted" or "already_consolidated"
+    detected: dict[str, Any]
+    files: list[str]
+    tensors: int
+    parameters: int
+    bytes_read: int
+    bytes_written: int
+    output_dtype: str
+    seconds: float
+    assets: dict[str, str | None] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    validation: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["output"] = str(self.output)
+        out["throughput_mb_s"] = round(self.bytes_written / 1e6 / self.seconds, 1) if self.seconds else None
+        return out
+
+
+def _tied(config: dict, source: SourceModel) -> bool:
+    """Whether the output embedding is tied to the input embedding.
+
+    An explicit ``tie_word_embeddings`` in config.json decides. When config.json omits it (it is
+    then the model class's default), a checkpoint that stores ``lm_head.weight`` only as a shared
+    alias of the embedding is tied, and one that stores it as its own tensor is not.
+    """
+    for holder in (config, config.get("text_config") or {}):
+        if "tie_word_embeddings" in holder:
+            return bool(holder["tie_word_embeddings"])
+    return any(name in source.aliases for name in LM_HEAD_NAMES)
+
+
+def _resolve_names(source: SourceModel, tied: bool) -> tuple[list[TensorSpec], list[str]]:
+    """Final tensor list: tied output embeddings dropped, other shared names written as copies."""
+    tensors = list(source.tensors)
+    by_name = {t.name: t for t in tensors}
+    dropped = []
+    if tied:
+        for name in LM_HEAD_NAMES:
+            if name in by_name:
+                tensors.remove(by_name[name])
+                dropped.append(name)
+    for alias, target in source.aliases.items():
+        if tied and alias in LM_HEAD_NAMES:
+            dropped.append(alias)
+            continue
+        spec = by_name[target]
+        tensors.append(TensorSpec(alias, spec.dtype, spec.shape, list(spec.segments)))
+    return tensors, dropped
+
+
+def _target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> torch.dtype | None:
+    if not opts.keep_original_precision:
+        return opts.dtype
+    if source.kind == "deepspeed":
+        if source.trained_dtype is not None:
+            return source.trained_dtype
+        name = config.get("torch_dtype") or config.get("dtype")
+        from vllm_consolidate.planner import DTYPES_BY_NAME
+
+        return DTYPES_BY_NAME.get(str(name), torch.float32)
+    return None  # HF: each tensor keeps its stored dtype
+
+
+def _config_dtype(plan: OutputPlan) -> str:
+    floats = [t.out_dtype for t in plan.tensors if t.out_dtype.is_floating_point]
+    if not floats:
+        return "float32"
+    # The most common floating dtype by bytes is the model's dtype.
+    weight: dict[torch.dtype, int] = {}
+    for t in plan.tensors:
+        if t.out_dtype.is_floating_point:
+            weight[t.out_dtype] = weight.get(t.out_dtype, 0) + t.nbytes
+    return dtype_name(max(weight, key=weight.__getitem__))
+
+
+def _preflight_disk(output: Path, need: int) -> None:
+    parent = output.parent
+    free = shutil.disk_usage(parent).free
+    margin = 64 * 2**20 + need // 100
+    if free < need + margin:
+        raise InsufficientDiskError(
+            f"not enough disk space: the output needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB is free",
+            path=parent,
+        )
+
+
+def _publish(tmp: Path, output: Path, force: bool) -> None:
+    """Move the finished temporary folder to ``output``; an old output is removed only afterwards."""
+    if output.exists():
+        if not force:
+            raise OutputExistsError("output already exists", path=output)
+        old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(output, old)
+        try:
+            os.rename(tmp, output)
+        except BaseException:
+            os.rename(old, output)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, output)
+
+
+def temporary_sibling(output: Path) -> Path:
+    """A fresh hidden folder next to ``output``, on the same file system so the final rename is atomic."""
+    return output.with_name(f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def convert(opts: ConvertOptions) -> ConvertResult:
+    """Convert one checkpoint; see the module docstring for the steps.
+
+    Raises:
+        ConsolidateError: Any problem with the input, the options, the disk or the result.
+    """
+    started = time.monotonic()
+    output = Path(opts.output).absolute()
+    if output.exists() and not opts.force:
+        raise OutputExistsError("output already exists", path=output)
+    if opts.fmt not in ("safetensors", "bin"):
+        raise UsageError(f"unknown format {opts.fmt}")
+
+    detected = readers.detect(Path(opts.input), opts.input_type, opts.checkpoint_dir)
+    if output.resolve() == Path(opts.input).resolve() or _is_within(output, detected.weights_dir):
+        raise UsageError("--output must not be the input folder or inside it; the input is never modified",
+                         path=output, hint="Choose an output folder outside the checkpoint.")
+    source = readers.read(detected)
+    chain = search_chain(detected.weights_dir, Path(opts.input))
+    assets = find_assets(chain + [d for d in source.asset_dirs if d not in chain], opts.base_model_name)
+    warnings: list[str] = []
+    if assets.config is None:
+        reason = f" ({assets.base_model_error})" if assets.base_model_error else ""
+        raise ConfigNotFoundError(
+            f"no config.json in the checkpoint, its parent folders, or the base model{reason}",
+            path=detected.weights_dir,
+        )
+    if assets.tokenizer_dir is None:
+        warnings.append(
+            "no tokenizer found in the checkpoint or the base model; the output has none. "
+            "Pass --base-model-name with the model you fine-tuned to copy its tokenizer."
+        )
+    config = read_config(assets.config)
+    tied = _tied(config, source)
+    tensors, dropped = _resolve_names(source, tied)
+    target = _target_dtype(opts, source, config)
+    plan = plan_output(tensors, target_dtype=target, max_shard_size=opts.max_shard_size, fmt=opts.fmt)
+
+    info = dict(source.info)
+    info["how"] = detected.how
+    info["weights_dir"] = str(detected.weights_dir)
+    if source.kind == "hf_single" and not opts.force and _unchanged_single(source, plan):
+        return ConvertResult(
+            output=detected.weights_dir, status="already_consolidated", detected=info,
+            files=[], tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
+            bytes_read=0, bytes_written=0, output_dtype=_config_dtype(plan),
+            seconds=time.monotonic() - started, assets=assets.origin(), warnings=warnings,
+        )
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _preflight_disk(output, plan.total_size)
+    out_dtype = _config_dtype(plan)
+    config["torch_dtype"] = out_dtype
+    config["dtype"] = out_dtype
+
+    tmp = temporary_sibling(output)
+    tmp.mkdir()
+    try:
+        total = plan.total_size
+        done = 0
+        lock = threading.Lock()
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            with lock:
+                done += n
+                if opts.progress:
+                    opts.progress(done, total)
+
+        written = [p.name for p in write_plan(plan, tmp, on_bytes)]
+        written += copy_assets(assets, tmp, config)
+        report = None
+        if opts.validate:
+            from vllm_consolidate.validate import validate_folder
+
+            report = validate_folder(tmp)
+            if not report.ok:
+                raise ValidationFailedError(
+                    "the converted folder failed validation: " + "; ".join(report.failure_messages()),
+                    path=output,
+                    hint="Rerun with --no-validate-vllm to keep the output anyway and inspect it.",
+                    report=report,
+                )
+            warnings.extend(report.warning_messages())
+        _publish(tmp, output, opts.force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    return ConvertResult(
+        output=output,
+        status="converted",
+        detected=info,
+        files=written,
+        tensors=len(plan.tensors),
+        parameters=sum(t.spec.numel for t in plan.tensors),
+        bytes_read=sum(t.spec.nbytes for t in plan.tensors),
+        bytes_written=sum((output / f).stat().st_size for f in written),
+        output_dtype=out_dtype,
+        seconds=time.monotonic() - started,
+        assets=assets.origin(),
+        dropped=dropped,
+        renamed=dict(source.renamed),
+        warnings=warnings,
+        validation=report.to_dict() if report is not None else None,
+    )
+
+
+def _unchanged_single(source: SourceModel, plan: OutputPlan) -> bool:
+    """A single-file HF model whose format and dtypes would not change needs no conversion."""
+    src_file = source.source_files[0] if source.source_files else ""
+    same_format = src_file.endswith(".safetensors") == (plan.format == "safetensors")
+    same_dtypes = all(t.out_dtype == t.spec.dtype for t in plan.tensors)
+    return len(source.source_files) == 1 and same_format and same_dtypes and not source.renamed

@@ -1,0 +1,98 @@
+"""The one exception hierarchy of vllm-consolidate.
+
+Every error the library raises on purpose is a :class:`ConsolidateError`. Each carries the file it is
+about and a hint saying what the user can do. The CLI maps the classes to exit codes in one place
+(``cli.EXIT_CODES``) and prints ``error: <message> [<path>]`` and ``hint: <hint>``; the traceback is
+shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class ConsolidateError(Exception):
+    """Base class for every error vllm-consolidate reports to a user.
+
+    Args:
+        message: What is wrong, in one sentence.
+        path: The file or folder the error is about, if any.
+        hint: What the user can do about it.
+    """
+
+    default_hint: str | None = None
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.path = os.fspath(path) if path is not None else None
+        self.hint = hint if hint is not None else self.default_hint
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.path}]" if self.path else self.message
+
+
+class InputNotFoundError(ConsolidateError):
+    """No checkpoint or model could be found at the given input."""
+
+    default_hint = "Pass a training run, a checkpoint-N or global_stepN folder, or an HF model folder."
+
+
+class CorruptCheckpointError(ConsolidateError):
+    """A checkpoint file is truncated, unreadable or internally inconsistent."""
+
+    default_hint = "Re-save the checkpoint, or pick an earlier one with --checkpoint-dir."
+
+
+class UnsafePickleError(ConsolidateError):
+    """A pickle names a global outside the allowlist; it was refused and nothing from it ran."""
+
+    default_hint = "Only load checkpoints you trust; this file asks to run code that a checkpoint never needs."
+
+
+class UnsupportedCheckpointError(ConsolidateError):
+    """The checkpoint is of a kind this tool does not handle (stage, layout, format)."""
+
+
+class ConfigNotFoundError(ConsolidateError):
+    """No config.json in the checkpoint, its parents, or the base model."""
+
+    default_hint = "Pass --base-model-name with the local folder or Hub id of the model you fine-tuned."
+
+
+class OutputExistsError(ConsolidateError):
+    """The output folder exists and --force was not given."""
+
+    default_hint = "Pass --force to replace it (it is replaced only after the new output is complete)."
+
+
+class InsufficientDiskError(ConsolidateError):
+    """The output file system does not have room for the output."""
+
+    default_hint = "Free disk space, write elsewhere, or use --dtype bfloat16 to halve the output."
+
+
+class UsageError(ConsolidateError):
+    """The options given do not make sense together."""
+
+
+class ValidationFailedError(ConsolidateError):
+    """The written folder failed validation; see the report it carries."""
+
+    def __init__(self, message: str, *, path=None, hint=None, report=None):
+        super().__init__(message, path=path, hint=hint)
+        self.report = report
+
+
+class VllmUnavailableError(ConsolidateError):
+    """vLLM is not importable here and no --vllm-python interpreter was given."""
+
+    default_hint = "Install vLLM, or pass --vllm-python /path/to/venv/bin/python of a venv that has it."
+
+
+class VllmLoadError(ConsolidateError):
+    """vLLM failed to load or run the model folder."""
+
+
+class BatchError(ConsolidateError):
+    """A batch could not be planned or one of its jobs failed."""

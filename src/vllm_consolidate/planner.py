@@ -1,0 +1,193 @@
+"""Plan the output from metadata alone: which file each tensor goes to, its dtype and byte offset.
+
+The plan is complete before a single tensor byte is read, in the manner of huggingface_hub's
+``split_torch_state_dict_into_shards``: tensors are packed, in order, into files of at most
+``max_shard_size`` bytes (a tensor larger than that gets a file of its own). One file is named
+``model.safetensors`` (or ``pytorch_model.bin``); several are ``model-0000i-of-0000N.safetensors``
+with a ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_consolidate.errors import UsageError
+from vllm_consolidate.source import TensorSpec
+
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.complex64: "C64",
+}
+
+DTYPES_BY_NAME: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``"40GB"``, ``"500MB"``, ``"1.5GiB"`` or a byte count. GB means 10**9, as in huggingface_hub."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m or (m.group(2) or "").upper() not in _UNITS:
+        raise UsageError(f"cannot read the size '{text}'", hint="Write it like 40GB, 500MB, 2GiB or a byte count.")
+    size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if size <= 0:
+        raise UsageError(f"the size '{text}' must be positive")
+    return size
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class PlannedTensor:
+    """One tensor's place in the output."""
+
+    spec: TensorSpec
+    out_dtype: torch.dtype
+    offset: int = 0  # from the start of the file's data section
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def nbytes(self) -> int:
+        return self.spec.numel * self.out_dtype.itemsize
+
+
+@dataclass
+class PlannedFile:
+    """One output file and the tensors it holds, with offsets assigned."""
+
+    filename: str
+    tensors: list[PlannedTensor] = field(default_factory=list)
+
+    @property
+    def data_size(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class OutputPlan:
+    """The whole output, decided from metadata."""
+
+    format: str  # "safetensors" or "bin"
+    files: list[PlannedFile]
+    index_filename: str | None
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.data_size for f in self.files)
+
+    @property
+    def tensors(self) -> list[PlannedTensor]:
+        return [t for f in self.files for t in f.tensors]
+
+    def index(self) -> dict | None:
+        """The HF ``*.index.json`` content, when there are several files."""
+        if self.index_filename is None:
+            return None
+        return {
+            "metadata": {"total_size": self.total_size},
+            "weight_map": {t.name: f.filename for f in self.files for t in f.tensors},
+        }
+
+    def output_dtypes(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[dtype_name(t.out_dtype)] = counts.get(dtype_name(t.out_dtype), 0) + 1
+        return counts
+
+
+def output_dtype(spec: TensorSpec, target: torch.dtype | None) -> torch.dtype:
+    """Floating tensors take ``target`` (None keeps the stored dtype); others keep their dtype."""
+    if target is None or not spec.dtype.is_floating_point:
+        return spec.dtype
+    return target
+
+
+def plan_output(
+    tensors: list[TensorSpec],
+    *,
+    target_dtype: torch.dtype | None,
+    max_shard_size: int,
+    fmt: str = "safetensors",
+) -> OutputPlan:
+    """Assign every tensor to an output file and byte offset.
+
+    Args:
+        tensors: What to write, in order.
+        target_dtype: dtype for floating-point tensors, or None to keep each tensor's own.
+        max_shard_size: Largest file size in bytes before splitting.
+        fmt: ``"safetensors"`` or ``"bin"``.
+
+    Returns:
+        The plan.
+    """
+    if fmt not in ("safetensors", "bin"):
+        raise UsageError(f"unknown output format {fmt}")
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UsageError(f"two tensors are both named {dup}")
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for spec in tensors:
+        planned = PlannedTensor(spec, output_dtype(spec, target_dtype))
+        if planned.out_dtype not in SAFETENSORS_DTYPES:
+            raise UsageError(f"{spec.name} has dtype {planned.out_dtype}, which the output format cannot hold")
+        if shards[-1] and size + planned.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(planned)
+        size += planned.nbytes
+    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    n = len(shards)
+    files = []
+    for i, shard in enumerate(shards, start=1):
+        filename = f"{stem}.{ext}" if n == 1 else f"{stem}-{i:05d}-of-{n:05d}.{ext}"
+        offset = 0
+        for t in shard:
+            t.offset = offset
+            offset += t.nbytes
+        files.append(PlannedFile(filename, shard))
+    return OutputPlan(fmt, files, None if n == 1 else f"{stem}.{ext}.index.json")
+
+
+def safetensors_header(pfile: PlannedFile, metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length plus JSON header of a safetensors file, padded to 8 bytes as the spec advises."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    for t in pfile.tensors:
+        header[t.name] = {
+            "dtype": SAFETENSORS_DTYPES[t.out_dtype],
+            "shape": list(t.spec.shape),
+            "data_offsets": [t.offset, t.offset + t.nbytes],
+        }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw

