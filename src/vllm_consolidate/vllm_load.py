@@ -13,8 +13,10 @@ How the two sides are made to agree:
       Upcasting bf16/fp16 weights to fp32 is exact, so a bf16 folder is still loaded from its own
       bytes, but the remaining differences between the two implementations (fused CPU kernels vs.
       eager PyTorch) are ~1e-6 instead of ~1e-2 and cannot flip an argmax unless two logits tie.
-      ``dtype="auto"`` (each side uses the folder's ``torch_dtype``) is supported too but is only
-      robust when the model's logits are decisive.
+      ``dtype="auto"`` (each side uses the folder's dtype) is supported too but is only robust
+      when the model's logits are decisive: on tiny random Qwen2 models, fp32 agreed for 4 of 4
+      seeds (smallest top-1/top-2 margins down to 0.026), bf16-vs-bf16 for only 2 of 4, failing
+      exactly where the bf16 logits tied (margin 0.0).
     * Ties are a property of the model, not of the loader: tiny *random* models have near-equal
       logits. Test models must scale their weights so logits are decisive;
       :attr:`LoadReport.details` reports the smallest top-1/top-2 logit margin transformers saw so
@@ -26,13 +28,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from vllm_consolidate.errors import VllmLoadError, VllmUnavailableError
 
@@ -67,6 +74,7 @@ DEFAULT_COMPARE_DTYPE = "float32"
 DEFAULT_TIMEOUT = 600.0
 
 _STDERR_TAIL_CHARS = 4000
+_MESSAGE_CHARS = 600
 
 
 class VllmProbeTimeoutError(VllmLoadError):
@@ -128,8 +136,30 @@ def resolve_vllm_python(python: str | os.PathLike[str] | None) -> str:
     return sys.executable
 
 
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """Kill the probe's process group (the probe was started in its own session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()
+
+
 def _tail(text: str, limit: int = _STDERR_TAIL_CHARS) -> str:
     return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _summarize_error(text: str, limit: int = _MESSAGE_CHARS) -> str:
+    """Shorten a vLLM error (often a multi-line pydantic ValidationError) to one readable line."""
+    text = re.sub(
+        r"Supported architectures: dict_keys\(\[.*?\]\)", "(see vLLM's supported models list)", text, flags=re.S
+    )
+    text = re.sub(r"\[type=\w+, input_value=.*?, input_type=\w+\]", "", text, flags=re.S)
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("For further information visit")]
+    summary = " ".join(lines)
+    summary = re.sub(r"\s+", " ", summary).strip()
+    return summary if len(summary) <= limit else summary[: limit - 3] + "..."
 
 
 def _last_error_line(stderr: str) -> str:
@@ -202,26 +232,33 @@ def run_vllm_probe(
     child_env.update(env or {})
 
     start = time.monotonic()
+    # Own session, so that on timeout the probe and anything it spawned are killed together.
+    proc = subprocess.Popen(
+        [interpreter, str(VLLM_PROBE_SCRIPT)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env,
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            [interpreter, str(VLLM_PROBE_SCRIPT)],
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=child_env,
-            check=False,
-        )
+        stdout, stderr = proc.communicate(json.dumps(request), timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        _kill_group(proc)
+        _, stderr = proc.communicate()
+        last = _summarize_error(_last_error_line(stderr or ""), limit=200)
         raise VllmProbeTimeoutError(
-            f"vLLM probe did not finish within {timeout:.0f} s; last output: {_last_error_line(stderr)}",
+            f"vLLM probe did not finish within {timeout:.0f} s" + (f"; last output: {last}" if last else ""),
             path=model_path,
         ) from exc
+    except BaseException:
+        _kill_group(proc)
+        raise
     wall = time.monotonic() - start
 
     result: dict[str, Any] | None = None
-    for line in reversed(proc.stdout.splitlines()):
+    for line in reversed(stdout.splitlines()):
         if line.strip().startswith("{"):
             try:
                 result = json.loads(line)
@@ -230,7 +267,8 @@ def run_vllm_probe(
             break
 
     if proc.returncode != 0 or result is None or not result.get("ok"):
-        reason = (result or {}).get("error") or _last_error_line(proc.stderr) or f"exit code {proc.returncode}"
+        raw_reason = (result or {}).get("error") or _last_error_line(stderr) or f"exit code {proc.returncode}"
+        reason = _summarize_error(raw_reason)
         error_type = (result or {}).get("error_type")
         message = f"vLLM could not load or run the model: {error_type + ': ' if error_type else ''}{reason}"
         err = VllmLoadError(
@@ -239,16 +277,17 @@ def run_vllm_probe(
             hint="Check config.json (architectures, sizes) and that the weights match it; "
             "the probe's stderr is attached as .stderr.",
         )
-        err.stderr = _tail(proc.stderr)  # type: ignore[attr-defined]
+        err.stderr = _tail(stderr)  # type: ignore[attr-defined]
+        err.detail = raw_reason  # type: ignore[attr-defined]
         err.returncode = proc.returncode  # type: ignore[attr-defined]
         raise err
 
     result["wall_seconds"] = round(wall, 3)
-    result["stderr_tail"] = _tail(proc.stderr)
+    result["stderr_tail"] = _tail(stderr)
     return result
 
 
-def _torch_dtype(dtype: str, model_dir: Path) -> Any:
+def _torch_dtype(dtype: str, model_dir: Path) -> torch.dtype:
     """Map a dtype name (or ``"auto"``: the folder's config dtype) to a torch dtype."""
     import torch  # noqa: PLC0415  (heavy; only needed here)
 
@@ -256,7 +295,6 @@ def _torch_dtype(dtype: str, model_dir: Path) -> Any:
     if dtype == "auto":
         config = json.loads((model_dir / "config.json").read_text())
         name = config.get("dtype") or config.get("torch_dtype") or "float32"
-        # vLLM's "auto" also runs fp32 checkpoints in fp32 on CPU only when asked; mirror config.
     aliases = {"half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
     name = aliases.get(name, name)
     value = getattr(torch, name, None)
@@ -312,7 +350,8 @@ def transformers_greedy(
         prompt_token_ids: Prompts as token ids.
         max_tokens: Tokens to generate per prompt.
         dtype: Compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` for the
-            folder's config dtype).
+            folder's config dtype). Note vLLM's ``"auto"`` is not the folder's dtype on CPU (it
+            runs fp32 folders in bf16); :func:`compare_load` therefore passes vLLM's actual dtype.
 
     Returns:
         The generated token ids, one list per prompt.
@@ -365,19 +404,20 @@ def compare_load(
     else:
         prompt_ids = [[int(t) for t in p] for p in prompts]  # type: ignore[union-attr]
 
-    probe = run_vllm_probe(
-        path, prompt_ids, max_tokens=max_tokens, python=interpreter, dtype=dtype, timeout=timeout
-    )
+    probe = run_vllm_probe(path, prompt_ids, max_tokens=max_tokens, python=interpreter, dtype=dtype, timeout=timeout)
     vllm_tokens = [list(map(int, t)) for t in probe["output_token_ids"]]
 
     t_hf = time.monotonic()
-    hf_tokens, min_margin = _transformers_greedy_with_margins(path, prompt_ids, max_tokens, dtype)
+    # With "auto", compute in whatever dtype vLLM actually chose (it may differ from the folder's).
+    vllm_dtype = str(probe.get("dtype") or "")
+    hf_dtype = vllm_dtype.removeprefix("torch.") if dtype == "auto" and vllm_dtype else dtype
+    hf_tokens, min_margin = _transformers_greedy_with_margins(path, prompt_ids, max_tokens, hf_dtype)
     hf_seconds = time.monotonic() - t_hf
 
     mismatch: dict[str, Any] | None = None
     for index, (v, h) in enumerate(zip(vllm_tokens, hf_tokens, strict=True)):
         if v != h:
-            position = next((i for i, (a, b) in enumerate(zip(v, h)) if a != b), min(len(v), len(h)))
+            position = next((i for i, (a, b) in enumerate(zip(v, h, strict=False)) if a != b), min(len(v), len(h)))
             mismatch = {"prompt_index": index, "position": position, "vllm": v, "hf": h}
             break
 
@@ -385,6 +425,7 @@ def compare_load(
         "vllm_python": interpreter,
         "vllm_version": probe.get("vllm_version"),
         "vllm_dtype": probe.get("dtype"),
+        "hf_dtype": hf_dtype,
         "vllm_prompt_token_ids": probe.get("prompt_token_ids"),
         "vllm_import_seconds": probe.get("import_seconds"),
         "vllm_load_seconds": probe.get("load_seconds"),

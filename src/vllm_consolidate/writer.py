@@ -19,6 +19,7 @@ moments are never touched), but mapped pages count toward the process's RSS on a
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import threading
@@ -34,7 +35,7 @@ from vllm_consolidate.errors import CorruptCheckpointError
 from vllm_consolidate.planner import OutputPlan, PlannedFile, PlannedTensor, safetensors_header
 from vllm_consolidate.source import Segment
 
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 16 * 2**20
 WORKERS = 2
 
 ProgressFn = Callable[[int], None]
@@ -129,12 +130,20 @@ def _read_into(files: _Files, buf: memoryview, segs: Iterator[Segment]) -> None:
 _local = threading.local()
 
 
-def _buffer(nbytes: int) -> memoryview:
-    buf = getattr(_local, "buf", None)
+def _buffer(nbytes: int, slot: str = "src") -> memoryview:
+    """A per-thread buffer reused across chunks, so a long run allocates nothing per chunk."""
+    buf = getattr(_local, slot, None)
     if buf is None or len(buf) < nbytes:
         buf = bytearray(max(nbytes, 1))
-        _local.buf = buf
+        setattr(_local, slot, buf)
     return memoryview(buf)[:nbytes]
+
+
+def _cast(src: memoryview, src_dtype: torch.dtype, dst_dtype: torch.dtype, count: int) -> memoryview:
+    """Cast ``count`` elements into the thread's output buffer. ``copy_`` rounds exactly as ``Tensor.to``."""
+    out = _buffer(count * dst_dtype.itemsize, "dst")
+    torch.frombuffer(out, dtype=dst_dtype).copy_(torch.frombuffer(src, dtype=src_dtype))
+    return out
 
 
 def _run_job(files: _Files, out_fd: int, job: _Job) -> int:
@@ -146,8 +155,7 @@ def _run_job(files: _Files, out_fd: int, job: _Job) -> int:
         return _copy_bytes(files, out_fd, ranges, job.dst_offset)
     buf = _buffer(src_bytes)
     _read_into(files, buf, ranges)
-    converted = torch.frombuffer(buf, dtype=src_dtype).to(t.out_dtype)
-    data = converted.view(torch.uint8).numpy().data
+    data = _cast(buf, src_dtype, t.out_dtype, job.count)
     written = os.pwrite(out_fd, data, job.dst_offset)
     while written < len(data):
         written += os.pwrite(out_fd, data[written:], job.dst_offset + written)
@@ -253,7 +261,7 @@ def write_bin_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None =
                 size = count * t.spec.dtype.itemsize
                 buf = _buffer(size)
                 _read_into(files, buf, _source_ranges(t.spec.segments, first * t.spec.dtype.itemsize, size))
-                out[first : first + count] = torch.frombuffer(buf, dtype=t.spec.dtype).to(t.out_dtype)
+                out[first : first + count].copy_(torch.frombuffer(buf, dtype=t.spec.dtype))
             writer.write_record(f"data/{i}", out.data_ptr(), out.numel() * out.element_size())
             if progress:
                 progress(t.nbytes)
@@ -285,8 +293,6 @@ def write_plan(plan: OutputPlan, folder: Path, progress: ProgressFn | None = Non
         written.append(path)
     index = plan.index()
     if index is not None:
-        import json
-
         path = folder / plan.index_filename
         path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         written.append(path)
