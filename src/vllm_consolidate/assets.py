@@ -89,7 +89,7 @@ def resolve_base_model(name: str | None) -> tuple[Path | None, str | None]:
         return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS, local_files_only=True)), None
     except Exception as exc:  # not in the cache, or not a valid repo id
         if offline:
-            return None, f"'{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set ({type(exc).__name__})"
+            return None, f"'{name}' is not in the local HF cache and HF_HUB_OFFLINE is set ({type(exc).__name__})"
     try:
         return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS)), None
     except Exception as exc:

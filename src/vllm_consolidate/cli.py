@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,7 +45,14 @@ def exit_code(exc: BaseException) -> int:
     return INTERNAL_ERROR
 
 
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    # Turn a kill into an exception so the library's cleanup (removing the temporary folder) runs.
+    raise KeyboardInterrupt
+
+
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return func(args)
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
@@ -56,7 +65,7 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
             if exc.hint:
                 print(f"hint: {exc.hint}", file=sys.stderr)
         elif isinstance(exc, KeyboardInterrupt):
-            print("interrupted; no partial output was left behind", file=sys.stderr)
+            print("error: interrupted; no partial output was left behind", file=sys.stderr)
         else:
             print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
             print("hint: rerun with --debug for the traceback and report it.", file=sys.stderr)

@@ -304,9 +304,11 @@ def read_deepspeed(folder: Path) -> SourceModel:
         _zero3_params(specs, param_shapes, flats, optim_files, world_size)
         for name, shape in frozen_shapes.items():
             shape = _shape(shape)
-            frags = [_require(ms.get("frozen_param_fragments") or {}, name, p) for ms, p in zip(model_states, model_files)]
-            segs = _merge([f.segment() for f in frags])
-            specs[name] = TensorSpec(name, frags[0].dtype, shape, _truncate(segs, math.prod(shape) * frags[0].dtype.itemsize))
+            frags = [_require(ms.get("frozen_param_fragments") or {}, name, p)
+                     for ms, p in zip(model_states, model_files)]
+            nbytes = math.prod(shape) * frags[0].dtype.itemsize
+            segs = _truncate(_merge([f.segment() for f in frags]), nbytes)
+            specs[name] = TensorSpec(name, frags[0].dtype, shape, segs)
     for name in buffer_names:
         ref = module.get(name)
         if isinstance(ref, TensorRef):
@@ -345,7 +347,8 @@ def read_deepspeed(folder: Path) -> SourceModel:
 def _zero12_params(specs, param_shapes, flats, optim_files, paddings, world_size) -> None:
     if len(param_shapes) != len(flats[0]):
         raise CorruptCheckpointError(
-            f"{len(param_shapes)} parameter groups in the model states but {len(flats[0])} fp32 groups in the optimizer",
+            f"{len(param_shapes)} parameter groups in the model states, "
+            f"{len(flats[0])} fp32 groups in the optimizer",
             path=optim_files[0],
         )
     for g, shapes in enumerate(param_shapes):
