@@ -23,7 +23,8 @@ Protocol:
     Everything vLLM prints goes to stderr: file descriptor 1 is pointed at stderr before vLLM is
     imported (so its worker processes inherit that too) and the result is written to a saved
     duplicate of the original stdout. On failure the exit code is non-zero, stderr has the
-    traceback, and stdout carries ``{"ok": false, "error": "...", "error_type": "..."}``.
+    traceback, and stdout carries ``{"ok": false, "stage": "...", "error": "...", "error_type": "..."}``
+    where ``stage`` is ``request``, ``import`` (vLLM not importable), ``load`` or ``generate``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ CPU_ENV_DEFAULTS: dict[str, str] = {
 }
 
 
+class _StageError(Exception):
+    """Wraps a failure with the stage it happened in: ``import``, ``load`` or ``generate``."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(str(cause))
+        self.stage = stage
+        self.cause = cause
+
+
 def _emit(out_fd: int, payload: dict[str, Any]) -> None:
     """Write one JSON line to the saved original stdout."""
     data = (json.dumps(payload) + "\n").encode()
@@ -72,8 +82,11 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
         The result payload (without the ``ok`` key).
     """
     t_import = time.monotonic()
-    import vllm  # noqa: PLC0415  (must come after the fd redirect and env setup)
-    from vllm import LLM, SamplingParams  # noqa: PLC0415
+    try:
+        import vllm  # noqa: PLC0415  (must come after the fd redirect and env setup)
+        from vllm import LLM, SamplingParams  # noqa: PLC0415
+    except ImportError as exc:
+        raise _StageError("import", exc) from exc
 
     import_seconds = time.monotonic() - t_import
 
@@ -93,7 +106,10 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
     llm_kwargs.update(request.get("llm_kwargs") or {})
 
     t_load = time.monotonic()
-    llm = LLM(**llm_kwargs)
+    try:
+        llm = LLM(**llm_kwargs)
+    except Exception as exc:
+        raise _StageError("load", exc) from exc
     load_seconds = time.monotonic() - t_load
 
     prompt_ids = request.get("prompt_token_ids")
@@ -109,7 +125,10 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
         detokenize=False,
     )
     t_gen = time.monotonic()
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+    except Exception as exc:
+        raise _StageError("generate", exc) from exc
     generate_seconds = time.monotonic() - t_gen
 
     model_dtype = str(getattr(llm.llm_engine.model_config, "dtype", ""))
@@ -136,7 +155,9 @@ def main() -> int:
         result = _run(request)
     except BaseException as exc:  # noqa: BLE001  (report every failure as JSON, then exit non-zero)
         traceback.print_exc(file=sys.stderr)
-        _emit(out_fd, {"ok": False, "error_type": type(exc).__name__, "error": str(exc)})
+        stage = exc.stage if isinstance(exc, _StageError) else "request"
+        cause = exc.cause if isinstance(exc, _StageError) else exc
+        _emit(out_fd, {"ok": False, "stage": stage, "error_type": type(cause).__name__, "error": str(cause)})
         sys.stderr.flush()
         return 1
     _emit(out_fd, {"ok": True, **result})

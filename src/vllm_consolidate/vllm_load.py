@@ -193,7 +193,8 @@ def run_vllm_probe(
             None.
         max_tokens: Tokens to generate per prompt (EOS is ignored, so exactly this many).
         python: Interpreter with vLLM (``--vllm-python``); None means this one, if it has vLLM.
-        dtype: vLLM ``dtype`` (``"auto"`` uses the folder's).
+        dtype: vLLM ``dtype``. Note vLLM's ``"auto"`` on CPU runs fp32 folders in bf16; the dtype
+            used is reported as ``dtype`` in the result.
         timeout: Seconds before the probe is killed.
         max_model_len: vLLM context length; small keeps the KV cache small.
         env: Extra environment variables for the probe (override the CPU defaults it sets).
@@ -203,8 +204,9 @@ def run_vllm_probe(
         ``dtype``, timings, plus ``wall_seconds`` and ``stderr_tail``.
 
     Raises:
-        VllmUnavailableError: No interpreter with vLLM.
-        VllmLoadError: The probe failed (the message carries vLLM's last error line).
+        VllmUnavailableError: No interpreter with vLLM, or ``python`` cannot import vLLM.
+        VllmLoadError: The probe failed (the message carries vLLM's error, shortened; the full text
+            is in ``.detail``, the probe's stderr tail in ``.stderr``, the stage in ``.stage``).
         VllmProbeTimeoutError: The probe ran longer than ``timeout``.
     """
     if prompt_token_ids is None and prompts is None:
@@ -267,6 +269,13 @@ def run_vllm_probe(
             break
 
     if proc.returncode != 0 or result is None or not result.get("ok"):
+        stage = (result or {}).get("stage")
+        if stage == "import":
+            raise VllmUnavailableError(
+                f"this interpreter cannot import vLLM: {_summarize_error(str(result.get('error')), limit=200)}",
+                path=interpreter,
+                hint="Run scripts/setup_vllm_venv.sh, or pass --vllm-python of a venv where `import vllm` works.",
+            )
         raw_reason = (result or {}).get("error") or _last_error_line(stderr) or f"exit code {proc.returncode}"
         reason = _summarize_error(raw_reason)
         error_type = (result or {}).get("error_type")
@@ -280,6 +289,7 @@ def run_vllm_probe(
         err.stderr = _tail(stderr)  # type: ignore[attr-defined]
         err.detail = raw_reason  # type: ignore[attr-defined]
         err.returncode = proc.returncode  # type: ignore[attr-defined]
+        err.stage = stage  # type: ignore[attr-defined]
         raise err
 
     result["wall_seconds"] = round(wall, 3)

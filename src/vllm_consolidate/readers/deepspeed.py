@@ -221,8 +221,10 @@ def read_deepspeed(folder: Path) -> SourceModel:
                 )
             optim_files[int(m.group(2))] = p
     if not optim_files:
+        placeholders = any(_Z3_MODEL_RE.match(p.name) for p in folder.iterdir())
         raise CorruptCheckpointError(
-            "no *_optim_states.pt files: the fp32 master weights are missing",
+            "no *_optim_states.pt files: the fp32 master weights are missing"
+            + ("; the ZeRO-3 *_model_states.pt files hold only empty placeholders" if placeholders else ""),
             path=folder,
             hint="Copy every rank's *_optim_states.pt file into this folder, or pick another checkpoint.",
         )

@@ -1,0 +1,311 @@
+"""``vllm-consolidate batch`` and ``batch-consolidate-for-vllm``: the guide's batch script.
+
+Parsing and printing only; planning, scheduling and resume live in :mod:`vllm_consolidate.batch`.
+Progress lines go to stderr, the plan/summary table (or ``--json``) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vllm_consolidate import cli
+from vllm_consolidate import errors as E
+
+DESCRIPTION = "Consolidate many checkpoints or training runs into folders vLLM loads, in parallel and resumably."
+
+EPILOG = """\
+naming template fields:
+  {input_name}       the input folder's name (for a checkpoint-N input: the folder holding it)
+  {run_name}         the name of that folder's parent: ft_runs_X for ./experiments/ft_runs_X/qwen2.5-7b
+  {step}             N of checkpoint-N / global_stepN ('final' for an HF model folder)
+  {checkpoint_name}  checkpoint-N or global_stepN
+  Two jobs writing the same output folder are an error before any work starts.
+
+scheduling:
+  Jobs run in up to --max-workers worker processes. Each job's RAM and disk needs are estimated
+  from metadata (disk: output bytes + 64 MiB + 1%; RAM: ~450 MB per worker + the writer's buffers,
+  256 MiB when a dtype changes). A job starts only if the running jobs' RAM estimates plus its own
+  fit in MemAvailable at start minus max(1 GiB, 10% of RAM), MemAvailable now still covers it, and
+  every started job's output plus its own fits in the free disk of --output-dir minus 1 GiB.
+
+resume:
+  Each output holds .vllm-consolidate.json (sources' sizes and mtimes, options, sha256 of every
+  file). Rerunning the same batch skips outputs that are up to date ("skipped (up to date)"),
+  redoes stale or interrupted ones (replacing a stale output only when its manifest shows it was
+  made by this tool from the same checkpoint) and never leaves half-written folders.
+
+exit status: 0 if every job was done or skipped, 11 if any failed or did not run, 2 for bad usage.
+"""
+
+
+def _batch_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    src = p.add_argument_group("input selection (choose one)")
+    one = src.add_mutually_exclusive_group(required=True)
+    one.add_argument("--input-dir", type=Path, help="a run, checkpoint or HF model folder, or a folder of runs")
+    one.add_argument("--input-pattern", help="glob for several folders, e.g. './ft_runs_*/qwen2.5-7b' "
+                                             "(quote it; {a,b} braces and ** work)")
+    one.add_argument("--input-list", type=Path, help="file with one folder per line (# comments, blank lines ignored)")
+    p.add_argument("--output-dir", type=Path, required=True, help="folder the outputs are written into")
+    proc = p.add_argument_group("processing")
+    proc.add_argument("--all-checkpoints", action="store_true",
+                      help="every checkpoint-N / global_stepN of each input, not only the latest")
+    proc.add_argument("--checkpoint-filter", action="append", metavar="PATTERN",
+                      help="only checkpoints whose folder name matches, e.g. 'checkpoint-{100,200,300}' "
+                           "(glob with braces; repeatable; implies --all-checkpoints)")
+    proc.add_argument("--max-workers", type=int, default=4, metavar="N",
+                      help="most conversions at once, each in its own process, admitted only while RAM "
+                           "and disk estimates fit (default: 4)")
+    proc.add_argument("--naming-template", default="{input_name}_step_{step}",
+                      help="output folder name (default: {input_name}_step_{step}); see below")
+    ctl = p.add_argument_group("control")
+    ctl.add_argument("--dry-run", action="store_true", help="print the plan with size and memory estimates; "
+                                                            "write nothing")
+    ctl.add_argument("--continue-on-error", action="store_true",
+                     help="keep going past failed jobs and list them at the end")
+    ctl.add_argument("--verify-checksums", action="store_true",
+                     help="when deciding whether an output is up to date, also rehash its files")
+    ctl.add_argument("--report", type=Path, metavar="FILE.json", help="write a JSON report of the batch")
+    model = p.add_argument_group("model options (as for a single conversion, applied to every job)")
+    cli.add_model_options(model)
+    p.set_defaults(func=cmd_batch)
+    return p
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``batch`` to ``vllm-consolidate``'s subcommands."""
+    p = sub.add_parser("batch", help="consolidate many checkpoints or runs", description=DESCRIPTION,
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _batch_parser(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``batch-consolidate-for-vllm``."""
+    return _batch_parser(argparse.ArgumentParser(prog="batch-consolidate-for-vllm", description=DESCRIPTION,
+                                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``batch-consolidate-for-vllm`` and ``python train/batch_consolidate_for_vllm.py``."""
+    args = build_parser().parse_args(argv)
+    return cli._run(args.func, args)
+
+
+# -- printing -----------------------------------------------------------------------------------------
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _rel(path: Path | str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return rel if not rel.startswith("../../..") else str(path)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+_ACTIONS = {"convert": "convert", "replace": "redo", "skip": "skip (up to date)", "blocked": "BLOCKED",
+            "error": "ERROR"}
+
+
+def print_plan(plan: Any) -> None:
+    """The dry-run table: one row per job with what was detected and the estimates."""
+    rows = [["input", "type", "stage", "step", "output", "est. size", "est. peak RAM", "action"]]
+    for j in plan.jobs:
+        d = j.detected
+        kind = d.get("type") or "-"
+        if d.get("world_size"):
+            kind += f" x{d['world_size']}"
+        rows.append([
+            f"{_rel(j.input)} [{j.checkpoint_name}]", kind, str(d.get("stage") or "-"),
+            str(j.step) if j.step is not None else "-", _rel(j.output) if j.action != "error" else "-",
+            _size(j.est_output_bytes) if j.est_output_bytes else "-",
+            _size(j.est_peak_ram) if j.est_peak_ram else "-",
+            _ACTIONS.get(j.action, j.action) + (f": {j.reason}" if j.reason and j.action == "replace" else ""),
+        ])
+    print(_table(rows))
+    todo = plan.to_run
+    disk = sum(j.est_disk_bytes for j in todo)
+    ram_budget = plan.ram_available - plan.ram_margin
+    peak = max((j.est_peak_ram for j in todo), default=0)
+    fit = max(1, ram_budget // peak) if peak else 0
+    print(f"\n{len(todo)} to convert, {sum(j.action == 'skip' for j in plan.jobs)} up to date, "
+          f"{len(plan.problems)} with problems; outputs need about {_size(disk)}"
+          + (f" of {_size(plan.disk_free)} free" if plan.disk_free is not None else ""))
+    if todo:
+        print(f"RAM: {_size(plan.ram_available)} available - {_size(plan.ram_margin)} margin -> "
+              f"up to {min(fit, plan.options.max_workers)} job(s) at once (--max-workers {plan.options.max_workers})")
+    if plan.disk_free is not None and disk > plan.disk_free:
+        print("warning: the outputs do not all fit on the disk; the jobs that do not fit will fail")
+    for note in plan.notes:
+        print(f"note: {note}")
+    for j in plan.problems:
+        print(f"{_ACTIONS[j.action]}: {j.label}: {(j.error or {}).get('message')}")
+
+
+class _Printer:
+    """Per-job progress lines on stderr."""
+
+    def __init__(self, total: int, quiet: bool = False):
+        self.total = total
+        self.n = 0
+        self.quiet = quiet
+        self.last: dict[int, float] = {}
+
+    def __call__(self, ev: Any) -> None:
+        if self.quiet:
+            return
+        j = ev.job
+        stamp = time.strftime("%H:%M:%S")
+        if ev.kind == "start":
+            self.n += 1
+            self.last[j.id] = time.monotonic()
+            line = (f"start    [{self.n}/{self.total}] {_rel(j.input)} [{j.checkpoint_name}] -> {_rel(j.output)}"
+                    f" (~{_size(j.est_output_bytes)})")
+        elif ev.kind == "done":
+            written = (j.result or {}).get("bytes_written") or 0
+            rate = written / 1e6 / j.seconds if j.seconds else 0
+            line = f"done     {j.output.name} in {j.seconds:.1f} s ({_size(written)}, {rate:.0f} MB/s)"
+        elif ev.kind == "failed":
+            line = f"FAILED   {j.label}: {ev.message}"
+        elif ev.kind == "skipped":
+            line = f"skipped  {j.output.name} (up to date)"
+        elif ev.kind == "waiting":
+            line = f"waiting  {j.output.name}: RAM or disk estimates do not fit yet"
+        elif ev.kind == "progress":
+            now = time.monotonic()
+            if now - self.last.get(j.id, now) < 30 or not ev.total:
+                return
+            self.last[j.id] = now
+            line = f"...      {j.output.name}: {100 * ev.done / ev.total:.0f}% of {_size(ev.total)}"
+        else:
+            return
+        print(f"[{stamp}] {line}", file=sys.stderr, flush=True)
+
+
+_STATUS = {"done": "done", "skipped": "skipped (up to date)", "failed": "FAILED", "not_run": "not run"}
+
+
+def print_summary(result: Any) -> None:
+    """The final table of done / skipped / failed / not run jobs, with times."""
+    rows = [["status", "output", "source", "time", "size", "note"]]
+    for j in result.jobs:
+        note = ""
+        if j.status == "failed":
+            note = (j.error or {}).get("message", "")
+        elif j.status == "done" and j.action == "replace":
+            note = f"replaced ({j.reason})"
+        rows.append([_STATUS.get(j.status, j.status), j.output.name if j.checkpoint else "-",
+                     f"{_rel(j.input)} [{j.checkpoint_name}]",
+                     f"{j.seconds:.1f} s" if j.seconds is not None else "-",
+                     _size((j.result or {}).get("bytes_written")) if j.result else "-", note])
+    print(_table(rows))
+    c = {s: result.count(s) for s in _STATUS}
+    print(f"\n{c['done']} done, {c['skipped']} skipped (up to date), {c['failed']} failed, {c['not_run']} not run "
+          f"in {result.finished - result.started:.1f} s")
+    failed = [j for j in result.jobs if j.status == "failed"]
+    if failed:
+        print("\nfailed jobs:")
+        for j in failed:
+            err = j.error or {}
+            where = f" [{err['path']}]" if err.get("path") else ""
+            print(f"  {j.label}: {err.get('type')}: {err.get('message')}{where}")
+            if err.get("traceback"):
+                print("    " + err["traceback"].replace("\n", "\n    "))
+
+
+def _write_report(path: Path | None, data: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fail(args: argparse.Namespace, message: str, report: dict[str, Any]) -> int:
+    err = E.BatchError(message)
+    code = cli.exit_code(err)
+    report.update(ok=False, error=message, exit_code=code)
+    _write_report(args.report, report)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    print(f"error: {err}", file=sys.stderr)
+    return code
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Plan and run a batch; print progress, the summary and the report."""
+    from vllm_consolidate import batch as B
+    from vllm_consolidate.planner import parse_size
+
+    opts = B.BatchOptions(
+        output_dir=args.output_dir, input_dir=args.input_dir, input_pattern=args.input_pattern,
+        input_list=args.input_list, all_checkpoints=args.all_checkpoints, checkpoint_filter=args.checkpoint_filter,
+        max_workers=args.max_workers, naming_template=args.naming_template, dry_run=args.dry_run,
+        continue_on_error=args.continue_on_error, force=args.force, verify_checksums=args.verify_checksums,
+        input_type=args.input_type, base_model_name=args.base_model_name, dtype=args.dtype,
+        keep_original_precision=args.keep_original_precision, fmt=args.fmt,
+        max_shard_size=parse_size(args.max_shard_size), validate=args.validate_vllm, debug=args.debug,
+    )
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return _batch(args, opts, B)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _batch(args: argparse.Namespace, opts: Any, B: Any) -> int:
+    plan = B.plan_batch(opts)
+    if opts.dry_run:
+        report = {"dry_run": True, "plan": plan.to_dict(), "jobs": [j.to_dict() for j in plan.jobs]}
+        if args.json:
+            report["ok"] = not plan.problems
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            print_plan(plan)
+        if plan.problems:
+            args.json = False  # already printed
+            return _fail(args, f"{len(plan.problems)} job(s) cannot run", report)
+        report["ok"] = True
+        _write_report(args.report, report)
+        return 0
+    if plan.problems and not opts.continue_on_error and not args.json:
+        print_plan(plan)
+    result = B.run_batch(plan, _Printer(len(plan.to_run), quiet=False))
+    report = result.to_dict()
+    if not args.json:
+        print_summary(result)
+    if not result.ok:
+        bad = result.count("failed") + result.count("not_run")
+        if plan.problems and not opts.continue_on_error:
+            msg = (f"{len(plan.problems)} job(s) cannot run, so nothing was converted "
+                   "(--continue-on-error runs the rest)")
+        else:
+            msg = f"{bad} of {len(result.jobs)} job(s) failed or did not run"
+        return _fail(args, msg, report)
+    report["exit_code"] = 0
+    _write_report(args.report, report)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    return 0

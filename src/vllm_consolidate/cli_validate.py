@@ -1,0 +1,131 @@
+"""The ``validate`` subcommand: run :func:`vllm_consolidate.validate.validate_folder` and print the report.
+
+``vllm-consolidate validate DIR`` prints one line per check (PASS / WARN / FAIL) and exits non-zero
+when any check failed (a :class:`~vllm_consolidate.errors.ValidationFailedError`; the code comes from
+``cli.EXIT_CODES``). ``--json`` prints the report as one JSON document instead; ``--load`` adds the
+real-vLLM load tier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from vllm_consolidate.errors import ConsolidateError, ValidationFailedError
+
+_LABELS = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``validate`` on the CLI's subparsers.
+
+    Args:
+        sub: The object returned by ``ArgumentParser.add_subparsers``.
+
+    Returns:
+        The new subparser.
+    """
+    p = sub.add_parser(
+        "validate",
+        help="check that a model folder is what vLLM will load correctly",
+        description="Static checks of a model folder (files, index, config, weights against the architecture, "
+                    "NaN/Inf, tokenizer); --load also loads it with real vLLM and compares greedy tokens with "
+                    "transformers.",
+    )
+    p.add_argument("dir", type=Path, help="the model folder")
+    p.add_argument("--load", action="store_true",
+                   help="also load the folder with real vLLM and compare its greedy tokens with transformers'")
+    p.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="python of a venv with vLLM for --load (default: $VLLM_PYTHON, else the repository's "
+                        ".venv-vllm if present, else this interpreter)")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt with --load (default: 8)")
+    p.add_argument("--no-value-scan", dest="scan_values", action="store_false",
+                   help="skip the NaN/Inf scan (it reads every weight byte once)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also of checks that crashed)")
+    p.set_defaults(func=cmd_validate)
+    return p
+
+
+def _default_vllm_python() -> str | None:
+    """``$VLLM_PYTHON``, else the repository's ``.venv-vllm`` (made by scripts/setup_vllm_venv.sh) if present.
+
+    None lets the load tier use this interpreter when it can import vLLM.
+    """
+    from vllm_consolidate import vllm_load
+
+    candidates = [os.environ.get("VLLM_PYTHON"), getattr(vllm_load, "DEFAULT_VLLM_PYTHON", None),
+                  str(Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python")]
+    return next((str(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+def print_report(report: Any, debug: bool = False) -> None:
+    """Human form of a :class:`~vllm_consolidate.validate.ValidationReport` on stdout."""
+    print(f"validate {report.path}")
+    width = max((len(c.name) for c in report.checks), default=0)
+    for c in report.checks:
+        print(f"  {_LABELS.get(c.status, c.status.upper()):4}  {c.name:<{width}}  {c.message}")
+        if debug and c.details.get("traceback"):
+            print(c.details["traceback"], file=sys.stderr)
+    n = report.counts()
+    verdict = "passed" if report.ok else "FAILED"
+    print(f"result: {verdict} ({n['fail']} failed, {n['warn']} warnings, {n['pass']} passed)")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Run the checks on ``args.dir`` and print them.
+
+    Returns:
+        0 when no check failed; with ``--json``, the exit code of a validation failure.
+
+    Raises:
+        ValidationFailedError: A check failed (text mode).
+        VllmUnavailableError: ``--load`` without an interpreter that has vLLM.
+        VllmLoadError: ``--load`` and vLLM failed to load or run the folder.
+    """
+    from vllm_consolidate.cli import exit_code
+    from vllm_consolidate.errors import InputNotFoundError, UsageError
+    from vllm_consolidate.validate import add_load_check, validate_folder
+
+    folder: Path = args.dir
+    if not folder.is_dir():
+        raise InputNotFoundError("not a folder", path=folder, hint="Pass the model folder that holds config.json.")
+    if args.max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1")
+    python = args.vllm_python
+    if args.load and python is None:
+        python = _default_vllm_python()
+    report = validate_folder(folder, scan_values=args.scan_values)
+    if args.load:
+        try:
+            add_load_check(report, python=python, max_tokens=args.max_tokens)
+        except ConsolidateError:
+            if not args.json:
+                print_report(report, args.debug)  # what the static tier found, before the load tier's error
+            raise
+
+    failed = report.failure_messages()
+    error = None
+    if failed:
+        error = ValidationFailedError(
+            f"{len(failed)} check(s) failed: " + "; ".join(c.name for c in report.checks if c.status == "fail"),
+            path=folder,
+            hint="See the FAIL lines above; vLLM would load this folder silently and produce wrong outputs.",
+            report=report,
+        )
+    if args.json:
+        doc = {"status": "passed" if report.ok else "failed", "exit_code": exit_code(error) if error else 0}
+        doc.update(report.to_dict())
+        print(json.dumps(doc, indent=2, default=str))
+        if error is not None:
+            print(f"error: {error}", file=sys.stderr)
+            return exit_code(error)
+        return 0
+    print_report(report, args.debug)
+    if error is not None:
+        raise error
+    return 0
