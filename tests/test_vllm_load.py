@@ -1,7 +1,7 @@
 """End-to-end load tier: real vLLM (in its own venv) must generate what transformers generates.
 
 These tests need the venv made by ``scripts/setup_vllm_venv.sh`` (found via env ``VLLM_PYTHON``,
-default ``/work/main/.venv-vllm/bin/python``). If it is missing they FAIL, on purpose: a silently
+default ``<repo>/.venv-vllm/bin/python``). If it is missing they FAIL, on purpose: a silently
 skipped load tier would hide that nobody checked vLLM can load our output.
 
 The tiny model is random, so greedy decoding could hinge on near-tied logits. It is made decisive
@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from vllm_consolidate.errors import ConsolidateError, VllmLoadError
-from vllm_consolidate.vllm_load import compare_load, run_vllm_probe
+from vllm_consolidate.errors import ConsolidateError, VllmLoadError, VllmUnavailableError
+from vllm_consolidate.vllm_load import LoadReport, compare_load, resolve_vllm_python, run_vllm_probe
 
-pytestmark = pytest.mark.vllm
-
-DEFAULT_VLLM_PYTHON = "/work/main/.venv-vllm/bin/python"
+# <repo>/.venv-vllm, where scripts/setup_vllm_venv.sh puts it (/work/main/.venv-vllm here; CI runs in
+# a fresh clone elsewhere, so this is relative to the repository, not a fixed path).
+DEFAULT_VLLM_PYTHON = str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python")
 MAX_TOKENS = 8
 # Deterministic prompts, as token ids (ids < tokenizer vocab size, so they also decode).
 PROMPTS: list[list[int]] = [
@@ -123,19 +124,18 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return _build_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
-def _assert_equal(report) -> None:
+def _assert_equal(report: LoadReport) -> None:
     details = {k: v for k, v in report.details.items() if k != "stderr_tail"}
     assert report.equal, f"vLLM and transformers disagree: {json.dumps(details, default=str)}"
     assert report.vllm_tokens == report.hf_tokens
     assert all(len(t) == MAX_TOKENS for t in report.vllm_tokens)
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize("folder_dtype", ["float32", "bfloat16"])
 def test_vllm_matches_transformers_in_float32(tiny_qwen2: dict[str, Path], folder_dtype: str) -> None:
     """Both sides compute in fp32 (exact upcast for the bf16 folder): tokens must be identical."""
-    report = compare_load(
-        tiny_qwen2[folder_dtype], python=_vllm_python(), prompts=PROMPTS, max_tokens=MAX_TOKENS
-    )
+    report = compare_load(tiny_qwen2[folder_dtype], python=_vllm_python(), prompts=PROMPTS, max_tokens=MAX_TOKENS)
     _assert_equal(report)
     assert report.details["vllm_dtype"] == "torch.float32"
     assert report.prompt_token_ids == PROMPTS
@@ -145,8 +145,14 @@ def test_vllm_matches_transformers_in_float32(tiny_qwen2: dict[str, Path], folde
     assert report.details["hf_min_logit_margin"] > 1e-3
 
 
+@pytest.mark.vllm
 def test_vllm_matches_transformers_bf16_native(tiny_qwen2: dict[str, Path]) -> None:
-    """The bf16 folder in its own dtype on both sides ("auto") also agrees on this decisive model."""
+    """The bf16 folder in its own dtype on both sides ("auto") also agrees on this model.
+
+    Unlike the fp32 comparison this is seed-dependent: bf16 logits tie exactly at some steps of
+    some random models (2 of 4 seeds tried), and then vLLM's and PyTorch's kernels pick different
+    tokens. Seed 1234 has a smallest bf16 top-1/top-2 margin of 0.25, well clear of a tie.
+    """
     report = compare_load(
         tiny_qwen2["bfloat16"], python=_vllm_python(), prompts=PROMPTS, max_tokens=MAX_TOKENS, dtype="auto"
     )
@@ -154,16 +160,16 @@ def test_vllm_matches_transformers_bf16_native(tiny_qwen2: dict[str, Path]) -> N
     _assert_equal(report)
 
 
+@pytest.mark.vllm
 def test_text_prompts_use_folder_tokenizer(tiny_qwen2: dict[str, Path]) -> None:
     """Text prompts are encoded once with the folder's tokenizer and vLLM sees the same ids."""
-    report = compare_load(
-        tiny_qwen2["float32"], python=_vllm_python(), prompts=["the quick brown fox"], max_tokens=4
-    )
+    report = compare_load(tiny_qwen2["float32"], python=_vllm_python(), prompts=["the quick brown fox"], max_tokens=4)
     assert all(len(t) == 4 for t in report.vllm_tokens)
     assert report.equal, report.details["first_mismatch"]
     assert report.details["vllm_prompt_token_ids"] == report.prompt_token_ids
 
 
+@pytest.mark.vllm
 def test_broken_architecture_raises_vllm_load_error(tiny_qwen2: dict[str, Path], tmp_path: Path) -> None:
     """A config naming an architecture nobody has gives VllmLoadError saying what vLLM said."""
     broken = tmp_path / "broken"
@@ -181,4 +187,37 @@ def test_broken_architecture_raises_vllm_load_error(tiny_qwen2: dict[str, Path],
     assert "NoSuchModelForCausalLM" in str(err)
     assert err.path == str(broken.resolve())
     assert err.hint
-    assert err.stderr  # the probe's stderr is attached for debugging
+    assert "not supported" in str(err)
+    assert len(str(err)) < 1000  # vLLM's list of every supported architecture is cut out
+    assert err.stderr  # the probe's full stderr is attached for debugging
+    assert err.stage == "load"
+
+
+def test_missing_vllm_python_raises_unavailable(tmp_path: Path) -> None:
+    """A --vllm-python that does not exist is reported before anything is loaded."""
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    with pytest.raises(VllmUnavailableError) as info:
+        resolve_vllm_python(missing)
+    assert info.value.path == str(missing)
+    assert "setup_vllm_venv.sh" in (info.value.hint or "")
+
+
+def test_interpreter_without_vllm_raises_unavailable(tmp_path: Path) -> None:
+    """An interpreter that cannot import vLLM (this test venv) gives VllmUnavailableError."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("this interpreter has vLLM")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(VllmUnavailableError) as info:
+        run_vllm_probe(tmp_path, [[1, 2]], python=sys.executable, timeout=120)
+    assert "cannot import vLLM" in str(info.value)
+    assert info.value.path == sys.executable
+
+
+def test_probe_of_missing_folder_raises_load_error(tmp_path: Path) -> None:
+    """A folder that does not exist fails fast with VllmLoadError (no vLLM started)."""
+    with pytest.raises(VllmLoadError):
+        run_vllm_probe(tmp_path / "nope", [[1, 2]], python=sys.executable)
