@@ -146,7 +146,8 @@ def print_summary(result) -> None:
     """Human summary of a :class:`~vllm_consolidate.convert.ConvertResult` on stdout."""
     d = result.detected
     if result.status == "already_consolidated":
-        print(f"already consolidated: {result.output} holds a single {d.get('type')} file with nothing to change")
+        print(f"already consolidated: {result.output} holds one {d.get('format', '')} weights file "
+              "and nothing would change")
         print("  vLLM can load it as it is; pass --force, --dtype or --pytorch-bin to convert anyway.")
         return
     parts = [d.get("type", "?")]
