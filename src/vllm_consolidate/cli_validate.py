@@ -114,7 +114,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         error = ValidationFailedError(
             f"{len(failed)} check(s) failed: " + "; ".join(c.name for c in report.checks if c.status == "fail"),
             path=folder,
-            hint="See the FAIL lines above; vLLM would load this folder silently and produce wrong outputs.",
+            hint="See the FAIL lines (or the failed checks in --json); fix them before serving the folder with vLLM.",
             report=report,
         )
     if args.json:

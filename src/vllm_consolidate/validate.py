@@ -322,8 +322,10 @@ def _transformers() -> ModuleType | None:
     """transformers, or None when it is not installed (it is an optional dependency)."""
     if importlib.util.find_spec("transformers") is None:
         return None
-    import transformers
-
+    try:
+        import transformers
+    except ImportError:
+        return None
     return transformers
 
 
@@ -363,6 +365,9 @@ class _Skeleton:
     tied: dict[str, str]
     ignorable: list[str]
     embedding: str | None
+    # transformers 5's in-memory names (fused MoE experts), when they differ from what save_pretrained writes
+    memory_required: dict[str, tuple[int, ...]] | None = None
+    memory_allowed: dict[str, tuple[int, ...]] | None = None
 
 
 class _Validator:
@@ -725,8 +730,18 @@ class _Validator:
         sk = self.skeleton
         stored = self.stored.tensors
         cls = sk.class_name
-        missing = sorted(set(sk.required) - set(stored))
-        extra = sorted(set(stored) - set(sk.allowed))
+        layouts = [("save_pretrained", sk.required, sk.allowed)]
+        if sk.memory_required is not None and sk.memory_allowed is not None:
+            layouts.append(("in-memory", sk.memory_required, sk.memory_allowed))
+
+        def mismatch(layout: tuple[str, dict, dict]) -> int:
+            _, required, allowed = layout
+            wrong = sum(1 for n in stored if n in allowed and tuple(stored[n].shape) != tuple(allowed[n]))
+            return len(set(required) - set(stored)) + len(set(stored) - set(allowed)) + wrong
+
+        layout, required, allowed = min(layouts, key=mismatch)  # the first (save_pretrained) wins ties
+        missing = sorted(set(required) - set(stored))
+        extra = sorted(set(stored) - set(allowed))
         ignorable = [n for n in extra if n.endswith(_IGNORABLE_SUFFIXES) or any(re.search(p, n) for p in sk.ignorable)]
         unexpected = [n for n in extra if n not in ignorable]
         out = []
@@ -734,8 +749,15 @@ class _Validator:
             out.append(Check("missing_tensors", FAIL,
                              f"{len(missing)} tensors that {cls} needs are not stored: {_few(missing)}; vLLM would "
                              "leave them uninitialised without an error", {"names": missing}))
+        elif layout == "in-memory":
+            out.append(Check("missing_tensors", WARN,
+                             f"all {len(required)} tensors of {cls} are stored, but in transformers 5's in-memory "
+                             "layout (fused MoE experts) rather than the per-expert names save_pretrained writes; "
+                             "recent vLLM and transformers 5 read it, older vLLM versions do not",
+                             {"layout": layout}))
         else:
-            out.append(Check("missing_tensors", PASS, f"all {len(sk.required)} tensors of {cls} are stored"))
+            out.append(Check("missing_tensors", PASS, f"all {len(required)} tensors of {cls} are stored",
+                             {"layout": layout}))
         if unexpected:
             out.append(Check("unexpected_tensors", FAIL,
                              f"{len(unexpected)} stored tensors are not part of {cls}: {_few(unexpected)}",
@@ -746,8 +768,8 @@ class _Validator:
                              {"names": ignorable}))
         else:
             out.append(Check("unexpected_tensors", PASS, f"no tensors outside {cls}"))
-        wrong = {n: (list(stored[n].shape), list(sk.allowed[n])) for n in stored
-                 if n in sk.allowed and tuple(stored[n].shape) != tuple(sk.allowed[n])}
+        wrong = {n: (list(stored[n].shape), list(allowed[n])) for n in stored
+                 if n in allowed and tuple(stored[n].shape) != tuple(allowed[n])}
         if wrong:
             first = sorted(wrong)[:3]
             text = "; ".join(f"{n} is {wrong[n][0]}, expected {wrong[n][1]}" for n in first)
@@ -767,6 +789,12 @@ class _Validator:
         if not tied:
             return Check("tied_embeddings", PASS, "output embedding is not tied; it is stored separately")
         stored = sorted(n for n in tied if n in self.stored.tensors)
+        same = [n for n in stored if tied[n] in self.stored.tensors
+                and _same_bytes(self.stored.tensors[n], self.stored.tensors[tied[n]], self.chunk_bytes)]
+        if stored and len(same) == len(stored):
+            return Check("tied_embeddings", PASS,
+                         f"tied: {_few(stored)} is stored too, identical to {_few({tied[n] for n in stored})}",
+                         {"tied": tied})
         if stored:
             return Check("tied_embeddings", WARN,
                          f"the config ties {_few(stored)} to {_few({tied[n] for n in stored})} but it is stored "
@@ -887,12 +915,16 @@ def _skeleton_of(model: Any) -> _Skeleton:
     required = {k: tuple(v.shape) for k, v in revert_weight_conversion(model, untied).items()}
     allowed = {k: tuple(v.shape) for k, v in revert_weight_conversion(model, dict(state)).items()}
     allowed.update(required)
+    memory_required = {k: tuple(v.shape) for k, v in untied.items()}
+    memory_allowed = {k: tuple(v.shape) for k, v in state.items()}
+    same = memory_required == required
     embedding = None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None:
         embedding = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
     ignorable = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-    return _Skeleton(type(model).__name__, required, allowed, tied, ignorable, embedding)
+    return _Skeleton(type(model).__name__, required, allowed, tied, ignorable, embedding,
+                     None if same else memory_required, None if same else memory_allowed)
 
 
 def _scan(t: StoredTensor, view: memoryview) -> tuple[int, int]:
@@ -924,6 +956,22 @@ def _scan(t: StoredTensor, view: memoryview) -> tuple[int, int]:
     finally:
         os.close(fd)
     return nan, inf
+
+
+def _same_bytes(a: StoredTensor, b: StoredTensor, chunk: int) -> bool:
+    """Whether two stored tensors hold identical bytes (same dtype and shape), compared chunk by chunk."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.offset < 0 or b.offset < 0:
+        return False
+    if a.path == b.path and a.offset == b.offset:
+        return True  # one storage saved under two names
+    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+        done = 0
+        while done < a.nbytes:
+            n = min(chunk, a.nbytes - done)
+            if os.pread(fa.fileno(), n, a.offset + done) != os.pread(fb.fileno(), n, b.offset + done):
+                return False
+            done += n
+    return True
 
 
 def _normalise(text: str) -> str:
