@@ -9,7 +9,8 @@ Inputs
 ``latest``/``global_stepN``, a ``checkpoint-N``/``global_stepN`` folder, or an HF model folder) it is
 the one input. Otherwise its children that are convertible are the inputs; if none is, its
 grandchildren (so ``--input-dir experiments`` finds ``experiments/ft_runs_*/qwen2.5-7b``).
-``--input-pattern GLOB``: every matching folder is an input (``*``, ``?``, ``[..]``, ``**`` and brace
+Folders inside ``--output-dir`` are never inputs (so outputs of an earlier batch are not picked up
+again). ``--input-pattern GLOB``: every matching folder is an input (``*``, ``?``, ``[..]``, ``**`` and brace
 lists ``{a,b}`` are expanded). ``--input-list FILE``: one folder per line; blank lines and lines
 starting with ``#`` are ignored; relative paths are relative to the current directory.
 
@@ -17,7 +18,8 @@ Checkpoint selection
 --------------------
 Per input, by default the latest checkpoint: the highest ``checkpoint-N``; for a DeepSpeed save
 folder the tag in ``latest`` (else the highest ``global_stepN``); a checkpoint or HF model folder is
-taken as it is. ``--all-checkpoints`` takes every ``checkpoint-N`` (or ``global_stepN``).
+taken as it is (a run folder that also holds HF weights from ``save_model`` counts as a run, as in
+single conversion). ``--all-checkpoints`` takes every ``checkpoint-N`` (or ``global_stepN``).
 ``--checkpoint-filter PATTERN`` (repeatable) keeps the checkpoints whose folder name matches one of
 the patterns (fnmatch globs with brace expansion, e.g. ``checkpoint-{100,200,300}``) and implies
 ``--all-checkpoints``; an input with no matching checkpoint is an error.
@@ -106,8 +108,11 @@ TEMPLATE_FIELDS = ("input_name", "run_name", "step", "checkpoint_name")
 
 MIB = 2**20
 GIB = 2**30
-#: Peak RSS of a worker converting a tiny model: Python + torch + the reader's metadata. Measured with
-#: ``resource.getrusage`` in the worker (torch 2.13 CPU, ~330 MB) and rounded up.
+#: RSS of a worker before the writer's buffers: Python, torch, transformers (for validation), metadata.
+#: Calibrated with the peak RSS workers report (``resource.getrusage``; torch 2.13 CPU, transformers 5):
+#: tiny HF Trainer ZeRO-2/3 checkpoints to fp32 with validation 360 MiB; a 74M-parameter ZeRO-2
+#: checkpoint without validation 245 MiB (fp32, no cast) and 278 MiB (bf16, cast), with validation
+#: 420 MiB (bf16; the estimate is 514 MiB). Rounded up for larger models' metadata.
 JOB_BASE_RSS = 450 * MIB
 #: Extra RSS per tensor of metadata (specs, segments, pickled headers), generous.
 PER_TENSOR_RSS = 8 * 1024
@@ -690,22 +695,14 @@ def estimate_peak_ram(plan: Any) -> int:
 
 def _estimate(job: Job, opts: BatchOptions) -> None:
     """Fill in a job's detected type, size and memory estimates and source fingerprint (metadata only)."""
-    from vllm_consolidate import convert as conv
-    from vllm_consolidate import readers
-    from vllm_consolidate.assets import find_assets, read_config, search_chain
-    from vllm_consolidate.planner import DTYPES_BY_NAME, plan_output
+    from vllm_consolidate.convert import ConvertOptions, plan_conversion
+    from vllm_consolidate.planner import DTYPES_BY_NAME
 
-    detected = readers.detect(job.input, opts.input_type, job.checkpoint)
-    source = readers.read(detected)
-    chain = search_chain(detected.weights_dir, job.input)
-    assets = find_assets(chain + [d for d in source.asset_dirs if d not in chain], None)
-    config = read_config(assets.config) if assets.config else {}
-    copts = conv.ConvertOptions(input=job.input, output=job.output, dtype=DTYPES_BY_NAME[opts.dtype],
-                                keep_original_precision=opts.keep_original_precision, fmt=opts.fmt,
-                                max_shard_size=opts.max_shard_size)
-    tensors, _ = conv._resolve_names(source, conv._tied(config, source))
-    plan = plan_output(tensors, target_dtype=conv._target_dtype(copts, source, config),
-                       max_shard_size=opts.max_shard_size, fmt=opts.fmt)
+    conv = plan_conversion(ConvertOptions(
+        input=job.input, output=job.output, input_type=opts.input_type, checkpoint_dir=job.checkpoint,
+        base_model_name=opts.base_model_name, dtype=DTYPES_BY_NAME[opts.dtype],
+        keep_original_precision=opts.keep_original_precision, fmt=opts.fmt, max_shard_size=opts.max_shard_size))
+    detected, source, assets, plan = conv.detected, conv.source, conv.assets, conv.plan
     asset_files = [p for p in (assets.config, assets.generation_config, *assets.tokenizer_files) if p is not None]
     job.detected = {k: source.info.get(k) for k in ("type", "stage", "world_size", "tag", "trained_dtype")}
     job.detected["weights_dir"] = str(detected.weights_dir)
@@ -744,6 +741,9 @@ def plan_batch(opts: BatchOptions) -> BatchPlan:
     notes: list[str] = []
     for inp in inputs:
         inp_path = inp.path.absolute()
+        if inp_path == out_dir or out_dir in inp_path.parents:
+            notes.append(f"ignored {inp.path}: it is inside --output-dir (an earlier batch's output)")
+            continue
         if inp.kind is None:
             job = Job(len(jobs), inp_path, None, "-", None, out_dir / "-", action="error")
             job.error = {"type": "InputNotFoundError", "message": f"nothing to convert: {inp.error}",
@@ -949,7 +949,7 @@ def _worker_main(conn: Any, lock_path: str) -> None:
 def _worker_job(conn: Any, spec: dict[str, Any]) -> None:
     import resource
 
-    from vllm_consolidate.convert import ConvertOptions, _publish, convert
+    from vllm_consolidate.convert import ConvertOptions, convert, publish
     from vllm_consolidate.planner import DTYPES_BY_NAME
 
     staging = Path(spec["staging"])
@@ -974,7 +974,7 @@ def _worker_job(conn: Any, spec: dict[str, Any]) -> None:
         if os.environ.get(TEST_DELAY_ENV):  # tests only: widen the window in which a job is unpublished
             time.sleep(float(os.environ[TEST_DELAY_ENV]))
         write_manifest(staging, spec["manifest"], result)
-        _publish(staging, Path(spec["output"]), force=True)
+        publish(staging, Path(spec["output"]), force=True)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         conn.send(("done", spec["id"], {"result": result, "peak_rss": rss}))
     except BaseException as exc:

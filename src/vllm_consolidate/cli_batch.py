@@ -152,7 +152,8 @@ def print_plan(plan: Any) -> None:
           + (f" of {_size(plan.disk_free)} free" if plan.disk_free is not None else ""))
     if todo:
         print(f"RAM: {_size(plan.ram_available)} available - {_size(plan.ram_margin)} margin -> "
-              f"up to {min(fit, plan.options.max_workers)} job(s) at once (--max-workers {plan.options.max_workers})")
+              f"up to {min(fit, plan.options.max_workers, len(todo))} job(s) at once "
+              f"(--max-workers {plan.options.max_workers})")
     if plan.disk_free is not None and disk > plan.disk_free:
         print("warning: the outputs do not all fit on the disk; the jobs that do not fit will fail")
     for note in plan.notes:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from vllm_consolidate import readers
-from vllm_consolidate.assets import copy_assets, find_assets, read_config, search_chain
+from vllm_consolidate.assets import Assets, copy_assets, find_assets, read_config, search_chain
 from vllm_consolidate.errors import (
     ConfigNotFoundError,
     InsufficientDiskError,
@@ -100,7 +100,7 @@ class ConvertResult:
         return out
 
 
-def _tied(config: dict, source: SourceModel) -> bool:
+def is_tied(config: dict, source: SourceModel) -> bool:
     """Whether the output embedding is tied to the input embedding.
 
     An explicit ``tie_word_embeddings`` in config.json decides. When config.json omits it (it is
@@ -113,7 +113,7 @@ def _tied(config: dict, source: SourceModel) -> bool:
     return any(name in source.aliases for name in LM_HEAD_NAMES)
 
 
-def _resolve_names(source: SourceModel, tied: bool) -> tuple[list[TensorSpec], list[str]]:
+def resolve_names(source: SourceModel, tied: bool) -> tuple[list[TensorSpec], list[str]]:
     """Final tensor list: tied output embeddings dropped, other shared names written as copies."""
     tensors = list(source.tensors)
     by_name = {t.name: t for t in tensors}
@@ -132,7 +132,7 @@ def _resolve_names(source: SourceModel, tied: bool) -> tuple[list[TensorSpec], l
     return tensors, dropped
 
 
-def _target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> torch.dtype | None:
+def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> torch.dtype | None:
     if not opts.keep_original_precision:
         return opts.dtype
     if source.kind == "deepspeed":
@@ -168,7 +168,7 @@ def _preflight_disk(output: Path, need: int) -> None:
         )
 
 
-def _publish(tmp: Path, output: Path, force: bool) -> None:
+def publish(tmp: Path, output: Path, force: bool) -> None:
     """Move the finished temporary folder to ``output``; an old output is removed only afterwards."""
     if output.exists():
         if not force:
@@ -198,20 +198,31 @@ def _is_within(child: Path, parent: Path) -> bool:
         return False
 
 
-def convert(opts: ConvertOptions) -> ConvertResult:
-    """Convert one checkpoint; see the module docstring for the steps.
+@dataclass
+class Conversion:
+    """Everything decided about one conversion before any tensor byte is read."""
+
+    detected: readers.DetectedInput
+    source: SourceModel
+    assets: Assets
+    config: dict
+    plan: OutputPlan
+    dropped: list[str]
+    warnings: list[str]
+
+
+def plan_conversion(opts: ConvertOptions) -> Conversion:
+    """Detect the input, read its metadata, find its config and tokenizer, and plan the output.
+
+    Reads no tensor data and writes nothing; the batch uses it for its estimates.
 
     Raises:
-        ConsolidateError: Any problem with the input, the options, the disk or the result.
+        ConsolidateError: The input cannot be read, or no config.json can be found.
     """
-    started = time.monotonic()
-    output = Path(opts.output).absolute()
-    if output.exists() and not opts.force:
-        raise OutputExistsError("output already exists", path=output)
     if opts.fmt not in ("safetensors", "bin"):
         raise UsageError(f"unknown format {opts.fmt}")
-
     detected = readers.detect(Path(opts.input), opts.input_type, opts.checkpoint_dir)
+    output = Path(opts.output).absolute()
     if output.resolve() == Path(opts.input).resolve() or _is_within(output, detected.weights_dir):
         raise UsageError("--output must not be the input folder or inside it; the input is never modified",
                          path=output, hint="Choose an output folder outside the checkpoint.")
@@ -231,10 +242,25 @@ def convert(opts: ConvertOptions) -> ConvertResult:
             "Pass --base-model-name with the model you fine-tuned to copy its tokenizer."
         )
     config = read_config(assets.config)
-    tied = _tied(config, source)
-    tensors, dropped = _resolve_names(source, tied)
-    target = _target_dtype(opts, source, config)
-    plan = plan_output(tensors, target_dtype=target, max_shard_size=opts.max_shard_size, fmt=opts.fmt)
+    tensors, dropped = resolve_names(source, is_tied(config, source))
+    plan = plan_output(tensors, target_dtype=target_dtype(opts, source, config),
+                       max_shard_size=opts.max_shard_size, fmt=opts.fmt)
+    return Conversion(detected, source, assets, config, plan, dropped, warnings)
+
+
+def convert(opts: ConvertOptions) -> ConvertResult:
+    """Convert one checkpoint; see the module docstring for the steps.
+
+    Raises:
+        ConsolidateError: Any problem with the input, the options, the disk or the result.
+    """
+    started = time.monotonic()
+    output = Path(opts.output).absolute()
+    if output.exists() and not opts.force:
+        raise OutputExistsError("output already exists", path=output)
+    conv = plan_conversion(opts)
+    detected, source, assets, config, plan = conv.detected, conv.source, conv.assets, conv.config, conv.plan
+    dropped, warnings = conv.dropped, conv.warnings
 
     info = dict(source.info)
     info["how"] = detected.how
@@ -282,7 +308,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
                     report=report,
                 )
             warnings.extend(report.warning_messages())
-        _publish(tmp, output, opts.force)
+        publish(tmp, output, opts.force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
