@@ -1,0 +1,1 @@
+"""Real DeepSpeed ZeRO checkpoint corpus for tests (see ``tests/corpus/README.md``)."""

@@ -42,8 +42,13 @@ from typing import Any
 
 from tests.corpus import common
 
-#: Bump whenever the generator's output format / semantics change.
+#: Bump whenever the generator's output format / semantics change (new cache root).
 SCHEMA_VERSION = 1
+
+#: Per-kind generator revision, folded into each case's spec hash when non-zero.
+#: Bump one to rebuild only the cases of that kind (e.g. after a script fix).
+#: trainer 1: accelerate world size fix (ranks used to believe they were all rank 0).
+KIND_REVISION: dict[str, int] = {"ds": 0, "trainer": 1, "hf": 0}
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -144,7 +149,10 @@ class CaseSpec:
 
     def spec_hash(self) -> str:
         """Stable hash of the spec (+ schema version) used for cache invalidation."""
-        blob = json.dumps({"v": SCHEMA_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        payload: dict[str, Any] = {"v": SCHEMA_VERSION, **dataclasses.asdict(self)}
+        if KIND_REVISION.get(self.kind):
+            payload["kind_revision"] = KIND_REVISION[self.kind]
+        blob = json.dumps(payload, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def meta(self) -> dict[str, Any]:
@@ -191,70 +199,212 @@ class CaseSpec:
 
 
 def _ds(name: str, model: dict[str, Any], stage: int, ws: int, prec: str, covers: str, **kw: Any) -> CaseSpec:
-    return CaseSpec(name=name, kind="ds", model=model, stage=stage, world_size=ws, precision=prec,
-                    layout="raw", covers=covers, **kw)
+    return CaseSpec(
+        name=name, kind="ds", model=model, stage=stage, world_size=ws, precision=prec, layout="raw", covers=covers, **kw
+    )
 
 
 def _trainer(name: str, model: dict[str, Any], stage: int, covers: str, **kw: Any) -> CaseSpec:
-    return CaseSpec(name=name, kind="trainer", model=model, stage=stage, world_size=2, precision="bf16",
-                    layout="trainer", save_steps=(2, 4, 6), has_config=True, has_tokenizer=True,
-                    covers=covers, **kw)
+    return CaseSpec(
+        name=name,
+        kind="trainer",
+        model=model,
+        stage=stage,
+        world_size=2,
+        precision="bf16",
+        layout="trainer",
+        save_steps=(2, 4, 6),
+        has_config=True,
+        has_tokenizer=True,
+        covers=covers,
+        **kw,
+    )
 
 
-_FROZEN_Z2 = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight")
+_FROZEN_Z2 = (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.input_layernorm.weight",
+)
 _FROZEN_Z3 = ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight")
 
 _SPECS: list[CaseSpec] = [
     # ---- world size 1
-    _ds("llama_z1_w1_fp32", tiny("llama"), 1, 1, "fp32", "ZeRO-1, single rank, fp32 training, config+tokenizer",
-        has_config=True, has_tokenizer=True, seed=1),
-    _ds("qwen3_z3_w1_bf16_tied", tiny("qwen3", tied=True), 3, 1, "bf16", "ZeRO-3 single rank, qwen3 (q/k norm), tied, no config",
-        seed=2),
+    _ds(
+        "llama_z1_w1_fp32",
+        tiny("llama"),
+        1,
+        1,
+        "fp32",
+        "ZeRO-1, single rank, fp32 training, config+tokenizer",
+        has_config=True,
+        has_tokenizer=True,
+        seed=1,
+    ),
+    _ds(
+        "qwen3_z3_w1_bf16_tied",
+        tiny("qwen3", tied=True),
+        3,
+        1,
+        "bf16",
+        "ZeRO-3 single rank, qwen3 (q/k norm), tied, no config",
+        seed=2,
+    ),
     # ---- world size 2
-    _ds("llama_z2_w2_bf16", tiny("llama"), 2, 2, "bf16",
+    _ds(
+        "llama_z2_w2_bf16",
+        tiny("llama"),
+        2,
+        2,
+        "bf16",
         "ZeRO-2 bf16, no config/tokenizer, two tags (global_step1, global_step2; latest -> 2)",
-        save_steps=(1, 2), seed=3),
-    _ds("qwen2_z3_w2_bf16_tied", tiny("qwen2", tied=True, vllm=True), 3, 2, "bf16",
+        save_steps=(1, 2),
+        seed=3,
+    ),
+    _ds(
+        "qwen2_z3_w2_bf16_tied",
+        tiny("qwen2", tied=True, vllm=True),
+        3,
+        2,
+        "bf16",
         "ZeRO-3 bf16 tied qwen2 with q/k/v biases, head_dim 64, config+tokenizer (vLLM-loadable)",
-        has_config=True, has_tokenizer=True, seed=4),
-    _ds("mistral_z2_w2_fp16_frozen", tiny("mistral", frozen=_FROZEN_Z2), 2, 2, "fp16",
+        has_config=True,
+        has_tokenizer=True,
+        seed=4,
+    ),
+    _ds(
+        "mistral_z2_w2_fp16_frozen",
+        tiny("mistral", frozen=_FROZEN_Z2),
+        2,
+        2,
+        "fp16",
         "ZeRO-2 fp16 with frozen params (embedding, one proj, one norm), config+tokenizer",
-        has_config=True, has_tokenizer=True, seed=5),
-    _ds("llama_z3_w2_bf16_frozen", tiny("llama", frozen=_FROZEN_Z3), 3, 2, "bf16",
-        "ZeRO-3 bf16 with frozen params, config but no tokenizer", has_config=True, seed=6),
-    _ds("qwen2moe_z2_w2_bf16", tiny("qwen2_moe"), 2, 2, "bf16",
+        has_config=True,
+        has_tokenizer=True,
+        seed=5,
+    ),
+    _ds(
+        "llama_z3_w2_bf16_frozen",
+        tiny("llama", frozen=_FROZEN_Z3),
+        3,
+        2,
+        "bf16",
+        "ZeRO-3 bf16 with frozen params, config but no tokenizer",
+        has_config=True,
+        seed=6,
+    ),
+    _ds(
+        "qwen2moe_z2_w2_bf16",
+        tiny("qwen2_moe"),
+        2,
+        2,
+        "bf16",
         "MoE (qwen2_moe, fused 3-D expert tensors + shared expert) under ZeRO-2, config+tokenizer",
-        has_config=True, has_tokenizer=True, seed=7),
+        has_config=True,
+        has_tokenizer=True,
+        seed=7,
+    ),
     _ds("llama_z1_w2_fp16_tied", tiny("llama", tied=True), 1, 2, "fp16", "ZeRO-1 fp16 tied embeddings", seed=8),
     _ds("qwen2_z3_w2_fp32", tiny("qwen2"), 3, 2, "fp32", "ZeRO-3 fp32 (no mixed precision) untied", seed=9),
     # ---- world size 3 (odd: padding everywhere)
-    _ds("qwen2_z3_w3_bf16", tiny("qwen2"), 3, 3, "bf16", "ZeRO-3 odd world size bf16, config+tokenizer",
-        has_config=True, has_tokenizer=True, seed=10),
+    _ds(
+        "qwen2_z3_w3_bf16",
+        tiny("qwen2"),
+        3,
+        3,
+        "bf16",
+        "ZeRO-3 odd world size bf16, config+tokenizer",
+        has_config=True,
+        has_tokenizer=True,
+        seed=10,
+    ),
     _ds("llama_z2_w3_fp32_tied", tiny("llama", tied=True), 2, 3, "fp32", "ZeRO-2 odd world size fp32 tied", seed=11),
-    _ds("mistral_z1_w3_bf16", tiny("mistral"), 1, 3, "bf16", "ZeRO-1 odd world size bf16, config+tokenizer",
-        has_config=True, has_tokenizer=True, seed=12),
+    _ds(
+        "mistral_z1_w3_bf16",
+        tiny("mistral"),
+        1,
+        3,
+        "bf16",
+        "ZeRO-1 odd world size bf16, config+tokenizer",
+        has_config=True,
+        has_tokenizer=True,
+        seed=12,
+    ),
     _ds("qwen2moe_z3_w3_fp16", tiny("qwen2_moe"), 3, 3, "fp16", "MoE under ZeRO-3, odd world size, fp16", seed=13),
     # ---- big (memory tests): ~74M params
-    _ds("llama_big_z2_w2_bf16",
-        dict(arch="llama", hidden=768, intermediate=2048, layers=4, heads=12, kv_heads=4, vocab=32000,
-             tied=False, frozen=[], extra={}),
-        2, 2, "bf16", "~74M-param llama for memory tests (ZeRO-2 bf16, untied, vocab 32000)",
-        save_steps=(1,), has_config=True, seed=14, big=True),
+    _ds(
+        "llama_big_z2_w2_bf16",
+        dict(
+            arch="llama",
+            hidden=768,
+            intermediate=2048,
+            layers=4,
+            heads=12,
+            kv_heads=4,
+            vocab=32000,
+            tied=False,
+            frozen=[],
+            extra={},
+        ),
+        2,
+        2,
+        "bf16",
+        "~74M-param llama for memory tests (ZeRO-2 bf16, untied, vocab 32000)",
+        save_steps=(1,),
+        has_config=True,
+        seed=14,
+        big=True,
+    ),
     # ---- HF Trainer + DeepSpeed (bf16, world 2, checkpoint-2/4/6)
-    _trainer("trainer_qwen2_z2_bf16", tiny("qwen2", tied=True, vllm=True), 2,
-             "HF Trainer ZeRO-2, tied qwen2, checkpoint-2/4/6 with tokenizer", seed=20),
-    _trainer("trainer_llama_z3_bf16", tiny("llama", vllm=True), 3,
-             "HF Trainer ZeRO-3 without 16-bit gather (checkpoint-N has no real weights file)", seed=21),
-    _trainer("trainer_llama_z3g16_bf16", tiny("llama", vllm=True), 3,
-             "HF Trainer ZeRO-3 with stage3_gather_16bit_weights_on_model_save (bf16 model.safetensors too)",
-             zero_extra={"stage3_gather_16bit_weights_on_model_save": True}, seed=22),
+    _trainer(
+        "trainer_qwen2_z2_bf16",
+        tiny("qwen2", tied=True, vllm=True),
+        2,
+        "HF Trainer ZeRO-2, tied qwen2, checkpoint-2/4/6 with tokenizer",
+        seed=20,
+    ),
+    _trainer(
+        "trainer_llama_z3_bf16",
+        tiny("llama", vllm=True),
+        3,
+        "HF Trainer ZeRO-3 without 16-bit gather (checkpoint-N has no real weights file)",
+        seed=21,
+    ),
+    _trainer(
+        "trainer_llama_z3g16_bf16",
+        tiny("llama", vllm=True),
+        3,
+        "HF Trainer ZeRO-3 with stage3_gather_16bit_weights_on_model_save (bf16 model.safetensors too)",
+        zero_extra={"stage3_gather_16bit_weights_on_model_save": True},
+        seed=22,
+    ),
     # ---- plain HF layouts written by transformers
-    CaseSpec("hf_llama_sharded_bf16", "hf", tiny("llama", vllm=True), None, 1, "bf16", "hf_sharded_safetensors",
-             has_config=True, has_tokenizer=True, seed=30,
-             covers="save_pretrained sharded safetensors + model.safetensors.index.json, bf16"),
-    CaseSpec("hf_qwen2_single_fp32_tied", "hf", tiny("qwen2", tied=True, vllm=True), None, 1, "fp32",
-             "hf_single_safetensors", has_config=True, has_tokenizer=True, seed=31,
-             covers="save_pretrained single model.safetensors, fp32, tied (lm_head not stored)"),
+    CaseSpec(
+        "hf_llama_sharded_bf16",
+        "hf",
+        tiny("llama", vllm=True),
+        None,
+        1,
+        "bf16",
+        "hf_sharded_safetensors",
+        has_config=True,
+        has_tokenizer=True,
+        seed=30,
+        covers="save_pretrained sharded safetensors + model.safetensors.index.json, bf16",
+    ),
+    CaseSpec(
+        "hf_qwen2_single_fp32_tied",
+        "hf",
+        tiny("qwen2", tied=True, vllm=True),
+        None,
+        1,
+        "fp32",
+        "hf_single_safetensors",
+        has_config=True,
+        has_tokenizer=True,
+        seed=31,
+        covers="save_pretrained single model.safetensors, fp32, tied (lm_head not stored)",
+    ),
     # Hook: sharded .bin layouts ("hf_sharded_bin") are added later; see _build_hf().
 ]
 
@@ -273,7 +423,9 @@ def deepspeed_version() -> str:
 
 def corpus_root() -> Path:
     """Root folder of the cached corpus (``$VLLMC_CORPUS_DIR`` or ``<repo>/.cache/corpus``)."""
-    base = Path(os.environ["VLLMC_CORPUS_DIR"]) if os.environ.get("VLLMC_CORPUS_DIR") else REPO_ROOT / ".cache" / "corpus"
+    base = (
+        Path(os.environ["VLLMC_CORPUS_DIR"]) if os.environ.get("VLLMC_CORPUS_DIR") else REPO_ROOT / ".cache" / "corpus"
+    )
     return base / f"ds-{deepspeed_version()}-v{SCHEMA_VERSION}"
 
 
@@ -344,11 +496,20 @@ def _launch(script: str, world_size: int, plan: dict[str, Any], label: str) -> N
     log_path = work / f"{label}.log"
     plan_path.write_text(json.dumps(plan, indent=2))
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(world_size), "--master_port", str(_free_port()),
-           str(HERE / script), "--plan", str(plan_path)]
+    cmd = [
+        str(launcher),
+        "--num_gpus",
+        str(world_size),
+        "--master_port",
+        str(_free_port()),
+        str(HERE / script),
+        "--plan",
+        str(plan_path),
+    ]
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_subprocess_env(world_size), stdout=log,
-                              stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(
+            cmd, cwd=REPO_ROOT, env=_subprocess_env(world_size), stdout=log, stderr=subprocess.STDOUT, check=False
+        )
     if proc.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-60:])
         raise RuntimeError(f"corpus launch {label!r} failed (rc={proc.returncode}); log {log_path}:\n{tail}")
@@ -425,8 +586,9 @@ def build_all(names: list[str] | None = None, *, rebuild: bool = False, verbose:
         for spec in todo:
             if spec.kind == "ds":
                 groups.setdefault(spec.world_size, []).append(spec)
-        steps: list[tuple[str, Any]] = [(f"ds world_size={ws} ({len(g)} cases)", lambda g=g: _build_ds_group(g))
-                                        for ws, g in sorted(groups.items())]
+        steps: list[tuple[str, Any]] = [
+            (f"ds world_size={ws} ({len(g)} cases)", lambda g=g: _build_ds_group(g)) for ws, g in sorted(groups.items())
+        ]
         steps += [(f"trainer {s.name}", lambda s=s: _build_trainer(s)) for s in todo if s.kind == "trainer"]
         steps += [(f"hf {s.name}", lambda s=s: _build_hf(s)) for s in todo if s.kind == "hf"]
         for label, fn in steps:
@@ -446,11 +608,23 @@ def _table(names: list[str]) -> str:
     rows = [("case", "kind", "arch", "st", "ws", "prec", "tied", "frozen", "ckpts", "params", "secs")]
     for n in names:
         c = load_case(n)
-        rows.append((n, c["kind"], c["arch"], str(c["stage"]), str(c["world_size"]), c["precision"],
-                     "y" if c["tied"] else "-", str(len(c["frozen"])), str(len(c["checkpoints"])),
-                     f"{c['num_params'] / 1e6:.2f}M", f"{c['build_seconds']:.1f}"))
+        rows.append(
+            (
+                n,
+                c["kind"],
+                c["arch"],
+                str(c["stage"]),
+                str(c["world_size"]),
+                c["precision"],
+                "y" if c["tied"] else "-",
+                str(len(c["frozen"])),
+                str(len(c["checkpoints"])),
+                f"{c['num_params'] / 1e6:.2f}M",
+                f"{c['build_seconds']:.1f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,8 +22,17 @@ def main() -> int:
     case = build.build_all([CASE])[CASE]
     meta = build.load_case(CASE)
     out = Path(os.environ.get("DEMO_OUT", ".cache/demo/qwen2-zero3-bf16")).absolute()
-    cmd = [str(Path(sys.executable).parent / "vllm-consolidate"), "convert", "--input", str(case / meta["input"]),
-           "--output", str(out), "--dtype", "bfloat16", "--force"]
+    cmd = [
+        str(Path(sys.executable).parent / "vllm-consolidate"),
+        "convert",
+        "--input",
+        str(case / meta["input"]),
+        "--output",
+        str(out),
+        "--dtype",
+        "bfloat16",
+        "--force",
+    ]
     print("demo: $ " + shlex.join(cmd), flush=True)
     code = subprocess.call(cmd)
     if code == 0:

@@ -36,7 +36,6 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-
 from tests.corpus import common  # noqa: E402
 
 # The CPU accelerator reports fp16 as unsupported, which makes DeepSpeed refuse an
@@ -52,8 +51,11 @@ def disable_shm_comm() -> None:
     accelerator (~80 s on a cold machine, cached in ~/.cache/torch_extensions).
     It is only an all-reduce fast path; plain gloo is fine for us.
     """
-    import deepspeed.comm.torch as ds_comm_torch
+    import importlib
 
+    # NB: ``import deepspeed.comm.torch as m`` would bind the *real* torch module,
+    # because ``deepspeed.comm`` has a ``torch`` attribute; go through sys.modules.
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
     ds_comm_torch.build_shm_op = lambda: None
 
 
@@ -137,9 +139,7 @@ def run_case(case: dict[str, Any], tokenizer: Any) -> None:
             if rank == 0:
                 truth_dir.mkdir(parents=True, exist_ok=True)
                 save_file(truth, str(truth_dir / f"{tag}.safetensors"), metadata={"format": "pt"})
-            checkpoints.append(
-                {"tag": tag, "path": f"ckpt/{tag}", "truth": f"truth/{tag}.safetensors", "step": step}
-            )
+            checkpoints.append({"tag": tag, "path": f"ckpt/{tag}", "truth": f"truth/{tag}.safetensors", "step": step})
             dist.barrier()
     skipped = int(getattr(engine, "skipped_steps", 0))
     if skipped:
@@ -147,9 +147,7 @@ def run_case(case: dict[str, Any], tokenizer: Any) -> None:
 
     if rank == 0:
         if case["has_config"]:
-            common.save_hf_extras(
-                ckpt, engine.module, tokenizer if case["has_tokenizer"] else None, case["precision"]
-            )
+            common.save_hf_extras(ckpt, engine.module, tokenizer if case["has_tokenizer"] else None, case["precision"])
         elif case["has_tokenizer"]:
             tokenizer.save_pretrained(ckpt)
     dist.barrier()

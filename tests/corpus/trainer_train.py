@@ -8,11 +8,17 @@ Running Trainer + DeepSpeed on a CPU-only box (transformers 5.x, accelerate 1.x)
 
 * ``DS_ACCELERATOR=cpu`` (set by the launcher env and defaulted here) makes DeepSpeed
   pick its CPU accelerator.
-* ``TrainingArguments(use_cpu=False, deepspeed=<dict>, ddp_backend="gloo")``:
+* ``TrainingArguments(use_cpu=False, deepspeed=<dict>)``:
   ``use_cpu=True`` would route Trainer through the plain CPU/DDP path and ignore the
   DeepSpeed config; with ``use_cpu=False`` Trainer builds an accelerate
-  ``PartialState(use_deepspeed=True, backend="gloo")`` and DeepSpeed's CPU accelerator
-  supplies the (cpu) device.
+  ``PartialState`` and DeepSpeed's CPU accelerator supplies the (cpu) device.
+* ...but that ``PartialState`` gets world size 1 on CPU (see ``distributed_state()``),
+  so we build it ourselves with ``backend="gloo"`` and pass
+  ``accelerator_config={"use_configured_state": True}``.
+* ``bf16=True`` with ``use_cpu=False`` fails ``TrainingArguments`` validation
+  ("Your setup doesn't support bf16/gpu") because transformers only asks CUDA/XPU/...;
+  we patch ``transformers.training_args.is_torch_bf16_gpu_available`` to return True
+  (DeepSpeed's CPU accelerator does support bf16).
 * The shared-memory comm op is disabled (see ``ds_train.disable_shm_comm``).
 * Ground truth: a ``TrainerCallback.on_save`` runs on every rank right after each
   ``checkpoint-N`` is written; it gathers fp32 masters with
@@ -33,13 +39,18 @@ from typing import Any
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import transformers.training_args  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
-
 from tests.corpus import common  # noqa: E402
 from tests.corpus.ds_train import disable_shm_comm, gather_truth  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+# See module docstring: the bf16 "GPU" check must pass for the CPU accelerator.
+transformers.training_args.is_torch_bf16_gpu_available = lambda: True
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -102,6 +113,22 @@ def ds_config(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def distributed_state() -> PartialState:
+    """Pre-build accelerate's ``PartialState`` for DeepSpeed on gloo.
+
+    Left to itself, ``TrainingArguments`` creates ``PartialState`` without a backend
+    when DeepSpeed is enabled; with no GPU, accelerate then resolves backend=None,
+    initialises DeepSpeed's process group anyway, but records
+    ``num_processes=1, process_index=0`` on every rank.  Trainer then believes each
+    rank is the main process (both write config/tokenizer/trainer_state into
+    ``checkpoint-N`` concurrently, the sampler does not shard).  Passing
+    ``backend="gloo"`` explicitly and reusing the state via
+    ``accelerator_config={"use_configured_state": True}`` gives the right world size.
+    """
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    return PartialState(backend="gloo")
+
+
 def main() -> None:
     """Entry point under the ``deepspeed`` launcher."""
     parser = argparse.ArgumentParser()
@@ -114,11 +141,12 @@ def main() -> None:
     case_dir = Path(case["case_dir"])
     run_dir = case_dir / "run"
 
+    distributed_state()
     targs = TrainingArguments(
         output_dir=str(run_dir),
         deepspeed=ds_config(case),
         use_cpu=False,  # True would bypass DeepSpeed entirely
-        ddp_backend="gloo",
+        ddp_backend="gloo",  # ignored when deepspeed is set; the backend comes from distributed_state()
         bf16=case["precision"] == "bf16",
         per_device_train_batch_size=2,
         gradient_accumulation_steps=1,
@@ -135,7 +163,9 @@ def main() -> None:
         dataloader_num_workers=0,
         seed=case["seed"],
         disable_tqdm=True,
+        accelerator_config={"use_configured_state": True},  # see distributed_state()
     )
+    assert targs.world_size == dist.get_world_size() == case["world_size"], (targs.world_size, case["world_size"])
     model = common.build_model(case["model"], seed=case["seed"])
     tied = common.tied_map(model)
     buffers = common.persistent_buffer_names(model)
@@ -165,7 +195,7 @@ def main() -> None:
             param_groups=n_groups,
             checkpoints=callback.checkpoints,
             num_params=sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
-            deepspeed_version=__import__("deepspeed").__version__,
+            deepspeed_version=deepspeed.__version__,
             torch_version=torch.__version__,
             build_seconds=round(time.time() - t0, 2),
         )
