@@ -132,6 +132,36 @@ def resolve_names(source: SourceModel, tied: bool) -> tuple[list[TensorSpec], li
     return tensors, dropped
 
 
+# transformers >= 5 holds these MoE experts fused in memory (so DeepSpeed saves them fused):
+# ``experts.gate_up_proj`` [E, 2I, H] (gate rows first) and ``experts.down_proj`` [E, H, I]. Its
+# save_pretrained writes them per expert (``experts.{e}.gate_proj.weight`` ...), the layout vLLM and
+# transformers 4 load, so we write that too. Only model types checked against save_pretrained are listed.
+FUSED_EXPERT_MODEL_TYPES = frozenset({"qwen2_moe", "qwen3_moe"})
+
+
+def unfuse_experts(tensors: list[TensorSpec], model_type: str | None) -> list[TensorSpec]:
+    """Split fused expert tensors into per-expert ones, as save_pretrained does (byte ranges only)."""
+    if model_type not in FUSED_EXPERT_MODEL_TYPES:
+        return tensors
+    out: list[TensorSpec] = []
+    for t in tensors:
+        prefix, _, last = t.name.rpartition(".")
+        if len(t.shape) == 3 and prefix.endswith(".experts") and last == "gate_up_proj":
+            experts, rows, hidden = t.shape
+            half = rows // 2
+            for e in range(experts):
+                base = e * rows * hidden
+                out.append(t.slice(base, (half, hidden), f"{prefix}.{e}.gate_proj.weight"))
+                out.append(t.slice(base + half * hidden, (half, hidden), f"{prefix}.{e}.up_proj.weight"))
+        elif len(t.shape) == 3 and prefix.endswith(".experts") and last == "down_proj":
+            experts, hidden, inner = t.shape
+            for e in range(experts):
+                out.append(t.slice(e * hidden * inner, (hidden, inner), f"{prefix}.{e}.down_proj.weight"))
+        else:
+            out.append(t)
+    return out
+
+
 def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> torch.dtype | None:
     if not opts.keep_original_precision:
         return opts.dtype
@@ -243,6 +273,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
         )
     config = read_config(assets.config)
     tensors, dropped = resolve_names(source, is_tied(config, source))
+    tensors = unfuse_experts(tensors, config.get("model_type"))
     plan = plan_output(tensors, target_dtype=target_dtype(opts, source, config),
                        max_shard_size=opts.max_shard_size, fmt=opts.fmt)
     return Conversion(detected, source, assets, config, plan, dropped, warnings)

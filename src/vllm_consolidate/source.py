@@ -8,6 +8,7 @@ its row-major bytes. The planner and writer work from this alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,25 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+    def slice(self, first: int, shape: tuple[int, ...], name: str) -> TensorSpec:
+        """The contiguous run of elements starting at ``first`` of the flat tensor, as its own tensor."""
+        size = self.dtype.itemsize
+        segments = list(sub_segments(self.segments, first * size, math.prod(shape) * size))
+        return TensorSpec(name, self.dtype, shape, segments)
+
+
+def sub_segments(segments: list[Segment], start: int, nbytes: int) -> Iterator[Segment]:
+    """The byte ranges holding bytes ``[start, start + nbytes)`` of the concatenation of ``segments``."""
+    pos = 0
+    end = start + nbytes
+    for seg in segments:
+        a, b = max(start, pos), min(end, pos + seg.nbytes)
+        if a < b:
+            yield Segment(seg.path, seg.offset + (a - pos), b - a)
+        pos += seg.nbytes
+        if pos >= end:
+            break
 
 
 @dataclass
