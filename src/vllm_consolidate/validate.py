@@ -62,14 +62,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import re
-import struct
 import traceback
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -77,7 +75,9 @@ from typing import Any
 
 import torch
 
-from vllm_consolidate.planner import SAFETENSORS_DTYPES
+from vllm_consolidate.errors import CorruptCheckpointError, UnsafePickleError, UnsupportedCheckpointError
+from vllm_consolidate.readers.hf import StoredTensor, stored_bin, stored_safetensors
+from vllm_consolidate.writer import iter_chunks
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 
@@ -123,9 +123,6 @@ SHOW = 5
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-_ST_DTYPES: dict[str, torch.dtype] = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
-_ST_DTYPES.update({"C128": torch.complex128, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64})
-_MAX_HEADER = 100 * 2**20
 _CONFIG_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "float16": torch.float16,
     "half": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -206,103 +203,6 @@ def _skipped(name: str, reason: str) -> Check:
 
 
 # -- reading what is stored ---------------------------------------------------------------------------
-
-@dataclass
-class StoredTensor:
-    """A tensor as stored in a weight file, located but not read.
-
-    Attributes:
-        name: Its key.
-        file: The file name (top level of the folder).
-        dtype: The torch dtype, or None for a dtype torch cannot represent.
-        dtype_code: The dtype as the file spells it (``F32``, ``torch.float32``).
-        shape: Its shape.
-        path: Absolute path of the file.
-        offset: Absolute offset of its first byte, or -1 when it is not one contiguous range.
-        nbytes: Its size in bytes.
-    """
-
-    name: str
-    file: str
-    dtype: torch.dtype | None
-    dtype_code: str
-    shape: tuple[int, ...]
-    path: str
-    offset: int
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def read_safetensors_header(path: Path) -> list[StoredTensor]:
-    """Parse a safetensors header and check it against the file size.
-
-    Raises:
-        ValueError: The header is unreadable or inconsistent (the message says how).
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) != 8:
-            raise ValueError("shorter than 8 bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise ValueError(f"header length {n} is impossible for a {size}-byte file; truncated or not safetensors")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    data_start = 8 + n
-    data_size = size - data_start
-    out = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            code = str(entry["dtype"])
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed header entry for {name}") from exc
-        dtype = _ST_DTYPES.get(code)
-        if end > data_size or begin > end:
-            raise ValueError(f"{name} lies at bytes {begin}..{end} but the data section has {data_size}; truncated")
-        if dtype is not None and (end - begin) != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{name}: {end - begin} bytes do not hold shape {list(shape)} of {code}")
-        out.append(StoredTensor(name, path.name, dtype, code, shape, str(path), data_start + begin, end - begin))
-    return out
-
-
-def read_bin_tensors(path: Path) -> list[StoredTensor]:
-    """Describe the tensors of a ``torch.save`` file without unpickling anything off the allowlist.
-
-    Raises:
-        ConsolidateError: Refused or corrupt pickle (from the lazy reader).
-        ValueError: The file is not a flat ``name -> tensor`` dict.
-    """
-    from vllm_consolidate.readers.torch_zip import TensorRef, load_lazy
-
-    obj = load_lazy(path)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"holds a {type(obj).__name__}, not a name -> tensor dict")
-    out = []
-    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, TensorRef)]
-    if bad:
-        raise ValueError(
-            f"is not a flat name -> tensor dict: {_few(bad)} {'is' if len(bad) == 1 else 'are'} not tensors "
-            "(a nested training checkpoint? vLLM expects save_pretrained's flat state dict)"
-        )
-    for name, ref in obj.items():
-        offset = ref.segment().offset if ref.is_contiguous() else -1
-        out.append(StoredTensor(name, path.name, ref.dtype, str(ref.dtype), tuple(ref.shape), str(path), offset,
-                                ref.nbytes))
-    return out
-
 
 @dataclass
 class _Stored:
@@ -455,23 +355,20 @@ class _Validator:
                 f"and no {index.name}: vLLM loads every file, and a later file's tensors overwrite an earlier "
                 "one's; transformers reads only one"
             )
+        read = stored_safetensors if self.stored.family == "safetensors" else stored_bin
         for p in self.stored.files:
             try:
-                tensors = read_safetensors_header(p) if self.stored.family == "safetensors" else read_bin_tensors(p)
-            except ValueError as exc:
-                problems.append(f"{p.name} {exc}" if self.stored.family == "bin" else f"{p.name}: {exc}")
-                self.stored.bin_errors[p.name] = str(exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - the lazy reader's refusals and corrupt files
-                problems.append(f"{p.name}: {getattr(exc, 'message', exc)}")
-                self.stored.bin_errors[p.name] = str(getattr(exc, "message", exc))
+                tensors = read(p)
+            except (CorruptCheckpointError, UnsupportedCheckpointError, UnsafePickleError) as exc:
+                problems.append(f"{p.name}: {exc.message}")
+                self.stored.bin_errors[p.name] = exc.message
                 continue
             self.stored.by_file[p.name] = tensors
             for t in tensors:
                 self.stored.tensors.setdefault(t.name, t)
         unknown = sorted({t.dtype_code for ts in self.stored.by_file.values() for t in ts if t.dtype is None})
         if unknown:
-            problems.append(f"dtypes torch cannot read: {', '.join(unknown)}")
+            problems.append(f"dtypes this tool cannot read: {', '.join(unknown)}")
         details = {"family": self.stored.family, "files": [p.name for p in self.stored.files],
                    "index": self.stored.index_path.name if self.stored.index_path else None,
                    "tensors": len(self.stored.tensors)}
@@ -809,14 +706,16 @@ class _Validator:
         unscanned: list[str] = []
         scanned = 0
         buf = bytearray(self.chunk_bytes)
-        view = memoryview(buf)
         for t in self.stored.tensors.values():
             if t.dtype is None or not t.dtype.is_floating_point or t.numel == 0:
                 continue
             if t.offset < 0:
                 unscanned.append(t.name)
                 continue
-            nan, inf = _scan(t, view)
+            try:
+                nan, inf = _scan(t, buf)
+            except CorruptCheckpointError as exc:
+                return Check("values", FAIL, f"{t.file}: {exc.message} (inside {t.name})")
             scanned += t.nbytes
             if nan or inf:
                 bad[t.name] = {"nan": nan, "inf": inf}
@@ -927,34 +826,17 @@ def _skeleton_of(model: Any) -> _Skeleton:
                      None if same else memory_required, None if same else memory_allowed)
 
 
-def _scan(t: StoredTensor, view: memoryview) -> tuple[int, int]:
-    """Count NaN and Inf in one tensor, reading it in chunks into ``view`` with positional reads."""
+def _scan(t: StoredTensor, buf: bytearray) -> tuple[int, int]:
+    """Count NaN and Inf in one tensor, read in chunks of (at most) ``len(buf)`` bytes."""
     assert t.dtype is not None
-    itemsize = t.dtype.itemsize
-    step = (len(view) // itemsize) * itemsize
     nan = inf = 0
-    fd = os.open(t.path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < t.nbytes:
-            n = min(step, t.nbytes - done)
-            chunk = view[:n]
-            got = 0
-            while got < n:
-                k = os.preadv(fd, [chunk[got:]], t.offset + done + got)
-                if k == 0:
-                    raise ValueError(f"{t.file} ended early inside {t.name}; it is truncated")
-                got += k
-            values = torch.frombuffer(chunk, dtype=t.dtype)
-            if t.dtype.itemsize == 1 or t.dtype.is_complex:
-                values = values.to(torch.complex64 if t.dtype.is_complex else torch.float32)
-            finite = torch.isfinite(values)
-            if not bool(finite.all()):
-                nan += int(torch.isnan(values).sum())
-                inf += int(torch.isinf(values).sum())
-            done += n
-    finally:
-        os.close(fd)
+    for chunk in iter_chunks(t.segments, len(buf) - len(buf) % t.dtype.itemsize, buffer=buf):
+        values = torch.frombuffer(chunk, dtype=t.dtype)
+        if t.dtype.itemsize == 1 or t.dtype.is_complex:
+            values = values.to(torch.complex64 if t.dtype.is_complex else torch.float32)
+        if not bool(torch.isfinite(values).all()):
+            nan += int(torch.isnan(values).sum())
+            inf += int(torch.isinf(values).sum())
     return nan, inf
 
 
@@ -964,14 +846,9 @@ def _same_bytes(a: StoredTensor, b: StoredTensor, chunk: int) -> bool:
         return False
     if a.path == b.path and a.offset == b.offset:
         return True  # one storage saved under two names
-    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
-        done = 0
-        while done < a.nbytes:
-            n = min(chunk, a.nbytes - done)
-            if os.pread(fa.fileno(), n, a.offset + done) != os.pread(fb.fileno(), n, b.offset + done):
-                return False
-            done += n
-    return True
+    chunks = zip(iter_chunks(a.segments, chunk, buffer=bytearray(chunk)),
+                 iter_chunks(b.segments, chunk, buffer=bytearray(chunk)))
+    return all(x == y for x, y in chunks)
 
 
 def _normalise(text: str) -> str:
@@ -1116,7 +993,5 @@ __all__ = [
     "ValidationReport",
     "add_load_check",
     "load_check",
-    "read_bin_tensors",
-    "read_safetensors_header",
     "validate_folder",
 ]

@@ -33,7 +33,7 @@ import torch
 
 from vllm_consolidate.errors import CorruptCheckpointError
 from vllm_consolidate.planner import OutputPlan, PlannedFile, PlannedTensor, safetensors_header
-from vllm_consolidate.source import Segment
+from vllm_consolidate.source import Segment, sub_segments
 
 CHUNK_BYTES = 16 * 2**20
 WORKERS = 2
@@ -47,19 +47,6 @@ class _Job:
     first: int  # first element of the chunk
     count: int
     dst_offset: int  # absolute offset in the output file of the chunk's first byte
-
-
-def _source_ranges(segments: list[Segment], start: int, nbytes: int) -> Iterator[Segment]:
-    """Sub-ranges of a tensor's segments covering bytes [start, start+nbytes) of its data."""
-    pos = 0
-    end = start + nbytes
-    for seg in segments:
-        a, b = max(start, pos), min(end, pos + seg.nbytes)
-        if a < b:
-            yield Segment(seg.path, seg.offset + (a - pos), b - a)
-        pos += seg.nbytes
-        if pos >= end:
-            break
 
 
 class _Files:
@@ -139,6 +126,36 @@ def _buffer(nbytes: int, slot: str = "src") -> memoryview:
     return memoryview(buf)[:nbytes]
 
 
+def iter_chunks(segments: list[Segment], chunk_bytes: int, *, buffer: bytearray | None = None,
+                files: _Files | None = None) -> Iterator[memoryview]:
+    """A tensor's bytes (the concatenation of ``segments``) as consecutive chunks of ``chunk_bytes``.
+
+    Each chunk is read with ``os.preadv`` into one reused buffer (``buffer``, else the calling
+    thread's), so a chunk is valid only until the next one is yielded; the last may be shorter.
+
+    Args:
+        segments: Where the bytes are.
+        chunk_bytes: Bytes per chunk (a multiple of the item size keeps elements whole).
+        buffer: Memory of at least ``chunk_bytes`` to read into; for two iterations at once.
+        files: Open descriptors to share; by default the files are opened here and closed at the end.
+
+    Raises:
+        CorruptCheckpointError: A file ends before its segment does.
+    """
+    own = files is None
+    files = _Files() if files is None else files
+    total = sum(seg.nbytes for seg in segments)
+    try:
+        for start in range(0, total, chunk_bytes):
+            n = min(chunk_bytes, total - start)
+            view = _buffer(n) if buffer is None else memoryview(buffer)[:n]
+            _read_into(files, view, sub_segments(segments, start, n))
+            yield view
+    finally:
+        if own:
+            files.close()
+
+
 def _cast(src: memoryview, src_dtype: torch.dtype, dst_dtype: torch.dtype, count: int) -> memoryview:
     """Cast ``count`` elements into the thread's output buffer. ``copy_`` rounds exactly as ``Tensor.to``."""
     out = _buffer(count * dst_dtype.itemsize, "dst")
@@ -150,7 +167,7 @@ def _run_job(files: _Files, out_fd: int, job: _Job) -> int:
     t = job.tensor
     src_dtype = t.spec.dtype
     src_bytes = job.count * src_dtype.itemsize
-    ranges = _source_ranges(t.spec.segments, job.first * src_dtype.itemsize, src_bytes)
+    ranges = sub_segments(t.spec.segments, job.first * src_dtype.itemsize, src_bytes)
     if src_dtype == t.out_dtype:
         return _copy_bytes(files, out_fd, ranges, job.dst_offset)
     buf = _buffer(src_bytes)
@@ -256,12 +273,11 @@ def write_bin_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None =
         for i, t in enumerate(pfile.tensors):
             out = torch.empty(t.spec.numel, dtype=t.out_dtype)
             step = max(1, CHUNK_BYTES // max(t.spec.dtype.itemsize, t.out_dtype.itemsize))
-            for first in range(0, t.spec.numel, step):
-                count = min(step, t.spec.numel - first)
-                size = count * t.spec.dtype.itemsize
-                buf = _buffer(size)
-                _read_into(files, buf, _source_ranges(t.spec.segments, first * t.spec.dtype.itemsize, size))
-                out[first : first + count].copy_(torch.frombuffer(buf, dtype=t.spec.dtype))
+            first = 0
+            for chunk in iter_chunks(t.spec.segments, step * t.spec.dtype.itemsize, files=files):
+                src = torch.frombuffer(chunk, dtype=t.spec.dtype)
+                out[first : first + len(src)].copy_(src)
+                first += len(src)
             writer.write_record(f"data/{i}", out.data_ptr(), out.numel() * out.element_size())
             if progress:
                 progress(t.nbytes)

@@ -57,6 +57,7 @@ Top-level weight files, when present, win over a nested folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -67,6 +68,7 @@ from typing import Any
 import torch
 
 from vllm_consolidate.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from vllm_consolidate.planner import SAFETENSORS_DTYPES
 from vllm_consolidate.readers.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.source import Segment, SourceModel, TensorSpec
 
@@ -82,22 +84,8 @@ _SHARD_RE = {
 }
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
 
-#: safetensors dtype strings (as in the safetensors spec) -> torch dtypes.
-SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "C64": torch.complex64,
-}
+#: safetensors dtype strings (as in the safetensors spec) -> torch dtypes: the inverse of the planner's table.
+SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 _MAX_HEADER = 100 * 2**20  # safetensors itself refuses headers above 100 MB
 _FIX_INDEX_HINT = "Fix or regenerate the index (re-save with save_pretrained), or copy the folder again."
@@ -199,18 +187,48 @@ def _layout(folder: Path, *, nested: bool = False) -> _Layout:
 # -- per-file metadata ----------------------------------------------------------------------------------
 
 
-def read_safetensors_header(path: Path) -> list[tuple[str, TensorSpec]]:
-    """Describe every tensor of a safetensors file from its header, in on-disk order.
+@dataclass
+class StoredTensor:
+    """A tensor as a weight file stores it, located but not read.
 
-    Args:
-        path: The file.
+    Attributes:
+        name: Its key in the file.
+        file: The file name.
+        dtype: The torch dtype, or None for a dtype this tool cannot read.
+        dtype_code: The dtype as the file spells it (``F32``, ``torch.float32``).
+        shape: Its shape.
+        path: The file's path.
+        offset: Absolute offset of its first byte, or -1 when it is not one contiguous range.
+        nbytes: Its size in bytes.
+    """
 
-    Returns:
-        ``(name, spec)`` pairs; each spec has one segment (none when the tensor is empty).
+    name: str
+    file: str
+    dtype: torch.dtype | None
+    dtype_code: str
+    shape: tuple[int, ...]
+    path: str
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def segments(self) -> list[Segment]:
+        """Its bytes as one segment; none when it is empty or not one contiguous range."""
+        return [Segment(self.path, self.offset, self.nbytes)] if self.nbytes and self.offset >= 0 else []
+
+
+def stored_safetensors(path: Path) -> list[StoredTensor]:
+    """Every tensor of a safetensors file, in header order, from the header alone.
+
+    A dtype code not in :data:`SAFETENSORS_TO_TORCH` gives ``dtype=None`` (its byte range is still
+    checked against the file); the caller decides whether that is an error.
 
     Raises:
         CorruptCheckpointError: The header is truncated, malformed or points outside the file.
-        UnsupportedCheckpointError: A tensor has a dtype torch cannot hold.
     """
     spath = os.fspath(path)
     try:
@@ -235,28 +253,88 @@ def read_safetensors_header(path: Path) -> list[tuple[str, TensorSpec]]:
         raise CorruptCheckpointError("safetensors header is not a JSON object", path=path)
     data_start = 8 + hlen
     data_size = size - data_start
-    entries: list[tuple[int, str, TensorSpec]] = []
+    out: list[StoredTensor] = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype_str, shape, (begin, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+            code, shape, (begin, end) = str(meta["dtype"]), tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
             begin, end = int(begin), int(end)
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(f"{name}: malformed header entry {meta!r:.120}", path=path) from exc
-        dtype = SAFETENSORS_TO_TORCH.get(dtype_str)
-        if dtype is None:
-            raise UnsupportedCheckpointError(f"{name}: dtype {dtype_str} is not supported", path=path)
-        spec = TensorSpec(name, dtype, shape, [])
-        if not 0 <= begin <= end <= data_size or end - begin != spec.nbytes:
+        dtype = SAFETENSORS_TO_TORCH.get(code)
+        nbytes = end - begin if dtype is None else math.prod(shape) * dtype.itemsize
+        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
             raise CorruptCheckpointError(
-                f"{name}: data_offsets [{begin}, {end}) do not hold {spec.nbytes} bytes inside the file's "
+                f"{name}: data_offsets [{begin}, {end}) do not hold {nbytes} bytes inside the file's "
                 f"{data_size} data bytes; the file is truncated or damaged", path=path)
-        if spec.nbytes:
-            spec.segments = [Segment(spath, data_start + begin, spec.nbytes)]
-        entries.append((begin, name, spec))
-    entries.sort(key=lambda e: e[0])
-    return [(name, spec) for _, name, spec in entries]
+        out.append(StoredTensor(name, Path(spath).name, dtype, code, shape, spath, data_start + begin, nbytes))
+    return out
+
+
+def read_safetensors_header(path: Path) -> list[tuple[str, TensorSpec]]:
+    """Describe every tensor of a safetensors file from its header, in on-disk order.
+
+    Args:
+        path: The file.
+
+    Returns:
+        ``(name, spec)`` pairs; each spec has one segment (none when the tensor is empty).
+
+    Raises:
+        CorruptCheckpointError: The header is truncated, malformed or points outside the file.
+        UnsupportedCheckpointError: A tensor has a dtype torch cannot hold.
+    """
+    out: list[tuple[str, TensorSpec]] = []
+    for t in sorted(stored_safetensors(path), key=lambda t: t.offset):
+        if t.dtype is None:
+            raise UnsupportedCheckpointError(f"{t.name}: dtype {t.dtype_code} is not supported", path=path)
+        out.append((t.name, TensorSpec(t.name, t.dtype, t.shape, t.segments)))
+    return out
+
+
+def read_flat_state_dict(path: Path) -> dict[str, TensorRef]:
+    """Unpickle a ``torch.save``'d file through the allowlist and check it is a flat ``{name: tensor}`` dict.
+
+    Raises:
+        UnsafePickleError: The pickle names a global outside the allowlist.
+        UnsupportedCheckpointError: The object is not a flat ``{name: tensor}`` dict.
+        CorruptCheckpointError: The file is truncated or inconsistent.
+    """
+    obj: Any = load_lazy(path)
+    if not isinstance(obj, dict):
+        raise UnsupportedCheckpointError(
+            f"expected a flat name -> tensor dict (a state dict), found a {type(obj).__name__}", path=path,
+            hint="Save the model with model.state_dict() or save_pretrained.")
+    bad = [(k, v) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, TensorRef)]
+    if bad:
+        name, value = bad[0]
+        what = "a dict" if isinstance(value, dict) else type(value).__name__
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UnsupportedCheckpointError(
+            f"entry {name!r} is {what}, not a tensor{more}: this is not a flat name -> tensor dict (a plain model "
+            "state dict)",
+            path=path,
+            hint=(
+                "A training checkpoint (optimizer, trainer state) is not a model file. Extract "
+                "model.state_dict() and save it, or pass a DeepSpeed checkpoint with --type deepspeed."
+            ),
+        )
+    return obj
+
+
+def stored_bin(path: Path) -> list[StoredTensor]:
+    """Every tensor of a flat ``torch.save``'d state dict, aliases included, in the file's order.
+
+    Raises:
+        The errors of :func:`read_flat_state_dict`.
+    """
+    out = []
+    for name, ref in read_flat_state_dict(path).items():
+        offset = ref.segment().offset if ref.is_contiguous() else -1
+        out.append(StoredTensor(name, Path(path).name, ref.dtype, str(ref.dtype), tuple(ref.shape), os.fspath(path),
+                                offset, ref.nbytes))
+    return out
 
 
 def _view_key(ref: TensorRef) -> tuple:
@@ -278,25 +356,10 @@ def read_bin_state_dict(path: Path) -> tuple[list[tuple[str, TensorSpec]], dict[
         UnsupportedCheckpointError: The object is not a flat ``{name: tensor}`` dict.
         CorruptCheckpointError: The file is truncated or inconsistent.
     """
-    obj: Any = load_lazy(path)
-    if not isinstance(obj, dict):
-        raise UnsupportedCheckpointError(
-            f"expected a state dict ({{name: tensor}}), found a {type(obj).__name__}", path=path,
-            hint="Save the model with model.state_dict() or save_pretrained.")
     out: list[tuple[str, TensorSpec]] = []
     aliases: dict[str, str] = {}
     first_view: dict[tuple, str] = {}
-    for name, value in obj.items():
-        if not isinstance(name, str) or not isinstance(value, TensorRef):
-            what = "a dict" if isinstance(value, dict) else type(value).__name__
-            raise UnsupportedCheckpointError(
-                f"entry {name!r} is {what}, not a tensor: this is not a plain model state dict",
-                path=path,
-                hint=(
-                    "A training checkpoint (optimizer, trainer state) is not a model file. Extract "
-                    "model.state_dict() and save it, or pass a DeepSpeed checkpoint with --type deepspeed."
-                ),
-            )
+    for name, value in read_flat_state_dict(path).items():
         key = _view_key(value)
         if value.numel and key in first_view:
             aliases[name] = first_view[key]
