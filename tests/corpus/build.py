@@ -451,7 +451,7 @@ def is_complete(spec: CaseSpec) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
+def build_lock(root: Path) -> Iterator[None]:
     """Inter-process lock so concurrent sessions don't build the same case twice."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as fh:
@@ -578,7 +578,7 @@ def build_all(names: list[str] | None = None, *, rebuild: bool = False, verbose:
     """
     wanted = [CASES[n] for n in (names or list(CASES))]
     root = corpus_root()
-    with _lock(root):
+    with build_lock(root):
         todo = [s for s in wanted if rebuild or not is_complete(s)]
         for spec in todo:
             shutil.rmtree(case_dir(spec.name), ignore_errors=True)

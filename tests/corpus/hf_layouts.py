@@ -21,8 +21,6 @@ second run reuses everything. Usage: ``python -m tests.corpus.hf_layouts`` build
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -31,12 +29,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tests.corpus import common
-from tests.corpus.build import REPO_ROOT, corpus_root
+from tests.corpus.build import REPO_ROOT, build_lock, corpus_root
 
 #: Bump when what a step writes changes; part of every stamp.
 LAYOUTS_VERSION = 1
@@ -91,17 +88,6 @@ def _done(root: Path, step: str) -> bool:
         )
     except (OSError, json.JSONDecodeError):
         return False
-
-
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # -- the transformers 4 venv ----------------------------------------------------------------------------
@@ -164,7 +150,7 @@ def _env() -> dict[str, str]:
 def build_layouts(verbose: bool = False) -> Path:
     """Build every missing step; return :func:`layouts_root`, whose sub-folders are the layouts."""
     root = layouts_root()
-    with _lock(root):
+    with build_lock(root):
         for step in STEPS:
             if _done(root, step):
                 continue
