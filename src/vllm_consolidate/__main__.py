@@ -1,5 +1,4 @@
-import sys
 
-from vllm_consolidate.cli import main
+from vllm_consolidate.cli import console_main
 
-sys.exit(main())
+console_main()

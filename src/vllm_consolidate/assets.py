@@ -120,7 +120,8 @@ def find_assets(search_dirs: list[Path], base_model_name: str | None) -> Assets:
                 assets.tokenizer_files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
 
     scan(search_dirs)
-    if assets.config is None or assets.tokenizer_dir is None or assets.generation_config is None:
+    # A missing generation config alone does not justify a Hub lookup: transformers and vLLM have defaults.
+    if assets.config is None or assets.tokenizer_dir is None:
         base, error = resolve_base_model(base_model_name)
         assets.base_model_dir, assets.base_model_error = base, error
         if base is not None:

@@ -368,4 +368,5 @@ def _unchanged_single(source: SourceModel, plan: OutputPlan) -> bool:
     src_file = source.source_files[0] if source.source_files else ""
     same_format = src_file.endswith(".safetensors") == (plan.format == "safetensors")
     same_dtypes = all(t.out_dtype == t.spec.dtype for t in plan.tensors)
-    return len(source.source_files) == 1 and same_format and same_dtypes and not source.renamed
+    one_file = len(plan.files) == 1
+    return len(source.source_files) == 1 and one_file and same_format and same_dtypes and not source.renamed

@@ -25,7 +25,7 @@ import pickle
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,18 +189,24 @@ def _jobs(pfile: PlannedFile, base: int) -> Iterator[_Job]:
 
 def _run_jobs(files: _Files, out_fd: int, jobs: Iterator[_Job], progress: ProgressFn | None) -> None:
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="vllmc-write") as pool:
-        pending = []
-        for job in jobs:
-            pending.append(pool.submit(_run_job, files, out_fd, job))
-            # Keep a few jobs in flight, not all of them: bounded buffers, prompt errors.
-            if len(pending) >= 2 * WORKERS:
-                done = pending.pop(0).result()
+        pending: set = set()
+
+        def drain(return_when: str) -> None:
+            finished, rest = wait(pending, return_when=return_when)
+            pending.clear()
+            pending.update(rest)
+            for fut in finished:
+                n = fut.result()  # re-raises a worker's error here
                 if progress:
-                    progress(done)
-        for fut in pending:
-            done = fut.result()
-            if progress:
-                progress(done)
+                    progress(n)
+
+        for job in jobs:
+            pending.add(pool.submit(_run_job, files, out_fd, job))
+            # Keep a few jobs in flight, not all of them: bounded buffers, prompt errors. Waiting for
+            # any job rather than the oldest keeps both workers busy (chunks write disjoint ranges).
+            if len(pending) >= 2 * WORKERS:
+                drain(FIRST_COMPLETED)
+        drain(ALL_COMPLETED)
 
 
 def write_safetensors_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None = None) -> None:

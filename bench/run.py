@@ -1,0 +1,429 @@
+"""Benchmark ``vllm-consolidate convert`` against DeepSpeed's ``zero_to_fp32.py`` and plain-copy floors.
+
+For every cached checkpoint (see ``make_checkpoints.py``), in one run, N repetitions, the tools
+alternate inside each repetition, and the median is reported:
+
+* ``ours_fp32`` / ``ours_bf16``: ``vllm-consolidate convert --no-validate-vllm`` to one safetensors file;
+* ``zero_to_fp32``: the copy of DeepSpeed's script that ``save_checkpoint`` put in the checkpoint folder,
+  one output file (``--max_shard_size`` far above the model size), safetensors if it works, else .bin;
+* ``cp_fp32`` / ``cp_bf16``: ``cp`` of a file the size of our output, then ``sync FILE`` (we fsync too);
+* ``read_fp32``: ``dd`` of as many bytes as the fp32 masters from each rank's optimizer file, to
+  /dev/null (the bytes we must read);
+* ``merge``: our tool merging our own fp32 output re-sharded at 500MB into one file (no dtype change),
+  against ``cat_shards``: ``cat`` of the same shard files into one file, then ``sync FILE``.
+
+Measurement:
+
+* Wall time: ``time.monotonic`` around the subprocess (including interpreter start-up and imports;
+  our ``--json`` conversion time is kept too as ``inner_s``).
+* Peak RSS: each command runs under ``/usr/bin/time -v``, whose "Maximum resident set size" is the
+  ``ru_maxrss`` that ``wait4`` returns for that one child: the peak of the largest single process of
+  that command (every measured tool is one process; ``cp``/``dd``/``cat`` run under ``sh``, whose own
+  RSS is smaller). ``getrusage(RUSAGE_CHILDREN)`` deltas would be wrong: it is a running max over all
+  children ever waited for, so a small run after a big one reports the big one's peak.
+* Page cache: before every measured command, everything it reads is read once (``warm``), so both
+  tools start from the same warm cache; outputs of the previous command are deleted and ``sync``-ed
+  first so no dirty pages from it are written back during the next one. ``drop_caches`` is tested
+  and recorded but not used: it is global, and other users share this machine.
+* ``os.getloadavg()`` is recorded before and after every measurement.
+* A watchdog kills the measured command (its own process group only) if MemAvailable < 1 GiB.
+
+Writes ``bench/results/latest.json`` and ``bench/results/latest.md`` and prints the table.
+
+Usage::
+
+    python bench/run.py [--reps 3] [--only NAME ...] [--skip-generate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import make_checkpoints as mk  # noqa: E402
+
+REPO = mk.REPO
+WORK = REPO / ".cache" / "bench-work"
+RESULTS = REPO / "bench" / "results"
+BIN = Path(sys.executable).parent
+TIME = "/usr/bin/time"
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+
+TARGETS = {
+    "wall_vs_zero_to_fp32": 0.25,
+    "wall_vs_cp_floor": 2.0,
+    "rss_vs_zero_to_fp32": 0.15,
+    "rss_large_vs_small": 1.3,
+    "merge_vs_cp": 1.5,
+}
+
+
+def warm(paths: list[Path]) -> float:
+    """Read every file under ``paths`` once (into the page cache); returns seconds taken."""
+    t0 = time.monotonic()
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while fh.read(16 * 2**20):
+                    pass
+    return time.monotonic() - t0
+
+
+def clean(*paths: Path) -> None:
+    """Remove earlier outputs and flush dirty pages, so the next measurement starts clean."""
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    os.sync()
+
+
+def drop_caches_works() -> str:
+    """Whether ``echo 3 > /proc/sys/vm/drop_caches`` is permitted here (tested once, then not used)."""
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return "permitted (tested once; not used because the machine is shared)"
+    except OSError as exc:
+        return f"not permitted: {exc}"
+
+
+def _parse_time_v(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("Maximum resident set size (kbytes):"):
+            out["rss_mib"] = int(line.rsplit(":", 1)[1]) / 1024
+        elif line.startswith("Exit status:"):
+            out["exit"] = int(line.rsplit(":", 1)[1])
+    return out
+
+
+def measure(cmd: list[str], warm_paths: list[Path], outputs: list[Path]) -> dict[str, Any]:
+    """Warm the inputs, run ``cmd`` under ``/usr/bin/time -v``, return wall time, peak RSS and load."""
+    clean(*outputs)
+    warm_s = warm(warm_paths)
+    load_before = os.getloadavg()
+    t0 = time.monotonic()
+    min_avail = mk.mem_available()
+    proc = subprocess.Popen([TIME, "-v", *cmd], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    killed = ""
+    while True:
+        try:
+            stdout, stderr = proc.communicate(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            avail = mk.mem_available()
+            min_avail = min(min_avail, avail)
+            if avail < 2**30 and not killed:
+                killed = f"killed: MemAvailable {avail / 2**30:.2f} GiB"
+                os.killpg(proc.pid, 9)
+    wall = time.monotonic() - t0
+    parsed = _parse_time_v(stderr)
+    rec: dict[str, Any] = {
+        "wall_s": round(wall, 3),
+        "rss_mib": round(parsed.get("rss_mib", float("nan")), 1),
+        "exit": int(parsed.get("exit", proc.returncode)),
+        "warm_s": round(warm_s, 2),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "min_mem_available_gib": round(min_avail / 2**30, 2),
+    }
+    if killed:
+        rec["killed"] = killed
+    if rec["exit"] != 0:
+        rec["stderr_tail"] = stderr.split("\tCommand being timed:")[0][-2000:]  # without time -v's report
+    if stdout.strip().startswith("{"):
+        try:
+            rec["inner_s"] = round(json.loads(stdout)["seconds"], 3)
+        except (ValueError, KeyError):
+            pass
+    return rec
+
+
+def ours(src: Path, out: Path, *extra: str) -> list[str]:
+    """Our CLI command line."""
+    return [str(BIN / "vllm-consolidate"), "convert", "--input", str(src), "--output", str(out),
+            "--no-validate-vllm", "--json", *extra]
+
+
+def zero_to_fp32_cmd(ckpt: Path, out: Path, safe: bool) -> list[str]:
+    """DeepSpeed's script, as copied into the checkpoint folder, writing one file."""
+    cmd = [sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out), "--max_shard_size", "1000GB"]
+    return cmd + (["--safe_serialization"] if safe else [])
+
+
+def sh(script: str) -> list[str]:
+    """A shell command line."""
+    return ["/bin/sh", "-c", script]
+
+
+def single_file(folder: Path) -> Path:
+    """The one weights file of an output folder."""
+    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
+    if len(files) != 1:
+        raise RuntimeError(f"{folder}: expected one weights file, found {[p.name for p in files]}")
+    return files[0]
+
+
+def rank_fp32_bytes(ckpt: Path) -> list[tuple[Path, int]]:
+    """Per rank optimizer file, how many fp32-master bytes it holds (from our reader's plan)."""
+    from vllm_consolidate.readers.deepspeed import read_deepspeed, resolve_checkpoint
+
+    folder = resolve_checkpoint(ckpt).folder
+    source = read_deepspeed(folder)
+    per: dict[str, int] = {}
+    for t in source.tensors:
+        for seg in t.segments:
+            per[seg.path] = per.get(seg.path, 0) + seg.nbytes
+    return sorted((Path(p), n) for p, n in per.items())
+
+
+def median(runs: list[dict[str, Any]], key: str) -> float:
+    """Median of ``key`` over successful runs."""
+    vals = [r[key] for r in runs if r.get("exit") == 0 and key in r]
+    return round(statistics.median(vals), 3) if vals else float("nan")
+
+
+def bench_checkpoint(info: dict[str, Any], reps: int) -> dict[str, Any]:
+    """All measurements of one checkpoint."""
+    ckpt = mk.CACHE / info["key"] / "ckpt"
+    work = WORK / info["key"]
+    work.mkdir(parents=True, exist_ok=True)
+    out = {name: work / name for name in ("ours_fp32", "ours_bf16", "z2fp32", "cp", "merge", "shards", "ref")}
+    clean(*out.values())
+    out["ref"].mkdir()
+
+    # One-off preparation (not timed): reference outputs for the cp floors, shards for the merge.
+    prep: dict[str, Any] = {}
+    for dtype in ("float32", "bfloat16"):
+        target = work / f"ref_{dtype}"
+        clean(target)
+        r = subprocess.run(ours(ckpt, target, "--dtype", dtype), env=ENV, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"our tool failed on {ckpt}: {r.stderr[-2000:]}")
+        prep[f"ref_{dtype}"] = single_file(target)
+    # --force: without it a single-file HF input whose dtype would not change is reported
+    # "already_consolidated" and nothing is written, even with a smaller --max-shard-size.
+    r = subprocess.run(ours(prep["ref_float32"].parent, out["shards"], "--max-shard-size", "500MB", "--force"),
+                       env=ENV, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"re-sharding failed: {r.stderr[-2000:]}")
+    shards = sorted(out["shards"].glob("*.safetensors"))
+    if len(shards) < 2:
+        raise RuntimeError(f"re-sharding produced {len(shards)} files: {r.stdout[-500:]}")
+    # zero_to_fp32: safetensors if it works on this (tied) checkpoint, else .bin.
+    probe = measure(zero_to_fp32_cmd(ckpt, out["z2fp32"], safe=True), [ckpt], [out["z2fp32"]])
+    safe = probe["exit"] == 0
+    err = [ln.strip() for ln in probe.get("stderr_tail", "").splitlines() if "Error" in ln or "share memory" in ln]
+    z2_note = "safetensors, one file" if safe else (
+        f"--safe_serialization failed ({(err or ['?'])[-1][:160]}); measured its .bin output (fp32, one file)")
+    reads = rank_fp32_bytes(ckpt)
+    dd = "; ".join(f"dd if={p} of=/dev/null bs=16M iflag=count_bytes count={n} status=none" for p, n in reads)
+    cp_dst = out["cp"]
+    shard_list = " ".join(str(s) for s in shards)
+
+    tools: dict[str, tuple[list[str], list[Path], list[Path]]] = {
+        "ours_fp32": (ours(ckpt, out["ours_fp32"]), [ckpt], [out["ours_fp32"]]),
+        "zero_to_fp32": (zero_to_fp32_cmd(ckpt, out["z2fp32"], safe), [ckpt], [out["z2fp32"]]),
+        "ours_bf16": (ours(ckpt, out["ours_bf16"], "--dtype", "bfloat16"), [ckpt], [out["ours_bf16"]]),
+        "cp_fp32": (sh(f"cp {prep['ref_float32']} {cp_dst} && sync {cp_dst}"), [prep["ref_float32"]], [cp_dst]),
+        "cp_bf16": (sh(f"cp {prep['ref_bfloat16']} {cp_dst} && sync {cp_dst}"), [prep["ref_bfloat16"]], [cp_dst]),
+        "read_fp32": (sh(dd), [p for p, _ in reads], []),
+        "merge": (ours(out["shards"], out["merge"]), [out["shards"]], [out["merge"]]),
+        "cat_shards": (sh(f"cat {shard_list} > {cp_dst} && sync {cp_dst}"), [out["shards"]], [cp_dst]),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in tools}
+    z2_fsync: list[float] = []
+    for rep in range(reps):
+        for name, (cmd, warm_paths, outputs) in tools.items():
+            rec = measure(cmd, warm_paths, outputs)
+            rec["rep"] = rep
+            if name == "zero_to_fp32" and rec["exit"] == 0:
+                # It does not fsync; time what an fsync of its output would have added.
+                t0 = time.monotonic()
+                for f in out["z2fp32"].iterdir():
+                    fd = os.open(f, os.O_RDONLY)
+                    os.fsync(fd)
+                    os.close(fd)
+                z2_fsync.append(time.monotonic() - t0)
+                rec["fsync_after_s"] = round(z2_fsync[-1], 3)
+                rec["output_bytes"] = sum(f.stat().st_size for f in out["z2fp32"].iterdir())
+            print(f"  rep {rep} {name:13s} wall {rec['wall_s']:7.2f}s rss {rec['rss_mib']:8.1f} MiB "
+                  f"exit {rec['exit']} load {rec['loadavg_before'][0]:.2f}", flush=True)
+            runs[name].append(rec)
+            clean(*outputs)  # disk: one output at a time (up to 4 copies of the fp32 model otherwise)
+    sizes = {"fp32": prep["ref_float32"].stat().st_size, "bf16": prep["ref_bfloat16"].stat().st_size,
+             "shards": [s.stat().st_size for s in shards]}
+    clean(work)  # reference outputs and shards too: ~4x the fp32 model size per checkpoint
+    med = {name: {"wall_s": median(r, "wall_s"), "rss_mib": median(r, "rss_mib"), "inner_s": median(r, "inner_s")}
+           for name, r in runs.items()}
+    med["zero_to_fp32"]["fsync_after_s"] = round(statistics.median(z2_fsync), 3) if z2_fsync else float("nan")
+    return {
+        "checkpoint": {k: v for k, v in info.items() if k != "files"},
+        "output_bytes": sizes,
+        "read_bytes": sum(n for _, n in reads),
+        "zero_to_fp32_mode": z2_note,
+        "zero_to_fp32_probe": probe,
+        "median": med,
+        "ratios": ratios(med),
+        "runs": runs,
+    }
+
+
+def ratios(med: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Ratios of medians (lower is better for all)."""
+    def r(a: float, b: float) -> float:
+        return round(a / b, 3) if b and b == b and a == a else float("nan")
+
+    z = med["zero_to_fp32"]
+    read = med["read_fp32"]["wall_s"]
+    return {
+        "fp32_wall_vs_zero_to_fp32": r(med["ours_fp32"]["wall_s"], z["wall_s"]),
+        "bf16_wall_vs_zero_to_fp32": r(med["ours_bf16"]["wall_s"], z["wall_s"]),
+        "fp32_rss_vs_zero_to_fp32": r(med["ours_fp32"]["rss_mib"], z["rss_mib"]),
+        "bf16_rss_vs_zero_to_fp32": r(med["ours_bf16"]["rss_mib"], z["rss_mib"]),
+        "fp32_wall_vs_cp": r(med["ours_fp32"]["wall_s"], med["cp_fp32"]["wall_s"]),
+        "bf16_wall_vs_cp": r(med["ours_bf16"]["wall_s"], med["cp_bf16"]["wall_s"]),
+        "fp32_wall_vs_read": r(med["ours_fp32"]["wall_s"], med["read_fp32"]["wall_s"]),
+        "fp32_wall_vs_cp_plus_read": r(med["ours_fp32"]["wall_s"], med["cp_fp32"]["wall_s"] + read),
+        "bf16_wall_vs_cp_plus_read": r(med["ours_bf16"]["wall_s"], med["cp_bf16"]["wall_s"] + read),
+        "merge_wall_vs_cat": r(med["merge"]["wall_s"], med["cat_shards"]["wall_s"]),
+        "fp32_inner_vs_cp": r(med["ours_fp32"]["inner_s"], med["cp_fp32"]["wall_s"]),
+        "bf16_inner_vs_cp": r(med["ours_bf16"]["inner_s"], med["cp_bf16"]["wall_s"]),
+        "merge_inner_vs_cat": r(med["merge"]["inner_s"], med["cat_shards"]["wall_s"]),
+        "fp32_inner_vs_zero_to_fp32": r(med["ours_fp32"]["inner_s"], z["wall_s"]),
+    }
+
+
+def ok(value: float, target: float) -> str:
+    """PASS/FAIL against a ceiling."""
+    return "n/a" if value != value else ("PASS" if value <= target else "FAIL")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The report tables."""
+    lines = [f"# vllm-consolidate benchmark ({results['started']}, {results['reps']} reps, median)", "",
+             f"Host: {results['host']}. Page cache: {results['cache_policy']}. drop_caches: {results['drop_caches']}.",
+             f"writer.py at start {results['writer_start']}, at end {results.get('writer_end')}.",
+             "", "| checkpoint | params | ckpt GB | tool | wall s | inner s | peak RSS MiB | load (1m) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in results["checkpoints"]:
+        meta = c["checkpoint"]
+        for name, m in c["median"].items():
+            loads = [r["loadavg_before"][0] for r in c["runs"][name]]
+            extra = f" (+fsync {m['fsync_after_s']:.2f}s)" if name == "zero_to_fp32" else ""
+            lines.append(f"| {meta['name']} | {meta['params'] / 1e9:.3f}B | {meta['ckpt_bytes'] / 1e9:.2f} | {name} | "
+                         f"{m['wall_s']:.2f}{extra} | {'' if m['inner_s'] != m['inner_s'] else m['inner_s']} | "
+                         f"{m['rss_mib']:.0f} | {min(loads):.1f}-{max(loads):.1f} |")
+    lines += ["", "| checkpoint | ratio | value | target | verdict |", "|---|---|---|---|---|"]
+    for c in results["checkpoints"]:
+        name = c["checkpoint"]["name"]
+        rt = c["ratios"]
+        for key, target in (("fp32_wall_vs_zero_to_fp32", "wall_vs_zero_to_fp32"),
+                            ("bf16_wall_vs_zero_to_fp32", "wall_vs_zero_to_fp32"),
+                            ("fp32_wall_vs_cp", "wall_vs_cp_floor"), ("bf16_wall_vs_cp", "wall_vs_cp_floor"),
+                            ("fp32_rss_vs_zero_to_fp32", "rss_vs_zero_to_fp32"),
+                            ("bf16_rss_vs_zero_to_fp32", "rss_vs_zero_to_fp32"), ("merge_wall_vs_cat", "merge_vs_cp")):
+            lines.append(f"| {name} | {key} | {rt[key]} | <= {TARGETS[target]} | {ok(rt[key], TARGETS[target])} |")
+        for key in ("fp32_inner_vs_cp", "bf16_inner_vs_cp", "merge_inner_vs_cat", "fp32_inner_vs_zero_to_fp32"):
+            lines.append(f"| {name} | {key} (info: conversion only, no start-up) | {rt[key]} | | |")
+        lines.append(f"| {name} | fp32_wall_vs_read (info) | {rt['fp32_wall_vs_read']} | | |")
+        lines.append(f"| {name} | fp32_wall_vs_cp_plus_read (info) | {rt['fp32_wall_vs_cp_plus_read']} | | |")
+        lines.append(f"| {name} | bf16_wall_vs_cp_plus_read (info) | {rt['bf16_wall_vs_cp_plus_read']} | | |")
+    for key, val in results.get("scaling", {}).items():
+        if "(info)" in key:
+            lines.append(f"| scaling | {key} | {val} | | |")
+        else:
+            lines.append(f"| scaling | {key} | {val} | <= {TARGETS['rss_large_vs_small']} | "
+                         f"{ok(val, TARGETS['rss_large_vs_small'])} |")
+    lines += [""]
+    for c in results["checkpoints"]:
+        meta = c["checkpoint"]
+        lines.append(f"- {meta['name']}: ZeRO-{meta['stage']} w{meta['world_size']}, generated in "
+                     f"{meta['generation_seconds']}s (peak tree RSS {meta['generation_peak_tree_rss_gib']} GiB, "
+                     f"load {meta['loadavg_start'][0]:.1f}); zero_to_fp32: {c['zero_to_fp32_mode']}. {meta['note']}")
+    return "\n".join(lines) + "\n"
+
+
+def writer_version() -> dict[str, Any]:
+    """Which writer.py is measured (it is edited by others while benchmarks run)."""
+    import hashlib
+
+    from vllm_consolidate import writer
+
+    path = Path(writer.__file__)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16], "chunk_bytes": writer.CHUNK_BYTES,
+            "workers": writer.WORKERS, "git_head": head.stdout.strip()}
+
+
+def main() -> None:
+    """Generate (or reuse) the checkpoints, benchmark them, write the results."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", nargs="*", default=None, help="checkpoint names (default: all)")
+    ap.add_argument("--skip-generate", action="store_true", help="only benchmark checkpoints already cached")
+    ap.add_argument("--no-large", action="store_true", help="skip the ~1.5B-shaped checkpoint")
+    args = ap.parse_args()
+    if not Path(TIME).exists():
+        raise SystemExit(f"{TIME} missing: apt-get install time")
+    infos: list[dict[str, Any]] = []
+    specs: list[tuple[mk.Spec, str]] = [(s, "") for s in mk.small_specs()]
+    if not args.no_large:
+        cached = mk.find_cached_large()
+        specs.append((cached, "cached") if cached else mk.large_spec())
+    for spec, note in specs:
+        if args.only and spec.name not in args.only:
+            continue
+        marker = spec.folder() / mk.MARKER
+        if marker.is_file():
+            infos.append(json.loads(marker.read_text()))
+        elif not args.skip_generate:
+            infos.append(mk.generate(spec, note))
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "reps": args.reps,
+        "host": f"{os.cpu_count()} cpus, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "cache_policy": "warm: every input read once right before each measured command, for every tool",
+        "drop_caches": drop_caches_works(),
+        "loadavg_start": os.getloadavg(),
+        "writer_start": writer_version(),
+        "checkpoints": [],
+    }
+    for info in infos:
+        print(f"{info['name']}: {info['params'] / 1e9:.3f}B, {info['ckpt_bytes'] / 1e9:.2f} GB", flush=True)
+        results["checkpoints"].append(bench_checkpoint(info, args.reps))
+    by_name = {c["checkpoint"]["name"]: c for c in results["checkpoints"]}
+    large = by_name.get("qwen1.5b-shape-z3")
+    small = by_name.get("qwen0.5b-z3")
+    if large and small:
+        for tool in ("ours_fp32", "ours_bf16"):
+            results.setdefault("scaling", {})[f"{tool}_rss_large_vs_0.5b_z3"] = round(
+                large["median"][tool]["rss_mib"] / small["median"][tool]["rss_mib"], 3)
+        results["scaling"]["zero_to_fp32_rss_large_vs_0.5b_z3 (info)"] = round(
+            large["median"]["zero_to_fp32"]["rss_mib"] / small["median"]["zero_to_fp32"]["rss_mib"], 3)
+    results["loadavg_end"] = os.getloadavg()
+    results["writer_end"] = writer_version()  # differs from writer_start if writer.py changed mid-run
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    table = markdown(results)
+    (RESULTS / "latest.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
