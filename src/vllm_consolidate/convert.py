@@ -29,7 +29,7 @@ from vllm_consolidate.errors import (
     UsageError,
     ValidationFailedError,
 )
-from vllm_consolidate.planner import OutputPlan, dtype_name, plan_output
+from vllm_consolidate.planner import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
 from vllm_consolidate.source import SourceModel, TensorSpec
 from vllm_consolidate.writer import write_plan
 
@@ -163,14 +163,13 @@ def unfuse_experts(tensors: list[TensorSpec], model_type: str | None) -> list[Te
 
 
 def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> torch.dtype | None:
+    """The dtype for floating tensors, or None to keep each tensor's own (see ``ConvertOptions``)."""
     if not opts.keep_original_precision:
         return opts.dtype
     if source.kind == "deepspeed":
         if source.trained_dtype is not None:
             return source.trained_dtype
         name = config.get("torch_dtype") or config.get("dtype")
-        from vllm_consolidate.planner import DTYPES_BY_NAME
-
         return DTYPES_BY_NAME.get(str(name), torch.float32)
     return None  # HF: each tensor keeps its stored dtype
 
