@@ -133,10 +133,19 @@ class _Progress:
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
                             file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
         self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def stage(self, text: str) -> None:
+        """Announce a long step that has no byte count."""
+        if self.enabled:
+            self.close()
+            print(f"{text}...", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _gb(n: int) -> str:
@@ -184,7 +193,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         base_model_name=args.base_model_name, dtype=DTYPES_BY_NAME[args.dtype],
         keep_original_precision=args.keep_original_precision, fmt=args.fmt,
         max_shard_size=parse_size(args.max_shard_size), force=args.force, validate=args.validate_vllm,
-        progress=progress,
+        progress=progress, on_stage=progress.stage,
     )
     try:
         result = convert(opts)

@@ -57,6 +57,7 @@ class ConvertOptions:
         force: Replace an existing output (only after the new one is complete).
         validate: Run the static validation before publishing the output.
         progress: Called as ``progress(bytes_done, bytes_total)`` while writing.
+        on_stage: Called with a short description as each long step starts (e.g. validation).
     """
 
     input: Path
@@ -71,6 +72,7 @@ class ConvertOptions:
     force: bool = False
     validate: bool = True
     progress: Callable[[int, int], None] | None = None
+    on_stage: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -328,6 +330,9 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         report = None
         if opts.validate:
             from vllm_consolidate.validate import validate_folder
+
+            if opts.on_stage:
+                opts.on_stage("validating the output (--no-validate-vllm skips this)")
 
             report = validate_folder(tmp)
             if not report.ok:
