@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from vllm_consolidate import readers
+from vllm_consolidate import dtypes, readers
 from vllm_consolidate.assets import Assets, copy_assets, find_assets, read_config, search_chain
+from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import (
     ConfigNotFoundError,
     InsufficientDiskError,
@@ -65,7 +64,7 @@ class ConvertOptions:
     input_type: str = "auto"
     checkpoint_dir: Path | None = None
     base_model_name: str | None = DEFAULT_BASE_MODEL
-    dtype: torch.dtype = torch.float32
+    dtype: DType = dtypes.float32
     keep_original_precision: bool = False
     fmt: str = "safetensors"
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
@@ -164,7 +163,7 @@ def unfuse_experts(tensors: list[TensorSpec], model_type: str | None) -> list[Te
     return out
 
 
-def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> torch.dtype | None:
+def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> DType | None:
     """The dtype for floating tensors, or None to keep each tensor's own (see ``ConvertOptions``)."""
     if not opts.keep_original_precision:
         return opts.dtype
@@ -172,7 +171,7 @@ def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> tor
         if source.trained_dtype is not None:
             return source.trained_dtype
         name = config.get("torch_dtype") or config.get("dtype")
-        return DTYPES_BY_NAME.get(str(name), torch.float32)
+        return DTYPES_BY_NAME.get(str(name), dtypes.float32)
     return None  # HF: each tensor keeps its stored dtype
 
 
@@ -181,7 +180,7 @@ def _config_dtype(plan: OutputPlan) -> str:
     if not floats:
         return "float32"
     # The most common floating dtype by bytes is the model's dtype.
-    weight: dict[torch.dtype, int] = {}
+    weight: dict[DType, int] = {}
     for t in plan.tensors:
         if t.out_dtype.is_floating_point:
             weight[t.out_dtype] = weight.get(t.out_dtype, 0) + t.nbytes

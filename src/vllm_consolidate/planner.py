@@ -13,31 +13,19 @@ import json
 import re
 from dataclasses import dataclass, field
 
-import torch
-
+from vllm_consolidate import dtypes
+from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import UsageError
 from vllm_consolidate.source import TensorSpec
 
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.complex64: "C64",
-}
+#: dtype -> safetensors header code.
+SAFETENSORS_DTYPES: dict[DType, str] = {d: d.safetensors for d in dtypes.ALL}
 
-DTYPES_BY_NAME: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+#: ``--dtype`` names and their aliases.
+DTYPES_BY_NAME: dict[str, DType] = {
+    "float32": dtypes.float32, "fp32": dtypes.float32,
+    "float16": dtypes.float16, "fp16": dtypes.float16, "half": dtypes.float16,
+    "bfloat16": dtypes.bfloat16, "bf16": dtypes.bfloat16,
 }
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -58,9 +46,9 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
+def dtype_name(dtype: DType) -> str:
+    """``bfloat16`` (also for a torch dtype)."""
+    return dtypes.of(dtype).name
 
 
 @dataclass
@@ -68,7 +56,7 @@ class PlannedTensor:
     """One tensor's place in the output."""
 
     spec: TensorSpec
-    out_dtype: torch.dtype
+    out_dtype: DType
     offset: int = 0  # from the start of the file's data section
 
     @property
@@ -124,7 +112,7 @@ class OutputPlan:
         return counts
 
 
-def output_dtype(spec: TensorSpec, target: torch.dtype | None) -> torch.dtype:
+def output_dtype(spec: TensorSpec, target: DType | None) -> DType:
     """Floating tensors take ``target`` (None keeps the stored dtype); others keep their dtype."""
     if target is None or not spec.dtype.is_floating_point:
         return spec.dtype
@@ -134,7 +122,7 @@ def output_dtype(spec: TensorSpec, target: torch.dtype | None) -> torch.dtype:
 def plan_output(
     tensors: list[TensorSpec],
     *,
-    target_dtype: torch.dtype | None,
+    target_dtype: DType | None,
     max_shard_size: int,
     fmt: str = "safetensors",
 ) -> OutputPlan:
@@ -155,6 +143,7 @@ def plan_output(
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"two tensors are both named {dup}")
+    target_dtype = dtypes.of(target_dtype) if target_dtype is not None else None
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
     for spec in tensors:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from vllm_consolidate.dtypes import DType
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class TensorSpec:
     """
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     segments: list[Segment]
 
@@ -88,7 +88,7 @@ class SourceModel:
     path: Path
     tensors: list[TensorSpec]
     asset_dirs: list[Path] = field(default_factory=list)
-    trained_dtype: torch.dtype | None = None
+    trained_dtype: DType | None = None
     info: dict[str, Any] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)

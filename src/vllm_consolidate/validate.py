@@ -75,6 +75,8 @@ from typing import Any
 
 import torch
 
+from vllm_consolidate import dtypes
+from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import CorruptCheckpointError, UnsafePickleError, UnsupportedCheckpointError
 from vllm_consolidate.readers.hf import StoredTensor, stored_bin, stored_safetensors
 from vllm_consolidate.writer import iter_chunks
@@ -123,10 +125,10 @@ SHOW = 5
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-_CONFIG_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-    "half": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64,
+_CONFIG_DTYPES: dict[str, DType] = {
+    "float32": dtypes.float32, "float": dtypes.float32, "fp32": dtypes.float32, "float16": dtypes.float16,
+    "half": dtypes.float16, "fp16": dtypes.float16, "bfloat16": dtypes.bfloat16, "bf16": dtypes.bfloat16,
+    "float64": dtypes.float64,
 }
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -575,7 +577,7 @@ class _Validator:
     def check_dtype(self) -> Check:
         if self.config is None:
             return _skipped("dtype", "no usable config.json")
-        weight: dict[torch.dtype, int] = {}
+        weight: dict[DType, int] = {}
         for t in self.stored.tensors.values():
             if t.dtype is not None and t.dtype.is_floating_point:
                 weight[t.dtype] = weight.get(t.dtype, 0) + t.nbytes
@@ -831,7 +833,7 @@ def _scan(t: StoredTensor, buf: bytearray) -> tuple[int, int]:
     assert t.dtype is not None
     nan = inf = 0
     for chunk in iter_chunks(t.segments, len(buf) - len(buf) % t.dtype.itemsize, buffer=buf):
-        values = torch.frombuffer(chunk, dtype=t.dtype)
+        values = torch.frombuffer(chunk, dtype=t.dtype.torch)
         if t.dtype.itemsize == 1 or t.dtype.is_complex:
             values = values.to(torch.complex64 if t.dtype.is_complex else torch.float32)
         if not bool(torch.isfinite(values).all()):

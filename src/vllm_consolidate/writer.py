@@ -29,8 +29,7 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecuto
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import CorruptCheckpointError
 from vllm_consolidate.planner import OutputPlan, PlannedFile, PlannedTensor, safetensors_header
 from vllm_consolidate.source import Segment, sub_segments
@@ -156,10 +155,12 @@ def iter_chunks(segments: list[Segment], chunk_bytes: int, *, buffer: bytearray 
             files.close()
 
 
-def _cast(src: memoryview, src_dtype: torch.dtype, dst_dtype: torch.dtype, count: int) -> memoryview:
+def _cast(src: memoryview, src_dtype: DType, dst_dtype: DType, count: int) -> memoryview:
     """Cast ``count`` elements into the thread's output buffer. ``copy_`` rounds exactly as ``Tensor.to``."""
+    import torch  # only casts need torch; a plain copy never imports it (saves ~2 s of start-up)
+
     out = _buffer(count * dst_dtype.itemsize, "dst")
-    torch.frombuffer(out, dtype=dst_dtype).copy_(torch.frombuffer(src, dtype=src_dtype))
+    torch.frombuffer(out, dtype=dst_dtype.torch).copy_(torch.frombuffer(src, dtype=src_dtype.torch))
     return out
 
 
@@ -226,15 +227,8 @@ def write_safetensors_file(pfile: PlannedFile, path: Path, progress: ProgressFn 
 
 # -- PyTorch .bin -------------------------------------------------------------------------------------
 
-_STORAGE_CLASSES = {
-    torch.float64: "DoubleStorage", torch.float32: "FloatStorage", torch.float16: "HalfStorage",
-    torch.bfloat16: "BFloat16Storage", torch.int64: "LongStorage", torch.int32: "IntStorage",
-    torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage", torch.bool: "BoolStorage",
-}
-
-
 class _StorageStub:
-    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+    def __init__(self, key: str, dtype: DType, numel: int):
         self.key, self.dtype, self.numel = key, dtype, numel
 
 
@@ -245,6 +239,8 @@ class _TensorStub:
         self.storage, self.shape = storage, shape
 
     def __reduce_ex__(self, protocol):
+        import torch
+
         stride, acc = [], 1
         for size in reversed(self.shape):
             stride.append(acc)
@@ -256,7 +252,9 @@ class _TensorStub:
 class _StatePickler(pickle.Pickler):
     def persistent_id(self, obj):
         if isinstance(obj, _StorageStub):
-            return ("storage", getattr(torch, _STORAGE_CLASSES[obj.dtype]), obj.key, "cpu", obj.numel)
+            import torch
+
+            return ("storage", getattr(torch, obj.dtype.storage), obj.key, "cpu", obj.numel)
         return None
 
 
@@ -266,6 +264,8 @@ def write_bin_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None =
     Uses torch's own archive writer, so alignment and zip64 match ``torch.save``. Each tensor is
     materialised once while its record is written, so peak memory is the largest tensor.
     """
+    import torch
+
     stubs: OrderedDict[str, _TensorStub] = OrderedDict()
     for i, t in enumerate(pfile.tensors):
         stubs[t.name] = _TensorStub(_StorageStub(str(i), t.out_dtype, t.spec.numel), t.spec.shape)
@@ -277,11 +277,11 @@ def write_bin_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None =
         writer.write_record("data.pkl", pickled.getvalue(), len(pickled.getvalue()))
         writer.write_record("byteorder", b"little", len(b"little"))
         for i, t in enumerate(pfile.tensors):
-            out = torch.empty(t.spec.numel, dtype=t.out_dtype)
+            out = torch.empty(t.spec.numel, dtype=t.out_dtype.torch)
             step = max(1, CHUNK_BYTES // max(t.spec.dtype.itemsize, t.out_dtype.itemsize))
             first = 0
             for chunk in iter_chunks(t.spec.segments, step * t.spec.dtype.itemsize, files=files):
-                src = torch.frombuffer(chunk, dtype=t.spec.dtype)
+                src = torch.frombuffer(chunk, dtype=t.spec.dtype.torch)
                 out[first : first + len(src)].copy_(src)
                 first += len(src)
             writer.write_record(f"data/{i}", out.data_ptr(), out.numel() * out.element_size())

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from vllm_consolidate import dtypes
+from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import (
     CorruptCheckpointError,
     InputNotFoundError,
@@ -117,14 +117,14 @@ def _as_int(value: Any) -> int:
     return int(value)
 
 
-def _trained_dtype(ds_config: Any) -> torch.dtype | None:
+def _trained_dtype(ds_config: Any) -> DType | None:
     if not isinstance(ds_config, dict):
         return None
-    for key, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)):
+    for key, dtype in (("bf16", dtypes.bfloat16), ("bfloat16", dtypes.bfloat16), ("fp16", dtypes.float16)):
         section = ds_config.get(key)
         if isinstance(section, dict) and section.get("enabled") in (True, "true", "True"):
             return dtype
-    return torch.float32
+    return dtypes.float32
 
 
 class _Flat:
@@ -332,7 +332,7 @@ def read_deepspeed(folder: Path) -> SourceModel:
         "world_size": world_size,
         "tag": folder.name,
         "ds_version": str(ms0.get("ds_version")),
-        "trained_dtype": str(trained).replace("torch.", "") if trained else None,
+        "trained_dtype": trained.name if trained else None,
         "rank_files": len(optim_files),
     }
     return SourceModel(
@@ -361,7 +361,7 @@ def _zero12_params(specs, param_shapes, flats, optim_files, paddings, world_size
         for i, (name, shape) in enumerate(shapes.items()):
             shape = _shape(shape)
             numel = math.prod(shape)
-            specs[name] = TensorSpec(name, torch.float32, shape, _merge(vector.segments(offset, numel)))
+            specs[name] = TensorSpec(name, dtypes.float32, shape, _merge(vector.segments(offset, numel)))
             offset += numel
             if group_pad is not None:
                 offset += int(group_pad[i])
@@ -390,7 +390,7 @@ def _zero3_params(specs, param_shapes, flats, optim_files, world_size) -> None:
         segs: list[Segment] = []
         for v in vectors:
             segs.extend(v.segments(offset, per_rank))
-        specs[name] = TensorSpec(name, torch.float32, shape, _truncate(_merge(segs), numel * 4))
+        specs[name] = TensorSpec(name, dtypes.float32, shape, _truncate(_merge(segs), numel * 4))
         offset += per_rank
     if offset != vectors[0].numel:
         raise CorruptCheckpointError(

@@ -65,10 +65,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from vllm_consolidate import dtypes
+from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import CorruptCheckpointError, UnsupportedCheckpointError
-from vllm_consolidate.planner import SAFETENSORS_DTYPES
 from vllm_consolidate.readers.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.source import Segment, SourceModel, TensorSpec
 
@@ -85,7 +84,7 @@ _SHARD_RE = {
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
 
 #: safetensors dtype strings (as in the safetensors spec) -> torch dtypes: the inverse of the planner's table.
-SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+SAFETENSORS_TO_TORCH: dict[str, DType] = dict(dtypes.BY_SAFETENSORS)
 
 _MAX_HEADER = 100 * 2**20  # safetensors itself refuses headers above 100 MB
 _FIX_INDEX_HINT = "Fix or regenerate the index (re-save with save_pretrained), or copy the folder again."
@@ -204,7 +203,7 @@ class StoredTensor:
 
     name: str
     file: str
-    dtype: torch.dtype | None
+    dtype: DType | None
     dtype_code: str
     shape: tuple[int, ...]
     path: str
@@ -493,8 +492,8 @@ def _rename(tensors: list[tuple[str, TensorSpec]], aliases: dict[str, str], wher
 # -- entry point ----------------------------------------------------------------------------------------
 
 
-def _dominant_float(tensors: list[TensorSpec]) -> torch.dtype | None:
-    weight: dict[torch.dtype, int] = {}
+def _dominant_float(tensors: list[TensorSpec]) -> DType | None:
+    weight: dict[DType, int] = {}
     for t in tensors:
         if t.dtype.is_floating_point:
             weight[t.dtype] = weight.get(t.dtype, 0) + t.nbytes

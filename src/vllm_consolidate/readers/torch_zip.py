@@ -25,31 +25,10 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from vllm_consolidate import dtypes
+from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import CorruptCheckpointError, UnsafePickleError, UnsupportedCheckpointError
 from vllm_consolidate.source import Segment
-
-# torch's legacy typed-storage class names, as they appear in persistent ids.
-_STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-    "ComplexFloatStorage": torch.complex64,
-    "ComplexDoubleStorage": torch.complex128,
-}
-
-_DTYPE_NAMES = {
-    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-    "complex64", "complex128", "float8_e4m3fn", "float8_e5m2",
-}
 
 
 @dataclass(frozen=True)
@@ -58,7 +37,7 @@ class StorageRef:
 
     path: str
     key: str
-    dtype: torch.dtype
+    dtype: DType
     numel: int
     offset: int  # absolute byte offset of the storage's first byte in the file
 
@@ -75,7 +54,7 @@ class TensorRef:
     storage_offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    dtype: torch.dtype = field(init=False)
+    dtype: DType = field(init=False)
 
     def __post_init__(self) -> None:
         self.dtype = self.storage.dtype
@@ -198,12 +177,12 @@ class _LazyUnpickler(pickle.Unpickler):
         allowed = _ALLOWED.get((module, name))
         if allowed is not None:
             return allowed
-        if module == "torch" and name in _DTYPE_NAMES:
-            return getattr(torch, name)
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
+        if module == "torch" and name in dtypes.BY_NAME:
+            return dtypes.BY_NAME[name]
+        if module == "torch" and name in dtypes.BY_STORAGE:  # legacy typed-storage classes in persistent ids
+            return dtypes.BY_STORAGE[name]
         if module in ("torch", "torch.storage") and name in ("UntypedStorage", "TypedStorage"):
-            return torch.uint8
+            return dtypes.uint8
         if module == "deepspeed" or module.startswith("deepspeed."):
             return _inert(module, name)
         raise UnsafePickleError(
@@ -220,10 +199,10 @@ class _LazyUnpickler(pickle.Unpickler):
             if key not in self._storages:
                 raise CorruptCheckpointError(f"storage {key} is missing from the archive", path=self._path)
             offset, nbytes = self._storages[key]
-            if not isinstance(dtype, torch.dtype):
+            if not isinstance(dtype, DType):
                 raise CorruptCheckpointError(f"storage {key} has no dtype", path=self._path)
             count = nbytes // dtype.itemsize
-            if dtype is torch.uint8 and numel != count:
+            if dtype == dtypes.uint8 and numel != count:
                 numel = count  # untyped storages count bytes
             if numel * dtype.itemsize > nbytes:
                 raise CorruptCheckpointError(f"storage {key} is truncated", path=self._path)

@@ -1,0 +1,83 @@
+"""Element types, known without importing torch.
+
+Reading metadata, planning and copying bytes need only a dtype's name, size and safetensors code.
+Importing torch costs about two seconds, more than the whole fp32 copy of a 0.5B model, so the
+metadata layer uses these and torch is imported only where tensors are made (casts, ``.bin``
+output, validation). A :class:`DType` compares equal to the torch dtype of the same name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, eq=False)
+class DType:
+    """A tensor element type.
+
+    Attributes:
+        name: torch's name (``"bfloat16"``).
+        itemsize: Bytes per element.
+        is_floating_point: True for real floating types.
+        safetensors: The safetensors header code (``"BF16"``).
+        storage: torch's legacy typed-storage class name, used in ``torch.save`` pickles.
+    """
+
+    name: str
+    itemsize: int
+    is_floating_point: bool
+    safetensors: str
+    storage: str | None = None
+
+    @property
+    def is_complex(self) -> bool:
+        return self.name.startswith("complex")
+
+    @property
+    def torch(self) -> Any:
+        """The torch dtype (imports torch)."""
+        import torch
+
+        return getattr(torch, self.name)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DType):
+            return self.name == other.name
+        return str(other) == f"torch.{self.name}"  # a torch.dtype
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __str__(self) -> str:
+        return f"torch.{self.name}"
+
+    __repr__ = __str__
+
+
+float64 = DType("float64", 8, True, "F64", "DoubleStorage")
+float32 = DType("float32", 4, True, "F32", "FloatStorage")
+float16 = DType("float16", 2, True, "F16", "HalfStorage")
+bfloat16 = DType("bfloat16", 2, True, "BF16", "BFloat16Storage")
+float8_e4m3fn = DType("float8_e4m3fn", 1, True, "F8_E4M3", "Float8_e4m3fnStorage")
+float8_e5m2 = DType("float8_e5m2", 1, True, "F8_E5M2", "Float8_e5m2Storage")
+int64 = DType("int64", 8, False, "I64", "LongStorage")
+int32 = DType("int32", 4, False, "I32", "IntStorage")
+int16 = DType("int16", 2, False, "I16", "ShortStorage")
+int8 = DType("int8", 1, False, "I8", "CharStorage")
+uint8 = DType("uint8", 1, False, "U8", "ByteStorage")
+bool_ = DType("bool", 1, False, "BOOL", "BoolStorage")
+complex64 = DType("complex64", 8, False, "C64", "ComplexFloatStorage")
+
+ALL: tuple[DType, ...] = (float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, int64, int32, int16,
+                          int8, uint8, bool_, complex64)
+BY_NAME: dict[str, DType] = {d.name: d for d in ALL}
+BY_SAFETENSORS: dict[str, DType] = {d.safetensors: d for d in ALL}
+BY_STORAGE: dict[str, DType] = {d.storage: d for d in ALL if d.storage}
+
+
+def of(dtype: Any) -> DType:
+    """A :class:`DType` for a DType, a torch dtype or a name."""
+    if isinstance(dtype, DType):
+        return dtype
+    return BY_NAME[str(dtype).removeprefix("torch.")]
