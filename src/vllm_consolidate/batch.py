@@ -98,6 +98,8 @@ from typing import Any
 
 from vllm_consolidate import __version__
 from vllm_consolidate.errors import BatchError, ConsolidateError, InputNotFoundError, UsageError
+from vllm_consolidate.readers.deepspeed import is_zero_checkpoint_folder, step_of
+from vllm_consolidate.readers.hf import is_hf_folder
 
 MANIFEST_NAME = ".vllm-consolidate.json"
 MANIFEST_FORMAT = "vllm-consolidate-output"
@@ -121,7 +123,6 @@ LOCK_WAIT_SECONDS = 60.0
 #: Tests only: seconds a worker waits between converting and publishing a job.
 TEST_DELAY_ENV = "VLLMC_TEST_JOB_DELAY"
 
-_STEP_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
 _PARTIAL_TAG = ".batch-"
 
 # ------------------------------------------------------------------------------------------------
@@ -251,23 +252,6 @@ class InputFolder:
     error: str | None = None
 
 
-def _step(name: str) -> int | None:
-    m = _STEP_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def _is_zero_folder(path: Path) -> bool:
-    from vllm_consolidate.readers.deepspeed import is_zero_checkpoint_folder
-
-    return is_zero_checkpoint_folder(path)
-
-
-def _is_hf(path: Path) -> bool:
-    from vllm_consolidate.readers.hf import is_hf_folder
-
-    return is_hf_folder(path)
-
-
 def _subdirs(path: Path) -> list[Path]:
     try:
         return sorted((p for p in path.iterdir() if p.is_dir()), key=lambda p: p.name)
@@ -281,32 +265,32 @@ def inspect_input(path: Path) -> InputFolder:
     if not path.is_dir():
         return InputFolder(path, None, error="not a folder" if path.exists() else "does not exist")
     children = _subdirs(path)
-    step = _step(path.name)
-    if step is not None and (_is_zero_folder(path) or _is_hf(path) or (path / "latest").is_file()
-                             or any(_step(c.name) is not None for c in children)):
+    step = step_of(path.name)
+    if step is not None and (is_zero_checkpoint_folder(path) or is_hf_folder(path) or (path / "latest").is_file()
+                             or any(step_of(c.name) is not None for c in children)):
         ck = Checkpoint(path.name, step, path)
         holder = path.parent
-        if path.name.startswith("global_step") and _step(holder.name) is not None:
+        if path.name.startswith("global_step") and step_of(holder.name) is not None:
             holder = holder.parent  # run/checkpoint-N/global_stepN
         return InputFolder(path, "checkpoint", [ck], ck, holder)
-    ckpts = [Checkpoint(c.name, s, c) for c in children if c.name.startswith("checkpoint-") and (s := _step(c.name))
+    ckpts = [Checkpoint(c.name, s, c) for c in children if c.name.startswith("checkpoint-") and (s := step_of(c.name))
              is not None]
     if ckpts:
         ckpts.sort(key=lambda c: c.step or 0)
         return InputFolder(path, "run", ckpts, ckpts[-1], path)
     tags = [Checkpoint(c.name, s, c) for c in children if c.name.startswith("global_step")
-            and (s := _step(c.name)) is not None and _is_zero_folder(c)]
+            and (s := step_of(c.name)) is not None and is_zero_checkpoint_folder(c)]
     if tags:
         tags.sort(key=lambda c: c.step or 0)
         latest = tags[-1]
         if (path / "latest").is_file():
             tag = (path / "latest").read_text().strip()
             named = [c for c in tags if c.name == tag]
-            latest = named[0] if named else Checkpoint(tag, _step(tag), path / tag)
+            latest = named[0] if named else Checkpoint(tag, step_of(tag), path / tag)
         return InputFolder(path, "deepspeed_save", tags, latest, path)
-    if _is_zero_folder(path) or _is_hf(path):
+    if is_zero_checkpoint_folder(path) or is_hf_folder(path):
         ck = Checkpoint(path.name, None, path)
-        return InputFolder(path, "hf_model" if not _is_zero_folder(path) else "checkpoint", [ck], ck, path)
+        return InputFolder(path, "hf_model" if not is_zero_checkpoint_folder(path) else "checkpoint", [ck], ck, path)
     return InputFolder(path, None, error="no checkpoint-N/, global_stepN/, 'latest', ZeRO files or HF weights")
 
 
@@ -388,7 +372,7 @@ def template_fields(template: str) -> list[str]:
 def name_fields(inp: InputFolder, ck: Checkpoint) -> dict[str, str]:
     """The template fields of one job."""
     model_dir = (inp.model_dir or inp.path).absolute()
-    input_name = model_dir.name if inp.kind == "checkpoint" and _step(inp.path.name) is not None else \
+    input_name = model_dir.name if inp.kind == "checkpoint" and step_of(inp.path.name) is not None else \
         inp.path.absolute().name
     run_name = model_dir.parent.name or model_dir.name
     return {

@@ -176,15 +176,12 @@ def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> DTy
 
 
 def _config_dtype(plan: OutputPlan) -> str:
-    floats = [t.out_dtype for t in plan.tensors if t.out_dtype.is_floating_point]
-    if not floats:
-        return "float32"
-    # The most common floating dtype by bytes is the model's dtype.
+    # The floating dtype holding the most bytes is the model's dtype.
     weight: dict[DType, int] = {}
     for t in plan.tensors:
         if t.out_dtype.is_floating_point:
             weight[t.out_dtype] = weight.get(t.out_dtype, 0) + t.nbytes
-    return dtype_name(max(weight, key=weight.__getitem__))
+    return dtype_name(max(weight, key=weight.__getitem__)) if weight else "float32"
 
 
 def _preflight_disk(output: Path, need: int) -> None:
@@ -343,6 +340,8 @@ def convert(opts: ConvertOptions) -> ConvertResult:
                 )
             warnings.extend(report.warning_messages())
         publish(tmp, output, opts.force)
+        if report is not None:
+            report.path = output  # it ran on the temporary folder, now renamed
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

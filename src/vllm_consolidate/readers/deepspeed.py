@@ -39,8 +39,9 @@ _Z3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$"
 _STEP_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
 
 
-def _step_of(path: Path) -> int | None:
-    m = _STEP_RE.match(path.name)
+def step_of(name: str) -> int | None:
+    """N of a ``checkpoint-N`` or ``global_stepN`` folder name, else None."""
+    m = _STEP_RE.match(name)
     return int(m.group(1)) if m else None
 
 
@@ -61,7 +62,7 @@ class ResolvedCheckpoint:
 def latest_checkpoint_folder(run_dir: Path) -> Path | None:
     """The ``checkpoint-N`` sub-folder with the highest N, or None."""
     candidates = [(s, p) for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
-                  and (s := _step_of(p)) is not None]
+                  and (s := step_of(p.name)) is not None]
     return max(candidates)[1] if candidates else None
 
 
@@ -93,7 +94,7 @@ def resolve_checkpoint(path: Path) -> ResolvedCheckpoint:
                 hint="Pass the global_stepN folder you want with --checkpoint-dir, or fix the 'latest' file.",
             )
         return ResolvedCheckpoint(folder, tag, f"tag '{tag}' from {latest}")
-    steps = [(s, p) for p in path.iterdir() if p.name.startswith("global_step") and (s := _step_of(p)) is not None
+    steps = [(s, p) for p in path.iterdir() if p.name.startswith("global_step") and (s := step_of(p.name)) is not None
              and is_zero_checkpoint_folder(p)]
     if steps:
         folder = max(steps)[1]
@@ -187,10 +188,6 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in value)
 
 
-def _load(path: Path) -> Any:
-    return load_lazy(path)
-
-
 def _require(mapping: Any, key: str, path: Path) -> Any:
     if not isinstance(mapping, dict) or key not in mapping:
         raise CorruptCheckpointError(f"'{key}' is missing; this is not a DeepSpeed ZeRO checkpoint file", path=path)
@@ -229,7 +226,7 @@ def read_deepspeed(folder: Path) -> SourceModel:
             hint="Copy every rank's *_optim_states.pt file into this folder, or pick another checkpoint.",
         )
     first = optim_files[min(optim_files)]
-    head = _require(_load(first), "optimizer_state_dict", first)
+    head = _require(load_lazy(first), "optimizer_state_dict", first)
     stage = _as_int(_require(head, "zero_stage", first))
     world_size = _as_int(_require(head, "partition_count", first))
     if stage not in (1, 2, 3):
@@ -265,7 +262,7 @@ def read_deepspeed(folder: Path) -> SourceModel:
                 "model states file is missing", path=p,
                 hint="Copy every rank's *_model_states.pt file into this folder, or pick another checkpoint.",
             )
-    model_states = [_load(p) for p in model_files]
+    model_states = [load_lazy(p) for p in model_files]
     ms0 = model_states[0]
     param_shapes = _require(ms0, "param_shapes", model_files[0])
     if isinstance(param_shapes, dict):
@@ -282,7 +279,7 @@ def read_deepspeed(folder: Path) -> SourceModel:
     paddings = None
     for r in range(world_size):
         path = optim_files[r]
-        sd = head if r == min(optim_files) else _require(_load(path), "optimizer_state_dict", path)
+        sd = head if r == min(optim_files) else _require(load_lazy(path), "optimizer_state_dict", path)
         if r == 0:
             paddings = sd.get("param_alignment_paddings")
         rank_ws = _as_int(_require(sd, "partition_count", path))
