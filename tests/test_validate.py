@@ -7,9 +7,10 @@ call ``cli.main`` in-process, which is the same argument parsing, command and ex
 (``__main__`` and the console script only ``sys.exit`` its return value) without paying the
 interpreter and transformers start-up each time.
 
-Not tested here because not detected: a square weight stored transposed. It has the right shape, and
-the load tier compares vLLM with transformers on the same bytes, so both agree on the same wrong
-output (checked by hand with vLLM 0.32 CPU: a transposed ``q_proj`` passes ``validate --load``).
+A square weight stored transposed has the right shape, and the load tier compares vLLM with
+transformers on the same bytes, so both agree on the same wrong output (checked by hand with vLLM 0.32
+CPU: a transposed ``q_proj`` passes ``validate --load``). It is caught against the source folder
+(``--against``); tests/test_compare.py covers that on real DeepSpeed checkpoints.
 """
 
 from __future__ import annotations
@@ -243,6 +244,19 @@ def test_missing_tensor_fails(broken, capsys: pytest.CaptureFixture[str], tensor
     assert code == 9
     assert _status(text, "missing_tensors") == "FAIL"
     assert f"1 tensors that Qwen2ForCausalLM needs are not stored: {tensor}" in text
+
+
+def test_transposed_square_weight_fails_against_the_source(broken, folders: dict[str, Path],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    folder = broken()
+    _edit_weights(folder, lambda sd: {**sd, Q_PROJ: sd[Q_PROJ].T.contiguous()})
+    code, text = _validate(folder, capsys)
+    assert code == 0, text  # the folder alone cannot tell
+    code, text = _validate(folder, capsys, "--against", str(folders["good"]))
+    assert code == 9
+    assert _status(text, "source_values") == "FAIL"
+    assert f"{Q_PROJ} is stored transposed (it equals the source tensor's transpose)" in text
+    assert _status(text, "source_tensors") == "PASS"
 
 
 def test_stray_consolidated_file_fails(broken, capsys: pytest.CaptureFixture[str]) -> None:

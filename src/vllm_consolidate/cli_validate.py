@@ -33,7 +33,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "validate",
         help="check that a model folder is what vLLM will load correctly",
         description="Static checks of a model folder (files, index, config, weights against the architecture, "
-                    "NaN/Inf, tokenizer); --load also loads it with real vLLM and compares greedy tokens with "
+                    "NaN/Inf, tokenizer); --against compares every tensor with the source checkpoint; --load also "
+                    "loads it with real vLLM and compares greedy tokens with "
                     "transformers.",
     )
     p.add_argument("dir", type=Path, help="the model folder")
@@ -43,6 +44,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="python of a venv with vLLM for --load (default: $VLLM_PYTHON, else the repository's "
                         ".venv-vllm if present, else this interpreter)")
     p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt with --load (default: 8)")
+    p.add_argument("--against", type=Path, default=None, metavar="SOURCE",
+                   help="the checkpoint the folder was made from (anything convert --input accepts): compare "
+                        "every tensor with it, element for element; catches wrong bytes that no check of the "
+                        "folder alone can see, such as a square weight stored transposed")
+    p.add_argument("--against-type", choices=["auto", "deepspeed", "hf_sharded"], default="auto",
+                   help="input type of --against, as convert --type (default: auto)")
     p.add_argument("--no-value-scan", dest="scan_values", action="store_false",
                    help="skip the NaN/Inf scan (it reads every weight byte once)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -99,7 +106,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     python = args.vllm_python
     if args.load and python is None:
         python = _default_vllm_python()
-    report = validate_folder(folder, scan_values=args.scan_values)
+    reference = None
+    if args.against is not None:
+        from vllm_consolidate.compare import reference_for_folder
+
+        reference = reference_for_folder(folder, args.against, input_type=args.against_type)
+    report = validate_folder(folder, scan_values=args.scan_values, reference=reference)
     if args.load:
         try:
             add_load_check(report, python=python, max_tokens=args.max_tokens)

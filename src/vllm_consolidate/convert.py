@@ -163,6 +163,17 @@ def unfuse_experts(tensors: list[TensorSpec], model_type: str | None) -> list[Te
     return out
 
 
+def output_tensors(source: SourceModel, config: dict) -> tuple[list[TensorSpec], list[str]]:
+    """The tensors a conversion writes, under their output names, and the names it drops.
+
+    Args:
+        source: The checkpoint, as a reader found it.
+        config: The model's config.json (it decides tying and MoE expert layout).
+    """
+    tensors, dropped = resolve_names(source, is_tied(config, source))
+    return unfuse_experts(tensors, config.get("model_type")), dropped
+
+
 def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> DType | None:
     """The dtype for floating tensors, or None to keep each tensor's own (see ``ConvertOptions``)."""
     if not opts.keep_original_precision:
@@ -269,8 +280,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
             "Pass --base-model-name with the model you fine-tuned to copy its tokenizer."
         )
     config = read_config(assets.config)
-    tensors, dropped = resolve_names(source, is_tied(config, source))
-    tensors = unfuse_experts(tensors, config.get("model_type"))
+    tensors, dropped = output_tensors(source, config)
     plan = plan_output(tensors, target_dtype=target_dtype(opts, source, config),
                        max_shard_size=opts.max_shard_size, fmt=opts.fmt)
     return Conversion(detected, source, assets, config, plan, dropped, warnings)
@@ -325,12 +335,16 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         written += copy_assets(assets, tmp, config)
         report = None
         if opts.validate:
+            from vllm_consolidate.compare import Reference
             from vllm_consolidate.validate import validate_folder
 
             if opts.on_stage:
                 opts.on_stage("validating the output (--no-validate-vllm skips this)")
 
-            report = validate_folder(tmp)
+            # The sampled comparison with the source proves each tensor landed where the plan put it.
+            sample = Reference(str(detected.weights_dir), {t.name: t.spec for t in plan.tensors}, dropped,
+                               depth="sample")
+            report = validate_folder(tmp, reference=sample)
             if not report.ok:
                 raise ValidationFailedError(
                     "the converted folder failed validation: " + "; ".join(report.failure_messages()),

@@ -32,6 +32,8 @@ Weights vs architecture
 Tokenizer
     ``tokenizer`` (loads), ``tokenizer_roundtrip``, ``special_tokens`` (ids < vocab_size),
     ``chat_template`` (warn if absent).
+Against the source (only with a reference)
+    ``source_tensors`` and ``source_values`` (:mod:`vllm_consolidate.compare`).
 Load tier (only when asked)
     ``vllm_load``: real vLLM's greedy tokens equal transformers' (:mod:`vllm_consolidate.vllm_load`).
 
@@ -50,11 +52,14 @@ Decisions:
       them). A tied ``lm_head.weight`` may be absent; if it is stored anyway it is ignored by vLLM and
       transformers, which is a warning (``tied_embeddings``). Stored names that the model class lists
       in ``_keys_to_ignore_on_load_unexpected`` (or that end in ``rotary_emb.inv_freq``) are warnings.
-    * A square weight stored transposed has the right shape and is NOT detected. No cheap statistic
-      (row versus column norms and the like) tells a transposed random or trained square matrix from
-      an untransposed one reliably, so none is used. The load tier (``--load``) does not catch it
-      either: vLLM and transformers read the same bytes and agree on the same wrong answer. Only a
-      comparison of outputs against the source checkpoint would.
+    * A square weight stored transposed has the right name, shape and dtype, so no check of the folder
+      alone detects it. No cheap statistic (row versus column norms and the like) tells a random or
+      trained square matrix from its transpose reliably, so none is used. The load tier does not
+      catch it either: vLLM and transformers read the same bytes and agree on the same wrong answer.
+      The source checkpoint does tell: with a :class:`~vllm_consolidate.compare.Reference`
+      (``validate --against SOURCE``, and a sampled one after every conversion), the
+      ``source_tensors`` and ``source_values`` checks compare the folder with the source and name a
+      transposed tensor as such (:mod:`vllm_consolidate.compare`).
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -80,6 +85,9 @@ from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import CorruptCheckpointError, UnsafePickleError, UnsupportedCheckpointError
 from vllm_consolidate.readers.hf import StoredTensor, stored_bin, stored_safetensors
 from vllm_consolidate.writer import iter_chunks
+
+if TYPE_CHECKING:
+    from vllm_consolidate.compare import Reference
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 
@@ -273,8 +281,9 @@ class _Skeleton:
 
 
 class _Validator:
-    def __init__(self, folder: Path, *, scan_values: bool, chunk_bytes: int):
+    def __init__(self, folder: Path, *, scan_values: bool, chunk_bytes: int, reference: Reference | None = None):
         self.folder = folder
+        self.reference = reference
         self.scan_values = scan_values
         self.chunk_bytes = max(64, chunk_bytes - chunk_bytes % 16)
         self.report = ValidationReport(folder)
@@ -319,6 +328,8 @@ class _Validator:
         self.run("missing_tensors", self.check_against_skeleton)
         self.run("tied_embeddings", self.check_tied)
         self.run("values", self.check_values)
+        if self.reference is not None:
+            self.run("source_values", self.check_against_reference)
         self.run("tokenizer", self.check_tokenizer)
         return self.report
 
@@ -731,6 +742,12 @@ class _Validator:
                          f"{_few(unscanned)}")
         return Check("values", PASS, f"no NaN or Inf in {scanned / 1e6:.1f} MB of floating-point weights")
 
+    def check_against_reference(self) -> list[Check]:
+        from vllm_consolidate.compare import compare_with_reference
+
+        assert self.reference is not None
+        return compare_with_reference(self.stored.tensors, self.reference)
+
     # -- tokenizer ------------------------------------------------------------------------------------
 
     def check_tokenizer(self) -> list[Check]:
@@ -962,6 +979,7 @@ def validate_folder(
     vllm_python: str | os.PathLike[str] | None = None,
     max_tokens: int = 8,
     chunk_bytes: int = SCAN_CHUNK_BYTES,
+    reference: Reference | None = None,
 ) -> ValidationReport:
     """Validate a model folder for vLLM; see the module docstring for the checks.
 
@@ -972,6 +990,8 @@ def validate_folder(
         vllm_python: Interpreter with vLLM for the load tier.
         max_tokens: Tokens per prompt for the load tier.
         chunk_bytes: Read size of the value scan.
+        reference: The source the folder was made from; adds the ``source_tensors`` and
+            ``source_values`` checks (:func:`vllm_consolidate.compare.reference_for_folder`).
 
     Returns:
         The report; ``report.ok`` is False when any check failed.
@@ -981,7 +1001,7 @@ def validate_folder(
         VllmLoadError: ``load`` and vLLM failed to load or run the folder.
     """
     folder = Path(path)
-    report = _Validator(folder, scan_values=scan_values, chunk_bytes=chunk_bytes).validate()
+    report = _Validator(folder, scan_values=scan_values, chunk_bytes=chunk_bytes, reference=reference).validate()
     if load:
         add_load_check(report, python=vllm_python, max_tokens=max_tokens)
     return report

@@ -1,16 +1,24 @@
 """Stream planned tensors from their source byte ranges into their slots in the output files.
 
-Every tensor is copied in chunks of at most :data:`CHUNK_BYTES`:
+Every tensor is copied in chunks of at most :data:`CHUNK_BYTES` (:data:`CAST_CHUNK_BYTES` of source
+bytes when it is cast):
 
 * same dtype in and out: the kernel copies the bytes (``os.copy_file_range``), so they never pass
   through Python and are bit-exact;
-* a dtype change: a chunk is read with ``os.preadv`` into a reused buffer, cast with
-  ``Tensor.to`` (round to nearest even, exactly as a whole-tensor cast, since the cast is
-  element-wise) and written with ``os.pwrite`` at its final offset.
+* a dtype change: a chunk is read with ``os.preadv`` into a reused buffer, cast by
+  :func:`~vllm_consolidate.casts.cast_into` (round to nearest even, bit-identical to torch's
+  ``Tensor.to``, and element-wise, so chunking changes nothing) and written with ``os.pwrite`` at its
+  final offset.
 
 Chunks are independent (they write disjoint ranges), so two threads run them: the cast and the
 system calls release the GIL, which overlaps reading, converting and writing on two cores. Peak
 memory is a few chunk buffers, whatever the model or tensor size.
+
+Each file is fsynced before the folder is published (a crash must not leave a published model with
+holes). To keep that from costing a second pass at the end, every written chunk is handed to the
+kernel's writeback at once (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, Linux): the disk writes while
+we copy, and the final fsync finds little left. On a 2 GB copy this measured 1.1-1.5 s instead of
+2.0 s for copy-then-fsync (``cp`` + ``sync``: 1.66 s).
 
 We read with positional reads rather than ``mmap``: both read only the bytes we ask for (Adam
 moments are never touched), but mapped pages count toward the process's RSS on a shared box.
@@ -18,10 +26,13 @@ moments are never touched), but mapped pages count toward the process's RSS on a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import json
 import os
 import pickle
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -35,6 +46,9 @@ from vllm_consolidate.planner import OutputPlan, PlannedFile, PlannedTensor, saf
 from vllm_consolidate.source import Segment, sub_segments
 
 CHUNK_BYTES = 16 * 2**20
+# Smaller chunks for casts keep a chunk and its result near the core's cache: on the 0.5B benchmark
+# the bf16 conversion took 0.9 s with 4 MiB chunks and 1.2 s with 16 MiB ones (copies do not care).
+CAST_CHUNK_BYTES = 4 * 2**20
 WORKERS = 2
 
 ProgressFn = Callable[[int], None]
@@ -156,12 +170,40 @@ def iter_chunks(segments: list[Segment], chunk_bytes: int, *, buffer: bytearray 
 
 
 def _cast(src: memoryview, src_dtype: DType, dst_dtype: DType, count: int) -> memoryview:
-    """Cast ``count`` elements into the thread's output buffer. ``copy_`` rounds exactly as ``Tensor.to``."""
-    import torch  # only casts need torch; a plain copy never imports it (saves ~2 s of start-up)
+    """Cast ``count`` elements into the thread's output buffer."""
+    from vllm_consolidate.casts import cast_into  # numpy is not needed (nor imported) by a plain copy
 
     out = _buffer(count * dst_dtype.itemsize, "dst")
-    torch.frombuffer(out, dtype=dst_dtype.torch).copy_(torch.frombuffer(src, dtype=src_dtype.torch))
+    cast_into(src, src_dtype, dst_dtype, out)
     return out
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        func = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``nbytes`` at ``offset`` to disk now, without waiting for it.
+
+    A hint only: where ``sync_file_range`` is missing or fails, the final fsync does all the work.
+    """
+    if _sync_file_range is not None and nbytes > 0:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _run_job(files: _Files, out_fd: int, job: _Job) -> int:
@@ -170,19 +212,22 @@ def _run_job(files: _Files, out_fd: int, job: _Job) -> int:
     src_bytes = job.count * src_dtype.itemsize
     ranges = sub_segments(t.spec.segments, job.first * src_dtype.itemsize, src_bytes)
     if src_dtype == t.out_dtype:
-        return _copy_bytes(files, out_fd, ranges, job.dst_offset)
-    buf = _buffer(src_bytes)
-    _read_into(files, buf, ranges)
-    data = _cast(buf, src_dtype, t.out_dtype, job.count)
-    written = os.pwrite(out_fd, data, job.dst_offset)
-    while written < len(data):
-        written += os.pwrite(out_fd, data[written:], job.dst_offset + written)
+        written = _copy_bytes(files, out_fd, ranges, job.dst_offset)
+    else:
+        buf = _buffer(src_bytes)
+        _read_into(files, buf, ranges)
+        data = _cast(buf, src_dtype, t.out_dtype, job.count)
+        written = os.pwrite(out_fd, data, job.dst_offset)
+        while written < len(data):
+            written += os.pwrite(out_fd, data[written:], job.dst_offset + written)
+    start_writeback(out_fd, job.dst_offset, written)
     return written
 
 
 def _jobs(pfile: PlannedFile, base: int) -> Iterator[_Job]:
     for t in pfile.tensors:
-        step = max(1, CHUNK_BYTES // max(t.spec.dtype.itemsize, t.out_dtype.itemsize))
+        budget = CHUNK_BYTES if t.spec.dtype == t.out_dtype else CAST_CHUNK_BYTES
+        step = max(1, budget // max(t.spec.dtype.itemsize, t.out_dtype.itemsize))
         for first in range(0, t.spec.numel, step):
             count = min(step, t.spec.numel - first)
             yield _Job(t, first, count, base + t.offset + first * t.out_dtype.itemsize)

@@ -1,0 +1,247 @@
+"""Compare a model folder's tensors with the checkpoint they were made from.
+
+Some broken folders look right from the folder alone. A square weight stored transposed has the right
+name, shape and dtype. vLLM and transformers read the same wrong bytes, so they agree on the same
+garbage. No statistic tells a square matrix from its transpose reliably: a random or trained matrix and
+its transpose look alike. The checkpoint the folder was made from does tell. This module compares each
+stored tensor with its source tensor, cast the same way the converter casts. Where they differ, it
+checks whether the stored tensor is the source's transpose and says so by name.
+
+Two depths:
+
+* ``full`` (``vllm-consolidate validate DIR --against SOURCE``): every element of every tensor. This
+  reads the folder and the source's tensor bytes once each.
+* ``sample`` (after every conversion, on the output before it is published): the first, middle and last
+  row of every tensor, and the whole of any tensor of up to :data:`SAMPLE_WHOLE_ELEMENTS` elements. A
+  tensor written to the wrong place or transposed differs in its first row, unless the matrix is
+  symmetric. The sample costs a few reads per tensor.
+
+Both yield two checks: ``source_tensors`` (the folder holds exactly the names a conversion of the source
+writes) and ``source_values`` (the bytes match).
+
+Decision: a NaN matches any NaN. Its payload bits are not defined by the cast (see
+:mod:`vllm_consolidate.casts`), and the ``values`` check fails on NaN anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vllm_consolidate import readers
+from vllm_consolidate.casts import NUMPY_DTYPES, cast_into
+from vllm_consolidate.readers.hf import StoredTensor
+from vllm_consolidate.source import TensorSpec, sub_segments
+from vllm_consolidate.validate import FAIL, PASS, WARN, Check, _few
+from vllm_consolidate.writer import iter_chunks
+
+#: Tensors up to this many elements are compared whole even in ``sample`` mode.
+SAMPLE_WHOLE_ELEMENTS = 1 << 16
+
+#: Elements per sampled range of a 1-D tensor (a "row").
+SAMPLE_VECTOR_ELEMENTS = 4096
+
+#: Bytes read per step.
+COMPARE_CHUNK_BYTES = 8 * 2**20
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@dataclass
+class Reference:
+    """What a folder should hold: each output name with the source tensor it was made from.
+
+    Attributes:
+        label: The source, for messages (a path).
+        tensors: ``{output name: source tensor}``.
+        dropped: Names a conversion leaves out on purpose (a tied ``lm_head.weight``).
+        depth: ``"full"`` or ``"sample"`` (see the module docstring).
+    """
+
+    label: str
+    tensors: dict[str, TensorSpec]
+    dropped: list[str]
+    depth: str = "full"
+
+
+def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: str = "auto",
+                         checkpoint_dir: str | Path | None = None) -> Reference:
+    """Read a source checkpoint's metadata and map it to the names a conversion writes into ``folder``.
+
+    The folder's config.json decides tying and the MoE expert layout, as it does in a conversion.
+
+    Args:
+        folder: The converted model folder.
+        source: Anything ``convert --input`` accepts (a DeepSpeed run or ``global_stepN`` folder,
+            an HF Trainer ``checkpoint-N``, an HF folder, a single file).
+        input_type: ``auto``, ``deepspeed`` or ``hf_sharded``.
+        checkpoint_dir: As ``convert --checkpoint-dir``.
+
+    Raises:
+        ConsolidateError: The source cannot be read.
+    """
+    from vllm_consolidate.convert import output_tensors
+
+    detected = readers.detect(Path(source), input_type, Path(checkpoint_dir) if checkpoint_dir else None)
+    model = readers.read(detected)
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    tensors, dropped = output_tensors(model, config if isinstance(config, dict) else {})
+    return Reference(str(detected.weights_dir), {t.name: t for t in tensors}, dropped)
+
+
+def compare_with_reference(stored: dict[str, StoredTensor], ref: Reference,
+                           chunk_bytes: int = COMPARE_CHUNK_BYTES) -> list[Check]:
+    """The ``source_tensors`` and ``source_values`` checks of a folder's tensors against a reference.
+
+    Args:
+        stored: The folder's tensors by name, as the file checks located them.
+        ref: What the folder should hold.
+        chunk_bytes: Read size; memory is a few times this, plus the largest square tensor when one
+            differs (to test whether it is transposed).
+    """
+    return [_names(stored, ref), _values(stored, ref, chunk_bytes)]
+
+
+def _names(stored: dict[str, StoredTensor], ref: Reference) -> Check:
+    missing = sorted(set(ref.tensors) - set(stored))
+    extra = sorted(set(stored) - set(ref.tensors) - set(ref.dropped))
+    details = {"missing": missing, "extra": extra, "source": ref.label}
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} source tensors are not in the folder: {_few(missing)}")
+        if extra:
+            parts.append(f"{len(extra)} stored tensors are not in the source: {_few(extra)}")
+        return Check("source_tensors", FAIL, "; ".join(parts), details)
+    return Check("source_tensors", PASS, f"the folder holds the {len(ref.tensors)} tensors of {ref.label}", details)
+
+
+def _values(stored: dict[str, StoredTensor], ref: Reference, chunk_bytes: int) -> Check:
+    problems: dict[str, str] = {}
+    transposed: list[str] = []
+    skipped: list[str] = []
+    compared = 0
+    for name, spec in ref.tensors.items():
+        t = stored.get(name)
+        if t is None:
+            continue  # reported by source_tensors
+        if t.dtype is None or (t.numel and t.offset < 0):
+            skipped.append(name)
+            continue
+        if t.shape != spec.shape:
+            if len(t.shape) == 2 and t.shape == spec.shape[::-1] and _is_transpose(t, spec):
+                transposed.append(name)
+            else:
+                problems[name] = f"has shape {list(t.shape)}, the source {list(spec.shape)}"
+            continue
+        first_diff, n_diff, n = _differences(t, spec, _ranges(t.shape, ref.depth), chunk_bytes)
+        compared += n
+        if n_diff == 0:
+            continue
+        if len(t.shape) == 2 and t.shape[0] == t.shape[1] > 1 and _is_transpose(t, spec):
+            transposed.append(name)
+        else:
+            problems[name] = f"differs from the source in {n_diff} of {n} compared elements (first at element " \
+                             f"{first_diff})"
+    what = "every element" if ref.depth == "full" else "first, middle and last rows"
+    details: dict[str, Any] = {"source": ref.label, "depth": ref.depth, "elements_compared": compared,
+                               "transposed": transposed, "differ": problems, "not_compared": skipped}
+    if transposed or problems:
+        parts = [f"{n} is stored transposed (it equals the source tensor's transpose)" for n in transposed[:3]]
+        parts += [f"{n} {why}" for n, why in list(problems.items())[:3]]
+        total = len(transposed) + len(problems)
+        more = f" and {total - len(parts)} more" if total > len(parts) else ""
+        return Check("source_values", FAIL, "; ".join(parts) + more
+                     + f". The folder does not hold what {ref.label} holds: convert it again from the source",
+                     details)
+    if skipped:
+        return Check("source_values", WARN, f"equal to the source ({what}); not compared (unreadable or "
+                     f"non-contiguous): {_few(skipped)}", details)
+    return Check("source_values", PASS, f"{len(ref.tensors)} tensors equal the source ({what}, {compared:,} "
+                 "elements compared)", details)
+
+
+def _ranges(shape: tuple[int, ...], depth: str) -> list[tuple[int, int]]:
+    """Element ranges ``(first, count)`` of a tensor to compare."""
+    numel = math.prod(shape)
+    if depth == "full" or numel <= SAMPLE_WHOLE_ELEMENTS:
+        return [(0, numel)]
+    row = math.prod(shape[1:]) if len(shape) >= 2 else SAMPLE_VECTOR_ELEMENTS
+    rows = math.ceil(numel / row)
+    return [(r * row, min(row, numel - r * row)) for r in sorted({0, rows // 2, rows - 1})]
+
+
+def _elements(spec: TensorSpec | StoredTensor, first: int, count: int, chunk: int,
+              buffer: bytearray) -> Any:
+    """Bytes of ``count`` elements from ``first``, chunk by chunk (each valid until the next)."""
+    size = spec.dtype.itemsize
+    return iter_chunks(list(sub_segments(spec.segments, first * size, count * size)), chunk * size, buffer=buffer)
+
+
+def _differences(t: StoredTensor, spec: TensorSpec, ranges: list[tuple[int, int]],
+                 chunk_bytes: int) -> tuple[int, int, int]:
+    """``(first differing element, differing elements, elements compared)`` over ``ranges``."""
+    out_dtype, src_dtype = t.dtype, spec.dtype
+    step = max(1, chunk_bytes // max(out_dtype.itemsize, src_dtype.itemsize))
+    got_buf, src_buf = bytearray(step * out_dtype.itemsize), bytearray(step * src_dtype.itemsize)
+    want_buf = bytearray(step * out_dtype.itemsize)
+    first_diff, n_diff, n = -1, 0, 0
+    for first, count in ranges:
+        pos = first
+        for got, src in zip(_elements(t, first, count, step, got_buf), _elements(spec, first, count, step, src_buf)):
+            k = len(got) // out_dtype.itemsize
+            if src_dtype == out_dtype:
+                want = src
+            else:
+                want = memoryview(want_buf)[: len(got)]
+                cast_into(src, src_dtype, out_dtype, want)
+            if got != want:
+                diff = _differing(got, want, out_dtype)
+                if diff.size:
+                    first_diff = int(pos + diff[0]) if first_diff < 0 else first_diff
+                    n_diff += int(diff.size)
+            pos += k
+            n += k
+    return first_diff, n_diff, n
+
+
+def _differing(got: memoryview, want: memoryview, dtype: Any) -> Any:
+    """Indices of elements whose bits differ, not counting NaN against NaN."""
+    bits = _UINT.get(dtype.itemsize, np.uint8)
+    mask = np.frombuffer(got, dtype=bits) != np.frombuffer(want, dtype=bits)
+    if dtype in NUMPY_DTYPES and mask.any():
+        a = np.frombuffer(got, dtype=NUMPY_DTYPES[dtype])
+        b = np.frombuffer(want, dtype=NUMPY_DTYPES[dtype])
+        mask &= ~(np.isnan(a) & np.isnan(b))
+    return np.flatnonzero(mask)
+
+
+def _whole(spec: TensorSpec | StoredTensor, dtype: Any) -> Any:
+    """A 2-D tensor's bits as an array of unsigned integers of ``dtype``'s size, cast to ``dtype`` first."""
+    raw = bytearray(spec.numel * spec.dtype.itemsize)
+    buf = bytearray(min(len(raw), COMPARE_CHUNK_BYTES) or 1)
+    pos = 0
+    for chunk in iter_chunks(spec.segments, len(buf) - len(buf) % spec.dtype.itemsize, buffer=buf):
+        raw[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+    data = memoryview(raw)
+    if spec.dtype != dtype:
+        out = bytearray(spec.numel * dtype.itemsize)
+        cast_into(data, spec.dtype, dtype, memoryview(out))
+        data = memoryview(out)
+    return np.frombuffer(data, dtype=_UINT[dtype.itemsize]).reshape(spec.shape)
+
+
+def _is_transpose(t: StoredTensor, spec: TensorSpec) -> bool:
+    """Whether a stored 2-D tensor holds exactly the source tensor's transpose (reads both whole)."""
+    if t.dtype is None or t.dtype.itemsize not in _UINT or len(spec.shape) != 2:
+        return False
+    return bool(np.array_equal(_whole(t, t.dtype), _whole(spec, t.dtype).T))
