@@ -19,11 +19,13 @@ from pathlib import Path
 
 # (category, predicate on "name file:line" of one frame), checked innermost frame first.
 RULES: list[tuple[str, tuple[str, ...]]] = [
-    ("copy_file_range", ("copy_file_range",)),
-    ("preadv (read fp32)", ("preadv", "_read_into")),
-    ("pwrite", ("pwrite",)),
+    # py-spy records Python frames, so a system call shows as the writer function that makes it.
+    ("copy_file_range (same dtype)", ("copy_file_range", "_copy_bytes ")),
+    ("preadv (read fp32)", ("preadv", "_read_into ")),
+    ("start writeback (sync_file_range)", ("start_writeback", "sync_file_range")),
+    ("cast (numpy / ml_dtypes)", ("cast_into", "copyto", "_cast ")),
+    ("pwrite", ("pwrite", "_run_job ")),
     ("fsync", ("fsync",)),
-    ("cast (Tensor.copy_)", ("_cast ", "copy_impl", "reduced_float_copy", "_to_copy", "frombuffer", "GOMP")),
     ("unpickle metadata (torch_zip)", ("torch_zip.py", "load_lazy")),
     ("reader (deepspeed.py)", ("deepspeed.py",)),
     ("planner", ("planner.py",)),

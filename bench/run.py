@@ -367,8 +367,10 @@ def writer_version() -> dict[str, Any]:
 
     path = Path(writer.__file__)
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src"], capture_output=True, text=True)
     return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16], "chunk_bytes": writer.CHUNK_BYTES,
-            "workers": writer.WORKERS, "git_head": head.stdout.strip()}
+            "cast_chunk_bytes": writer.CAST_CHUNK_BYTES, "workers": writer.WORKERS, "git_head": head.stdout.strip(),
+            "src_modified": bool(dirty.stdout.strip())}
 
 
 def main() -> None:
