@@ -17,8 +17,8 @@ memory is a few chunk buffers, whatever the model or tensor size.
 Each file is fsynced before the folder is published (a crash must not leave a published model with
 holes). To keep that from costing a second pass at the end, every written chunk is handed to the
 kernel's writeback at once (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, Linux): the disk writes while
-we copy, and the final fsync finds little left. On a 2 GB copy this measured 1.1-1.5 s instead of
-2.0 s for copy-then-fsync (``cp`` + ``sync``: 1.66 s).
+we copy, and the final fsync finds little left. On the 0.5B benchmark (``bench/writer_ab.py``) the
+fp32 conversion took 1.70-1.76 s with it and 2.04-2.57 s without, and bf16 1.13 s against 1.47 s.
 
 We read with positional reads rather than ``mmap``: both read only the bytes we ask for (Adam
 moments are never touched), but mapped pages count toward the process's RSS on a shared box.
@@ -47,7 +47,7 @@ from vllm_consolidate.source import Segment, sub_segments
 
 CHUNK_BYTES = 16 * 2**20
 # Smaller chunks for casts keep a chunk and its result near the core's cache: on the 0.5B benchmark
-# the bf16 conversion took 0.9 s with 4 MiB chunks and 1.2 s with 16 MiB ones (copies do not care).
+# the bf16 conversion took 1.13 s with 4 MiB chunks and 1.59 s with 16 MiB ones (bench/writer_ab.py).
 CAST_CHUNK_BYTES = 4 * 2**20
 WORKERS = 2
 
