@@ -688,8 +688,8 @@ class _Validator:
                              {"mismatches": {n: {"stored": s, "expected": e} for n, (s, e) in wrong.items()}}))
         else:
             out.append(Check("tensor_shapes", PASS,
-                             "every stored shape matches the config (a square weight stored transposed is not "
-                             "detectable here)"))
+                             "every stored shape matches the config (a square weight stored transposed has the "
+                             "right shape too: --against SOURCE compares the values)"))
         return out
 
     def check_tied(self) -> Check:
