@@ -179,7 +179,10 @@ def print_summary(result) -> None:
     rate = result.bytes_written / 1e6 / result.seconds if result.seconds else 0
     print(f"time:       {result.seconds:.1f} s ({rate:.0f} MB/s)")
     if result.validation is not None:
-        print(f"validation: {'passed' if result.validation['ok'] else 'FAILED'}")
+        counts = result.validation["counts"]
+        source = next((c for c in result.validation["checks"] if c["name"] == "source_values"), None)
+        print(f"validation: {'passed' if result.validation['ok'] else 'FAILED'} ({counts['pass']} checks passed, "
+              f"{counts['warn']} warnings)" + (f"; source: {source['message']}" if source else ""))
     print(f"output:     {result.output}")
 
 
