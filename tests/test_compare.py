@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,7 @@ def converted(corpus, tmp_path_factory) -> dict[str, Path]:
 
 
 def _copy(folder: Path, dst: Path) -> Path:
-    dst.mkdir()
-    for f in folder.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
+    return Path(shutil.copytree(folder, dst))
 
 
 def _rewrite(folder: Path, edit) -> None:

@@ -42,8 +42,8 @@ Scheduler
 Each job runs in a worker process (at most ``--max-workers``; spawned, reused for several jobs). A
 job's needs come from metadata: disk = the output's bytes (tensor count x output dtype size, plus
 config/tokenizer files) + 64 MiB + 1 %; RAM = :data:`JOB_BASE_RSS` (interpreter, torch, metadata:
-measured peak RSS of one worker converting a tiny model) + the writer's buffers (2 threads x (64 MiB
-read + 64 MiB cast) when a dtype changes; the largest tensor + 64 MiB for ``.bin``). A job is started
+measured peak RSS of one worker converting a tiny model) + the writer's buffers (2 threads x 2 x
+``CAST_CHUNK_BYTES`` when a dtype changes; the largest tensor + ``CHUNK_BYTES`` for ``.bin``). A job is started
 only when (a) the RAM estimates of the running jobs plus this one fit in ``MemAvailable`` at batch
 start minus :func:`ram_margin` (max(1 GiB, 10 % of MemTotal)), (b) ``MemAvailable`` *now* minus the
 margin still covers this job, and (c) the disk estimates of every job started so far (outputs stay on
@@ -666,7 +666,7 @@ def ram_margin() -> int:
 
 def estimate_peak_ram(plan: Any) -> int:
     """Peak RSS of one worker converting ``plan`` (an :class:`~vllm_consolidate.planner.OutputPlan`)."""
-    from vllm_consolidate.writer import CHUNK_BYTES, WORKERS
+    from vllm_consolidate.writer import CAST_CHUNK_BYTES, CHUNK_BYTES, WORKERS
 
     tensors = plan.tensors
     base = JOB_BASE_RSS + PER_TENSOR_RSS * len(tensors)
@@ -674,7 +674,7 @@ def estimate_peak_ram(plan: Any) -> int:
         largest = max((t.nbytes for t in tensors), default=0)
         return base + largest + CHUNK_BYTES
     casts = any(t.out_dtype != t.spec.dtype for t in tensors)
-    return base + (WORKERS * 2 * CHUNK_BYTES if casts else 0)
+    return base + (WORKERS * 2 * CAST_CHUNK_BYTES if casts else 0)
 
 
 def _estimate(job: Job, opts: BatchOptions) -> None:

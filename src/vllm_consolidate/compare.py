@@ -129,6 +129,7 @@ def _values(stored: dict[str, StoredTensor], ref: Reference, chunk_bytes: int) -
     transposed: list[str] = []
     skipped: list[str] = []
     compared = 0
+    buffers = _Buffers(chunk_bytes)
     for name, spec in ref.tensors.items():
         t = stored.get(name)
         if t is None:
@@ -142,7 +143,7 @@ def _values(stored: dict[str, StoredTensor], ref: Reference, chunk_bytes: int) -
             else:
                 problems[name] = f"has shape {list(t.shape)}, the source {list(spec.shape)}"
             continue
-        first_diff, n_diff, n = _differences(t, spec, _ranges(t.shape, ref.depth), chunk_bytes)
+        first_diff, n_diff, n = _differences(t, spec, _ranges(t.shape, ref.depth), buffers)
         compared += n
         if n_diff == 0:
             continue
@@ -179,33 +180,37 @@ def _ranges(shape: tuple[int, ...], depth: str) -> list[tuple[int, int]]:
     return [(r * row, min(row, numel - r * row)) for r in sorted({0, rows // 2, rows - 1})]
 
 
-def _elements(spec: TensorSpec | StoredTensor, first: int, count: int, chunk: int,
-              buffer: bytearray) -> Any:
-    """Bytes of ``count`` elements from ``first``, chunk by chunk (each valid until the next)."""
+class _Buffers:
+    """Three read buffers of ``chunk_bytes``, reused for every tensor of a comparison."""
+
+    def __init__(self, chunk_bytes: int):
+        self.chunk_bytes = chunk_bytes
+        self.got, self.src, self.want = (bytearray(chunk_bytes) for _ in range(3))
+
+
+def _elements(spec: TensorSpec | StoredTensor, first: int, count: int, step: int, buffer: bytearray) -> Any:
+    """Bytes of ``count`` elements from ``first``, ``step`` elements at a time (each valid until the next)."""
     size = spec.dtype.itemsize
-    return iter_chunks(list(sub_segments(spec.segments, first * size, count * size)), chunk * size, buffer=buffer)
+    return iter_chunks(list(sub_segments(spec.segments, first * size, count * size)), step * size, buffer=buffer)
 
 
 def _differences(t: StoredTensor, spec: TensorSpec, ranges: list[tuple[int, int]],
-                 chunk_bytes: int) -> tuple[int, int, int]:
+                 buffers: _Buffers) -> tuple[int, int, int]:
     """``(first differing element, differing elements, elements compared)`` over ``ranges``."""
     out_dtype, src_dtype = t.dtype, spec.dtype
-    # Buffers no larger than the longest range: a sample of a small tensor allocates little.
-    longest = max((count for _, count in ranges), default=1)
-    step = max(1, min(longest, chunk_bytes // max(out_dtype.itemsize, src_dtype.itemsize)))
-    got_buf, src_buf = bytearray(step * out_dtype.itemsize), bytearray(step * src_dtype.itemsize)
-    want_buf = bytearray(step * out_dtype.itemsize)
+    step = max(1, buffers.chunk_bytes // max(out_dtype.itemsize, src_dtype.itemsize))
     first_diff, n_diff, n = -1, 0, 0
     for first, count in ranges:
         pos = first
-        for got, src in zip(_elements(t, first, count, step, got_buf), _elements(spec, first, count, step, src_buf)):
+        for got, src in zip(_elements(t, first, count, step, buffers.got),
+                            _elements(spec, first, count, step, buffers.src)):
             k = len(got) // out_dtype.itemsize
             if src_dtype == out_dtype:
                 want = src
             else:
-                want = memoryview(want_buf)[: len(got)]
+                want = memoryview(buffers.want)[: len(got)]
                 cast_into(src, src_dtype, out_dtype, want)
-            if not _equal_bytes(got, want):
+            if not equal_bytes(got, want):
                 diff = _differing(got, want, out_dtype)
                 if diff.size:
                     first_diff = int(pos + diff[0]) if first_diff < 0 else first_diff
@@ -215,8 +220,11 @@ def _differences(t: StoredTensor, spec: TensorSpec, ranges: list[tuple[int, int]
     return first_diff, n_diff, n
 
 
-def _equal_bytes(a: memoryview, b: memoryview) -> bool:
-    # numpy compares at memory speed; ``memoryview == memoryview`` unpacks element by element (~8x slower).
+def equal_bytes(a: memoryview, b: memoryview) -> bool:
+    """Whether two buffers hold the same bytes.
+
+    numpy compares at memory speed; ``memoryview == memoryview`` unpacks element by element (~8x slower).
+    """
     return len(a) == len(b) and bool(np.array_equal(np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8)))
 
 
@@ -234,12 +242,7 @@ def _differing(got: memoryview, want: memoryview, dtype: Any) -> Any:
 def _whole(spec: TensorSpec | StoredTensor, dtype: Any) -> Any:
     """A 2-D tensor's bits as an array of unsigned integers of ``dtype``'s size, cast to ``dtype`` first."""
     raw = bytearray(spec.numel * spec.dtype.itemsize)
-    buf = bytearray(min(len(raw), COMPARE_CHUNK_BYTES) or 1)
-    pos = 0
-    for chunk in iter_chunks(spec.segments, len(buf) - len(buf) % spec.dtype.itemsize, buffer=buf):
-        raw[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
-    data = memoryview(raw)
+    data = next(iter_chunks(spec.segments, max(len(raw), 1), buffer=raw), memoryview(raw))  # one read, whole
     if spec.dtype != dtype:
         out = bytearray(spec.numel * dtype.itemsize)
         cast_into(data, spec.dtype, dtype, memoryview(out))

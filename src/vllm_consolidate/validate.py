@@ -865,9 +865,11 @@ def _same_bytes(a: StoredTensor, b: StoredTensor, chunk: int) -> bool:
         return False
     if a.path == b.path and a.offset == b.offset:
         return True  # one storage saved under two names
+    from vllm_consolidate.compare import equal_bytes
+
     chunks = zip(iter_chunks(a.segments, chunk, buffer=bytearray(chunk)),
                  iter_chunks(b.segments, chunk, buffer=bytearray(chunk)))
-    return all(x == y for x, y in chunks)
+    return all(equal_bytes(x, y) for x, y in chunks)
 
 
 def _normalise(text: str) -> str:
