@@ -22,7 +22,7 @@ from vllm_consolidate import errors as E
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (E.UsageError, 2),
     (E.InputNotFoundError, 3),
-    (E.UnsafePickleError, 5),
+    (E.UnsafeInputError, 5),
     (E.CorruptCheckpointError, 4),
     (E.UnsupportedCheckpointError, 4),
     (E.OutputExistsError, 6),

@@ -44,8 +44,18 @@ class CorruptCheckpointError(ConsolidateError):
     default_hint = "Re-save the checkpoint, or pick an earlier one with --checkpoint-dir."
 
 
-class UnsafePickleError(ConsolidateError):
-    """A pickle names a global outside the allowlist; it was refused and nothing from it ran."""
+class UnsafeInputError(ConsolidateError):
+    """The input asks for something a checkpoint never needs: code to run, or a file outside itself.
+
+    Refused before anything it asks for happens (exit code 5).
+    """
+
+    default_hint = "Only convert checkpoints you trust; this one points outside itself or asks to run code."
+
+
+class UnsafePickleError(UnsafeInputError):
+    """A pickle names a global outside the allowlist, or tries to rewrite the reader's own objects;
+    it was refused and nothing from it ran."""
 
     default_hint = "Only load checkpoints you trust; this file asks to run code that a checkpoint never needs."
 
