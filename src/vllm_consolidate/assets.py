@@ -6,15 +6,24 @@ then ``--base-model-name``, a local folder or a Hub id resolved through the loca
 downloaded). The tokenizer files are taken as a set from the first folder that has any, so files of
 two tokenizers are never mixed. Training state (optimizer, RNG, trainer state, ``training_args.bin``,
 ``zero_to_*.py``) is never copied because only the names below are.
+
+Every asset is checked before it is used: it must be a regular file and, with symlinks resolved,
+lie inside the tree it was found in (the checkpoint's search folders, or the base model's folder;
+for a model in the HF cache, its ``models--*`` folder, whose snapshots link into ``blobs/``). One
+that points elsewhere is skipped with a warning naming it, exactly as if it were absent, so a
+``tokenizer.json`` linked to ``~/.ssh/id_rsa`` never reaches the output. ``config.json`` is read
+with a size cap and strict JSON; a broken one is an error naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vllm_consolidate.errors import ConfigInvalidError, CorruptCheckpointError
+from vllm_consolidate.safe_io import MAX_CONFIG_BYTES, confined, is_regular_file, open_regular, read_json
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -23,6 +32,9 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tekken.json",
     "vocab.json",
     "vocab.txt",
     "merges.txt",
@@ -43,6 +55,7 @@ class Assets:
     tokenizer_files: list[Path] = field(default_factory=list)
     base_model_dir: Path | None = None
     base_model_error: str | None = None
+    skipped: list[str] = field(default_factory=list)
 
     def origin(self) -> dict[str, str | None]:
         return {
@@ -96,43 +109,111 @@ def resolve_base_model(name: str | None) -> tuple[Path | None, str | None]:
         return None, f"'{name}' is neither a local folder nor reachable on the Hub ({type(exc).__name__})"
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file() or (
-        folder / "tokenizer.model"
-    ).is_file()
+def trust_root(folder: Path) -> Path:
+    """The tree a base-model folder's files may link into: the ``models--*`` repo folder for an HF cache
+    snapshot (its files are symlinks into ``blobs/``), else the folder itself."""
+    folder = Path(folder).absolute()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
+        return folder.parent.parent
+    return folder
 
 
-def find_assets(search_dirs: list[Path], base_model_name: str | None) -> Assets:
+class _Finder:
+    """Looks for each asset in folders, nearest first, accepting only confined regular files."""
+
+    def __init__(self, assets: Assets):
+        self.assets = assets
+
+    def usable(self, path: Path, roots: list[Path]) -> bool:
+        if not os.path.lexists(path):
+            return False
+        if not confined(path, roots):
+            self.assets.skipped.append(
+                f"skipped {path}: it resolves to {_real(path)}, outside {', '.join(str(r) for r in roots)}")
+            return False
+        if not is_regular_file(path):
+            self.assets.skipped.append(f"skipped {path}: not a regular file")
+            return False
+        return True
+
+    def scan(self, folders: list[Path], roots: list[Path]) -> None:
+        a = self.assets
+        for folder in folders:
+            if a.config is None and self.usable(folder / CONFIG_FILE, roots):
+                a.config = folder / CONFIG_FILE
+            if a.generation_config is None and self.usable(folder / GENERATION_CONFIG_FILE, roots):
+                a.generation_config = folder / GENERATION_CONFIG_FILE
+            if a.tokenizer_dir is None and any(os.path.lexists(folder / n) for n in _TOKENIZER_MARKERS):
+                files = [folder / n for n in TOKENIZER_FILES if self.usable(folder / n, roots)]
+                if any(f.name in _TOKENIZER_MARKERS for f in files):
+                    a.tokenizer_dir, a.tokenizer_files = folder, files
+
+
+def _real(path: Path) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):
+        return "a symlink loop"
+
+
+# A folder holds a tokenizer when it has one of these; the rest of TOKENIZER_FILES come along with it.
+_TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "spiece.model",
+                      "sentencepiece.bpe.model", "tekken.json")
+
+
+def find_assets(search_dirs: list[Path], base_model_name: str | None, roots: list[Path] | None = None) -> Assets:
     """Locate config, generation config and tokenizer files.
 
     The base model is consulted only for what the checkpoint's own folders lack.
+
+    Args:
+        search_dirs: Folders to search, nearest first.
+        base_model_name: ``--base-model-name``: a local folder or a Hub id.
+        roots: The trees assets found in ``search_dirs`` must resolve into (default: the last, highest
+            search folder).
     """
     assets = Assets()
-
-    def scan(folders: list[Path]) -> None:
-        for folder in folders:
-            if assets.config is None and (folder / CONFIG_FILE).is_file():
-                assets.config = folder / CONFIG_FILE
-            if assets.generation_config is None and (folder / GENERATION_CONFIG_FILE).is_file():
-                assets.generation_config = folder / GENERATION_CONFIG_FILE
-            if assets.tokenizer_dir is None and _has_tokenizer(folder):
-                assets.tokenizer_dir = folder
-                assets.tokenizer_files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
-
-    scan(search_dirs)
+    finder = _Finder(assets)
+    finder.scan(search_dirs, roots or search_dirs[-1:])
     # A missing generation config alone does not justify a Hub lookup: transformers and vLLM have defaults.
     if assets.config is None or assets.tokenizer_dir is None:
         base, error = resolve_base_model(base_model_name)
         assets.base_model_dir, assets.base_model_error = base, error
         if base is not None:
-            scan([base])
+            finder.scan([base], [trust_root(base)])
     return assets
 
 
 def read_config(path: Path) -> dict:
-    """Parse a config.json."""
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    """Parse a config.json: a bounded, strict read of a JSON object.
+
+    Raises:
+        ConfigInvalidError: Not a regular file, too large, not UTF-8, not JSON, or not an object.
+    """
+    return read_json(path, MAX_CONFIG_BYTES, error=ConfigInvalidError)
+
+
+def asset_bytes(assets: Assets) -> int:
+    """Bytes the copied assets take (for the disk preflight)."""
+    files = [p for p in [assets.generation_config, *assets.tokenizer_files] if p is not None]
+    return sum(os.stat(p).st_size for p in files) + MAX_CONFIG_BYTES // 16
+
+
+def copy_regular(src: Path, dst: Path) -> None:
+    """Copy one asset; a read failure names the source (exit 4), a write failure raises the plain OSError."""
+    fd = open_regular(src)
+    try:
+        with open(dst, "xb") as out:
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 20)
+                except OSError as exc:
+                    raise CorruptCheckpointError(f"cannot read {src.name}: {exc.strerror or exc}", path=src) from exc
+                if not chunk:
+                    break
+                out.write(chunk)
+    finally:
+        os.close(fd)
 
 
 def copy_assets(assets: Assets, folder: Path, config: dict) -> list[str]:
@@ -140,9 +221,9 @@ def copy_assets(assets: Assets, folder: Path, config: dict) -> list[str]:
     written = [CONFIG_FILE]
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if assets.generation_config is not None:
-        shutil.copyfile(assets.generation_config, folder / GENERATION_CONFIG_FILE)
+        copy_regular(assets.generation_config, folder / GENERATION_CONFIG_FILE)
         written.append(GENERATION_CONFIG_FILE)
     for src in assets.tokenizer_files:
-        shutil.copyfile(src, folder / src.name)
+        copy_regular(src, folder / src.name)
         written.append(src.name)
     return written

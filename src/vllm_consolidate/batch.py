@@ -84,7 +84,6 @@ import glob
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import string
@@ -98,11 +97,13 @@ from typing import Any
 
 from vllm_consolidate import __version__
 from vllm_consolidate.errors import BatchError, ConsolidateError, InputNotFoundError, UsageError
+from vllm_consolidate.publish import MARKER_FORMAT, MARKER_NAME, NAME_MAX, TEMP_NAME_OVERHEAD
 from vllm_consolidate.readers.deepspeed import is_zero_checkpoint_folder, step_of
 from vllm_consolidate.readers.hf import is_hf_folder
+from vllm_consolidate.safe_io import MAX_LIST_BYTES, MAX_TAG_BYTES, read_text
 
-MANIFEST_NAME = ".vllm-consolidate.json"
-MANIFEST_FORMAT = "vllm-consolidate-output"
+MANIFEST_NAME = MARKER_NAME  # the batch's manifest extends the marker every output holds
+MANIFEST_FORMAT = MARKER_FORMAT
 MANIFEST_VERSION = 1
 LOCK_NAME = ".vllm-consolidate-batch.lock"
 DEFAULT_TEMPLATE = "{input_name}_step_{step}"
@@ -129,87 +130,23 @@ _PARTIAL_TAG = ".batch-"
 # Brace expansion and globbing
 
 
+#: The most folder names one brace pattern may expand to (``{1..20000000}`` must not run for minutes).
+MAX_BRACE_EXPANSIONS = 10_000
+
+
 def expand_braces(pattern: str) -> list[str]:
-    """Expand shell-style braces: ``a{b,c{d,e}}f`` -> ``abf, acdf, acef``; ``{1..3}`` -> 1, 2, 3.
+    """Expand shell-style braces as bash does (``a{b,c{d,e}}f``, ``{1..3}``, ``{08..10}``), with ``bracex``.
 
-    Like bash: a brace group needs a top-level comma or a ``..`` range to be expanded (``{x}`` and
-    unmatched braces stay literal), groups nest, several groups multiply, and ``\\{``, ``\\}`` and
-    ``\\,`` are literal characters.
-
-    Args:
-        pattern: The text to expand.
-
-    Returns:
-        The expansions, in order (duplicates kept, as bash does).
+    Raises:
+        UsageError: The pattern expands to more than :data:`MAX_BRACE_EXPANSIONS` names.
     """
-    start = _find_group(pattern)
-    if start is None:
-        return [_unescape(pattern)]
-    open_i, close_i, parts = start
-    prefix, suffix = pattern[:open_i], pattern[close_i + 1:]
-    out: list[str] = []
-    for part in parts:
-        out.extend(expand_braces(prefix + part + suffix))
-    return out
+    import bracex
 
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\([{},\\])", r"\1", text)
-
-
-def _find_group(s: str) -> tuple[int, int, list[str]] | None:
-    """The first expandable brace group: (open index, close index, alternatives)."""
-    i = 0
-    while i < len(s):
-        if s[i] == "\\":
-            i += 2
-            continue
-        if s[i] == "{":
-            close, commas = _match(s, i)
-            if close is not None:
-                body = s[i + 1:close]
-                if commas:
-                    bounds = [i, *commas, close]
-                    return i, close, [s[a + 1:b] for a, b in zip(bounds, bounds[1:])]
-                seq = _range(body)
-                if seq is not None:
-                    return i, close, seq
-        i += 1
-    return None
-
-
-def _match(s: str, open_i: int) -> tuple[int | None, list[int]]:
-    depth, commas, i = 0, [], open_i
-    while i < len(s):
-        c = s[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i, commas
-        elif c == "," and depth == 1:
-            commas.append(i)
-        i += 1
-    return None, []
-
-
-def _range(body: str) -> list[str] | None:
-    m = re.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?", body)
-    if m:
-        a, b = int(m.group(1)), int(m.group(2))
-        step = abs(int(m.group(3) or 1)) or 1
-        width = max(len(m.group(1)), len(m.group(2))) if m.group(1).startswith("0") or m.group(2).startswith("0") else 0
-        rng = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
-        return [str(v).zfill(width) for v in rng]
-    m = re.fullmatch(r"([A-Za-z])\.\.([A-Za-z])", body)
-    if m:
-        a, b = ord(m.group(1)), ord(m.group(2))
-        return [chr(c) for c in (range(a, b + 1) if a <= b else range(a, b - 1, -1))]
-    return None
+    try:
+        return bracex.expand(pattern, limit=MAX_BRACE_EXPANSIONS)
+    except bracex.ExpansionLimitException:
+        raise UsageError(f"the pattern {pattern!r} expands to more than {MAX_BRACE_EXPANSIONS:,} names",
+                         hint="Use a shorter range, or a glob such as checkpoint-*.") from None
 
 
 def glob_folders(pattern: str) -> list[Path]:
@@ -259,6 +196,15 @@ def _subdirs(path: Path) -> list[Path]:
         return []
 
 
+def _latest_tag(folder: Path) -> str:
+    """The tag ``latest`` names, read bounded; an unusable one gives a name no folder has (detection then says why)."""
+    try:
+        tag = read_text(folder / "latest", MAX_TAG_BYTES, what="'latest'").strip()
+    except ConsolidateError:
+        return "latest"
+    return tag if tag and "/" not in tag and "\0" not in tag and tag not in (".", "..") else "latest"
+
+
 def inspect_input(path: Path) -> InputFolder:
     """Classify a folder and list its checkpoints (names only; no file is opened)."""
     path = Path(path)
@@ -284,7 +230,7 @@ def inspect_input(path: Path) -> InputFolder:
         tags.sort(key=lambda c: c.step or 0)
         latest = tags[-1]
         if (path / "latest").is_file():
-            tag = (path / "latest").read_text().strip()
+            tag = _latest_tag(path)
             named = [c for c in tags if c.name == tag]
             latest = named[0] if named else Checkpoint(tag, step_of(tag), path / tag)
         return InputFolder(path, "deepspeed_save", tags, latest, path)
@@ -326,9 +272,9 @@ def collect_inputs(input_dir: Path | None = None, input_pattern: str | None = No
         return [inspect_input(p) for p in hits]
     assert input_list is not None
     try:
-        lines = Path(input_list).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise UsageError(f"cannot read --input-list: {exc.strerror}", path=input_list) from None
+        lines = read_text(input_list, MAX_LIST_BYTES, what="--input-list", error=UsageError).splitlines()
+    except UsageError as exc:
+        raise UsageError(f"cannot use --input-list: {exc.message}", path=input_list) from None
     entries = [ln.strip() for ln in lines]
     entries = [e for e in entries if e and not e.startswith("#")]
     if not entries:
@@ -359,10 +305,16 @@ def template_fields(template: str) -> list[str]:
         UsageError: Malformed template or unknown field.
     """
     try:
-        fields = [f for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
         raise UsageError(f"bad --naming-template {template!r}: {exc}") from None
-    for f in fields:
+    fields = [f for f, _, _ in parsed]
+    for f, spec, conv in parsed:
+        # Every field is a string, so a format spec such as {step:x} or {step:05d} could only fail at run time.
+        if spec or conv:
+            raise UsageError(f"--naming-template field {{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}} "
+                             "has a conversion or format spec; fields are plain text",
+                             hint="Write the field bare, e.g. {step}.")
         if f not in TEMPLATE_FIELDS:
             raise UsageError(f"unknown field {{{f}}} in --naming-template",
                              hint="Use " + ", ".join("{" + x + "}" for x in TEMPLATE_FIELDS) + ".")
@@ -390,9 +342,14 @@ def render_name(template: str, fields: dict[str, str]) -> str:
         UsageError: The name is empty, hidden, or contains a path separator.
     """
     name = template.format(**fields)
-    if not name or name in (".", "..") or "/" in name or os.sep in name or name.startswith("."):
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name or name.startswith("."):
         raise UsageError(f"--naming-template gives {name!r}, which is not a usable folder name",
                          hint="The template must give one non-hidden folder name, without '/'.")
+    # The staging folder (.<name>.batch-XXXXXXXX) holds convert's own temporary sibling, which adds more.
+    overhead = 1 + len(_PARTIAL_TAG) + 8 + TEMP_NAME_OVERHEAD + 1
+    if len(name.encode("utf-8", "surrogateescape")) + overhead > NAME_MAX:
+        raise UsageError(f"--naming-template gives a {len(name.encode())}-byte name; at most "
+                         f"{NAME_MAX - overhead} bytes fit with the temporary names", hint="Use a shorter template.")
     return name
 
 
@@ -933,8 +890,9 @@ def _worker_main(conn: Any, lock_path: str) -> None:
 def _worker_job(conn: Any, spec: dict[str, Any]) -> None:
     import resource
 
-    from vllm_consolidate.convert import ConvertOptions, convert, publish
+    from vllm_consolidate.convert import ConvertOptions, convert
     from vllm_consolidate.planner import DTYPES_BY_NAME
+    from vllm_consolidate.publish import publish
 
     staging = Path(spec["staging"])
     last = [0.0]

@@ -32,6 +32,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (E.VllmUnavailableError, 10),
     (E.VllmLoadError, 10),
     (E.BatchError, 11),
+    (E.OutputNotWritableError, 12),
     (E.ConsolidateError, 1),
     (KeyboardInterrupt, 130),
 ]

@@ -8,26 +8,18 @@ temporary folder is removed and ``--output`` is left as it was.
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vllm_consolidate import dtypes, readers
-from vllm_consolidate.assets import Assets, copy_assets, find_assets, read_config, search_chain
+from vllm_consolidate import publish as pub
+from vllm_consolidate.assets import Assets, asset_bytes, copy_assets, find_assets, read_config, search_chain
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import (
-    ConfigNotFoundError,
-    InsufficientDiskError,
-    OutputExistsError,
-    UsageError,
-    ValidationFailedError,
-)
+from vllm_consolidate.errors import ConfigNotFoundError, UsageError, ValidationFailedError
 from vllm_consolidate.planner import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
 from vllm_consolidate.source import SourceModel, TensorSpec
 from vllm_consolidate.writer import write_plan
@@ -195,47 +187,6 @@ def _config_dtype(plan: OutputPlan) -> str:
     return dtype_name(max(weight, key=weight.__getitem__)) if weight else "float32"
 
 
-def _preflight_disk(output: Path, need: int) -> None:
-    parent = output.parent
-    free = shutil.disk_usage(parent).free
-    margin = 64 * 2**20 + need // 100
-    if free < need + margin:
-        raise InsufficientDiskError(
-            f"not enough disk space: the output needs {need / 1e9:.2f} GB, {free / 1e9:.2f} GB is free",
-            path=parent,
-        )
-
-
-def publish(tmp: Path, output: Path, force: bool) -> None:
-    """Move the finished temporary folder to ``output``; an old output is removed only afterwards."""
-    if output.exists():
-        if not force:
-            raise OutputExistsError("output already exists", path=output)
-        old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(output, old)
-        try:
-            os.rename(tmp, output)
-        except BaseException:
-            os.rename(old, output)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, output)
-
-
-def temporary_sibling(output: Path) -> Path:
-    """A fresh hidden folder next to ``output``, on the same file system so the final rename is atomic."""
-    return output.with_name(f".{output.name}.partial-{uuid.uuid4().hex[:8]}")
-
-
-def _is_within(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 @dataclass
 class Conversion:
     """Everything decided about one conversion before any tensor byte is read."""
@@ -260,14 +211,13 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     if opts.fmt not in ("safetensors", "bin"):
         raise UsageError(f"unknown format {opts.fmt}")
     detected = readers.detect(Path(opts.input), opts.input_type, opts.checkpoint_dir)
-    output = Path(opts.output).absolute()
-    if output.resolve() == Path(opts.input).resolve() or _is_within(output, detected.weights_dir):
-        raise UsageError("--output must not be the input folder or inside it; the input is never modified",
-                         path=output, hint="Choose an output folder outside the checkpoint.")
+    inputs = [Path(opts.input), detected.weights_dir] + ([Path(opts.checkpoint_dir)] if opts.checkpoint_dir else [])
+    pub.check_output_location(Path(opts.output), inputs)
     source = readers.read(detected)
     chain = search_chain(detected.weights_dir, Path(opts.input))
-    assets = find_assets(chain + [d for d in source.asset_dirs if d not in chain], opts.base_model_name)
-    warnings: list[str] = []
+    assets = find_assets(chain + [d for d in source.asset_dirs if d not in chain], opts.base_model_name,
+                         roots=[chain[-1], Path(opts.input).absolute()])
+    warnings: list[str] = list(assets.skipped)
     if assets.config is None:
         reason = f" ({assets.base_model_error})" if assets.base_model_error else ""
         raise ConfigNotFoundError(
@@ -294,89 +244,91 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     """
     started = time.monotonic()
     output = Path(opts.output).absolute()
-    if output.exists() and not opts.force:
-        raise OutputExistsError("output already exists", path=output)
+    pub.check_output_name(output)
+    # The full location check (with the detected weights folder) runs in plan_conversion; this one
+    # comes first so that a --force over a parent of the input is refused for what it is.
+    pub.check_output_location(output, [Path(opts.input)] + ([Path(opts.checkpoint_dir)] if opts.checkpoint_dir else []))
+    pub.check_replaceable(output, opts.force)
     conv = plan_conversion(opts)
-    detected, source, assets, config, plan = conv.detected, conv.source, conv.assets, conv.config, conv.plan
-    dropped, warnings = conv.dropped, conv.warnings
+    plan, assets = conv.plan, conv.assets
+    info = dict(conv.source.info, how=conv.detected.how, weights_dir=str(conv.detected.weights_dir))
+    common = dict(tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
+                  output_dtype=_config_dtype(plan), assets=assets.origin(), warnings=conv.warnings, detected=info)
+    if conv.source.kind == "hf_single" and not opts.force and _unchanged_single(conv.source, plan):
+        return ConvertResult(output=conv.detected.weights_dir, status="already_consolidated", files=[],
+                             bytes_read=0, bytes_written=0, seconds=time.monotonic() - started, **common)
 
-    info = dict(source.info)
-    info["how"] = detected.how
-    info["weights_dir"] = str(detected.weights_dir)
-    if source.kind == "hf_single" and not opts.force and _unchanged_single(source, plan):
-        return ConvertResult(
-            output=detected.weights_dir, status="already_consolidated", detected=info,
-            files=[], tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
-            bytes_read=0, bytes_written=0, output_dtype=_config_dtype(plan),
-            seconds=time.monotonic() - started, assets=assets.origin(), warnings=warnings,
-        )
+    pub.clean_stale(output)
+    parents = pub.CreatedParents(output)
+    try:
+        parents.make()
+        pub.preflight_disk(output, plan.total_size + asset_bytes(assets))
+        written, report = _write_and_publish(opts, conv, output)
+    except OSError as exc:
+        parents.remove()
+        mapped = pub.os_error(exc, output)
+        if mapped is None:
+            raise
+        raise mapped from exc
+    except BaseException:
+        parents.remove()
+        raise
+    return ConvertResult(
+        output=output, status="converted", files=written,
+        bytes_read=sum(t.spec.nbytes for t in plan.tensors),
+        bytes_written=sum((output / f).stat().st_size for f in written),
+        seconds=time.monotonic() - started, dropped=conv.dropped, renamed=dict(conv.source.renamed),
+        validation=report.to_dict() if report is not None else None, **common,
+    )
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _preflight_disk(output, plan.total_size)
+
+def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path) -> tuple[list[str], Any]:
+    """Stream the weights and assets into a locked temporary sibling, validate it, and rename it into place."""
+    plan, config = conv.plan, conv.config
     out_dtype = _config_dtype(plan)
     config["torch_dtype"] = out_dtype
     config["dtype"] = out_dtype
+    total, done, lock = plan.total_size, 0, threading.Lock()
 
-    tmp = temporary_sibling(output)
-    tmp.mkdir()
-    try:
-        total = plan.total_size
-        done = 0
-        lock = threading.Lock()
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        with lock:
+            done += n
+            if opts.progress:
+                opts.progress(done, total)
 
-        def on_bytes(n: int) -> None:
-            nonlocal done
-            with lock:
-                done += n
-                if opts.progress:
-                    opts.progress(done, total)
-
+    with pub.Staging(output) as staging:
+        tmp = staging.path
         written = [p.name for p in write_plan(plan, tmp, on_bytes)]
-        written += copy_assets(assets, tmp, config)
-        report = None
-        if opts.validate:
-            from vllm_consolidate.compare import Reference
-            from vllm_consolidate.validate import validate_folder
+        written += copy_assets(conv.assets, tmp, config)
+        pub.write_marker(tmp, {"source": str(conv.detected.weights_dir), "input": str(Path(opts.input).absolute()),
+                               "output_dtype": out_dtype, "files": written})
+        report = _validate(opts, conv, tmp, output) if opts.validate else None
+        staging.publish(opts.force)
+    if report is not None:
+        report.path = output  # it ran on the temporary folder, now renamed
+        conv.warnings.extend(report.warning_messages())
+    return written, report
 
-            if opts.on_stage:
-                opts.on_stage("validating the output (--no-validate-vllm skips this)")
 
-            # The sampled comparison with the source proves each tensor landed where the plan put it.
-            sample = Reference(str(detected.weights_dir), {t.name: t.spec for t in plan.tensors}, dropped,
-                               depth="sample")
-            report = validate_folder(tmp, reference=sample)
-            if not report.ok:
-                raise ValidationFailedError(
-                    "the converted folder failed validation: " + "; ".join(report.failure_messages()),
-                    path=output,
-                    hint="Rerun with --no-validate-vllm to keep the output anyway and inspect it.",
-                    report=report,
-                )
-            warnings.extend(report.warning_messages())
-        publish(tmp, output, opts.force)
-        if report is not None:
-            report.path = output  # it ran on the temporary folder, now renamed
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _validate(opts: ConvertOptions, conv: Conversion, tmp: Path, output: Path) -> Any:
+    from vllm_consolidate.compare import Reference
+    from vllm_consolidate.validate import validate_folder
 
-    return ConvertResult(
-        output=output,
-        status="converted",
-        detected=info,
-        files=written,
-        tensors=len(plan.tensors),
-        parameters=sum(t.spec.numel for t in plan.tensors),
-        bytes_read=sum(t.spec.nbytes for t in plan.tensors),
-        bytes_written=sum((output / f).stat().st_size for f in written),
-        output_dtype=out_dtype,
-        seconds=time.monotonic() - started,
-        assets=assets.origin(),
-        dropped=dropped,
-        renamed=dict(source.renamed),
-        warnings=warnings,
-        validation=report.to_dict() if report is not None else None,
-    )
+    if opts.on_stage:
+        opts.on_stage("validating the output (--no-validate-vllm skips this)")
+    # The sampled comparison with the source proves each tensor landed where the plan put it.
+    sample = Reference(str(conv.detected.weights_dir), {t.name: t.spec for t in conv.plan.tensors}, conv.dropped,
+                       depth="sample")
+    report = validate_folder(tmp, reference=sample)
+    if not report.ok:
+        raise ValidationFailedError(
+            "the converted folder failed validation: " + "; ".join(report.failure_messages()),
+            path=output,
+            hint="Rerun with --no-validate-vllm to keep the output anyway and inspect it.",
+            report=report,
+        )
+    return report
 
 
 def _unchanged_single(source: SourceModel, plan: OutputPlan) -> bool:

@@ -82,6 +82,18 @@ class InsufficientDiskError(ConsolidateError):
     default_hint = "Free disk space, write elsewhere, or use --dtype bfloat16 to halve the output."
 
 
+class OutputNotWritableError(ConsolidateError):
+    """The output location cannot be written: a read-only or immutable file system or folder, or no permission."""
+
+    default_hint = "Write somewhere you can write to, or fix the folder's permissions."
+
+
+class ConfigInvalidError(ConfigNotFoundError):
+    """A config.json was found but is not usable (not UTF-8, not JSON, not an object, too large)."""
+
+    default_hint = "Fix the config.json (it must be a JSON object), or pass --base-model-name with a good one."
+
+
 class UsageError(ConsolidateError):
     """The options given do not make sense together."""
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import CorruptCheckpointError
 from vllm_consolidate.planner import OutputPlan, PlannedFile, PlannedTensor, safetensors_header
+from vllm_consolidate.safe_io import open_regular
 from vllm_consolidate.source import Segment, sub_segments
 
 CHUNK_BYTES = 16 * 2**20
@@ -72,7 +73,7 @@ class _Files:
     def fd(self, path: str) -> int:
         with self._lock:
             if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
+                self._fds[path] = open_regular(path)  # a FIFO swapped in after reading must not block
             return self._fds[path]
 
     def close(self) -> None:
