@@ -98,7 +98,9 @@ def test_every_case_converts_bit_exact_fp32(name, corpus, tmp_path):
     _assert_equal(_truth(name, case, meta["checkpoints"][-1], tmp_path), _load_out(out), torch.float32)
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "float32"
-    assert not any(p.name.startswith((".", "zero_to", "training_args", "rng", "trainer_state")) for p in out.iterdir())
+    # Only our marker (provenance, and the proof that --force may replace the folder) is hidden.
+    assert not any(p.name.startswith((".", "zero_to", "training_args", "rng", "trainer_state")) for p in out.iterdir()
+                   if p.name != ".vllm-consolidate.json")
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
@@ -291,10 +293,10 @@ def test_input_is_never_modified_and_force_replaces_only_after_success(corpus, t
 def test_disk_preflight(corpus, tmp_path, monkeypatch, capsys):
     import shutil as sh
 
-    from vllm_consolidate import convert as conv
+    from vllm_consolidate import publish
 
     real = sh.disk_usage
-    monkeypatch.setattr(conv.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(publish.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     out = tmp_path / "out"
     code = _convert(["--input", str(corpus["qwen2_z3_w2_bf16_tied"] / "ckpt"), "--output", str(out)])
     assert code == 7 and "not enough disk space" in capsys.readouterr().err
