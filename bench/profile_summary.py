@@ -21,7 +21,7 @@ from pathlib import Path
 RULES: list[tuple[str, tuple[str, ...]]] = [
     # py-spy records Python frames, so a system call shows as the writer function that makes it.
     ("copy_file_range (same dtype)", ("copy_file_range", "_copy_bytes ")),
-    ("preadv (read fp32)", ("preadv", "_read_into ")),
+    ("preadv (read fp32)", ("preadv", "read_into ")),
     ("start writeback (sync_file_range)", ("start_writeback", "sync_file_range")),
     ("cast (numpy / ml_dtypes)", ("cast_into", "copyto", "_cast ")),
     ("pwrite", ("pwrite", "_run_job ")),

@@ -363,7 +363,7 @@ def writer_version() -> dict[str, Any]:
     """Which writer.py is measured (it is edited by others while benchmarks run)."""
     import hashlib
 
-    from vllm_consolidate import writer
+    from vllm_consolidate.write import safetensors as writer
 
     path = Path(writer.__file__)
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)

@@ -1,6 +1,6 @@
 """A/B of the writer's tuning choices, in-process, without editing ``writer.py``.
 
-Variants (set on ``vllm_consolidate.writer`` around ``convert``), alternated inside every repetition,
+Variants (set on ``vllm_consolidate.write.safetensors`` around ``convert``), alternated inside every repetition,
 inputs read once before each run (warm cache), output fsync-ed as usual, median reported:
 
 * ``base``: writer.py as it is;
@@ -25,8 +25,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from vllm_consolidate import dtypes, writer
+from vllm_consolidate import dtypes
 from vllm_consolidate.convert import ConvertOptions, convert
+from vllm_consolidate.write import safetensors as writer
 
 ORIG = {"CAST_CHUNK_BYTES": writer.CAST_CHUNK_BYTES, "WORKERS": writer.WORKERS,
         "start_writeback": writer.start_writeback}

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tests.corpus import build
 
 from vllm_consolidate import batch as B
-from vllm_consolidate import cli_batch
+from vllm_consolidate.cli import batch as cli_batch
 from vllm_consolidate.errors import BatchError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tests.corpus import build
 
-from vllm_consolidate import cli, writer
-from vllm_consolidate.compare import SAMPLE_WHOLE_ELEMENTS, _ranges
+from vllm_consolidate import cli
+from vllm_consolidate.validate.source import SAMPLE_WHOLE_ELEMENTS, _ranges
+from vllm_consolidate.write import safetensors as writer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -293,7 +293,7 @@ def test_input_is_never_modified_and_force_replaces_only_after_success(corpus, t
 def test_disk_preflight(corpus, tmp_path, monkeypatch, capsys):
     import shutil as sh
 
-    from vllm_consolidate import publish
+    from vllm_consolidate.write import publish
 
     real = sh.disk_usage
     monkeypatch.setattr(publish.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
@@ -446,6 +446,6 @@ def test_peak_rss_is_bounded_by_largest_tensor(dtype, corpus, tmp_path):
 
 def _baseline_rss() -> int:
     probe = _RSS_PROBE.replace("code = cli.convert_main(args) if args else 0",
-                               "import torch, vllm_consolidate.convert, vllm_consolidate.writer; code = 0")
+                               "import torch, vllm_consolidate.convert, vllm_consolidate.write.safetensors; code = 0")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     return int(proc.stdout.rsplit("MAXRSS", 1)[1])

@@ -19,7 +19,7 @@ from tests.corpus import build
 from tests.corpus.common import model_config
 
 from vllm_consolidate import cli
-from vllm_consolidate.vllm_load import run_vllm_probe, transformers_greedy
+from vllm_consolidate.validate.load import run_vllm_probe, transformers_greedy
 
 DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 150], [64, 65, 66, 67, 68, 69]]

@@ -225,7 +225,7 @@ def test_disk_filling_up_while_writing_is_exit_7(ckpt: Path, tmp_path: Path) -> 
         filler = mnt / "filler"
         code = (
             "import os, sys, runpy\n"
-            "from vllm_consolidate import publish\n"
+            "from vllm_consolidate.write import publish\n"
             "real = publish.preflight_disk\n"
             "def fill(output, need):\n"
             "    real(output, need)\n"

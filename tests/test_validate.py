@@ -462,7 +462,7 @@ def test_missing_folder_is_input_error(tmp_path: Path, capsys: pytest.CaptureFix
 # -- --load wiring (the real load tier is tested in test_vllm_load.py) --------------------------------
 
 def _fake_compare(equal: bool):
-    from vllm_consolidate.vllm_load import LoadReport
+    from vllm_consolidate.validate.load import LoadReport
 
     def compare_load(model_dir, python=None, prompts=(), max_tokens=8, **_):
         hf = [[5] * max_tokens]
@@ -478,7 +478,7 @@ def _fake_compare(equal: bool):
 @pytest.mark.parametrize("equal", [True, False])
 def test_load_flag_adds_vllm_load_check(folders: dict[str, Path], capsys: pytest.CaptureFixture[str],
                                         monkeypatch: pytest.MonkeyPatch, equal: bool) -> None:
-    from vllm_consolidate import vllm_load
+    from vllm_consolidate.validate import load as vllm_load
 
     monkeypatch.setattr(vllm_load, "compare_load", _fake_compare(equal))
     code, text = _validate(folders["good"], capsys, "--load", "--vllm-python", "/x/python", "--max-tokens", "4",
@@ -496,7 +496,7 @@ def test_load_flag_adds_vllm_load_check(folders: dict[str, Path], capsys: pytest
 
 def test_load_skipped_when_static_checks_fail(broken, capsys: pytest.CaptureFixture[str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from vllm_consolidate import vllm_load
+    from vllm_consolidate.validate import load as vllm_load
 
     monkeypatch.setattr(vllm_load, "compare_load", lambda *a, **k: pytest.fail("must not load a broken folder"))
     folder = broken()
@@ -510,7 +510,7 @@ def test_load_skipped_when_static_checks_fail(broken, capsys: pytest.CaptureFixt
                                            (VllmLoadError("vLLM could not load or run the model: boom"), 10)])
 def test_load_errors_are_clear(folders: dict[str, Path], capsys: pytest.CaptureFixture[str],
                                monkeypatch: pytest.MonkeyPatch, exc: Exception, code: int) -> None:
-    from vllm_consolidate import vllm_load
+    from vllm_consolidate.validate import load as vllm_load
 
     def raise_(*_a, **_k):
         raise exc

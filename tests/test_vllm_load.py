@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from vllm_consolidate.errors import ConsolidateError, VllmLoadError, VllmUnavailableError
-from vllm_consolidate.vllm_load import LoadReport, compare_load, resolve_vllm_python, run_vllm_probe
+from vllm_consolidate.validate.load import LoadReport, compare_load, resolve_vllm_python, run_vllm_probe
 
 # <repo>/.venv-vllm, where scripts/setup_vllm_venv.sh puts it (/work/main/.venv-vllm here; CI runs in
 # a fresh clone elsewhere, so this is relative to the repository, not a fixed path).

@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 
 try:
-    from vllm_consolidate.cli_batch import main
+    from vllm_consolidate.cli.batch import main
 except ImportError:  # run from a clone without installing: use the src/ layout directly
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from vllm_consolidate.cli_batch import main
+    from vllm_consolidate.cli.batch import main
 
 if __name__ == "__main__":
     sys.exit(main())

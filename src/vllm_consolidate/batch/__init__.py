@@ -1,7 +1,7 @@
 """Batch consolidation: plan many conversions, run them in worker processes, resume where a batch stopped.
 
 This module never prints; it reports through the ``on_event`` callback and its return values. The
-CLI (:mod:`vllm_consolidate.cli_batch`) does the printing.
+CLI (:mod:`vllm_consolidate.cli.batch`) does the printing.
 
 Inputs
 ------
@@ -97,10 +97,10 @@ from typing import Any
 
 from vllm_consolidate import __version__
 from vllm_consolidate.errors import BatchError, ConsolidateError, InputNotFoundError, UsageError
-from vllm_consolidate.publish import MARKER_FORMAT, MARKER_NAME, NAME_MAX, TEMP_NAME_OVERHEAD
 from vllm_consolidate.readers.deepspeed import is_zero_checkpoint_folder, step_of
 from vllm_consolidate.readers.hf import is_hf_folder
 from vllm_consolidate.safe_io import MAX_LIST_BYTES, MAX_TAG_BYTES, read_text
+from vllm_consolidate.write.publish import MARKER_FORMAT, MARKER_NAME, NAME_MAX, TEMP_NAME_OVERHEAD
 
 MANIFEST_NAME = MARKER_NAME  # the batch's manifest extends the marker every output holds
 MANIFEST_FORMAT = MARKER_FORMAT
@@ -622,8 +622,8 @@ def ram_margin() -> int:
 
 
 def estimate_peak_ram(plan: Any) -> int:
-    """Peak RSS of one worker converting ``plan`` (an :class:`~vllm_consolidate.planner.OutputPlan`)."""
-    from vllm_consolidate.writer import CAST_CHUNK_BYTES, CHUNK_BYTES, WORKERS
+    """Peak RSS of one worker converting ``plan`` (an :class:`~vllm_consolidate.plan.shards.OutputPlan`)."""
+    from vllm_consolidate.write.safetensors import CAST_CHUNK_BYTES, CHUNK_BYTES, WORKERS
 
     tensors = plan.tensors
     base = JOB_BASE_RSS + PER_TENSOR_RSS * len(tensors)
@@ -637,7 +637,7 @@ def estimate_peak_ram(plan: Any) -> int:
 def _estimate(job: Job, opts: BatchOptions) -> None:
     """Fill in a job's detected type, size and memory estimates and source fingerprint (metadata only)."""
     from vllm_consolidate.convert import ConvertOptions, plan_conversion
-    from vllm_consolidate.planner import DTYPES_BY_NAME
+    from vllm_consolidate.plan.shards import DTYPES_BY_NAME
 
     conv = plan_conversion(ConvertOptions(
         input=job.input, output=job.output, input_type=opts.input_type, checkpoint_dir=job.checkpoint,
@@ -891,8 +891,8 @@ def _worker_job(conn: Any, spec: dict[str, Any]) -> None:
     import resource
 
     from vllm_consolidate.convert import ConvertOptions, convert
-    from vllm_consolidate.planner import DTYPES_BY_NAME
-    from vllm_consolidate.publish import publish
+    from vllm_consolidate.plan.shards import DTYPES_BY_NAME
+    from vllm_consolidate.write.publish import publish
 
     staging = Path(spec["staging"])
     last = [0.0]

@@ -35,10 +35,10 @@ import numpy as np
 
 from vllm_consolidate import readers
 from vllm_consolidate.casts import NUMPY_DTYPES, cast_into
+from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
 from vllm_consolidate.readers.hf import StoredTensor
 from vllm_consolidate.source import TensorSpec, sub_segments
 from vllm_consolidate.validate import FAIL, PASS, WARN, Check, _few
-from vllm_consolidate.writer import iter_chunks
 
 #: Tensors up to this many elements are compared whole even in ``sample`` mode.
 SAMPLE_WHOLE_ELEMENTS = 1 << 16
@@ -85,7 +85,7 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
     Raises:
         ConsolidateError: The source cannot be read.
     """
-    from vllm_consolidate.convert import output_tensors
+    from vllm_consolidate.plan.names import output_tensors
 
     detected = readers.detect(Path(source), input_type, Path(checkpoint_dir) if checkpoint_dir else None)
     model = readers.read(detected)
@@ -218,14 +218,6 @@ def _differences(t: StoredTensor, spec: TensorSpec, ranges: list[tuple[int, int]
             pos += k
             n += k
     return first_diff, n_diff, n
-
-
-def equal_bytes(a: memoryview, b: memoryview) -> bool:
-    """Whether two buffers hold the same bytes.
-
-    numpy compares at memory speed; ``memoryview == memoryview`` unpacks element by element (~8x slower).
-    """
-    return len(a) == len(b) and bool(np.array_equal(np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8)))
 
 
 def _differing(got: memoryview, want: memoryview, dtype: Any) -> Any:

@@ -1,6 +1,6 @@
 """Standalone probe: load a model folder with real vLLM and greedy-generate tokens.
 
-This file is NOT imported by the package. :mod:`vllm_consolidate.vllm_load` runs it as a script
+This file is NOT imported by the package. :mod:`vllm_consolidate.validate.load` runs it as a script
 with an interpreter that has vLLM installed (often a separate venv), so it must only use the
 standard library plus vLLM itself.
 

@@ -2,7 +2,7 @@
 
 ``vllm-consolidate validate DIR`` prints one line per check (PASS / WARN / FAIL) and exits non-zero
 when any check failed (a :class:`~vllm_consolidate.errors.ValidationFailedError`; the code comes from
-``cli.EXIT_CODES``). ``--json`` prints the report as one JSON document instead; ``--load`` adds the
+``cli.common.EXIT_CODES``). ``--json`` prints the report as one JSON document instead; ``--load`` adds the
 real-vLLM load tier.
 """
 
@@ -63,7 +63,7 @@ def _default_vllm_python() -> str | None:
 
     None lets the load tier use this interpreter when it can import vLLM.
     """
-    from vllm_consolidate import vllm_load
+    from vllm_consolidate.validate import load as vllm_load
 
     candidates = [os.environ.get("VLLM_PYTHON"), getattr(vllm_load, "DEFAULT_VLLM_PYTHON", None),
                   str(Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python")]
@@ -94,7 +94,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         VllmUnavailableError: ``--load`` without an interpreter that has vLLM.
         VllmLoadError: ``--load`` and vLLM failed to load or run the folder.
     """
-    from vllm_consolidate.cli import exit_code
+    from vllm_consolidate.cli.common import exit_code
     from vllm_consolidate.errors import InputNotFoundError, UsageError
     from vllm_consolidate.validate import add_load_check, validate_folder
 
@@ -108,7 +108,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         python = _default_vllm_python()
     reference = None
     if args.against is not None:
-        from vllm_consolidate.compare import reference_for_folder
+        from vllm_consolidate.validate.source import reference_for_folder
 
         reference = reference_for_folder(folder, args.against, input_type=args.against_type)
     report = validate_folder(folder, scan_values=args.scan_values, reference=reference)

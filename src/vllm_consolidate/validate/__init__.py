@@ -33,9 +33,9 @@ Tokenizer
     ``tokenizer`` (loads), ``tokenizer_roundtrip``, ``special_tokens`` (ids < vocab_size),
     ``chat_template`` (warn if absent).
 Against the source (only with a reference)
-    ``source_tensors`` and ``source_values`` (:mod:`vllm_consolidate.compare`).
+    ``source_tensors`` and ``source_values`` (:mod:`vllm_consolidate.validate.source`).
 Load tier (only when asked)
-    ``vllm_load``: real vLLM's greedy tokens equal transformers' (:mod:`vllm_consolidate.vllm_load`).
+    ``vllm_load``: real vLLM's greedy tokens equal transformers' (:mod:`vllm_consolidate.validate.load`).
 
 Decisions:
     * ``vocab_size`` must equal the embedding rows exactly. Fewer rows fail (ids the config allows have
@@ -56,10 +56,10 @@ Decisions:
       alone detects it. No cheap statistic (row versus column norms and the like) tells a random or
       trained square matrix from its transpose reliably, so none is used. The load tier does not
       catch it either: vLLM and transformers read the same bytes and agree on the same wrong answer.
-      The source checkpoint does tell: with a :class:`~vllm_consolidate.compare.Reference`
+      The source checkpoint does tell: with a :class:`~vllm_consolidate.validate.source.Reference`
       (``validate --against SOURCE``, and a sampled one after every conversion), the
       ``source_tensors`` and ``source_values`` checks compare the folder with the source and name a
-      transposed tensor as such (:mod:`vllm_consolidate.compare`).
+      transposed tensor as such (:mod:`vllm_consolidate.validate.source`).
 """
 
 from __future__ import annotations
@@ -83,11 +83,11 @@ import torch
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import CorruptCheckpointError, UnsafePickleError, UnsupportedCheckpointError
+from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
 from vllm_consolidate.readers.hf import StoredTensor, stored_bin, stored_safetensors
-from vllm_consolidate.writer import iter_chunks
 
 if TYPE_CHECKING:
-    from vllm_consolidate.compare import Reference
+    from vllm_consolidate.validate.source import Reference
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 
@@ -743,7 +743,7 @@ class _Validator:
         return Check("values", PASS, f"no NaN or Inf in {scanned / 1e6:.1f} MB of floating-point weights")
 
     def check_against_reference(self) -> list[Check]:
-        from vllm_consolidate.compare import compare_with_reference
+        from vllm_consolidate.validate.source import compare_with_reference
 
         assert self.reference is not None
         return compare_with_reference(self.stored.tensors, self.reference)
@@ -865,7 +865,7 @@ def _same_bytes(a: StoredTensor, b: StoredTensor, chunk: int) -> bool:
         return False
     if a.path == b.path and a.offset == b.offset:
         return True  # one storage saved under two names
-    from vllm_consolidate.compare import equal_bytes
+
 
     chunks = zip(iter_chunks(a.segments, chunk, buffer=bytearray(chunk)),
                  iter_chunks(b.segments, chunk, buffer=bytearray(chunk)))
@@ -920,7 +920,7 @@ def load_check(folder: str | os.PathLike[str], *, python: str | os.PathLike[str]
         VllmUnavailableError: No interpreter with vLLM.
         VllmLoadError: vLLM failed to load or run the folder.
     """
-    from vllm_consolidate import vllm_load
+    from vllm_consolidate.validate import load as vllm_load
 
     kwargs: dict[str, Any] = {"python": python, "max_tokens": max_tokens}
     if prompts is not None:
@@ -993,7 +993,7 @@ def validate_folder(
         max_tokens: Tokens per prompt for the load tier.
         chunk_bytes: Read size of the value scan.
         reference: The source the folder was made from; adds the ``source_tensors`` and
-            ``source_values`` checks (:func:`vllm_consolidate.compare.reference_for_folder`).
+            ``source_values`` checks (:func:`vllm_consolidate.validate.source.reference_for_folder`).
 
     Returns:
         The report; ``report.ok`` is False when any check failed.

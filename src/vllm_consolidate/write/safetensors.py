@@ -33,7 +33,6 @@ import json
 import os
 import pickle
 import sys
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -41,9 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import CorruptCheckpointError
-from vllm_consolidate.planner import OutputPlan, PlannedFile, PlannedTensor, safetensors_header
-from vllm_consolidate.safe_io import open_regular
+from vllm_consolidate.plan.shards import OutputPlan, PlannedFile, PlannedTensor, safetensors_header
+from vllm_consolidate.read.ranges import OpenFiles, check_read, iter_chunks, read_into, thread_buffer
 from vllm_consolidate.source import Segment, sub_segments
 
 CHUNK_BYTES = 16 * 2**20
@@ -63,34 +61,7 @@ class _Job:
     dst_offset: int  # absolute offset in the output file of the chunk's first byte
 
 
-class _Files:
-    """Read-only descriptors for source files, opened once and shared by the worker threads."""
-
-    def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def fd(self, path: str) -> int:
-        with self._lock:
-            if path not in self._fds:
-                self._fds[path] = open_regular(path)  # a FIFO swapped in after reading must not block
-            return self._fds[path]
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _check_read(got: int, want: int, seg: Segment) -> None:
-    if got != want:
-        raise CorruptCheckpointError(
-            f"file ended early: wanted {want} bytes at offset {seg.offset}, got {got}; it is probably truncated",
-            path=seg.path,
-        )
-
-
-def _copy_bytes(files: _Files, out_fd: int, segs: Iterator[Segment], dst: int) -> int:
+def _copy_bytes(files: OpenFiles, out_fd: int, segs: Iterator[Segment], dst: int) -> int:
     done = 0
     for seg in segs:
         src_fd = files.fd(seg.path)
@@ -101,7 +72,7 @@ def _copy_bytes(files: _Files, out_fd: int, segs: Iterator[Segment], dst: int) -
             except OSError:
                 n = _copy_fallback(src_fd, out_fd, left, off, dst + done)
             if n == 0:
-                _check_read(seg.nbytes - left, seg.nbytes, seg)
+                check_read(seg.nbytes - left, seg.nbytes, seg)
             off += n
             left -= n
             done += n
@@ -114,67 +85,11 @@ def _copy_fallback(src_fd: int, out_fd: int, count: int, src: int, dst: int) -> 
     return os.pwrite(out_fd, data, dst) if data else 0
 
 
-def _read_into(files: _Files, buf: memoryview, segs: Iterator[Segment]) -> None:
-    pos = 0
-    for seg in segs:
-        view = buf[pos : pos + seg.nbytes]
-        got = os.preadv(files.fd(seg.path), [view], seg.offset)
-        while 0 < got < seg.nbytes:  # preadv may return short on large requests
-            more = os.preadv(files.fd(seg.path), [view[got:]], seg.offset + got)
-            if more == 0:
-                break
-            got += more
-        _check_read(got, seg.nbytes, seg)
-        pos += seg.nbytes
-
-
-_local = threading.local()
-
-
-def _buffer(nbytes: int, slot: str = "src") -> memoryview:
-    """A per-thread buffer reused across chunks, so a long run allocates nothing per chunk."""
-    buf = getattr(_local, slot, None)
-    if buf is None or len(buf) < nbytes:
-        buf = bytearray(max(nbytes, 1))
-        setattr(_local, slot, buf)
-    return memoryview(buf)[:nbytes]
-
-
-def iter_chunks(segments: list[Segment], chunk_bytes: int, *, buffer: bytearray | None = None,
-                files: _Files | None = None) -> Iterator[memoryview]:
-    """A tensor's bytes (the concatenation of ``segments``) as consecutive chunks of ``chunk_bytes``.
-
-    Each chunk is read with ``os.preadv`` into one reused buffer (``buffer``, else the calling
-    thread's), so a chunk is valid only until the next one is yielded; the last may be shorter.
-
-    Args:
-        segments: Where the bytes are.
-        chunk_bytes: Bytes per chunk (a multiple of the item size keeps elements whole).
-        buffer: Memory of at least ``chunk_bytes`` to read into; for two iterations at once.
-        files: Open descriptors to share; by default the files are opened here and closed at the end.
-
-    Raises:
-        CorruptCheckpointError: A file ends before its segment does.
-    """
-    own = files is None
-    files = _Files() if files is None else files
-    total = sum(seg.nbytes for seg in segments)
-    try:
-        for start in range(0, total, chunk_bytes):
-            n = min(chunk_bytes, total - start)
-            view = _buffer(n) if buffer is None else memoryview(buffer)[:n]
-            _read_into(files, view, sub_segments(segments, start, n))
-            yield view
-    finally:
-        if own:
-            files.close()
-
-
 def _cast(src: memoryview, src_dtype: DType, dst_dtype: DType, count: int) -> memoryview:
     """Cast ``count`` elements into the thread's output buffer."""
     from vllm_consolidate.casts import cast_into  # numpy is not needed (nor imported) by a plain copy
 
-    out = _buffer(count * dst_dtype.itemsize, "dst")
+    out = thread_buffer(count * dst_dtype.itemsize, "dst")
     cast_into(src, src_dtype, dst_dtype, out)
     return out
 
@@ -207,7 +122,7 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
-def _run_job(files: _Files, out_fd: int, job: _Job) -> int:
+def _run_job(files: OpenFiles, out_fd: int, job: _Job) -> int:
     t = job.tensor
     src_dtype = t.spec.dtype
     src_bytes = job.count * src_dtype.itemsize
@@ -215,8 +130,8 @@ def _run_job(files: _Files, out_fd: int, job: _Job) -> int:
     if src_dtype == t.out_dtype:
         written = _copy_bytes(files, out_fd, ranges, job.dst_offset)
     else:
-        buf = _buffer(src_bytes)
-        _read_into(files, buf, ranges)
+        buf = thread_buffer(src_bytes)
+        read_into(files, buf, ranges)
         data = _cast(buf, src_dtype, t.out_dtype, job.count)
         written = os.pwrite(out_fd, data, job.dst_offset)
         while written < len(data):
@@ -234,7 +149,7 @@ def _jobs(pfile: PlannedFile, base: int) -> Iterator[_Job]:
             yield _Job(t, first, count, base + t.offset + first * t.out_dtype.itemsize)
 
 
-def _run_jobs(files: _Files, out_fd: int, jobs: Iterator[_Job], progress: ProgressFn | None) -> None:
+def _run_jobs(files: OpenFiles, out_fd: int, jobs: Iterator[_Job], progress: ProgressFn | None) -> None:
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="vllmc-write") as pool:
         pending: set = set()
 
@@ -259,7 +174,7 @@ def _run_jobs(files: _Files, out_fd: int, jobs: Iterator[_Job], progress: Progre
 def write_safetensors_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None = None) -> None:
     """Write one planned safetensors file, streaming each tensor into its slot."""
     header = safetensors_header(pfile)
-    files = _Files()
+    files = OpenFiles()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, header)
@@ -317,7 +232,7 @@ def write_bin_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None =
         stubs[t.name] = _TensorStub(_StorageStub(str(i), t.out_dtype, t.spec.numel), t.spec.shape)
     pickled = io.BytesIO()
     _StatePickler(pickled, protocol=2).dump(stubs)
-    files = _Files()
+    files = OpenFiles()
     writer = torch._C.PyTorchFileWriter(str(path))
     try:
         writer.write_record("data.pkl", pickled.getvalue(), len(pickled.getvalue()))

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vllm_consolidate import cli
 from vllm_consolidate import errors as E
+from vllm_consolidate.cli import common
 
 DESCRIPTION = "Consolidate many checkpoints or training runs into folders vLLM loads, in parallel and resumably."
 
@@ -74,7 +74,7 @@ def _batch_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="when deciding whether an output is up to date, also rehash its files")
     ctl.add_argument("--report", type=Path, metavar="FILE.json", help="write a JSON report of the batch")
     model = p.add_argument_group("model options (as for a single conversion, applied to every job)")
-    cli.add_model_options(model)
+    common.add_model_options(model)
     p.set_defaults(func=cmd_batch)
     return p
 
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``batch-consolidate-for-vllm`` and ``python train/batch_consolidate_for_vllm.py``."""
     args = build_parser().parse_args(argv)
-    return cli._run(args.func, args)
+    return common.run(args.func, args)
 
 
 # -- printing -----------------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def _write_report(path: Path | None, data: dict[str, Any]) -> None:
 
 def _fail(args: argparse.Namespace, message: str, report: dict[str, Any]) -> int:
     err = E.BatchError(message)
-    code = cli.exit_code(err)
+    code = common.exit_code(err)
     report.update(ok=False, error=message, exit_code=code)
     _write_report(args.report, report)
     if args.json:
@@ -257,7 +257,7 @@ def _fail(args: argparse.Namespace, message: str, report: dict[str, Any]) -> int
 def cmd_batch(args: argparse.Namespace) -> int:
     """Plan and run a batch; print progress, the summary and the report."""
     from vllm_consolidate import batch as B
-    from vllm_consolidate.planner import parse_size
+    from vllm_consolidate.plan.shards import parse_size
 
     opts = B.BatchOptions(
         output_dir=args.output_dir, input_dir=args.input_dir, input_pattern=args.input_pattern,

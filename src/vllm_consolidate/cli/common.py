@@ -1,0 +1,136 @@
+"""What every command shares: the exit-code table, error printing, SIGTERM, shared options, progress.
+
+Exit codes are decided here and only here, by :data:`EXIT_CODES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+
+from vllm_consolidate import errors as E
+
+# Most specific class first; the first isinstance match decides.
+EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (E.UsageError, 2),
+    (E.InputNotFoundError, 3),
+    (E.UnsafeInputError, 5),
+    (E.CorruptCheckpointError, 4),
+    (E.UnsupportedCheckpointError, 4),
+    (E.OutputExistsError, 6),
+    (E.InsufficientDiskError, 7),
+    (E.ConfigNotFoundError, 8),
+    (E.ValidationFailedError, 9),
+    (E.VllmUnavailableError, 10),
+    (E.VllmLoadError, 10),
+    (E.BatchError, 11),
+    (E.OutputNotWritableError, 12),
+    (E.ConsolidateError, 1),
+    (KeyboardInterrupt, 130),
+]
+INTERNAL_ERROR = 70
+
+
+def exit_code(exc: BaseException) -> int:
+    """The process exit code for an exception."""
+    for cls, code in EXIT_CODES:
+        if isinstance(exc, cls):
+            return code
+    return INTERNAL_ERROR
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    # Turn a kill into an exception so the library's cleanup (removing the temporary folder) runs.
+    raise KeyboardInterrupt
+
+
+def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return func(args)
+    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+        if isinstance(exc, SystemExit):
+            raise
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        if isinstance(exc, E.ConsolidateError):
+            print(f"error: {exc}", file=sys.stderr)
+            if exc.hint:
+                print(f"hint: {exc.hint}", file=sys.stderr)
+        elif isinstance(exc, KeyboardInterrupt):
+            print("error: interrupted; no partial output was left behind", file=sys.stderr)
+        else:
+            print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print("hint: rerun with --debug for the traceback and report it.", file=sys.stderr)
+        if getattr(args, "json", False) and isinstance(exc, E.ConsolidateError):
+            print(json.dumps({"status": "error", "error": exc.message, "path": exc.path, "hint": exc.hint,
+                              "exit_code": exit_code(exc)}))
+        return exit_code(exc)
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by a single conversion and a batch (the guide's model and validation options)."""
+    from vllm_consolidate.convert import DEFAULT_BASE_MODEL
+
+    p.add_argument("--type", dest="input_type", choices=("deepspeed", "hf_sharded", "auto"), default="auto",
+                   help="input type (default: auto)")
+    p.add_argument("--force", action="store_true", help="replace an existing output, once the new one is complete")
+    p.add_argument("--base-model-name", default=DEFAULT_BASE_MODEL,
+                   help="local folder or Hub id for config/tokenizer the checkpoint lacks "
+                        f"(default: {DEFAULT_BASE_MODEL}; read from the local HF cache, downloaded only when online)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="output precision of floating-point tensors (default: float32)")
+    p.add_argument("--max-shard-size", default="40GB",
+                   help="largest output file before splitting into HF shards with an index (default: 40GB)")
+    p.add_argument("--keep-original-precision", action="store_true",
+                   help="DeepSpeed: the precision it was trained in (bf16/fp16 from its DeepSpeed config, else "
+                        "fp32); HF: each tensor's stored dtype. Overrides --dtype")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--safetensors", dest="fmt", action="store_const", const="safetensors",
+                     help="write safetensors (default)")
+    fmt.add_argument("--pytorch-bin", dest="fmt", action="store_const", const="bin",
+                     help="write PyTorch .bin instead")
+    p.set_defaults(fmt="safetensors")
+    p.add_argument("--validate-vllm", action=argparse.BooleanOptionalAction, default=True,
+                   help="validate the output before publishing it (default: on; --no-validate-vllm turns it off)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+class Progress:
+    """A tqdm bar by bytes on stderr."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
+                            file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def stage(self, text: str) -> None:
+        """Announce a long step that has no byte count."""
+        if self.enabled:
+            self.close()
+            print(f"{text}...", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+

@@ -1,0 +1,85 @@
+"""``vllm-consolidate convert`` and ``consolidate-for-vllm``: parse, call ``convert.convert``, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vllm_consolidate.cli.common import Progress, add_model_options
+
+
+def convert_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--input", required=True, type=Path, help="checkpoint, training run or HF model folder")
+    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="a specific checkpoint-N or global_stepN folder (overrides auto-detection)")
+    add_model_options(p)
+    p.set_defaults(func=cmd_convert)
+    return p
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def print_summary(result) -> None:
+    """Human summary of a :class:`~vllm_consolidate.convert.ConvertResult` on stdout."""
+    d = result.detected
+    if result.status == "already_consolidated":
+        print(f"already consolidated: {result.output} holds one {d.get('format', '')} weights file "
+              "and nothing would change")
+        print("  vLLM can load it as it is; pass --force, --dtype or --pytorch-bin to convert anyway.")
+        return
+    parts = [d.get("type", "?")]
+    if d.get("stage") is not None:
+        parts += [f"ZeRO-{d['stage']}", f"world size {d['world_size']}", f"tag {d['tag']}"]
+    if d.get("trained_dtype"):
+        parts.append(f"trained in {d['trained_dtype']}")
+    print(f"detected:   {', '.join(parts)}")
+    print(f"chosen:     {d.get('weights_dir')} ({d.get('how')})")
+    extra = f"; dropped tied {', '.join(result.dropped)}" if result.dropped else ""
+    print(f"tensors:    {result.tensors} tensors, {result.parameters:,} parameters{extra}")
+    if result.renamed:
+        print(f"renamed:    {len(result.renamed)} names lost a wrapper prefix")
+    print(f"bytes:      read {_gb(result.bytes_read)}, wrote {_gb(result.bytes_written)} as {result.output_dtype}")
+    print(f"files:      {', '.join(result.files)}")
+    origin = result.assets
+    print(f"config:     {origin.get('config')}")
+    print(f"tokenizer:  {origin.get('tokenizer') or 'none'}")
+    rate = result.bytes_written / 1e6 / result.seconds if result.seconds else 0
+    print(f"time:       {result.seconds:.1f} s ({rate:.0f} MB/s)")
+    if result.validation is not None:
+        counts = result.validation["counts"]
+        source = next((c for c in result.validation["checks"] if c["name"] == "source_values"), None)
+        print(f"validation: {'passed' if result.validation['ok'] else 'FAILED'} ({counts['pass']} checks passed, "
+              f"{counts['warn']} warnings)" + (f"; source: {source['message']}" if source else ""))
+    print(f"output:     {result.output}")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from vllm_consolidate.convert import ConvertOptions, convert
+    from vllm_consolidate.plan.shards import DTYPES_BY_NAME, parse_size
+
+    progress = Progress(enabled=not args.json)
+    opts = ConvertOptions(
+        input=args.input, output=args.output, input_type=args.input_type, checkpoint_dir=args.checkpoint_dir,
+        base_model_name=args.base_model_name, dtype=DTYPES_BY_NAME[args.dtype],
+        keep_original_precision=args.keep_original_precision, fmt=args.fmt,
+        max_shard_size=parse_size(args.max_shard_size), force=args.force, validate=args.validate_vllm,
+        progress=progress, on_stage=progress.stage,
+    )
+    try:
+        result = convert(opts)
+    finally:
+        progress.close()
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print_summary(result)
+    return 0
+
+
