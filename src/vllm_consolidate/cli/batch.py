@@ -257,7 +257,7 @@ def _fail(args: argparse.Namespace, message: str, report: dict[str, Any]) -> int
 def cmd_batch(args: argparse.Namespace) -> int:
     """Plan and run a batch; print progress, the summary and the report."""
     from vllm_consolidate import batch as B
-    from vllm_consolidate.plan.shards import parse_size
+    from vllm_consolidate.units import parse_size
 
     opts = B.BatchOptions(
         output_dir=args.output_dir, input_dir=args.input_dir, input_pattern=args.input_pattern,

@@ -60,7 +60,8 @@ def print_summary(result) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from vllm_consolidate.convert import ConvertOptions, convert
-    from vllm_consolidate.plan.shards import DTYPES_BY_NAME, parse_size
+    from vllm_consolidate.plan.shards import DTYPES_BY_NAME
+    from vllm_consolidate.units import parse_size
 
     progress = Progress(enabled=not args.json)
     opts = ConvertOptions(

@@ -10,7 +10,6 @@ with a ``model.safetensors.index.json``.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 
 from vllm_consolidate import dtypes
@@ -27,24 +26,6 @@ DTYPES_BY_NAME: dict[str, DType] = {
     "float16": dtypes.float16, "fp16": dtypes.float16, "half": dtypes.float16,
     "bfloat16": dtypes.bfloat16, "bf16": dtypes.bfloat16,
 }
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-def parse_size(text: str | int) -> int:
-    """Parse ``"40GB"``, ``"500MB"``, ``"1.5GiB"`` or a byte count. GB means 10**9, as in huggingface_hub."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RE.match(str(text))
-    if not m or (m.group(2) or "").upper() not in _UNITS:
-        raise UsageError(f"cannot read the size '{text}'", hint="Write it like 40GB, 500MB, 2GiB or a byte count.")
-    size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
-    if size <= 0:
-        raise UsageError(f"the size '{text}' must be positive")
-    return size
-
 
 def dtype_name(dtype: DType) -> str:
     """``bfloat16`` (also for a torch dtype)."""
