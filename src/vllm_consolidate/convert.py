@@ -23,7 +23,7 @@ from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
 from vllm_consolidate.source import SourceModel
 from vllm_consolidate.write import publish as pub
-from vllm_consolidate.write.safetensors import write_plan
+from vllm_consolidate.write import write_plan
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 DEFAULT_MAX_SHARD_SIZE = 40 * 10**9

@@ -86,12 +86,6 @@ class OutputPlan:
             "weight_map": {t.name: f.filename for f in self.files for t in f.tensors},
         }
 
-    def output_dtypes(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for t in self.tensors:
-            counts[dtype_name(t.out_dtype)] = counts.get(dtype_name(t.out_dtype), 0) + 1
-        return counts
-
 
 def output_dtype(spec: TensorSpec, target: DType | None) -> DType:
     """Floating tensors take ``target`` (None keeps the stored dtype); others keep their dtype."""

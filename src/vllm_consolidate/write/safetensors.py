@@ -28,20 +28,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import io
-import json
 import os
-import pickle
 import sys
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.plan.shards import OutputPlan, PlannedFile, PlannedTensor, safetensors_header
-from vllm_consolidate.read.ranges import OpenFiles, check_read, iter_chunks, read_into, thread_buffer
+from vllm_consolidate.plan.shards import PlannedFile, PlannedTensor, safetensors_header
+from vllm_consolidate.read.ranges import OpenFiles, check_read, read_into, thread_buffer
 from vllm_consolidate.source import Segment, sub_segments
 
 CHUNK_BYTES = 16 * 2**20
@@ -187,96 +183,3 @@ def write_safetensors_file(pfile: PlannedFile, path: Path, progress: ProgressFn 
 
 
 # -- PyTorch .bin -------------------------------------------------------------------------------------
-
-class _StorageStub:
-    def __init__(self, key: str, dtype: DType, numel: int):
-        self.key, self.dtype, self.numel = key, dtype, numel
-
-
-class _TensorStub:
-    """Pickles exactly like a contiguous CPU tensor saved by ``torch.save``, without holding its data."""
-
-    def __init__(self, storage: _StorageStub, shape: tuple[int, ...]):
-        self.storage, self.shape = storage, shape
-
-    def __reduce_ex__(self, protocol):
-        import torch
-
-        stride, acc = [], 1
-        for size in reversed(self.shape):
-            stride.append(acc)
-            acc *= size
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, torch.Size(self.shape), tuple(reversed(stride)), False, OrderedDict()))
-
-
-class _StatePickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        if isinstance(obj, _StorageStub):
-            import torch
-
-            return ("storage", getattr(torch, obj.dtype.storage), obj.key, "cpu", obj.numel)
-        return None
-
-
-def write_bin_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None = None) -> None:
-    """Write one planned file in ``torch.save``'s zip format, loadable with ``weights_only=True``.
-
-    Uses torch's own archive writer, so alignment and zip64 match ``torch.save``. Each tensor is
-    materialised once while its record is written, so peak memory is the largest tensor.
-    """
-    import torch
-
-    stubs: OrderedDict[str, _TensorStub] = OrderedDict()
-    for i, t in enumerate(pfile.tensors):
-        stubs[t.name] = _TensorStub(_StorageStub(str(i), t.out_dtype, t.spec.numel), t.spec.shape)
-    pickled = io.BytesIO()
-    _StatePickler(pickled, protocol=2).dump(stubs)
-    files = OpenFiles()
-    writer = torch._C.PyTorchFileWriter(str(path))
-    try:
-        writer.write_record("data.pkl", pickled.getvalue(), len(pickled.getvalue()))
-        writer.write_record("byteorder", b"little", len(b"little"))
-        for i, t in enumerate(pfile.tensors):
-            out = torch.empty(t.spec.numel, dtype=t.out_dtype.torch)
-            step = max(1, CHUNK_BYTES // max(t.spec.dtype.itemsize, t.out_dtype.itemsize))
-            first = 0
-            for chunk in iter_chunks(t.spec.segments, step * t.spec.dtype.itemsize, files=files):
-                src = torch.frombuffer(chunk, dtype=t.spec.dtype.torch)
-                out[first : first + len(src)].copy_(src)
-                first += len(src)
-            writer.write_record(f"data/{i}", out.data_ptr(), out.numel() * out.element_size())
-            if progress:
-                progress(t.nbytes)
-            del out
-        writer.write_end_of_file()
-    finally:
-        files.close()
-    del writer
-
-
-def write_plan(plan: OutputPlan, folder: Path, progress: ProgressFn | None = None) -> list[Path]:
-    """Write every file of ``plan`` into ``folder`` (and the index, if sharded).
-
-    Args:
-        plan: The output plan.
-        folder: An existing, empty folder (the temporary sibling of the final output).
-        progress: Called with the number of bytes just written, from worker threads.
-
-    Returns:
-        The files written.
-    """
-    written = []
-    for pfile in plan.files:
-        path = folder / pfile.filename
-        if plan.format == "safetensors":
-            write_safetensors_file(pfile, path, progress)
-        else:
-            write_bin_file(pfile, path, progress)
-        written.append(path)
-    index = plan.index()
-    if index is not None:
-        path = folder / plan.index_filename
-        path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        written.append(path)
-    return written
