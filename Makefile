@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= .cache/demo/qwen2-zero3-bf16
 
-.PHONY: setup setup-vllm demo test lint bench
+.PHONY: setup setup-vllm demo test test-unit lint bench
 
 setup:
 	@scripts/bootstrap.sh
@@ -16,12 +16,17 @@ setup-vllm:
 demo: setup
 	@DEMO_OUT=$(DEMO_OUT) $(PY) -m tests.corpus.demo
 
-test: setup setup-vllm
-	$(VENV)/bin/ruff check src tests train bench
+# Everything: lint (ruff + the import-linter layers contract), then every test.
+test: setup setup-vllm lint
 	$(PY) -m pytest -q
+
+# The fast layer alone (pure logic, no corpus, no torch): well under 30 s.
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check src tests train bench
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) bench/run.py

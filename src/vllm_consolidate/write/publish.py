@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from vllm_consolidate import __version__
+from vllm_consolidate._version import __version__
 from vllm_consolidate.errors import (
     ConsolidateError,
     InsufficientDiskError,
