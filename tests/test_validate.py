@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 from vllm_consolidate import cli
 from vllm_consolidate import validate as V
 from vllm_consolidate.errors import VllmLoadError, VllmUnavailableError
+from vllm_consolidate.readers.hf import SAFE_INDEX
+from vllm_consolidate.validate import context as validate_context
 
 CLI = Path(sys.executable).with_name("vllm-consolidate")
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -281,7 +283,7 @@ def test_stray_unlisted_shard_fails(broken, capsys: pytest.CaptureFixture[str]) 
 
 def test_several_safetensors_without_index_fail(broken, capsys: pytest.CaptureFixture[str]) -> None:
     folder = broken("sharded")
-    (folder / V.SAFETENSORS_INDEX).unlink()
+    (folder / SAFE_INDEX).unlink()
     code, text = _validate(folder, capsys)
     assert code == 9
     assert "and no model.safetensors.index.json: vLLM loads every file" in text
@@ -289,10 +291,10 @@ def test_several_safetensors_without_index_fail(broken, capsys: pytest.CaptureFi
 
 def test_index_naming_a_tensor_its_file_lacks_fails(broken, capsys: pytest.CaptureFixture[str]) -> None:
     folder = broken("sharded")
-    index = json.loads((folder / V.SAFETENSORS_INDEX).read_text())
+    index = json.loads((folder / SAFE_INDEX).read_text())
     shard = index["weight_map"][Q_PROJ]
     index["weight_map"]["model.layers.0.self_attn.ghost.weight"] = shard
-    (folder / V.SAFETENSORS_INDEX).write_text(json.dumps(index))
+    (folder / SAFE_INDEX).write_text(json.dumps(index))
     code, text = _validate(folder, capsys)
     assert code == 9
     assert "1 tensors are not in the file the index names: model.layers.0.self_attn.ghost.weight" in text
@@ -444,7 +446,7 @@ def test_no_tokenizer_and_no_chat_template_warn(broken, capsys: pytest.CaptureFi
 def test_without_transformers_skeleton_and_tokenizer_checks_are_skipped(
     folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(V, "_transformers", lambda: None)
+    monkeypatch.setattr(validate_context, "transformers_module", lambda: None)
     report = V.validate_folder(folders["good"])
     assert report.ok
     for name in ("missing_tensors", "unexpected_tensors", "tensor_shapes", "tokenizer", "chat_template"):

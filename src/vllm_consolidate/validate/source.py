@@ -29,7 +29,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,7 +38,11 @@ from vllm_consolidate.casts import NUMPY_DTYPES, cast_into
 from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
 from vllm_consolidate.readers.hf import StoredTensor
 from vllm_consolidate.source import TensorSpec, sub_segments
-from vllm_consolidate.validate import FAIL, PASS, WARN, Check, _few
+from vllm_consolidate.units import few
+from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check
+
+if TYPE_CHECKING:
+    from vllm_consolidate.validate.context import Context
 
 #: Tensors up to this many elements are compared whole even in ``sample`` mode.
 SAMPLE_WHOLE_ELEMENTS = 1 << 16
@@ -110,6 +114,13 @@ def compare_with_reference(stored: dict[str, StoredTensor], ref: Reference,
     return [_names(stored, ref), _values(stored, ref, chunk_bytes)]
 
 
+def check_source(ctx: Context) -> list[Check]:
+    """``source_tensors`` and ``source_values`` of a validation run; none when it has no reference."""
+    if ctx.reference is None:
+        return []
+    return compare_with_reference(ctx.stored.tensors, ctx.reference)
+
+
 def _names(stored: dict[str, StoredTensor], ref: Reference) -> Check:
     missing = sorted(set(ref.tensors) - set(stored))
     extra = sorted(set(stored) - set(ref.tensors) - set(ref.dropped))
@@ -117,9 +128,9 @@ def _names(stored: dict[str, StoredTensor], ref: Reference) -> Check:
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} source tensors are not in the folder: {_few(missing)}")
+            parts.append(f"{len(missing)} source tensors are not in the folder: {few(missing)}")
         if extra:
-            parts.append(f"{len(extra)} stored tensors are not in the source: {_few(extra)}")
+            parts.append(f"{len(extra)} stored tensors are not in the source: {few(extra)}")
         return Check("source_tensors", FAIL, "; ".join(parts), details)
     return Check("source_tensors", PASS, f"the folder holds the {len(ref.tensors)} tensors of {ref.label}", details)
 
@@ -156,16 +167,16 @@ def _values(stored: dict[str, StoredTensor], ref: Reference, chunk_bytes: int) -
     details: dict[str, Any] = {"source": ref.label, "depth": ref.depth, "elements_compared": compared,
                                "transposed": transposed, "differ": problems, "not_compared": skipped}
     if transposed or problems:
-        parts = [f"{n} is stored transposed (it equals the source tensor's transpose)" for n in transposed[:3]]
-        parts += [f"{n} {why}" for n, why in list(problems.items())[:3]]
-        total = len(transposed) + len(problems)
-        more = f" and {total - len(parts)} more" if total > len(parts) else ""
-        return Check("source_values", FAIL, "; ".join(parts) + more
+        flipped = [f"{n} is stored transposed (it equals the source tensor's transpose)" for n in transposed]
+        differ = [f"{n} {why}" for n, why in problems.items()]
+        # Up to three of each kind first, so many transposed tensors do not hide a differing one.
+        shown = flipped[:3] + differ[:3]
+        return Check("source_values", FAIL, few(shown + flipped[3:] + differ[3:], len(shown), sort=False)
                      + f". The folder does not hold what {ref.label} holds: convert it again from the source",
                      details)
     if skipped:
         return Check("source_values", WARN, f"equal to the source ({what}); not compared (unreadable or "
-                     f"non-contiguous): {_few(skipped)}", details)
+                     f"non-contiguous): {few(skipped)}", details)
     return Check("source_values", PASS, f"{len(ref.tensors)} tensors equal the source ({what}, {compared:,} "
                  "elements compared)", details)
 
