@@ -35,10 +35,13 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def few(names: Iterable[str], show: int = SHOW, *, sort: bool = True) -> str:
-    """``a, b, c and 4 more``: a list shortened for a one-line message (sorted unless ``sort`` is off)."""
+def few(names: Iterable[str], show: int = SHOW, *, sort: bool = True, sep: str = ", ") -> str:
+    """``a, b, c and 4 more``: a list shortened for a one-line message (sorted unless ``sort`` is off).
+
+    ``sep="; "`` suits items that contain commas themselves (shapes, element counts).
+    """
     items = sorted(names) if sort else list(names)
-    text = ", ".join(items[:show])
+    text = sep.join(items[:show])
     return f"{text} and {len(items) - show} more" if len(items) > show else text
 
 

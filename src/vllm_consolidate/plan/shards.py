@@ -22,7 +22,7 @@ SAFETENSORS_DTYPES: dict[DType, str] = {d: d.safetensors for d in dtypes.ALL}
 
 #: ``--dtype`` names and their aliases.
 DTYPES_BY_NAME: dict[str, DType] = {
-    "float32": dtypes.float32, "fp32": dtypes.float32,
+    "float32": dtypes.float32, "fp32": dtypes.float32, "float": dtypes.float32,
     "float16": dtypes.float16, "fp16": dtypes.float16, "half": dtypes.float16,
     "bfloat16": dtypes.bfloat16, "bf16": dtypes.bfloat16,
 }

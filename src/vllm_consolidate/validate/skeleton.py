@@ -217,7 +217,7 @@ def _unexpected(sk: Skeleton, allowed: _Shapes, stored: dict[str, StoredTensor])
 def _shapes(allowed: _Shapes, stored: dict[str, StoredTensor]) -> Check:
     wrong = _wrong_shapes(allowed, stored)
     if wrong:
-        text = few((f"{n} is {wrong[n][0]}, expected {wrong[n][1]}" for n in sorted(wrong)), 3, sort=False)
+        text = few((f"{n} is {wrong[n][0]}, expected {wrong[n][1]}" for n in sorted(wrong)), 3, sort=False, sep="; ")
         return Check("tensor_shapes", FAIL, f"{len(wrong)} shapes differ from the config's: {text}",
                      {"mismatches": {n: {"stored": s, "expected": e} for n, (s, e) in wrong.items()}})
     return Check("tensor_shapes", PASS,

@@ -171,7 +171,7 @@ def _values(stored: dict[str, StoredTensor], ref: Reference, chunk_bytes: int) -
         differ = [f"{n} {why}" for n, why in problems.items()]
         # Up to three of each kind first, so many transposed tensors do not hide a differing one.
         shown = flipped[:3] + differ[:3]
-        return Check("source_values", FAIL, few(shown + flipped[3:] + differ[3:], len(shown), sort=False)
+        return Check("source_values", FAIL, few(shown + flipped[3:] + differ[3:], len(shown), sort=False, sep="; ")
                      + f". The folder does not hold what {ref.label} holds: convert it again from the source",
                      details)
     if skipped:
