@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from tests.corpus import build
 
+from vllm_consolidate import ConvertOptions
 from vllm_consolidate import batch as B
 from vllm_consolidate.cli import batch as cli_batch
 from vllm_consolidate.errors import BatchError, UsageError
@@ -313,7 +314,7 @@ def test_existing_foreign_output_is_blocked(tree: Path, tmp_path: Path, capsys: 
     plan = _plan(tree, out, input_pattern=str(tree / "ft_runs_a" / MODEL), naming_template="{run_name}_final")
     assert plan.jobs[0].action == "blocked"
     plan = _plan(tree, out, input_pattern=str(tree / "ft_runs_a" / MODEL), naming_template="{run_name}_final",
-                 force=True)
+                 model=ConvertOptions(base_model_name=None, force=True))
     assert plan.jobs[0].action == "replace"
     assert (out / "ft_runs_a_final" / "mine.txt").exists()
 
@@ -331,7 +332,7 @@ def test_scheduler_admits_by_estimates() -> None:
     jobs = [B.Job(i, Path("/in"), None, "c", 1, Path(f"/o{i}"), est_peak_ram=B.GIB // 2, est_disk_bytes=10 * B.GIB)
             for i in range(4)]
     plan = B.BatchPlan(opts, jobs, ram_available=B.GIB * 5 // 2, ram_margin=B.GIB, disk_free=25 * B.GIB)
-    s = B._Scheduler(plan)  # RAM budget 1.5 GiB, disk budget 24 GiB
+    s = plan.scheduler()  # RAM budget 1.5 GiB, disk budget 24 GiB
     assert s.check(jobs[0], 0) == "go"
     s.take(jobs[0])
     assert s.check(jobs[1], 1) == "go"
@@ -346,7 +347,7 @@ def test_scheduler_admits_by_estimates() -> None:
     s.release(jobs[2], ok=True)
     assert s.check(jobs[3], 0) == "never"  # 30 GiB of outputs can never fit in 24 GiB
     big = B.Job(9, Path("/in"), None, "c", 1, Path("/o9"), est_peak_ram=B.GIB, est_disk_bytes=0)
-    s2 = B._Scheduler(B.BatchPlan(opts, [big], ram_available=B.GIB * 5 // 2, ram_margin=B.GIB, disk_free=None))
+    s2 = B.BatchPlan(opts, [big], ram_available=B.GIB * 5 // 2, ram_margin=B.GIB, disk_free=None).scheduler()
     s2.take(big)
     assert s2.check(big, 1) == "wait"  # RAM: 2 GiB > 1.5 GiB
     assert s2.check(big, 3) == "wait"  # --max-workers

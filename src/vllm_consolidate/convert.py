@@ -29,40 +29,75 @@ DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 DEFAULT_MAX_SHARD_SIZE = 40 * 10**9
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConvertOptions:
     """Options of one conversion; the CLI flags map one to one.
 
+    Frozen and free of callbacks so that one record can be pickled to a batch worker and shared: a
+    batch keeps the model options in one of these (without paths) and gives each job a copy with
+    ``input``/``output``/``checkpoint_dir`` set by :func:`dataclasses.replace`. Progress callbacks are
+    arguments of :func:`convert`, not options.
+
     Attributes:
-        input: What the user passed as ``--input``.
-        output: The output folder.
+        input: What the user passed as ``--input``; required by :func:`convert` (None only in a batch's
+            template record).
+        output: The output folder; required like ``input``.
         input_type: ``auto``, ``deepspeed`` or ``hf_sharded``.
         checkpoint_dir: Overrides detection when given.
         base_model_name: Local folder or Hub id for config/tokenizer the checkpoint lacks.
-        dtype: Output dtype for floating tensors; ignored with ``keep_original_precision``.
+        dtype: Output dtype for floating tensors, a :class:`~vllm_consolidate.dtypes.DType` or a name
+            (``bfloat16``, ``bf16``...), stored as the DType; ignored with ``keep_original_precision``.
         keep_original_precision: DeepSpeed: the precision it was trained in (bf16/fp16 enabled in
             its DeepSpeed config, else fp32). HF: each tensor's stored dtype.
         fmt: ``safetensors`` or ``bin``.
         max_shard_size: Bytes per file before splitting.
         force: Replace an existing output (only after the new one is complete).
         validate: Run the static validation before publishing the output.
-        progress: Called as ``progress(bytes_done, bytes_total)`` while writing.
-        on_stage: Called with a short description as each long step starts (e.g. validation).
+
+    Raises:
+        UsageError: ``dtype`` names no known dtype.
     """
 
-    input: Path
-    output: Path
+    input: Path | None = None
+    output: Path | None = None
     input_type: str = "auto"
     checkpoint_dir: Path | None = None
     base_model_name: str | None = DEFAULT_BASE_MODEL
-    dtype: DType = dtypes.float32
+    dtype: DType | str = dtypes.float32
     keep_original_precision: bool = False
     fmt: str = "safetensors"
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     force: bool = False
     validate: bool = True
-    progress: Callable[[int, int], None] | None = None
-    on_stage: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        # Normalised once here so every reader of the record sees Paths and a DType (frozen: set via object).
+        for name in ("input", "output", "checkpoint_dir"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        object.__setattr__(self, "dtype", _as_dtype(self.dtype))
+
+    def require_paths(self) -> None:
+        """Refuse a record without ``input`` or ``output`` (a batch's template), before anything is read.
+
+        Raises:
+            UsageError: ``input`` or ``output`` is missing.
+        """
+        missing = [name for name in ("input", "output") if getattr(self, name) is None]
+        if missing:
+            raise UsageError(f"ConvertOptions needs {' and '.join(missing)}")
+
+
+def _as_dtype(value: DType | str) -> DType:
+    """A DType for a DType, a torch dtype, a torch name (``bfloat16``) or a CLI alias (``bf16``)."""
+    found = DTYPES_BY_NAME.get(value) if isinstance(value, str) else None
+    if found is not None:
+        return found
+    try:
+        return dtypes.of(value)
+    except KeyError:
+        raise UsageError(f"unknown dtype {value!r}", hint="Use float32, float16 or bfloat16.") from None
 
 
 @dataclass
@@ -134,6 +169,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     Raises:
         ConsolidateError: The input cannot be read, or no config.json can be found.
     """
+    opts.require_paths()
     if opts.fmt not in ("safetensors", "bin"):
         raise UsageError(f"unknown format {opts.fmt}")
     detected = readers.detect(Path(opts.input), opts.input_type, opts.checkpoint_dir)
@@ -162,13 +198,21 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     return Conversion(detected, source, assets, config, plan, dropped, warnings)
 
 
-def convert(opts: ConvertOptions) -> ConvertResult:
+def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None = None,
+            on_stage: Callable[[str], None] | None = None) -> ConvertResult:
     """Convert one checkpoint; see the module docstring for the steps.
+
+    Args:
+        opts: What to convert and how; ``input`` and ``output`` are required.
+        progress: Called as ``progress(bytes_done, bytes_total)`` while writing (from writer threads).
+        on_stage: Called with a short description as each long step without a byte count starts
+            (e.g. validation).
 
     Raises:
         ConsolidateError: Any problem with the input, the options, the disk or the result.
     """
     started = time.monotonic()
+    opts.require_paths()
     output = Path(opts.output).absolute()
     pub.check_output_name(output)
     # The full location check (with the detected weights folder) runs in plan_conversion; this one
@@ -189,7 +233,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     try:
         parents.make()
         pub.preflight_disk(output, plan.total_size + asset_bytes(assets))
-        written, report = _write_and_publish(opts, conv, output)
+        written, report = _write_and_publish(opts, conv, output, progress, on_stage)
     except OSError as exc:
         parents.remove()
         mapped = pub.os_error(exc, output)
@@ -208,7 +252,9 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     )
 
 
-def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path) -> tuple[list[str], Any]:
+def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
+                       progress: Callable[[int, int], None] | None,
+                       on_stage: Callable[[str], None] | None) -> tuple[list[str], Any]:
     """Stream the weights and assets into a locked temporary sibling, validate it, and rename it into place."""
     plan, config = conv.plan, conv.config
     out_dtype = _config_dtype(plan)
@@ -220,8 +266,8 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path) -> 
         nonlocal done
         with lock:
             done += n
-            if opts.progress:
-                opts.progress(done, total)
+            if progress:
+                progress(done, total)
 
     with pub.Staging(output) as staging:
         tmp = staging.path
@@ -229,7 +275,7 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path) -> 
         written += copy_assets(conv.assets, tmp, config)
         pub.write_marker(tmp, {"source": str(conv.detected.weights_dir), "input": str(Path(opts.input).absolute()),
                                "output_dtype": out_dtype, "files": written})
-        report = _validate(opts, conv, tmp, output) if opts.validate else None
+        report = _validate(conv, tmp, output, on_stage) if opts.validate else None
         staging.publish(opts.force)
     if report is not None:
         report.path = output  # it ran on the temporary folder, now renamed
@@ -237,12 +283,12 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path) -> 
     return written, report
 
 
-def _validate(opts: ConvertOptions, conv: Conversion, tmp: Path, output: Path) -> Any:
+def _validate(conv: Conversion, tmp: Path, output: Path, on_stage: Callable[[str], None] | None) -> Any:
     from vllm_consolidate.validate import validate_folder
     from vllm_consolidate.validate.source import Reference
 
-    if opts.on_stage:
-        opts.on_stage("validating the output (--no-validate-vllm skips this)")
+    if on_stage:
+        on_stage("validating the output (--no-validate-vllm skips this)")
     # The sampled comparison with the source proves each tensor landed where the plan put it.
     sample = Reference(str(conv.detected.weights_dir), {t.name: t.spec for t in conv.plan.tensors}, conv.dropped,
                        depth="sample")

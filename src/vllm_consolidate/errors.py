@@ -118,3 +118,23 @@ class VllmLoadError(ConsolidateError):
 
 class BatchError(ConsolidateError):
     """A batch could not be planned or one of its jobs failed."""
+
+
+def error_record(exc: BaseException) -> dict[str, str | None]:
+    """The one machine-readable form of an error, for ``--json`` output, batch reports and job records.
+
+    Any exception works: one of ours carries its own message, path and hint; another (a bug, a
+    worker's crash) gives its text and no path or hint. Callers add what only they know (the CLI its
+    ``exit_code``), so the keys below mean the same thing everywhere.
+
+    Returns:
+        ``{"status": "error", "error": message, "path": ..., "hint": ..., "type": class name}``.
+    """
+    ours = isinstance(exc, ConsolidateError)
+    return {
+        "status": "error",
+        "error": exc.message if ours else (str(exc) or type(exc).__name__),
+        "path": exc.path if ours else None,
+        "hint": exc.hint if ours else None,
+        "type": type(exc).__name__,
+    }

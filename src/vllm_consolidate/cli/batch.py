@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from vllm_consolidate import errors as E
+from vllm_consolidate.batch import (
+    DEFAULT_TEMPLATE,
+    Action,
+    BatchEvent,
+    BatchOptions,
+    BatchPlan,
+    BatchResult,
+    EventKind,
+    Status,
+    plan_batch,
+    run_batch,
+)
 from vllm_consolidate.cli import common
 
 DESCRIPTION = "Consolidate many checkpoints or training runs into folders vLLM loads, in parallel and resumably."
@@ -63,8 +74,8 @@ def _batch_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     proc.add_argument("--max-workers", type=int, default=4, metavar="N",
                       help="most conversions at once, each in its own process, admitted only while RAM "
                            "and disk estimates fit (default: 4)")
-    proc.add_argument("--naming-template", default="{input_name}_step_{step}",
-                      help="output folder name (default: {input_name}_step_{step}); see below")
+    proc.add_argument("--naming-template", default=DEFAULT_TEMPLATE,
+                      help=f"output folder name (default: {DEFAULT_TEMPLATE}); see below")
     ctl = p.add_argument_group("control")
     ctl.add_argument("--dry-run", action="store_true", help="print the plan with size and memory estimates; "
                                                             "write nothing")
@@ -122,11 +133,11 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-_ACTIONS = {"convert": "convert", "replace": "redo", "skip": "skip (up to date)", "blocked": "BLOCKED",
-            "error": "ERROR"}
+_ACTIONS = {Action.CONVERT: "convert", Action.REPLACE: "redo", Action.SKIP: "skip (up to date)",
+            Action.BLOCKED: "BLOCKED", Action.ERROR: "ERROR"}
 
 
-def print_plan(plan: Any) -> None:
+def print_plan(plan: BatchPlan) -> None:
     """The dry-run table: one row per job with what was detected and the estimates."""
     rows = [["input", "type", "stage", "step", "output", "est. size", "est. peak RAM", "action"]]
     for j in plan.jobs:
@@ -136,10 +147,10 @@ def print_plan(plan: Any) -> None:
             kind += f" x{d['world_size']}"
         rows.append([
             f"{_rel(j.input)} [{j.checkpoint_name}]", kind, str(d.get("stage") or "-"),
-            str(j.step) if j.step is not None else "-", _rel(j.output) if j.action != "error" else "-",
+            str(j.step) if j.step is not None else "-", _rel(j.output) if j.action != Action.ERROR else "-",
             _size(j.est_output_bytes) if j.est_output_bytes else "-",
             _size(j.est_peak_ram) if j.est_peak_ram else "-",
-            _ACTIONS.get(j.action, j.action) + (f": {j.reason}" if j.reason and j.action == "replace" else ""),
+            _ACTIONS[j.action] + (f": {j.reason}" if j.reason and j.action == Action.REPLACE else ""),
         ])
     print(_table(rows))
     todo = plan.to_run
@@ -147,7 +158,7 @@ def print_plan(plan: Any) -> None:
     ram_budget = plan.ram_available - plan.ram_margin
     peak = max((j.est_peak_ram for j in todo), default=0)
     fit = max(1, ram_budget // peak) if peak else 0
-    print(f"\n{len(todo)} to convert, {sum(j.action == 'skip' for j in plan.jobs)} up to date, "
+    print(f"\n{len(todo)} to convert, {sum(j.action == Action.SKIP for j in plan.jobs)} up to date, "
           f"{len(plan.problems)} with problems; outputs need about {_size(disk)}"
           + (f" of {_size(plan.disk_free)} free" if plan.disk_free is not None else ""))
     if todo:
@@ -165,54 +176,54 @@ def print_plan(plan: Any) -> None:
 class _Printer:
     """Per-job progress lines on stderr."""
 
-    def __init__(self, total: int, quiet: bool = False):
+    def __init__(self, total: int):
         self.total = total
         self.n = 0
-        self.quiet = quiet
         self.last: dict[int, float] = {}
 
-    def __call__(self, ev: Any) -> None:
-        if self.quiet:
-            return
+    def __call__(self, ev: BatchEvent) -> None:
+        line = self._line(ev)
+        if line is not None:
+            print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+    def _line(self, ev: BatchEvent) -> str | None:
         j = ev.job
-        stamp = time.strftime("%H:%M:%S")
-        if ev.kind == "start":
+        if ev.kind == EventKind.START:
             self.n += 1
             self.last[j.id] = time.monotonic()
-            line = (f"start    [{self.n}/{self.total}] {_rel(j.input)} [{j.checkpoint_name}] -> {_rel(j.output)}"
+            return (f"start    [{self.n}/{self.total}] {_rel(j.input)} [{j.checkpoint_name}] -> {_rel(j.output)}"
                     f" (~{_size(j.est_output_bytes)})")
-        elif ev.kind == "done":
+        if ev.kind == EventKind.DONE:
             written = (j.result or {}).get("bytes_written") or 0
             rate = written / 1e6 / j.seconds if j.seconds else 0
-            line = f"done     {j.output.name} in {j.seconds:.1f} s ({_size(written)}, {rate:.0f} MB/s)"
-        elif ev.kind == "failed":
-            line = f"FAILED   {j.label}: {ev.message}"
-        elif ev.kind == "skipped":
-            line = f"skipped  {j.output.name} (up to date)"
-        elif ev.kind == "waiting":
-            line = f"waiting  {j.output.name}: RAM or disk estimates do not fit yet"
-        elif ev.kind == "progress":
+            return f"done     {j.output.name} in {j.seconds:.1f} s ({_size(written)}, {rate:.0f} MB/s)"
+        if ev.kind == EventKind.FAILED:
+            return f"FAILED   {j.label}: {ev.message}"
+        if ev.kind == EventKind.SKIPPED:
+            return f"skipped  {j.output.name} (up to date)"
+        if ev.kind == EventKind.WAITING:
+            return f"waiting  {j.output.name}: RAM or disk estimates do not fit yet"
+        if ev.kind == EventKind.PROGRESS:
             now = time.monotonic()
             if now - self.last.get(j.id, now) < 30 or not ev.total:
-                return
+                return None  # a line every 30 s per job at most
             self.last[j.id] = now
-            line = f"...      {j.output.name}: {100 * ev.done / ev.total:.0f}% of {_size(ev.total)}"
-        else:
-            return
-        print(f"[{stamp}] {line}", file=sys.stderr, flush=True)
+            return f"...      {j.output.name}: {100 * ev.done / ev.total:.0f}% of {_size(ev.total)}"
+        return None
 
 
-_STATUS = {"done": "done", "skipped": "skipped (up to date)", "failed": "FAILED", "not_run": "not run"}
+_STATUS = {Status.DONE: "done", Status.SKIPPED: "skipped (up to date)", Status.FAILED: "FAILED",
+           Status.NOT_RUN: "not run"}
 
 
-def print_summary(result: Any) -> None:
+def print_summary(result: BatchResult) -> None:
     """The final table of done / skipped / failed / not run jobs, with times."""
     rows = [["status", "output", "source", "time", "size", "note"]]
     for j in result.jobs:
         note = ""
-        if j.status == "failed":
+        if j.status == Status.FAILED:
             note = (j.error or {}).get("message", "")
-        elif j.status == "done" and j.action == "replace":
+        elif j.status == Status.DONE and j.action == Action.REPLACE:
             note = f"replaced ({j.reason})"
         rows.append([_STATUS.get(j.status, j.status), j.output.name if j.checkpoint else "-",
                      f"{_rel(j.input)} [{j.checkpoint_name}]",
@@ -220,9 +231,9 @@ def print_summary(result: Any) -> None:
                      _size((j.result or {}).get("bytes_written")) if j.result else "-", note])
     print(_table(rows))
     c = {s: result.count(s) for s in _STATUS}
-    print(f"\n{c['done']} done, {c['skipped']} skipped (up to date), {c['failed']} failed, {c['not_run']} not run "
-          f"in {result.finished - result.started:.1f} s")
-    failed = [j for j in result.jobs if j.status == "failed"]
+    print(f"\n{c[Status.DONE]} done, {c[Status.SKIPPED]} skipped (up to date), {c[Status.FAILED]} failed, "
+          f"{c[Status.NOT_RUN]} not run in {result.finished - result.started:.1f} s")
+    failed = [j for j in result.jobs if j.status == Status.FAILED]
     if failed:
         print("\nfailed jobs:")
         for j in failed:
@@ -244,9 +255,10 @@ def _write_report(path: Path | None, data: dict[str, Any]) -> None:
 
 
 def _fail(args: argparse.Namespace, message: str, report: dict[str, Any]) -> int:
+    """Finish a batch that did not succeed: the report (and ``--json``) with the error record, an ``error:`` line."""
     err = E.BatchError(message)
     code = common.exit_code(err)
-    report.update(ok=False, error=message, exit_code=code)
+    report.update(ok=False, **E.error_record(err), exit_code=code)
     _write_report(args.report, report)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -255,29 +267,22 @@ def _fail(args: argparse.Namespace, message: str, report: dict[str, Any]) -> int
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    """Plan and run a batch; print progress, the summary and the report."""
-    from vllm_consolidate import batch as B
-    from vllm_consolidate.units import parse_size
+    """Plan and run a batch; print progress, the summary and the report.
 
-    opts = B.BatchOptions(
+    SIGTERM handling comes from :func:`~vllm_consolidate.cli.common.run`, the only way commands run.
+    """
+    opts = BatchOptions(
         output_dir=args.output_dir, input_dir=args.input_dir, input_pattern=args.input_pattern,
         input_list=args.input_list, all_checkpoints=args.all_checkpoints, checkpoint_filter=args.checkpoint_filter,
         max_workers=args.max_workers, naming_template=args.naming_template, dry_run=args.dry_run,
-        continue_on_error=args.continue_on_error, force=args.force, verify_checksums=args.verify_checksums,
-        input_type=args.input_type, base_model_name=args.base_model_name, dtype=args.dtype,
-        keep_original_precision=args.keep_original_precision, fmt=args.fmt,
-        max_shard_size=parse_size(args.max_shard_size), validate=args.validate_vllm, debug=args.debug,
+        continue_on_error=args.continue_on_error, verify_checksums=args.verify_checksums, debug=args.debug,
+        model=common.model_options(args),
     )
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        return _batch(args, opts, B)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return _batch(args, opts)
 
 
-def _batch(args: argparse.Namespace, opts: Any, B: Any) -> int:
-    plan = B.plan_batch(opts)
+def _batch(args: argparse.Namespace, opts: BatchOptions) -> int:
+    plan = plan_batch(opts)
     if opts.dry_run:
         report = {"dry_run": True, "plan": plan.to_dict(), "jobs": [j.to_dict() for j in plan.jobs]}
         if args.json:
@@ -293,12 +298,12 @@ def _batch(args: argparse.Namespace, opts: Any, B: Any) -> int:
         return 0
     if plan.problems and not opts.continue_on_error and not args.json:
         print_plan(plan)
-    result = B.run_batch(plan, _Printer(len(plan.to_run), quiet=False))
+    result = run_batch(plan, _Printer(len(plan.to_run)))
     report = result.to_dict()
     if not args.json:
         print_summary(result)
     if not result.ok:
-        bad = result.count("failed") + result.count("not_run")
+        bad = result.count(Status.FAILED) + result.count(Status.NOT_RUN)
         if plan.problems and not opts.continue_on_error:
             msg = (f"{len(plan.problems)} job(s) cannot run, so nothing was converted "
                    "(--continue-on-error runs the rest)")

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vllm_consolidate import errors as E
+from vllm_consolidate.signals import sigterm_raises_interrupt
+
+if TYPE_CHECKING:
+    from vllm_consolidate.convert import ConvertOptions
 
 # Most specific class first; the first isinstance match decides.
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
@@ -44,34 +48,36 @@ def exit_code(exc: BaseException) -> int:
     return INTERNAL_ERROR
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    # Turn a kill into an exception so the library's cleanup (removing the temporary folder) runs.
-    raise KeyboardInterrupt
-
-
 def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return func(args)
-    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
-        if isinstance(exc, SystemExit):
-            raise
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        if isinstance(exc, E.ConsolidateError):
-            print(f"error: {exc}", file=sys.stderr)
-            if exc.hint:
-                print(f"hint: {exc.hint}", file=sys.stderr)
-        elif isinstance(exc, KeyboardInterrupt):
-            print("error: interrupted; no partial output was left behind", file=sys.stderr)
-        else:
-            print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            print("hint: rerun with --debug for the traceback and report it.", file=sys.stderr)
-        if getattr(args, "json", False) and isinstance(exc, E.ConsolidateError):
-            print(json.dumps({"status": "error", "error": exc.message, "path": exc.path, "hint": exc.hint,
-                              "exit_code": exit_code(exc)}))
-        return exit_code(exc)
+    """Run a command; turn any exception into its exit code, an ``error:`` line and (with ``--json``) a record.
+
+    SIGTERM raises KeyboardInterrupt meanwhile, so a killed command still removes its temporary folders.
+    """
+    with sigterm_raises_interrupt():
+        try:
+            return func(args)
+        except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+            if isinstance(exc, SystemExit):
+                raise
+            return _report(exc, args)
+
+
+def _report(exc: BaseException, args: argparse.Namespace) -> int:
+    """Print what went wrong (stderr; the JSON record on stdout with ``--json``) and return the exit code."""
+    if getattr(args, "debug", False):
+        traceback.print_exception(exc)
+    if isinstance(exc, E.ConsolidateError):
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+    elif isinstance(exc, KeyboardInterrupt):
+        print("error: interrupted; no partial output was left behind", file=sys.stderr)
+    else:
+        print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print("hint: rerun with --debug for the traceback and report it.", file=sys.stderr)
+    if getattr(args, "json", False) and isinstance(exc, E.ConsolidateError):
+        print(json.dumps({**E.error_record(exc), "exit_code": exit_code(exc)}))
+    return exit_code(exc)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -101,6 +107,23 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="validate the output before publishing it (default: on; --no-validate-vllm turns it off)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def model_options(args: argparse.Namespace, *, input: Path | None = None, output: Path | None = None,
+                  checkpoint_dir: Path | None = None) -> ConvertOptions:
+    """The options record of :func:`add_model_options`' flags: one conversion's (with paths) or a batch's template.
+
+    Raises:
+        UsageError: ``--max-shard-size`` is not a size.
+    """
+    from vllm_consolidate.convert import ConvertOptions
+    from vllm_consolidate.units import parse_size
+
+    return ConvertOptions(
+        input=input, output=output, checkpoint_dir=checkpoint_dir, input_type=args.input_type,
+        base_model_name=args.base_model_name, dtype=args.dtype, keep_original_precision=args.keep_original_precision,
+        fmt=args.fmt, max_shard_size=parse_size(args.max_shard_size), force=args.force, validate=args.validate_vllm,
+    )
 
 
 class Progress:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from vllm_consolidate.cli.common import Progress, add_model_options
+from vllm_consolidate.cli.common import Progress, add_model_options, model_options
 
 
 def convert_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -59,20 +59,12 @@ def print_summary(result) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from vllm_consolidate.convert import ConvertOptions, convert
-    from vllm_consolidate.plan.shards import DTYPES_BY_NAME
-    from vllm_consolidate.units import parse_size
+    from vllm_consolidate.convert import convert
 
+    opts = model_options(args, input=args.input, output=args.output, checkpoint_dir=args.checkpoint_dir)
     progress = Progress(enabled=not args.json)
-    opts = ConvertOptions(
-        input=args.input, output=args.output, input_type=args.input_type, checkpoint_dir=args.checkpoint_dir,
-        base_model_name=args.base_model_name, dtype=DTYPES_BY_NAME[args.dtype],
-        keep_original_precision=args.keep_original_precision, fmt=args.fmt,
-        max_shard_size=parse_size(args.max_shard_size), force=args.force, validate=args.validate_vllm,
-        progress=progress, on_stage=progress.stage,
-    )
     try:
-        result = convert(opts)
+        result = convert(opts, progress=progress, on_stage=progress.stage)
     finally:
         progress.close()
     for w in result.warnings:

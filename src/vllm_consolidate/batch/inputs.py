@@ -1,0 +1,302 @@
+"""A batch's inputs, the checkpoints chosen from each, and the names of their outputs.
+
+Inputs
+------
+``--input-dir DIR``: if DIR itself is convertible (a run with ``checkpoint-N`` children, a folder with
+``latest``/``global_stepN``, a ``checkpoint-N``/``global_stepN`` folder, or an HF model folder) it is
+the one input. Otherwise its children that are convertible are the inputs; if none is, its
+grandchildren (so ``--input-dir experiments`` finds ``experiments/ft_runs_*/qwen2.5-7b``).
+``--input-pattern GLOB``: every matching folder is an input (``*``, ``?``, ``[..]``, ``**`` and brace
+lists ``{a,b}`` are expanded). ``--input-list FILE``: one folder per line; blank lines and lines
+starting with ``#`` are ignored; relative paths are relative to the current directory.
+
+Checkpoint selection
+--------------------
+Per input, by default the latest checkpoint: the highest ``checkpoint-N``; for a DeepSpeed save
+folder the tag in ``latest`` (else the highest ``global_stepN``); a checkpoint or HF model folder is
+taken as it is (a run folder that also holds HF weights from ``save_model`` counts as a run, as in
+single conversion). ``--all-checkpoints`` takes every ``checkpoint-N`` (or ``global_stepN``).
+``--checkpoint-filter PATTERN`` (repeatable) keeps the checkpoints whose folder name matches one of
+the patterns (fnmatch globs with brace expansion, e.g. ``checkpoint-{100,200,300}``) and implies
+``--all-checkpoints``; an input with no matching checkpoint is an error.
+
+Naming (``--naming-template``, default ``{input_name}_step_{step}``)
+-------------------------------------------------------------------
+* ``{input_name}``: the name of the input folder; when the input is itself a checkpoint folder
+  (``checkpoint-N``/``global_stepN``), the name of the folder holding it (the *model folder*).
+* ``{run_name}``: the name of the model folder's parent. The guide's layout is
+  ``<experiment>/<model>/checkpoint-N``: for ``./experiments/ft_runs_grad_norm05_16k/qwen2.5-7b``,
+  ``input_name`` is ``qwen2.5-7b`` and ``run_name`` is ``ft_runs_grad_norm05_16k``, so Example 2's
+  ``{run_name}_final`` gives ``ft_runs_grad_norm05_16k_final``.
+* ``{step}``: N of ``checkpoint-N``/``global_stepN``; ``final`` for an HF model folder without one.
+* ``{checkpoint_name}``: ``checkpoint-200``, ``global_step200``, or the HF model folder's name.
+
+A job writes into the staging folder ``.<name>.batch-XXXXXXXX`` (:func:`staging_path`) beside its
+output and renames it into place when complete, so a name must leave room for that prefix and suffix.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+import string
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_consolidate.errors import ConsolidateError, InputNotFoundError, UsageError
+from vllm_consolidate.readers.deepspeed import is_zero_checkpoint_folder, step_of
+from vllm_consolidate.readers.hf import is_hf_folder
+from vllm_consolidate.safe_io import MAX_LIST_BYTES, MAX_TAG_BYTES, read_text
+from vllm_consolidate.write.publish import NAME_MAX, TEMP_NAME_OVERHEAD
+
+DEFAULT_TEMPLATE = "{input_name}_step_{step}"
+TEMPLATE_FIELDS = ("input_name", "run_name", "step", "checkpoint_name")
+#: The most folder names one brace pattern may expand to (``{1..20000000}`` must not run for minutes).
+MAX_BRACE_EXPANSIONS = 10_000
+#: Marks a job's staging folder, ``.<name>.batch-XXXXXXXX``; leftovers of killed runs are found by it.
+STAGING_TAG = ".batch-"
+_STAGING_ID_LEN = 8
+
+# ------------------------------------------------------------------------------------------------
+# Brace expansion and globbing
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand shell-style braces as bash does (``a{b,c{d,e}}f``, ``{1..3}``, ``{08..10}``), with ``bracex``.
+
+    Raises:
+        UsageError: The pattern expands to more than :data:`MAX_BRACE_EXPANSIONS` names.
+    """
+    import bracex  # only batches with patterns need it
+
+    try:
+        return bracex.expand(pattern, limit=MAX_BRACE_EXPANSIONS)
+    except bracex.ExpansionLimitException:
+        raise UsageError(f"the pattern {pattern!r} expands to more than {MAX_BRACE_EXPANSIONS:,} names",
+                         hint="Use a shorter range, or a glob such as checkpoint-*.") from None
+
+
+def glob_folders(pattern: str) -> list[Path]:
+    """Folders matching a glob with brace expansion and ``**``, sorted, without duplicates."""
+    seen: dict[str, None] = {}
+    for pat in expand_braces(pattern):
+        for hit in sorted(glob.glob(os.path.expanduser(pat), recursive=True)):
+            if os.path.isdir(hit):
+                seen.setdefault(os.path.normpath(hit), None)
+    return [Path(p) for p in seen]
+
+
+def match_any(name: str, patterns: Sequence[str]) -> bool:
+    """Whether ``name`` matches one of the (brace-expanded) fnmatch patterns."""
+    return any(fnmatch.fnmatchcase(name, p) for pat in patterns for p in expand_braces(pat))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs and checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """One convertible checkpoint of an input."""
+
+    name: str  # checkpoint-200, global_step200, or the HF folder's name
+    step: int | None
+    path: Path  # the folder passed to convert() as checkpoint_dir
+
+
+@dataclass
+class InputFolder:
+    """One input of the batch and what it holds."""
+
+    path: Path
+    kind: str | None  # "run", "deepspeed_save", "checkpoint", "hf_model", or None (nothing found)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    latest: Checkpoint | None = None
+    model_dir: Path | None = None
+    error: str | None = None
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return sorted((p for p in path.iterdir() if p.is_dir()), key=lambda p: p.name)
+    except OSError:
+        return []
+
+
+def _latest_tag(folder: Path) -> str:
+    """The tag ``latest`` names, read bounded; an unusable one gives a name no folder has (detection then says why)."""
+    try:
+        tag = read_text(folder / "latest", MAX_TAG_BYTES, what="'latest'").strip()
+    except ConsolidateError:
+        return "latest"
+    return tag if tag and "/" not in tag and "\0" not in tag and tag not in (".", "..") else "latest"
+
+
+def _numbered(children: list[Path], prefix: str) -> list[Checkpoint]:
+    """The children named ``<prefix>N``, by step."""
+    found = [Checkpoint(c.name, s, c) for c in children if c.name.startswith(prefix) and (s := step_of(c.name))
+             is not None]
+    return sorted(found, key=lambda c: c.step or 0)
+
+
+def inspect_input(path: Path) -> InputFolder:
+    """Classify a folder and list its checkpoints (names only; no file is opened)."""
+    path = Path(path)
+    if not path.is_dir():
+        return InputFolder(path, None, error="not a folder" if path.exists() else "does not exist")
+    children = _subdirs(path)
+    step = step_of(path.name)
+    if step is not None and (is_zero_checkpoint_folder(path) or is_hf_folder(path) or (path / "latest").is_file()
+                             or any(step_of(c.name) is not None for c in children)):
+        ck = Checkpoint(path.name, step, path)
+        holder = path.parent
+        if path.name.startswith("global_step") and step_of(holder.name) is not None:
+            holder = holder.parent  # run/checkpoint-N/global_stepN
+        return InputFolder(path, "checkpoint", [ck], ck, holder)
+    ckpts = _numbered(children, "checkpoint-")
+    if ckpts:
+        return InputFolder(path, "run", ckpts, ckpts[-1], path)
+    tags = [c for c in _numbered(children, "global_step") if is_zero_checkpoint_folder(c.path)]
+    if tags:
+        latest = tags[-1]
+        if (path / "latest").is_file():
+            tag = _latest_tag(path)
+            named = [c for c in tags if c.name == tag]
+            latest = named[0] if named else Checkpoint(tag, step_of(tag), path / tag)
+        return InputFolder(path, "deepspeed_save", tags, latest, path)
+    if is_zero_checkpoint_folder(path) or is_hf_folder(path):
+        ck = Checkpoint(path.name, None, path)
+        return InputFolder(path, "hf_model" if not is_zero_checkpoint_folder(path) else "checkpoint", [ck], ck, path)
+    return InputFolder(path, None, error="no checkpoint-N/, global_stepN/, 'latest', ZeRO files or HF weights")
+
+
+def collect_inputs(input_dir: Path | None = None, input_pattern: str | None = None,
+                   input_list: Path | None = None) -> list[InputFolder]:
+    """The batch's inputs, from exactly one of the three sources (see the module docstring).
+
+    Raises:
+        UsageError: Not exactly one source given, or the list file is unreadable.
+        InputNotFoundError: The directory or pattern yields nothing.
+    """
+    if sum(x is not None for x in (input_dir, input_pattern, input_list)) != 1:
+        raise UsageError("give exactly one of --input-dir, --input-pattern and --input-list")
+    if input_dir is not None:
+        return _from_dir(Path(input_dir))
+    if input_pattern is not None:
+        return _from_pattern(input_pattern)
+    assert input_list is not None
+    return _from_list(Path(input_list))
+
+
+def _from_dir(root: Path) -> list[InputFolder]:
+    if not root.is_dir():
+        raise InputNotFoundError("--input-dir is not a folder", path=root)
+    top = inspect_input(root)
+    if top.kind is not None:
+        return [top]
+    # Children first; grandchildren only when no child is convertible (experiments/<run>/<model>).
+    for level in (_subdirs(root), [g for c in _subdirs(root) for g in _subdirs(c)]):
+        found = [f for f in (inspect_input(p) for p in level) if f.kind is not None]
+        if found:
+            return found
+    raise InputNotFoundError("no training run, checkpoint or HF model in the folder or the two levels below it",
+                             path=root)
+
+
+def _from_pattern(pattern: str) -> list[InputFolder]:
+    hits = glob_folders(pattern)
+    if not hits:
+        raise InputNotFoundError(f"no folder matches the pattern {pattern!r}",
+                                 hint="Quote the pattern so the shell does not expand it, and check the path.")
+    return [inspect_input(p) for p in hits]
+
+
+def _from_list(input_list: Path) -> list[InputFolder]:
+    try:
+        lines = read_text(input_list, MAX_LIST_BYTES, what="--input-list", error=UsageError).splitlines()
+    except UsageError as exc:
+        raise UsageError(f"cannot use --input-list: {exc.message}", path=input_list) from None
+    entries = [e for e in (ln.strip() for ln in lines) if e and not e.startswith("#")]
+    if not entries:
+        raise InputNotFoundError("the input list names no folder", path=input_list)
+    seen = dict.fromkeys(os.path.normpath(os.path.expanduser(e)) for e in entries)  # first mention wins
+    return [inspect_input(Path(p)) for p in seen]
+
+
+def select_checkpoints(inp: InputFolder, all_checkpoints: bool, filters: Sequence[str] | None) -> list[Checkpoint]:
+    """The checkpoints of ``inp`` to convert (see the module docstring)."""
+    if filters:
+        return [c for c in inp.checkpoints if match_any(c.name, filters)]
+    if all_checkpoints:
+        return list(inp.checkpoints)
+    return [inp.latest] if inp.latest is not None else []
+
+
+# ------------------------------------------------------------------------------------------------
+# Naming
+
+
+def template_fields(template: str) -> list[str]:
+    """Field names a template uses.
+
+    Raises:
+        UsageError: Malformed template, unknown field, or a field with a conversion or format spec.
+    """
+    try:
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise UsageError(f"bad --naming-template {template!r}: {exc}") from None
+    for f, spec, conv in parsed:
+        # Every field is a string, so a format spec such as {step:x} or {step:05d} could only fail at run time.
+        if spec or conv:
+            raise UsageError(f"--naming-template field {{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}} "
+                             "has a conversion or format spec; fields are plain text",
+                             hint="Write the field bare, e.g. {step}.")
+        if f not in TEMPLATE_FIELDS:
+            raise UsageError(f"unknown field {{{f}}} in --naming-template",
+                             hint="Use " + ", ".join("{" + x + "}" for x in TEMPLATE_FIELDS) + ".")
+    return [f for f, _, _ in parsed]
+
+
+def name_fields(inp: InputFolder, ck: Checkpoint) -> dict[str, str]:
+    """The template fields of one job."""
+    model_dir = (inp.model_dir or inp.path).absolute()
+    input_name = model_dir.name if inp.kind == "checkpoint" and step_of(inp.path.name) is not None else \
+        inp.path.absolute().name
+    return {
+        "input_name": input_name,
+        "run_name": model_dir.parent.name or model_dir.name,
+        "step": str(ck.step) if ck.step is not None else "final",
+        "checkpoint_name": ck.name,
+    }
+
+
+def render_name(template: str, fields: dict[str, str]) -> str:
+    """Format an output folder name; it must be one plain path component.
+
+    Raises:
+        UsageError: The name is empty, hidden, contains a path separator, or is too long for its staging names.
+    """
+    name = template.format(**fields)
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name or name.startswith("."):
+        raise UsageError(f"--naming-template gives {name!r}, which is not a usable folder name",
+                         hint="The template must give one non-hidden folder name, without '/'.")
+    # The staging folder (.<name>.batch-XXXXXXXX) holds convert's own temporary sibling, which adds more.
+    overhead = 1 + len(STAGING_TAG) + _STAGING_ID_LEN + TEMP_NAME_OVERHEAD + 1
+    if len(name.encode("utf-8", "surrogateescape")) + overhead > NAME_MAX:
+        raise UsageError(f"--naming-template gives a {len(name.encode())}-byte name; at most "
+                         f"{NAME_MAX - overhead} bytes fit with the temporary names", hint="Use a shorter template.")
+    return name
+
+
+def staging_path(output: Path) -> Path:
+    """A fresh staging folder for ``output``: ``.<name>.batch-XXXXXXXX`` beside it."""
+    return output.with_name(f".{output.name}{STAGING_TAG}{uuid.uuid4().hex[:_STAGING_ID_LEN]}")
+
+
+__all__ = ["DEFAULT_TEMPLATE", "MAX_BRACE_EXPANSIONS", "STAGING_TAG", "TEMPLATE_FIELDS", "Checkpoint", "InputFolder",
+           "collect_inputs", "expand_braces", "glob_folders", "inspect_input", "match_any", "name_fields",
+           "render_name", "select_checkpoints", "staging_path", "template_fields"]

@@ -1,0 +1,108 @@
+"""The options record shared by convert and batch: frozen, picklable, normalised, and how a job's copy is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import pickle
+from pathlib import Path
+
+import pytest
+
+from vllm_consolidate import dtypes
+from vllm_consolidate.batch.manifest import content_options, manifest_base
+from vllm_consolidate.batch.plan import BatchOptions, Job
+from vllm_consolidate.batch.run import job_spec
+from vllm_consolidate.convert import DEFAULT_BASE_MODEL, ConvertOptions, convert, plan_conversion
+from vllm_consolidate.errors import UsageError
+
+
+def _full() -> ConvertOptions:
+    return ConvertOptions(input="runs/exp1", output="models/exp1", input_type="deepspeed",
+                          checkpoint_dir="runs/exp1/checkpoint-6", base_model_name="org/model", dtype="bf16",
+                          keep_original_precision=False, fmt="bin", max_shard_size=5 * 10**9, force=True,
+                          validate=False)
+
+
+def test_pickles_and_round_trips():
+    opts = _full()
+    back = pickle.loads(pickle.dumps(opts))
+    assert back == opts and back is not opts
+    assert back.dtype is dtypes.bfloat16  # the singleton, not a copy
+    assert isinstance(back.input, Path) and back.checkpoint_dir == Path("runs/exp1/checkpoint-6")
+
+
+def test_frozen_and_without_callbacks():
+    opts = _full()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.force = False  # type: ignore[misc]
+    assert not any(callable(getattr(opts, f.name)) for f in dataclasses.fields(opts))
+    params = inspect.signature(convert).parameters
+    assert params["progress"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["on_stage"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("float32", dtypes.float32), ("bfloat16", dtypes.bfloat16), ("bf16", dtypes.bfloat16), ("fp16", dtypes.float16),
+    ("half", dtypes.float16), (dtypes.float16, dtypes.float16),
+])
+def test_dtype_by_name_or_dtype(given, expected):
+    assert ConvertOptions(dtype=given).dtype is expected
+
+
+def test_unknown_dtype_is_a_usage_error():
+    with pytest.raises(UsageError, match="unknown dtype 'float99'"):
+        ConvertOptions(dtype="float99")
+
+
+def test_defaults():
+    opts = ConvertOptions()
+    assert (opts.input, opts.output, opts.dtype, opts.base_model_name) == (None, None, dtypes.float32,
+                                                                          DEFAULT_BASE_MODEL)
+
+
+def test_paths_are_required_to_convert_or_plan():
+    for call in (convert, plan_conversion):
+        with pytest.raises(UsageError, match="needs input and output"):
+            call(ConvertOptions())
+    with pytest.raises(UsageError, match="needs output"):
+        convert(ConvertOptions(input="x"))
+
+
+def test_batch_holds_one_record_and_jobs_get_copies():
+    model = ConvertOptions(dtype="bfloat16", base_model_name=None, validate=False, force=True)
+    opts = BatchOptions(output_dir=Path("/out"), input_dir=Path("/runs"), checkpoint_filter=["checkpoint-{2,4}"],
+                        model=model)
+    assert opts.checkpoint_filter == ("checkpoint-{2,4}",)
+    job = opts.job_options(input=Path("/runs/a"), output=Path("/out/a"), checkpoint_dir=Path("/runs/a/checkpoint-4"))
+    assert (job.input, job.output, job.checkpoint_dir) == (Path("/runs/a"), Path("/out/a"),
+                                                          Path("/runs/a/checkpoint-4"))
+    assert dataclasses.replace(job, input=None, output=None, checkpoint_dir=None) == model
+    assert pickle.loads(pickle.dumps(opts)) == opts
+
+
+def test_library_batch_defaults_look_in_the_checkpoint_only():
+    assert BatchOptions(output_dir=Path("/out")).model == ConvertOptions(base_model_name=None)
+
+
+def test_content_options_record_canonical_dtype_names():
+    assert content_options(ConvertOptions(dtype="bf16")) == {
+        "input_type": "auto", "base_model_name": DEFAULT_BASE_MODEL, "dtype": "bfloat16",
+        "keep_original_precision": False, "format": "safetensors", "max_shard_size": 40 * 10**9}
+    assert content_options(ConvertOptions(dtype="bf16")) == content_options(ConvertOptions(dtype="bfloat16"))
+    assert content_options(ConvertOptions(keep_original_precision=True))["dtype"] is None
+
+
+def test_a_job_spec_pickles_and_writes_into_a_fresh_staging_folder():
+    opts = BatchOptions(output_dir=Path("/out"), model=ConvertOptions(base_model_name=None, dtype="float16"))
+    job = Job(3, Path("/runs/a"), Path("/runs/a/checkpoint-6"), "checkpoint-6", 6, Path("/out/a_6"),
+              detected={"type": "deepspeed"}, sources={"/runs/a/checkpoint-6/x.pt": [1, 2]})
+    spec = pickle.loads(pickle.dumps(job_spec(job, opts)))
+    assert spec.options.output.parent == Path("/out") and spec.options.output.name.startswith(".a_6.batch-")
+    assert spec.staging == spec.options.output and spec.output == Path("/out/a_6")
+    assert spec.options.force is True and opts.model.force is False  # the staging folder is the job's own
+    assert spec.options.dtype is dtypes.float16 and spec.options.checkpoint_dir == job.checkpoint
+    assert spec.manifest == manifest_base(input=job.input, checkpoint=job.checkpoint, checkpoint_name="checkpoint-6",
+                                          step=6, detected=job.detected, sources=job.sources,
+                                          options=content_options(opts.model))
+    assert spec.manifest["source"]["type"] == "deepspeed"
