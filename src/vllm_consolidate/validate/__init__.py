@@ -94,6 +94,7 @@ def validate_folder(
     max_tokens: int = 8,
     chunk_bytes: int = SCAN_CHUNK_BYTES,
     reference: Reference | None = None,
+    against: str | os.PathLike[str] | None = None,
 ) -> ValidationReport:
     """Validate a model folder for vLLM; see the module docstring for the checks.
 
@@ -106,6 +107,8 @@ def validate_folder(
         chunk_bytes: Read size of the value scan.
         reference: The source the folder was made from; adds the ``source_tensors`` and
             ``source_values`` checks (:func:`vllm_consolidate.validate.source.reference_for_folder`).
+        against: The source checkpoint (anything ``convert`` accepts as input), compared element for
+            element; a shorthand for ``reference=reference_for_folder(path, against)``.
 
     Returns:
         The report; ``report.ok`` is False when any check failed.
@@ -119,6 +122,10 @@ def validate_folder(
     if not folder.is_dir():
         report.checks.append(Check("folder", FAIL, f"{folder} is not a folder"))
         return report
+    if against is not None and reference is None:
+        from vllm_consolidate.validate.source import reference_for_folder
+
+        reference = reference_for_folder(folder, against)
     ctx = Context(folder, scan_values=scan_values, chunk_bytes=chunk_bytes, reference=reference)
     for name, func in CHECKS:
         report.checks.extend(_run(ctx, name, func))
