@@ -135,9 +135,33 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (``json.loads`` would silently keep the last)."""
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(f"the key {key[:200]!r} appears twice in one object")
+            seen.add(key)
+    return out
+
+
 def parse_json(text: str | bytes, *, path: str | os.PathLike | None = None, what: str = "JSON",
-               error: type[ConsolidateError] | None = None) -> Any:
+               error: type[ConsolidateError] | None = None, unique_keys: bool = False) -> Any:
     """Parse JSON strictly: no NaN/Infinity, no number that overflows a float, no nesting bomb.
+
+    Args:
+        text: The JSON, as text or UTF-8 bytes.
+        path: The file it came from, for errors.
+        what: How to name it in errors.
+        error: The error class to raise (default :class:`CorruptCheckpointError`).
+        unique_keys: Refuse an object that names a key twice. Readers that check one file against
+            another (a safetensors header, an index) need this: with a duplicate, which entry counts
+            depends on the parser, so two tools could read two different models from one file.
 
     Raises:
         ConsolidateError: (``error``, default corrupt checkpoint) naming ``what`` and ``path``.
@@ -149,15 +173,19 @@ def parse_json(text: str | bytes, *, path: str | os.PathLike | None = None, what
         except UnicodeDecodeError as exc:
             raise cls(f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})", path=path) from exc
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
+                          object_pairs_hook=_unique_object if unique_keys else None)
     except RecursionError:
         raise cls(f"{what} is nested too deeply to be real", path=path) from None
+    except DuplicateKeyError as exc:
+        raise cls(f"{what} is ambiguous: {exc}", path=path) from None
     except (ValueError, OverflowError) as exc:  # JSONDecodeError is a ValueError
         raise cls(f"{what} is not valid JSON ({exc})", path=path) from exc
 
 
 def read_json(path: str | os.PathLike, limit: int = MAX_CONFIG_BYTES, *, what: str | None = None,
-              expect: type | None = dict, error: type[ConsolidateError] | None = None) -> Any:
+              expect: type | None = dict, error: type[ConsolidateError] | None = None,
+              unique_keys: bool = False) -> Any:
     """Read and parse a small JSON file, bounded and strict (see :func:`parse_json`).
 
     Args:
@@ -166,9 +194,11 @@ def read_json(path: str | os.PathLike, limit: int = MAX_CONFIG_BYTES, *, what: s
         what: How to name the file in errors (default: its name).
         expect: The type the top-level value must have (``dict`` by default; None for any).
         error: The error class to raise (default :class:`CorruptCheckpointError`).
+        unique_keys: Refuse an object that names a key twice (see :func:`parse_json`).
     """
     what = what or Path(path).name
-    value = parse_json(read_bounded(path, limit, what=what, error=error), path=path, what=what, error=error)
+    value = parse_json(read_bounded(path, limit, what=what, error=error), path=path, what=what, error=error,
+                       unique_keys=unique_keys)
     if expect is not None and not isinstance(value, expect):
         raise _error_cls(error)(f"{what} holds a JSON {type(value).__name__}, not an object", path=path)
     return value
@@ -189,6 +219,18 @@ def confined(path: str | os.PathLike, roots: list[Path] | tuple[Path, ...]) -> b
     return False
 
 
+def trust_root(folder: str | os.PathLike) -> Path:
+    """The tree a model folder's files may link into.
+
+    For a snapshot in the Hugging Face cache (``models--*/snapshots/<rev>/``) every file is a symlink
+    into the repo's ``blobs/``, so the tree is the ``models--*`` folder; for any other folder, itself.
+    """
+    folder = Path(folder).absolute()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
+        return folder.parent.parent
+    return folder
+
+
 def contains(parent: str | os.PathLike, child: str | os.PathLike) -> bool:
     """Whether ``child`` is ``parent`` or inside it, both with symlinks resolved."""
     return confined(child, [Path(parent)])
@@ -196,5 +238,6 @@ def contains(parent: str | os.PathLike, child: str | os.PathLike) -> bool:
 
 __all__ = [
     "MAX_CONFIG_BYTES", "MAX_INDEX_BYTES", "MAX_LIST_BYTES", "MAX_TAG_BYTES", "confined", "contains",
-    "is_regular_file", "open_file", "open_regular", "parse_json", "read_bounded", "read_json", "read_text",
+    "DuplicateKeyError", "is_regular_file", "open_file", "open_regular", "parse_json", "read_bounded", "read_json",
+    "read_text", "trust_root",
 ]

@@ -14,11 +14,18 @@ Layout of a ``global_stepN/`` folder (DeepSpeed >= 0.x):
 
 We only unpickle metadata (see :mod:`.torch_zip`) and turn each parameter into the byte ranges that
 hold it, so nothing but the fp32 masters is ever read, and only once.
+
+Untrusted input: rank and model-states files must be regular files and, symlinks resolved, lie inside
+the folder the user named (a link out is an :class:`UnsafeInputError`; which folder is chosen, and
+how ``latest`` is read, is in :mod:`.zero_locate`). Every number in the pickles is type-checked and
+compared with the files before it sizes anything, and each rank file must be its own rank's: see
+:mod:`.zero_checks`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,96 +33,24 @@ from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import (
-    CorruptCheckpointError,
-    InputNotFoundError,
-    UnsupportedCheckpointError,
+from vllm_consolidate.errors import CorruptCheckpointError, UnsafeInputError, UnsupportedCheckpointError
+from vllm_consolidate.readers import zero_checks as zc
+from vllm_consolidate.readers.limits import MAX_DIM, brief, checked_shape, is_int
+from vllm_consolidate.readers.torch_zip import TensorRef, load_lazy
+from vllm_consolidate.readers.zero_locate import (  # re-exported: detection, batch and bench import them from here
+    ResolvedCheckpoint,
+    confine_chosen,
+    is_zero_checkpoint_folder,
+    latest_checkpoint_folder,
+    resolve_checkpoint,
+    step_of,
 )
-from vllm_consolidate.readers.torch_zip import Inert, TensorRef, load_lazy
+from vllm_consolidate.safe_io import confined, open_regular
 from vllm_consolidate.source import Segment, SourceModel, TensorSpec
 
 _OPTIM_RE = re.compile(r"^(?:(bf16|fp16)_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _Z3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-_STEP_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
-
-
-def step_of(name: str) -> int | None:
-    """N of a ``checkpoint-N`` or ``global_stepN`` folder name, else None."""
-    m = _STEP_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def is_zero_checkpoint_folder(path: Path) -> bool:
-    """True if ``path`` itself holds ``*_model_states.pt`` files (a ``global_stepN`` folder)."""
-    return path.is_dir() and any(path.glob("*_model_states.pt"))
-
-
-@dataclass
-class ResolvedCheckpoint:
-    """Which ``global_stepN`` folder an input resolved to, and how."""
-
-    folder: Path
-    tag: str
-    how: str
-
-
-def latest_checkpoint_folder(run_dir: Path) -> Path | None:
-    """The ``checkpoint-N`` sub-folder with the highest N, or None."""
-    candidates = [(s, p) for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
-                  and (s := step_of(p.name)) is not None]
-    return max(candidates)[1] if candidates else None
-
-
-def resolve_checkpoint(path: Path) -> ResolvedCheckpoint:
-    """Find the ZeRO ``global_stepN`` folder an input refers to.
-
-    Accepts a training run folder (its latest ``checkpoint-N`` by step), a ``checkpoint-N`` folder,
-    a folder with ``latest`` and ``global_stepN/``, or a ``global_stepN`` folder itself.
-
-    Raises:
-        InputNotFoundError: Nothing that looks like a ZeRO checkpoint is there.
-        CorruptCheckpointError: ``latest`` names a tag that does not exist.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputNotFoundError("input does not exist", path=path)
-    if not path.is_dir():
-        raise InputNotFoundError("a DeepSpeed checkpoint is a folder, not a file", path=path)
-    if is_zero_checkpoint_folder(path):
-        return ResolvedCheckpoint(path, path.name, "global_step folder given directly")
-    latest = path / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        folder = path / tag
-        if not is_zero_checkpoint_folder(folder):
-            raise CorruptCheckpointError(
-                f"'latest' names the tag '{tag}', but {folder} holds no ZeRO checkpoint",
-                path=latest,
-                hint="Pass the global_stepN folder you want with --checkpoint-dir, or fix the 'latest' file.",
-            )
-        return ResolvedCheckpoint(folder, tag, f"tag '{tag}' from {latest}")
-    steps = [(s, p) for p in path.iterdir() if p.name.startswith("global_step") and (s := step_of(p.name)) is not None
-             and is_zero_checkpoint_folder(p)]
-    if steps:
-        folder = max(steps)[1]
-        return ResolvedCheckpoint(folder, folder.name, "highest global_stepN (no 'latest' file)")
-    ckpt = latest_checkpoint_folder(path)
-    if ckpt is not None:
-        inner = resolve_checkpoint(ckpt)
-        inner.how = f"latest checkpoint by step: {ckpt.name}; {inner.how}"
-        return inner
-    raise InputNotFoundError(
-        "no DeepSpeed ZeRO checkpoint found (no *_model_states.pt, 'latest', global_stepN/ or checkpoint-N/)",
-        path=path,
-    )
-
-
-def _as_int(value: Any) -> int:
-    if isinstance(value, Inert) and value.args:  # e.g. ZeroStageEnum(2)
-        return int(value.args[0])
-    if isinstance(value, (list, tuple)):
-        return max(_as_int(v) for v in value)
-    return int(value)
+_COPY_RANKS_HINT = "Copy every rank's *_optim_states.pt file into this folder, or pick another checkpoint."
 
 
 def _trained_dtype(ds_config: Any) -> DType | None:
@@ -184,213 +119,300 @@ def _truncate(segments: list[Segment], nbytes: int) -> list[Segment]:
     return out
 
 
-def _shape(value: Any) -> tuple[int, ...]:
-    return tuple(int(s) for s in value)
+_RankStates = tuple[Path, dict, list[TensorRef]]  # (optimizer file, its optimizer_state_dict, its flat groups)
 
 
-def _require(mapping: Any, key: str, path: Path) -> Any:
-    if not isinstance(mapping, dict) or key not in mapping:
-        raise CorruptCheckpointError(f"'{key}' is missing; this is not a DeepSpeed ZeRO checkpoint file", path=path)
-    return mapping[key]
+@dataclass
+class _ModelStates:
+    """What the model-states file(s) declare, type-checked (see :mod:`.zero_checks`)."""
+
+    files: list[Path]
+    groups: list[dict[str, tuple[int, ...]]]
+    buffer_names: list[str]
+    module: dict[str, Any]
+    shared: dict[str, str]
+    frozen_shapes: dict[str, tuple[int, ...]]
+    frozen: list[dict[str, TensorRef]]  # per model-states file
+    trained: DType | None
+    ds_version: str
 
 
-def read_deepspeed(folder: Path) -> SourceModel:
-    """Describe the fp32 master weights of a ``global_stepN`` folder, reading metadata only.
+def _load(path: Path, roots: list[Path]) -> Any:
+    """Unpickle a rank file that is a regular file inside the checkpoint.
 
-    Args:
-        folder: The ``global_stepN`` folder.
-
-    Returns:
-        A :class:`SourceModel` whose tensors point into the rank files.
-
-    Raises:
-        CorruptCheckpointError: Missing, truncated or inconsistent rank files.
-        UnsupportedCheckpointError: Pipeline/tensor-parallel, or a ZeRO stage other than 1-3.
+    A rank file that is a symlink resolving outside ``roots`` is refused: it would feed weights from
+    elsewhere on the machine into the output. One linking to another file inside the checkpoint is
+    followed (the copy checks then apply to what it points to).
     """
-    folder = Path(folder)
-    optim_files: dict[int, Path] = {}
-    for p in folder.iterdir():
+    if not confined(path, roots):
+        raise UnsafeInputError(
+            f"rank file resolves to {os.path.realpath(path)}, outside the checkpoint "
+            f"{', '.join(str(r) for r in roots)}; refusing to read it", path=path,
+            hint="Copy the real file into the checkpoint folder (a link out of the input is never followed).")
+    os.close(open_regular(path))  # load_lazy opens with a blocking open(): refuse a FIFO first
+    return load_lazy(path)
+
+
+def _optim_files(folder: Path) -> dict[int, Path]:
+    """The ``*_optim_states.pt`` file of each rank; two for one rank (``bf16_`` and plain) is an error."""
+    found: dict[int, Path] = {}
+    for p in sorted(folder.iterdir()):
         m = _OPTIM_RE.match(p.name)
-        if m:
-            if int(m.group(3)) != 0:
-                raise UnsupportedCheckpointError(
-                    "tensor/pipeline-parallel checkpoints (mp_rank > 0) are not supported", path=p
-                )
-            optim_files[int(m.group(2))] = p
-    if not optim_files:
+        if not m:
+            continue
+        if int(m.group(3)) != 0:
+            raise UnsupportedCheckpointError("tensor/pipeline-parallel checkpoints (mp_rank > 0) are not supported",
+                                             path=p)
+        rank = int(m.group(2))
+        if rank in found:
+            raise CorruptCheckpointError(
+                f"two optimizer files for rank {rank}: {found[rank].name} and {p.name}", path=p,
+                hint="Remove the one left from another run (its precision prefix differs), or re-save the checkpoint.")
+        found[rank] = p
+    if not found:
         placeholders = any(_Z3_MODEL_RE.match(p.name) for p in folder.iterdir())
         raise CorruptCheckpointError(
             "no *_optim_states.pt files: the fp32 master weights are missing"
             + ("; the ZeRO-3 *_model_states.pt files hold only empty placeholders" if placeholders else ""),
-            path=folder,
-            hint="Copy every rank's *_optim_states.pt file into this folder, or pick another checkpoint.",
-        )
-    first = optim_files[min(optim_files)]
-    head = _require(load_lazy(first), "optimizer_state_dict", first)
-    stage = _as_int(_require(head, "zero_stage", first))
-    world_size = _as_int(_require(head, "partition_count", first))
-    if stage not in (1, 2, 3):
-        raise UnsupportedCheckpointError(
-            f"ZeRO stage {stage} is not supported (only 1, 2 and 3 are)", path=first,
-            hint="Convert it with DeepSpeed's own tools, or save it with ZeRO-1, 2 or 3.",
-        )
-    missing = [r for r in range(world_size) if r not in optim_files]
-    if missing:
-        r = missing[0]
-        name = first.name.replace(f"zero_pp_rank_{min(optim_files)}_", f"zero_pp_rank_{r}_")
+            path=folder, hint=_COPY_RANKS_HINT)
+    return found
+
+
+def _check_rank_set(optim_files: dict[int, Path], world: int, folder: Path) -> None:
+    """Exactly ranks ``0 .. world-1`` are present, checked without ever looping ``world`` times."""
+    present = len(optim_files)
+    # With world > present some rank <= present is missing, so the search is bounded by the files.
+    missing = next((r for r in range(min(world, present + 1)) if r not in optim_files), None)
+    if missing is not None:
+        name = optim_files[min(optim_files)].name.replace(f"zero_pp_rank_{min(optim_files)}_",
+                                                          f"zero_pp_rank_{missing}_")
         raise CorruptCheckpointError(
-            f"the checkpoint was saved by {world_size} ranks but the optimizer file of rank {r} is missing",
-            path=folder / name,
-            hint="Copy every rank's *_optim_states.pt file into this folder, or pick another checkpoint.",
-        )
-    extra = sorted(r for r in optim_files if r >= world_size)
+            f"the checkpoint was saved by {brief(world)} ranks but the optimizer file of rank {missing} is missing",
+            path=folder / name, hint=_COPY_RANKS_HINT)
+    extra = sorted(r for r in optim_files if r >= world)
     if extra:
         raise CorruptCheckpointError(
-            f"world size mismatch: the checkpoint records {world_size} ranks but {len(optim_files)} "
+            f"world size mismatch: the checkpoint records {world} ranks but {present} "
             f"optimizer files are present (rank {extra[0]} is extra)",
             path=optim_files[extra[0]],
             hint="Remove stray rank files left from another run, or re-save the checkpoint.",
         )
 
+
+def _model_states(folder: Path, stage: int, world: int, roots: list[Path]) -> _ModelStates:
     if stage <= 2:
-        model_files = [folder / "mp_rank_00_model_states.pt"]
+        files = [folder / "mp_rank_00_model_states.pt"]
     else:
-        model_files = [folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)]
-    for p in model_files:
-        if not p.is_file():
+        files = [folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
+    for p in files:
+        if not os.path.lexists(p):
             raise CorruptCheckpointError(
                 "model states file is missing", path=p,
-                hint="Copy every rank's *_model_states.pt file into this folder, or pick another checkpoint.",
-            )
-    model_states = [load_lazy(p) for p in model_files]
-    ms0 = model_states[0]
-    param_shapes = _require(ms0, "param_shapes", model_files[0])
-    if isinstance(param_shapes, dict):
-        param_shapes = [param_shapes]
-    buffer_names = list(_require(ms0, "buffer_names", model_files[0]))
-    module = ms0.get("module") or {}
-    shared = dict(ms0.get("shared_params") or {})
-    frozen_shapes = dict(ms0.get("frozen_param_shapes") or {})
-    trained = _trained_dtype(ms0.get("ds_config"))
-
-    # Per rank, the fp32 groups; rank 0's head was already loaded.
-    groups_key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
-    flats: list[list[TensorRef]] = []
-    paddings = None
-    for r in range(world_size):
-        path = optim_files[r]
-        sd = head if r == min(optim_files) else _require(load_lazy(path), "optimizer_state_dict", path)
-        if r == 0:
-            paddings = sd.get("param_alignment_paddings")
-        rank_ws = _as_int(_require(sd, "partition_count", path))
-        if rank_ws != world_size:
-            raise CorruptCheckpointError(
-                f"world size mismatch: this rank file records {rank_ws} ranks, rank 0 records {world_size}",
-                path=path, hint="The folder mixes files from different runs; re-save the checkpoint.",
-            )
-        groups = _require(sd, groups_key, path)
-        if isinstance(groups, TensorRef):
-            groups = [groups]
-        flats.append(list(groups))
-
-    specs: dict[str, TensorSpec] = {}
-    if stage <= 2:
-        _zero12_params(specs, param_shapes, flats, optim_files, paddings, world_size)
-        for name, shape in frozen_shapes.items():
-            frag = _require(ms0.get("frozen_param_fragments") or {}, name, model_files[0])
-            specs[name] = TensorSpec(name, frag.dtype, _shape(shape), [frag.segment(0, math.prod(_shape(shape)))])
-    else:
-        _zero3_params(specs, param_shapes, flats, optim_files, world_size)
-        for name, shape in frozen_shapes.items():
-            shape = _shape(shape)
-            frags = [_require(ms.get("frozen_param_fragments") or {}, name, p)
-                     for ms, p in zip(model_states, model_files)]
-            nbytes = math.prod(shape) * frags[0].dtype.itemsize
-            segs = _truncate(_merge([f.segment() for f in frags]), nbytes)
-            specs[name] = TensorSpec(name, frags[0].dtype, shape, segs)
-    for name in buffer_names:
-        ref = module.get(name)
-        if isinstance(ref, TensorRef):
-            specs[name] = TensorSpec(name, ref.dtype, ref.shape, [ref.segment()] if ref.numel else [])
-
-    for spec in specs.values():
-        have = sum(s.nbytes for s in spec.segments)
-        if have != spec.nbytes:
-            raise CorruptCheckpointError(
-                f"{spec.name}: found {have} bytes, expected {spec.nbytes}", path=folder
-            )
-
-    # Order as the module's state dict did, then anything it did not list.
-    order = [k for k in module if k in specs] + [k for k in specs if k not in module]
-    aliases = {alias: target for alias, target in shared.items() if target in specs and alias not in specs}
-    info = {
-        "type": "deepspeed",
-        "stage": stage,
-        "world_size": world_size,
-        "tag": folder.name,
-        "ds_version": str(ms0.get("ds_version")),
-        "trained_dtype": trained.name if trained else None,
-        "rank_files": len(optim_files),
-    }
-    return SourceModel(
-        kind="deepspeed",
-        path=folder,
-        tensors=[specs[k] for k in order],
-        asset_dirs=[],
-        trained_dtype=trained,
-        info=info,
-        aliases=aliases,
+                hint="Copy every rank's *_model_states.pt file into this folder, or pick another checkpoint.")
+    states = [zc.str_keyed(_load(p, roots), p.name, p) for p in files]
+    ms0, p0 = states[0], files[0]
+    buffer_names = zc.require(ms0, "buffer_names", p0)
+    if not isinstance(buffer_names, (list, tuple)) or not all(isinstance(n, str) for n in buffer_names):
+        raise CorruptCheckpointError(f"buffer_names is {brief(buffer_names)}, not a list of names", path=p0)
+    version = ms0.get("ds_version")
+    return _ModelStates(
+        files=files,
+        groups=zc.param_shapes(zc.require(ms0, "param_shapes", p0), p0),
+        buffer_names=list(buffer_names),
+        module=zc.str_keyed(ms0.get("module"), "module", p0),
+        shared=zc.str_keyed(ms0.get("shared_params"), "shared_params", p0, values=str),
+        frozen_shapes=zc.shapes_of(ms0.get("frozen_param_shapes"), "frozen_param_shapes", p0),
+        frozen=[zc.str_keyed(ms.get("frozen_param_fragments"), "frozen_param_fragments", p, values=TensorRef)
+                for ms, p in zip(states, files)],
+        trained=_trained_dtype(ms0.get("ds_config")),
+        ds_version=version if isinstance(version, str) else brief(version, 40),
     )
 
 
-def _zero12_params(specs, param_shapes, flats, optim_files, paddings, world_size) -> None:
-    if len(param_shapes) != len(flats[0]):
-        raise CorruptCheckpointError(
-            f"{len(param_shapes)} parameter groups in the model states, "
-            f"{len(flats[0])} fp32 groups in the optimizer",
-            path=optim_files[0],
-        )
-    for g, shapes in enumerate(param_shapes):
-        parts = [flats[r][g] for r in range(world_size)]
-        vector = _Flat(parts, str(optim_files[0]))
-        group_pad = paddings[g] if paddings is not None else None
-        offset = 0
-        for i, (name, shape) in enumerate(shapes.items()):
-            shape = _shape(shape)
-            numel = math.prod(shape)
-            specs[name] = TensorSpec(name, dtypes.float32, shape, _merge(vector.segments(offset, numel)))
-            offset += numel
-            if group_pad is not None:
-                offset += int(group_pad[i])
-        # DeepSpeed pads each group to a multiple of 2*world_size; both counts must agree after that.
-        align = 2 * world_size
-        if math.ceil(offset / align) * align != math.ceil(vector.numel / align) * align:
+def _rank_states(optim_files: dict[int, Path], head: dict, stage: int, world: int,
+                 roots: list[Path]) -> list[_RankStates]:
+    """Each rank's optimizer state and flat fp32 groups, in rank order; its recorded stage and world size checked."""
+    key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
+    out: list[_RankStates] = []
+    for r in range(world):
+        path = optim_files[r]
+        sd = head if r == 0 else zc.require(_load(path, roots), "optimizer_state_dict", path)
+        if not isinstance(sd, dict):
+            raise CorruptCheckpointError(f"optimizer_state_dict is {brief(sd)}, not a dict", path=path)
+        rank_ws = zc.partition_count(zc.require(sd, "partition_count", path), path)
+        if rank_ws != world:
             raise CorruptCheckpointError(
-                f"group {g}: parameters take {offset} elements but the ranks hold {vector.numel}",
-                path=optim_files[0],
-            )
+                f"world size mismatch: this rank file records {rank_ws} ranks, rank 0 records {world}",
+                path=path, hint="The folder mixes files from different runs; re-save the checkpoint.")
+        rank_stage = zc.zero_stage(zc.require(sd, "zero_stage", path), path)
+        if rank_stage != stage:
+            raise CorruptCheckpointError(
+                f"this rank file records ZeRO stage {rank_stage}, rank 0 records {stage}", path=path,
+                hint="The folder mixes files from different runs; re-save the checkpoint.")
+        out.append((path, sd, zc.flat_groups(zc.require(sd, key, path), key, path)))
+    return out
 
 
-def _zero3_params(specs, param_shapes, flats, optim_files, world_size) -> None:
+def read_deepspeed(folder: Path, root: Path | None = None) -> SourceModel:
+    """Describe the fp32 master weights of a ``global_stepN`` folder, reading metadata only.
+
+    Every rank and model-states file must be a regular file that, symlinks resolved, lies inside
+    ``root``. Every number the pickles declare is checked before it sizes anything, and each rank
+    file must hold its own rank's slice (see :mod:`.zero_checks`).
+
+    Args:
+        folder: The ``global_stepN`` folder.
+        root: The folder the user named, which rank files must not leave (default: ``folder``).
+
+    Returns:
+        A :class:`SourceModel` whose tensors point into the rank files.
+
+    Raises:
+        CorruptCheckpointError: Missing, truncated, inconsistent, duplicated or mixed-up rank files.
+        UnsupportedCheckpointError: Pipeline/tensor-parallel, or a ZeRO stage other than 1-3.
+        UnsafeInputError: A rank file resolves outside ``root``.
+    """
+    folder = Path(folder)
+    roots = [Path(root) if root is not None else folder]
+    optim_files = _optim_files(folder)
+    first = optim_files[min(optim_files)]
+    head = zc.require(_load(first, roots), "optimizer_state_dict", first)
+    stage = zc.zero_stage(zc.require(head, "zero_stage", first), first)
+    world = zc.partition_count(zc.require(head, "partition_count", first), first)
+    if stage not in (1, 2, 3):
+        raise UnsupportedCheckpointError(
+            f"ZeRO stage {brief(stage)} is not supported (only 1, 2 and 3 are)", path=first,
+            hint="Convert it with DeepSpeed's own tools, or save it with ZeRO-1, 2 or 3.",
+        )
+    _check_rank_set(optim_files, world, folder)
+    ms = _model_states(folder, stage, world, roots)
+    ranks = _rank_states(optim_files, head, stage, world, roots)
+    zc.check_distinct([(path, flats) for path, _, flats in ranks])
+    if stage == 3 and ms.frozen_shapes:  # ZeRO-3 keeps each rank's slice of the frozen parameters per rank
+        zc.check_distinct([(p, list(fr.values())) for p, fr in zip(ms.files, ms.frozen)])
+    specs = _zero12_params(ms, ranks, world) if stage <= 2 else _zero3_params(ms, ranks, world)
+    _add(specs, _buffers(ms), folder)
+    for spec in specs.values():
+        have = sum(s.nbytes for s in spec.segments)
+        if have != spec.nbytes:
+            raise CorruptCheckpointError(f"{brief(spec.name)}: found {have} bytes, expected {spec.nbytes}", path=folder)
+    # Order as the module's state dict did, then anything it did not list.
+    order = [k for k in ms.module if k in specs] + [k for k in specs if k not in ms.module]
+    aliases = {alias: target for alias, target in ms.shared.items() if target in specs and alias not in specs}
+    info = {
+        "type": "deepspeed",
+        "stage": stage,
+        "world_size": world,
+        "tag": folder.name,
+        "ds_version": ms.ds_version,
+        "trained_dtype": ms.trained.name if ms.trained else None,
+        "rank_files": len(optim_files),
+    }
+    return SourceModel(kind="deepspeed", path=folder, tensors=[specs[k] for k in order], asset_dirs=[],
+                       trained_dtype=ms.trained, info=info, aliases=aliases)
+
+
+def _add(specs: dict[str, TensorSpec], more: dict[str, TensorSpec], where: Path) -> None:
+    """Add ``more`` to ``specs``; a name declared twice (two groups, frozen and trained) is an error."""
+    for name, spec in more.items():
+        if name in specs:
+            raise CorruptCheckpointError(f"parameter {brief(name)} is declared twice in the model states", path=where)
+        specs[name] = spec
+
+
+def _buffers(ms: _ModelStates) -> dict[str, TensorSpec]:
+    out: dict[str, TensorSpec] = {}
+    for name in ms.buffer_names:
+        ref = ms.module.get(name)
+        if isinstance(ref, TensorRef):
+            shape = checked_shape(ref.shape, what=f"buffer {brief(name)}", path=ms.files[0])
+            out[name] = TensorSpec(name, ref.dtype, shape, [ref.segment()] if ref.numel else [])
+    return out
+
+
+def _paddings(sd: dict, groups: list[dict[str, tuple[int, ...]]], path: Path) -> list[list[int]] | None:
+    """ZeRO-1/2 ``param_alignment_paddings`` (one non-negative int per parameter), or None if not recorded."""
+    value = sd.get("param_alignment_paddings")
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and len(value) == len(groups) and all(
+        isinstance(p, (list, tuple)) and len(p) == len(g) and all(is_int(x) and 0 <= x <= MAX_DIM for x in p)
+        for p, g in zip(value, groups))
+    if not ok:
+        raise CorruptCheckpointError(
+            f"param_alignment_paddings is {brief(value)}, not one small padding per parameter", path=path)
+    return [list(p) for p in value]
+
+
+def _zero12_params(ms: _ModelStates, ranks: list[_RankStates], world: int) -> dict[str, TensorSpec]:
+    """The trained and frozen parameters of a ZeRO-1/2 checkpoint, once each rank is shown to hold its own slice."""
+    path0, sd0, flats0 = ranks[0]
+    for path, _, flats in ranks:
+        if len(flats) != len(ms.groups):
+            raise CorruptCheckpointError(
+                f"{len(ms.groups)} parameter groups in the model states, {len(flats)} fp32 groups in the optimizer",
+                path=path)
+    paddings = _paddings(sd0, ms.groups, path0)
+    files = [path for path, _, _ in ranks]
+    for r, (_, sd, flats) in enumerate(ranks):
+        zc.check_zero12_rank(sd, r, files, ms.groups, paddings, flats)
+    specs: dict[str, TensorSpec] = {}
+    for g, shapes in enumerate(ms.groups):
+        vector = _Flat([flats[g] for _, _, flats in ranks], str(path0))
+        offset, group = 0, {}
+        for i, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            group[name] = TensorSpec(name, dtypes.float32, shape, _merge(vector.segments(offset, numel)))
+            offset += numel + (paddings[g][i] if paddings is not None else 0)
+        _add(specs, group, path0)
+    frozen = {}
+    for name, shape in ms.frozen_shapes.items():
+        frag = zc.require(ms.frozen[0], name, ms.files[0])
+        frozen[name] = TensorSpec(name, frag.dtype, shape, [frag.segment(0, math.prod(shape))])
+    _add(specs, frozen, ms.files[0])
+    return specs
+
+
+def _zero3_params(ms: _ModelStates, ranks: list[_RankStates], world: int) -> dict[str, TensorSpec]:
+    """The trained and frozen parameters of a ZeRO-3 checkpoint: each rank holds ``ceil(numel / W)`` of each."""
     merged: dict[str, tuple[int, ...]] = {}
-    for shapes in param_shapes:
-        for name, shape in shapes.items():
-            merged[name] = _shape(shape)
-    vectors = [_Flat(flats[r], str(optim_files[r])) for r in range(world_size)]
-    sizes = {v.numel for v in vectors}
-    if len(sizes) != 1:
-        raise CorruptCheckpointError("ranks hold different amounts of fp32 data", path=optim_files[0])
+    for shapes in ms.groups:
+        _add(merged, shapes, ms.files[0])
+    per_rank = sum(math.ceil(math.prod(shape) / world) for shape in merged.values())
+    vectors = []
+    for path, _, flats in ranks:
+        vector = _Flat(flats, str(path))
+        if vector.numel != per_rank:  # checked before any byte range is built
+            raise CorruptCheckpointError(
+                f"this rank file holds {vector.numel} fp32 elements, but the parameter shapes give each rank "
+                f"{per_rank}; it is from another run or damaged", path=path)
+        vectors.append(vector)
+    specs: dict[str, TensorSpec] = {}
     offset = 0
     for name, shape in merged.items():
         numel = math.prod(shape)
-        per_rank = math.ceil(numel / world_size)
+        share = math.ceil(numel / world)
         segs: list[Segment] = []
         for v in vectors:
-            segs.extend(v.segments(offset, per_rank))
+            segs.extend(v.segments(offset, share))
         specs[name] = TensorSpec(name, dtypes.float32, shape, _truncate(_merge(segs), numel * 4))
-        offset += per_rank
-    if offset != vectors[0].numel:
-        raise CorruptCheckpointError(
-            f"parameters take {offset} elements per rank but each rank holds {vectors[0].numel}",
-            path=optim_files[0],
-        )
+        offset += share
+    frozen = {}
+    for name, shape in ms.frozen_shapes.items():
+        share = math.ceil(math.prod(shape) / world)
+        frags = [zc.require(fr, name, p) for fr, p in zip(ms.frozen, ms.files)]
+        for frag, p in zip(frags, ms.files):
+            if frag.numel != share or frag.dtype != frags[0].dtype:
+                raise CorruptCheckpointError(
+                    f"frozen {brief(name)}: this rank holds {frag.numel} {frag.dtype.name} elements, "
+                    f"expected {share} {frags[0].dtype.name}", path=p)
+        segs = _truncate(_merge([f.segment() for f in frags]), math.prod(shape) * frags[0].dtype.itemsize)
+        frozen[name] = TensorSpec(name, frags[0].dtype, shape, segs)
+    _add(specs, frozen, ms.files[0])
+    return specs
+
+
+__all__ = [
+    "ResolvedCheckpoint", "confine_chosen", "is_zero_checkpoint_folder", "latest_checkpoint_folder", "read_deepspeed",
+    "resolve_checkpoint", "step_of",
+]

@@ -15,6 +15,13 @@ only containers, tensors and dtypes; the unpickled object must then be a flat ``
 dict, and anything else in it (optimizer state, Namespace, numpy scalars) is refused. Memory is
 bounded by the headers and pickles, never by the tensors.
 
+Untrusted input: every weight file (index, shards, single file) must be a regular file (a FIFO is
+refused, never opened blocking) and, symlinks resolved, lie inside the folder the user named (for
+an HF-cache snapshot, its ``models--*`` folder); a link out is an :class:`UnsafeInputError` naming
+it. An index is read with a size cap (``safe_io.MAX_INDEX_BYTES``), strictly (no duplicate keys,
+no non-finite numbers), and may name only plain file names in its folder. Safetensors headers are
+checked as :mod:`.safetensors_header` describes; ``.bin`` shapes by :mod:`.limits`.
+
 Checks on a sharded folder (each failure is a :class:`CorruptCheckpointError` naming the file and
 the tensor): every file the index names exists; every tensor is in the file the index says and
 every tensor of a shard is in the index; no tensor is stored twice across shards; no shard file of
@@ -56,219 +63,40 @@ Top-level weight files, when present, win over a nested folder.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from vllm_consolidate.errors import CorruptCheckpointError, UnsafeInputError, UnsupportedCheckpointError
+from vllm_consolidate.readers.hf_layout import (  # re-exported: detection and batch import them from here
+    BIN_INDEX,
+    BIN_SINGLE,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    SHARD_RE,
+    WEIGHT_FILES,
+    Layout,
+    find_layout,
+    is_hf_folder,
+)
+from vllm_consolidate.readers.limits import brief, checked_shape
+from vllm_consolidate.readers.safetensors_header import (  # re-exported: validate and compare import them from here
+    MAX_HEADER_BYTES,
+    SAFETENSORS_TO_TORCH,
+    StoredTensor,
+    stored_safetensors,
+)
 from vllm_consolidate.readers.torch_zip import TensorRef, load_lazy
-from vllm_consolidate.source import Segment, SourceModel, TensorSpec
+from vllm_consolidate.safe_io import MAX_INDEX_BYTES, confined, open_regular, read_json, trust_root
+from vllm_consolidate.source import SourceModel, TensorSpec
 
-SAFE_SINGLE = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_SINGLE = "pytorch_model.bin"
-BIN_INDEX = "pytorch_model.bin.index.json"
-WEIGHT_FILES = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
-
-_SHARD_RE = {
-    "safetensors": re.compile(r"^model-\d+-of-\d+\.safetensors$"),
-    "bin": re.compile(r"^pytorch_model-\d+-of-\d+\.bin$"),
-}
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
 
-#: safetensors dtype strings (as in the safetensors spec) -> torch dtypes: the inverse of the planner's table.
-SAFETENSORS_TO_TORCH: dict[str, DType] = dict(dtypes.BY_SAFETENSORS)
-
-_MAX_HEADER = 100 * 2**20  # safetensors itself refuses headers above 100 MB
 _FIX_INDEX_HINT = "Fix or regenerate the index (re-save with save_pretrained), or copy the folder again."
 
 
-@dataclass
-class _Layout:
-    """Which weight files of a folder are read."""
-
-    folder: Path
-    fmt: str  # "safetensors" or "bin"
-    files: list[Path]
-    index: Path | None
-    nested: bool = False
-
-
-# -- detection ------------------------------------------------------------------------------------------
-
-
-def _is_dcp_folder(path: Path) -> bool:
-    return (path / ".metadata").is_file() and any(path.glob("*.distcp"))
-
-
-def _has_weights(path: Path) -> bool:
-    if any((path / n).is_file() for n in WEIGHT_FILES):
-        return True
-    try:
-        return any(rx.match(p.name) for p in path.iterdir() for rx in _SHARD_RE.values())
-    except OSError:
-        return False
-
-
-def is_hf_folder(path: Path) -> bool:
-    """True if the folder holds HF weights, a nested ``pytorch_model.bin/`` folder, or a DCP folder.
-
-    DCP folders count so that reading them gives a clear "unsupported" error instead of "not found".
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    return _has_weights(path) or (path / BIN_SINGLE).is_dir() or _is_dcp_folder(path)
-
-
-def _dcp_error(folder: Path) -> UnsupportedCheckpointError:
-    return UnsupportedCheckpointError(
-        "this is a torch.distributed.checkpoint (DCP) folder (.metadata + *.distcp files), which is not supported",
-        path=folder / ".metadata",
-        hint=(
-            "Convert it to one file first with torch: python -c \"from torch.distributed.checkpoint.format_utils "
-            f"import dcp_to_torch_save; dcp_to_torch_save('{folder}', 'OUT/pytorch_model.bin')\", put config.json "
-            "next to it and pass OUT (only if you trust the checkpoint: that step unpickles it)."
-        ),
-    )
-
-
-def _layout(folder: Path, *, nested: bool = False) -> _Layout:
-    if (folder / SAFE_SINGLE).is_file():
-        return _Layout(folder, "safetensors", [folder / SAFE_SINGLE], None, nested)
-    if (folder / SAFE_INDEX).is_file():
-        return _Layout(folder, "safetensors", [], folder / SAFE_INDEX, nested)
-    if (folder / BIN_SINGLE).is_file():
-        return _Layout(folder, "bin", [folder / BIN_SINGLE], None, nested)
-    if (folder / BIN_INDEX).is_file():
-        return _Layout(folder, "bin", [], folder / BIN_INDEX, nested)
-    for fmt, index_name in (("safetensors", SAFE_INDEX), ("bin", BIN_INDEX)):
-        shards = sorted(p for p in folder.iterdir() if _SHARD_RE[fmt].match(p.name))
-        if shards:
-            raise CorruptCheckpointError(
-                f"{shards[0].name} and {len(shards) - 1} more shard files are here but their index "
-                f"{index_name} is missing",
-                path=folder / index_name,
-                hint=f"Copy {index_name} from where the shards came from; without it the shards cannot be trusted.",
-            )
-    if _is_dcp_folder(folder):
-        raise _dcp_error(folder)
-    inner = folder / BIN_SINGLE
-    if inner.is_dir() and not nested:
-        if _is_dcp_folder(inner):
-            raise _dcp_error(inner)
-        if not _has_weights(inner):
-            found = sorted(p.name for p in inner.iterdir())[:8]
-            raise UnsupportedCheckpointError(
-                f"{BIN_SINGLE} is a folder, but it holds no weights this tool reads "
-                f"(found: {', '.join(found) or 'nothing'})",
-                path=inner,
-                hint=(
-                    "It should hold pytorch_model.bin, model.safetensors, or shards with their index.json, as "
-                    "DeepSpeed's zero_to_fp32.py writes. Pass the DeepSpeed checkpoint itself with --type deepspeed."
-                ),
-            )
-        return _layout(inner, nested=True)
-    raise UnsupportedCheckpointError(
-        f"no HF weights here: expected one of {', '.join(WEIGHT_FILES)}",
-        path=folder,
-        hint="Pass the folder that holds the model's weights.",
-    )
-
-
 # -- per-file metadata ----------------------------------------------------------------------------------
-
-
-@dataclass
-class StoredTensor:
-    """A tensor as a weight file stores it, located but not read.
-
-    Attributes:
-        name: Its key in the file.
-        file: The file name.
-        dtype: The torch dtype, or None for a dtype this tool cannot read.
-        dtype_code: The dtype as the file spells it (``F32``, ``torch.float32``).
-        shape: Its shape.
-        path: The file's path.
-        offset: Absolute offset of its first byte, or -1 when it is not one contiguous range.
-        nbytes: Its size in bytes.
-    """
-
-    name: str
-    file: str
-    dtype: DType | None
-    dtype_code: str
-    shape: tuple[int, ...]
-    path: str
-    offset: int
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def segments(self) -> list[Segment]:
-        """Its bytes as one segment; none when it is empty or not one contiguous range."""
-        return [Segment(self.path, self.offset, self.nbytes)] if self.nbytes and self.offset >= 0 else []
-
-
-def stored_safetensors(path: Path) -> list[StoredTensor]:
-    """Every tensor of a safetensors file, in header order, from the header alone.
-
-    A dtype code not in :data:`SAFETENSORS_TO_TORCH` gives ``dtype=None`` (its byte range is still
-    checked against the file); the caller decides whether that is an error.
-
-    Raises:
-        CorruptCheckpointError: The header is truncated, malformed or points outside the file.
-    """
-    spath = os.fspath(path)
-    try:
-        size = os.path.getsize(spath)
-        with open(spath, "rb") as fh:
-            head = fh.read(8)
-            if len(head) != 8:
-                raise CorruptCheckpointError("file is shorter than a safetensors header; it is truncated", path=path)
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > _MAX_HEADER or 8 + hlen > size:
-                raise CorruptCheckpointError(
-                    f"safetensors header length {hlen} does not fit the {size}-byte file; it is truncated or "
-                    "not a safetensors file", path=path)
-            raw = fh.read(hlen)
-    except OSError as exc:
-        raise CorruptCheckpointError(f"cannot read file: {exc.strerror or exc}", path=path) from exc
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"safetensors header is not valid JSON ({exc})", path=path) from exc
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError("safetensors header is not a JSON object", path=path)
-    data_start = 8 + hlen
-    data_size = size - data_start
-    out: list[StoredTensor] = []
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            code, shape, (begin, end) = str(meta["dtype"]), tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{name}: malformed header entry {meta!r:.120}", path=path) from exc
-        dtype = SAFETENSORS_TO_TORCH.get(code)
-        nbytes = end - begin if dtype is None else math.prod(shape) * dtype.itemsize
-        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
-            raise CorruptCheckpointError(
-                f"{name}: data_offsets [{begin}, {end}) do not hold {nbytes} bytes inside the file's "
-                f"{data_size} data bytes; the file is truncated or damaged", path=path)
-        out.append(StoredTensor(name, Path(spath).name, dtype, code, shape, spath, data_start + begin, nbytes))
-    return out
 
 
 def read_safetensors_header(path: Path) -> list[tuple[str, TensorSpec]]:
@@ -287,7 +115,8 @@ def read_safetensors_header(path: Path) -> list[tuple[str, TensorSpec]]:
     out: list[tuple[str, TensorSpec]] = []
     for t in sorted(stored_safetensors(path), key=lambda t: t.offset):
         if t.dtype is None:
-            raise UnsupportedCheckpointError(f"{t.name}: dtype {t.dtype_code} is not supported", path=path)
+            raise UnsupportedCheckpointError(f"{brief(t.name)}: dtype {brief(t.dtype_code)} is not supported",
+                                             path=path)
         out.append((t.name, TensorSpec(t.name, t.dtype, t.shape, t.segments)))
     return out
 
@@ -298,8 +127,10 @@ def read_flat_state_dict(path: Path) -> dict[str, TensorRef]:
     Raises:
         UnsafePickleError: The pickle names a global outside the allowlist.
         UnsupportedCheckpointError: The object is not a flat ``{name: tensor}`` dict.
-        CorruptCheckpointError: The file is truncated or inconsistent.
+        CorruptCheckpointError: The file is not a regular file, is truncated or inconsistent.
     """
+    # load_lazy opens by name with a blocking open(): make sure a FIFO is refused before it gets there.
+    os.close(open_regular(path))
     obj: Any = load_lazy(path)
     if not isinstance(obj, dict):
         raise UnsupportedCheckpointError(
@@ -311,14 +142,16 @@ def read_flat_state_dict(path: Path) -> dict[str, TensorRef]:
         what = "a dict" if isinstance(value, dict) else type(value).__name__
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UnsupportedCheckpointError(
-            f"entry {name!r} is {what}, not a tensor{more}: this is not a flat name -> tensor dict (a plain model "
-            "state dict)",
+            f"entry '{brief(name)}' is {what}, not a tensor{more}: this is not a flat name -> tensor dict "
+            "(a plain model state dict)",
             path=path,
             hint=(
                 "A training checkpoint (optimizer, trainer state) is not a model file. Extract "
                 "model.state_dict() and save it, or pass a DeepSpeed checkpoint with --type deepspeed."
             ),
         )
+    for name, ref in obj.items():
+        checked_shape(ref.shape, what=f"tensor {brief(name)}", path=path)
     return obj
 
 
@@ -378,39 +211,59 @@ def _read_file(path: Path, fmt: str) -> tuple[list[tuple[str, TensorSpec]], dict
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    try:
-        data = json.loads(index.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"cannot read the index ({exc})", path=index, hint=_FIX_INDEX_HINT) from exc
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    """The ``weight_map`` of an index, read bounded and strictly; every file it names is a plain name.
+
+    Raises:
+        CorruptCheckpointError: Unreadable, too large, not strict JSON, or no usable ``weight_map``.
+        UnsafeInputError: A file name is a path (``/``, ``\\``, ``.``, ``..``, NUL): it could only lead
+            out of the folder.
+    """
+    data = read_json(index, MAX_INDEX_BYTES, what=f"the index {index.name}", unique_keys=True)
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CorruptCheckpointError("the index has no 'weight_map'", path=index, hint=_FIX_INDEX_HINT)
     for name, fname in weight_map.items():
-        if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname or fname in (".", ".."):
-            raise CorruptCheckpointError(f"the index maps {name} to the invalid file name {fname!r}", path=index,
-                                         hint=_FIX_INDEX_HINT)
+        if not isinstance(fname, str) or not fname:
+            raise CorruptCheckpointError(f"the index maps {brief(name)} to {brief(fname)}, not a file name",
+                                         path=index, hint=_FIX_INDEX_HINT)
+        if fname in (".", "..") or any(c in fname for c in "/\\\0"):
+            raise UnsafeInputError(
+                f"the index maps {brief(name)} to {brief(fname)}, which is not a plain file name in its folder; "
+                "refusing to follow it", path=index, hint=_FIX_INDEX_HINT)
     return weight_map
 
 
-def _read_sharded(layout: _Layout) -> tuple[list[tuple[str, TensorSpec]], dict[str, str], list[Path]]:
+def _check_weight_file(path: Path, roots: list[Path]) -> None:
+    """A weight file must lie, with symlinks resolved, inside the model's tree (see :func:`read_hf`)."""
+    if not confined(path, roots):
+        raise UnsafeInputError(
+            f"weight file resolves to {os.path.realpath(path)}, outside the model folder "
+            f"{', '.join(str(r) for r in roots)}; refusing to read it", path=path,
+            hint="Copy the real file into the model folder (a link out of the input is never followed).")
+
+
+def _read_sharded(layout: Layout, roots: list[Path],
+                  ) -> tuple[list[tuple[str, TensorSpec]], dict[str, str], list[Path]]:
     """Read every shard the index lists and check the index against them."""
     assert layout.index is not None
     folder, index = layout.folder, layout.index
+    _check_weight_file(index, roots)
     weight_map = _read_index(index)
     listed: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
         listed.setdefault(fname, []).append(name)
     files = sorted(listed)
     for fname in files:
-        if not (folder / fname).is_file():
+        if not os.path.lexists(folder / fname):
             names = listed[fname]
             more = f" and {len(names) - 1} more" if len(names) > 1 else ""
             raise CorruptCheckpointError(
-                f"the index {index.name} puts {names[0]}{more} in {fname}, but that file is missing",
+                f"the index {index.name} puts {brief(names[0])}{more} in {brief(fname)}, but that file is missing",
                 path=folder / fname,
-                hint=f"Copy {fname} from where the other shards came from, or re-save the model.",
+                hint=f"Copy {brief(fname)} from where the other shards came from, or re-save the model.",
             )
-    stray = sorted(p.name for p in folder.iterdir() if _SHARD_RE[layout.fmt].match(p.name) and p.name not in listed)
+        _check_weight_file(folder / fname, roots)
+    stray = sorted(p.name for p in folder.iterdir() if SHARD_RE[layout.fmt].match(p.name) and p.name not in listed)
     if stray:
         raise CorruptCheckpointError(
             f"shard {stray[0]} is in the folder but the index {index.name} does not list it",
@@ -425,25 +278,26 @@ def _read_sharded(layout: _Layout) -> tuple[list[tuple[str, TensorSpec]], dict[s
         for name in [n for n, _ in tensors] + list(file_aliases):
             if name in where:
                 raise CorruptCheckpointError(
-                    f"tensor {name} is stored twice: in {where[name]} and in {fname}",
+                    f"tensor {brief(name)} is stored twice: in {where[name]} and in {fname}",
                     path=folder / fname,
                     hint="Remove the duplicate shard or re-save the model; it is unclear which copy is right.",
                 )
             where[name] = fname
             if name not in weight_map:
                 raise CorruptCheckpointError(
-                    f"tensor {name} is in {fname} but the index {index.name} does not list it",
+                    f"tensor {brief(name)} is in {fname} but the index {index.name} does not list it",
                     path=folder / fname, hint=_FIX_INDEX_HINT)
             if weight_map[name] != fname:
                 raise CorruptCheckpointError(
-                    f"the index {index.name} says tensor {name} is in {weight_map[name]}, but it is in {fname}",
+                    f"the index {index.name} says tensor {brief(name)} is in {brief(weight_map[name])}, "
+                    f"but it is in {fname}",
                     path=folder / fname, hint=_FIX_INDEX_HINT)
         out.extend(tensors)
         aliases.update(file_aliases)
     for name, fname in weight_map.items():
         if name not in where:
             raise CorruptCheckpointError(
-                f"the index {index.name} says tensor {name} is in {fname}, but {fname} does not hold it",
+                f"the index {index.name} says tensor {brief(name)} is in {fname}, but {fname} does not hold it",
                 path=folder / fname, hint=_FIX_INDEX_HINT)
     return out, aliases, [folder / f for f in files]
 
@@ -453,14 +307,15 @@ def _read_sharded(layout: _Layout) -> tuple[list[tuple[str, TensorSpec]], dict[s
 
 def strip_wrapper_prefixes(name: str) -> str:
     """Remove ``module.``, ``_orig_mod.`` and ``_forward_module.`` from the front, repeatedly."""
-    changed = True
+    # Advance an index instead of slicing each time: a forged name of a million prefixes stays linear.
+    start, changed = 0, True
     while changed:
         changed = False
         for prefix in WRAPPER_PREFIXES:
-            if name.startswith(prefix) and len(name) > len(prefix):
-                name = name[len(prefix):]
+            if name.startswith(prefix, start) and len(name) - start > len(prefix):
+                start += len(prefix)
                 changed = True
-    return name
+    return name[start:]
 
 
 def _rename(tensors: list[tuple[str, TensorSpec]], aliases: dict[str, str], where: Path,
@@ -472,7 +327,8 @@ def _rename(tensors: list[tuple[str, TensorSpec]], aliases: dict[str, str], wher
         new = strip_wrapper_prefixes(old)
         if new in owner:
             raise CorruptCheckpointError(
-                f"tensors {owner[new]} and {old} both become {new} once wrapper prefixes are stripped",
+                f"tensors {brief(owner[new])} and {brief(old)} both become {brief(new)} once wrapper prefixes "
+                "are stripped",
                 path=where,
                 hint="Save the unwrapped model's state dict (e.g. model.module.state_dict()), which has one of each.",
             )
@@ -504,7 +360,7 @@ def _check_placeholders(tensors: list[TensorSpec], path: Path) -> None:
     empty = [t.name for t in tensors if t.numel == 0]
     if tensors and len(empty) * 2 >= len(tensors):
         raise UnsupportedCheckpointError(
-            f"{len(empty)} of {len(tensors)} tensors are empty (e.g. {empty[0]}): these are ZeRO-3 placeholders "
+            f"{len(empty)} of {len(tensors)} tensors are empty (e.g. {brief(empty[0])}): these are ZeRO-3 placeholders "
             "saved without gathering the weights, not a model",
             path=path,
             hint=(
@@ -515,11 +371,16 @@ def _check_placeholders(tensors: list[TensorSpec], path: Path) -> None:
         )
 
 
-def read_hf(folder: Path) -> SourceModel:
+def read_hf(folder: Path, root: Path | None = None) -> SourceModel:
     """Describe an HF model folder's weights from metadata only, checking shards against the index.
+
+    Every weight file (index, shards, single file) must be a regular file and, with symlinks resolved,
+    lie inside the trust root of ``root``: that folder itself, or for a snapshot in the HF cache its
+    ``models--*`` folder, whose snapshots link into ``blobs/`` (see :func:`safe_io.trust_root`).
 
     Args:
         folder: The folder holding the weights (or a nested ``pytorch_model.bin/`` folder).
+        root: The folder the user named, which the weights must not leave (default: ``folder``).
 
     Returns:
         A :class:`SourceModel` of kind ``"hf_sharded"`` or ``"hf_single"``.
@@ -528,13 +389,16 @@ def read_hf(folder: Path) -> SourceModel:
         CorruptCheckpointError: Truncated files, or an index that does not match the shards.
         UnsupportedCheckpointError: DCP folders, non-state-dict pickles, ZeRO-3 placeholders.
         UnsafePickleError: A ``.bin`` pickle asks for a global outside the allowlist.
+        UnsafeInputError: A weight file resolves outside the model folder.
     """
     folder = Path(folder)
-    layout = _layout(folder)
+    roots = [trust_root(root if root is not None else folder)]
+    layout = find_layout(folder)
     if layout.index is not None:
-        raw, aliases, files = _read_sharded(layout)
+        raw, aliases, files = _read_sharded(layout, roots)
         kind, where = "hf_sharded", layout.index
     else:
+        _check_weight_file(layout.files[0], roots)
         raw, aliases = _read_file(layout.files[0], layout.fmt)
         files, kind, where = layout.files, "hf_single", layout.files[0]
     if not raw:
@@ -556,3 +420,10 @@ def read_hf(folder: Path) -> SourceModel:
         aliases=aliases,
         renamed=renamed,
     )
+
+
+__all__ = [
+    "BIN_INDEX", "BIN_SINGLE", "MAX_HEADER_BYTES", "SAFETENSORS_TO_TORCH", "SAFE_INDEX", "SAFE_SINGLE", "StoredTensor",
+    "WEIGHT_FILES", "is_hf_folder", "read_bin_state_dict", "read_flat_state_dict", "read_hf", "read_safetensors_header",
+    "stored_bin", "stored_safetensors", "strip_wrapper_prefixes",
+]
