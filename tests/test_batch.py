@@ -315,7 +315,9 @@ def test_existing_foreign_output_is_blocked(tree: Path, tmp_path: Path, capsys: 
     assert plan.jobs[0].action == "blocked"
     plan = _plan(tree, out, input_pattern=str(tree / "ft_runs_a" / MODEL), naming_template="{run_name}_final",
                  model=ConvertOptions(base_model_name=None, force=True))
-    assert plan.jobs[0].action == "replace"
+    # --force replaces only folders vllm-consolidate wrote (issue 11): this one stays blocked.
+    assert plan.jobs[0].action == "blocked"
+    assert "--force replaces only" in plan.jobs[0].error["hint"]
     assert (out / "ft_runs_a_final" / "mine.txt").exists()
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_consolidate.errors import ConfigInvalidError, CorruptCheckpointError
-from vllm_consolidate.safe_io import MAX_CONFIG_BYTES, confined, is_regular_file, open_regular, read_json
+from vllm_consolidate.safe_io import MAX_CONFIG_BYTES, confined, is_regular_file, open_regular, read_json, trust_root
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -107,15 +107,6 @@ def resolve_base_model(name: str | None) -> tuple[Path | None, str | None]:
         return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS)), None
     except Exception as exc:
         return None, f"'{name}' is neither a local folder nor reachable on the Hub ({type(exc).__name__})"
-
-
-def trust_root(folder: Path) -> Path:
-    """The tree a base-model folder's files may link into: the ``models--*`` repo folder for an HF cache
-    snapshot (its files are symlinks into ``blobs/``), else the folder itself."""
-    folder = Path(folder).absolute()
-    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
-        return folder.parent.parent
-    return folder
 
 
 class _Finder:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_consolidate.assets import search_chain, trust_root
+from vllm_consolidate.assets import search_chain
+from vllm_consolidate.safe_io import trust_root
 
 
 def test_chain_stops_at_the_input(tmp_path: Path):

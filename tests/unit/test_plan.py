@@ -83,3 +83,16 @@ def test_untied_shared_names_are_written_as_copies():
     tensors, dropped = output_tensors(source, {"tie_word_embeddings": False})
     assert [t.name for t in tensors] == ["model.embed_tokens.weight", "lm_head.weight"] and dropped == []
     assert tensors[1].segments == emb.segments
+
+
+def test_forged_expert_count_is_refused_before_looping():
+    from vllm_consolidate.errors import CorruptCheckpointError
+
+    big = TensorSpec("model.layers.0.mlp.experts.down_proj", dtypes.float32, (10**9, 1, 1), [Segment("/src", 0, 4)])
+    source = SourceModel("deepspeed", path=None, tensors=[big])  # type: ignore[arg-type]
+    with pytest.raises(CorruptCheckpointError, match="not a fused expert tensor"):
+        output_tensors(source, {"model_type": "qwen2_moe"})
+    ok = TensorSpec("model.layers.0.mlp.experts.down_proj", dtypes.float32, (4, 2, 2), [Segment("/src", 0, 64)])
+    with pytest.raises(CorruptCheckpointError):
+        output_tensors(SourceModel("deepspeed", path=None, tensors=[ok]),  # type: ignore[arg-type]
+                       {"model_type": "qwen2_moe", "num_experts": 8})

@@ -43,7 +43,9 @@ from vllm_consolidate.errors import (
     UsageError,
     error_record,
 )
+from vllm_consolidate.readers.zero_locate import confine_chosen
 from vllm_consolidate.units import few
+from vllm_consolidate.write.publish import is_ours
 
 
 def _batch_model_defaults() -> ConvertOptions:
@@ -302,19 +304,23 @@ def _classify(job: Job, opts: BatchOptions) -> None:
         job.action, job.reason = (Action.REPLACE, "up to date; --force") if force else (Action.SKIP, "up to date")
     elif state == "stale":
         job.action, job.reason = Action.REPLACE, f"stale: {reason}"
-    elif state == "foreign" and force:
+    elif state == "foreign" and force and is_ours(job.output):
         job.action, job.reason = Action.REPLACE, f"--force: {reason}"
     elif state == "foreign":
         job.action, job.reason = Action.BLOCKED, reason
+        ours = is_ours(job.output)
         job.error = job_error(OutputExistsError(
             f"output exists and is not this job's to replace: {reason}", path=job.output,
-            hint="Pass --force to replace it, or choose another --output-dir/--naming-template."))
+            hint="Pass --force to replace it, or choose another --output-dir/--naming-template." if ours else
+            "--force replaces only folders vllm-consolidate wrote; remove it yourself or choose another output."))
     if job.action == Action.REPLACE and job.output.exists():
         job.existing_bytes = sum(p.stat().st_size for p in job.output.rglob("*") if p.is_file())
 
 
 def _estimate(job: Job, opts: BatchOptions) -> None:
     """Fill in a job's detected type, size and memory estimates and source fingerprint (metadata only)."""
+    if job.checkpoint is not None and job.checkpoint != job.input:
+        confine_chosen(job.checkpoint, job.input)  # we chose it inside the input: it must not lead elsewhere
     conv = plan_conversion(opts.job_options(input=job.input, output=job.output, checkpoint_dir=job.checkpoint))
     detected, source, assets, plan = conv.detected, conv.source, conv.assets, conv.plan
     asset_files = [p for p in (assets.config, assets.generation_config, *assets.tokenizer_files) if p is not None]

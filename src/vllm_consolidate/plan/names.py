@@ -7,6 +7,7 @@ copies, and fused MoE experts are split per expert. Nothing here reads a tensor 
 
 from __future__ import annotations
 
+from vllm_consolidate.errors import CorruptCheckpointError
 from vllm_consolidate.source import SourceModel, TensorSpec
 
 #: Names an output embedding has in the architectures we write; dropped when tied.
@@ -52,13 +53,34 @@ def resolve_names(source: SourceModel, tied: bool) -> tuple[list[TensorSpec], li
 FUSED_EXPERT_MODEL_TYPES = frozenset({"qwen2_moe", "qwen3_moe"})
 
 
-def unfuse_experts(tensors: list[TensorSpec], model_type: str | None) -> list[TensorSpec]:
-    """Split fused expert tensors into per-expert ones, as save_pretrained does (byte ranges only)."""
+#: More experts than any released MoE model has by far; a larger leading dim is a forged shape.
+MAX_EXPERTS = 4096
+
+
+def _check_experts(t: TensorSpec, num_experts: object) -> int:
+    """The expert count of a fused tensor, which must match config.json and be sane (it drives a loop)."""
+    experts = t.shape[0]
+    if experts > MAX_EXPERTS or (isinstance(num_experts, int) and experts != num_experts) or (
+            t.name.endswith("gate_up_proj") and t.shape[1] % 2):
+        raise CorruptCheckpointError(
+            f"{t.name} has shape {list(t.shape)}, which is not a fused expert tensor of this model "
+            f"(config.json: num_experts={num_experts!r})", hint="The checkpoint and config.json disagree.")
+    return experts
+
+
+def unfuse_experts(tensors: list[TensorSpec], model_type: str | None, num_experts: object = None) -> list[TensorSpec]:
+    """Split fused expert tensors into per-expert ones, as save_pretrained does (byte ranges only).
+
+    Raises:
+        CorruptCheckpointError: A fused tensor's expert count is not config.json's ``num_experts``.
+    """
     if model_type not in FUSED_EXPERT_MODEL_TYPES:
         return tensors
     out: list[TensorSpec] = []
     for t in tensors:
         prefix, _, last = t.name.rpartition(".")
+        if len(t.shape) == 3 and prefix.endswith(".experts") and last in ("gate_up_proj", "down_proj"):
+            _check_experts(t, num_experts)
         if len(t.shape) == 3 and prefix.endswith(".experts") and last == "gate_up_proj":
             experts, rows, hidden = t.shape
             half = rows // 2
@@ -83,7 +105,7 @@ def output_tensors(source: SourceModel, config: dict) -> tuple[list[TensorSpec],
         config: The model's config.json (it decides tying and MoE expert layout).
     """
     tensors, dropped = resolve_names(source, is_tied(config, source))
-    return unfuse_experts(tensors, config.get("model_type")), dropped
+    return unfuse_experts(tensors, config.get("model_type"), config.get("num_experts")), dropped
 
 
 
