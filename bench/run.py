@@ -181,7 +181,7 @@ def single_file(folder: Path) -> Path:
 
 def rank_fp32_bytes(ckpt: Path) -> list[tuple[Path, int]]:
     """Per rank optimizer file, how many fp32-master bytes it holds (from our reader's plan)."""
-    from vllm_consolidate.readers.deepspeed import read_deepspeed, resolve_checkpoint
+    from vllm_consolidate.read.deepspeed import read_deepspeed, resolve_checkpoint
 
     folder = resolve_checkpoint(ckpt).folder
     source = read_deepspeed(folder)

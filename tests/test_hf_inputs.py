@@ -22,7 +22,7 @@ from tests.corpus.hf_layouts import build_layouts
 
 from vllm_consolidate import cli
 from vllm_consolidate.errors import CorruptCheckpointError
-from vllm_consolidate.readers import hf
+from vllm_consolidate.read import hf
 
 CLI = Path(sys.executable).with_name("vllm-consolidate")
 IDS = torch.tensor([[1, 17, 42, 99, 250, 7, 3, 480]])

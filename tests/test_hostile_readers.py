@@ -217,7 +217,7 @@ def test_header_longer_than_the_cap_is_not_parsed(hf_single: Path, tmp_path: Pat
 
 def test_hostile_header_just_under_the_cap_is_bounded(hf_single: Path, tmp_path: Path) -> None:
     """The costliest JSON per byte found (one list per 4 bytes) filling the cap parses within bounds."""
-    from vllm_consolidate.readers.safetensors_header import MAX_HEADER_BYTES
+    from vllm_consolidate.formats.safetensors import MAX_HEADER_BYTES
 
     head = b'{"w":' + json.dumps(f32(1)).encode() + b',"pad":['
     count = (MAX_HEADER_BYTES - len(head) - 2) // 4

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from vllm_consolidate import cli
 from vllm_consolidate import validate as V
 from vllm_consolidate.errors import VllmLoadError, VllmUnavailableError
-from vllm_consolidate.readers.hf import SAFE_INDEX
+from vllm_consolidate.read.hf import SAFE_INDEX
 from vllm_consolidate.validate import context as validate_context
 
 CLI = Path(sys.executable).with_name("vllm-consolidate")

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_consolidate import dtypes, readers
-from vllm_consolidate.assets import Assets, asset_bytes, copy_assets, find_assets, read_config, search_chain
+from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import ConfigNotFoundError, UsageError, ValidationFailedError
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
+from vllm_consolidate.read import detect as detection
+from vllm_consolidate.read.assets import Assets, asset_bytes, copy_assets, find_assets, read_config, search_chain
 from vllm_consolidate.source import SourceModel
 from vllm_consolidate.write import publish as pub
 from vllm_consolidate.write import write_plan
@@ -152,7 +153,7 @@ def _config_dtype(plan: OutputPlan) -> str:
 class Conversion:
     """Everything decided about one conversion before any tensor byte is read."""
 
-    detected: readers.DetectedInput
+    detected: detection.DetectedInput
     source: SourceModel
     assets: Assets
     config: dict
@@ -172,10 +173,10 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     opts.require_paths()
     if opts.fmt not in ("safetensors", "bin"):
         raise UsageError(f"unknown format {opts.fmt}")
-    detected = readers.detect(Path(opts.input), opts.input_type, opts.checkpoint_dir)
+    detected = detection.detect(Path(opts.input), opts.input_type, opts.checkpoint_dir)
     inputs = [Path(opts.input), detected.weights_dir] + ([Path(opts.checkpoint_dir)] if opts.checkpoint_dir else [])
     pub.check_output_location(Path(opts.output), inputs)
-    source = readers.read(detected)
+    source = detection.read(detected)
     chain = search_chain(detected.weights_dir, Path(opts.input))
     assets = find_assets(chain + [d for d in source.asset_dirs if d not in chain], opts.base_model_name,
                          roots=[chain[-1], Path(opts.input).absolute()])

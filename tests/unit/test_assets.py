@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_consolidate.assets import search_chain
+from vllm_consolidate.read.assets import search_chain
 from vllm_consolidate.safe_io import trust_root
 
 

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_consolidate.errors import ConsolidateError, InputNotFoundError, UsageError
-from vllm_consolidate.readers.deepspeed import is_zero_checkpoint_folder, step_of
-from vllm_consolidate.readers.hf import is_hf_folder
+from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder, step_of
+from vllm_consolidate.read.hf import is_hf_folder
 from vllm_consolidate.safe_io import MAX_LIST_BYTES, MAX_TAG_BYTES, read_text
 from vllm_consolidate.write.publish import NAME_MAX, TEMP_NAME_OVERHEAD
 

@@ -43,7 +43,7 @@ from vllm_consolidate.errors import (
     UsageError,
     error_record,
 )
-from vllm_consolidate.readers.zero_locate import confine_chosen
+from vllm_consolidate.read.zero_locate import confine_chosen
 from vllm_consolidate.units import few
 from vllm_consolidate.write.publish import is_ours
 

@@ -9,7 +9,6 @@ with a ``model.safetensors.index.json``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from vllm_consolidate import dtypes
@@ -18,7 +17,6 @@ from vllm_consolidate.errors import UsageError
 from vllm_consolidate.source import TensorSpec
 
 #: dtype -> safetensors header code.
-SAFETENSORS_DTYPES: dict[DType, str] = {d: d.safetensors for d in dtypes.ALL}
 
 #: ``--dtype`` names and their aliases.
 DTYPES_BY_NAME: dict[str, DType] = {
@@ -123,7 +121,7 @@ def plan_output(
     size = 0
     for spec in tensors:
         planned = PlannedTensor(spec, output_dtype(spec, target_dtype))
-        if planned.out_dtype not in SAFETENSORS_DTYPES:
+        if not planned.out_dtype.safetensors:
             raise UsageError(f"{spec.name} has dtype {planned.out_dtype}, which the output format cannot hold")
         if shards[-1] and size + planned.nbytes > max_shard_size:
             shards.append([])
@@ -141,17 +139,3 @@ def plan_output(
             offset += t.nbytes
         files.append(PlannedFile(filename, shard))
     return OutputPlan(fmt, files, None if n == 1 else f"{stem}.{ext}.index.json")
-
-
-def safetensors_header(pfile: PlannedFile, metadata: dict[str, str] | None = None) -> bytes:
-    """The 8-byte length plus JSON header of a safetensors file, padded to 8 bytes as the spec advises."""
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    for t in pfile.tensors:
-        header[t.name] = {
-            "dtype": SAFETENSORS_DTYPES[t.out_dtype],
-            "shape": list(t.spec.shape),
-            "data_offsets": [t.offset, t.offset + t.nbytes],
-        }
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vllm_consolidate.assets import CONFIG_FILE
+from vllm_consolidate.read.assets import CONFIG_FILE
 from vllm_consolidate.validate import config, files, skeleton, source, tokenizer, values
 from vllm_consolidate.validate.context import SCAN_CHUNK_BYTES, Context
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check, ValidationReport, skipped

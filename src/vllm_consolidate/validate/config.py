@@ -16,9 +16,9 @@ import importlib.util
 import json
 
 from vllm_consolidate import dtypes
-from vllm_consolidate.assets import CONFIG_FILE
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME
+from vllm_consolidate.read.assets import CONFIG_FILE
 from vllm_consolidate.validate.context import Context
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check, skipped
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from vllm_consolidate.readers.hf import StoredTensor
+from vllm_consolidate.read.hf import StoredTensor
 
 if TYPE_CHECKING:
     from vllm_consolidate.validate.report import Check

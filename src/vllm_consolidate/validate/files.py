@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from vllm_consolidate.errors import CorruptCheckpointError, UnsafePickleError, UnsupportedCheckpointError
-from vllm_consolidate.readers.hf import (
+from vllm_consolidate.read.hf import (
     BIN_INDEX,
     SAFE_INDEX,
     SAFE_SINGLE,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from vllm_consolidate.readers.hf import StoredTensor
+from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.units import few
 from vllm_consolidate.validate.context import Context, quiet
 from vllm_consolidate.validate.report import FAIL, PASS, SKIPPED, WARN, Check, skipped

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vllm_consolidate import readers
 from vllm_consolidate.casts import NUMPY_DTYPES, cast_into
+from vllm_consolidate.read import detect as detection
+from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
-from vllm_consolidate.readers.hf import StoredTensor
 from vllm_consolidate.source import TensorSpec, sub_segments
 from vllm_consolidate.units import few
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check
@@ -91,8 +91,8 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
     """
     from vllm_consolidate.plan.names import output_tensors
 
-    detected = readers.detect(Path(source), input_type, Path(checkpoint_dir) if checkpoint_dir else None)
-    model = readers.read(detected)
+    detected = detection.detect(Path(source), input_type, Path(checkpoint_dir) if checkpoint_dir else None)
+    model = detection.read(detected)
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):

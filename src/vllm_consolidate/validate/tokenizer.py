@@ -19,7 +19,7 @@ import traceback
 import unicodedata
 from typing import Any
 
-from vllm_consolidate.assets import GENERATION_CONFIG_FILE, TOKENIZER_FILES
+from vllm_consolidate.read.assets import GENERATION_CONFIG_FILE, TOKENIZER_FILES
 from vllm_consolidate.units import few
 from vllm_consolidate.validate.context import Context, quiet
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check, skipped

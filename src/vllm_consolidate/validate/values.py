@@ -16,8 +16,8 @@ Decisions:
 from __future__ import annotations
 
 from vllm_consolidate.errors import CorruptCheckpointError
+from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
-from vllm_consolidate.readers.hf import StoredTensor
 from vllm_consolidate.units import few
 from vllm_consolidate.validate.context import Context
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check, skipped

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.plan.shards import PlannedFile, PlannedTensor, safetensors_header
+from vllm_consolidate.formats.safetensors import HeaderEntry, header_bytes
+from vllm_consolidate.plan.shards import PlannedFile, PlannedTensor
 from vllm_consolidate.read.ranges import OpenFiles, check_read, read_into, thread_buffer
 from vllm_consolidate.source import Segment, sub_segments
 
@@ -169,7 +170,8 @@ def _run_jobs(files: OpenFiles, out_fd: int, jobs: Iterator[_Job], progress: Pro
 
 def write_safetensors_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None = None) -> None:
     """Write one planned safetensors file, streaming each tensor into its slot."""
-    header = safetensors_header(pfile)
+    header = header_bytes([HeaderEntry(t.name, t.out_dtype, t.spec.shape, t.offset, t.offset + t.nbytes)
+                           for t in pfile.tensors])
     files = OpenFiles()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from vllm_consolidate.readers.hf import SAFE_INDEX
+from vllm_consolidate.read.hf import SAFE_INDEX
 from vllm_consolidate.validate import files
 from vllm_consolidate.validate.context import Context
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check

@@ -42,7 +42,7 @@ from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.errors import CorruptCheckpointError, UnsupportedCheckpointError
-from vllm_consolidate.readers.limits import brief, checked_shape, is_int
+from vllm_consolidate.limits import brief, checked_shape, is_int
 from vllm_consolidate.readers.torch_zip import Inert, TensorRef
 from vllm_consolidate.safe_io import KIB, MIB, open_file, open_regular
 

@@ -1,4 +1,4 @@
-"""Reading a safetensors file's header, as strictly as the safetensors library and then some.
+"""The safetensors header: read strictly (as the safetensors library does, and then some) and written.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header, and a data section.
 A tensor is described from the header alone; its bytes are ``8 + header_len + data_offsets``.
@@ -39,6 +39,7 @@ largest single-file model we know of.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -49,7 +50,7 @@ from typing import Any
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import CorruptCheckpointError
-from vllm_consolidate.readers.limits import brief, checked_count, checked_shape
+from vllm_consolidate.limits import brief, checked_count, checked_shape
 from vllm_consolidate.safe_io import MIB, open_regular, parse_json
 from vllm_consolidate.source import Segment
 
@@ -226,4 +227,33 @@ def stored_safetensors(path: str | os.PathLike) -> list[StoredTensor]:
     return out
 
 
-__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_TO_TORCH", "StoredTensor", "stored_safetensors"]
+# -- writing ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    """One tensor's line in a header we write: its name, dtype, shape and data offsets."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def header_bytes(entries: list[HeaderEntry], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file, as ``safetensors.torch.save_file`` writes it.
+
+    Compact JSON, ``__metadata__`` first (``{"format": "pt"}`` by default), then the tensors in the
+    given order, padded with spaces to a multiple of 8 bytes (the spec's alignment advice).
+    """
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype.safetensors, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+__all__ = ["MAX_HEADER_BYTES", "SAFETENSORS_TO_TORCH", "HeaderEntry", "StoredTensor", "header_bytes",
+           "stored_safetensors"]

@@ -69,7 +69,14 @@ from typing import Any
 
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import CorruptCheckpointError, UnsafeInputError, UnsupportedCheckpointError
-from vllm_consolidate.readers.hf_layout import (  # re-exported: detection and batch import them from here
+from vllm_consolidate.formats.safetensors import (  # re-exported: validate and compare import them from here
+    MAX_HEADER_BYTES,
+    SAFETENSORS_TO_TORCH,
+    StoredTensor,
+    stored_safetensors,
+)
+from vllm_consolidate.limits import brief, checked_shape
+from vllm_consolidate.read.hf_layout import (  # re-exported: detection and batch import them from here
     BIN_INDEX,
     BIN_SINGLE,
     SAFE_INDEX,
@@ -79,13 +86,6 @@ from vllm_consolidate.readers.hf_layout import (  # re-exported: detection and b
     Layout,
     find_layout,
     is_hf_folder,
-)
-from vllm_consolidate.readers.limits import brief, checked_shape
-from vllm_consolidate.readers.safetensors_header import (  # re-exported: validate and compare import them from here
-    MAX_HEADER_BYTES,
-    SAFETENSORS_TO_TORCH,
-    StoredTensor,
-    stored_safetensors,
 )
 from vllm_consolidate.readers.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.safe_io import MAX_INDEX_BYTES, confined, open_regular, read_json, trust_root

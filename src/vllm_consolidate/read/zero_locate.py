@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsafeInputError
-from vllm_consolidate.readers.limits import brief
+from vllm_consolidate.limits import brief
 from vllm_consolidate.safe_io import MAX_TAG_BYTES, confined, read_text
 
 _STEP_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
