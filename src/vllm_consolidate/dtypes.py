@@ -8,13 +8,17 @@ output, validation). A :class:`DType` compares equal to the torch dtype of the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from vllm_consolidate.errors import UnsafePickleError
 
-@dataclass(frozen=True, eq=False)
+
 class DType:
-    """A tensor element type.
+    """A tensor element type; one shared, immutable instance per type (``dtypes.float32``...).
+
+    The instances are process-wide singletons that every reader trusts, so they are immutable by
+    construction: ``__slots__`` (no ``__dict__`` for a pickle's BUILD to fill), assignment refused,
+    and ``__setstate__`` refusing outright. A copy or a pickle of one resolves back to the singleton by name.
 
     Attributes:
         name: torch's name (``"bfloat16"``).
@@ -24,11 +28,36 @@ class DType:
         storage: torch's legacy typed-storage class name, used in ``torch.save`` pickles.
     """
 
+    __slots__ = ("name", "itemsize", "is_floating_point", "safetensors", "storage")
     name: str
     itemsize: int
     is_floating_point: bool
     safetensors: str
-    storage: str | None = None
+    storage: str | None
+
+    def __init__(self, name: str, itemsize: int, is_floating_point: bool, safetensors: str,
+                 storage: str | None = None) -> None:
+        for attr, value in zip(self.__slots__, (name, itemsize, is_floating_point, safetensors, storage)):
+            object.__setattr__(self, attr, value)
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        raise AttributeError(f"DType is immutable (cannot set {attr})")
+
+    def __delattr__(self, attr: str) -> None:
+        raise AttributeError(f"DType is immutable (cannot delete {attr})")
+
+    def __setstate__(self, state: Any) -> None:
+        # Reached only when a pickle BUILDs onto a DType; no legitimate pickle does (see __reduce__).
+        raise UnsafePickleError("refused to load: the pickle tries to rewrite a dtype")
+
+    def __reduce__(self) -> tuple:
+        return (of, (self.name,))
+
+    def __copy__(self) -> DType:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> DType:
+        return self
 
     @property
     def is_complex(self) -> bool:
