@@ -36,8 +36,8 @@ from tests.hostile import SECRET, CliRun, assert_refused, run_cli, snapshot
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, UnsafePickleError
-from vllm_consolidate.readers import pickle_scan, torch_zip
-from vllm_consolidate.readers.torch_zip import Inert, StorageRef, TensorRef, load_lazy
+from vllm_consolidate.formats import pickle_scan, torch_zip
+from vllm_consolidate.formats.torch_zip import Inert, StorageRef, TensorRef, load_lazy
 
 # -- raw pickle opcodes (protocol 2, as torch.save writes) -------------------------------------------
 

@@ -34,6 +34,7 @@ from typing import Any
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import CorruptCheckpointError, UnsafeInputError, UnsupportedCheckpointError
+from vllm_consolidate.formats.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.limits import MAX_DIM, brief, checked_shape, is_int
 from vllm_consolidate.read import zero_checks as zc
 from vllm_consolidate.read.zero_locate import (  # re-exported: detection, batch and bench import them from here
@@ -44,7 +45,6 @@ from vllm_consolidate.read.zero_locate import (  # re-exported: detection, batch
     resolve_checkpoint,
     step_of,
 )
-from vllm_consolidate.readers.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.safe_io import confined, open_regular
 from vllm_consolidate.source import Segment, SourceModel, TensorSpec
 

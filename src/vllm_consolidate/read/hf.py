@@ -10,7 +10,7 @@ Layouts read (the first that is present wins, in the order ``transformers.from_p
 
 Nothing is loaded. A safetensors file is described from its header alone (the 8-byte little-endian
 length and the JSON after it; a tensor's bytes are ``8 + header_len + data_offsets``). A ``.bin``
-file is read with :func:`~vllm_consolidate.readers.torch_zip.load_lazy`, whose allowlist admits
+file is read with :func:`~vllm_consolidate.formats.torch_zip.load_lazy`, whose allowlist admits
 only containers, tensors and dtypes; the unpickled object must then be a flat ``{name: tensor}``
 dict, and anything else in it (optimizer state, Namespace, numpy scalars) is refused. Memory is
 bounded by the headers and pickles, never by the tensors.
@@ -75,6 +75,7 @@ from vllm_consolidate.formats.safetensors import (  # re-exported: validate and 
     StoredTensor,
     stored_safetensors,
 )
+from vllm_consolidate.formats.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.limits import brief, checked_shape
 from vllm_consolidate.read.hf_layout import (  # re-exported: detection and batch import them from here
     BIN_INDEX,
@@ -87,7 +88,6 @@ from vllm_consolidate.read.hf_layout import (  # re-exported: detection and batc
     find_layout,
     is_hf_folder,
 )
-from vllm_consolidate.readers.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.safe_io import MAX_INDEX_BYTES, confined, open_regular, read_json, trust_root
 from vllm_consolidate.source import SourceModel, TensorSpec
 

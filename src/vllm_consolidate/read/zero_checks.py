@@ -42,8 +42,8 @@ from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from vllm_consolidate.formats.torch_zip import Inert, TensorRef
 from vllm_consolidate.limits import brief, checked_shape, is_int
-from vllm_consolidate.readers.torch_zip import Inert, TensorRef
 from vllm_consolidate.safe_io import KIB, MIB, open_file, open_regular
 
 #: Bytes compared at each end of each flat tensor for the identical-copy check.

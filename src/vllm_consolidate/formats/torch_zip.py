@@ -47,8 +47,8 @@ from vllm_consolidate.errors import (
     UnsafePickleError,
     UnsupportedCheckpointError,
 )
-from vllm_consolidate.readers.pickle_scan import HASHES_ARGS, RESULT_HSAFE, scan_pickle
-from vllm_consolidate.readers.torch_archive import read_archive
+from vllm_consolidate.formats.pickle_scan import HASHES_ARGS, RESULT_HSAFE, scan_pickle
+from vllm_consolidate.formats.torch_archive import read_archive
 from vllm_consolidate.source import Segment
 
 #: Tensor dimensions (torch itself stops at 64).

@@ -1,1 +1,0 @@
-"""Transitional home of the torch zip reader; it moves to formats/."""
