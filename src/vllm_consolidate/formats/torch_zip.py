@@ -20,8 +20,8 @@ Safety. Every file is treated as hostile:
 * Nothing the pickle is handed can be rewritten by it. A pickle's BUILD opcode calls
   ``__setstate__`` or fills ``__dict__``: every stand-in here is slotted, refuses assignment and
   refuses ``__setstate__`` (Inert accepts it only onto its own ``state`` slot). Nothing handed out is
-  shared across loads: dtypes are fresh :class:`_DTypeToken` s mapped back to the real
-  :class:`~vllm_consolidate.dtypes.DType` by name, rebuild functions are per-load :class:`_Callable`
+  shared across loads: dtypes are fresh :class:`DTypeToken` s mapped back to the real
+  :class:`~vllm_consolidate.dtypes.DType` by name, rebuild functions are per-load :class:`AllowedCallable`
   wrappers, inert classes are made per load. A :class:`TensorRef` is accepted only for one of this
   load's own :class:`StorageRef` s, with plain ``int`` offsets, sizes and strides that stay inside
   the storage, which is a member of this zip.
@@ -31,16 +31,13 @@ from __future__ import annotations
 
 import collections
 import io
-import math
 import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Callable
 from typing import Any
 
 from vllm_consolidate import dtypes, safe_io
-from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import (
     ConsolidateError,
     CorruptCheckpointError,
@@ -49,225 +46,18 @@ from vllm_consolidate.errors import (
 )
 from vllm_consolidate.formats.pickle_scan import HASHES_ARGS, RESULT_HSAFE, scan_pickle
 from vllm_consolidate.formats.torch_archive import read_archive
-from vllm_consolidate.source import Segment
-
-#: Tensor dimensions (torch itself stops at 64).
-MAX_DIMS = 64
-_MAX_INT64 = 2**63 - 1
-#: Distinct inert classes one pickle may name (a DeepSpeed checkpoint names about five).
-MAX_INERT_CLASSES = 1024
-
-
-_REWRITE_HINT = ("A torch.save file never does this; it is how a file makes a converter copy other files into "
-                 "the weights. Only convert checkpoints you trust.")
-
-
-def _clip(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-class _Frozen:
-    """Base of the stand-ins: no ``__dict__``, no assignment, and BUILD refused."""
-
-    __slots__ = ()
-    _what = "object"
-
-    def _init(self, **values: Any) -> None:
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def __setstate__(self, *state: Any) -> None:
-        raise UnsafePickleError(f"refused to load: the pickle tries to rewrite the reader's own {self._what}",
-                                hint=_REWRITE_HINT)
-
-
-class StorageRef(_Frozen):
-    """A storage inside a torch zip file: where its bytes are (``offset``, absolute), and their dtype."""
-
-    __slots__ = ("path", "key", "dtype", "numel", "offset")
-    _what = "storage reference"
-    path: str
-    key: str
-    dtype: DType
-    numel: int
-    offset: int
-
-    def __init__(self, path: str, key: str, dtype: DType, numel: int, offset: int):
-        if not (type(path) is str and type(key) is str and dtypes.BY_NAME.get(getattr(dtype, "name", None)) is dtype
-                and _is_index(numel) and _is_index(offset)):
-            raise CorruptCheckpointError(f"invalid storage {_clip(str(key))}", path=path)
-        self._init(path=path, key=key, dtype=dtype, numel=numel, offset=offset)
-
-    @property
-    def itemsize(self) -> int:
-        return self.dtype.itemsize
-
-    def __reduce__(self) -> tuple:
-        return (StorageRef, (self.path, self.key, self.dtype, self.numel, self.offset))
-
-    def __repr__(self) -> str:
-        return f"StorageRef({self.key!r}, {self.dtype}, numel={self.numel}, offset={self.offset})"
-
-
-def _is_index(value: Any) -> bool:
-    return type(value) is int and 0 <= value <= _MAX_INT64
-
-
-def _show(value: Any) -> str:
-    """A pickled value for an error message, without calling its repr (a shared structure's is exponential)."""
-    if type(value) is int and value.bit_length() < 128:
-        return str(value)
-    if type(value) in (tuple, list) and len(value) <= MAX_DIMS and \
-            all(type(v) is int and v.bit_length() < 128 for v in value):
-        return _clip(str(tuple(value)))
-    return f"a {type(value).__name__}"
-
-
-class TensorRef(_Frozen):
-    """A tensor described by a pickle but not loaded: a view into a :class:`StorageRef`.
-
-    Checked on construction: ``int`` offset, sizes and strides (not bool, float or str), none
-    negative, at most :data:`MAX_DIMS` dims, and every element inside the storage.
-    """
-
-    __slots__ = ("storage", "storage_offset", "shape", "stride", "numel")
-    _what = "tensor reference"
-    storage: StorageRef
-    storage_offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    numel: int
-
-    def __init__(self, storage: StorageRef, storage_offset: int, shape: tuple[int, ...], stride: tuple[int, ...]):
-        if type(storage) is not StorageRef:
-            raise CorruptCheckpointError("a tensor's storage is not a storage of this file")
-        path = storage.path
-        if not (type(shape) in (tuple, list) and type(stride) in (tuple, list) and len(shape) == len(stride) <= MAX_DIMS
-                and _is_index(storage_offset) and all(_is_index(v) for v in (*shape, *stride))):
-            raise CorruptCheckpointError(
-                f"impossible tensor (offset {_show(storage_offset)}, shape {_show(shape)}, stride {_show(stride)}): "
-                "sizes must be non-negative integers, one stride per dimension", path=path)
-        shape, stride = tuple(shape), tuple(stride)
-        numel = math.prod(shape)
-        # The last element's index; Python ints, so no overflow (each factor < 2**63, at most 64 dims).
-        last = storage_offset + sum((n - 1) * s for n, s in zip(shape, stride)) if numel else storage_offset - 1
-        if last >= storage.numel or storage_offset > storage.numel:
-            raise CorruptCheckpointError(
-                f"tensor of shape {shape} at offset {storage_offset} reaches past the end of its storage "
-                f"{storage.key} ({storage.numel} elements)", path=path)
-        self._init(storage=storage, storage_offset=storage_offset, shape=shape, stride=stride, numel=numel)
-
-    @property
-    def dtype(self) -> DType:
-        return self.storage.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    def is_contiguous(self) -> bool:
-        expected = 1
-        for size, stride in zip(reversed(self.shape), reversed(self.stride)):
-            if size != 1 and stride != expected:
-                return False
-            expected *= size
-        return True
-
-    def segment(self, start: int = 0, count: int | None = None) -> Segment:
-        """The bytes of elements ``[start, start+count)`` of this contiguous tensor's flat view."""
-        if not self.is_contiguous():
-            raise UnsupportedCheckpointError(
-                f"tensor with shape {self.shape} and stride {self.stride} is not contiguous",
-                path=self.storage.path,
-                hint="Re-save the model with contiguous tensors (save_pretrained does this).",
-            )
-        count = self.numel - start if count is None else count
-        first = self.storage_offset + start
-        if start < 0 or count < 0 or first + count > self.storage.numel:
-            raise CorruptCheckpointError(
-                f"tensor reaches past the end of its storage {self.storage.key}", path=self.storage.path
-            )
-        size = self.dtype.itemsize
-        return Segment(self.storage.path, self.storage.offset + first * size, count * size)
-
-    def __reduce__(self) -> tuple:
-        return (TensorRef, (self.storage, self.storage_offset, self.shape, self.stride))
-
-    def __repr__(self) -> str:
-        return f"TensorRef({self.storage.key!r}, {self.dtype}, shape={self.shape}, offset={self.storage_offset})"
-
-
-class Inert(_Frozen):
-    """Stand-in for a DeepSpeed (or other harmless) class in a checkpoint: it stores what it is given.
-
-    A fresh subclass is made per load and per name. BUILD may set this instance's ``state`` slot and
-    nothing else; on the class itself it is refused.
-    """
-
-    __slots__ = ("args", "kwargs", "state")
-    _what = "inert class"
-    qualname = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Inert:
-        # Set here rather than in __init__: NEWOBJ calls __new__ only.
-        self = super().__new__(cls)
-        self._init(args=args, kwargs=kwargs, state=None)
-        return self
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, *state: Any) -> None:
-        # On the class itself (BUILD onto the global), ``self`` is the state and nothing is bound.
-        if not isinstance(self, Inert) or len(state) != 1:
-            raise UnsafePickleError("refused to load: the pickle tries to rewrite the reader's own inert class",
-                                    hint=_REWRITE_HINT)
-        object.__setattr__(self, "state", state[0])
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Inert:
-        return type(self)(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<inert {self.qualname}>"
-
-
-class _DTypeToken(_Frozen):
-    """What a pickle gets for ``torch.float32`` or ``torch.FloatStorage``: a name, nothing shared."""
-
-    __slots__ = ("name",)
-    _what = "dtype"
-
-    def __init__(self, name: str):
-        self._init(name=name)
-
-    def __reduce__(self) -> tuple:
-        return (_DTypeToken, (self.name,))
-
-    def __repr__(self) -> str:
-        return f"<dtype {self.name}>"
-
-
-class _Callable(_Frozen):
-    """What a pickle gets for an allowlisted torch function: a per-load wrapper it cannot rewrite."""
-
-    __slots__ = ("fn", "qualname")
-    _what = "function"
-
-    def __init__(self, fn: Callable[..., Any], qualname: str):
-        self._init(fn=fn, qualname=qualname)
-
-    def __call__(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-    def __repr__(self) -> str:
-        return f"<allowlisted {self.qualname}>"
-
+from vllm_consolidate.formats.torch_standins import (  # re-exported: the readers import them from here
+    MAX_DIMS,
+    MAX_INERT_CLASSES,
+    AllowedCallable,
+    DTypeToken,
+    Inert,
+    StorageRef,
+    TensorRef,
+    clip,
+    is_index,
+)
+from vllm_consolidate.limits import brief
 
 #: Builtin containers: immutable types, so BUILD on them fails. Flags for the pre-pass (see pickle_scan).
 _BUILTINS: dict[tuple[str, str], tuple[Any, int]] = {
@@ -319,7 +109,7 @@ def _inert_name(module: str, name: str) -> str | None:
     if (module, name) in _INERT:
         return _INERT[module, name]
     if module == "deepspeed" or module.startswith("deepspeed."):
-        return _clip(f"{module}.{name}")
+        return clip(f"{module}.{name}")
     return None
 
 
@@ -358,46 +148,46 @@ class _LazyUnpickler(pickle.Unpickler):
         if (module, name) in _BUILTINS:
             return _BUILTINS[module, name][0]
         if (module, name) in _CALLS:
-            return _Callable(getattr(self, _CALLS[module, name]), f"{module}.{name}")
+            return AllowedCallable(getattr(self, _CALLS[module, name]), f"{module}.{name}")
         if (dtype := _dtype_name(module, name)) is not None:
-            return _DTypeToken(dtype)
+            return DTypeToken(dtype)
         if (qualname := _inert_name(module, name)) is not None:
             self._inert_classes += 1
             if self._inert_classes > MAX_INERT_CLASSES:
                 raise self._refuse(f"names more than {MAX_INERT_CLASSES} DeepSpeed classes")
-            return type(_clip(name, 40), (Inert,), {"__slots__": (), "qualname": qualname})
-        raise self._refuse(f"asks for the global {_clip(module)}.{_clip(name)}, which is not on the allowlist")
+            return type(clip(name, 40), (Inert,), {"__slots__": (), "qualname": qualname})
+        raise self._refuse(f"asks for the global {clip(module)}.{clip(name)}, which is not on the allowlist")
 
     def persistent_load(self, pid: Any) -> StorageRef:
         if not (type(pid) is tuple and len(pid) == 5 and type(pid[0]) is str and pid[0] == "storage"):
-            raise CorruptCheckpointError(f"unexpected persistent id ({_show(pid)})", path=self._path)
+            raise CorruptCheckpointError(f"unexpected persistent id ({brief(pid)})", path=self._path)
         _, token, key, location, numel = pid
-        if not (type(token) is _DTypeToken and type(key) is str and type(location) is str and _is_index(numel)):
+        if not (type(token) is DTypeToken and type(key) is str and type(location) is str and is_index(numel)):
             raise CorruptCheckpointError(
-                f"malformed storage reference (dtype {_show(token)}, key {_show(key)}, numel {_show(numel)})",
+                f"malformed storage reference (dtype {brief(token)}, key {brief(key)}, numel {brief(numel)})",
                 path=self._path)
         dtype = dtypes.BY_NAME[token.name]
         ref = self._refs.get(key)
         if ref is not None:
             if ref.dtype is not dtype:
-                raise CorruptCheckpointError(f"storage {_clip(key)} is used as both {ref.dtype} and {dtype}",
+                raise CorruptCheckpointError(f"storage {clip(key)} is used as both {ref.dtype} and {dtype}",
                                              path=self._path)
             return ref
         if key not in self._storages:
-            raise CorruptCheckpointError(f"storage {_clip(key)} is missing from the archive", path=self._path)
+            raise CorruptCheckpointError(f"storage {clip(key)} is missing from the archive", path=self._path)
         offset, nbytes = self._storages[key]
         if dtype is dtypes.uint8:
             numel = nbytes  # untyped storages count bytes
         if numel * dtype.itemsize > nbytes:
             raise CorruptCheckpointError(
-                f"storage {_clip(key)} holds {nbytes} bytes, less than {numel} {dtype} elements", path=self._path)
+                f"storage {clip(key)} holds {nbytes} bytes, less than {numel} {dtype} elements", path=self._path)
         ref = self._refs[key] = StorageRef(self._path, key, dtype, numel, offset)
         return ref
 
     def rebuild_tensor(self, storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> TensorRef:
         """torch._utils._rebuild_tensor(_v2): ``rest`` is requires_grad, backward_hooks, metadata."""
         if type(storage) is not StorageRef or self._refs.get(storage.key) is not storage:
-            raise CorruptCheckpointError(f"a tensor is rebuilt from {_show(storage)}, not from a storage of this file",
+            raise CorruptCheckpointError(f"a tensor is rebuilt from {brief(storage)}, not from a storage of this file",
                                          path=self._path)
         if len(rest) > 3 or (rest and type(rest[0]) is not bool):
             raise CorruptCheckpointError("malformed tensor arguments", path=self._path)
@@ -405,7 +195,7 @@ class _LazyUnpickler(pickle.Unpickler):
 
     def rebuild_parameter(self, data: Any, *rest: Any) -> TensorRef:
         if type(data) is not TensorRef or len(rest) > 3:
-            raise CorruptCheckpointError(f"a parameter wraps {_show(data)}, not a tensor", path=self._path)
+            raise CorruptCheckpointError(f"a parameter wraps {brief(data)}, not a tensor", path=self._path)
         return data
 
     def rebuild_from_type(self, func: Any, new_type: Any, args: Any, state: Any) -> TensorRef:
@@ -418,8 +208,8 @@ class _LazyUnpickler(pickle.Unpickler):
 
     def torch_size(self, *args: Any) -> tuple[int, ...]:
         dims = args[0] if len(args) == 1 else None if args else ()
-        if type(dims) not in (tuple, list) or len(dims) > MAX_DIMS or not all(_is_index(d) for d in dims):
-            raise CorruptCheckpointError(f"impossible torch.Size({_show(dims)})", path=self._path)
+        if type(dims) not in (tuple, list) or len(dims) > MAX_DIMS or not all(is_index(d) for d in dims):
+            raise CorruptCheckpointError(f"impossible torch.Size({brief(dims)})", path=self._path)
         return tuple(dims)
 
 
@@ -433,7 +223,7 @@ def _unpickle(data: bytes, path: str, storages: dict[str, tuple[int, int]]) -> A
     except Exception as exc:  # a malformed pickle can raise nearly anything
         # Never format the exception with repr: its arguments may be the pickle's own objects.
         detail = exc.args[0] if exc.args and type(exc.args[0]) is str else ""
-        raise CorruptCheckpointError(f"malformed pickle ({type(exc).__name__}: {_clip(detail, 200)})",
+        raise CorruptCheckpointError(f"malformed pickle ({type(exc).__name__}: {clip(detail, 200)})",
                                      path=path) from None
 
 
@@ -463,20 +253,11 @@ def load_lazy(path: str | os.PathLike) -> Any:
                 )
             data, storages = read_archive(fh, os.fstat(fh.fileno()).st_size, path)
     except (zipfile.BadZipFile, EOFError, ValueError, struct.error, NotImplementedError, RuntimeError) as exc:
-        raise CorruptCheckpointError(f"unreadable torch file ({_clip(str(exc), 200)}); it is probably truncated",
+        raise CorruptCheckpointError(f"unreadable torch file ({clip(str(exc), 200)}); it is probably truncated",
                                      path=path) from exc
     except OSError as exc:
         raise CorruptCheckpointError(f"cannot read file: {exc.strerror or exc}", path=path) from exc
     return _unpickle(data, path, storages)
 
 
-def is_torch_zip(path: str | os.PathLike) -> bool:
-    """True when the file is a regular file that starts like a zip archive."""
-    try:
-        with safe_io.open_file(path) as fh:
-            return fh.read(4) == b"PK\x03\x04"
-    except (ConsolidateError, OSError):
-        return False
-
-
-__all__ = ["Inert", "StorageRef", "TensorRef", "is_torch_zip", "load_lazy"]
+__all__ = ["Inert", "StorageRef", "TensorRef", "load_lazy"]
