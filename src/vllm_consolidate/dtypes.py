@@ -8,6 +8,7 @@ output, validation). A :class:`DType` compares equal to the torch dtype of the s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from vllm_consolidate.errors import UnsafePickleError
@@ -103,6 +104,29 @@ ALL: tuple[DType, ...] = (float64, float32, float16, bfloat16, float8_e4m3fn, fl
 BY_NAME: dict[str, DType] = {d.name: d for d in ALL}
 BY_SAFETENSORS: dict[str, DType] = {d.safetensors: d for d in ALL}
 BY_STORAGE: dict[str, DType] = {d.storage: d for d in ALL if d.storage}
+
+
+#: Names people write for the output dtypes (``--dtype``, a config's ``torch_dtype``), with their aliases.
+ALIASES: dict[str, DType] = {
+    "float32": float32, "fp32": float32, "float": float32,
+    "float16": float16, "fp16": float16, "half": float16,
+    "bfloat16": bfloat16, "bf16": bfloat16,
+}
+
+
+def parse(name: object) -> DType | None:
+    """The dtype a name stands for (``"bf16"``, ``"torch.bfloat16"``, ``"float64"``), or None."""
+    text = str(name).removeprefix("torch.")
+    return ALIASES.get(text) or BY_NAME.get(text)
+
+
+def dominant(sized: Iterable[tuple[DType | None, int]]) -> DType | None:
+    """The floating dtype holding the most bytes among ``(dtype, nbytes)`` pairs: the model's dtype."""
+    weight: dict[DType, int] = {}
+    for dtype, nbytes in sized:
+        if dtype is not None and dtype.is_floating_point:
+            weight[dtype] = weight.get(dtype, 0) + nbytes
+    return max(weight, key=weight.__getitem__) if weight else None
 
 
 def of(dtype: Any) -> DType:

@@ -16,14 +16,9 @@ from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import UsageError
 from vllm_consolidate.source import TensorSpec
 
-#: dtype -> safetensors header code.
+#: ``--dtype`` names and their aliases (one home: :data:`vllm_consolidate.dtypes.ALIASES`).
+DTYPES_BY_NAME = dtypes.ALIASES
 
-#: ``--dtype`` names and their aliases.
-DTYPES_BY_NAME: dict[str, DType] = {
-    "float32": dtypes.float32, "fp32": dtypes.float32, "float": dtypes.float32,
-    "float16": dtypes.float16, "fp16": dtypes.float16, "half": dtypes.float16,
-    "bfloat16": dtypes.bfloat16, "bf16": dtypes.bfloat16,
-}
 
 def dtype_name(dtype: DType) -> str:
     """``bfloat16`` (also for a torch dtype)."""

@@ -67,7 +67,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vllm_consolidate.dtypes import DType
+from vllm_consolidate import dtypes
 from vllm_consolidate.errors import CorruptCheckpointError, UnsafeInputError, UnsupportedCheckpointError
 from vllm_consolidate.formats.safetensors import (  # re-exported: validate and compare import them from here
     MAX_HEADER_BYTES,
@@ -348,14 +348,6 @@ def _rename(tensors: list[tuple[str, TensorSpec]], aliases: dict[str, str], wher
 # -- entry point ----------------------------------------------------------------------------------------
 
 
-def _dominant_float(tensors: list[TensorSpec]) -> DType | None:
-    weight: dict[DType, int] = {}
-    for t in tensors:
-        if t.dtype.is_floating_point:
-            weight[t.dtype] = weight.get(t.dtype, 0) + t.nbytes
-    return max(weight, key=weight.__getitem__) if weight else None
-
-
 def _check_placeholders(tensors: list[TensorSpec], path: Path) -> None:
     empty = [t.name for t in tensors if t.numel == 0]
     if tensors and len(empty) * 2 >= len(tensors):
@@ -415,7 +407,7 @@ def read_hf(folder: Path, root: Path | None = None) -> SourceModel:
         path=layout.folder,
         tensors=tensors,
         asset_dirs=asset_dirs,
-        trained_dtype=_dominant_float(tensors),
+        trained_dtype=dtypes.dominant((t.dtype, t.nbytes) for t in tensors),
         info=info,
         aliases=aliases,
         renamed=renamed,

@@ -17,7 +17,6 @@ import json
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.plan.shards import DTYPES_BY_NAME
 from vllm_consolidate.read.assets import CONFIG_FILE
 from vllm_consolidate.validate.context import Context
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check, skipped
@@ -51,8 +50,7 @@ def config_dtype(name: object) -> DType | None:
     The ``--dtype`` names and aliases first, then every dtype's canonical name (``float64`` is no
     output dtype but a config may record it).
     """
-    text = str(name)
-    return DTYPES_BY_NAME.get(text) or dtypes.BY_NAME.get(text)
+    return dtypes.parse(name)
 
 
 def check_config(ctx: Context) -> Check:
@@ -162,11 +160,7 @@ def check_dtype(ctx: Context) -> Check:
     """
     if ctx.config is None:
         return skipped("dtype", "no usable config.json")
-    weight: dict[DType, int] = {}
-    for t in ctx.stored.tensors.values():
-        if t.dtype is not None and t.dtype.is_floating_point:
-            weight[t.dtype] = weight.get(t.dtype, 0) + t.nbytes
-    stored = max(weight, key=weight.__getitem__) if weight else None
+    stored = dtypes.dominant((t.dtype, t.nbytes) for t in ctx.stored.tensors.values())
     stored_name = str(stored).removeprefix("torch.") if stored else None
     recorded = ctx.config_value("torch_dtype") or ctx.config_value("dtype")
     details = {"config": recorded, "stored": stored_name}
