@@ -19,6 +19,7 @@ process (a batch worker is reused across jobs).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 import pickletools
@@ -31,6 +32,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from tests.hostile import SECRET, CliRun, assert_refused, run_cli, snapshot
 
@@ -639,3 +641,40 @@ def test_dag_key_refused_in_process_quickly(genuine: dict[str, Any], tmp_path: P
     worker.join(10)
     assert not worker.is_alive(), "the DAG key hangs the unpickler"
     assert isinstance(result[0], UnsafePickleError)
+
+
+# -- batch: a poisoned job cannot affect a clean job in the same worker process ------------------------------
+
+@pytest.mark.parametrize("attack", ["dtype_singleton", "rebuild_function", "inert_class"])
+def test_batch_poisoned_job_then_clean_job_in_one_worker(attack: str, genuine: dict[str, Any], tmp_path: Path,
+                                                         secret: Path) -> None:
+    """``--max-workers 1`` runs both jobs in one worker, the poisoned one first (inputs sort by name)."""
+    from safetensors.numpy import load_file
+
+    where, payload = _rewrites(secret)[attack]
+    runs = tmp_path / "runs"
+    shutil.copytree(genuine["folder"], runs / "b_clean")
+    (runs / "a_poisoned").mkdir(parents=True)
+    rewrite(genuine["bin"], runs / "a_poisoned" / "pytorch_model.bin", splice_after(read_pkl(genuine["bin"]), where,
+                                                                                    payload))
+    shutil.copy(genuine["folder"] / "config.json", runs / "a_poisoned" / "config.json")
+    out = tmp_path / "out"
+    before = {str(runs): snapshot(runs)}
+    report = tmp_path / "report.json"
+    run = run_cli(["batch", "--input-dir", str(runs), "--output-dir", str(out), "--max-workers", "1",
+                   "--continue-on-error", "--naming-template", "{input_name}", "--report", str(report),
+                   "--base-model-name", ""], timeout=180)
+    assert run.code == 11, run.stderr[-3000:]
+    jobs = {Path(j["output"]).name: j for j in json.loads(report.read_text())["jobs"]}
+    assert jobs["a_poisoned"]["status"] == "failed" and jobs["b_clean"]["status"] == "done", jobs
+    assert not (out / "a_poisoned").exists()
+    # The clean job's output: every tensor equal to the genuine state dict (bit for bit, fp32).
+    torch = pytest.importorskip("torch")
+    truth = torch.load(genuine["bin"], weights_only=True)
+    got = load_file(out / "b_clean" / "model.safetensors")
+    tied = {"lm_head.weight"} if "lm_head.weight" not in got else set()
+    assert set(got) | tied == set(truth)
+    for name, arr in got.items():
+        assert np.array_equal(arr, truth[name].numpy()), name
+    assert snapshot(runs) == before[str(runs)]
+    assert not [p for p in out.rglob("*") if p.is_file() and SECRET[:40] in p.read_bytes()]
