@@ -18,6 +18,7 @@ from typing import Any
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import ConfigNotFoundError, UsageError, ValidationFailedError
+from vllm_consolidate.plan.architecture import ArchitectureDecision, decide_architectures
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
@@ -54,6 +55,9 @@ class ConvertOptions:
         max_shard_size: Bytes per file before splitting.
         force: Replace an existing output (only after the new one is complete).
         validate: Run the static validation before publishing the output.
+        architecture: ``--architecture``: the model class written into the output's config.json
+            ``architectures``, for a config.json that lacks it and whose class cannot be inferred from
+            ``model_type`` (see :mod:`vllm_consolidate.plan.architecture`). Replaces config.json's own.
 
     Raises:
         UsageError: ``dtype`` names no known dtype.
@@ -70,6 +74,7 @@ class ConvertOptions:
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     force: bool = False
     validate: bool = True
+    architecture: str | None = None
 
     def __post_init__(self) -> None:
         # Normalised once here so every reader of the record sees Paths and a DType (frozen: set via object).
@@ -120,6 +125,7 @@ class ConvertResult:
     renamed: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     validation: dict[str, Any] | None = None
+    architectures: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -160,6 +166,7 @@ class Conversion:
     plan: OutputPlan
     dropped: list[str]
     warnings: list[str]
+    architecture: ArchitectureDecision
 
 
 def plan_conversion(opts: ConvertOptions) -> Conversion:
@@ -193,10 +200,13 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
             "Pass --base-model-name with the model you fine-tuned to copy its tokenizer."
         )
     config = read_config(assets.config)
+    architecture = decide_architectures(config, source, opts.architecture)
+    if architecture.changed:  # only the dict written to the output; the input's file is never touched
+        config["architectures"] = list(architecture.architectures)
     tensors, dropped = output_tensors(source, config)
     plan = plan_output(tensors, target_dtype=target_dtype(opts, source, config),
                        max_shard_size=opts.max_shard_size, fmt=opts.fmt)
-    return Conversion(detected, source, assets, config, plan, dropped, warnings)
+    return Conversion(detected, source, assets, config, plan, dropped, warnings, architecture)
 
 
 def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None = None,
@@ -224,8 +234,11 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
     plan, assets = conv.plan, conv.assets
     info = dict(conv.source.info, how=conv.detected.how, weights_dir=str(conv.detected.weights_dir))
     common = dict(tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
-                  output_dtype=_config_dtype(plan), assets=assets.origin(), warnings=conv.warnings, detected=info)
-    if conv.source.kind == "hf_single" and not opts.force and _unchanged_single(conv.source, plan):
+                  output_dtype=_config_dtype(plan), assets=assets.origin(), warnings=conv.warnings, detected=info,
+                  architectures=conv.architecture.to_dict())
+    # A folder whose config.json needs architectures written is not "already consolidated": vLLM refuses it.
+    if (conv.source.kind == "hf_single" and not opts.force and not conv.architecture.changed
+            and _unchanged_single(conv.source, plan)):
         return ConvertResult(output=conv.detected.weights_dir, status="already_consolidated", files=[],
                              bytes_read=0, bytes_written=0, seconds=time.monotonic() - started, **common)
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from vllm_consolidate import __version__
 from vllm_consolidate.cli import batch as cli_batch
+from vllm_consolidate.cli import inspect as cli_inspect
 from vllm_consolidate.cli import validate as cli_validate
 from vllm_consolidate.cli.common import EXIT_CODES, INTERNAL_ERROR, exit_code, run
 from vllm_consolidate.cli.convert import convert_parser
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser(sub.add_parser("convert", help="consolidate one checkpoint or model"))
     cli_validate.add_parser(sub)
     cli_batch.add_parser(sub)
+    cli_inspect.add_parser(sub)
     return parser
 
 

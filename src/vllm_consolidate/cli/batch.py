@@ -195,8 +195,9 @@ class _Printer:
                     f" (~{_size(j.est_output_bytes)})")
         if ev.kind == EventKind.DONE:
             written = (j.result or {}).get("bytes_written") or 0
-            rate = written / 1e6 / j.seconds if j.seconds else 0
-            return f"done     {j.output.name} in {j.seconds:.1f} s ({_size(written)}, {rate:.0f} MB/s)"
+            speed = common.rate(written, j.seconds)
+            speed = f", {speed}" if speed else ""
+            return f"done     {j.output.name} in {j.seconds:.1f} s ({_size(written)}{speed})"
         if ev.kind == EventKind.FAILED:
             return f"FAILED   {j.label}: {ev.message}"
         if ev.kind == EventKind.SKIPPED:

@@ -103,6 +103,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     fmt.add_argument("--pytorch-bin", dest="fmt", action="store_const", const="bin",
                      help="write PyTorch .bin instead")
     p.set_defaults(fmt="safetensors")
+    p.add_argument("--architecture", metavar="NAME", default=None,
+                   help="model class for the output's config.json 'architectures' (e.g. LlamaForCausalLM), when "
+                        "config.json lacks it and it cannot be inferred from model_type; replaces config.json's")
     p.add_argument("--validate-vllm", action=argparse.BooleanOptionalAction, default=True,
                    help="validate the output before publishing it (default: on; --no-validate-vllm turns it off)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
@@ -123,7 +126,24 @@ def model_options(args: argparse.Namespace, *, input: Path | None = None, output
         input=input, output=output, checkpoint_dir=checkpoint_dir, input_type=args.input_type,
         base_model_name=args.base_model_name, dtype=args.dtype, keep_original_precision=args.keep_original_precision,
         fmt=args.fmt, max_shard_size=parse_size(args.max_shard_size), force=args.force, validate=args.validate_vllm,
+        architecture=args.architecture,
     )
+
+
+#: A write rate is shown only above both: below them it is mostly start-up, fsync and validation time.
+RATE_MIN_BYTES = 100 * 10**6
+RATE_MIN_SECONDS = 0.5
+
+
+def rate(nbytes: int, seconds: float | None) -> str | None:
+    """``"850 MB/s"`` or ``"1.24 GB/s"``, or None when the output is too small or quick for a rate to mean anything.
+
+    A 2 MB model written in 3 s (most of it validation) would otherwise read "1 MB/s", or "0 MB/s".
+    """
+    if not seconds or seconds < RATE_MIN_SECONDS or nbytes < RATE_MIN_BYTES:
+        return None
+    per_second = nbytes / seconds
+    return f"{per_second / 1e9:.2f} GB/s" if per_second >= 1e9 else f"{per_second / 1e6:.0f} MB/s"
 
 
 class Progress:

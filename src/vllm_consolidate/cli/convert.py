@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from vllm_consolidate.cli.common import Progress, add_model_options, model_options
+from vllm_consolidate.cli.common import Progress, add_model_options, model_options, rate
 
 
 def convert_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -47,9 +47,13 @@ def print_summary(result) -> None:
     print(f"files:      {', '.join(result.files)}")
     origin = result.assets
     print(f"config:     {origin.get('config')}")
+    note = (result.architectures or {}).get("message")
+    if note:
+        print(f"architectures: {note}")
     print(f"tokenizer:  {origin.get('tokenizer') or 'none'}")
-    rate = result.bytes_written / 1e6 / result.seconds if result.seconds else 0
-    print(f"time:       {result.seconds:.1f} s ({rate:.0f} MB/s)")
+    print(f"generation: {origin.get('generation_config') or 'none (transformers and vLLM defaults apply)'}")
+    speed = rate(result.bytes_written, result.seconds)
+    print(f"time:       {result.seconds:.1f} s" + (f" ({speed})" if speed else ""))
     if result.validation is not None:
         counts = result.validation["counts"]
         source = next((c for c in result.validation["checks"] if c["name"] == "source_values"), None)

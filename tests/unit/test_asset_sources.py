@@ -1,0 +1,81 @@
+"""Where the generation config comes from: the checkpoint, its parents, then a base model of the same model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_consolidate.read.assets import GENERATION_CONFIG_FILE, find_assets
+
+CONFIG = {"model_type": "qwen2", "vocab_size": 1001}
+
+
+def _folder(path: Path, *, config: dict | None = None, generation: bool = False, tokenizer: bool = False) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    if generation:
+        (path / GENERATION_CONFIG_FILE).write_text(json.dumps({"eos_token_id": 2, "from": path.name}))
+    if tokenizer:
+        (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> tuple[Path, Path]:
+    """``run/checkpoint-2`` with config and tokenizer, and no generation config anywhere yet."""
+    run = _folder(tmp_path / "run")
+    ckpt = _folder(run / "checkpoint-2", config=CONFIG, tokenizer=True)
+    return ckpt, run
+
+
+def test_the_checkpoint_first_then_its_parents(run, tmp_path):
+    ckpt, parent = run
+    _folder(parent, generation=True)
+    base = _folder(tmp_path / "base", config=CONFIG, generation=True)
+    assert find_assets([ckpt, parent], str(base)).generation_config == parent / GENERATION_CONFIG_FILE
+    _folder(ckpt, generation=True)
+    assert find_assets([ckpt, parent], str(base)).generation_config == ckpt / GENERATION_CONFIG_FILE
+
+
+def test_then_a_base_model_of_the_same_model(run, tmp_path):
+    ckpt, parent = run
+    base = _folder(tmp_path / "base", config=dict(CONFIG, architectures=["Qwen2ForCausalLM"]), generation=True)
+    assets = find_assets([ckpt, parent], str(base))
+    assert assets.generation_config == base / GENERATION_CONFIG_FILE and assets.base_model_dir == base
+    assert assets.config == ckpt / "config.json" and assets.tokenizer_dir == ckpt  # the rest stays the checkpoint's
+
+
+@pytest.mark.parametrize("other", [{"model_type": "llama", "vocab_size": 1001},
+                                   {"model_type": "qwen2", "vocab_size": 7}, {"vocab_size": 1001}])
+def test_not_from_a_base_model_of_another_model(run, tmp_path, other):
+    """E.g. the default base model, if cached, must not lend its eos ids to a different fine-tune."""
+    ckpt, parent = run
+    base = _folder(tmp_path / "base", config=other, generation=True)
+    assert find_assets([ckpt, parent], str(base)).generation_config is None
+
+
+def test_with_the_config_from_the_base_model_its_generation_config_comes_too(tmp_path):
+    ckpt = _folder(tmp_path / "ckpt", tokenizer=True)
+    base = _folder(tmp_path / "base", config={"model_type": "llama"}, generation=True)
+    assets = find_assets([ckpt], str(base))
+    assert assets.config == base / "config.json" and assets.generation_config == base / GENERATION_CONFIG_FILE
+
+
+def test_a_missing_generation_config_alone_never_downloads(run, monkeypatch):
+    import huggingface_hub
+
+    calls: list[dict] = []
+
+    def snapshot_download(name, **kwargs):
+        calls.append(kwargs)
+        raise FileNotFoundError(name)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    ckpt, parent = run
+    assets = find_assets([ckpt, parent], "acme/not-cached")
+    assert assets.generation_config is None and assets.base_model_error is None
+    assert [c.get("local_files_only") for c in calls] == [True]  # the local cache only
