@@ -40,7 +40,7 @@ def content_options(model: ConvertOptions) -> dict[str, Any]:
 
     The dtype is recorded by its canonical name, so ``bf16`` and ``bfloat16`` make the same output.
     """
-    return {
+    options = {
         "input_type": model.input_type,
         "base_model_name": model.base_model_name,
         "dtype": None if model.keep_original_precision else dtype_name(model.dtype),
@@ -48,6 +48,9 @@ def content_options(model: ConvertOptions) -> dict[str, Any]:
         "format": model.fmt,
         "max_shard_size": model.max_shard_size,
     }
+    if model.architecture:  # recorded only when given, so manifests written before the flag stay current
+        options["architecture"] = model.architecture
+    return options
 
 
 def _stat(path: Path) -> list[int]:

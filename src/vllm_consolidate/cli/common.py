@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -56,6 +57,11 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     with sigterm_raises_interrupt():
         try:
             return func(args)
+        except BrokenPipeError:
+            # The reader went away (``... | head``): what it wanted was printed. Point stdout at devnull
+            # so the interpreter's final flush does not raise again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
             if isinstance(exc, SystemExit):
                 raise

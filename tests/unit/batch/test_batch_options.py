@@ -106,3 +106,8 @@ def test_a_job_spec_pickles_and_writes_into_a_fresh_staging_folder():
                                           step=6, detected=job.detected, sources=job.sources,
                                           options=content_options(opts.model))
     assert spec.manifest["source"]["type"] == "deepspeed"
+
+
+def test_content_options_record_an_architecture_override():
+    assert content_options(ConvertOptions(architecture="Qwen2ForCausalLM"))["architecture"] == "Qwen2ForCausalLM"
+    assert content_options(ConvertOptions(architecture="Qwen2ForCausalLM")) != content_options(ConvertOptions())
