@@ -17,12 +17,20 @@ from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import ConfigNotFoundError, UsageError, ValidationFailedError
+from vllm_consolidate.errors import UsageError, ValidationFailedError
 from vllm_consolidate.plan.architecture import ArchitectureDecision, decide_architectures
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
-from vllm_consolidate.read.assets import Assets, asset_bytes, copy_assets, find_assets, read_config, search_chain
+from vllm_consolidate.read.assets import (
+    NO_TOKENIZER_WARNING,
+    Assets,
+    asset_bytes,
+    copy_assets,
+    find_checkpoint_assets,
+    missing_config,
+    read_config,
+)
 from vllm_consolidate.source import SourceModel
 from vllm_consolidate.write import publish as pub
 from vllm_consolidate.write import write_plan
@@ -184,21 +192,12 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     inputs = [Path(opts.input), detected.weights_dir] + ([Path(opts.checkpoint_dir)] if opts.checkpoint_dir else [])
     pub.check_output_location(Path(opts.output), inputs)
     source = detection.read(detected)
-    chain = search_chain(detected.weights_dir, Path(opts.input))
-    assets = find_assets(chain + [d for d in source.asset_dirs if d not in chain], opts.base_model_name,
-                         roots=[chain[-1], Path(opts.input).absolute()])
+    assets = find_checkpoint_assets(detected.weights_dir, Path(opts.input), source.asset_dirs, opts.base_model_name)
     warnings: list[str] = list(assets.skipped)
     if assets.config is None:
-        reason = f" ({assets.base_model_error})" if assets.base_model_error else ""
-        raise ConfigNotFoundError(
-            f"no config.json in the checkpoint, its parent folders, or the base model{reason}",
-            path=detected.weights_dir,
-        )
+        raise missing_config(assets, detected.weights_dir)
     if assets.tokenizer_dir is None:
-        warnings.append(
-            "no tokenizer found in the checkpoint or the base model; the output has none. "
-            "Pass --base-model-name with the model you fine-tuned to copy its tokenizer."
-        )
+        warnings.append(NO_TOKENIZER_WARNING)
     config = read_config(assets.config)
     architecture = decide_architectures(config, source, opts.architecture)
     if architecture.changed:  # only the dict written to the output; the input's file is never touched

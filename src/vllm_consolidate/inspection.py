@@ -23,12 +23,18 @@ from vllm_consolidate import dtypes
 from vllm_consolidate.batch.inputs import collect_inputs
 from vllm_consolidate.batch.resources import estimate_peak_ram
 from vllm_consolidate.convert import DEFAULT_BASE_MODEL, DEFAULT_MAX_SHARD_SIZE
-from vllm_consolidate.errors import ConfigNotFoundError, ConsolidateError, InputNotFoundError
+from vllm_consolidate.errors import ConsolidateError, InputNotFoundError
 from vllm_consolidate.plan.architecture import decide_architectures
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.plan.shards import dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
-from vllm_consolidate.read.assets import Assets, find_assets, read_config, search_chain
+from vllm_consolidate.read.assets import (
+    NO_TOKENIZER_WARNING,
+    Assets,
+    find_checkpoint_assets,
+    missing_config,
+    read_config,
+)
 from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder, step_of
 from vllm_consolidate.read.hf import is_hf_folder
 from vllm_consolidate.source import SourceModel, TensorSpec
@@ -38,9 +44,6 @@ OUTPUT_DTYPES = (dtypes.float32, dtypes.bfloat16, dtypes.float16)
 _OPTIM_RE = re.compile(r"^(?:(?:bf16|fp16)_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 _MODEL_STATES_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_\d+_model_states\.pt$")
 # Same text as convert's warning, so the two commands say the same thing about the same folder.
-_NO_TOKENIZER = ("no tokenizer found in the checkpoint or the base model; the output has none. "
-                 "Pass --base-model-name with the model you fine-tuned to copy its tokenizer.")
-
 
 @dataclass
 class Problem:
@@ -236,18 +239,14 @@ def _describe_source(report: InputReport, source: SourceModel) -> None:
 def _find_config(report: InputReport, detected: detection.DetectedInput, source: SourceModel | None,
                  base_model_name: str | None) -> dict | None:
     """Search config, tokenizer and generation config exactly as ``plan_conversion`` does; the config read."""
-    chain = search_chain(detected.weights_dir, Path(detected.input))
-    extra = [d for d in (source.asset_dirs if source else []) if d not in chain]
-    assets = find_assets(chain + extra, base_model_name, roots=[chain[-1], Path(detected.input).absolute()])
+    assets = find_checkpoint_assets(detected.weights_dir, Path(detected.input), source.asset_dirs if source else [],
+                                    base_model_name)
     report.assets = _assets_dict(assets)
     report.warnings.extend(assets.skipped)
     if assets.tokenizer_dir is None:
-        report.warnings.append(_NO_TOKENIZER)
+        report.warnings.append(NO_TOKENIZER_WARNING)
     if assets.config is None:
-        reason = f" ({assets.base_model_error})" if assets.base_model_error else ""
-        report.problems.append(Problem.of(ConfigNotFoundError(
-            f"no config.json in the checkpoint, its parent folders, or the base model{reason}",
-            path=detected.weights_dir)))
+        report.problems.append(Problem.of(missing_config(assets, detected.weights_dir)))
         return None
     try:
         return read_config(assets.config)

@@ -40,7 +40,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_consolidate.errors import ConfigInvalidError, ConsolidateError, CorruptCheckpointError
+from vllm_consolidate.errors import ConfigInvalidError, ConfigNotFoundError, ConsolidateError, CorruptCheckpointError
 from vllm_consolidate.safe_io import MAX_CONFIG_BYTES, confined, is_regular_file, open_regular, read_json, trust_root
 
 CONFIG_FILE = "config.json"
@@ -219,6 +219,27 @@ def has_tokenizer(names: list[str]) -> bool:
     present = set(names)
     by_pattern = any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in _MODEL_PATTERNS)
     return bool(present & set(_TOKENIZER_MARKERS)) or by_pattern or present >= set(_BPE_PAIR)
+
+
+#: The warning a conversion (and ``inspect``) gives when no tokenizer is found anywhere.
+NO_TOKENIZER_WARNING = ("no tokenizer found in the checkpoint or the base model; the output has none. "
+                        "Pass --base-model-name with the model you fine-tuned to copy its tokenizer.")
+
+
+def find_checkpoint_assets(weights_dir: Path, input_dir: Path, extra_dirs: list[Path],
+                           base_model_name: str | None) -> Assets:
+    """The assets of a checkpoint: its weights folder and parents (see :func:`search_chain`), then
+    ``extra_dirs`` (a reader's own asset folders), then the base model; confined to those trees."""
+    chain = search_chain(weights_dir, input_dir)
+    return find_assets(chain + [d for d in extra_dirs if d not in chain], base_model_name,
+                       roots=[chain[-1], Path(input_dir).absolute()])
+
+
+def missing_config(assets: Assets, where: Path) -> ConfigNotFoundError:
+    """The error for a checkpoint whose config.json was found nowhere (with why the base model did not help)."""
+    reason = f" ({assets.base_model_error})" if assets.base_model_error else ""
+    return ConfigNotFoundError(f"no config.json in the checkpoint, its parent folders, or the base model{reason}",
+                               path=where)
 
 
 def find_assets(search_dirs: list[Path], base_model_name: str | None, roots: list[Path] | None = None) -> Assets:
