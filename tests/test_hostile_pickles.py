@@ -39,7 +39,7 @@ from tests.hostile import SECRET, CliRun, assert_refused, run_cli, snapshot
 from vllm_consolidate import dtypes
 from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, UnsafePickleError
 from vllm_consolidate.formats import pickle_scan
-from vllm_consolidate.formats.torch_zip import Inert, StorageRef, TensorRef, load_lazy
+from vllm_consolidate.formats.torch_zip import StorageRef, TensorRef, load_lazy
 
 # -- raw pickle opcodes (protocol 2, as torch.save writes) -------------------------------------------
 
@@ -236,6 +236,14 @@ def secret(tmp_path: Path) -> Path:
     return path
 
 
+def pickle_file(tmp_path: Path, pkl: bytes) -> Path:
+    """A zip holding only ``pkl`` as its ``data.pkl``, for pickles that name no storage."""
+    path = tmp_path / "payload.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("payload/data.pkl", pkl)
+    return path
+
+
 def hostile_bin_folder(tmp_path: Path, genuine: dict[str, Any], pkl: bytes | None = None,
                        raw: bytes | None = None) -> Path:
     """A copy of the genuine folder whose pytorch_model.bin has ``pkl`` as data.pkl (or is ``raw``)."""
@@ -351,7 +359,7 @@ def test_build_on_a_fetched_global_is_refused_before_unpickling(tmp_path: Path) 
     body = g("torch._utils", "_rebuild_tensor_v2") + b"q\x00" + POP + b"h\x00" + EMPTY_DICT + s("x") + i(1) \
         + SETITEM + BUILD
     with pytest.raises(UnsafePickleError, match="after referencing it"):
-        load_lazy(_pickle_file(tmp_path, PROTO2 + body + STOP))
+        load_lazy(pickle_file(tmp_path, PROTO2 + body + STOP))
 
 
 # -- class 4: impossible tensors ---------------------------------------------------------------------------
@@ -507,66 +515,6 @@ def test_poisoned_load_then_clean_load(attack: str, genuine: dict[str, Any], tmp
     assert _describe(load_lazy(genuine["bin"])) == reference
 
 
-# -- in process: the allowlist -----------------------------------------------------------------------------
-
-def _pickle_file(tmp_path: Path, pkl: bytes) -> Path:
-    path = tmp_path / "payload.pt"
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("payload/data.pkl", pkl)
-    return path
-
-
-REFUSED_GLOBALS = [
-    ("os", "system"), ("posix", "system"), ("nt", "system"), ("builtins", "eval"), ("builtins", "exec"),
-    ("builtins", "getattr"), ("builtins", "__import__"), ("builtins", "open"), ("builtins", "compile"),
-    ("__builtin__", "eval"), ("subprocess", "Popen"), ("subprocess", "check_output"), ("torch", "load"),
-    ("torch.serialization", "load"), ("torch.storage", "_load_from_bytes"), ("torch._utils", "_rebuild_qtensor"),
-    ("pickle", "loads"), ("_pickle", "loads"), ("shutil", "rmtree"), ("io", "open"), ("runpy", "run_path"),
-    ("functools", "partial"), ("operator", "attrgetter"), ("copyreg", "_reconstructor"), ("numpy", "load"),
-    ("torch", "Tensor.__reduce_ex__"), ("builtins", "type"), ("builtins", "object"), ("torch", "nn"),
-]
-
-
-@pytest.mark.parametrize(("module", "name"), REFUSED_GLOBALS, ids=[f"{m}.{n}" for m, n in REFUSED_GLOBALS])
-@pytest.mark.parametrize("opcode", ["GLOBAL", "STACK_GLOBAL", "INST"])
-def test_refused_global_never_runs(module: str, name: str, opcode: str, tmp_path: Path) -> None:
-    marker = tmp_path / "ran"
-    command = s(f"touch {marker}")
-    if opcode == "GLOBAL":
-        body = g(module, name) + tup(command) + REDUCE
-    elif opcode == "STACK_GLOBAL":  # protocol 4: the names come from the stack
-        body = s(module) + s(name) + b"\x93" + tup(command) + REDUCE
-    else:  # INST: protocol 0 call of a class
-        body = MARK + command + b"i" + module.encode() + b"\n" + name.encode() + b"\n"
-    with pytest.raises(UnsafePickleError, match="allowlist") as info:
-        load_lazy(_pickle_file(tmp_path, PROTO2 + EMPTY_DICT + s("k") + body + SETITEM + STOP))
-    assert f"{module}.{name}" in str(info.value)
-    assert not marker.exists()
-
-
-def test_deepspeed_globals_are_inert(tmp_path: Path) -> None:
-    """Any deepspeed.* global becomes a stand-in that records its arguments; nothing runs."""
-    marker = tmp_path / "ran"
-    body = g("deepspeed.launcher.runner", "main") + tup(s(f"touch {marker}")) + REDUCE
-    enum = g("deepspeed.runtime.zero.config", "ZeroStageEnum") + tup(i(2)) + REDUCE
-    state = EMPTY_DICT + s("args") + tup(i(99)) + SETITEM
-    obj = load_lazy(_pickle_file(tmp_path, PROTO2 + EMPTY_DICT + MARK + s("run") + body + s("stage") + enum + state
-                                 + BUILD + SETITEMS + STOP))
-    assert not marker.exists()
-    assert isinstance(obj["run"], Inert) and obj["run"].args == (f"touch {marker}",)
-    stage = obj["stage"]
-    assert stage.args == (2,) and stage.state == {"args": (99,)}  # BUILD touched only the state slot
-    assert type(stage).qualname == "deepspeed.runtime.zero.config.ZeroStageEnum"
-    again = load_lazy(_pickle_file(tmp_path, PROTO2 + enum + STOP))
-    assert type(again) is not type(stage)  # classes are per load, never shared
-
-
-def test_out_of_band_and_extension_opcodes_refused(tmp_path: Path) -> None:
-    for body in (b"\x82\x01", b"\x97", NONE + b"\x98"):  # EXT1, NEXT_BUFFER, READONLY_BUFFER
-        with pytest.raises(UnsafePickleError):
-            load_lazy(_pickle_file(tmp_path, PROTO2 + body + STOP))
-
-
 # -- in process: stand-ins are immutable ---------------------------------------------------------------
 
 def test_stand_ins_are_immutable(genuine: dict[str, Any]) -> None:
@@ -616,11 +564,11 @@ def test_scan_caps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The opcode cap, and the memo/self-reference rules, on small pickles."""
     monkeypatch.setattr(pickle_scan, "MAX_OPS", 100)
     with pytest.raises(UnsafePickleError, match="opcodes"):
-        load_lazy(_pickle_file(tmp_path, PROTO2 + (NONE + POP) * 60 + NONE + STOP))
+        load_lazy(pickle_file(tmp_path, PROTO2 + (NONE + POP) * 60 + NONE + STOP))
     monkeypatch.undo()
     # A list that contains itself: memoized, fetched, then appended to.
     with pytest.raises(UnsafePickleError, match="self-referencing"):
-        load_lazy(_pickle_file(tmp_path, PROTO2 + EMPTY_LIST + b"q\x00" + b"h\x00" + APPEND + STOP))
+        load_lazy(pickle_file(tmp_path, PROTO2 + EMPTY_LIST + b"q\x00" + b"h\x00" + APPEND + STOP))
 
 
 def test_dag_key_refused_in_process_quickly(genuine: dict[str, Any], tmp_path: Path) -> None:
