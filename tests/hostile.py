@@ -45,34 +45,48 @@ def _limit() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEM_CAP_BYTES, MEM_CAP_BYTES))
 
 
+# The CLI, run so that it reports its own peak RSS. ``wait4``'s ru_maxrss would not do: the child is
+# forked from pytest, and Linux carries the forked copy's high-water mark (pytest's whole RSS, 400+ MiB
+# once torch is loaded) across exec. VmHWM belongs to the exec'd process's own memory map.
+_RUN_AND_REPORT_PEAK = """
+import sys
+from vllm_consolidate.cli import main
+code = 70
+try:
+    code = main(sys.argv[2:])
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else 2
+finally:
+    with open("/proc/self/status") as status, open(sys.argv[1], "w") as out:
+        out.write(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+sys.exit(code)
+"""
+
+
 def run_cli(args: list[str], *, timeout: float = TIMEOUT_S, env: dict[str, str] | None = None,
             cwd: str | Path | None = None) -> CliRun:
-    """Run ``python -m vllm_consolidate ARGS`` with a memory cap; a time-out is a test failure.
-
-    The peak RSS is this child's own (``wait4``), not the maximum over every child the tests ran.
-    """
+    """Run the CLI (``vllm_consolidate.cli.main``) with ARGS under a memory cap; a time-out is a test failure."""
     import tempfile
 
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     started = time.monotonic()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "vllm_consolidate", *args], stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL, text=True, env=full_env, cwd=cwd, preexec_fn=_limit)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - started > timeout:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                err.seek(0)
-                raise AssertionError(f"timed out after {timeout} s: {args}\nstderr: {err.read()[-2000:]}")
-            time.sleep(0.02)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r") as peak:
+        proc = subprocess.Popen([sys.executable, "-c", _RUN_AND_REPORT_PEAK, peak.name, *args], stdout=out,
+                                stderr=err, stdin=subprocess.DEVNULL, text=True, env=full_env, cwd=cwd,
+                                preexec_fn=_limit)
+        try:
+            proc.wait(timeout=max(0.0, timeout - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            err.seek(0)
+            raise AssertionError(f"timed out after {timeout} s: {args}\nstderr: {err.read()[-2000:]}") from None
         seconds = time.monotonic() - started
         out.seek(0)
         err.seek(0)
-        return CliRun(proc.returncode, out.read(), err.read(), seconds, usage.ru_maxrss * 1024)
+        text = peak.read().strip()
+        return CliRun(proc.returncode, out.read(), err.read(), seconds, int(text) * 1024 if text else -1)
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -147,4 +161,4 @@ def assert_refused(run: CliRun, code: int, *, output: Path, inputs: list[Path] |
         hits = [p for p in files_containing(output.parent, secret) if "secret" not in p.name]
         assert hits == [], f"secret bytes found in {hits}"
     assert run.seconds < max_seconds, f"took {run.seconds:.1f} s"
-    assert run.peak_rss < MAX_RSS_BYTES, f"peak RSS {run.peak_rss / 2**20:.0f} MiB"
+    assert 0 < run.peak_rss < MAX_RSS_BYTES, f"peak RSS {run.peak_rss / 2**20:.0f} MiB (-1: not reported)"
