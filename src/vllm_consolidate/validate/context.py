@@ -19,11 +19,10 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from vllm_consolidate.read.hf import StoredTensor
+from vllm_consolidate.source import TensorSpec
 
 if TYPE_CHECKING:
     from vllm_consolidate.validate.report import Check
-    from vllm_consolidate.validate.skeleton import Skeleton
-    from vllm_consolidate.validate.source import Reference
 
 #: Bytes read per step by the NaN/Inf scan; memory used by the scan is bounded by a small multiple.
 SCAN_CHUNK_BYTES = 16 * 2**20
@@ -52,6 +51,52 @@ def quiet(tf: ModuleType) -> Iterator[None]:
             yield
     finally:
         logging.set_verbosity(old)
+
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass
+class Skeleton:
+    """Names and shapes expected from the config, as save_pretrained would write them.
+
+    Attributes:
+        class_name: The model class, for messages.
+        required: What save_pretrained writes.
+        allowed: ``required`` plus tied parameters, which may be stored too.
+        tied: Tied parameter -> the parameter it shares.
+        ignorable: The class's ``_keys_to_ignore_on_load_unexpected`` patterns.
+        embedding: The input embedding's weight name, if the model has one.
+        memory_required: transformers 5's in-memory names (fused MoE experts), when they differ from
+            what save_pretrained writes; else None.
+        memory_allowed: ``memory_required`` plus tied parameters; else None.
+    """
+
+    class_name: str
+    required: Shapes
+    allowed: Shapes
+    tied: dict[str, str]
+    ignorable: list[str]
+    embedding: str | None
+    memory_required: Shapes | None = None
+    memory_allowed: Shapes | None = None
+
+
+@dataclass
+class Reference:
+    """What a folder should hold: each output name with the source tensor it was made from.
+
+    Attributes:
+        label: The source, for messages (a path).
+        tensors: ``{output name: source tensor}``.
+        dropped: Names a conversion leaves out on purpose (a tied ``lm_head.weight``).
+        depth: ``"full"`` or ``"sample"`` (see the module docstring).
+    """
+
+    label: str
+    tensors: dict[str, TensorSpec]
+    dropped: list[str]
+    depth: str = "full"
 
 
 @dataclass

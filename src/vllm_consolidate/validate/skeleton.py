@@ -21,45 +21,17 @@ judges a stored one). Stored names that the model class lists in ``_keys_to_igno
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.units import few
-from vllm_consolidate.validate.context import Context, quiet
+from vllm_consolidate.validate.context import Context, Shapes, Skeleton, quiet  # Skeleton re-exported
 from vllm_consolidate.validate.report import FAIL, PASS, SKIPPED, WARN, Check, skipped
 
 #: Stored names loaders ignore even when the model class does not list them.
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
-_Shapes = dict[str, tuple[int, ...]]
-
-
-@dataclass
-class Skeleton:
-    """Names and shapes expected from the config, as save_pretrained would write them.
-
-    Attributes:
-        class_name: The model class, for messages.
-        required: What save_pretrained writes.
-        allowed: ``required`` plus tied parameters, which may be stored too.
-        tied: Tied parameter -> the parameter it shares.
-        ignorable: The class's ``_keys_to_ignore_on_load_unexpected`` patterns.
-        embedding: The input embedding's weight name, if the model has one.
-        memory_required: transformers 5's in-memory names (fused MoE experts), when they differ from
-            what save_pretrained writes; else None.
-        memory_allowed: ``memory_required`` plus tied parameters; else None.
-    """
-
-    class_name: str
-    required: _Shapes
-    allowed: _Shapes
-    tied: dict[str, str]
-    ignorable: list[str]
-    embedding: str | None
-    memory_required: _Shapes | None = None
-    memory_allowed: _Shapes | None = None
 
 
 def build_skeleton(ctx: Context) -> list[Check]:
@@ -166,19 +138,19 @@ def check_against_skeleton(ctx: Context) -> list[Check]:
             _shapes(allowed, stored)]
 
 
-def _wrong_shapes(allowed: _Shapes, stored: dict[str, StoredTensor]) -> dict[str, tuple[list[int], list[int]]]:
+def _wrong_shapes(allowed: Shapes, stored: dict[str, StoredTensor]) -> dict[str, tuple[list[int], list[int]]]:
     """``{name: (stored shape, expected shape)}`` of every stored tensor whose shape differs."""
     return {n: (list(stored[n].shape), list(allowed[n])) for n in stored
             if n in allowed and tuple(stored[n].shape) != tuple(allowed[n])}
 
 
-def _closest_layout(sk: Skeleton, stored: dict[str, StoredTensor]) -> tuple[str, _Shapes, _Shapes]:
+def _closest_layout(sk: Skeleton, stored: dict[str, StoredTensor]) -> tuple[str, Shapes, Shapes]:
     """The layout (save_pretrained's, or transformers 5's in-memory one) the stored names are closest to."""
     layouts = [("save_pretrained", sk.required, sk.allowed)]
     if sk.memory_required is not None and sk.memory_allowed is not None:
         layouts.append(("in-memory", sk.memory_required, sk.memory_allowed))
 
-    def mismatch(layout: tuple[str, _Shapes, _Shapes]) -> int:
+    def mismatch(layout: tuple[str, Shapes, Shapes]) -> int:
         _, required, allowed = layout
         return (len(set(required) - set(stored)) + len(set(stored) - set(allowed))
                 + len(_wrong_shapes(allowed, stored)))
@@ -186,7 +158,7 @@ def _closest_layout(sk: Skeleton, stored: dict[str, StoredTensor]) -> tuple[str,
     return min(layouts, key=mismatch)  # the first (save_pretrained) wins ties
 
 
-def _missing(cls: str, layout: str, required: _Shapes, stored: dict[str, StoredTensor]) -> Check:
+def _missing(cls: str, layout: str, required: Shapes, stored: dict[str, StoredTensor]) -> Check:
     missing = sorted(set(required) - set(stored))
     if missing:
         return Check("missing_tensors", FAIL,
@@ -200,7 +172,7 @@ def _missing(cls: str, layout: str, required: _Shapes, stored: dict[str, StoredT
     return Check("missing_tensors", PASS, f"all {len(required)} tensors of {cls} are stored", {"layout": layout})
 
 
-def _unexpected(sk: Skeleton, allowed: _Shapes, stored: dict[str, StoredTensor]) -> Check:
+def _unexpected(sk: Skeleton, allowed: Shapes, stored: dict[str, StoredTensor]) -> Check:
     extra = sorted(set(stored) - set(allowed))
     ignorable = [n for n in extra if n.endswith(_IGNORABLE_SUFFIXES) or any(re.search(p, n) for p in sk.ignorable)]
     unexpected = [n for n in extra if n not in ignorable]
@@ -214,7 +186,7 @@ def _unexpected(sk: Skeleton, allowed: _Shapes, stored: dict[str, StoredTensor])
     return Check("unexpected_tensors", PASS, f"no tensors outside {sk.class_name}")
 
 
-def _shapes(allowed: _Shapes, stored: dict[str, StoredTensor]) -> Check:
+def _shapes(allowed: Shapes, stored: dict[str, StoredTensor]) -> Check:
     wrong = _wrong_shapes(allowed, stored)
     if wrong:
         text = few((f"{n} is {wrong[n][0]}, expected {wrong[n][1]}" for n in sorted(wrong)), 3, sort=False, sep="; ")

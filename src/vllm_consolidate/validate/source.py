@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -39,10 +38,8 @@ from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
 from vllm_consolidate.source import TensorSpec, sub_segments
 from vllm_consolidate.units import few
+from vllm_consolidate.validate.context import Context, Reference  # Reference re-exported
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check
-
-if TYPE_CHECKING:
-    from vllm_consolidate.validate.context import Context
 
 #: Tensors up to this many elements are compared whole even in ``sample`` mode.
 SAMPLE_WHOLE_ELEMENTS = 1 << 16
@@ -54,23 +51,6 @@ SAMPLE_VECTOR_ELEMENTS = 4096
 COMPARE_CHUNK_BYTES = 8 * 2**20
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-@dataclass
-class Reference:
-    """What a folder should hold: each output name with the source tensor it was made from.
-
-    Attributes:
-        label: The source, for messages (a path).
-        tensors: ``{output name: source tensor}``.
-        dropped: Names a conversion leaves out on purpose (a tied ``lm_head.weight``).
-        depth: ``"full"`` or ``"sample"`` (see the module docstring).
-    """
-
-    label: str
-    tensors: dict[str, TensorSpec]
-    dropped: list[str]
-    depth: str = "full"
 
 
 def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: str = "auto",
