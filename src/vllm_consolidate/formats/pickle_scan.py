@@ -157,21 +157,13 @@ class _Scanner:
         return size, depth >> 8, flags
 
     def collapse(self, k: int) -> tuple[int, int, int]:
-        """Pop ``k`` items, mark them referenced; (total size, max depth, AND of flags). Lean: hot path."""
-        stack, nodes = self.stack, self.nodes
+        """Pop ``k`` items, mark them referenced; (total size, max depth, AND of flags)."""
+        stack = self.stack
         if len(stack) - self.fence < k:
             raise self.corrupt("stack underflow")
-        size, depth, flags = 0, 0, _FLAGS
-        for _ in range(k):
-            node = stack.pop()
-            word = nodes[node]
-            if node > _WIDE_INT:  # the constant scalar nodes stay as they are
-                nodes[node] = word | _SHARED
-            size += word >> 16
-            if word & _DEPTH > depth:
-                depth = word & _DEPTH
-            flags &= word
-        return size, depth >> 8, flags
+        items = stack[len(stack) - k:]
+        del stack[len(stack) - k:]
+        return self.consume(items)
 
     def require_hsafe(self, keys: list[int]) -> None:
         for i in keys:
