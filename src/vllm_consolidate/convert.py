@@ -52,7 +52,7 @@ class ConvertOptions:
         input: What the user passed as ``--input``; required by :func:`convert` (None only in a batch's
             template record).
         output: The output folder; required like ``input``.
-        input_type: ``auto``, ``deepspeed`` or ``hf_sharded``.
+        input_type: ``auto``, ``deepspeed``, ``dcp``, ``verl`` or ``hf_sharded``.
         checkpoint_dir: Overrides detection when given.
         base_model_name: Local folder or Hub id for config/tokenizer the checkpoint lacks.
         dtype: Output dtype for floating tensors, a :class:`~vllm_consolidate.dtypes.DType` or a name
@@ -66,6 +66,8 @@ class ConvertOptions:
         architecture: ``--architecture``: the model class written into the output's config.json
             ``architectures``, for a config.json that lacks it and whose class cannot be inferred from
             ``model_type`` (see :mod:`vllm_consolidate.plan.architecture`). Replaces config.json's own.
+        model_key: ``--model-key``: for a DCP checkpoint holding more than one model-like entry
+            (``model`` and ``ema``), the one to convert (``""`` for the top level).
 
     Raises:
         UsageError: ``dtype`` names no known dtype.
@@ -83,6 +85,7 @@ class ConvertOptions:
     force: bool = False
     validate: bool = True
     architecture: str | None = None
+    model_key: str | None = None
 
     def __post_init__(self) -> None:
         # Normalised once here so every reader of the record sees Paths and a DType (frozen: set via object).
@@ -146,7 +149,7 @@ def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> DTy
     """The dtype for floating tensors, or None to keep each tensor's own (see ``ConvertOptions``)."""
     if not opts.keep_original_precision:
         return opts.dtype
-    if source.kind == "deepspeed":
+    if source.kind in detection.TRAINING_KINDS:
         if source.trained_dtype is not None:
             return source.trained_dtype
         name = config.get("torch_dtype") or config.get("dtype")
@@ -191,7 +194,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     detected = detection.detect(Path(opts.input), opts.input_type, opts.checkpoint_dir)
     inputs = [Path(opts.input), detected.weights_dir] + ([Path(opts.checkpoint_dir)] if opts.checkpoint_dir else [])
     pub.check_output_location(Path(opts.output), inputs)
-    source = detection.read(detected)
+    source = detection.read(detected, opts.model_key)
     assets = find_checkpoint_assets(detected.weights_dir, Path(opts.input), source.asset_dirs, opts.base_model_name)
     warnings: list[str] = list(assets.skipped)
     if assets.config is None:

@@ -276,7 +276,9 @@ def _describe_precision(report: InputReport, source: SourceModel | None, config:
     """The training precision, and where it is recorded (the order ``--keep-original-precision`` uses)."""
     if source is None:
         return
-    if source.kind != "deepspeed":
+    if source.kind not in detection.TRAINING_KINDS:
+        found, where = source.trained_dtype, "stored_dtype"
+    elif source.kind != "deepspeed" and source.trained_dtype is not None:
         found, where = source.trained_dtype, "stored_dtype"
     elif source.trained_dtype is not None:
         found, where = source.trained_dtype, "deepspeed_config"

@@ -89,9 +89,14 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by a single conversion and a batch (the guide's model and validation options)."""
     from vllm_consolidate.convert import DEFAULT_BASE_MODEL
+    from vllm_consolidate.read.detect import INPUT_TYPES
 
-    p.add_argument("--type", dest="input_type", choices=("deepspeed", "hf_sharded", "auto"), default="auto",
-                   help="input type (default: auto)")
+    p.add_argument("--type", dest="input_type", choices=INPUT_TYPES, default="auto",
+                   help="input type (default: auto); dcp = HF Trainer/Accelerate FSDP or any "
+                        "torch.distributed.checkpoint folder")
+    p.add_argument("--model-key", default=None, metavar="NAME",
+                   help="DCP: the state-dict entry that holds the model when there is more than one (e.g. 'model' "
+                        "or 'ema'; '' for the top level)")
     p.add_argument("--force", action="store_true", help="replace an existing output, once the new one is complete")
     p.add_argument("--base-model-name", default=DEFAULT_BASE_MODEL,
                    help="local folder or Hub id for config/tokenizer the checkpoint lacks "
@@ -132,7 +137,7 @@ def model_options(args: argparse.Namespace, *, input: Path | None = None, output
         input=input, output=output, checkpoint_dir=checkpoint_dir, input_type=args.input_type,
         base_model_name=args.base_model_name, dtype=args.dtype, keep_original_precision=args.keep_original_precision,
         fmt=args.fmt, max_shard_size=parse_size(args.max_shard_size), force=args.force, validate=args.validate_vllm,
-        architecture=args.architecture,
+        architecture=args.architecture, model_key=args.model_key,
     )
 
 

@@ -53,8 +53,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="the checkpoint the folder was made from (anything convert --input accepts): compare "
                         "every tensor with it, element for element; catches wrong bytes that no check of the "
                         "folder alone can see, such as a square weight stored transposed")
-    p.add_argument("--against-type", choices=["auto", "deepspeed", "hf_sharded"], default="auto",
+    from vllm_consolidate.read.detect import INPUT_TYPES
+
+    p.add_argument("--against-type", choices=INPUT_TYPES, default="auto",
                    help="input type of --against, as convert --type (default: auto)")
+    p.add_argument("--model-key", default=None, metavar="NAME",
+                   help="DCP --against: the state-dict entry that holds the model, as convert --model-key")
     p.add_argument("--no-value-scan", dest="scan_values", action="store_false",
                    help="skip the NaN/Inf scan (it reads every weight byte once)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -119,7 +123,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.against is not None:
         from vllm_consolidate.validate.source import reference_for_folder
 
-        reference = reference_for_folder(folder, args.against, input_type=args.against_type)
+        reference = reference_for_folder(folder, args.against, input_type=args.against_type,
+                                         model_key=args.model_key)
     report = validate_folder(folder, scan_values=args.scan_values, reference=reference)
     if args.load:
         try:

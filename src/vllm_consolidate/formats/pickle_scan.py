@@ -74,8 +74,8 @@ _OPS = {name: getattr(pickle, name)[0] for name in dir(pickle)
 class _Scanner:
     """The symbolic stack machine; see the module docstring. One instance per pickle."""
 
-    def __init__(self, data: bytes, classify: Classify, path: str):
-        self.data, self.classify, self.path = data, classify, path
+    def __init__(self, data: bytes, classify: Classify, path: str, stack_flags: int):
+        self.data, self.classify, self.path, self.stack_flags = data, classify, path, stack_flags
         self.pos = 0
         # node id -> word: size << 16 | depth << 8 | flags. Scalars share two constant nodes.
         self.nodes = array("q", [_SCALAR_WORD, _WIDE_INT_WORD])
@@ -258,7 +258,7 @@ class _Scanner:
     def h_global(self, kind: object) -> None:
         if kind == "stack":
             self.consume(self.pop(2))
-            flags = HASHES_ARGS  # the names are not known here: assume the worst
+            flags = self.stack_flags  # the names are not known here: the caller's worst case
         else:
             try:
                 module, name = self.line().decode("utf-8"), self.line().decode("utf-8")
@@ -461,13 +461,15 @@ for _code, _case in ((_BINPUT, 1), (_OPS["LONG_BINPUT"], 1), (_BINGET, 2), (_OPS
     _FAST[_code] = _case
 
 
-def scan_pickle(data: bytes, classify: Classify, *, path: str) -> int:
+def scan_pickle(data: bytes, classify: Classify, *, path: str, stack_flags: int = HASHES_ARGS) -> int:
     """Refuse a pickle that would make the unpickler, or a walk of its result, run unbounded.
 
     Args:
         data: The whole pickle.
         classify: Flags (``HASHES_ARGS``, ``RESULT_HSAFE``) for the global ``module.name``.
         path: The file, for error messages.
+        stack_flags: Flags for a STACK_GLOBAL, whose names the pre-pass does not know: the worst
+            case over every global the caller's unpickler admits.
 
     Returns:
         The number of opcodes up to and including STOP.
@@ -476,7 +478,7 @@ def scan_pickle(data: bytes, classify: Classify, *, path: str) -> int:
         UnsafePickleError: A cap or rule in the module docstring is broken.
         CorruptCheckpointError: The pickle is malformed (truncated, unknown opcode, stack underflow).
     """
-    return _Scanner(data, classify, path).run()
+    return _Scanner(data, classify, path, stack_flags).run()
 
 
 __all__ = ["HASHES_ARGS", "HSAFE", "MAX_DEPTH", "MAX_EXPANDED", "MAX_INT_BYTES", "MAX_OPS", "RESULT_HSAFE",

@@ -124,16 +124,42 @@ def _classify(module: str, name: str) -> int:
     return 0 if _dtype_name(module, name) is not None else HASHES_ARGS  # unknown: assume the worst
 
 
+class Allowlist:
+    """Globals admitted beyond the torch.save defaults, for one file format.
+
+    Attributes:
+        inert: ``(module, name)`` globals that become :class:`Inert` stand-ins (records the reader
+            interprets afterwards, never code).
+        calls: ``(module, name)`` -> a function ``f(unpickler, *args)`` standing in for a torch function.
+        wrapper_rebuilds: Names in ``calls`` that ``_rebuild_from_type_v2`` may call (tensor subclasses).
+    """
+
+    def __init__(self, inert: frozenset[tuple[str, str]] = frozenset(),
+                 calls: dict[tuple[str, str], Any] | None = None,
+                 wrapper_rebuilds: frozenset[tuple[str, str]] = frozenset(), *, identity_only: bool = False):
+        self.inert = inert
+        self.calls = dict(calls or {})
+        self.wrapper_rebuilds = wrapper_rebuilds
+        #: Admit only globals whose results hash by identity (no containers, no tuples): then a
+        #: protocol-4 STACK_GLOBAL, whose name the pre-pass cannot see, is known to be harmless as a
+        #: dict key. ``torch.Size`` must then be among ``calls`` (returning a stand-in).
+        self.identity_only = identity_only
+
+
+_DEFAULT = Allowlist()
+
+
 class _LazyUnpickler(pickle.Unpickler):
     """Unpickles one ``data.pkl``; everything it hands the pickle is made for this load only."""
 
-    def __init__(self, data: bytes, path: str, storages: dict[str, tuple[int, int]]):
+    def __init__(self, data: bytes, path: str, storages: dict[str, tuple[int, int]], allow: Allowlist = _DEFAULT):
         super().__init__(io.BytesIO(data), fix_imports=False)
         self._path = path
         self._storages = storages  # key -> (absolute data offset, byte length)
         self._refs: dict[str, StorageRef] = {}
         self._globals: dict[tuple[str, str], Any] = {}
         self._inert_classes = 0
+        self._allow = allow
 
     def _refuse(self, what: str) -> UnsafePickleError:
         return UnsafePickleError(f"refused to load: the pickle {what}", path=self._path)
@@ -145,13 +171,22 @@ class _LazyUnpickler(pickle.Unpickler):
         return self._globals[key]
 
     def _resolve(self, module: str, name: str) -> Any:
+        if (module, name) in self._allow.calls:
+            fn = self._allow.calls[module, name]
+            return AllowedCallable(lambda *args: fn(self, *args), f"{module}.{name}")
+        if self._allow.identity_only and (module, name) not in self._allow.inert and _dtype_name(module, name) is None:
+            raise self._refuse(f"asks for the global {clip(module)}.{clip(name)}, which is not on the allowlist")
         if (module, name) in _BUILTINS:
             return _BUILTINS[module, name][0]
         if (module, name) in _CALLS:
             return AllowedCallable(getattr(self, _CALLS[module, name]), f"{module}.{name}")
         if (dtype := _dtype_name(module, name)) is not None:
             return DTypeToken(dtype)
-        if (qualname := _inert_name(module, name)) is not None:
+        if (module, name) in self._allow.inert:
+            qualname = clip(f"{module}.{name}")
+        else:
+            qualname = _inert_name(module, name)
+        if qualname is not None:
             self._inert_classes += 1
             if self._inert_classes > MAX_INERT_CLASSES:
                 raise self._refuse(f"names more than {MAX_INERT_CLASSES} DeepSpeed classes")
@@ -202,7 +237,14 @@ class _LazyUnpickler(pickle.Unpickler):
         # torch wraps Parameter subclasses this way; the type and state are Python-side only.
         # ``func`` came through find_class, so a tensor rebuild is one of this load's own wrappers.
         rebuilds = [self._globals.get(k) for k, v in _CALLS.items() if v in ("rebuild_tensor", "rebuild_parameter")]
-        if not any(func is f for f in rebuilds if f is not None) or type(args) is not tuple:
+        wrappers = [self._globals.get(k) for k in self._allow.wrapper_rebuilds]
+        if type(args) is not tuple:
+            raise self._refuse("passes _rebuild_from_type_v2 arguments that are not a tuple")
+        if any(func is f for f in wrappers if f is not None):
+            # A tensor subclass (DTensor): ``func`` builds a stand-in from ``args``; ``state`` carries
+            # the local tensor and its spec, which only the format's own reader interprets.
+            return func(*args, state)
+        if not any(func is f for f in rebuilds if f is not None):
             raise self._refuse("asks _rebuild_from_type_v2 to call something other than a tensor rebuild")
         return func(*args)
 
@@ -213,10 +255,15 @@ class _LazyUnpickler(pickle.Unpickler):
         return tuple(dims)
 
 
-def _unpickle(data: bytes, path: str, storages: dict[str, tuple[int, int]]) -> Any:
-    scan_pickle(data, _classify, path=path)
+def _unpickle(data: bytes, path: str, storages: dict[str, tuple[int, int]], allow: Allowlist = _DEFAULT) -> Any:
+    def classify(module: str, name: str) -> int:
+        if (module, name) in allow.inert or (module, name) in allow.calls:
+            return RESULT_HSAFE  # stand-ins hash by identity
+        return _classify(module, name)
+
+    scan_pickle(data, classify, path=path, stack_flags=RESULT_HSAFE if allow.identity_only else HASHES_ARGS)
     try:
-        return _LazyUnpickler(data, path, storages).load()
+        return _LazyUnpickler(data, path, storages, allow).load()
     except ConsolidateError as exc:
         exc.path = exc.path or path  # raised by a stand-in, which does not know the file
         raise
@@ -227,11 +274,48 @@ def _unpickle(data: bytes, path: str, storages: dict[str, tuple[int, int]]) -> A
                                      path=path) from None
 
 
-def load_lazy(path: str | os.PathLike) -> Any:
+class _Window(io.RawIOBase):
+    """A read-only view of bytes ``[start, start + length)`` of an open file, seekable within them.
+
+    DCP stores each tensor as a whole ``torch.save`` archive inside a larger ``.distcp`` file; the
+    zip reader must see that archive alone (its directory is found from the end).
+    """
+
+    def __init__(self, fh: Any, start: int, length: int):
+        self._fh, self._start, self._length, self._pos = fh, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = max(0, min(len(buffer), self._length - self._pos))
+        self._fh.seek(self._start + self._pos)
+        data = self._fh.read(want)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def load_lazy(path: str | os.PathLike, *, start: int = 0, length: int | None = None,
+              allow: Allowlist = _DEFAULT) -> Any:
     """Unpickle a ``torch.save`` zip file through the allowlist, without reading tensor data.
 
     Args:
         path: The file.
+        start: Where the archive starts in the file (a DCP ``.distcp`` holds many archives).
+        length: The archive's length in bytes (default: to the end of the file).
+        allow: Globals admitted beyond the defaults, for formats built on ``torch.save``.
 
     Returns:
         The saved object, with every tensor replaced by a :class:`TensorRef`.
@@ -245,19 +329,34 @@ def load_lazy(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     try:
         with safe_io.open_file(path) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if start or length is not None:
+                if length is None or start < 0 or length < 0 or start + length > size:
+                    raise CorruptCheckpointError(
+                        f"bytes {start}..{start + (length or 0)} lie past the end of the file ({size} bytes); it is "
+                        "probably truncated", path=path)
+                fh = _Window(fh, start, length)
+                size = length
             if fh.read(4) != b"PK\x03\x04":
                 raise UnsupportedCheckpointError(
                     "not a torch zip file (legacy torch.save format or not a checkpoint)",
                     path=path,
                     hint="Re-save it with torch>=1.6, or check that the file is a checkpoint.",
                 )
-            data, storages = read_archive(fh, os.fstat(fh.fileno()).st_size, path)
+            data, storages = read_archive(fh, size, path)
+            if start:
+                storages = {key: (offset + start, nbytes) for key, (offset, nbytes) in storages.items()}
     except (zipfile.BadZipFile, EOFError, ValueError, struct.error, NotImplementedError, RuntimeError) as exc:
         raise CorruptCheckpointError(f"unreadable torch file ({clip(str(exc), 200)}); it is probably truncated",
                                      path=path) from exc
     except OSError as exc:
         raise CorruptCheckpointError(f"cannot read file: {exc.strerror or exc}", path=path) from exc
-    return _unpickle(data, path, storages)
+    return _unpickle(data, path, storages, allow)
 
 
-__all__ = ["Inert", "StorageRef", "TensorRef", "load_lazy"]
+def load_pickle(data: bytes, path: str | os.PathLike, allow: Allowlist) -> Any:
+    """Unpickle a plain pickle (no zip, no tensors) through the allowlist, e.g. a DCP ``.metadata``."""
+    return _unpickle(data, os.fspath(path), {}, allow)
+
+
+__all__ = ["Allowlist", "Inert", "StorageRef", "TensorRef", "load_lazy", "load_pickle"]

@@ -17,9 +17,15 @@ from pathlib import Path
 from vllm_consolidate.errors import InputNotFoundError, UsageError
 from vllm_consolidate.read import deepspeed as ds
 from vllm_consolidate.read import hf
+from vllm_consolidate.read.dcp import read_dcp
+from vllm_consolidate.read.fsdp_locate import resolve_dcp, resolve_verl
+from vllm_consolidate.read.verl import read_verl
 from vllm_consolidate.source import SourceModel
 
-INPUT_TYPES = ("auto", "deepspeed", "hf_sharded")
+#: ``--type`` values. ``dcp`` covers HF Trainer / Accelerate FSDP and any torch.distributed.checkpoint.
+INPUT_TYPES = ("auto", "deepspeed", "dcp", "verl", "hf_sharded")
+#: Formats whose weights are the trainer's own (fp32 masters or sharded training state), not a saved model.
+TRAINING_KINDS = ("deepspeed", "dcp", "verl")
 
 
 @dataclass
@@ -27,7 +33,7 @@ class DetectedInput:
     """What an input folder holds and which folder the weights are read from.
 
     Attributes:
-        kind: ``"deepspeed"`` or ``"hf"``.
+        kind: ``"deepspeed"``, ``"dcp"``, ``"verl"`` or ``"hf"``.
         input: The folder the user named.
         weights_dir: ``global_stepN`` for DeepSpeed, the model folder for HF.
         how: One line saying how it was chosen (printed in the summary).
@@ -53,9 +59,9 @@ def _hf_folder(path: Path) -> Path | None:
 def detect(input_path: Path, input_type: str = "auto", checkpoint_dir: Path | None = None) -> DetectedInput:
     """Decide what ``input_path`` (or ``checkpoint_dir``, which overrides detection) holds.
 
-    With ``auto``, a ZeRO checkpoint wins over HF weights in the same folder: HF Trainer under
-    ZeRO-3 writes 16-bit (or empty placeholder) weights next to the fp32 masters, and the masters
-    are the truth.
+    With ``auto``, formats are tried in the order ZeRO, DCP (FSDP), verl, HF weights. A training
+    checkpoint wins over HF weights in the same folder: HF Trainer under ZeRO-3 writes 16-bit (or
+    empty placeholder) weights next to the fp32 masters, and the masters are the truth.
 
     Raises:
         InputNotFoundError: Nothing convertible is there.
@@ -72,26 +78,37 @@ def detect(input_path: Path, input_type: str = "auto", checkpoint_dir: Path | No
         raise InputNotFoundError("input must be a folder", path=target,
                                  hint="Pass the folder that holds the weights file, not the file itself.")
     how_prefix = "--checkpoint-dir; " if checkpoint_dir is not None else ""
-    if input_type in ("auto", "deepspeed"):
+    for kind, resolve in (("deepspeed", ds.resolve_checkpoint), ("dcp", resolve_dcp), ("verl", resolve_verl)):
+        if input_type not in ("auto", kind):
+            continue
         try:
-            resolved = ds.resolve_checkpoint(target)
-            return DetectedInput("deepspeed", input_path, resolved.folder, how_prefix + resolved.how, target)
+            resolved = resolve(target)
+            return DetectedInput(kind, input_path, resolved.folder, how_prefix + resolved.how, target)
         except InputNotFoundError:
-            if input_type == "deepspeed":
+            if input_type == kind:
                 raise
     folder = _hf_folder(target)
     if folder is not None:
         how = "HF weights in the folder given" if folder == target else f"HF weights in the latest {folder.name}"
         return DetectedInput("hf", input_path, folder, how_prefix + how, target)
     raise InputNotFoundError(
-        "no checkpoint found: no ZeRO rank files, 'latest', global_stepN/, checkpoint-N/, "
-        "*.safetensors or pytorch_model*.bin",
+        "no checkpoint found: no ZeRO rank files, 'latest', global_stepN/, checkpoint-N/, DCP .metadata, "
+        "verl global_step_N/actor/, *.safetensors or pytorch_model*.bin",
         path=target,
     )
 
 
-def read(detected: DetectedInput) -> SourceModel:
-    """Read the detected input's metadata with the matching reader."""
+def read(detected: DetectedInput, model_key: str | None = None) -> SourceModel:
+    """Read the detected input's metadata with the matching reader.
+
+    Args:
+        detected: What :func:`detect` found.
+        model_key: For DCP inputs, the container holding the model when there is more than one.
+    """
     if detected.kind == "deepspeed":
         return ds.read_deepspeed(detected.weights_dir, detected.root)
+    if detected.kind == "dcp":
+        return read_dcp(detected.weights_dir, detected.root, model_key)
+    if detected.kind == "verl":
+        return read_verl(detected.weights_dir, detected.root)
     return hf.read_hf(detected.weights_dir, detected.root)

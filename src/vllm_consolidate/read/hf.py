@@ -233,7 +233,7 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _check_weight_file(path: Path, roots: list[Path]) -> None:
+def check_weight_file(path: Path, roots: list[Path]) -> None:
     """A weight file must lie, with symlinks resolved, inside the model's tree (see :func:`read_hf`)."""
     if not confined(path, roots):
         raise UnsafeInputError(
@@ -247,7 +247,7 @@ def _read_sharded(layout: Layout, roots: list[Path],
     """Read every shard the index lists and check the index against them."""
     assert layout.index is not None
     folder, index = layout.folder, layout.index
-    _check_weight_file(index, roots)
+    check_weight_file(index, roots)
     weight_map = _read_index(index)
     listed: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
@@ -262,7 +262,7 @@ def _read_sharded(layout: Layout, roots: list[Path],
                 path=folder / fname,
                 hint=f"Copy {brief(fname)} from where the other shards came from, or re-save the model.",
             )
-        _check_weight_file(folder / fname, roots)
+        check_weight_file(folder / fname, roots)
     stray = sorted(p.name for p in folder.iterdir() if SHARD_RE[layout.fmt].match(p.name) and p.name not in listed)
     if stray:
         raise CorruptCheckpointError(
@@ -390,7 +390,7 @@ def read_hf(folder: Path, root: Path | None = None) -> SourceModel:
         raw, aliases, files = _read_sharded(layout, roots)
         kind, where = "hf_sharded", layout.index
     else:
-        _check_weight_file(layout.files[0], roots)
+        check_weight_file(layout.files[0], roots)
         raw, aliases = _read_file(layout.files[0], layout.fmt)
         files, kind, where = layout.files, "hf_single", layout.files[0]
     if not raw:

@@ -73,14 +73,8 @@ def is_hf_folder(path: Path) -> bool:
 
 def _dcp_error(folder: Path) -> UnsupportedCheckpointError:
     return UnsupportedCheckpointError(
-        "this is a torch.distributed.checkpoint (DCP) folder (.metadata + *.distcp files), which is not supported",
-        path=folder / ".metadata",
-        hint=(
-            "Convert it to one file first with torch: python -c \"from torch.distributed.checkpoint.format_utils "
-            f"import dcp_to_torch_save; dcp_to_torch_save('{folder}', 'OUT/pytorch_model.bin')\", put config.json "
-            "next to it and pass OUT (only if you trust the checkpoint: that step unpickles it)."
-        ),
-    )
+        "this is a torch.distributed.checkpoint (DCP) folder (.metadata + *.distcp files), not HF weights",
+        path=folder / ".metadata", hint="Pass --type dcp (or --type auto) to convert it.")
 
 
 def find_layout(folder: Path, *, nested: bool = False) -> Layout:

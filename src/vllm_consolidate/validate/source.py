@@ -54,7 +54,7 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: str = "auto",
-                         checkpoint_dir: str | Path | None = None) -> Reference:
+                         checkpoint_dir: str | Path | None = None, model_key: str | None = None) -> Reference:
     """Read a source checkpoint's metadata and map it to the names a conversion writes into ``folder``.
 
     The folder's config.json decides tying and the MoE expert layout, as it does in a conversion.
@@ -63,8 +63,9 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
         folder: The converted model folder.
         source: Anything ``convert --input`` accepts (a DeepSpeed run or ``global_stepN`` folder,
             an HF Trainer ``checkpoint-N``, an HF folder, a single file).
-        input_type: ``auto``, ``deepspeed`` or ``hf_sharded``.
+        input_type: ``auto``, ``deepspeed``, ``dcp``, ``verl`` or ``hf_sharded``.
         checkpoint_dir: As ``convert --checkpoint-dir``.
+        model_key: As ``convert --model-key`` (DCP sources).
 
     Raises:
         ConsolidateError: The source cannot be read.
@@ -72,7 +73,7 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
     from vllm_consolidate.plan.names import output_tensors
 
     detected = detection.detect(Path(source), input_type, Path(checkpoint_dir) if checkpoint_dir else None)
-    model = detection.read(detected)
+    model = detection.read(detected, model_key)
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):

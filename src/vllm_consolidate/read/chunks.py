@@ -1,0 +1,140 @@
+"""Assembling a full tensor from the pieces that sharded training stored, as byte ranges.
+
+FSDP, DCP and verl store each tensor as pieces (chunks): a box of the full tensor (offsets and sizes
+per dimension) whose elements are saved contiguously, row-major, in some file. :func:`assemble`
+turns the pieces of one tensor into the byte ranges whose concatenation is the full tensor,
+row-major: the form every reader hands the planner (:class:`~vllm_consolidate.source.TensorSpec`).
+Nothing is read.
+
+Pieces must tile the tensor exactly: every element in one piece, none in two. FSDP's row shards
+(``Shard(0)``) become one range per piece; a split along a later dimension (tensor parallelism)
+becomes one range per row of the earlier dimensions, capped at :data:`MAX_SEGMENTS`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vllm_consolidate.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from vllm_consolidate.formats.torch_zip import TensorRef
+from vllm_consolidate.limits import brief
+from vllm_consolidate.source import Segment
+
+#: Byte ranges for one tensor (a 150k-row embedding split by columns over 16 ranks is 2.4 M).
+MAX_SEGMENTS = 1 << 23
+#: Grid cells the pieces of one tensor may cut it into, for the tiling check.
+MAX_CELLS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One stored box of a tensor.
+
+    Attributes:
+        offsets: Where the box starts in the full tensor, per dimension.
+        sizes: The box's size per dimension.
+        data: Its stored elements (contiguous, row-major, ``sizes`` elements).
+    """
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    data: TensorRef
+
+
+def _intervals(shape: Sequence[int], pieces: Sequence[Piece]) -> list[list[int]]:
+    """Per dimension, the sorted cut points (0, every piece boundary, the size)."""
+    cuts = [{0, n} for n in shape]
+    for p in pieces:
+        for d, (o, s) in enumerate(zip(p.offsets, p.sizes)):
+            cuts[d].update((o, o + s))
+    return [sorted(c) for c in cuts]
+
+
+def _owner_of_cells(shape: tuple[int, ...], pieces: Sequence[Piece], cuts: list[list[int]], where: str,
+                    ) -> dict[tuple[int, ...], int]:
+    """``{cell index: piece index}``, checking that every cell of the grid lies in exactly one piece."""
+    cells = math.prod(len(c) - 1 for c in cuts)
+    if cells > MAX_CELLS:
+        raise UnsupportedCheckpointError(f"{where} is cut into {cells:,} pieces, more than supported ({MAX_CELLS:,})")
+    owner: dict[tuple[int, ...], int] = {}
+    for i, p in enumerate(pieces):
+        ranges = [range(bisect.bisect_left(c, o), bisect.bisect_left(c, o + s))
+                  for c, o, s in zip(cuts, p.offsets, p.sizes)]
+        for cell in itertools.product(*ranges):
+            if cell in owner:
+                raise CorruptCheckpointError(f"two stored pieces of {where} overlap (at offsets {p.offsets})")
+            owner[cell] = i
+    if len(owner) != cells:
+        raise CorruptCheckpointError(f"the stored pieces of {where} leave part of it uncovered")
+    return owner
+
+
+def _check_piece(piece: Piece, shape: tuple[int, ...], where: str) -> None:
+    if len(piece.offsets) != len(shape) or len(piece.sizes) != len(shape) or any(
+            o + s > n for o, s, n in zip(piece.offsets, piece.sizes, shape)):
+        raise CorruptCheckpointError(f"a piece of {where} (offsets {brief(piece.offsets)}, sizes "
+                                     f"{brief(piece.sizes)}) does not fit its shape {shape}")
+    if piece.data.numel != math.prod(piece.sizes) or tuple(d for d in piece.data.shape if d != 1) != tuple(
+            d for d in piece.sizes if d != 1):
+        raise CorruptCheckpointError(f"a piece of {where} holds a tensor of shape {piece.data.shape}, but the "
+                                     f"checkpoint says {piece.sizes}", path=piece.data.storage.path)
+
+
+def _merge(segments: list[Segment]) -> list[Segment]:
+    out: list[Segment] = []
+    for seg in segments:
+        if out and out[-1].path == seg.path and out[-1].offset + out[-1].nbytes == seg.offset:
+            out[-1] = Segment(seg.path, out[-1].offset, out[-1].nbytes + seg.nbytes)
+        elif seg.nbytes:
+            out.append(seg)
+    return out
+
+
+def assemble(shape: tuple[int, ...], pieces: Sequence[Piece], where: str) -> list[Segment]:
+    """The byte ranges whose concatenation is the full tensor, row-major.
+
+    Args:
+        shape: The full tensor's shape.
+        pieces: Its stored pieces, in any order; each piece's data must be contiguous.
+        where: The tensor's name, for errors.
+
+    Raises:
+        CorruptCheckpointError: The pieces overlap, leave a gap, do not fit the shape, or disagree
+            with their stored tensors.
+        UnsupportedCheckpointError: The pieces cut the tensor finer than supported.
+    """
+    shape = tuple(shape)
+    if not pieces:
+        raise CorruptCheckpointError(f"{where} has no stored pieces")
+    for p in pieces:
+        _check_piece(p, shape, where)
+    if math.prod(shape) == 0:
+        return []
+    pieces = [p for p in pieces if math.prod(p.sizes)]
+    cuts = _intervals(shape, pieces)
+    owner = _owner_of_cells(shape, pieces, cuts, where)
+    split = [d for d, c in enumerate(cuts) if len(c) > 2]
+    last = split[-1] if split else 0  # dims after it are whole in every piece
+    inner = math.prod(shape[last + 1:])
+    runs = math.prod(shape[:last]) * (len(cuts[last]) - 1)
+    if runs > MAX_SEGMENTS:
+        raise UnsupportedCheckpointError(f"{where} is split into {runs:,} byte ranges, more than supported")
+    out: list[Segment] = []
+    for index in itertools.product(*(range(n) for n in shape[:last])):
+        cell_prefix = tuple(bisect.bisect_right(cuts[d], i) - 1 for d, i in enumerate(index))
+        for j in range(len(cuts[last]) - 1):
+            p = pieces[owner[cell_prefix + (j,) + (0,) * (len(shape) - last - 1)]]
+            local = [i - o for i, o in zip(index, p.offsets)] + [cuts[last][j] - p.offsets[last]]
+            first = 0
+            for d, i in enumerate(local):  # row-major index of the run's first element in the piece
+                first = first * p.sizes[d] + i
+            first *= inner
+            out.append(p.data.segment(first, (cuts[last][j + 1] - cuts[last][j]) * inner))
+    return _merge(out)
+
+
+__all__ = ["MAX_SEGMENTS", "Piece", "assemble"]

@@ -1,0 +1,229 @@
+"""Reader for torch.distributed.checkpoint (DCP) folders: FSDP/FSDP2, HF Trainer and Accelerate FSDP
+(``pytorch_model_fsdp_0/``), torchtitan and torchtune.
+
+A DCP folder holds the flattened state dict of whatever the trainer saved: the model, usually the
+optimizer, and sometimes schedulers or data-loader state. This reader takes the model's tensors
+only, from metadata and each chunk's archive header, and never reads tensor data.
+
+Which keys are the model. ``dcp.save`` flattens nested dicts: ``{"model": sd, "optim": osd}``
+becomes ``model.<name>`` and ``optim.state.<name>.exp_avg``; the save planner records each key's
+nested path. The model is the container whose keys are Hugging Face parameter names (they start
+with ``model.``, ``lm_head.``, ``transformer.`` and the like). Optimizer state (under ``optim*``, or
+any ``state`` / ``param_groups`` subtree), schedulers and other non-tensor entries are dropped. A
+container nested in another that also qualifies wins (``{"model": sd}`` of a tied model, whose keys
+all start with ``model.model.``). Two unrelated qualifying containers (``model`` and ``ema``) are
+ambiguous: the reader refuses and names them, and ``--model-key`` picks one (``""`` for top level).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from vllm_consolidate.dtypes import DType
+from vllm_consolidate.errors import CorruptCheckpointError, UnsupportedCheckpointError, UsageError
+from vllm_consolidate.formats import dcp
+from vllm_consolidate.formats.torch_zip import TensorRef, load_lazy
+from vllm_consolidate.limits import brief
+from vllm_consolidate.read.chunks import Piece, assemble
+from vllm_consolidate.read.hf import check_weight_file, strip_wrapper_prefixes
+from vllm_consolidate.safe_io import open_regular
+from vllm_consolidate.source import SourceModel, TensorSpec
+
+#: First components of Hugging Face parameter names (a model's state dict keys start with one).
+HF_ROOTS = frozenset({
+    "model", "lm_head", "transformer", "gpt_neox", "language_model", "embed_out", "score", "backbone",
+    "decoder", "encoder", "shared", "final_logits_bias", "multi_modal_projector", "vision_tower", "visual",
+    "vision_model", "v_head", "value_head", "classifier", "qa_outputs", "mtp",
+})
+#: Containers that are never the model.
+NOT_MODEL = frozenset({
+    "optim", "optimizer", "optimizers", "opt", "optim_state", "optimizer_state", "optimizer_states",
+    "optim_state_dict", "optimizer_state_dict", "lr_scheduler", "lr_schedulers", "scheduler", "dataloader",
+    "train_state", "rng", "rng_state", "extra_state", "state", "param_groups",
+})
+_HINT_KEY = "Pick one with --model-key NAME (--model-key '' for the top level)."
+
+
+def _container_of(key: str, paths: dict[str, tuple[str, ...]]) -> str | None:
+    """The container a key was saved in, from the planner's record (None when not recorded)."""
+    path = paths.get(key)
+    return ".".join(path[:-1]) if path else None
+
+
+def _prefixes(key: str, depth: int = 3) -> Iterable[str]:
+    parts = key.split(".")
+    yield ""
+    for i in range(1, min(depth, len(parts) - 1) + 1):
+        yield ".".join(parts[:i])
+
+
+def _under(key: str, container: str) -> str | None:
+    if not container:
+        return key
+    return key[len(container) + 1:] if key.startswith(container + ".") else None
+
+
+def _is_state(container: str) -> bool:
+    return not any(part in NOT_MODEL for part in container.split(".") if part)
+
+
+def _hf_like(names: list[str]) -> bool:
+    return bool(names) and all(strip_wrapper_prefixes(n).split(".", 1)[0] in HF_ROOTS for n in names)
+
+
+def model_keys(keys: list[str], paths: dict[str, tuple[str, ...]], model_key: str | None,
+               where: Path) -> tuple[str, dict[str, str]]:
+    """The container holding the model and ``{key: parameter name}`` for its tensors.
+
+    Raises:
+        UsageError: ``--model-key`` names no container of tensors.
+        UnsupportedCheckpointError: No container holds Hugging Face parameter names, or several do.
+    """
+    if model_key is not None:
+        chosen = {k: n for k in keys if (n := _under(k, model_key)) is not None and _is_state(
+            _container_of(k, paths) or model_key)}
+        if not chosen:
+            raise UsageError(f"--model-key {model_key!r} names no tensors in this checkpoint", path=where,
+                             hint=f"Its top-level entries are: {', '.join(sorted({k.split('.')[0] for k in keys}))}.")
+        return model_key, chosen
+    containers = {c for k in keys if (c := _container_of(k, paths)) is not None} or {
+        p for k in keys for p in _prefixes(k)}
+    candidates = []
+    for container in sorted(containers):
+        if not _is_state(container):
+            continue
+        names = [n for k in keys if (n := _under(k, container)) is not None
+                 and _is_state(_container_of(k, paths) or container)]
+        if _hf_like(names):
+            candidates.append(container)
+    # A qualifying container inside another qualifying one is the model (``{"model": sd}``).
+    outer = {c for c in candidates for d in candidates if c != d and (c == "" or d.startswith(c + "."))}
+    candidates = [c for c in candidates if c not in outer]
+    if len(candidates) != 1:
+        roots = sorted({k.split(".")[0] for k in keys})
+        if not candidates:
+            raise UnsupportedCheckpointError(
+                "found no model weights with Hugging Face parameter names in this checkpoint (top-level entries: "
+                f"{brief(', '.join(roots))})", path=where,
+                hint="If the model is there under other names (torchtitan or torchtune's own), convert it with that "
+                     "framework's Hugging Face exporter first. " + _HINT_KEY)
+        raise UnsupportedCheckpointError(
+            f"this checkpoint holds more than one model: {', '.join(repr(c or '(top level)') for c in candidates)}",
+            path=where, hint=_HINT_KEY)
+    chosen_container = candidates[0]
+    return chosen_container, model_keys(keys, paths, chosen_container, where)[1]
+
+
+def check_storage_files(folder: Path, meta: dcp.DcpMetadata, roots: list[Path]) -> None:
+    """Every storage file the metadata names exists, is a regular file inside the input, and is long enough.
+
+    Raises:
+        CorruptCheckpointError: A file is missing or shorter than the chunks it should hold.
+        UnsafeInputError: A file resolves outside the input.
+    """
+    ends: dict[str, int] = {}
+    for tensor in meta.tensors.values():
+        for chunk in tensor.chunks:
+            ends[chunk.file] = max(ends.get(chunk.file, 0), chunk.offset + chunk.length)
+    missing = [name for name in sorted(ends) if not os.path.lexists(folder / name)]
+    if missing:
+        raise CorruptCheckpointError(
+            f"the .metadata lists {len(ends)} storage files, but {len(missing)} are missing: "
+            f"{brief(', '.join(missing))}", path=meta.path,
+            hint="The save did not finish, or files were lost in a copy. Copy the whole folder again.")
+    for name, end in ends.items():
+        path = folder / name
+        check_weight_file(path, roots)  # the same confinement rule as HF shards
+        fd = open_regular(path)
+        try:
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if size < end:
+            raise CorruptCheckpointError(
+                f"{name} is {size:,} bytes, but the .metadata places data up to byte {end:,}: it is truncated",
+                path=path, hint="Copy the checkpoint again from where it was saved.")
+
+
+def _piece(folder: Path, tensor: dcp.DcpTensor, chunk: dcp.DcpChunk) -> Piece:
+    path = folder / chunk.file
+    ref = load_lazy(path, start=chunk.offset, length=chunk.length)
+    if type(ref) is not TensorRef:
+        raise CorruptCheckpointError(f"the chunk of {brief(tensor.key)} at byte {chunk.offset} is not a tensor",
+                                     path=path)
+    if ref.dtype is not tensor.dtype:
+        raise CorruptCheckpointError(
+            f"the chunk of {brief(tensor.key)} at byte {chunk.offset} holds {ref.dtype}, the .metadata says "
+            f"{tensor.dtype}", path=path)
+    return Piece(chunk.offsets, chunk.sizes, ref)
+
+
+def read_dcp(folder: Path, root: Path | None = None, model_key: str | None = None) -> SourceModel:
+    """Describe the model weights of a DCP folder, reading metadata and archive headers only.
+
+    Args:
+        folder: The folder holding ``.metadata`` and the ``.distcp`` files.
+        root: The folder the user named, which storage files must not leave (default: ``folder``).
+        model_key: The container holding the model (see the module docstring), when ambiguous.
+
+    Raises:
+        CorruptCheckpointError: Missing or truncated storage files, or inconsistent metadata.
+        UnsupportedCheckpointError: No model or more than one, or storage transforms.
+        UnsafePickleError: The metadata or a chunk's pickle is refused by the allowlist.
+        UnsafeInputError: A storage file resolves outside the input.
+    """
+    folder = Path(folder)
+    roots = [Path(root) if root is not None else folder]
+    meta = dcp.read_metadata(folder)
+    container, names = model_keys(list(meta.tensors), meta.paths, model_key, meta.path)
+    entries = len(meta.tensors) + len(meta.byte_keys)
+    selected = {key: meta.tensors[key] for key in names}
+    meta.tensors = selected  # only the model's files must be present
+    check_storage_files(folder, meta, roots)
+    specs: list[TensorSpec] = []
+    renamed: dict[str, str] = {}
+    aliases: dict[str, str] = {}
+    by_place: dict[tuple, str] = {}
+    owner: dict[str, str] = {}
+    for key, tensor in selected.items():
+        name = strip_wrapper_prefixes(names[key])
+        if name in owner:
+            raise CorruptCheckpointError(f"tensors {brief(owner[name])} and {brief(key)} are both {brief(name)}",
+                                         path=meta.path)
+        owner[name] = key
+        if name != names[key]:  # a wrapper prefix (the container itself is expected, not a rename)
+            renamed[names[key]] = name
+        place = tuple(sorted((c.file, c.offset) for c in tensor.chunks))
+        if place in by_place:  # the same stored bytes under two names: tied weights
+            aliases[name] = by_place[place]
+            continue
+        by_place[place] = name
+        pieces = [_piece(folder, tensor, c) for c in tensor.chunks]
+        specs.append(TensorSpec(name, tensor.dtype, tensor.shape, assemble(tensor.shape, pieces, name)))
+    stored = stored_dtype(specs)
+    info = {
+        "type": "dcp",
+        "container": container or "(top level)",
+        "world_size": len({f.split("_")[2] for f in meta.files if f.count("_") >= 3}) or None,
+        "storage_files": len(meta.files),
+        "dropped_entries": entries - len(names),  # optimizer state, schedulers, steps
+        "dcp_version": meta.version,
+        "stored_dtype": stored.name if stored else None,
+    }
+    return SourceModel(kind="dcp", path=folder, tensors=specs, info=info, aliases=aliases, renamed=renamed,
+                       trained_dtype=stored if stored and stored.itemsize == 2 else None)
+
+
+def stored_dtype(specs: list[TensorSpec]) -> DType | None:
+    """The one floating dtype all tensors are stored in, else None.
+
+    FSDP keeps fp32 parameters under bf16 mixed precision, so fp32 says nothing about the training
+    precision; 16-bit storage does (the model itself was cast).
+    """
+    seen = {s.dtype for s in specs if s.dtype.is_floating_point}
+    return seen.pop() if len(seen) == 1 else None
+
+
+__all__ = ["HF_ROOTS", "check_storage_files", "model_keys", "read_dcp", "stored_dtype"]

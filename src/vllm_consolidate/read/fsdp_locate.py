@@ -1,0 +1,120 @@
+"""Finding the DCP folder or verl role folder an input refers to, without leaving the input.
+
+DCP (torch.distributed.checkpoint) inputs, in the order tried:
+
+* a DCP folder itself (``.metadata`` + ``*.distcp``);
+* an HF Trainer / Accelerate ``checkpoint-N`` (or Accelerate ``checkpoint_N``) holding
+  ``pytorch_model_fsdp_0/``;
+* a training run: its ``checkpoint-N`` with the highest N that holds one;
+* a folder of numbered saves (``step-2``, ``step_4``, ``global_step_6``, ``epoch_1``...): the one
+  with the highest number that is a DCP folder.
+
+verl inputs: a role folder (``actor``/``critic``, holding ``model_world_size_W_rank_R.pt``); a
+``global_step_N`` folder (its ``actor``); a run folder (the step in
+``latest_checkpointed_iteration.txt``, else the highest ``global_step_N``).
+
+Every folder chosen inside the input must resolve inside it (:func:`.zero_locate.confine_chosen`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError
+from vllm_consolidate.formats.dcp import is_dcp_folder
+from vllm_consolidate.limits import brief
+from vllm_consolidate.read.verl import is_verl_role_folder
+from vllm_consolidate.read.zero_locate import ResolvedCheckpoint, confine_chosen, latest_checkpoint_folder
+from vllm_consolidate.safe_io import MAX_TAG_BYTES, read_text
+
+TRAINER_FSDP_FOLDER = "pytorch_model_fsdp_0"
+VERL_TRACKER = "latest_checkpointed_iteration.txt"
+VERL_ROLES = ("actor", "critic")
+_NUMBERED = re.compile(r"^[A-Za-z]*(?:[-_][A-Za-z]+)*[-_]?(\d+)$")
+_VERL_STEP = re.compile(r"^global_step_(\d+)$")
+
+
+def _subfolders(path: Path) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if p.is_dir()]
+    except OSError:
+        return []
+
+
+def _trainer_fsdp(path: Path) -> Path | None:
+    inner = path / TRAINER_FSDP_FOLDER
+    return inner if is_dcp_folder(inner) else None
+
+
+def resolve_dcp(path: Path) -> ResolvedCheckpoint:
+    """The DCP folder an input refers to (see the module docstring).
+
+    Raises:
+        InputNotFoundError: Nothing here is a DCP checkpoint.
+        UnsafeInputError: A chosen folder is a symlink out of the input.
+    """
+    if is_dcp_folder(path):
+        return ResolvedCheckpoint(path, path.name, "DCP folder given directly")
+    inner = _trainer_fsdp(path)
+    if inner is not None:
+        return ResolvedCheckpoint(confine_chosen(inner, path), path.name, f"HF Trainer FSDP weights in {path.name}")
+    ckpt = latest_checkpoint_folder(path)
+    if ckpt is not None and (inner := _trainer_fsdp(ckpt)) is not None:
+        return ResolvedCheckpoint(confine_chosen(inner, ckpt), ckpt.name,
+                                  f"latest checkpoint by step: {ckpt.name}; HF Trainer FSDP weights")
+    numbered = []
+    for sub in _subfolders(path):
+        m = _NUMBERED.match(sub.name)
+        if m and (is_dcp_folder(sub) or _trainer_fsdp(sub) is not None):
+            numbered.append((int(m.group(1)), sub))
+    if numbered:
+        sub = confine_chosen(max(numbered)[1], path)
+        inner = _trainer_fsdp(sub)
+        folder = confine_chosen(inner, sub) if inner is not None else sub
+        return ResolvedCheckpoint(folder, sub.name, f"highest numbered DCP save: {sub.name}")
+    raise InputNotFoundError("no torch.distributed.checkpoint folder (.metadata + *.distcp) found", path=path)
+
+
+def _verl_step(path: Path) -> Path | None:
+    tracker = path / VERL_TRACKER
+    if os.path.lexists(tracker):
+        text = read_text(tracker, MAX_TAG_BYTES, what=VERL_TRACKER).strip()
+        if not text.isdigit() or len(text) > 18:
+            raise CorruptCheckpointError(f"{VERL_TRACKER} holds {brief(text)}, not a step number", path=tracker)
+        step = path / f"global_step_{int(text)}"
+        if not step.is_dir():
+            raise CorruptCheckpointError(f"{VERL_TRACKER} names step {int(text)}, but {step.name} is missing",
+                                         path=tracker, hint="Pass the global_step_N folder you want directly.")
+        return confine_chosen(step, path)
+    steps = [(int(m.group(1)), p) for p in _subfolders(path) if (m := _VERL_STEP.match(p.name))
+             and any(is_verl_role_folder(p / role) for role in VERL_ROLES)]
+    return confine_chosen(max(steps)[1], path) if steps else None
+
+
+def resolve_verl(path: Path) -> ResolvedCheckpoint:
+    """The verl role folder an input refers to (see the module docstring).
+
+    Raises:
+        InputNotFoundError: Nothing here is a verl checkpoint.
+        CorruptCheckpointError: ``latest_checkpointed_iteration.txt`` is unreadable or names a missing step.
+        UnsafeInputError: A chosen folder is a symlink out of the input.
+    """
+    if is_verl_role_folder(path):
+        return ResolvedCheckpoint(path, path.parent.name, f"verl {path.name} folder given directly")
+    how = ""
+    step = path if _VERL_STEP.match(path.name) else _verl_step(path)
+    if step is not None and step != path:
+        how = f"{step.name} from {VERL_TRACKER}" if (path / VERL_TRACKER).exists() else f"highest step: {step.name}"
+    if step is not None:
+        for role in VERL_ROLES:
+            if is_verl_role_folder(step / role):
+                others = [r for r in VERL_ROLES if r != role and is_verl_role_folder(step / r)]
+                note = f" ({', '.join(others)} also saved: pass that folder to convert it)" if others else ""
+                return ResolvedCheckpoint(confine_chosen(step / role, step), step.name,
+                                          "; ".join(filter(None, [how, f"verl {role}{note}"])))
+    raise InputNotFoundError("no verl checkpoint (global_step_N/actor/model_world_size_W_rank_R.pt) found", path=path)
+
+
+__all__ = ["TRAINER_FSDP_FOLDER", "VERL_TRACKER", "resolve_dcp", "resolve_verl"]

@@ -1,0 +1,205 @@
+"""Reader for verl FSDP checkpoints: ``global_step_N/{actor,critic}/model_world_size_W_rank_R.pt``.
+
+verl's ``FSDPCheckpointManager`` saves, per rank, ``torch.save`` of the FSDP model's sharded state
+dict (DTensors), next to ``fsdp_config.json`` (``{"FSDP_version": 1|2, "world_size": W}``) and a
+``huggingface/`` folder with the config, tokenizer and generation config. The run folder holds
+``latest_checkpointed_iteration.txt``.
+
+Supported layouts: each tensor is a DTensor whose placements are ``Replicate()`` and at most one
+``Shard(0)`` (FSDP, FSDP2 and HSDP meshes), or a plain tensor saved whole by every rank. Refused,
+with a message naming the placement: ``Shard`` on another dimension or on two mesh dimensions
+(FSDP with tensor parallelism), ``Partial`` and strided shards. LoRA runs (a ``lora_adapter/``
+folder or LoRA parameter names) are refused: the adapter must be merged (see ``--help``).
+
+Each rank's box of a tensor follows ``torch.chunk`` semantics on its mesh coordinate (as
+``Shard._local_shard_size_and_offset`` does), and must match the local tensor the file holds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from vllm_consolidate import safe_io
+from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsupportedCheckpointError
+from vllm_consolidate.formats import dtensor
+from vllm_consolidate.formats.dtensor import DTensorShard
+from vllm_consolidate.formats.torch_zip import TensorRef, load_lazy
+from vllm_consolidate.limits import brief
+from vllm_consolidate.read.chunks import Piece, assemble
+from vllm_consolidate.read.dcp import stored_dtype
+from vllm_consolidate.read.hf import check_weight_file, strip_wrapper_prefixes
+from vllm_consolidate.source import SourceModel, TensorSpec
+
+RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
+FSDP_CONFIG = "fsdp_config.json"
+HF_FOLDER = "huggingface"
+LORA_FOLDER = "lora_adapter"
+MAX_WORLD_SIZE = 1 << 16
+_LORA_HINT = ("Merge the adapter first (verl's model_merger, or peft's merge_and_unload on the base model), "
+              "then convert the merged model.")
+
+
+def rank_files(folder: Path) -> dict[int, dict[int, Path]]:
+    """``{world size: {rank: file}}`` of the model rank files in a verl role folder."""
+    out: dict[int, dict[int, Path]] = {}
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return out
+    for path in entries:
+        m = RANK_FILE.match(path.name)
+        if m:
+            out.setdefault(int(m.group(1)), {})[int(m.group(2))] = path
+    return out
+
+
+def is_verl_role_folder(path: Path) -> bool:
+    """True if ``path`` holds verl model rank files (an ``actor`` or ``critic`` folder)."""
+    return path.is_dir() and bool(rank_files(path))
+
+
+def _world(folder: Path) -> tuple[int, dict[int, Path], dict[str, Any]]:
+    found = rank_files(folder)
+    if not found:
+        raise InputNotFoundError("no verl rank files (model_world_size_W_rank_R.pt) here", path=folder)
+    if len(found) > 1:
+        raise CorruptCheckpointError(
+            f"rank files of more than one world size are mixed here: {', '.join(map(str, sorted(found)))}",
+            path=folder, hint="Keep only the files of one save in the folder.")
+    world, files = next(iter(found.items()))
+    config: dict[str, Any] = {}
+    if (folder / FSDP_CONFIG).exists():
+        config = safe_io.read_json(folder / FSDP_CONFIG, what=FSDP_CONFIG)
+        declared = config.get("world_size") if isinstance(config, dict) else None
+        if declared is not None and declared != world:
+            raise CorruptCheckpointError(
+                f"{FSDP_CONFIG} says world_size {brief(declared)}, but the rank files are for world size {world}",
+                path=folder / FSDP_CONFIG, hint="The folder mixes two saves; copy the checkpoint again.")
+    if not 0 < world <= MAX_WORLD_SIZE:
+        raise CorruptCheckpointError(f"world size {world} in the rank file names", path=folder)
+    missing = [r for r in range(world) if r not in files]
+    extra = sorted(r for r in files if r >= world)
+    if missing or extra:
+        raise CorruptCheckpointError(
+            f"world size {world} needs rank files 0..{world - 1}; "
+            + (f"missing: {brief(', '.join(map(str, missing)))}" if missing else f"unexpected ranks {extra}"),
+            path=folder, hint="Copy every model_world_size_*_rank_*.pt file of the checkpoint.")
+    return world, files, config
+
+
+def _box(shard: DTensorShard, mesh: tuple[int, ...], where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(offsets, sizes) of the part of the tensor this rank holds."""
+    offsets, sizes = [0] * len(shard.shape), list(shard.shape)
+    for placement, coord, size in zip(shard.placements, shard.coordinate or (), mesh):
+        if placement.kind == "replicate":
+            continue
+        if placement.kind != "shard" or placement.dim != 0:
+            raise UnsupportedCheckpointError(
+                f"{where} is placed as {', '.join(map(str, shard.placements))}; only Shard(0) and Replicate() "
+                "(FSDP, FSDP2, HSDP) are supported, not tensor parallelism, Partial or strided shards",
+                hint="Convert it with verl's model_merger, which gathers it with torch.")
+        n = sizes[0]
+        chunk = -(-n // size)
+        start = min(coord * chunk, n)
+        offsets[0] += start
+        sizes[0] = max(0, min(n, start + chunk) - start)
+    return tuple(offsets), tuple(sizes)
+
+
+def _mesh(shards: dict[int, DTensorShard], world: int, where: str, path: Path) -> tuple[int, ...]:
+    """Mesh size per dimension, from every rank's recorded coordinate (1-D meshes: the rank)."""
+    coords = {r: s.coordinate if s.coordinate is not None else (r,) if len(s.placements) == 1 else None
+              for r, s in shards.items()}
+    if any(c is None for c in coords.values()):
+        raise UnsupportedCheckpointError(f"{where} has a multi-dimensional mesh without recorded coordinates",
+                                         path=path)
+    ndim = len(next(iter(coords.values())))
+    mesh = tuple(max(c[i] for c in coords.values()) + 1 for i in range(ndim))
+    if len(set(coords.values())) != world or math.prod(mesh) != world:
+        raise CorruptCheckpointError(f"the rank files' mesh coordinates for {where} do not form one mesh of "
+                                     f"{world} ranks", path=path)
+    return mesh
+
+
+def _tensor(name: str, parts: dict[int, Any], world: int, files: dict[int, Path]) -> TensorSpec:
+    first = parts[0]
+    if type(first) is TensorRef:  # a plain tensor, saved whole by every rank
+        if any(type(p) is not TensorRef or p.shape != first.shape for p in parts.values()):
+            raise CorruptCheckpointError(f"ranks disagree on {brief(name)}", path=files[0])
+        return TensorSpec(name, first.dtype, first.shape, [first.segment()])
+    if any(type(p) is not DTensorShard or p.shape != first.shape or p.placements != first.placements
+           for p in parts.values()):
+        raise CorruptCheckpointError(f"the rank files disagree on the shape or placement of {brief(name)}",
+                                     path=files[0])
+    mesh = _mesh(parts, world, name, files[0])
+    boxes: dict[tuple, Piece] = {}
+    for rank in sorted(parts):
+        box = _box(parts[rank], mesh, name)
+        boxes.setdefault(box, Piece(box[0], box[1], parts[rank].local))  # replicas: the lowest rank's copy
+    return TensorSpec(name, first.local.dtype, first.shape, assemble(first.shape, list(boxes.values()), name))
+
+
+def _load_rank(path: Path, roots: list[Path]) -> dict[str, Any]:
+    check_weight_file(path, roots)
+    state = load_lazy(path, allow=dtensor.ALLOW)
+    if not isinstance(state, dict) or not all(type(k) is str for k in state):
+        raise CorruptCheckpointError("not a state dict (a mapping of names to tensors)", path=path)
+    return state
+
+
+def read_verl(folder: Path, root: Path | None = None) -> SourceModel:
+    """Describe the model in a verl role folder (``actor`` or ``critic``), reading metadata only.
+
+    Raises:
+        CorruptCheckpointError: Missing rank files, a world size that disagrees with ``fsdp_config.json``,
+            or ranks that disagree.
+        UnsupportedCheckpointError: A LoRA run, or a placement other than Shard(0) / Replicate().
+        UnsafePickleError: A rank file's pickle is refused by the allowlist.
+    """
+    folder = Path(folder)
+    roots = [Path(root) if root is not None else folder]
+    if (folder / LORA_FOLDER).is_dir():
+        raise UnsupportedCheckpointError("this verl checkpoint is a LoRA run (it has lora_adapter/)",
+                                         path=folder / LORA_FOLDER, hint=_LORA_HINT)
+    world, files, fsdp_config = _world(folder)
+    states = {rank: _load_rank(files[rank], roots) for rank in range(world)}
+    keys = list(states[0])
+    for rank, state in states.items():
+        if set(state) != set(keys):
+            odd = sorted(set(state) ^ set(keys))
+            raise CorruptCheckpointError(f"rank {rank} holds other tensors than rank 0 (e.g. {brief(odd[0])})",
+                                         path=files[rank], hint="The rank files come from different saves.")
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        raise UnsupportedCheckpointError("this verl checkpoint holds LoRA parameters", path=files[0], hint=_LORA_HINT)
+    specs, renamed, aliases, by_bytes = [], {}, {}, {}
+    for key in keys:
+        name = strip_wrapper_prefixes(key)
+        if name != key:
+            renamed[key] = name
+        spec = _tensor(name, {r: states[r][key] for r in states}, world, files)
+        place = (spec.shape, tuple(spec.segments))
+        if place in by_bytes:  # one storage saved under two names: tied weights
+            aliases[name] = by_bytes[place]
+            continue
+        by_bytes[place] = name
+        specs.append(spec)
+    stored = stored_dtype(specs)
+    placements = sorted({", ".join(map(str, v.placements)) for v in states[0].values() if type(v) is DTensorShard})
+    info = {
+        "type": "verl",
+        "role": folder.name,
+        "world_size": world,
+        "fsdp_version": fsdp_config.get("FSDP_version") if isinstance(fsdp_config, dict) else None,
+        "placements": placements,
+        "tag": folder.parent.name,
+        "stored_dtype": stored.name if stored else None,
+    }
+    return SourceModel(kind="verl", path=folder, tensors=specs, asset_dirs=[folder / HF_FOLDER], info=info,
+                       aliases=aliases, renamed=renamed,
+                       trained_dtype=stored if stored and stored.itemsize == 2 else None)
+
+
+__all__ = ["FSDP_CONFIG", "RANK_FILE", "is_verl_role_folder", "rank_files", "read_verl"]
