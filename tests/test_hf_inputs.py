@@ -274,18 +274,24 @@ def test_zero3_empty_placeholders_refused(layouts: Path, tmp_path: Path, capsys:
     assert_no_output(out)
 
 
-def test_dcp_folder_named_pytorch_model_bin_refused(layouts: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_dcp_folder_named_pytorch_model_bin(layouts: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A DCP save under the weights file's name is read as DCP (with --type hf_sharded: refused, naming --type dcp)."""
     import torch.distributed.checkpoint as dcp
 
     src = tmp_path / "run"
     shutil.copytree(layouts / "st_single_fp32", src, ignore=shutil.ignore_patterns("*.safetensors"))
-    dcp.save(load_file(str(layouts / "st_single_fp32" / "model.safetensors")), checkpoint_id=src / "pytorch_model.bin")
+    want = load_file(str(layouts / "st_single_fp32" / "model.safetensors"))
+    dcp.save(want, checkpoint_id=src / "pytorch_model.bin")
     out = tmp_path / "out"
-    code, _, err = run_inproc(capsys, "--input", src, "--output", out)
+    code, _, err = run_inproc(capsys, "--input", src, "--output", tmp_path / "hf", "--type", "hf_sharded")
     assert code == 4
-    assert "torch.distributed.checkpoint" in err and ".metadata" in err and "dcp_to_torch_save" in err
-    assert_no_output(out)
+    assert "torch.distributed.checkpoint" in err and ".metadata" in err and "--type dcp" in err
+    assert_no_output(tmp_path / "hf")
+    code, text, err = run_inproc(capsys, "--input", src, "--output", out)
+    assert code == 0, err
+    assert "pytorch_model.bin" in text
+    got = load_file(str(out / "model.safetensors"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
 
 
 class _NotAllowed:

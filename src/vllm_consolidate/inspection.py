@@ -36,6 +36,7 @@ from vllm_consolidate.read.assets import (
     read_config,
 )
 from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder, step_of
+from vllm_consolidate.read.fsdp_locate import is_dcp_save
 from vllm_consolidate.read.hf import is_hf_folder
 from vllm_consolidate.source import SourceModel, TensorSpec
 
@@ -367,10 +368,11 @@ def _checkpoints(root: Path, chosen: Path | None) -> list[CheckpointEntry]:
         folders += _by_step([g for g in _subdirs(child) if g.name.startswith("global_step")])
     out = []
     for folder in folders:
-        holds = [kind for kind, test in (("zero", is_zero_checkpoint_folder), ("hf", is_hf_folder),
-                                         ("latest", _has_latest)) if test(folder)]
+        holds = [kind for kind, test in (("zero", is_zero_checkpoint_folder), ("dcp", is_dcp_save),
+                                         ("hf", is_hf_folder), ("latest", _has_latest)) if test(folder)]
         name = "." if folder == root else str(folder.relative_to(root))
-        out.append(CheckpointEntry(name, str(folder), step_of(folder.name), holds, folder == chosen))
+        picked = chosen is not None and (folder == chosen or folder == chosen.parent and "dcp" in holds)
+        out.append(CheckpointEntry(name, str(folder), step_of(folder.name), holds, picked))
     return out
 
 

@@ -3,7 +3,8 @@
 Inputs
 ------
 ``--input-dir DIR``: if DIR itself is convertible (a run with ``checkpoint-N`` children, a folder with
-``latest``/``global_stepN``, a ``checkpoint-N``/``global_stepN`` folder, or an HF model folder) it is
+``latest``/``global_stepN``, a ``checkpoint-N``/``global_stepN`` folder, a folder of numbered DCP saves
+(``step-N``...), a verl run with ``global_step_N/actor``, a DCP or verl save, or an HF model folder) it is
 the one input. Otherwise its children that are convertible are the inputs; if none is, its
 grandchildren (so ``--input-dir experiments`` finds ``experiments/ft_runs_*/qwen2.5-7b``).
 ``--input-pattern GLOB``: every matching folder is an input (``*``, ``?``, ``[..]``, ``**`` and brace
@@ -13,7 +14,9 @@ starting with ``#`` are ignored; relative paths are relative to the current dire
 Checkpoint selection
 --------------------
 Per input, by default the latest checkpoint: the highest ``checkpoint-N``; for a DeepSpeed save
-folder the tag in ``latest`` (else the highest ``global_stepN``); a checkpoint or HF model folder is
+folder the tag in ``latest`` (else the highest ``global_stepN``); for a verl run the step in
+``latest_checkpointed_iteration.txt`` (else the highest ``global_step_N``); for numbered DCP saves the
+highest number; a checkpoint or HF model folder is
 taken as it is (a run folder that also holds HF weights from ``save_model`` counts as a run, as in
 single conversion). ``--all-checkpoints`` takes every ``checkpoint-N`` (or ``global_stepN``).
 ``--checkpoint-filter PATTERN`` (repeatable) keeps the checkpoints whose folder name matches one of
@@ -47,8 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_consolidate.errors import ConsolidateError, InputNotFoundError, UsageError
+from vllm_consolidate.read import fsdp_locate as fl
 from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder, step_of
 from vllm_consolidate.read.hf import is_hf_folder
+from vllm_consolidate.read.verl import is_verl_role_folder
 from vllm_consolidate.safe_io import MAX_LIST_BYTES, MAX_TAG_BYTES, read_text
 from vllm_consolidate.write.publish import NAME_MAX, TEMP_NAME_OVERHEAD
 
@@ -112,7 +117,7 @@ class InputFolder:
     """One input of the batch and what it holds."""
 
     path: Path
-    kind: str | None  # "run", "deepspeed_save", "checkpoint", "hf_model", or None (nothing found)
+    kind: str | None  # "run", "deepspeed_save", "dcp_save", "verl_run", "checkpoint", "hf_model", or None
     checkpoints: list[Checkpoint] = field(default_factory=list)
     latest: Checkpoint | None = None
     model_dir: Path | None = None
@@ -150,7 +155,7 @@ def inspect_input(path: Path) -> InputFolder:
     children = _subdirs(path)
     step = step_of(path.name)
     if step is not None and (is_zero_checkpoint_folder(path) or is_hf_folder(path) or (path / "latest").is_file()
-                             or any(step_of(c.name) is not None for c in children)):
+                             or fl.is_dcp_save(path) or any(step_of(c.name) is not None for c in children)):
         ck = Checkpoint(path.name, step, path)
         holder = path.parent
         if path.name.startswith("global_step") and step_of(holder.name) is not None:
@@ -167,10 +172,33 @@ def inspect_input(path: Path) -> InputFolder:
             named = [c for c in tags if c.name == tag]
             latest = named[0] if named else Checkpoint(tag, step_of(tag), path / tag)
         return InputFolder(path, "deepspeed_save", tags, latest, path)
+    other = _training_save(path, children)
+    if other is not None:
+        return other
     if is_zero_checkpoint_folder(path) or is_hf_folder(path):
         ck = Checkpoint(path.name, None, path)
         return InputFolder(path, "hf_model" if not is_zero_checkpoint_folder(path) else "checkpoint", [ck], ck, path)
-    return InputFolder(path, None, error="no checkpoint-N/, global_stepN/, 'latest', ZeRO files or HF weights")
+    return InputFolder(path, None, error="no checkpoint-N/, global_stepN/, 'latest', ZeRO files, DCP or verl "
+                                         "saves, or HF weights")
+
+
+def _training_save(path: Path, children: list[Path]) -> InputFolder | None:
+    """A folder of numbered DCP saves, a verl run, or one verl or DCP save given directly."""
+    verl = fl.verl_steps(path)
+    if verl:
+        ckpts = [Checkpoint(p.name, n, p) for n, p in verl]
+        tracked = fl.verl_tracked_step(path)
+        latest = next((c for c in ckpts if c.step == tracked), ckpts[-1])
+        return InputFolder(path, "verl_run", ckpts, latest, path)
+    saves = fl.dcp_saves(path)
+    if saves:
+        ckpts = [Checkpoint(p.name, n, p) for n, p in saves]
+        return InputFolder(path, "dcp_save", ckpts, ckpts[-1], path)
+    if fl.is_dcp_save(path) or is_verl_role_folder(path) or any(
+            is_verl_role_folder(path / role) for role in fl.VERL_ROLES):
+        ck = Checkpoint(path.name, fl.numbered_step(path.name), path)
+        return InputFolder(path, "checkpoint", [ck], ck, path.parent)
+    return None
 
 
 def collect_inputs(input_dir: Path | None = None, input_pattern: str | None = None,

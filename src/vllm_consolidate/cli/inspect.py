@@ -18,7 +18,7 @@ _W = 15  # label column width: "architectures: " is the longest label
 _PRECISION_FROM = {"deepspeed_config": "DeepSpeed config", "config_torch_dtype": "config.json torch_dtype",
                    "stored_dtype": "the stored dtype of most weight bytes",
                    "default": "nothing recorded; convert's default"}
-_HOLDS = {"zero": "ZeRO rank files", "hf": "HF weights", "latest": "'latest' file"}
+_HOLDS = {"zero": "ZeRO rank files", "dcp": "DCP (FSDP) weights", "hf": "HF weights", "latest": "'latest' file"}
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

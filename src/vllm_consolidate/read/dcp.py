@@ -69,6 +69,12 @@ def _is_state(container: str) -> bool:
     return not any(part in NOT_MODEL for part in container.split(".") if part)
 
 
+def _is_model_state(key: str, paths: dict[str, tuple[str, ...]]) -> bool:
+    """Not optimizer or scheduler state: judged by the recorded container, else by the key's own parts."""
+    container = _container_of(key, paths)
+    return _is_state(container if container is not None else key.rsplit(".", 1)[0])
+
+
 def _hf_like(names: list[str]) -> bool:
     return bool(names) and all(strip_wrapper_prefixes(n).split(".", 1)[0] in HF_ROOTS for n in names)
 
@@ -82,8 +88,7 @@ def model_keys(keys: list[str], paths: dict[str, tuple[str, ...]], model_key: st
         UnsupportedCheckpointError: No container holds Hugging Face parameter names, or several do.
     """
     if model_key is not None:
-        chosen = {k: n for k in keys if (n := _under(k, model_key)) is not None and _is_state(
-            _container_of(k, paths) or model_key)}
+        chosen = {k: n for k in keys if (n := _under(k, model_key)) is not None and _is_model_state(k, paths)}
         if not chosen:
             raise UsageError(f"--model-key {model_key!r} names no tensors in this checkpoint", path=where,
                              hint=f"Its top-level entries are: {', '.join(sorted({k.split('.')[0] for k in keys}))}.")
@@ -94,8 +99,7 @@ def model_keys(keys: list[str], paths: dict[str, tuple[str, ...]], model_key: st
     for container in sorted(containers):
         if not _is_state(container):
             continue
-        names = [n for k in keys if (n := _under(k, container)) is not None
-                 and _is_state(_container_of(k, paths) or container)]
+        names = [n for k in keys if (n := _under(k, container)) is not None and _is_model_state(k, paths)]
         if _hf_like(names):
             candidates.append(container)
     # A qualifying container inside another qualifying one is the model (``{"model": sd}``).

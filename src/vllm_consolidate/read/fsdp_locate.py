@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError
+from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, InputNotFoundError
 from vllm_consolidate.formats.dcp import is_dcp_folder
 from vllm_consolidate.limits import brief
 from vllm_consolidate.read.verl import is_verl_role_folder
@@ -30,6 +30,9 @@ from vllm_consolidate.read.zero_locate import ResolvedCheckpoint, confine_chosen
 from vllm_consolidate.safe_io import MAX_TAG_BYTES, read_text
 
 TRAINER_FSDP_FOLDER = "pytorch_model_fsdp_0"
+#: Folders a checkpoint keeps its DCP model in: Accelerate's, and ``pytorch_model.bin/`` (a DCP save
+#: under the weights file's name, as some FSDP scripts leave it).
+DCP_MODEL_FOLDERS = (TRAINER_FSDP_FOLDER, "pytorch_model.bin")
 VERL_TRACKER = "latest_checkpointed_iteration.txt"
 VERL_ROLES = ("actor", "critic")
 _NUMBERED = re.compile(r"^[A-Za-z]*(?:[-_][A-Za-z]+)*[-_]?(\d+)$")
@@ -44,8 +47,39 @@ def _subfolders(path: Path) -> list[Path]:
 
 
 def _trainer_fsdp(path: Path) -> Path | None:
-    inner = path / TRAINER_FSDP_FOLDER
-    return inner if is_dcp_folder(inner) else None
+    return next((path / name for name in DCP_MODEL_FOLDERS if is_dcp_folder(path / name)), None)
+
+
+def numbered_step(name: str) -> int | None:
+    """N of a numbered save folder (``step-2``, ``step_4``, ``global_step_6``, ``checkpoint_3``), else None."""
+    m = _NUMBERED.match(name)
+    return int(m.group(1)) if m else None
+
+
+def is_dcp_save(path: Path) -> bool:
+    """True if ``path`` is a DCP folder or an HF Trainer checkpoint holding one."""
+    return is_dcp_folder(path) or _trainer_fsdp(path) is not None
+
+
+def dcp_saves(path: Path) -> list[tuple[int, Path]]:
+    """The numbered sub-folders of ``path`` that are DCP saves, by step."""
+    return sorted((n, sub) for sub in _subfolders(path) if (n := numbered_step(sub.name)) is not None
+                  and is_dcp_save(sub))
+
+
+def verl_steps(path: Path) -> list[tuple[int, Path]]:
+    """The ``global_step_N`` sub-folders of a verl run that hold an actor or critic, by step."""
+    return sorted((int(m.group(1)), p) for p in _subfolders(path) if (m := _VERL_STEP.match(p.name))
+                  and any(is_verl_role_folder(p / role) for role in VERL_ROLES))
+
+
+def verl_tracked_step(path: Path) -> int | None:
+    """The step ``latest_checkpointed_iteration.txt`` names (None when absent or unreadable)."""
+    try:
+        text = read_text(path / VERL_TRACKER, MAX_TAG_BYTES, what=VERL_TRACKER).strip()
+    except (OSError, ConsolidateError):
+        return None
+    return int(text) if text.isdigit() and len(text) <= 18 else None
 
 
 def resolve_dcp(path: Path) -> ResolvedCheckpoint:
@@ -59,16 +93,12 @@ def resolve_dcp(path: Path) -> ResolvedCheckpoint:
         return ResolvedCheckpoint(path, path.name, "DCP folder given directly")
     inner = _trainer_fsdp(path)
     if inner is not None:
-        return ResolvedCheckpoint(confine_chosen(inner, path), path.name, f"HF Trainer FSDP weights in {path.name}")
+        return ResolvedCheckpoint(confine_chosen(inner, path), path.name, f"DCP weights in {path.name}/{inner.name}")
     ckpt = latest_checkpoint_folder(path)
     if ckpt is not None and (inner := _trainer_fsdp(ckpt)) is not None:
         return ResolvedCheckpoint(confine_chosen(inner, ckpt), ckpt.name,
-                                  f"latest checkpoint by step: {ckpt.name}; HF Trainer FSDP weights")
-    numbered = []
-    for sub in _subfolders(path):
-        m = _NUMBERED.match(sub.name)
-        if m and (is_dcp_folder(sub) or _trainer_fsdp(sub) is not None):
-            numbered.append((int(m.group(1)), sub))
+                                  f"latest checkpoint by step: {ckpt.name}; DCP weights in {inner.name}")
+    numbered = dcp_saves(path)
     if numbered:
         sub = confine_chosen(max(numbered)[1], path)
         inner = _trainer_fsdp(sub)
@@ -88,9 +118,8 @@ def _verl_step(path: Path) -> Path | None:
             raise CorruptCheckpointError(f"{VERL_TRACKER} names step {int(text)}, but {step.name} is missing",
                                          path=tracker, hint="Pass the global_step_N folder you want directly.")
         return confine_chosen(step, path)
-    steps = [(int(m.group(1)), p) for p in _subfolders(path) if (m := _VERL_STEP.match(p.name))
-             and any(is_verl_role_folder(p / role) for role in VERL_ROLES)]
-    return confine_chosen(max(steps)[1], path) if steps else None
+    steps = verl_steps(path)
+    return confine_chosen(steps[-1][1], path) if steps else None
 
 
 def resolve_verl(path: Path) -> ResolvedCheckpoint:
@@ -117,4 +146,5 @@ def resolve_verl(path: Path) -> ResolvedCheckpoint:
     raise InputNotFoundError("no verl checkpoint (global_step_N/actor/model_world_size_W_rank_R.pt) found", path=path)
 
 
-__all__ = ["TRAINER_FSDP_FOLDER", "VERL_TRACKER", "resolve_dcp", "resolve_verl"]
+__all__ = ["TRAINER_FSDP_FOLDER", "VERL_ROLES", "VERL_TRACKER", "dcp_saves", "is_dcp_save", "numbered_step",
+           "resolve_dcp", "resolve_verl", "verl_steps", "verl_tracked_step"]
