@@ -15,5 +15,8 @@ start=$(date +%s)
 # torch first and pinned: 2.13.0 is the CPU wheel cached on this machine; any other spec pulls a CUDA build.
 "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
 "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test]"
+# verl is not installed (its dependencies include ray and vLLM): the FSDP test corpus unpacks its wheel and
+# runs only its checkpoint manager (tests/corpus/verl_save.py).
+"$VENV/bin/pip" download --quiet --disable-pip-version-check --no-deps -d .cache/wheels verl==0.9.1
 echo "$want" > "$stamp"
 echo "bootstrap: $VENV ready in $(( $(date +%s) - start )) s" >&2

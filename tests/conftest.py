@@ -42,3 +42,11 @@ def case_meta(corpus: dict[str, Path]) -> Callable[[str], dict[str, Any]]:
         return build.load_case(name)
 
     return _get
+
+
+@pytest.fixture(scope="session")
+def fsdp_corpus() -> dict[str, Path]:
+    """The FSDP / DCP / verl corpus cases, ``{name: case_dir}``; built on first use, then served from the cache."""
+    from tests.corpus import fsdp_build
+
+    return fsdp_build.build_all()
