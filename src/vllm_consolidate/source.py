@@ -25,6 +25,17 @@ class Segment:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class Delta:
+    """A low-rank update added to a tensor as it is written: ``(b @ a) * scale``, transposed when
+    ``transpose`` (embeddings, Conv1D layers), computed in float32 (see :mod:`vllm_consolidate.plan.lora`)."""
+
+    a: TensorSpec
+    b: TensorSpec
+    scale: float
+    transpose: bool
+
+
 @dataclass
 class TensorSpec:
     """One tensor of the source model.
@@ -34,12 +45,14 @@ class TensorSpec:
         dtype: The dtype of the bytes on disk.
         shape: The tensor's shape.
         segments: Byte ranges whose concatenation is the tensor's contiguous data.
+        delta: A LoRA update to add to these bytes (a merge), else None.
     """
 
     name: str
     dtype: DType
     shape: tuple[int, ...]
     segments: list[Segment]
+    delta: Delta | None = None
 
     @property
     def numel(self) -> int:

@@ -39,6 +39,11 @@ def print_summary(result) -> None:
         parts.append(f"trained in {d['trained_dtype']}")
     print(f"detected:   {', '.join(parts)}")
     print(f"chosen:     {d.get('weights_dir')} ({d.get('how')})")
+    if d.get("lora_source"):
+        n = len(d["lora_replaced"])
+        replaced = f"; replaced {n} tensors (modules_to_save, biases, saved base layers)" if n else ""
+        print(f"lora:       merged {d['lora_modules']} LoRA modules from {d['lora_source']} into {d['base_model']}"
+              + replaced)
     extra = f"; dropped tied {', '.join(result.dropped)}" if result.dropped else ""
     print(f"tensors:    {result.tensors} tensors, {result.parameters:,} parameters{extra}")
     if result.renamed:

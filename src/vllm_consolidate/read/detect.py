@@ -19,11 +19,12 @@ from vllm_consolidate.read import deepspeed as ds
 from vllm_consolidate.read import hf
 from vllm_consolidate.read.dcp import read_dcp
 from vllm_consolidate.read.fsdp_locate import resolve_dcp, resolve_verl
+from vllm_consolidate.read.peft import read_peft_folder, resolve_peft
 from vllm_consolidate.read.verl import read_verl
 from vllm_consolidate.source import SourceModel
 
 #: ``--type`` values. ``dcp`` covers HF Trainer / Accelerate FSDP and any torch.distributed.checkpoint.
-INPUT_TYPES = ("auto", "deepspeed", "dcp", "verl", "hf_sharded")
+INPUT_TYPES = ("auto", "deepspeed", "dcp", "verl", "peft", "hf_sharded")
 #: Formats whose weights are the trainer's own (fp32 masters or sharded training state), not a saved model.
 TRAINING_KINDS = ("deepspeed", "dcp", "verl")
 
@@ -33,7 +34,7 @@ class DetectedInput:
     """What an input folder holds and which folder the weights are read from.
 
     Attributes:
-        kind: ``"deepspeed"``, ``"dcp"``, ``"verl"`` or ``"hf"``.
+        kind: ``"deepspeed"``, ``"dcp"``, ``"verl"``, ``"peft"`` or ``"hf"``.
         input: The folder the user named.
         weights_dir: ``global_stepN`` for DeepSpeed, the model folder for HF.
         how: One line saying how it was chosen (printed in the summary).
@@ -78,7 +79,8 @@ def detect(input_path: Path, input_type: str = "auto", checkpoint_dir: Path | No
         raise InputNotFoundError("input must be a folder", path=target,
                                  hint="Pass the folder that holds the weights file, not the file itself.")
     how_prefix = "--checkpoint-dir; " if checkpoint_dir is not None else ""
-    for kind, resolve in (("deepspeed", ds.resolve_checkpoint), ("dcp", resolve_dcp), ("verl", resolve_verl)):
+    for kind, resolve in (("deepspeed", ds.resolve_checkpoint), ("dcp", resolve_dcp), ("verl", resolve_verl),
+                          ("peft", resolve_peft)):
         if input_type not in ("auto", kind):
             continue
         try:
@@ -111,4 +113,6 @@ def read(detected: DetectedInput, model_key: str | None = None) -> SourceModel:
         return read_dcp(detected.weights_dir, detected.root, model_key)
     if detected.kind == "verl":
         return read_verl(detected.weights_dir, detected.root)
+    if detected.kind == "peft":
+        return read_peft_folder(detected.weights_dir, detected.root)
     return hf.read_hf(detected.weights_dir, detected.root)

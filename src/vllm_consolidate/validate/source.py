@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from vllm_consolidate import dtypes
 from vllm_consolidate.casts import NUMPY_DTYPES, cast_into
+from vllm_consolidate.plan.lora import merged_rows, row_length
 from vllm_consolidate.read import detect as detection
 from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
@@ -186,16 +188,38 @@ def _elements(spec: TensorSpec | StoredTensor, first: int, count: int, step: int
     return iter_chunks(list(sub_segments(spec.segments, first * size, count * size)), step * size, buffer=buffer)
 
 
+def _source_elements(spec: TensorSpec, first: int, count: int, step: int, buffer: bytearray) -> Any:
+    """As :func:`_elements`; for a LoRA-merged weight, the merged rows in float32 (``first``, ``count``
+    and ``step`` are whole rows: see :func:`_differences`)."""
+    if spec.delta is None:
+        yield from _elements(spec, first, count, step, buffer)
+        return
+    cols = row_length(spec)
+    row = first // cols
+    for chunk in _elements(spec, first, count, step, buffer):
+        rows = len(chunk) // spec.dtype.itemsize // cols
+        yield merged_rows(spec, row, rows, chunk)
+        row += rows
+
+
 def _differences(t: StoredTensor, spec: TensorSpec, ranges: list[tuple[int, int]],
                  buffers: _Buffers) -> tuple[int, int, int]:
-    """``(first differing element, differing elements, elements compared)`` over ``ranges``."""
-    out_dtype, src_dtype = t.dtype, spec.dtype
+    """``(first differing element, differing elements, elements compared)`` over ``ranges``.
+
+    A LoRA-merged weight is compared with the merge of its source rows (the writer's arithmetic, so
+    this checks what was written where; ``tests/test_lora.py`` checks the arithmetic against peft).
+    """
+    out_dtype, src_dtype = t.dtype, dtypes.float32 if spec.delta is not None else spec.dtype
     step = max(1, buffers.chunk_bytes // max(out_dtype.itemsize, src_dtype.itemsize))
+    if spec.delta is not None:  # whole rows (the sampled ranges are whole rows too)
+        cols = row_length(spec)
+        step = max(1, step // cols) * cols
+        ranges = [(f // cols * cols, -(-(f + c) // cols) * cols - f // cols * cols) for f, c in ranges]
     first_diff, n_diff, n = -1, 0, 0
     for first, count in ranges:
         pos = first
         for got, src in zip(_elements(t, first, count, step, buffers.got),
-                            _elements(spec, first, count, step, buffers.src)):
+                            _source_elements(spec, first, count, step, buffers.src)):
             k = len(got) // out_dtype.itemsize
             if src_dtype == out_dtype:
                 want = src

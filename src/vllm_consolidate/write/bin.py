@@ -14,6 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from vllm_consolidate.dtypes import DType
+from vllm_consolidate.plan.lora import merged_rows, row_length
 from vllm_consolidate.plan.shards import PlannedFile
 from vllm_consolidate.read.ranges import OpenFiles, iter_chunks
 from vllm_consolidate.write.safetensors import CHUNK_BYTES, ProgressFn
@@ -71,9 +72,17 @@ def write_bin_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None =
         for i, t in enumerate(pfile.tensors):
             out = torch.empty(t.spec.numel, dtype=t.out_dtype.torch)
             step = max(1, CHUNK_BYTES // max(t.spec.dtype.itemsize, t.out_dtype.itemsize))
+            cols = row_length(t.spec)
+            if t.spec.delta is not None:  # a LoRA merge: whole rows, merged in float32 (see plan.lora)
+                step = max(1, step // cols) * cols
             first = 0
             for chunk in iter_chunks(t.spec.segments, step * t.spec.dtype.itemsize, files=files):
-                src = torch.frombuffer(chunk, dtype=t.spec.dtype.torch)
+                if t.spec.delta is not None:
+                    rows = len(chunk) // t.spec.dtype.itemsize // cols
+                    chunk = merged_rows(t.spec, first // cols, rows, chunk)
+                    src = torch.frombuffer(chunk, dtype=torch.float32)
+                else:
+                    src = torch.frombuffer(chunk, dtype=t.spec.dtype.torch)
                 out[first : first + len(src)].copy_(src)
                 first += len(src)
             writer.write_record(f"data/{i}", out.data_ptr(), out.numel() * out.element_size())

@@ -35,8 +35,10 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecuto
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.formats.safetensors import HeaderEntry, header_bytes
+from vllm_consolidate.plan.lora import merged_rows, row_length
 from vllm_consolidate.plan.shards import PlannedFile, PlannedTensor
 from vllm_consolidate.read.ranges import OpenFiles, check_read, read_into, thread_buffer
 from vllm_consolidate.source import Segment, sub_segments
@@ -124,23 +126,38 @@ def _run_job(files: OpenFiles, out_fd: int, job: _Job) -> int:
     src_dtype = t.spec.dtype
     src_bytes = job.count * src_dtype.itemsize
     ranges = sub_segments(t.spec.segments, job.first * src_dtype.itemsize, src_bytes)
-    if src_dtype == t.out_dtype:
+    if t.spec.delta is not None:  # a LoRA merge: base rows + (B @ A) * scale, in float32, then cast
+        buf = thread_buffer(src_bytes)
+        read_into(files, buf, ranges)
+        cols = row_length(t.spec)
+        merged = merged_rows(t.spec, job.first // cols, job.count // cols, buf)
+        data = merged if t.out_dtype == dtypes.float32 else _cast(merged, dtypes.float32, t.out_dtype, job.count)
+        written = _pwrite_all(out_fd, data, job.dst_offset)
+    elif src_dtype == t.out_dtype:
         written = _copy_bytes(files, out_fd, ranges, job.dst_offset)
     else:
         buf = thread_buffer(src_bytes)
         read_into(files, buf, ranges)
         data = _cast(buf, src_dtype, t.out_dtype, job.count)
-        written = os.pwrite(out_fd, data, job.dst_offset)
-        while written < len(data):
-            written += os.pwrite(out_fd, data[written:], job.dst_offset + written)
+        written = _pwrite_all(out_fd, data, job.dst_offset)
     start_writeback(out_fd, job.dst_offset, written)
+    return written
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
+    written = os.pwrite(fd, data, offset)
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
     return written
 
 
 def _jobs(pfile: PlannedFile, base: int) -> Iterator[_Job]:
     for t in pfile.tensors:
-        budget = CHUNK_BYTES if t.spec.dtype == t.out_dtype else CAST_CHUNK_BYTES
+        budget = CHUNK_BYTES if t.spec.dtype == t.out_dtype and t.spec.delta is None else CAST_CHUNK_BYTES
         step = max(1, budget // max(t.spec.dtype.itemsize, t.out_dtype.itemsize))
+        if t.spec.delta is not None:  # merges work on whole rows
+            cols = row_length(t.spec)
+            step = max(1, budget // (4 * cols)) * cols
         for first in range(0, t.spec.numel, step):
             count = min(step, t.spec.numel - first)
             yield _Job(t, first, count, base + t.offset + first * t.out_dtype.itemsize)

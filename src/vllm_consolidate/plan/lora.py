@@ -1,0 +1,139 @@
+"""Merging a LoRA adapter into its base model, one block of rows at a time.
+
+:func:`merge_plan` describes the merged model before anything is read: every base tensor, with
+``modules_to_save`` copies and trained biases in place of the base's, and a
+:class:`~vllm_consolidate.source.Delta` on each target weight. The writer then calls
+:func:`merged_rows` for each block of rows it writes: the base rows in float32 plus
+``(B @ A) * scale`` for those rows (transposed for embeddings and ``fan_in_fan_out`` layers). Only
+one block of one tensor and the adapter's small factors are ever in memory.
+
+Arithmetic. The same torch operations as peft's ``merge_and_unload`` on a float32 model
+(``get_delta_weight``: ``transpose(B @ A, fan_in_fan_out) * scaling``, then ``weight += delta``), on
+the float32 masters, a block of rows at a time: a block's product has the bits of the same rows of
+the whole product (each element is the same dot product over the rank), which ``tests/test_lora.py``
+checks against peft; the one exception, a single-row block, is computed as two rows (below).
+With a 16-bit base the base rows are widened to float32 first and the sum is rounded once to the
+output dtype; peft instead rounds the delta to the base dtype and adds in 16 bits, which loses more.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from vllm_consolidate import dtypes
+from vllm_consolidate.casts import cast_into
+from vllm_consolidate.errors import CorruptCheckpointError
+from vllm_consolidate.read.peft import Adapter
+from vllm_consolidate.read.ranges import iter_chunks
+from vllm_consolidate.source import Delta, SourceModel, TensorSpec
+
+_FACTORS: dict[int, tuple[Delta, Any, Any]] = {}
+_LOCK = threading.Lock()
+#: Factor pairs kept in memory at once (each is a few MB even for a 70B model's widest layer).
+_CACHE = 8
+
+
+def _read_fp32(spec: TensorSpec) -> Any:
+    import torch
+
+    raw = bytearray(spec.nbytes)
+    data = next(iter_chunks(spec.segments, max(len(raw), 1), buffer=raw), memoryview(raw))
+    if spec.dtype != dtypes.float32:
+        out = bytearray(spec.numel * 4)
+        cast_into(data, spec.dtype, dtypes.float32, memoryview(out))
+        raw = out
+    return torch.frombuffer(raw, dtype=torch.float32).reshape(spec.shape)
+
+
+def _factors(delta: Delta) -> tuple[Any, Any]:
+    # Keyed by identity, and the entry holds the Delta itself, so its id cannot be reused while cached.
+    key = id(delta)
+    with _LOCK:
+        entry = _FACTORS.get(key)
+        if entry is not None and entry[0] is delta:
+            return entry[1], entry[2]
+    a, b = _read_fp32(delta.a), _read_fp32(delta.b)
+    with _LOCK:
+        if len(_FACTORS) >= _CACHE:
+            _FACTORS.pop(next(iter(_FACTORS)))
+        _FACTORS[key] = (delta, a, b)
+    return a, b
+
+
+def row_length(spec: TensorSpec) -> int:
+    """Elements per row of a merged weight (blocks of whole rows are merged)."""
+    return spec.numel // spec.shape[0] if spec.shape and spec.shape[0] else 1
+
+
+def merged_rows(spec: TensorSpec, first_row: int, rows: int, base: memoryview) -> memoryview:
+    """Rows ``[first_row, first_row + rows)`` of the merged weight, as float32 bytes.
+
+    Args:
+        spec: A tensor with a :class:`~vllm_consolidate.source.Delta`.
+        first_row: The first row.
+        rows: How many rows.
+        base: Those rows of the base weight, in ``spec.dtype``.
+    """
+    import torch
+
+    delta = spec.delta
+    assert delta is not None
+    a, b = _factors(delta)
+    cols = row_length(spec)
+    weight = torch.frombuffer(base, dtype=spec.dtype.torch, count=rows * cols).reshape(rows, cols).float()
+    # A block of rows gives the bits of the whole product (blocking does not change each element's
+    # sum), except a block of one row, which BLAS computes another way (gemv): widen it to two rows.
+    total = spec.shape[0]
+    start = first_row if rows > 1 or total < 2 else min(first_row, total - 2)
+    width = rows if rows > 1 or total < 2 else 2
+    skip = first_row - start
+    if delta.transpose:  # rows of the weight are columns of A (embeddings, Conv1D)
+        update = (b @ a[:, start:start + width]).T[skip:skip + rows] * delta.scale
+    else:
+        update = (b[start:start + width] @ a)[skip:skip + rows] * delta.scale
+    return memoryview((weight + update).contiguous().numpy()).cast("B")
+
+
+def merge_plan(base: SourceModel, adapter: Adapter, base_dir: Path) -> SourceModel:
+    """The merged model: the base's tensors with the adapter's updates and replacements.
+
+    Raises:
+        CorruptCheckpointError: The adapter names a module the base does not have, or with another
+            shape (an adapter for another model).
+    """
+    by_name = {t.name: t for t in base.tensors}
+    hint = "Pass the model the adapter was trained on with --base-model-name."
+
+    def mismatch(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"the adapter does not fit the base model {base_dir}: {what}",
+                                      path=adapter.config.path, hint=hint)
+
+    tensors = dict(by_name)
+    for name, spec in adapter.replacements.items():
+        if name not in by_name:
+            raise mismatch(f"it replaces {name}, which the base does not have")
+        if spec.shape != by_name[name].shape:
+            raise mismatch(f"{name} is {spec.shape} in the adapter, {by_name[name].shape} in the base")
+        tensors[name] = TensorSpec(name, spec.dtype, spec.shape, spec.segments)
+    for module, lora in adapter.modules.items():
+        name = f"{module}.weight"
+        if name not in by_name:
+            raise mismatch(f"it targets {module}, which the base does not have")
+        weight = tensors[name]
+        transpose = lora.embedding or adapter.config.fan_in_fan_out
+        b_rows, a_cols = lora.b.shape[0], lora.a.shape[1]
+        want = (a_cols, b_rows) if transpose else (b_rows, a_cols)
+        if len(weight.shape) != 2 or weight.shape != want:
+            raise mismatch(f"{module} has factors for a {want[0]}x{want[1]} weight, the base's is {weight.shape}")
+        tensors[name] = TensorSpec(name, weight.dtype, weight.shape, weight.segments,
+                                   Delta(lora.a, lora.b, lora.scale, transpose))
+    info = dict(base.info, type="lora_merge", lora_source=adapter.source, lora_modules=len(adapter.modules),
+                lora_replaced=sorted(adapter.replacements), base_model=str(base_dir))
+    return SourceModel(kind="lora_merge", path=base.path, tensors=[tensors[t.name] for t in base.tensors],
+                       asset_dirs=[base_dir], trained_dtype=base.trained_dtype, info=info, aliases=base.aliases,
+                       renamed=base.renamed)
+
+
+__all__ = ["merge_plan", "merged_rows", "row_length"]

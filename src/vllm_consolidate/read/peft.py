@@ -1,0 +1,250 @@
+"""PEFT LoRA adapters: their ``adapter_config.json``, their tensors, and the base model they apply to.
+
+A LoRA fine-tune leaves low-rank factors, not a model. They come from one of two places:
+
+* the DeepSpeed ``global_stepN/`` of an HF Trainer checkpoint: the fp32 masters, under the live peft
+  names (``base_model.model.<module>.lora_A.default.weight``); preferred, as they are what the
+  optimizer updated (the Trainer's ``adapter_model.safetensors`` is their 16-bit copy);
+* ``adapter_model.safetensors`` (or ``.bin``) of a plain peft folder, under peft's saved names
+  (``base_model.model.<module>.lora_A.weight``).
+
+:func:`read_adapter` turns either into an :class:`Adapter`: per target module its A and B factors
+and scale, plus the full tensors that replace base tensors (``modules_to_save`` copies, trained
+biases with ``bias="lora_only"``/``"all"``). What peft features mean for merging, and which are
+refused, is in :func:`read_lora_config`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm_consolidate import safe_io
+from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsupportedCheckpointError
+from vllm_consolidate.limits import brief
+from vllm_consolidate.read.hf import check_weight_file, read_bin_state_dict, read_safetensors_header
+from vllm_consolidate.read.zero_locate import ResolvedCheckpoint, latest_checkpoint_folder
+from vllm_consolidate.source import SourceModel, TensorSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+#: ``adapter_config.json`` settings that change what a merge must compute, refused when set: merging
+#: them as plain LoRA would be silently wrong.
+_REFUSED = {
+    "use_dora": "DoRA (use_dora), which rescales each merged column by a learned magnitude",
+    "lora_bias": "a bias on the B factor (lora_bias)",
+    "layer_replication": "layer replication (layer_replication), which duplicates base layers",
+    "target_parameters": "LoRA on raw parameters (target_parameters, e.g. MoE experts)",
+    "trainable_token_indices": "trainable token rows (trainable_token_indices)",
+    "use_qalora": "QA-LoRA (use_qalora), which pools the input before A",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens), which applies only after its tokens",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+}
+_NAME = re.compile(
+    r"^(?P<module>.+?)\.(?:(?P<factor>lora_A|lora_B)(?:\.[^.]+)?\.weight|(?P<emb>lora_embedding_A|lora_embedding_B)"
+    r"(?:\.[^.]+)?|modules_to_save\.[^.]+\.(?P<mts>.+)|base_layer\.(?P<base>.+))$")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The settings of ``adapter_config.json`` that a merge uses."""
+
+    path: Path
+    r: int
+    alpha: float
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    fan_in_fan_out: bool
+    bias: str
+    modules_to_save: tuple[str, ...]
+    base_model: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def _pattern(self, patterns: dict[str, Any], module: str) -> str | None:
+        # peft's own rule (get_pattern_key): the first key that matches the end of the module name.
+        return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+
+    def rank_and_alpha(self, module: str) -> tuple[int, float]:
+        """``(r, lora_alpha)`` of one target module, after ``rank_pattern`` / ``alpha_pattern``."""
+        rk, ak = self._pattern(self.rank_pattern, module), self._pattern(self.alpha_pattern, module)
+        return (self.rank_pattern[rk] if rk else self.r), (self.alpha_pattern[ak] if ak else self.alpha)
+
+    def scale(self, module: str) -> float:
+        """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (as peft computes it, a Python float)."""
+        r, alpha = self.rank_and_alpha(module)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def read_lora_config(path: Path) -> LoraConfig:
+    """Read and check ``adapter_config.json``.
+
+    Raises:
+        UnsupportedCheckpointError: Not a LoRA adapter, or one using a feature listed in ``_REFUSED``.
+        CorruptCheckpointError: A field has the wrong type.
+    """
+    raw = safe_io.read_json(path, what=ADAPTER_CONFIG)
+    if not isinstance(raw, dict):
+        raise CorruptCheckpointError(f"{ADAPTER_CONFIG} is not a JSON object", path=path)
+    kind = raw.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise UnsupportedCheckpointError(f"this is a {brief(kind)} adapter; only LoRA adapters can be merged",
+                                         path=path, hint="Merge it with peft's merge_and_unload, then convert that.")
+    for key, what in _REFUSED.items():
+        if raw.get(key) not in (None, False, {}, [], 0):
+            raise UnsupportedCheckpointError(
+                f"this adapter uses {what}; merging it as plain LoRA would be wrong, so it is not supported",
+                path=path, hint="Merge it with peft's merge_and_unload on the base model, then convert that.")
+
+    def number(key: str, default: Any) -> Any:
+        value = raw.get(key, default)
+        if type(value) not in (int, float) or value <= 0:
+            raise CorruptCheckpointError(f"{key} is {brief(value)}, not a positive number", path=path)
+        return value
+
+    def mapping(key: str) -> dict[str, Any]:
+        value = raw.get(key) or {}
+        if not isinstance(value, dict) or not all(type(k) is str and type(v) in (int, float) and v > 0
+                                                  for k, v in value.items()):
+            raise CorruptCheckpointError(f"{key} is {brief(value)}, not a mapping of names to numbers", path=path)
+        return value
+
+    bias = raw.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise CorruptCheckpointError(f"bias is {brief(bias)}", path=path)
+    mts = raw.get("modules_to_save") or []
+    base = raw.get("base_model_name_or_path")
+    return LoraConfig(path, int(number("r", 8)), float(number("lora_alpha", 8)), bool(raw.get("use_rslora")),
+                      mapping("rank_pattern"), mapping("alpha_pattern"), bool(raw.get("fan_in_fan_out")), bias,
+                      tuple(str(m) for m in mts) if isinstance(mts, list) else (), base if type(base) is str else None,
+                      raw)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One target module's factors: ``delta = B @ A * scale`` (transposed for embeddings and Conv1D)."""
+
+    module: str
+    a: TensorSpec
+    b: TensorSpec
+    scale: float
+    embedding: bool
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter ready to merge.
+
+    Attributes:
+        config: Its ``adapter_config.json``.
+        modules: Target modules by base module name (``model.layers.0.self_attn.q_proj``).
+        replacements: Full tensors that replace base tensors, by base tensor name.
+        source: Where the tensors were read, for the summary.
+    """
+
+    config: LoraConfig
+    modules: dict[str, LoraModule]
+    replacements: dict[str, TensorSpec]
+    source: str
+
+
+def _strip(name: str) -> str:
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def read_adapter(config: LoraConfig, tensors: list[TensorSpec], source: str, where: Path) -> Adapter:
+    """Sort an adapter's tensors (either naming scheme) into factors and replacements, and check them.
+
+    Raises:
+        CorruptCheckpointError: A factor is missing, or its rank disagrees with the config.
+        UnsupportedCheckpointError: A tensor is neither a LoRA factor nor a replacement.
+    """
+    factors: dict[str, dict[str, TensorSpec]] = {}
+    embedding: set[str] = set()
+    replacements: dict[str, TensorSpec] = {}
+    for spec in tensors:
+        name = _strip(spec.name)
+        m = _NAME.match(name)
+        if m and (m["factor"] or m["emb"]):
+            kind = (m["factor"] or m["emb"])[-1]
+            factors.setdefault(m["module"], {})[kind] = spec
+            if m["emb"]:
+                embedding.add(m["module"])
+        elif m and m["mts"]:
+            replacements[f"{m['module']}.{m['mts']}"] = spec
+        elif m and m["base"]:  # a trained bias (bias="lora_only"/"all"), or peft's copy of a resized embedding
+            replacements[f"{m['module']}.{m['base']}"] = spec
+        elif any(name == f"{mod}.weight" or name.startswith(f"{mod}.") for mod in config.modules_to_save) or (
+                config.bias != "none" and name.endswith(".bias")):
+            replacements[name] = spec  # peft's saved names for modules_to_save copies and biases
+        else:
+            raise UnsupportedCheckpointError(f"the adapter holds {brief(spec.name)}, which is not a LoRA factor, a "
+                                             "modules_to_save copy or a bias", path=where)
+    modules = {}
+    for module, parts in factors.items():
+        if set(parts) != {"A", "B"}:
+            raise CorruptCheckpointError(f"the adapter has lora_{''.join(parts)} but not both factors for {module}",
+                                         path=where)
+        a, b = parts["A"], parts["B"]
+        r, _ = config.rank_and_alpha(module)
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or a.shape[0] != r:
+            raise CorruptCheckpointError(
+                f"{module}: factors of shapes {a.shape} and {b.shape} do not have the rank {r} that "
+                f"{ADAPTER_CONFIG} gives it", path=where)
+        modules[module] = LoraModule(module, a, b, config.scale(module), module in embedding)
+    if not modules and not replacements:
+        raise CorruptCheckpointError("the adapter holds no LoRA tensors", path=where)
+    return Adapter(config, modules, replacements, source)
+
+
+def is_peft_folder(path: Path) -> bool:
+    """True if ``path`` holds ``adapter_config.json`` and an adapter weights file."""
+    return (path / ADAPTER_CONFIG).is_file() and any(os.path.lexists(path / f) for f in ADAPTER_FILES)
+
+
+def resolve_peft(path: Path) -> ResolvedCheckpoint:
+    """A peft adapter folder: the folder itself, or a run's latest ``checkpoint-N`` holding one.
+
+    Raises:
+        InputNotFoundError: No adapter here.
+    """
+    if is_peft_folder(path):
+        return ResolvedCheckpoint(path, path.name, "peft adapter folder")
+    ckpt = latest_checkpoint_folder(path)
+    if ckpt is not None and is_peft_folder(ckpt):
+        return ResolvedCheckpoint(ckpt, ckpt.name, f"peft adapter in the latest {ckpt.name}")
+    raise InputNotFoundError("no peft adapter (adapter_config.json + adapter_model.*) here", path=path)
+
+
+def read_peft_folder(folder: Path, root: Path | None = None) -> SourceModel:
+    """The adapter's own tensors (``adapter_model.safetensors``, else ``.bin``), from metadata only."""
+    roots = [Path(root) if root is not None else folder]
+    for name in ADAPTER_FILES:
+        path = folder / name
+        if os.path.lexists(path):
+            check_weight_file(path, roots)
+            pairs = read_safetensors_header(path) if name.endswith(".safetensors") else read_bin_state_dict(path)[0]
+            specs = [spec for _, spec in pairs]
+            dtypes_seen = sorted({s.dtype.name for s in specs})
+            return SourceModel(kind="peft", path=folder, tensors=specs,
+                               info={"type": "peft", "adapter_file": name, "adapter_dtype": ", ".join(dtypes_seen)})
+    raise InputNotFoundError("no adapter_model.safetensors or adapter_model.bin", path=folder)
+
+
+def find_adapter_config(folders: list[Path]) -> Path | None:
+    """The nearest ``adapter_config.json`` in ``folders`` (nearest first)."""
+    return next((f / ADAPTER_CONFIG for f in folders if (f / ADAPTER_CONFIG).is_file()), None)
+
+
+def is_lora_name(name: str) -> bool:
+    """True for a LoRA factor's name, in either naming scheme."""
+    return bool(re.search(r"\.lora_(?:A|B|embedding_A|embedding_B)(?:\.|$)", name))
+
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "Adapter", "LoraConfig", "LoraModule", "find_adapter_config",
+           "is_lora_name", "is_peft_folder", "read_adapter", "read_lora_config", "read_peft_folder", "resolve_peft"]
