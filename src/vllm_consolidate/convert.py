@@ -17,14 +17,14 @@ from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import InputNotFoundError, UnsupportedCheckpointError, UsageError, ValidationFailedError
+from vllm_consolidate.errors import UsageError, ValidationFailedError
 from vllm_consolidate.plan.architecture import ArchitectureDecision, decide_architectures
-from vllm_consolidate.plan.lora import merge_plan
+from vllm_consolidate.plan.lora import merge_lora
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
-from vllm_consolidate.read import hf, peft
-from vllm_consolidate.read.assets import (
+from vllm_consolidate.read.assets import (  # DEFAULT_BASE_MODEL re-exported: the CLI imports it from here
+    DEFAULT_BASE_MODEL,
     NO_TOKENIZER_WARNING,
     Assets,
     asset_bytes,
@@ -32,15 +32,11 @@ from vllm_consolidate.read.assets import (
     find_checkpoint_assets,
     missing_config,
     read_config,
-    resolve_base_model,
-    search_chain,
 )
-from vllm_consolidate.safe_io import trust_root
 from vllm_consolidate.source import SourceModel
 from vllm_consolidate.write import publish as pub
 from vllm_consolidate.write import write_plan
 
-DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 DEFAULT_MAX_SHARD_SIZE = 40 * 10**9
 
 
@@ -185,46 +181,6 @@ class Conversion:
     architecture: ArchitectureDecision
 
 
-def merge_lora(source: SourceModel, detected: detection.DetectedInput, opts: ConvertOptions) -> SourceModel:
-    """A LoRA fine-tune as its merged model; any other source as it is.
-
-    LoRA is recognised by an ``adapter_config.json`` in the checkpoint folder or its parents, together
-    with LoRA factors among the tensors (a DeepSpeed checkpoint's fp32 masters, or a peft folder's
-    adapter file). The base model is ``--base-model-name`` when given, else the adapter config's
-    ``base_model_name_or_path``.
-
-    Raises:
-        UnsupportedCheckpointError: LoRA factors without an ``adapter_config.json``, or a peft feature
-            that cannot be merged.
-        InputNotFoundError: The base model is not a local folder and not in the HF cache.
-        CorruptCheckpointError: The adapter does not fit the base model.
-    """
-    lora_names = any(peft.is_lora_name(t.name) for t in source.tensors)
-    if source.kind != "peft" and not lora_names:
-        return source
-    config_path = peft.find_adapter_config(search_chain(detected.weights_dir, Path(opts.input)))
-    if config_path is None:
-        raise UnsupportedCheckpointError(
-            "the checkpoint holds LoRA factors but no adapter_config.json was found next to it or above it",
-            path=detected.weights_dir, hint="Copy the run's adapter_config.json into the checkpoint-N folder.")
-    config = peft.read_lora_config(config_path)
-    if source.kind == "peft":
-        what = f"{source.info.get('adapter_file')} ({source.info.get('adapter_dtype')})"
-    else:
-        what = f"fp32 masters in {detected.weights_dir.name}" if source.kind == "deepspeed" else str(source.path)
-    adapter = peft.read_adapter(config, source.tensors, what, source.path)
-    explicit = opts.base_model_name if opts.base_model_name != DEFAULT_BASE_MODEL else None
-    name = explicit or config.base_model or DEFAULT_BASE_MODEL
-    base_dir, error = resolve_base_model(name)
-    if base_dir is None:
-        raise InputNotFoundError(
-            f"the adapter's base model {name} was not found ({error})",
-            path=config_path, hint="Pass the base model's folder (or its Hub id, if it is in the HF cache) with "
-                                   "--base-model-name.")
-    base = hf.read_hf(base_dir, trust_root(base_dir))
-    return merge_plan(base, adapter, base_dir)
-
-
 def plan_conversion(opts: ConvertOptions) -> Conversion:
     """Detect the input, read its metadata, find its config and tokenizer, and plan the output.
 
@@ -240,7 +196,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     inputs = [Path(opts.input), detected.weights_dir] + ([Path(opts.checkpoint_dir)] if opts.checkpoint_dir else [])
     pub.check_output_location(Path(opts.output), inputs)
     source = detection.read(detected, opts.model_key)
-    source = merge_lora(source, detected, opts)
+    source = merge_lora(source, detected.weights_dir, Path(opts.input), opts.base_model_name)
     base_model = source.info.get("base_model") if source.kind == "lora_merge" else opts.base_model_name
     assets = find_checkpoint_assets(detected.weights_dir, Path(opts.input), source.asset_dirs, base_model)
     warnings: list[str] = list(assets.skipped)

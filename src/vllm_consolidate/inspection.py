@@ -25,6 +25,7 @@ from vllm_consolidate.batch.resources import estimate_peak_ram
 from vllm_consolidate.convert import DEFAULT_BASE_MODEL, DEFAULT_MAX_SHARD_SIZE
 from vllm_consolidate.errors import ConsolidateError, InputNotFoundError
 from vllm_consolidate.plan.architecture import decide_architectures
+from vllm_consolidate.plan.lora import merge_lora
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.plan.shards import dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
@@ -36,7 +37,7 @@ from vllm_consolidate.read.assets import (
     read_config,
 )
 from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder, step_of
-from vllm_consolidate.read.fsdp_locate import is_dcp_save
+from vllm_consolidate.read.fsdp_locate import is_dcp_save, is_verl_step, numbered_step
 from vllm_consolidate.read.hf import is_hf_folder
 from vllm_consolidate.source import SourceModel, TensorSpec
 
@@ -154,15 +155,17 @@ class InspectReport:
 
 
 def inspect_path(path: Path | str, input_type: str = "auto", checkpoint_dir: Path | str | None = None,
-                 base_model_name: str | None = DEFAULT_BASE_MODEL, architecture: str | None = None) -> InspectReport:
+                 base_model_name: str | None = DEFAULT_BASE_MODEL, architecture: str | None = None, *,
+                 model_key: str | None = None) -> InspectReport:
     """Describe what ``convert --input path`` (or ``batch --input-dir path``) would read and write.
 
     Args:
         path: A run, ``checkpoint-N``, folder with ``latest``, ``global_stepN``, HF model, or folder of those.
-        input_type: ``auto``, ``deepspeed`` or ``hf_sharded``, as ``convert --type``.
+        input_type: One of ``read.detect.INPUT_TYPES``, as ``convert --type``.
         checkpoint_dir: As ``convert --checkpoint-dir`` (overrides detection).
         base_model_name: As ``convert --base-model-name``: where missing config/tokenizer would come from.
         architecture: As ``convert --architecture``: the class the output's config.json would get.
+        model_key: As ``convert --model-key`` (DCP checkpoints holding more than one model).
 
     Returns:
         The report. Problems are in it, never raised; only a bug raises.
@@ -175,12 +178,12 @@ def inspect_path(path: Path | str, input_type: str = "auto", checkpoint_dir: Pat
     except ConsolidateError as exc:
         below = _inputs_below(path) if isinstance(exc, InputNotFoundError) and ckpt is None else []
         if below:
-            return InspectReport(str(path), "folder", [_inspect_one(p, input_type, base_model_name, architecture)
-                                                          for p in below])
+            return InspectReport(str(path), "folder", [_inspect_one(p, input_type, base_model_name, architecture,
+                                                                    model_key) for p in below])
         report = InputReport(str(path), problems=[Problem.of(exc)])
         report.checkpoints = _checkpoints(path, None)
         return InspectReport(str(path), "input", [report])
-    return InspectReport(str(path), "input", [_inspect_detected(detected, base_model_name, architecture)])
+    return InspectReport(str(path), "input", [_inspect_detected(detected, base_model_name, architecture, model_key)])
 
 
 def _inputs_below(path: Path) -> list[Path]:
@@ -192,16 +195,17 @@ def _inputs_below(path: Path) -> list[Path]:
     return [f.path for f in found if f.kind is not None and f.path != path]
 
 
-def _inspect_one(path: Path, input_type: str, base_model_name: str | None, architecture: str | None) -> InputReport:
+def _inspect_one(path: Path, input_type: str, base_model_name: str | None, architecture: str | None,
+                 model_key: str | None) -> InputReport:
     try:
         detected = detection.detect(path, input_type)
     except ConsolidateError as exc:
         return InputReport(str(path), checkpoints=_checkpoints(path, None), problems=[Problem.of(exc)])
-    return _inspect_detected(detected, base_model_name, architecture)
+    return _inspect_detected(detected, base_model_name, architecture, model_key)
 
 
 def _inspect_detected(detected: detection.DetectedInput, base_model_name: str | None,
-                      architecture: str | None) -> InputReport:
+                      architecture: str | None, model_key: str | None = None) -> InputReport:
     """The steps of ``plan_conversion`` after detection, each failure recorded instead of raised."""
     report = InputReport(str(detected.input), format=detected.kind, chosen=str(detected.weights_dir),
                          how=detected.how, checkpoints=_checkpoints(Path(detected.input), detected.weights_dir))
@@ -209,12 +213,14 @@ def _inspect_detected(detected: detection.DetectedInput, base_model_name: str | 
         report.rank_files = _rank_files(detected.weights_dir)
     source = None
     try:
-        source = detection.read(detected)
+        source = merge_lora(detection.read(detected, model_key), detected.weights_dir, Path(detected.input),
+                            base_model_name)
     except ConsolidateError as exc:
         report.problems.append(Problem.of(exc))
     else:
         _describe_source(report, source)
-    config = _find_config(report, detected, source, base_model_name)
+    base = source.info.get("base_model") if source is not None and source.kind == "lora_merge" else base_model_name
+    config = _find_config(report, detected, source, base)
     _describe_precision(report, source, config)
     _describe_architectures(report, config, source, architecture)
     if source is not None:
@@ -240,8 +246,9 @@ def _describe_source(report: InputReport, source: SourceModel) -> None:
 def _find_config(report: InputReport, detected: detection.DetectedInput, source: SourceModel | None,
                  base_model_name: str | None) -> dict | None:
     """Search config, tokenizer and generation config exactly as ``plan_conversion`` does; the config read."""
-    assets = find_checkpoint_assets(detected.weights_dir, Path(detected.input), source.asset_dirs if source else [],
-                                    base_model_name)
+    # Without a source (its reader refused it), a verl checkpoint's assets are still in huggingface/.
+    extra = source.asset_dirs if source else [detected.weights_dir / "huggingface"] if detected.kind == "verl" else []
+    assets = find_checkpoint_assets(detected.weights_dir, Path(detected.input), extra, base_model_name)
     report.assets = _assets_dict(assets)
     report.warnings.extend(assets.skipped)
     if assets.tokenizer_dir is None:
@@ -344,16 +351,23 @@ def _rank_files(folder: Path) -> dict[str, list[int]] | None:
     return {"optimizer": optim, "model_states": states}
 
 
+def _step(name: str) -> int | None:
+    """N of ``checkpoint-N``/``global_stepN``, or of a numbered DCP or verl save (``step-2``, ``global_step_3``)."""
+    found = step_of(name)
+    return found if found is not None else numbered_step(name)
+
+
 def _subdirs(path: Path) -> list[Path]:
     try:
-        return [p for p in path.iterdir() if p.is_dir() and step_of(p.name) is not None]
+        return [p for p in path.iterdir() if p.is_dir() and (step_of(p.name) is not None or (
+            numbered_step(p.name) is not None and (is_dcp_save(p) or is_verl_step(p))))]
     except OSError:
         return []
 
 
 def _by_step(paths: list[Path]) -> list[Path]:
     # checkpoint-10 after checkpoint-9: by kind, then by N.
-    return sorted(paths, key=lambda p: (p.name.startswith("global_step"), step_of(p.name) or 0, p.name))
+    return sorted(paths, key=lambda p: (p.name.startswith("global_step"), _step(p.name) or 0, p.name))
 
 
 def _has_latest(folder: Path) -> bool:
@@ -362,17 +376,19 @@ def _has_latest(folder: Path) -> bool:
 
 def _checkpoints(root: Path, chosen: Path | None) -> list[CheckpointEntry]:
     """Every ``checkpoint-N``/``global_stepN`` folder: the input itself, its children, their children."""
-    folders = [root] if step_of(root.name) is not None else []
+    folders = [root] if _step(root.name) is not None else []
     for child in _by_step(_subdirs(root)):
         folders.append(child)
         folders += _by_step([g for g in _subdirs(child) if g.name.startswith("global_step")])
     out = []
     for folder in folders:
         holds = [kind for kind, test in (("zero", is_zero_checkpoint_folder), ("dcp", is_dcp_save),
-                                         ("hf", is_hf_folder), ("latest", _has_latest)) if test(folder)]
+                                         ("verl", is_verl_step), ("hf", is_hf_folder), ("latest", _has_latest))
+                 if test(folder)]
         name = "." if folder == root else str(folder.relative_to(root))
-        picked = chosen is not None and (folder == chosen or folder == chosen.parent and "dcp" in holds)
-        out.append(CheckpointEntry(name, str(folder), step_of(folder.name), holds, picked))
+        inner = bool({"dcp", "verl"} & set(holds))  # the weights are in a sub-folder of the checkpoint
+        picked = chosen is not None and (folder == chosen or folder == chosen.parent and inner)
+        out.append(CheckpointEntry(name, str(folder), _step(folder.name), holds, picked))
     return out
 
 

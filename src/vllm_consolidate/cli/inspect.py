@@ -18,7 +18,8 @@ _W = 15  # label column width: "architectures: " is the longest label
 _PRECISION_FROM = {"deepspeed_config": "DeepSpeed config", "config_torch_dtype": "config.json torch_dtype",
                    "stored_dtype": "the stored dtype of most weight bytes",
                    "default": "nothing recorded; convert's default"}
-_HOLDS = {"zero": "ZeRO rank files", "dcp": "DCP (FSDP) weights", "hf": "HF weights", "latest": "'latest' file"}
+_HOLDS = {"zero": "ZeRO rank files", "dcp": "DCP (FSDP) weights", "verl": "verl actor/critic", "hf": "HF weights",
+          "latest": "'latest' file"}
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -46,6 +47,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help=f"where config/tokenizer the checkpoint lacks would come from (default: {DEFAULT_BASE_MODEL})")
     p.add_argument("--architecture", metavar="NAME", default=None,
                    help="as for convert: the model class the output's config.json would get")
+    p.add_argument("--model-key", default=None, metavar="NAME",
+                   help="as for convert: the DCP state-dict entry holding the model, when there is more than one")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_inspect)
@@ -55,7 +58,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from vllm_consolidate.inspection import inspect_path
 
-    report = inspect_path(args.path, args.input_type, args.checkpoint_dir, args.base_model_name, args.architecture)
+    report = inspect_path(args.path, args.input_type, args.checkpoint_dir, args.base_model_name, args.architecture,
+                          model_key=args.model_key)
     problems = report.problems
     code = exit_code(problems[0].error) if problems else 0
     if args.json:

@@ -24,9 +24,12 @@ from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.casts import cast_into
-from vllm_consolidate.errors import CorruptCheckpointError
+from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsupportedCheckpointError
+from vllm_consolidate.read import hf, peft
+from vllm_consolidate.read.assets import DEFAULT_BASE_MODEL, resolve_base_model, search_chain
 from vllm_consolidate.read.peft import Adapter
 from vllm_consolidate.read.ranges import iter_chunks
+from vllm_consolidate.safe_io import trust_root
 from vllm_consolidate.source import Delta, SourceModel, TensorSpec
 
 _FACTORS: dict[int, tuple[Delta, Any, Any]] = {}
@@ -132,8 +135,49 @@ def merge_plan(base: SourceModel, adapter: Adapter, base_dir: Path) -> SourceMod
     info = dict(base.info, type="lora_merge", lora_source=adapter.source, lora_modules=len(adapter.modules),
                 lora_replaced=sorted(adapter.replacements), base_model=str(base_dir))
     return SourceModel(kind="lora_merge", path=base.path, tensors=[tensors[t.name] for t in base.tensors],
-                       asset_dirs=[base_dir], trained_dtype=base.trained_dtype, info=info, aliases=base.aliases,
+                       asset_dirs=[], trained_dtype=base.trained_dtype, info=info, aliases=base.aliases,
                        renamed=base.renamed)
 
 
-__all__ = ["merge_plan", "merged_rows", "row_length"]
+def merge_lora(source: SourceModel, weights_dir: Path, input_dir: Path, base_model_name: str | None,
+               default_base: str | None = DEFAULT_BASE_MODEL) -> SourceModel:
+    """A LoRA fine-tune as its merged model; any other source as it is.
+
+    LoRA is recognised by an ``adapter_config.json`` in the checkpoint folder or its parents, together
+    with LoRA factors among the tensors (a DeepSpeed checkpoint's fp32 masters, or a peft folder's
+    adapter file). The base model is ``--base-model-name`` when given, else the adapter config's
+    ``base_model_name_or_path``.
+
+    Raises:
+        UnsupportedCheckpointError: LoRA factors without an ``adapter_config.json``, or a peft feature
+            that cannot be merged.
+        InputNotFoundError: The base model is not a local folder and not in the HF cache.
+        CorruptCheckpointError: The adapter does not fit the base model.
+    """
+    lora_names = any(peft.is_lora_name(t.name) for t in source.tensors)
+    if source.kind != "peft" and not lora_names:
+        return source
+    config_path = peft.find_adapter_config(search_chain(weights_dir, input_dir))
+    if config_path is None:
+        raise UnsupportedCheckpointError(
+            "the checkpoint holds LoRA factors but no adapter_config.json was found next to it or above it",
+            path=weights_dir, hint="Copy the run's adapter_config.json into the checkpoint-N folder.")
+    config = peft.read_lora_config(config_path)
+    if source.kind == "peft":
+        what = f"{source.info.get('adapter_file')} ({source.info.get('adapter_dtype')})"
+    else:
+        what = f"fp32 masters in {weights_dir.name}" if source.kind == "deepspeed" else str(source.path)
+    adapter = peft.read_adapter(config, source.tensors, what, source.path)
+    explicit = base_model_name if base_model_name != default_base else None
+    name = explicit or config.base_model or default_base
+    base_dir, error = resolve_base_model(name)
+    if base_dir is None:
+        raise InputNotFoundError(
+            f"the adapter's base model {name} was not found ({error})",
+            path=config_path, hint="Pass the base model's folder (or its Hub id, if it is in the HF cache) with "
+                                   "--base-model-name.")
+    base = hf.read_hf(base_dir, trust_root(base_dir))
+    return merge_plan(base, adapter, base_dir)
+
+
+__all__ = ["merge_lora", "merge_plan", "merged_rows", "row_length"]

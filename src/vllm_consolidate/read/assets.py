@@ -222,6 +222,10 @@ def has_tokenizer(names: list[str]) -> bool:
 
 
 #: The warning a conversion (and ``inspect``) gives when no tokenizer is found anywhere.
+#: ``--base-model-name``'s default (the guide's model). For a LoRA run, an option still at this default
+#: gives way to the adapter's own ``base_model_name_or_path``.
+DEFAULT_BASE_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+
 NO_TOKENIZER_WARNING = ("no tokenizer found in the checkpoint or the base model; the output has none. "
                         "Pass --base-model-name with the model you fine-tuned to copy its tokenizer.")
 

@@ -67,6 +67,11 @@ def dcp_saves(path: Path) -> list[tuple[int, Path]]:
                   and is_dcp_save(sub))
 
 
+def is_verl_step(path: Path) -> bool:
+    """True if ``path`` is a verl ``global_step_N`` folder with an actor or critic."""
+    return bool(_VERL_STEP.match(path.name)) and any(is_verl_role_folder(path / role) for role in VERL_ROLES)
+
+
 def verl_steps(path: Path) -> list[tuple[int, Path]]:
     """The ``global_step_N`` sub-folders of a verl run that hold an actor or critic, by step."""
     return sorted((int(m.group(1)), p) for p in _subfolders(path) if (m := _VERL_STEP.match(p.name))
@@ -146,5 +151,5 @@ def resolve_verl(path: Path) -> ResolvedCheckpoint:
     raise InputNotFoundError("no verl checkpoint (global_step_N/actor/model_world_size_W_rank_R.pt) found", path=path)
 
 
-__all__ = ["TRAINER_FSDP_FOLDER", "VERL_ROLES", "VERL_TRACKER", "dcp_saves", "is_dcp_save", "numbered_step",
-           "resolve_dcp", "resolve_verl", "verl_steps", "verl_tracked_step"]
+__all__ = ["TRAINER_FSDP_FOLDER", "VERL_ROLES", "VERL_TRACKER", "dcp_saves", "is_dcp_save", "is_verl_step",
+           "numbered_step", "resolve_dcp", "resolve_verl", "verl_steps", "verl_tracked_step"]

@@ -34,7 +34,7 @@ import numpy as np
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.casts import NUMPY_DTYPES, cast_into
-from vllm_consolidate.plan.lora import merged_rows, row_length
+from vllm_consolidate.plan.lora import merge_lora, merged_rows, row_length
 from vllm_consolidate.read import detect as detection
 from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
@@ -56,7 +56,8 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: str = "auto",
-                         checkpoint_dir: str | Path | None = None, model_key: str | None = None) -> Reference:
+                         checkpoint_dir: str | Path | None = None, model_key: str | None = None,
+                         base_model_name: str | None = None) -> Reference:
     """Read a source checkpoint's metadata and map it to the names a conversion writes into ``folder``.
 
     The folder's config.json decides tying and the MoE expert layout, as it does in a conversion.
@@ -68,6 +69,7 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
         input_type: ``auto``, ``deepspeed``, ``dcp``, ``verl`` or ``hf_sharded``.
         checkpoint_dir: As ``convert --checkpoint-dir``.
         model_key: As ``convert --model-key`` (DCP sources).
+        base_model_name: For a LoRA source, the base model (default: the adapter's own).
 
     Raises:
         ConsolidateError: The source cannot be read.
@@ -75,7 +77,7 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
     from vllm_consolidate.plan.names import output_tensors
 
     detected = detection.detect(Path(source), input_type, Path(checkpoint_dir) if checkpoint_dir else None)
-    model = detection.read(detected, model_key)
+    model = merge_lora(detection.read(detected, model_key), detected.weights_dir, Path(source), base_model_name, None)
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
