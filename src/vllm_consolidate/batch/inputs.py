@@ -53,6 +53,7 @@ from vllm_consolidate.errors import ConsolidateError, InputNotFoundError, UsageE
 from vllm_consolidate.read import fsdp_locate as fl
 from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder, step_of
 from vllm_consolidate.read.hf import is_hf_folder
+from vllm_consolidate.read.peft import is_peft_folder
 from vllm_consolidate.read.verl import is_verl_role_folder
 from vllm_consolidate.safe_io import MAX_LIST_BYTES, MAX_TAG_BYTES, read_text
 from vllm_consolidate.write.publish import NAME_MAX, TEMP_NAME_OVERHEAD
@@ -183,7 +184,7 @@ def inspect_input(path: Path) -> InputFolder:
 
 
 def _training_save(path: Path, children: list[Path]) -> InputFolder | None:
-    """A folder of numbered DCP saves, a verl run, or one verl or DCP save given directly."""
+    """A folder of numbered DCP saves, a verl run, or one verl, DCP or peft adapter save given directly."""
     verl = fl.verl_steps(path)
     if verl:
         ckpts = [Checkpoint(p.name, n, p) for n, p in verl]
@@ -194,7 +195,7 @@ def _training_save(path: Path, children: list[Path]) -> InputFolder | None:
     if saves:
         ckpts = [Checkpoint(p.name, n, p) for n, p in saves]
         return InputFolder(path, "dcp_save", ckpts, ckpts[-1], path)
-    if fl.is_dcp_save(path) or is_verl_role_folder(path) or any(
+    if fl.is_dcp_save(path) or is_peft_folder(path) or is_verl_role_folder(path) or any(
             is_verl_role_folder(path / role) for role in fl.VERL_ROLES):
         ck = Checkpoint(path.name, fl.numbered_step(path.name), path)
         return InputFolder(path, "checkpoint", [ck], ck, path.parent)
