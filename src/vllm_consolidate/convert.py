@@ -18,8 +18,8 @@ from typing import Any
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import UsageError, ValidationFailedError
-from vllm_consolidate.plan.architecture import ArchitectureDecision, decide_architectures
-from vllm_consolidate.plan.lora import merge_lora
+from vllm_consolidate.plan.architecture import FROM_CONFIG, ArchitectureDecision, decide_architectures
+from vllm_consolidate.plan.lora import adapter_export, merge_lora
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
@@ -28,6 +28,7 @@ from vllm_consolidate.read.assets import (  # DEFAULT_BASE_MODEL re-exported: th
     NO_TOKENIZER_WARNING,
     Assets,
     asset_bytes,
+    copy_adapter_assets,
     copy_assets,
     find_checkpoint_assets,
     missing_config,
@@ -38,6 +39,7 @@ from vllm_consolidate.write import publish as pub
 from vllm_consolidate.write import write_plan
 
 DEFAULT_MAX_SHARD_SIZE = 40 * 10**9
+LORA_MODES = ("merge", "adapter")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class ConvertOptions:
             ``model_type`` (see :mod:`vllm_consolidate.plan.architecture`). Replaces config.json's own.
         model_key: ``--model-key``: for a DCP checkpoint holding more than one model-like entry
             (``model`` and ``ema``), the one to convert (``""`` for the top level).
+        lora: ``--lora``: for a LoRA run, ``merge`` (a full model: the adapter merged into its base)
+            or ``adapter`` (a clean peft adapter folder that vLLM serves with ``--enable-lora``).
 
     Raises:
         UsageError: ``dtype`` names no known dtype.
@@ -87,6 +91,7 @@ class ConvertOptions:
     validate: bool = True
     architecture: str | None = None
     model_key: str | None = None
+    lora: str = "merge"
 
     def __post_init__(self) -> None:
         # Normalised once here so every reader of the record sees Paths and a DType (frozen: set via object).
@@ -196,21 +201,35 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     inputs = [Path(opts.input), detected.weights_dir] + ([Path(opts.checkpoint_dir)] if opts.checkpoint_dir else [])
     pub.check_output_location(Path(opts.output), inputs)
     source = detection.read(detected, opts.model_key)
-    source = merge_lora(source, detected.weights_dir, Path(opts.input), opts.base_model_name)
-    base_model = source.info.get("base_model") if source.kind == "lora_merge" else opts.base_model_name
-    assets = find_checkpoint_assets(detected.weights_dir, Path(opts.input), source.asset_dirs, base_model)
+    if opts.lora not in LORA_MODES:
+        raise UsageError(f"unknown --lora {opts.lora}", hint=f"Use one of {', '.join(LORA_MODES)}.")
+    adapter = opts.lora == "adapter"
+    if adapter:
+        source = adapter_export(source, detected.weights_dir, Path(opts.input), opts.base_model_name)
+    else:
+        source = merge_lora(source, detected.weights_dir, Path(opts.input), opts.base_model_name)
+    base_model = source.info.get("base_model") if source.kind.startswith("lora_") else opts.base_model_name
+    assets = find_checkpoint_assets(detected.weights_dir, Path(opts.input), source.asset_dirs,
+                                    base_model or opts.base_model_name)
     warnings: list[str] = list(assets.skipped)
-    if assets.config is None:
+    if source.info.get("base_model_error"):
+        warnings.append(f"the adapter was not checked against its base model: {source.info['base_model_error']}")
+    if assets.config is None and not adapter:  # an adapter folder has no config.json
         raise missing_config(assets, detected.weights_dir)
     if assets.tokenizer_dir is None:
         warnings.append(NO_TOKENIZER_WARNING)
-    config = read_config(assets.config)
-    architecture = decide_architectures(config, source, opts.architecture)
-    if architecture.changed:  # only the dict written to the output; the input's file is never touched
-        config["architectures"] = list(architecture.architectures)
-    tensors, dropped = output_tensors(source, config)
+    config = read_config(assets.config) if assets.config is not None else {}
+    if adapter:
+        architecture = ArchitectureDecision(tuple(config.get("architectures") or ()), FROM_CONFIG)
+        tensors, dropped = list(source.tensors), []
+    else:
+        architecture = decide_architectures(config, source, opts.architecture)
+        if architecture.changed:  # only the dict written to the output; the input's file is never touched
+            config["architectures"] = list(architecture.architectures)
+        tensors, dropped = output_tensors(source, config)
     plan = plan_output(tensors, target_dtype=target_dtype(opts, source, config),
-                       max_shard_size=opts.max_shard_size, fmt=opts.fmt)
+                       max_shard_size=2**62 if adapter else opts.max_shard_size, fmt=opts.fmt,
+                       stem="adapter_model" if adapter else None)
     return Conversion(detected, source, assets, config, plan, dropped, warnings, architecture)
 
 
@@ -288,13 +307,17 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
             if progress:
                 progress(done, total)
 
+    adapter = conv.source.kind == "lora_adapter"
     with pub.Staging(output) as staging:
         tmp = staging.path
         written = [p.name for p in write_plan(plan, tmp, on_bytes)]
-        written += copy_assets(conv.assets, tmp, config)
+        if adapter:
+            written += copy_adapter_assets(conv.assets, Path(conv.source.info["adapter_config"]), tmp)
+        else:
+            written += copy_assets(conv.assets, tmp, config)
         pub.write_marker(tmp, {"source": str(conv.detected.weights_dir), "input": str(Path(opts.input).absolute()),
                                "output_dtype": out_dtype, "files": written})
-        report = _validate(conv, tmp, output, on_stage) if opts.validate else None
+        report = _validate(conv, tmp, output, on_stage, adapter) if opts.validate else None
         staging.publish(opts.force)
     if report is not None:
         report.path = output  # it ran on the temporary folder, now renamed
@@ -302,8 +325,9 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
     return written, report
 
 
-def _validate(conv: Conversion, tmp: Path, output: Path, on_stage: Callable[[str], None] | None) -> Any:
-    from vllm_consolidate.validate import validate_folder
+def _validate(conv: Conversion, tmp: Path, output: Path, on_stage: Callable[[str], None] | None,
+              adapter: bool = False) -> Any:
+    from vllm_consolidate.validate import validate_adapter_folder, validate_folder
     from vllm_consolidate.validate.source import Reference
 
     if on_stage:
@@ -311,7 +335,7 @@ def _validate(conv: Conversion, tmp: Path, output: Path, on_stage: Callable[[str
     # The sampled comparison with the source proves each tensor landed where the plan put it.
     sample = Reference(str(conv.detected.weights_dir), {t.name: t.spec for t in conv.plan.tensors}, conv.dropped,
                        depth="sample")
-    report = validate_folder(tmp, reference=sample)
+    report = validate_adapter_folder(tmp, reference=sample) if adapter else validate_folder(tmp, reference=sample)
     if not report.ok:
         raise ValidationFailedError(
             "the converted folder failed validation: " + "; ".join(report.failure_messages()),

@@ -94,6 +94,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type", dest="input_type", choices=INPUT_TYPES, default="auto",
                    help="input type (default: auto); dcp = HF Trainer/Accelerate FSDP or any "
                         "torch.distributed.checkpoint folder")
+    p.add_argument("--lora", choices=("merge", "adapter"), default="merge",
+                   help="LoRA runs: merge the adapter into its base model (default), or write a clean peft adapter "
+                        "folder (adapter_config.json + adapter_model.safetensors) that vLLM serves with --enable-lora")
     p.add_argument("--model-key", default=None, metavar="NAME",
                    help="DCP: the state-dict entry that holds the model when there is more than one (e.g. 'model' "
                         "or 'ema'; '' for the top level)")
@@ -137,7 +140,7 @@ def model_options(args: argparse.Namespace, *, input: Path | None = None, output
         input=input, output=output, checkpoint_dir=checkpoint_dir, input_type=args.input_type,
         base_model_name=args.base_model_name, dtype=args.dtype, keep_original_precision=args.keep_original_precision,
         fmt=args.fmt, max_shard_size=parse_size(args.max_shard_size), force=args.force, validate=args.validate_vllm,
-        architecture=args.architecture, model_key=args.model_key,
+        architecture=args.architecture, model_key=args.model_key, lora=args.lora,
     )
 
 

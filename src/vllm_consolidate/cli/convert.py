@@ -39,11 +39,14 @@ def print_summary(result) -> None:
         parts.append(f"trained in {d['trained_dtype']}")
     print(f"detected:   {', '.join(parts)}")
     print(f"chosen:     {d.get('weights_dir')} ({d.get('how')})")
-    if d.get("lora_source"):
+    if d.get("type") == "lora_merge":
         n = len(d["lora_replaced"])
         replaced = f"; replaced {n} tensors (modules_to_save, biases, saved base layers)" if n else ""
         print(f"lora:       merged {d['lora_modules']} LoRA modules from {d['lora_source']} into {d['base_model']}"
               + replaced)
+    elif d.get("type") == "lora_adapter":
+        checked = f"checked against {d['base_model']}" if d.get("base_model") else "not checked against a base model"
+        print(f"lora:       adapter of {d['lora_modules']} LoRA modules from {d['lora_source']}; {checked}")
     extra = f"; dropped tied {', '.join(result.dropped)}" if result.dropped else ""
     print(f"tensors:    {result.tensors} tensors, {result.parameters:,} parameters{extra}")
     if result.renamed:
@@ -51,12 +54,10 @@ def print_summary(result) -> None:
     print(f"bytes:      read {_gb(result.bytes_read)}, wrote {_gb(result.bytes_written)} as {result.output_dtype}")
     print(f"files:      {', '.join(result.files)}")
     origin = result.assets
-    print(f"config:     {origin.get('config')}")
-    note = (result.architectures or {}).get("message")
-    if note:
-        print(f"architectures: {note}")
-    print(f"tokenizer:  {origin.get('tokenizer') or 'none'}")
-    print(f"generation: {origin.get('generation_config') or 'none (transformers and vLLM defaults apply)'}")
+    if d.get("type") == "lora_adapter":  # an adapter folder holds adapter_config.json, not the model's config
+        print(f"tokenizer:  {origin.get('tokenizer') or 'none'}")
+    else:
+        _print_model_assets(result, origin)
     speed = rate(result.bytes_written, result.seconds)
     print(f"time:       {result.seconds:.1f} s" + (f" ({speed})" if speed else ""))
     if result.validation is not None:
@@ -65,6 +66,15 @@ def print_summary(result) -> None:
         print(f"validation: {'passed' if result.validation['ok'] else 'FAILED'} ({counts['pass']} checks passed, "
               f"{counts['warn']} warnings)" + (f"; source: {source['message']}" if source else ""))
     print(f"output:     {result.output}")
+
+
+def _print_model_assets(result, origin: dict) -> None:
+    print(f"config:     {origin.get('config')}")
+    note = (result.architectures or {}).get("message")
+    if note:
+        print(f"architectures: {note}")
+    print(f"tokenizer:  {origin.get('tokenizer') or 'none'}")
+    print(f"generation: {origin.get('generation_config') or 'none (transformers and vLLM defaults apply)'}")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

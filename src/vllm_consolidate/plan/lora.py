@@ -18,13 +18,14 @@ output dtype; peft instead rounds the delta to the base dtype and adds in 16 bit
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.casts import cast_into
-from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsupportedCheckpointError
+from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsupportedCheckpointError, UsageError
 from vllm_consolidate.read import hf, peft
 from vllm_consolidate.read.assets import DEFAULT_BASE_MODEL, resolve_base_model, search_chain
 from vllm_consolidate.read.peft import Adapter
@@ -139,24 +140,19 @@ def merge_plan(base: SourceModel, adapter: Adapter, base_dir: Path) -> SourceMod
                        renamed=base.renamed)
 
 
-def merge_lora(source: SourceModel, weights_dir: Path, input_dir: Path, base_model_name: str | None,
-               default_base: str | None = DEFAULT_BASE_MODEL) -> SourceModel:
-    """A LoRA fine-tune as its merged model; any other source as it is.
+def find_lora(source: SourceModel, weights_dir: Path, input_dir: Path) -> peft.Adapter | None:
+    """The LoRA adapter a source holds, else None (a full model).
 
     LoRA is recognised by an ``adapter_config.json`` in the checkpoint folder or its parents, together
     with LoRA factors among the tensors (a DeepSpeed checkpoint's fp32 masters, or a peft folder's
-    adapter file). The base model is ``--base-model-name`` when given, else the adapter config's
-    ``base_model_name_or_path``.
+    adapter file).
 
     Raises:
         UnsupportedCheckpointError: LoRA factors without an ``adapter_config.json``, or a peft feature
             that cannot be merged.
-        InputNotFoundError: The base model is not a local folder and not in the HF cache.
-        CorruptCheckpointError: The adapter does not fit the base model.
     """
-    lora_names = any(peft.is_lora_name(t.name) for t in source.tensors)
-    if source.kind != "peft" and not lora_names:
-        return source
+    if source.kind != "peft" and not any(peft.is_lora_name(t.name) for t in source.tensors):
+        return None
     config_path = peft.find_adapter_config(search_chain(weights_dir, input_dir))
     if config_path is None:
         raise UnsupportedCheckpointError(
@@ -167,17 +163,83 @@ def merge_lora(source: SourceModel, weights_dir: Path, input_dir: Path, base_mod
         what = f"{source.info.get('adapter_file')} ({source.info.get('adapter_dtype')})"
     else:
         what = f"fp32 masters in {weights_dir.name}" if source.kind == "deepspeed" else str(source.path)
-    adapter = peft.read_adapter(config, source.tensors, what, source.path)
+    return peft.read_adapter(config, source.tensors, what, source.path)
+
+
+def find_base(adapter: peft.Adapter, base_model_name: str | None, default_base: str | None) -> Path:
+    """The base model's folder: ``base_model_name`` unless it is ``default_base`` (the option's default),
+    else the adapter config's ``base_model_name_or_path``; a local folder or an HF cache snapshot.
+
+    Raises:
+        InputNotFoundError: Not a local folder and not in the HF cache.
+    """
     explicit = base_model_name if base_model_name != default_base else None
-    name = explicit or config.base_model or default_base
+    name = explicit or adapter.config.base_model or default_base
     base_dir, error = resolve_base_model(name)
     if base_dir is None:
         raise InputNotFoundError(
-            f"the adapter's base model {name} was not found ({error})",
-            path=config_path, hint="Pass the base model's folder (or its Hub id, if it is in the HF cache) with "
-                                   "--base-model-name.")
-    base = hf.read_hf(base_dir, trust_root(base_dir))
-    return merge_plan(base, adapter, base_dir)
+            f"the adapter's base model {name} was not found ({error})", path=adapter.config.path,
+            hint="Pass the base model's folder (or its Hub id, if it is in the HF cache) with --base-model-name.")
+    return base_dir
 
 
-__all__ = ["merge_lora", "merge_plan", "merged_rows", "row_length"]
+def merge_lora(source: SourceModel, weights_dir: Path, input_dir: Path, base_model_name: str | None,
+               default_base: str | None = DEFAULT_BASE_MODEL) -> SourceModel:
+    """A LoRA fine-tune as its merged model (see :func:`find_lora`, :func:`find_base`); any other source as it is.
+
+    Raises:
+        UnsupportedCheckpointError: See :func:`find_lora`.
+        InputNotFoundError: See :func:`find_base`.
+        CorruptCheckpointError: The adapter does not fit the base model.
+    """
+    adapter = find_lora(source, weights_dir, input_dir)
+    if adapter is None:
+        return source
+    base_dir = find_base(adapter, base_model_name, default_base)
+    return merge_plan(hf.read_hf(base_dir, trust_root(base_dir)), adapter, base_dir)
+
+
+_SAVED_NAMES = [  # live peft names -> the names peft saves (and vLLM loads): without the adapter name
+    (re.compile(r"\.(lora_A|lora_B)\.[^.]+\.weight$"), r".\1.weight"),
+    (re.compile(r"\.(lora_embedding_A|lora_embedding_B)\.[^.]+$"), r".\1"),
+    (re.compile(r"\.modules_to_save\.[^.]+\."), "."),
+]
+
+
+def saved_name(name: str) -> str:
+    """The name peft's ``save_pretrained`` gives a live adapter tensor."""
+    for pattern, repl in _SAVED_NAMES:
+        name = pattern.sub(repl, name)
+    return name if name.startswith(peft.PEFT_PREFIX) else peft.PEFT_PREFIX + name
+
+
+def adapter_export(source: SourceModel, weights_dir: Path, input_dir: Path, base_model_name: str | None,
+                   ) -> SourceModel:
+    """A LoRA run's adapter as a clean peft folder's tensors (``--lora adapter``), under peft's saved names.
+
+    The base model is checked against the adapter when it can be found (a warning in ``info`` otherwise).
+
+    Raises:
+        UsageError: The source is not a LoRA run.
+        CorruptCheckpointError: The adapter does not fit the base model.
+    """
+    adapter = find_lora(source, weights_dir, input_dir)
+    if adapter is None:
+        raise UsageError("--lora adapter needs a LoRA run (adapter_config.json with LoRA factors)", path=weights_dir,
+                         hint="Leave --lora out to convert a full model.")
+    info: dict[str, Any] = dict(source.info, type="lora_adapter", lora_source=adapter.source,
+                                adapter_config=str(adapter.config.path), lora_modules=len(adapter.modules))
+    try:
+        base_dir = find_base(adapter, base_model_name, DEFAULT_BASE_MODEL)
+    except InputNotFoundError as exc:
+        info["base_model_error"] = exc.message
+    else:
+        merge_plan(hf.read_hf(base_dir, trust_root(base_dir)), adapter, base_dir)  # raises if it does not fit
+        info["base_model"] = str(base_dir)
+    specs = [s for s in source.tensors]
+    tensors = [TensorSpec(saved_name(s.name), s.dtype, s.shape, s.segments) for s in specs]
+    return SourceModel(kind="lora_adapter", path=source.path, tensors=tensors, info=info)
+
+
+__all__ = ["adapter_export", "find_base", "find_lora", "merge_lora", "merge_plan", "merged_rows", "row_length",
+           "saved_name"]

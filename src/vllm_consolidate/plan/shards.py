@@ -93,6 +93,7 @@ def plan_output(
     target_dtype: DType | None,
     max_shard_size: int,
     fmt: str = "safetensors",
+    stem: str | None = None,
 ) -> OutputPlan:
     """Assign every tensor to an output file and byte offset.
 
@@ -101,6 +102,8 @@ def plan_output(
         target_dtype: dtype for floating-point tensors, or None to keep each tensor's own.
         max_shard_size: Largest file size in bytes before splitting.
         fmt: ``"safetensors"`` or ``"bin"``.
+        stem: The file name before the extension (default: ``model`` / ``pytorch_model``; a peft adapter
+            folder's is ``adapter_model``).
 
     Returns:
         The plan.
@@ -123,7 +126,8 @@ def plan_output(
             size = 0
         shards[-1].append(planned)
         size += planned.nbytes
-    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    default, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    stem = stem or default
     n = len(shards)
     files = []
     for i, shard in enumerate(shards, start=1):

@@ -330,6 +330,20 @@ def copy_assets(assets: Assets, folder: Path, config: dict) -> list[str]:
     if assets.generation_config is not None:
         copy_regular(assets.generation_config, folder / GENERATION_CONFIG_FILE)
         written.append(GENERATION_CONFIG_FILE)
+    return written + _copy_tokenizer(assets, folder)
+
+
+def copy_adapter_assets(assets: Assets, adapter_config: Path, folder: Path) -> list[str]:
+    """A peft adapter folder's files besides its weights: ``adapter_config.json`` (re-written from the
+    checked original, ``inference_mode`` on) and the tokenizer files."""
+    config = read_json(adapter_config, MAX_CONFIG_BYTES, what="adapter_config.json")
+    config["inference_mode"] = True
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return ["adapter_config.json"] + _copy_tokenizer(assets, folder)
+
+
+def _copy_tokenizer(assets: Assets, folder: Path) -> list[str]:
+    written = []
     for src in assets.tokenizer_files:
         # Relative to the tokenizer's folder, so additional_chat_templates/NAME.jinja keeps its folder.
         rel = src.relative_to(assets.tokenizer_dir) if assets.tokenizer_dir else Path(src.name)

@@ -43,7 +43,6 @@ This module imports neither vLLM nor torch at import time (the package must impo
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
@@ -119,15 +118,11 @@ def one_line(exc: ConsolidateError) -> str:
     return " ".join(text.split())
 
 
-@contextlib.contextmanager
-def reported() -> Iterator[None]:
-    """Turn a :class:`ConsolidateError` into :class:`CheckpointLoadError` (logged once, no chained frames)."""
-    try:
-        yield
-    except ConsolidateError as exc:
-        line = one_line(exc)
-        logger.error("%s", line)
-        raise CheckpointLoadError(exc) from None
+def clean_error(exc: ConsolidateError) -> CheckpointLoadError:
+    """The error to raise (``raise clean_error(exc) from None``) for ``exc``, its line logged as vLLM logs errors."""
+    error = CheckpointLoadError(exc)
+    logger.error("%s", error)
+    return error
 
 
 # -- what to load -------------------------------------------------------------------------------------
@@ -367,13 +362,17 @@ def _loader_class(base: type) -> type:
 
         def __init__(self, load_config: Any):
             super().__init__(load_config)
-            with reported():
+            try:
                 self.options = loader_options(getattr(load_config, "model_loader_extra_config", None))
+            except ConsolidateError as exc:
+                raise clean_error(exc) from None
             self._checkpoint: Checkpoint | None = None
 
         def _open(self, model_config: Any) -> Checkpoint:
-            with reported():
+            try:
                 return open_checkpoint(model_config.model, self.options)
+            except ConsolidateError as exc:
+                raise clean_error(exc) from None
 
         def download_model(self, model_config: Any) -> None:
             # Nothing to download: the checkpoint is local. Reading its metadata checks it.
@@ -387,9 +386,11 @@ def _loader_class(base: type) -> type:
         def load_weights(self, model: Any, model_config: Any) -> None:
             checkpoint, self._checkpoint = self._checkpoint or self._open(model_config), None
             started, stats = time.monotonic(), {}
-            with reported():
+            try:
                 tensors = plan_tensors(checkpoint.source, _hf_config_dict(model_config))
                 loaded = model.load_weights(iter_weights(tensors, model_config.dtype, stats))
+            except ConsolidateError as exc:  # raised by a reader while vLLM pulls the tensors
+                raise clean_error(exc) from None
             logger.info("consolidate: streamed %d tensors (%.2f GB as %s) from %s (%s: %s) in %.2f s; nothing written",
                         stats["tensors"], stats["bytes"] / 1e9, model_config.dtype, checkpoint.detected.weights_dir,
                         checkpoint.detected.kind, checkpoint.detected.how, time.monotonic() - started)
@@ -422,10 +423,9 @@ def _patch_engine_args() -> None:
     def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(self, "load_format", None) == LOAD_FORMAT:
             try:
-                with reported():
-                    prepare_engine_args(self)
-            except CheckpointLoadError:
-                raise
+                prepare_engine_args(self)
+            except ConsolidateError as exc:
+                raise clean_error(exc) from None
             except Exception as exc:  # a bug of ours must not stop vLLM; the loader checks again
                 logger.warning("consolidate: could not check the checkpoint before loading (%s: %s)",
                                type(exc).__name__, exc)

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm_consolidate.read.assets import CONFIG_FILE
 from vllm_consolidate.validate import config, files, skeleton, source, tokenizer, values
+from vllm_consolidate.validate.adapter import validate_adapter_folder  # re-exported: convert uses it
 from vllm_consolidate.validate.context import SCAN_CHUNK_BYTES, Context
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check, ValidationReport, skipped
 
@@ -224,5 +225,6 @@ __all__ = [
     "ValidationReport",
     "add_load_check",
     "load_check",
+    "validate_adapter_folder",
     "validate_folder",
 ]

@@ -45,7 +45,7 @@ def test_what_a_check_fills_in_is_there_before_it_is_read(producer, consumers):
 
 def test_public_surface():
     assert set(V.__all__) == {"CHECKS", "FAIL", "PASS", "WARN", "Check", "ValidationReport", "add_load_check",
-                              "load_check", "validate_folder"}
+                              "load_check", "validate_adapter_folder", "validate_folder"}
     assert (V.PASS, V.WARN, V.FAIL) == ("pass", "warn", "fail")
 
 
