@@ -405,8 +405,6 @@ def test_inspect_lora_reports_exit_4(conv):
     assert lines[first + 1].startswith("  error: this verl checkpoint holds LoRA parameters ["), stdout
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: inspection._find_config searches source.asset_dirs only when the "
-                                       "reader succeeded, so a refused verl input misses huggingface/config.json")
 def test_inspect_lora_finds_its_config(conv):
     code, stdout, _ = _cli("inspect", conv.input(LORA))
     hf = conv.corpus[LORA] / "ckpt/global_step_1/actor/huggingface"
@@ -414,8 +412,6 @@ def test_inspect_lora_finds_its_config(conv):
     assert "problems:      1 (convert would stop at the first: exit 4)" in stdout.splitlines()
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: inspection._checkpoints only knows checkpoint-N/global_stepN, "
-                                       "so verl global_step_N and DCP step-N saves are listed as 'none'")
 @pytest.mark.parametrize("name", ["dcp_qwen2_w2_nested_tied", "verl_qwen2_w2_tied"])
 def test_inspect_lists_numbered_saves(name, conv):
     code, stdout, _ = _cli("inspect", conv.input(name))

@@ -17,6 +17,7 @@ exactly one storage entry; each storage file is one plain name inside the folder
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,11 +119,12 @@ class DcpMetadata:
 
 
 def is_dcp_folder(path: Path) -> bool:
-    """True if ``path`` holds a ``.metadata`` file and at least one ``.distcp`` file."""
-    try:
-        return (path / METADATA_FILE).is_file() and any(p.suffix == ".distcp" for p in path.iterdir())
-    except OSError:
-        return False
+    """True if ``path`` holds an entry named ``.metadata``.
+
+    Any entry counts (a FIFO, a dangling link): reading it then refuses it with an error naming it,
+    rather than detection silently falling back to an older save.
+    """
+    return os.path.lexists(path / METADATA_FILE) and not (path / METADATA_FILE).is_dir()
 
 
 class _Fields:

@@ -93,7 +93,7 @@ def _wrapper(unpickler: Any, cls: Any, dtype: Any, size: Any, *rest: Any) -> DTe
     # ``cls`` is the per-load inert class made for the DTensor global (a class, not an instance).
     if not (isinstance(cls, type) and issubclass(cls, Inert) and cls.qualname.rsplit(".", 1)[-1] == "DTensor"
             ) or not rest:
-        raise _bad(f"a wrapper tensor of type {brief(cls)}, not a DTensor")
+        raise _bad(f"a wrapper tensor of type {getattr(cls, 'qualname', type(cls).__name__)}, not a DTensor")
     state = rest[-1]  # appended by the rebuild: (dict state, slot state)
     slots = state[1] if type(state) is tuple and len(state) == 2 else state
     if type(slots) is not dict:
@@ -109,7 +109,7 @@ def _wrapper(unpickler: Any, cls: Any, dtype: Any, size: Any, *rest: Any) -> DTe
         raise _bad(f"placements {brief(placements)}")
     parsed = tuple(_placement(p) for p in placements)
     if local.dtype.name != getattr(dtype, "name", None):
-        raise _bad(f"local tensor is {local.dtype}, the DTensor says {brief(dtype)}")
+        raise _bad(f"local tensor is {local.dtype}, the DTensor says {getattr(dtype, 'name', 'no dtype')}")
     return DTensorShard(local, tuple(size), parsed, _coordinate(fields.get("mesh"), len(parsed)))
 
 

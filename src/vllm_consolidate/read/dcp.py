@@ -18,11 +18,12 @@ ambiguous: the reader refuses and names them, and ``--model-key`` picks one (``"
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import CorruptCheckpointError, UnsupportedCheckpointError, UsageError
+from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, UnsupportedCheckpointError, UsageError
 from vllm_consolidate.formats import dcp
 from vllm_consolidate.formats.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.limits import brief
@@ -30,6 +31,8 @@ from vllm_consolidate.read.chunks import Piece, assemble
 from vllm_consolidate.read.hf import check_weight_file, strip_wrapper_prefixes
 from vllm_consolidate.safe_io import open_regular
 from vllm_consolidate.source import SourceModel, TensorSpec
+
+T = TypeVar("T")
 
 #: First components of Hugging Face parameter names (a model's state dict keys start with one).
 HF_ROOTS = frozenset({
@@ -134,7 +137,8 @@ def check_storage_files(folder: Path, meta: dcp.DcpMetadata, roots: list[Path]) 
     missing = [name for name in sorted(ends) if not os.path.lexists(folder / name)]
     if missing:
         raise CorruptCheckpointError(
-            f"the .metadata lists {len(ends)} storage files, but {len(missing)} are missing: "
+            f"the .metadata lists {len(ends)} storage files, but {len(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing: "
             f"{brief(', '.join(missing))}", path=meta.path,
             hint="The save did not finish, or files were lost in a copy. Copy the whole folder again.")
     for name, end in ends.items():
@@ -153,7 +157,11 @@ def check_storage_files(folder: Path, meta: dcp.DcpMetadata, roots: list[Path]) 
 
 def _piece(folder: Path, tensor: dcp.DcpTensor, chunk: dcp.DcpChunk) -> Piece:
     path = folder / chunk.file
-    ref = load_lazy(path, start=chunk.offset, length=chunk.length)
+    try:
+        ref = load_lazy(path, start=chunk.offset, length=chunk.length)
+    except ConsolidateError as exc:  # name the tensor: the file alone does not say which entry is broken
+        raise type(exc)(f"the chunk of {brief(tensor.key)} at byte {chunk.offset}: {exc.message}", path=exc.path,
+                        hint=exc.hint) from None
     if type(ref) is not TensorRef:
         raise CorruptCheckpointError(f"the chunk of {brief(tensor.key)} at byte {chunk.offset} is not a tensor",
                                      path=path)
@@ -180,6 +188,7 @@ def read_dcp(folder: Path, root: Path | None = None, model_key: str | None = Non
     """
     folder = Path(folder)
     roots = [Path(root) if root is not None else folder]
+    check_weight_file(folder / dcp.METADATA_FILE, roots)
     meta = dcp.read_metadata(folder)
     container, names = model_keys(list(meta.tensors), meta.paths, model_key, meta.path)
     entries = len(meta.tensors) + len(meta.byte_keys)
@@ -199,13 +208,16 @@ def read_dcp(folder: Path, root: Path | None = None, model_key: str | None = Non
         owner[name] = key
         if name != names[key]:  # a wrapper prefix (the container itself is expected, not a rename)
             renamed[names[key]] = name
-        place = tuple(sorted((c.file, c.offset) for c in tensor.chunks))
-        if place in by_place:  # the same stored bytes under two names: tied weights
+        # The same stored bytes under two names are tied weights, but only when everything matches:
+        # a forged entry pointing at another tensor's bytes must not borrow them under another shape.
+        place = (tensor.dtype, tensor.shape, tuple(sorted(tensor.chunks, key=lambda c: c.offsets)))
+        if place in by_place:
             aliases[name] = by_place[place]
             continue
         by_place[place] = name
         pieces = [_piece(folder, tensor, c) for c in tensor.chunks]
-        specs.append(TensorSpec(name, tensor.dtype, tensor.shape, assemble(tensor.shape, pieces, name)))
+        segments = with_path(meta.path, assemble, tensor.shape, pieces, name)
+        specs.append(TensorSpec(name, tensor.dtype, tensor.shape, segments))
     stored = stored_dtype(specs)
     info = {
         "type": "dcp",
@@ -220,6 +232,15 @@ def read_dcp(folder: Path, root: Path | None = None, model_key: str | None = Non
                        trained_dtype=stored if stored and stored.itemsize == 2 else None)
 
 
+def with_path(path: Path, build: Callable[..., T], *args: Any) -> T:
+    """``build(*args)``; a ConsolidateError it raises without a file is made to name ``path``."""
+    try:
+        return build(*args)
+    except ConsolidateError as exc:
+        exc.path = exc.path or str(path)
+        raise
+
+
 def stored_dtype(specs: list[TensorSpec]) -> DType | None:
     """The one floating dtype all tensors are stored in, else None.
 
@@ -230,4 +251,4 @@ def stored_dtype(specs: list[TensorSpec]) -> DType | None:
     return seen.pop() if len(seen) == 1 else None
 
 
-__all__ = ["HF_ROOTS", "check_storage_files", "model_keys", "read_dcp", "stored_dtype"]
+__all__ = ["HF_ROOTS", "check_storage_files", "model_keys", "read_dcp", "stored_dtype", "with_path"]

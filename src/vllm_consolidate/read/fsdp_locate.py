@@ -35,7 +35,8 @@ TRAINER_FSDP_FOLDER = "pytorch_model_fsdp_0"
 DCP_MODEL_FOLDERS = (TRAINER_FSDP_FOLDER, "pytorch_model.bin")
 VERL_TRACKER = "latest_checkpointed_iteration.txt"
 VERL_ROLES = ("actor", "critic")
-_NUMBERED = re.compile(r"^[A-Za-z]*(?:[-_][A-Za-z]+)*[-_]?(\d+)$")
+#: Names of numbered saves (not ``optimizer_0`` or ``pytorch_model_fsdp_0``, which hold parts of one save).
+_NUMBERED = re.compile(r"^(?:step|steps|global_step|checkpoint|ckpt|iter|iteration|epoch)[-_]?([0-9]+)$")
 _VERL_STEP = re.compile(r"^global_step_(\d+)$")
 
 
@@ -84,7 +85,7 @@ def verl_tracked_step(path: Path) -> int | None:
         text = read_text(path / VERL_TRACKER, MAX_TAG_BYTES, what=VERL_TRACKER).strip()
     except (OSError, ConsolidateError):
         return None
-    return int(text) if text.isdigit() and len(text) <= 18 else None
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def resolve_dcp(path: Path) -> ResolvedCheckpoint:
@@ -116,7 +117,7 @@ def _verl_step(path: Path) -> Path | None:
     tracker = path / VERL_TRACKER
     if os.path.lexists(tracker):
         text = read_text(tracker, MAX_TAG_BYTES, what=VERL_TRACKER).strip()
-        if not text.isdigit() or len(text) > 18:
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:
             raise CorruptCheckpointError(f"{VERL_TRACKER} holds {brief(text)}, not a step number", path=tracker)
         step = path / f"global_step_{int(text)}"
         if not step.is_dir():

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_consolidate.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from vllm_consolidate.formats.dcp import is_dcp_folder
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -40,8 +41,7 @@ class Layout:
 # -- detection ------------------------------------------------------------------------------------------
 
 
-def _is_dcp_folder(path: Path) -> bool:
-    return (path / ".metadata").is_file() and any(path.glob("*.distcp"))
+_is_dcp_folder = is_dcp_folder
 
 
 def _present(path: Path) -> bool:

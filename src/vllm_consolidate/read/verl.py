@@ -29,11 +29,12 @@ from vllm_consolidate.formats.dtensor import DTensorShard
 from vllm_consolidate.formats.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.limits import brief
 from vllm_consolidate.read.chunks import Piece, assemble
-from vllm_consolidate.read.dcp import stored_dtype
+from vllm_consolidate.read.dcp import stored_dtype, with_path
 from vllm_consolidate.read.hf import check_weight_file, strip_wrapper_prefixes
 from vllm_consolidate.source import SourceModel, TensorSpec
 
-RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
+#: Canonical ASCII numbers only: ``rank_01`` or ``rank_١`` must not stand for rank 1.
+RANK_FILE = re.compile(r"^model_world_size_(0|[1-9][0-9]*)_rank_(0|[1-9][0-9]*)\.pt$")
 FSDP_CONFIG = "fsdp_config.json"
 HF_FOLDER = "huggingface"
 LORA_FOLDER = "lora_adapter"
@@ -61,8 +62,17 @@ def is_verl_role_folder(path: Path) -> bool:
     return path.is_dir() and bool(rank_files(path))
 
 
+_ANY_RANK_FILE = re.compile(r"^model_world_size_\w+_rank_\w+\.pt$")
+
+
 def _world(folder: Path) -> tuple[int, dict[int, Path], dict[str, Any]]:
     found = rank_files(folder)
+    canonical = {p.name for files in found.values() for p in files.values()}
+    odd = sorted(p.name for p in folder.iterdir() if _ANY_RANK_FILE.match(p.name) and p.name not in canonical)
+    if odd:  # rank_01 next to rank_1: which one holds rank 1 cannot be known
+        raise CorruptCheckpointError(
+            f"{brief(odd[0])} is named like a rank file but its numbers are not written as verl writes them; "
+            "two files may stand for one rank", path=folder / odd[0], hint="Remove the stray file.")
     if not found:
         raise InputNotFoundError("no verl rank files (model_world_size_W_rank_R.pt) here", path=folder)
     if len(found) > 1:
@@ -74,7 +84,7 @@ def _world(folder: Path) -> tuple[int, dict[int, Path], dict[str, Any]]:
     if (folder / FSDP_CONFIG).exists():
         config = safe_io.read_json(folder / FSDP_CONFIG, what=FSDP_CONFIG)
         declared = config.get("world_size") if isinstance(config, dict) else None
-        if declared is not None and declared != world:
+        if declared is not None and (type(declared) is not int or declared != world):
             raise CorruptCheckpointError(
                 f"{FSDP_CONFIG} says world_size {brief(declared)}, but the rank files are for world size {world}",
                 path=folder / FSDP_CONFIG, hint="The folder mixes two saves; copy the checkpoint again.")
@@ -127,19 +137,22 @@ def _mesh(shards: dict[int, DTensorShard], world: int, where: str, path: Path) -
 def _tensor(name: str, parts: dict[int, Any], world: int, files: dict[int, Path]) -> TensorSpec:
     first = parts[0]
     if type(first) is TensorRef:  # a plain tensor, saved whole by every rank
-        if any(type(p) is not TensorRef or p.shape != first.shape for p in parts.values()):
-            raise CorruptCheckpointError(f"ranks disagree on {brief(name)}", path=files[0])
+        odd = next((r for r, p in parts.items() if type(p) is not TensorRef or p.shape != first.shape), None)
+        if odd is not None:
+            raise CorruptCheckpointError(f"rank {odd} disagrees with rank 0 on {brief(name)}", path=files[odd])
         return TensorSpec(name, first.dtype, first.shape, [first.segment()])
-    if any(type(p) is not DTensorShard or p.shape != first.shape or p.placements != first.placements
-           for p in parts.values()):
-        raise CorruptCheckpointError(f"the rank files disagree on the shape or placement of {brief(name)}",
-                                     path=files[0])
+    odd = next((r for r, p in parts.items() if type(p) is not DTensorShard or p.shape != first.shape
+                or p.placements != first.placements), None)
+    if odd is not None:
+        raise CorruptCheckpointError(f"rank {odd} disagrees with rank 0 on the shape or placement of {brief(name)}",
+                                     path=files[odd])
     mesh = _mesh(parts, world, name, files[0])
     boxes: dict[tuple, Piece] = {}
     for rank in sorted(parts):
         box = _box(parts[rank], mesh, name)
         boxes.setdefault(box, Piece(box[0], box[1], parts[rank].local))  # replicas: the lowest rank's copy
-    return TensorSpec(name, first.local.dtype, first.shape, assemble(first.shape, list(boxes.values()), name))
+    segments = with_path(files[0], assemble, first.shape, list(boxes.values()), name)
+    return TensorSpec(name, first.local.dtype, first.shape, segments)
 
 
 def _load_rank(path: Path, roots: list[Path]) -> dict[str, Any]:
