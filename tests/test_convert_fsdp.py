@@ -336,17 +336,12 @@ def test_verl_critic_via_checkpoint_dir(conv):
     assert run.line("config:") == str(critic / "huggingface" / "config.json")
 
 
-def test_verl_lora_is_refused(conv):
+def test_verl_lora_is_merged(conv):
+    """The values are checked against peft's own merge in tests/test_verl_lora.py; here, the summary."""
     run = conv.convert(LORA)
-    assert run.code == 4, run.stderr
-    rank0 = conv.corpus[LORA] / "ckpt/global_step_1/actor/model_world_size_2_rank_0.pt"
-    lines = run.stderr.splitlines()
-    assert [ln for ln in lines if ln.startswith("error:")] == [
-        f"error: this verl checkpoint holds LoRA parameters [{rank0}]"], run.stderr
-    assert [ln for ln in lines if ln.startswith("hint:")] == [
-        "hint: Merge the adapter first (verl's model_merger, or peft's merge_and_unload on the base model), "
-        "then convert the merged model."]
-    assert not run.out.exists() and list(run.out.parent.iterdir()) == []
+    assert run.code == 0, run.stderr
+    assert run.line("detected:") == "lora_merge"
+    assert run.line("lora:").startswith("merged 14 LoRA modules from the rank files of global_step_1/actor into ")
 
 
 # -- 6. validate --against, inspect ------------------------------------------------------------------
@@ -396,20 +391,14 @@ def test_inspect_ambiguous_reports_exit_4(conv):
     assert "  error: this checkpoint holds more than one model: 'ema', 'model'" in stdout
 
 
-def test_inspect_lora_reports_exit_4(conv):
+def test_inspect_verl_lora(conv):
     code, stdout, _ = _cli("inspect", conv.input(LORA))
-    assert code == 4
+    assert code == 0, stdout
     lines = stdout.splitlines()
-    assert "format:        verl" in lines
-    first = lines.index(next(ln for ln in lines if ln.startswith("problems:")))
-    assert lines[first + 1].startswith("  error: this verl checkpoint holds LoRA parameters ["), stdout
-
-
-def test_inspect_lora_finds_its_config(conv):
-    code, stdout, _ = _cli("inspect", conv.input(LORA))
     hf = conv.corpus[LORA] / "ckpt/global_step_1/actor/huggingface"
-    assert f"config:        {hf / 'config.json'}" in stdout.splitlines()
-    assert "problems:      1 (convert would stop at the first: exit 4)" in stdout.splitlines()
+    assert "format:        lora_merge" in lines
+    assert f"config:        {hf / 'config.json'}" in lines
+    assert "problems:      none" in lines
 
 
 @pytest.mark.parametrize("name", ["dcp_qwen2_w2_nested_tied", "verl_qwen2_w2_tied"])

@@ -26,7 +26,7 @@ from typing import Any
 from vllm_consolidate import dtypes
 from vllm_consolidate.casts import cast_into
 from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsupportedCheckpointError, UsageError
-from vllm_consolidate.read import hf, peft
+from vllm_consolidate.read import hf, peft, verl
 from vllm_consolidate.read.assets import DEFAULT_BASE_MODEL, resolve_base_model, search_chain
 from vllm_consolidate.read.peft import Adapter
 from vllm_consolidate.read.ranges import iter_chunks
@@ -153,6 +153,8 @@ def find_lora(source: SourceModel, weights_dir: Path, input_dir: Path) -> peft.A
     """
     if source.kind != "peft" and not any(peft.is_lora_name(t.name) for t in source.tensors):
         return None
+    if source.kind == "verl":
+        return _verl_lora(source, weights_dir)[1]
     config_path = peft.find_adapter_config(search_chain(weights_dir, input_dir))
     if config_path is None:
         raise UnsupportedCheckpointError(
@@ -164,6 +166,39 @@ def find_lora(source: SourceModel, weights_dir: Path, input_dir: Path) -> peft.A
     else:
         what = f"fp32 masters in {weights_dir.name}" if source.kind == "deepspeed" else str(source.path)
     return peft.read_adapter(config, source.tensors, what, source.path)
+
+
+def _verl_lora(source: SourceModel, weights_dir: Path) -> tuple[SourceModel, peft.Adapter]:
+    """A verl LoRA run's base model and adapter, both inside its rank files.
+
+    The settings come from ``lora_adapter/adapter_config.json`` when verl wrote one, else from
+    ``lora_train_meta.json`` (``r`` and ``lora_alpha`` only).
+
+    Raises:
+        UnsupportedCheckpointError: Neither file is there.
+    """
+    full = weights_dir / verl.LORA_FOLDER / peft.ADAPTER_CONFIG
+    if full.is_file():
+        config = peft.read_lora_config(full)
+    elif (weights_dir / verl.LORA_META).is_file():
+        config = peft.read_verl_lora_meta(weights_dir / verl.LORA_META)
+    else:
+        raise UnsupportedCheckpointError(
+            f"this verl checkpoint holds LoRA factors but no {verl.LORA_META} or {verl.LORA_FOLDER}/ records their "
+            "r and lora_alpha", path=weights_dir, hint="Merge it with verl's model_merger, then convert the result.")
+    factors = [t for t in source.tensors if peft.is_lora_name(t.name)]
+    adapter = peft.read_adapter(config, factors, f"the rank files of {weights_dir.parent.name}/{weights_dir.name}",
+                                source.path)
+
+    def base_name(name: str) -> str:
+        name = name[len(peft.PEFT_PREFIX):] if name.startswith(peft.PEFT_PREFIX) else name
+        return name.replace(".base_layer.", ".")
+
+    base = [TensorSpec(base_name(t.name), t.dtype, t.shape, t.segments) for t in source.tensors
+            if not peft.is_lora_name(t.name)]
+    aliases = {base_name(a): base_name(b) for a, b in source.aliases.items()}
+    return SourceModel(kind="verl", path=source.path, tensors=base, asset_dirs=source.asset_dirs,
+                       trained_dtype=source.trained_dtype, info=source.info, aliases=aliases), adapter
 
 
 def find_base(adapter: peft.Adapter, base_model_name: str | None, default_base: str | None) -> Path:
@@ -195,6 +230,11 @@ def merge_lora(source: SourceModel, weights_dir: Path, input_dir: Path, base_mod
     adapter = find_lora(source, weights_dir, input_dir)
     if adapter is None:
         return source
+    if source.kind == "verl":  # the base model is in the rank files too
+        base, adapter = _verl_lora(source, weights_dir)
+        merged = merge_plan(base, adapter, weights_dir)
+        merged.asset_dirs = source.asset_dirs
+        return merged
     base_dir = find_base(adapter, base_model_name, default_base)
     return merge_plan(hf.read_hf(base_dir, trust_root(base_dir)), adapter, base_dir)
 

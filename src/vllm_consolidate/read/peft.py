@@ -81,6 +81,19 @@ class LoraConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
+def read_verl_lora_meta(path: Path) -> LoraConfig:
+    """The LoRA settings verl records beside a LoRA run's rank files (``lora_train_meta.json``).
+
+    verl records only ``r`` and ``lora_alpha`` (its LoRA has no rsLoRA, patterns or DoRA); the factor
+    shapes are checked against ``r`` when the adapter is read.
+    """
+    raw = safe_io.read_json(path, what=path.name)
+    if not isinstance(raw, dict) or type(raw.get("r")) is not int or type(raw.get("lora_alpha")) not in (int, float) \
+            or raw["r"] <= 0 or raw["lora_alpha"] <= 0:
+        raise CorruptCheckpointError(f"{path.name} does not hold a positive integer r and lora_alpha", path=path)
+    return LoraConfig(path, raw["r"], float(raw["lora_alpha"]), False, {}, {}, False, "none", (), None, raw)
+
+
 def read_lora_config(path: Path) -> LoraConfig:
     """Read and check ``adapter_config.json``.
 
@@ -247,4 +260,5 @@ def is_lora_name(name: str) -> bool:
 
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "Adapter", "LoraConfig", "LoraModule", "find_adapter_config",
-           "is_lora_name", "is_peft_folder", "read_adapter", "read_lora_config", "read_peft_folder", "resolve_peft"]
+           "is_lora_name", "is_peft_folder", "read_adapter", "read_lora_config", "read_peft_folder",
+           "read_verl_lora_meta", "resolve_peft"]

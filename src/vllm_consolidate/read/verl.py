@@ -8,8 +8,9 @@ dict (DTensors), next to ``fsdp_config.json`` (``{"FSDP_version": 1|2, "world_si
 Supported layouts: each tensor is a DTensor whose placements are ``Replicate()`` and at most one
 ``Shard(0)`` (FSDP, FSDP2 and HSDP meshes), or a plain tensor saved whole by every rank. Refused,
 with a message naming the placement: ``Shard`` on another dimension or on two mesh dimensions
-(FSDP with tensor parallelism), ``Partial`` and strided shards. LoRA runs (a ``lora_adapter/``
-folder or LoRA parameter names) are refused: the adapter must be merged (see ``--help``).
+(FSDP with tensor parallelism), ``Partial`` and strided shards. A LoRA run's rank files hold the whole
+peft model (base layers and factors, under peft names); :func:`vllm_consolidate.plan.lora.merge_lora`
+merges it with the ``r`` and ``lora_alpha`` verl records in ``lora_train_meta.json``.
 
 Each rank's box of a tensor follows ``torch.chunk`` semantics on its mesh coordinate (as
 ``Shard._local_shard_size_and_offset`` does), and must match the local tensor the file holds.
@@ -39,8 +40,7 @@ FSDP_CONFIG = "fsdp_config.json"
 HF_FOLDER = "huggingface"
 LORA_FOLDER = "lora_adapter"
 MAX_WORLD_SIZE = 1 << 16
-_LORA_HINT = ("Merge the adapter first (verl's model_merger, or peft's merge_and_unload on the base model), "
-              "then convert the merged model.")
+LORA_META = "lora_train_meta.json"
 
 
 def rank_files(folder: Path) -> dict[int, dict[int, Path]]:
@@ -169,14 +169,11 @@ def read_verl(folder: Path, root: Path | None = None) -> SourceModel:
     Raises:
         CorruptCheckpointError: Missing rank files, a world size that disagrees with ``fsdp_config.json``,
             or ranks that disagree.
-        UnsupportedCheckpointError: A LoRA run, or a placement other than Shard(0) / Replicate().
+        UnsupportedCheckpointError: A placement other than Shard(0) / Replicate().
         UnsafePickleError: A rank file's pickle is refused by the allowlist.
     """
     folder = Path(folder)
     roots = [Path(root) if root is not None else folder]
-    if (folder / LORA_FOLDER).is_dir():
-        raise UnsupportedCheckpointError("this verl checkpoint is a LoRA run (it has lora_adapter/)",
-                                         path=folder / LORA_FOLDER, hint=_LORA_HINT)
     world, files, fsdp_config = _world(folder)
     states = {rank: _load_rank(files[rank], roots) for rank in range(world)}
     keys = list(states[0])
@@ -185,8 +182,6 @@ def read_verl(folder: Path, root: Path | None = None) -> SourceModel:
             odd = sorted(set(state) ^ set(keys))
             raise CorruptCheckpointError(f"rank {rank} holds other tensors than rank 0 (e.g. {brief(odd[0])})",
                                          path=files[rank], hint="The rank files come from different saves.")
-    if any(".lora_A." in k or ".lora_B." in k for k in keys):
-        raise UnsupportedCheckpointError("this verl checkpoint holds LoRA parameters", path=files[0], hint=_LORA_HINT)
     specs, renamed, aliases, by_bytes = [], {}, {}, {}
     for key in keys:
         name = strip_wrapper_prefixes(key)
@@ -215,4 +210,4 @@ def read_verl(folder: Path, root: Path | None = None) -> SourceModel:
                        trained_dtype=stored if stored and stored.itemsize == 2 else None)
 
 
-__all__ = ["FSDP_CONFIG", "RANK_FILE", "is_verl_role_folder", "rank_files", "read_verl"]
+__all__ = ["FSDP_CONFIG", "LORA_FOLDER", "LORA_META", "RANK_FILE", "is_verl_role_folder", "rank_files", "read_verl"]

@@ -175,6 +175,21 @@ def open_checkpoint(model: str | os.PathLike, options: LoaderOptions = LoaderOpt
     return Checkpoint(detected, detection.read(detected, options.model_key))
 
 
+#: What :func:`prepare_engine_args` read, for the loader when the engine runs in the same process
+#: (``LLM()``, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``): taken once, so each load reads the metadata once.
+_prepared: dict[tuple[str, LoaderOptions], Checkpoint] = {}
+
+
+def _key(model: str | os.PathLike, options: LoaderOptions) -> tuple[str, LoaderOptions]:
+    return os.path.abspath(os.fspath(model)), options
+
+
+def take_checkpoint(model: str | os.PathLike, options: LoaderOptions) -> Checkpoint:
+    """The checkpoint read for this engine's arguments in this process, else read it now."""
+    found = _prepared.pop(_key(model, options), None)
+    return found if found is not None else open_checkpoint(model, options)
+
+
 def plan_tensors(source: SourceModel, config: dict) -> list[TensorSpec]:
     """The tensors to hand to vLLM, under their output names (``convert``'s rules for ``config``)."""
     tensors, _dropped = output_tensors(source, config)
@@ -285,7 +300,10 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
         ConsolidateError: The checkpoint cannot be read, or has no config (or tokenizer) vLLM could use.
     """
     model = Path(str(args.model))
-    checkpoint = open_checkpoint(model, loader_options(getattr(args, "model_loader_extra_config", None)))
+    options = loader_options(getattr(args, "model_loader_extra_config", None))
+    checkpoint = open_checkpoint(model, options)
+    _prepared.clear()  # one engine at a time: never keep the metadata of an earlier one
+    _prepared[_key(model, options)] = checkpoint
     need_config = getattr(args, "hf_config_path", None) is None and not (model / CONFIG_FILE).is_file()
     need_tokenizer = (getattr(args, "tokenizer", None) is None and not getattr(args, "skip_tokenizer_init", False)
                       and not has_tokenizer(tokenizer_names(model)))
@@ -368,8 +386,10 @@ def _loader_class(base: type) -> type:
                 raise clean_error(exc) from None
             self._checkpoint: Checkpoint | None = None
 
-        def _open(self, model_config: Any) -> Checkpoint:
+        def _open(self, model_config: Any, *, prepared: bool = False) -> Checkpoint:
             try:
+                if prepared:
+                    return take_checkpoint(model_config.model, self.options)
                 return open_checkpoint(model_config.model, self.options)
             except ConsolidateError as exc:
                 raise clean_error(exc) from None
@@ -380,7 +400,7 @@ def _loader_class(base: type) -> type:
 
         def load_model(self, vllm_config: Any, model_config: Any, *args: Any, **kwargs: Any) -> Any:
             # Read the metadata before vLLM allocates the model: a broken checkpoint fails in seconds.
-            self._checkpoint = self._open(model_config)
+            self._checkpoint = self._open(model_config, prepared=True)
             return super().load_model(vllm_config, model_config, *args, **kwargs)
 
         def load_weights(self, model: Any, model_config: Any) -> None:
