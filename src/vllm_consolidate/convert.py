@@ -212,6 +212,8 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     assets = find_checkpoint_assets(detected.weights_dir, Path(opts.input), source.asset_dirs,
                                     base_model or opts.base_model_name)
     warnings: list[str] = list(assets.skipped)
+    if source.info.get("vllm_warning"):
+        warnings.append(source.info["vllm_warning"])
     if source.info.get("base_model_error"):
         warnings.append(f"the adapter was not checked against its base model: {source.info['base_model_error']}")
     if assets.config is None and not adapter:  # an adapter folder has no config.json

@@ -276,10 +276,29 @@ def adapter_export(source: SourceModel, weights_dir: Path, input_dir: Path, base
     else:
         merge_plan(hf.read_hf(base_dir, trust_root(base_dir)), adapter, base_dir)  # raises if it does not fit
         info["base_model"] = str(base_dir)
-    specs = [s for s in source.tensors]
-    tensors = [TensorSpec(saved_name(s.name), s.dtype, s.shape, s.segments) for s in specs]
+    unservable = vllm_unsupported(adapter)
+    if unservable:
+        info["vllm_warning"] = (f"vLLM (0.32, tested) refuses LoRA adapters with {', '.join(unservable)}; merge this "
+                                "run instead (leave out --lora adapter) to serve it")
+    tensors = [TensorSpec(saved_name(s.name), s.dtype, s.shape, s.segments) for s in source.tensors]
     return SourceModel(kind="lora_adapter", path=source.path, tensors=tensors, info=info)
 
 
+def vllm_unsupported(adapter: peft.Adapter) -> list[str]:
+    """What in an adapter vLLM's LoRA support refuses (observed with vLLM 0.32: it raises on each)."""
+    found = []
+    embeddings = sorted(m for m, lora in adapter.modules.items() if lora.embedding)
+    if embeddings:
+        found.append(f"LoRA on embeddings ({', '.join(embeddings)})")
+    if any(m == "lm_head" or m.endswith(".lm_head") for m in adapter.modules):
+        found.append("LoRA on lm_head")
+    saved = [m for m in adapter.config.modules_to_save if m not in ("classifier", "score")]
+    if saved:
+        found.append(f"modules_to_save {saved}")
+    if adapter.config.bias != "none":
+        found.append(f"trained biases (bias={adapter.config.bias})")
+    return found
+
+
 __all__ = ["adapter_export", "find_base", "find_lora", "merge_lora", "merge_plan", "merged_rows", "row_length",
-           "saved_name"]
+           "saved_name", "vllm_unsupported"]

@@ -111,7 +111,8 @@ def read_lora_config(path: Path) -> LoraConfig:
     for key, what in _REFUSED.items():
         if raw.get(key) not in (None, False, {}, [], 0):
             raise UnsupportedCheckpointError(
-                f"this adapter uses {what}; merging it as plain LoRA would be wrong, so it is not supported",
+                f"this adapter uses {what}, which is not supported: merging it as plain LoRA would be wrong, "
+                "and vLLM does not serve it as an adapter",
                 path=path, hint="Merge it with peft's merge_and_unload on the base model, then convert that.")
 
     def number(key: str, default: Any) -> Any:

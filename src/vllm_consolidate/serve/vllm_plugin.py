@@ -47,6 +47,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +58,7 @@ from typing import Any
 from vllm_consolidate import dtypes
 from vllm_consolidate.casts import cast_into
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import ConfigNotFoundError, ConsolidateError, UsageError
+from vllm_consolidate.errors import ConfigNotFoundError, ConsolidateError, UnsupportedCheckpointError, UsageError
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.read import detect as detection
 from vllm_consolidate.read.assets import (
@@ -92,6 +93,12 @@ CONFIG_HINT = (
     "in Python hf_config_path=..., tokenizer=...), or consolidate first: "
     "vllm-consolidate convert --input CHECKPOINT --output FOLDER --base-model-name BASE"
 )
+LORA_HINT = (
+    "Merge it into its base model first (vllm-consolidate convert --input CHECKPOINT --output FOLDER), or export "
+    "the adapter (--lora adapter) and serve it on its base model with vLLM's --enable-lora."
+)
+#: A LoRA factor's name (peft's live and saved naming); such a checkpoint needs a merge, not a stream.
+_LORA_NAME = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)(?:\.|$)")
 TOKENIZER_HINT = (
     "Pass --tokenizer with the folder or Hub id of the model's tokenizer (Python: tokenizer=...), "
     "or --skip-tokenizer-init to serve token ids only."
@@ -172,7 +179,12 @@ def open_checkpoint(model: str | os.PathLike, options: LoaderOptions = LoaderOpt
         ConsolidateError: Nothing loadable is there, or the checkpoint is broken or unsafe.
     """
     detected = detection.detect(Path(model), options.input_type, options.checkpoint_dir)
-    return Checkpoint(detected, detection.read(detected, options.model_key))
+    source = detection.read(detected, options.model_key)
+    if source.kind == "peft" or any(_LORA_NAME.search(t.name) for t in source.tensors):
+        raise UnsupportedCheckpointError(
+            "this is a LoRA fine-tune; the consolidate load format serves full models only",
+            path=detected.weights_dir, hint=LORA_HINT)
+    return Checkpoint(detected, source)
 
 
 #: What :func:`prepare_engine_args` read, for the loader when the engine runs in the same process
@@ -229,6 +241,8 @@ def read_tensor(spec: TensorSpec, dst: DType, files: OpenFiles, pool: ThreadPool
     """
     import torch
 
+    if getattr(spec, "delta", None) is not None:  # a computed tensor (LoRA merge): never from byte ranges alone
+        raise UnsupportedCheckpointError(f"{spec.name} is computed (a LoRA merge), not stored", hint=LORA_HINT)
     tensor = torch.empty(spec.shape, dtype=dst.torch)
     if spec.numel == 0:
         return tensor
