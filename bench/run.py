@@ -28,11 +28,30 @@ Measurement:
 * ``os.getloadavg()`` is recorded before and after every measurement.
 * A watchdog kills the measured command (its own process group only) if MemAvailable < 1 GiB.
 
+FSDP2 DCP checkpoints (see ``make_fsdp_checkpoints.py``: ``dcp.save({"model": ..., "optim": ...})`` of an
+FSDP2 model after one AdamW step, fp32 weights and Adam moments), measured the same way, in one run:
+
+* ``ours_fp32`` / ``ours_bf16``: as above;
+* ``dcp_to_torch_save``: ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(ckpt, out.pt)`` in a
+  child Python process. It has no model-only option: it loads and writes the whole state, optimizer
+  included. It does not fsync; what an fsync of its output adds is recorded, as for ``zero_to_fp32``;
+* ``accelerate``: ``accelerate merge-weights CKPT OUT`` (safetensors). Probed once; if it fails, its
+  error, wall time and peak RSS up to the failure are recorded and it is left out of the repetitions;
+* ``cp_fp32`` / ``cp_bf16``: ``cp`` of the file our tool wrote just before (same rep), then ``sync FILE``.
+  (Not kept reference files as above: the disk holds the DCP checkpoints and ``dcp_to_torch_save``'s
+  output, which is the size of the whole checkpoint, and little more.)
+
+Before the repetitions, untimed, our fp32 output is compared tensor by tensor with the model entries
+that ``torch.distributed.checkpoint.load`` reads from the same folder (bit equality).
+
 Writes ``bench/results/latest.json`` and ``bench/results/latest.md`` and prints the table.
 
 Usage::
 
     python bench/run.py [--reps 3] [--only NAME ...] [--skip-generate]
+
+``--only`` takes checkpoint names (``qwen0.5b-z3``, ``qwen0.5b-dcp``...) and the groups ``deepspeed`` and
+``dcp``; ``python bench/run.py --only dcp`` runs the DCP part alone.
 """
 
 from __future__ import annotations
@@ -51,6 +70,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_checkpoints as mk  # noqa: E402
+import make_fsdp_checkpoints as mkf  # noqa: E402
 
 REPO = mk.REPO
 WORK = REPO / ".cache" / "bench-work"
@@ -65,7 +85,12 @@ TARGETS = {
     "rss_vs_zero_to_fp32": 0.15,
     "rss_large_vs_small": 1.3,
     "merge_vs_cp": 1.5,
+    "dcp_rss_vs_theirs": 0.1,
+    "dcp_wall_vs_cp": 1.5,
 }
+DCP_TO_TORCH_SAVE = ("import sys\nfrom torch.distributed.checkpoint.format_utils import dcp_to_torch_save\n"
+                     "dcp_to_torch_save(sys.argv[1], sys.argv[2])")
+DISK_MARGIN = 2 * 2**30  # free disk kept beyond an output's expected size, else the command is skipped
 
 
 def warm(paths: list[Path]) -> float:
@@ -309,6 +334,247 @@ def ratios(med: dict[str, dict[str, float]]) -> dict[str, float]:
     }
 
 
+# -- FSDP2 DCP checkpoints ------------------------------------------------------------------------------
+
+VERIFY_DCP = """
+import json, sys
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+ckpt, out = sys.argv[1], sys.argv[2]
+md = FileSystemReader(ckpt).read_metadata().state_dict_metadata
+keys = {k[len("model."):]: m for k, m in md.items() if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+state = {"model": {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in keys.items()}}
+dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+equal, differ = 0, []
+with safe_open(out, "pt") as f:
+    names = set(f.keys())
+    for k in sorted(names):
+        if torch.equal(f.get_tensor(k), state["model"][k]):
+            equal += 1
+        else:
+            differ.append(k)
+print(json.dumps({"dcp_model_keys": len(keys), "output_tensors": len(names), "bit_equal": equal,
+                  "differ": differ[:5], "not_in_output": sorted(set(keys) - names)}))
+"""
+
+
+def free_disk() -> int:
+    """Free bytes on the work disk."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(WORK).free
+
+
+def fsync_path(path: Path) -> float:
+    """fsync every file of ``path``; returns seconds (what an fsync would have added to a tool that has none)."""
+    t0 = time.monotonic()
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    return time.monotonic() - t0
+
+
+def path_bytes(path: Path) -> int:
+    """Size of a file or of every file under a folder."""
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def error_lines(rec: dict[str, Any]) -> str:
+    """The last error line of a failed command's stderr."""
+    lines = [ln.strip() for ln in rec.get("stderr_tail", "").splitlines() if "Error" in ln or "error" in ln]
+    return (lines or [rec.get("killed", "?")])[-1][:300]
+
+
+def bench_dcp(info: dict[str, Any], reps: int) -> dict[str, Any]:
+    """All measurements of one FSDP2 DCP checkpoint."""
+    ckpt = mkf.CACHE / info["key"] / "ckpt"
+    work = WORK / info["key"]
+    out = {"ours_fp32": work / "ours_fp32", "ours_bf16": work / "ours_bf16", "torch": work / "dcp_to_torch_save.pt",
+           "accelerate": work / "accelerate", "cp": work / "cp.safetensors"}
+    clean(*out.values())
+    work.mkdir(parents=True, exist_ok=True)
+
+    # Untimed: our fp32 output against torch's own DCP reader (model entries only, bit equality).
+    r = subprocess.run(ours(ckpt, out["ours_fp32"]), env=ENV, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"our tool failed on {ckpt}: {r.stderr[-2000:]}")
+    summary = json.loads(r.stdout)
+    v = subprocess.run([sys.executable, "-c", VERIFY_DCP, str(ckpt), str(single_file(out["ours_fp32"]))],
+                       env=ENV, capture_output=True, text=True)
+    if v.returncode != 0:
+        raise RuntimeError(f"verification failed: {v.stderr[-2000:]}")
+    verify = json.loads(v.stdout)
+    verify["dropped_by_ours"] = summary.get("dropped", [])
+    print(f"  verify: {verify}", flush=True)
+    if verify["bit_equal"] != verify["output_tensors"]:
+        raise RuntimeError(f"{info['name']}: our output differs from dcp.load: {verify}")
+    clean(out["ours_fp32"])
+
+    # accelerate merge-weights: probed once; kept in the repetitions only if it works on this input.
+    acc_cmd = [str(BIN / "accelerate"), "merge-weights", str(ckpt), str(out["accelerate"])]
+    probe = measure(acc_cmd, [ckpt], [out["accelerate"]])
+    acc_ok = probe["exit"] == 0
+    acc_note = "safetensors, one file" if acc_ok else (
+        f"failed (exit {probe['exit']}) after {probe['wall_s']:.1f} s at {probe['rss_mib']:.0f} MiB peak RSS: "
+        f"{error_lines(probe)}")
+    print(f"  accelerate merge-weights probe: {acc_note}", flush=True)
+    clean(out["accelerate"])
+
+    torch_cmd = [sys.executable, "-c", DCP_TO_TORCH_SAVE, str(ckpt), str(out["torch"])]
+    cp = out["cp"]
+    # (name, command, warmed inputs, outputs, output whose fsync is timed afterwards, expected output bytes)
+    plan: list[tuple[str, list[str], list[Path], list[Path], Path | None, int]] = [
+        ("ours_fp32", ours(ckpt, out["ours_fp32"]), [ckpt], [out["ours_fp32"]], None, 0),
+        ("cp_fp32", [], [], [cp], None, 0),  # command filled in from ours_fp32's output file
+        ("dcp_to_torch_save", torch_cmd, [ckpt], [out["torch"]], out["torch"], info["ckpt_bytes"]),
+        ("ours_bf16", ours(ckpt, out["ours_bf16"], "--dtype", "bfloat16"), [ckpt], [out["ours_bf16"]], None, 0),
+        ("cp_bf16", [], [], [cp], None, 0),
+    ]
+    if acc_ok:
+        plan.append(("accelerate", acc_cmd, [ckpt], [out["accelerate"]], out["accelerate"],
+                     info["tensor_bytes"]["model"]))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in plan}
+    sizes: dict[str, int] = {}
+    for rep in range(reps):
+        for name, cmd, warm_paths, outputs, fsync_out, expect in plan:
+            src = None
+            if name.startswith("cp_"):
+                ours_out = out["ours_" + name[3:]]
+                if not ours_out.is_dir():
+                    runs[name].append({"exit": -1, "skipped": "no output of ours to copy", "rep": rep})
+                    continue
+                src = single_file(ours_out)
+                cmd, warm_paths = sh(f"cp {src} {cp} && sync {cp}"), [src]
+            if expect and free_disk() < expect + DISK_MARGIN:
+                rec: dict[str, Any] = {"exit": -1, "rep": rep, "skipped": f"disk: {free_disk() / 2**30:.1f} GiB free, "
+                                       f"output needs {expect / 2**30:.1f} GiB + margin"}
+                print(f"  rep {rep} {name:17s} SKIPPED {rec['skipped']}", flush=True)
+                runs[name].append(rec)
+                continue
+            rec = measure(cmd, warm_paths, outputs)
+            rec["rep"] = rep
+            if rec["exit"] == 0:
+                produced = outputs[0]
+                sizes[name] = path_bytes(produced)
+                if fsync_out is not None:
+                    rec["fsync_after_s"] = round(fsync_path(fsync_out), 3)
+            print(f"  rep {rep} {name:17s} wall {rec['wall_s']:7.2f}s rss {rec['rss_mib']:8.1f} MiB "
+                  f"exit {rec['exit']} load {rec['loadavg_before'][0]:.2f}", flush=True)
+            runs[name].append(rec)
+            if name.startswith("ours_"):
+                continue  # its output is what the next cp copies; cleaned after that
+            clean(*outputs)
+            if src is not None:
+                clean(src.parent)
+    clean(work)
+    med: dict[str, dict[str, float]] = {}
+    for name, rs in runs.items():
+        med[name] = {"wall_s": median(rs, "wall_s"), "rss_mib": median(rs, "rss_mib"), "inner_s": median(rs, "inner_s")}
+        if any("fsync_after_s" in x for x in rs):
+            med[name]["fsync_after_s"] = median(rs, "fsync_after_s")
+    if not acc_ok:
+        med["accelerate"] = {"wall_s": float("nan"), "rss_mib": float("nan"), "inner_s": float("nan"),
+                             "failed_wall_s": probe["wall_s"], "failed_rss_mib": probe["rss_mib"]}
+    return {
+        "checkpoint": {k: v for k, v in info.items() if k != "files"},
+        "output_bytes": sizes,
+        "verify": verify,
+        "accelerate_mode": acc_note,
+        "accelerate_probe": probe,
+        "median": med,
+        "ratios": dcp_ratios(med),
+        "runs": runs,
+    }
+
+
+def dcp_ratios(med: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Ratios of medians for a DCP checkpoint (lower is better for all)."""
+    def r(a: float, b: float) -> float:
+        return round(a / b, 3) if b and b == b and a == a else float("nan")
+
+    out: dict[str, float] = {}
+    for dt in ("fp32", "bf16"):
+        ours_m = med[f"ours_{dt}"]
+        for theirs in ("dcp_to_torch_save", "accelerate"):
+            out[f"{dt}_wall_vs_{theirs}"] = r(ours_m["wall_s"], med[theirs]["wall_s"])
+            out[f"{dt}_rss_vs_{theirs}"] = r(ours_m["rss_mib"], med[theirs]["rss_mib"])
+        out[f"{dt}_wall_vs_cp"] = r(ours_m["wall_s"], med[f"cp_{dt}"]["wall_s"])
+        out[f"{dt}_inner_vs_cp"] = r(ours_m["inner_s"], med[f"cp_{dt}"]["wall_s"])
+    t = med["dcp_to_torch_save"]
+    out["fp32_wall_vs_dcp_to_torch_save_plus_fsync"] = r(med["ours_fp32"]["wall_s"],
+                                                          t["wall_s"] + t.get("fsync_after_s", float("nan")))
+    return out
+
+
+DCP_RATIO_TARGETS = (
+    ("fp32_rss_vs_dcp_to_torch_save", "dcp_rss_vs_theirs"), ("bf16_rss_vs_dcp_to_torch_save", "dcp_rss_vs_theirs"),
+    ("fp32_rss_vs_accelerate", "dcp_rss_vs_theirs"), ("bf16_rss_vs_accelerate", "dcp_rss_vs_theirs"),
+    ("fp32_wall_vs_cp", "dcp_wall_vs_cp"), ("bf16_wall_vs_cp", "dcp_wall_vs_cp"),
+)
+
+
+def dcp_markdown(results: dict[str, Any]) -> list[str]:
+    """The DCP tables."""
+    lines = ["", "## FSDP2 DCP checkpoints", "",
+             "| checkpoint | params | ckpt GB (model GB) | tool | wall s | inner s | peak RSS MiB | output GB "
+             "| load (1m) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in results["dcp"]:
+        meta = c["checkpoint"]
+        head = (f"| {meta['name']} | {meta['params'] / 1e9:.3f}B | {meta['ckpt_bytes'] / 1e9:.2f} "
+                f"({meta['tensor_bytes']['model'] / 1e9:.2f}) |")
+        for name, m in c["median"].items():
+            rs = c["runs"].get(name, [])
+            loads = [x["loadavg_before"][0] for x in rs if "loadavg_before" in x]
+            load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""
+            if name == "accelerate" and "failed_wall_s" in m:
+                lines.append(f"{head} accelerate | failed after {m['failed_wall_s']:.2f} | | "
+                             f"{m['failed_rss_mib']:.0f} (at failure) | - | "
+                             f"{c['accelerate_probe']['loadavg_before'][0]:.1f} |")
+                continue
+            extra = f" (+fsync {m['fsync_after_s']:.2f}s)" if "fsync_after_s" in m else ""
+            done = [x for x in rs if x.get("exit") == 0]
+            if len(done) < len(rs):
+                why = "; ".join(sorted({x.get("skipped") or f"exit {x.get('exit')}" for x in rs if x.get("exit") != 0}))
+                extra += f" [median of {len(done)}/{len(rs)} reps; others: {why}]"
+            size = c["output_bytes"].get(name)
+            lines.append(f"{head} {name} | {m['wall_s']:.2f}{extra} | "
+                         f"{'' if m['inner_s'] != m['inner_s'] else m['inner_s']} | {m['rss_mib']:.0f} | "
+                         f"{'' if size is None else f'{size / 1e9:.2f}'} | {load} |")
+    lines += ["", "| checkpoint | ratio | value | target | verdict |", "|---|---|---|---|---|"]
+    for c in results["dcp"]:
+        name = c["checkpoint"]["name"]
+        rt = c["ratios"]
+        for key, target in DCP_RATIO_TARGETS:
+            lines.append(f"| {name} | {key} | {rt[key]} | <= {TARGETS[target]} | {ok(rt[key], TARGETS[target])} |")
+        for key in ("fp32_wall_vs_dcp_to_torch_save", "bf16_wall_vs_dcp_to_torch_save",
+                    "fp32_wall_vs_dcp_to_torch_save_plus_fsync", "fp32_inner_vs_cp", "bf16_inner_vs_cp"):
+            lines.append(f"| {name} | {key} (info) | {rt[key]} | | |")
+    for key, val in results.get("dcp_scaling", {}).items():
+        if "(info)" in key:
+            lines.append(f"| dcp scaling | {key} | {val} | | |")
+        else:
+            lines.append(f"| dcp scaling | {key} | {val} | <= {TARGETS['rss_large_vs_small']} | "
+                         f"{ok(val, TARGETS['rss_large_vs_small'])} |")
+    lines.append("")
+    for c in results["dcp"]:
+        meta = c["checkpoint"]
+        w = meta["worker"]
+        lines.append(f"- {meta['name']}: FSDP2 w{meta['world_size']}, {meta['steps']} AdamW step, "
+                     f"{meta['param_dtype']} params ({meta['mixed_precision']}), {meta['layout']}; generated in "
+                     f"{meta['generation_seconds']}s (build {w['build_s']}s, step {w['steps_s']}s, "
+                     f"save {w['save_s']}s; "
+                     f"peak tree RSS {meta['generation_peak_tree_rss_gib']} GiB). Our fp32 output vs dcp.load: "
+                     f"{c['verify']['bit_equal']}/{c['verify']['output_tensors']} tensors bit-equal "
+                     f"(dropped: {', '.join(c['verify']['dropped_by_ours']) or 'none'}). accelerate merge-weights: "
+                     f"{c['accelerate_mode']}. {meta['note']}")
+    return lines
+
+
 def ok(value: float, target: float) -> str:
     """PASS/FAIL against a ceiling."""
     return "n/a" if value != value else ("PASS" if value <= target else "FAIL")
@@ -318,8 +584,17 @@ def markdown(results: dict[str, Any]) -> str:
     """The report tables."""
     lines = [f"# vllm-consolidate benchmark ({results['started']}, {results['reps']} reps, median)", "",
              f"Host: {results['host']}. Page cache: {results['cache_policy']}. drop_caches: {results['drop_caches']}.",
-             f"writer.py at start {results['writer_start']}, at end {results.get('writer_end')}.",
-             "", "| checkpoint | params | ckpt GB | tool | wall s | inner s | peak RSS MiB | load (1m) |",
+             f"writer.py at start {results['writer_start']}, at end {results.get('writer_end')}."]
+    if results["checkpoints"]:
+        lines += deepspeed_markdown(results)
+    if results.get("dcp"):
+        lines += dcp_markdown(results)
+    return "\n".join(lines) + "\n"
+
+
+def deepspeed_markdown(results: dict[str, Any]) -> list[str]:
+    """The DeepSpeed tables."""
+    lines = ["", "| checkpoint | params | ckpt GB | tool | wall s | inner s | peak RSS MiB | load (1m) |",
              "|---|---|---|---|---|---|---|---|"]
     for c in results["checkpoints"]:
         meta = c["checkpoint"]
@@ -356,7 +631,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"- {meta['name']}: ZeRO-{meta['stage']} w{meta['world_size']}, generated in "
                      f"{meta['generation_seconds']}s (peak tree RSS {meta['generation_peak_tree_rss_gib']} GiB, "
                      f"load {meta['loadavg_start'][0]:.1f}); zero_to_fp32: {c['zero_to_fp32_mode']}. {meta['note']}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def writer_version() -> dict[str, Any]:
@@ -373,29 +648,48 @@ def writer_version() -> dict[str, Any]:
             "src_modified": bool(dirty.stdout.strip())}
 
 
+def mkf_names() -> set[str]:
+    """Names of the DCP checkpoints."""
+    return {mkf.SMALL_NAME, mkf.LARGE_NAME}
+
+
 def main() -> None:
     """Generate (or reuse) the checkpoints, benchmark them, write the results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", nargs="*", default=None, help="checkpoint names (default: all)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="checkpoint names, or the groups 'deepspeed' and 'dcp' (default: all)")
     ap.add_argument("--skip-generate", action="store_true", help="only benchmark checkpoints already cached")
-    ap.add_argument("--no-large", action="store_true", help="skip the ~1.5B-shaped checkpoint")
+    ap.add_argument("--no-large", action="store_true", help="skip the ~1.5B-shaped checkpoints")
     args = ap.parse_args()
     if not Path(TIME).exists():
         raise SystemExit(f"{TIME} missing: apt-get install time")
+
+    def wanted(name: str, group: str) -> bool:
+        return not args.only or name in args.only or group in args.only
+
     infos: list[dict[str, Any]] = []
     specs: list[tuple[mk.Spec, str]] = [(s, "") for s in mk.small_specs()]
-    if not args.no_large:
+    if not args.no_large and (not args.only or set(args.only) - {"dcp", *mkf_names()}):
         cached = mk.find_cached_large()
         specs.append((cached, "cached") if cached else mk.large_spec())
     for spec, note in specs:
-        if args.only and spec.name not in args.only:
+        if not wanted(spec.name, "deepspeed"):
             continue
         marker = spec.folder() / mk.MARKER
         if marker.is_file():
             infos.append(json.loads(marker.read_text()))
         elif not args.skip_generate:
             infos.append(mk.generate(spec, note))
+    dcp_infos: list[dict[str, Any]] = []
+    for dspec, note in mkf.specs(args.no_large) if not args.only or set(args.only) & {"dcp", *mkf_names()} else []:
+        if not wanted(dspec.name, "dcp"):
+            continue
+        marker = dspec.folder() / mkf.MARKER
+        if marker.is_file():
+            dcp_infos.append(json.loads(marker.read_text()))
+        elif not args.skip_generate:
+            dcp_infos.append(mkf.generate(dspec, note))
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "reps": args.reps,
@@ -405,10 +699,26 @@ def main() -> None:
         "loadavg_start": os.getloadavg(),
         "writer_start": writer_version(),
         "checkpoints": [],
+        "dcp": [],
     }
     for info in infos:
         print(f"{info['name']}: {info['params'] / 1e9:.3f}B, {info['ckpt_bytes'] / 1e9:.2f} GB", flush=True)
         results["checkpoints"].append(bench_checkpoint(info, args.reps))
+    for info in dcp_infos:
+        print(f"{info['name']}: {info['params'] / 1e9:.3f}B, {info['ckpt_bytes'] / 1e9:.2f} GB (FSDP2 DCP)", flush=True)
+        results["dcp"].append(bench_dcp(info, args.reps))
+    by_dcp = {c["checkpoint"]["name"]: c for c in results["dcp"]}
+    dsmall, dlarge = by_dcp.get(mkf.SMALL_NAME), by_dcp.get(mkf.LARGE_NAME)
+    if dsmall and dlarge:
+        sc: dict[str, float] = {}
+        for tool in ("ours_fp32", "ours_bf16"):
+            sc[f"{tool}_rss_large_vs_small"] = round(
+                dlarge["median"][tool]["rss_mib"] / dsmall["median"][tool]["rss_mib"], 3)
+        for tool in ("dcp_to_torch_save", "accelerate"):
+            a, b = dlarge["median"][tool]["rss_mib"], dsmall["median"][tool]["rss_mib"]
+            sc[f"{tool}_rss_large_vs_small (info)"] = round(a / b, 3) if a == a and b == b else float("nan")
+        sc["params_large_vs_small (info)"] = round(dlarge["checkpoint"]["params"] / dsmall["checkpoint"]["params"], 3)
+        results["dcp_scaling"] = sc
     by_name = {c["checkpoint"]["name"]: c for c in results["checkpoints"]}
     large = by_name.get("qwen1.5b-shape-z3")
     small = by_name.get("qwen0.5b-z3")
