@@ -50,3 +50,11 @@ def fsdp_corpus() -> dict[str, Path]:
     from tests.corpus import fsdp_build
 
     return fsdp_build.build_all()
+
+
+@pytest.fixture(scope="session")
+def lora_corpus() -> dict[str, Path]:
+    """The LoRA / peft corpus cases (``tests/corpus/LORA_README.md``), ``{name: case_dir}``; built on first use."""
+    from tests.corpus import lora_build
+
+    return lora_build.build_all()

@@ -174,10 +174,12 @@ def _tensor_lines(inp: Any) -> list[str]:
 def _asset_lines(inp: Any) -> list[str]:
     a = inp.assets
 
+    origin = " (from the adapter's base model)" if inp.format == "lora_merge" else " (from --base-model-name)"
+
     def where(key: str, path: str | None, extra: str = "") -> str:
         if path is None:
             return "none"
-        return path + (" (from --base-model-name)" if a["from"][key] == "base_model" else "") + extra
+        return path + (origin if a["from"][key] == "base_model" else "") + extra
 
     tok_files = f": {', '.join(a['tokenizer_files'])}" if a["tokenizer_files"] else ""
     lines = [_line("config", where("config", a["config"])),

@@ -130,7 +130,7 @@ def merge_plan(base: SourceModel, adapter: Adapter, base_dir: Path) -> SourceMod
         b_rows, a_cols = lora.b.shape[0], lora.a.shape[1]
         want = (a_cols, b_rows) if transpose else (b_rows, a_cols)
         if len(weight.shape) != 2 or weight.shape != want:
-            raise mismatch(f"{module} has factors for a {want[0]}x{want[1]} weight, the base's is {weight.shape}")
+            raise mismatch(f"{module} has factors for a weight of shape {want}, the base's is {weight.shape}")
         tensors[name] = TensorSpec(name, weight.dtype, weight.shape, weight.segments,
                                    Delta(lora.a, lora.b, lora.scale, transpose))
     info = dict(base.info, type="lora_merge", lora_source=adapter.source, lora_modules=len(adapter.modules),

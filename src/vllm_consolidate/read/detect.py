@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_consolidate.errors import InputNotFoundError, UsageError
+from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UsageError
 from vllm_consolidate.read import deepspeed as ds
 from vllm_consolidate.read import hf
 from vllm_consolidate.read.dcp import read_dcp
 from vllm_consolidate.read.fsdp_locate import resolve_dcp, resolve_verl
-from vllm_consolidate.read.peft import read_peft_folder, resolve_peft
+from vllm_consolidate.read.peft import is_peft_folder, read_peft_folder, resolve_peft
 from vllm_consolidate.read.verl import read_verl
 from vllm_consolidate.source import SourceModel
 
@@ -89,6 +89,12 @@ def detect(input_path: Path, input_type: str = "auto", checkpoint_dir: Path | No
         except InputNotFoundError:
             if input_type == kind:
                 raise
+        except CorruptCheckpointError as exc:
+            # A LoRA checkpoint copied without its global_stepN/ keeps 'latest': its adapter file is still there.
+            if kind != "deepspeed" or input_type != "auto" or not is_peft_folder(target):
+                raise
+            return DetectedInput("peft", input_path, target,
+                                 f"{how_prefix}peft adapter folder ({exc.message}: the adapter file is used)", target)
     folder = _hf_folder(target)
     if folder is not None:
         how = "HF weights in the folder given" if folder == target else f"HF weights in the latest {folder.name}"

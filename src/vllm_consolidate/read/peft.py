@@ -106,7 +106,8 @@ def read_lora_config(path: Path) -> LoraConfig:
         raise CorruptCheckpointError(f"{ADAPTER_CONFIG} is not a JSON object", path=path)
     kind = raw.get("peft_type", "LORA")
     if kind != "LORA":
-        raise UnsupportedCheckpointError(f"this is a {brief(kind)} adapter; only LoRA adapters can be merged",
+        article = "an" if str(kind)[:1].upper() in "AEIOU" else "a"
+        raise UnsupportedCheckpointError(f"this is {article} {brief(kind)} adapter; only LoRA adapters can be merged",
                                          path=path, hint="Merge it with peft's merge_and_unload, then convert that.")
     for key, what in _REFUSED.items():
         if raw.get(key) not in (None, False, {}, [], 0):
