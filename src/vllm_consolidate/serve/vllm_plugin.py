@@ -27,7 +27,11 @@ How a load goes:
    fused experts split) and streams each one from its byte ranges, floating tensors cast to vLLM's
    model dtype with :func:`~vllm_consolidate.casts.cast_into` (the casts ``convert --dtype`` writes),
    into ``model.load_weights`` one tensor at a time. Peak memory is vLLM's model plus the largest
-   tensor plus two chunk buffers; no file is written and the checkpoint is only read.
+   tensor plus two chunk buffers; no file is written and the checkpoint is only read. When the
+   engine runs in the same process (``LLM()``), the metadata read in step 1 is reused.
+
+Not served: LoRA runs (their merged tensors are computed, not stored; refused, pointing at
+``convert`` and at vLLM's ``--enable-lora``), and models that are not local folders.
 
 Errors: every :class:`~vllm_consolidate.errors.ConsolidateError` reaches the user as
 :class:`CheckpointLoadError`, whose text is the CLI's one line ``error: <message> [<path>]; hint:
@@ -46,21 +50,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
-import re
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_consolidate import dtypes
-from vllm_consolidate.casts import cast_into
-from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import ConfigNotFoundError, ConsolidateError, UnsupportedCheckpointError, UsageError
-from vllm_consolidate.plan.names import output_tensors
-from vllm_consolidate.read import detect as detection
+from vllm_consolidate.errors import ConfigNotFoundError, ConsolidateError
 from vllm_consolidate.read.assets import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
@@ -68,22 +62,21 @@ from vllm_consolidate.read.assets import (
     has_tokenizer,
     tokenizer_names,
 )
-from vllm_consolidate.read.ranges import OpenFiles, read_into, thread_buffer
-from vllm_consolidate.source import SourceModel, TensorSpec, sub_segments
+from vllm_consolidate.serve.weights import (  # re-exported: the plugin's public surface
+    LOAD_FORMAT,
+    Checkpoint,
+    LoaderOptions,
+    iter_weights,
+    loader_options,
+    open_checkpoint,
+    plan_tensors,
+    read_tensor,
+    remember_checkpoint,
+    take_checkpoint,
+)
 
-#: The ``--load-format`` this plugin registers.
-LOAD_FORMAT = "consolidate"
 #: vLLM versions the plugin was tested with (the load tests run against these).
 TESTED_VLLM_VERSIONS = ("0.32.0",)
-#: ``--model-loader-extra-config`` keys: ``type`` (``--type``), ``checkpoint_dir``, ``model_key`` as in ``convert``.
-EXTRA_CONFIG_KEYS = ("type", "checkpoint_dir", "model_key")
-#: Source bytes per chunk of a cast (as the writer: a chunk and its result stay near the core's cache).
-CAST_CHUNK_BYTES = 4 * 2**20
-#: Bytes per chunk of a plain copy.
-COPY_CHUNK_BYTES = 16 * 2**20
-#: Threads that read and cast the chunks of one tensor (numpy and preadv release the GIL).
-WORKERS = 2
-
 #: A child of vLLM's logger, so our lines come out with vLLM's format wherever vLLM logs.
 logger = logging.getLogger("vllm.consolidate")
 
@@ -93,12 +86,6 @@ CONFIG_HINT = (
     "in Python hf_config_path=..., tokenizer=...), or consolidate first: "
     "vllm-consolidate convert --input CHECKPOINT --output FOLDER --base-model-name BASE"
 )
-LORA_HINT = (
-    "Merge it into its base model first (vllm-consolidate convert --input CHECKPOINT --output FOLDER), or export "
-    "the adapter (--lora adapter) and serve it on its base model with vLLM's --enable-lora."
-)
-#: A LoRA factor's name (peft's live and saved naming); such a checkpoint needs a merge, not a stream.
-_LORA_NAME = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)(?:\.|$)")
 TOKENIZER_HINT = (
     "Pass --tokenizer with the folder or Hub id of the model's tokenizer (Python: tokenizer=...), "
     "or --skip-tokenizer-init to serve token ids only."
@@ -132,162 +119,6 @@ def clean_error(exc: ConsolidateError) -> CheckpointLoadError:
     return error
 
 
-# -- what to load -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoaderOptions:
-    """``--model-loader-extra-config`` of the ``consolidate`` format (all optional)."""
-
-    input_type: str = "auto"
-    checkpoint_dir: Path | None = None
-    model_key: str | None = None
-
-
-def loader_options(extra: Any) -> LoaderOptions:
-    """Parse ``model_loader_extra_config``: ``{"type": ..., "checkpoint_dir": ..., "model_key": ...}``.
-
-    Raises:
-        UsageError: Not a dict, or a key this format does not know.
-    """
-    if extra is None:
-        return LoaderOptions()
-    if not isinstance(extra, dict):
-        raise UsageError(f"--model-loader-extra-config must be a JSON object for --load-format {LOAD_FORMAT}")
-    unknown = sorted(set(extra) - set(EXTRA_CONFIG_KEYS))
-    if unknown:
-        raise UsageError(f"unknown --model-loader-extra-config keys for --load-format {LOAD_FORMAT}: "
-                         f"{', '.join(map(str, unknown))}", hint=f"Known keys: {', '.join(EXTRA_CONFIG_KEYS)}.")
-    checkpoint_dir = extra.get("checkpoint_dir")
-    return LoaderOptions(input_type=str(extra.get("type") or "auto"),
-                         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-                         model_key=extra.get("model_key"))
-
-
-@dataclass
-class Checkpoint:
-    """An input resolved and read (metadata only), as ``convert`` does it."""
-
-    detected: detection.DetectedInput
-    source: SourceModel
-
-
-def open_checkpoint(model: str | os.PathLike, options: LoaderOptions = LoaderOptions()) -> Checkpoint:
-    """Resolve ``model`` (run folder, ``checkpoint-N``, ``latest``, ``global_stepN``, DCP, verl, HF) and read it.
-
-    Raises:
-        ConsolidateError: Nothing loadable is there, or the checkpoint is broken or unsafe.
-    """
-    detected = detection.detect(Path(model), options.input_type, options.checkpoint_dir)
-    source = detection.read(detected, options.model_key)
-    if source.kind == "peft" or any(_LORA_NAME.search(t.name) for t in source.tensors):
-        raise UnsupportedCheckpointError(
-            "this is a LoRA fine-tune; the consolidate load format serves full models only",
-            path=detected.weights_dir, hint=LORA_HINT)
-    return Checkpoint(detected, source)
-
-
-#: What :func:`prepare_engine_args` read, for the loader when the engine runs in the same process
-#: (``LLM()``, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``): taken once, so each load reads the metadata once.
-_prepared: dict[tuple[str, LoaderOptions], Checkpoint] = {}
-
-
-def _key(model: str | os.PathLike, options: LoaderOptions) -> tuple[str, LoaderOptions]:
-    return os.path.abspath(os.fspath(model)), options
-
-
-def take_checkpoint(model: str | os.PathLike, options: LoaderOptions) -> Checkpoint:
-    """The checkpoint read for this engine's arguments in this process, else read it now."""
-    found = _prepared.pop(_key(model, options), None)
-    return found if found is not None else open_checkpoint(model, options)
-
-
-def plan_tensors(source: SourceModel, config: dict) -> list[TensorSpec]:
-    """The tensors to hand to vLLM, under their output names (``convert``'s rules for ``config``)."""
-    tensors, _dropped = output_tensors(source, config)
-    return tensors
-
-
-def out_dtype(spec: TensorSpec, model_dtype: DType) -> DType:
-    """Floating tensors take the model's dtype; integer and bool tensors keep theirs."""
-    return model_dtype if spec.dtype.is_floating_point else spec.dtype
-
-
-def _chunk_jobs(spec: TensorSpec, dst: DType) -> list[tuple[int, int]]:
-    """``(first element, count)`` chunks of one tensor."""
-    budget = COPY_CHUNK_BYTES if dst == spec.dtype else CAST_CHUNK_BYTES
-    step = max(1, budget // max(spec.dtype.itemsize, dst.itemsize))
-    return [(first, min(step, spec.numel - first)) for first in range(0, spec.numel, step)]
-
-
-def _fill(files: OpenFiles, spec: TensorSpec, dst: DType, out: memoryview, first: int, count: int) -> None:
-    """Read elements ``[first, first + count)`` of ``spec`` into ``out`` (the output's bytes), cast to ``dst``."""
-    src_size, dst_size = spec.dtype.itemsize, dst.itemsize
-    target = out[first * dst_size:(first + count) * dst_size]
-    ranges = sub_segments(spec.segments, first * src_size, count * src_size)
-    if dst == spec.dtype:
-        read_into(files, target, ranges)
-        return
-    buf = thread_buffer(count * src_size)
-    read_into(files, buf, ranges)
-    cast_into(buf, spec.dtype, dst, target)
-
-
-def read_tensor(spec: TensorSpec, dst: DType, files: OpenFiles, pool: ThreadPoolExecutor | None = None) -> Any:
-    """One tensor as a new CPU ``torch.Tensor`` of dtype ``dst``, read from its byte ranges.
-
-    Raises:
-        CorruptCheckpointError: A file ends before the tensor does.
-    """
-    import torch
-
-    if getattr(spec, "delta", None) is not None:  # a computed tensor (LoRA merge): never from byte ranges alone
-        raise UnsupportedCheckpointError(f"{spec.name} is computed (a LoRA merge), not stored", hint=LORA_HINT)
-    tensor = torch.empty(spec.shape, dtype=dst.torch)
-    if spec.numel == 0:
-        return tensor
-    out = memoryview(tensor.view(-1).view(torch.uint8).numpy()).cast("B")
-    jobs = _chunk_jobs(spec, dst)
-    if pool is None or len(jobs) == 1:
-        for first, count in jobs:
-            _fill(files, spec, dst, out, first, count)
-    else:
-        for future in [pool.submit(_fill, files, spec, dst, out, first, count) for first, count in jobs]:
-            future.result()
-    return tensor
-
-
-def iter_weights(tensors: list[TensorSpec], model_dtype: Any, stats: dict[str, Any] | None = None,
-                 ) -> Iterator[tuple[str, Any]]:
-    """``(name, tensor)`` for each planned tensor, read one at a time; what ``model.load_weights`` takes.
-
-    Only the tensor being handed over is alive here (the caller drops it before asking for the next).
-
-    Args:
-        tensors: The plan (:func:`plan_tensors`).
-        model_dtype: vLLM's model dtype (a torch dtype); floating tensors are cast to it.
-        stats: Filled with ``tensors``, ``bytes_read`` and ``bytes`` (handed over) as it goes.
-    """
-    target = dtypes.of(model_dtype)
-    stats = stats if stats is not None else {}
-    stats.update(tensors=0, bytes_read=0, bytes=0)
-    files = OpenFiles()
-    pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="vllmc-serve") if WORKERS > 1 else None
-    try:
-        for spec in tensors:
-            dst = out_dtype(spec, target)
-            tensor = read_tensor(spec, dst, files, pool)
-            stats["tensors"] += 1
-            stats["bytes_read"] += spec.nbytes
-            stats["bytes"] += spec.numel * dst.itemsize
-            yield spec.name, tensor
-            del tensor
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
-        files.close()
-
-
 def _hf_config_dict(model_config: Any) -> dict:
     """vLLM's model config as a dict (tying and the MoE layout are decided from what vLLM built the model with)."""
     config = model_config.hf_config
@@ -316,8 +147,7 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
     model = Path(str(args.model))
     options = loader_options(getattr(args, "model_loader_extra_config", None))
     checkpoint = open_checkpoint(model, options)
-    _prepared.clear()  # one engine at a time: never keep the metadata of an earlier one
-    _prepared[_key(model, options)] = checkpoint
+    remember_checkpoint(model, options, checkpoint)
     need_config = getattr(args, "hf_config_path", None) is None and not (model / CONFIG_FILE).is_file()
     need_tokenizer = (getattr(args, "tokenizer", None) is None and not getattr(args, "skip_tokenizer_init", False)
                       and not has_tokenizer(tokenizer_names(model)))
