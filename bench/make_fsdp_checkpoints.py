@@ -4,28 +4,42 @@ Each checkpoint is written by real FSDP2 at world size 2 (``torchrun --nproc_per
 the model (same ``Qwen2Config`` as the DeepSpeed bench, built in fp32) is wrapped with ``fully_shard``
 on every decoder layer and then the root (bf16 ``MixedPrecisionPolicy`` for compute, fp32 parameters and
 gradient reduction, as HF Trainer / Accelerate FSDP with ``bf16=True``), takes one AdamW step on random
-tokens, and is saved with::
+tokens, and is saved the way HF Trainer / Accelerate save FSDP2 with ``SHARDED_STATE_DICT`` (Accelerate's
+default for FSDP2): ``accelerate.utils.fsdp_utils.save_fsdp_model`` and ``save_fsdp_optimizer`` (use_dcp=True,
+model_index 0), which Trainer calls with the ``checkpoint-N`` folder as ``output_dir``::
 
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=ckpt)
+    opts = StateDictOptions(full_state_dict=False, cpu_offload=True, broadcast_from_rank0=False)
+    dcp.save({"model": get_model_state_dict(model, options=opts)},
+             storage_writer=FileSystemWriter("checkpoint-N/pytorch_model_fsdp_0"), planner=DefaultSavePlanner())
+    dcp.save({"optimizer": get_optimizer_state_dict(model, opt, options=opts)},
+             storage_writer=FileSystemWriter("checkpoint-N/optimizer_0"), planner=DefaultSavePlanner())
 
-(sharded DTensors: ``.metadata`` + one ``__R_0.distcp`` per rank, fp32 weights and fp32 Adam moments).
-Rank 0 then writes ``config.json``, ``generation_config.json`` and a tokenizer next to it, so
-``vllm-consolidate convert --input ckpt`` needs no flags. The tokenizer is a small byte-level BPE trained
-here on a few lines of text (Qwen's own tokenizer is not available offline on this machine); the tools
-only copy it.
+(``opts`` is what ``_prepare_sd_options`` builds from Accelerate's default ``ShardedStateDictConfig(
+offload_to_cpu=True)``; on CPU the offload is a no-op. Each folder holds sharded DTensors: ``.metadata`` +
+one ``__R_0.distcp`` per rank; fp32 weights in the first, fp32 Adam moments and steps in the second.)
+Rank 0 then writes ``config.json``, ``generation_config.json`` and a tokenizer into ``checkpoint-N/``, so
+``vllm-consolidate convert --input checkpoint-N`` needs no flags (it finds ``pytorch_model_fsdp_0/``);
+``dcp_to_torch_save`` and ``accelerate merge-weights`` are given ``checkpoint-N/pytorch_model_fsdp_0``.
+Trainer's other files (``trainer_state.json``, ``rng_state_*.pth``, ``scheduler.pt``, ``training_args.bin``)
+are not written: no tool here reads them. The tokenizer is a small byte-level BPE trained here on a few
+lines of text (Qwen's own tokenizer is not available offline on this machine); the tools only copy it.
 
 Memory: under FSDP2 one AdamW step holds, summed over the ranks, fp32 parameters (4 B/param), fp32
 gradients (4) and two fp32 moments (8), and ``get_optimizer_state_dict`` creates the moments (zeros,
 by a step with zero gradients) even when no step was taken, so saving without a step needs the same
 memory. The full Qwen2.5-1.5B shape (1.54B params, ~25 GB) does not fit in this machine's RAM; like
 ``make_checkpoints.large_spec``, the 1.5B-shaped checkpoint keeps Qwen2.5-1.5B's widths and drops
-decoder layers until the estimated peak fits in ``MemAvailable`` minus a safety margin.
+decoder layers until the estimated peak fits in ``MemAvailable`` minus a safety margin and the checkpoint
+plus the bench's outputs fit on disk, and uses at most ``LARGE_MAX_LAYERS`` (13, the 0.84B of the earlier
+runs, so the sizes stay comparable).
 
 Cache: ``.cache/bench/<key>/`` (the same root as ``make_checkpoints.py``); the key encodes the shape,
-FSDP2, world size, dtypes, steps and the torch version. ``bench_complete.json`` is written last::
+FSDP2, world size, dtypes, steps, the save layout (``LAYOUT``) and the torch version.
+``bench_complete.json`` is written last::
 
-    <key>/ckpt/.metadata, __0_0.distcp, __1_0.distcp, config.json, generation_config.json, tokenizer*
+    <key>/checkpoint-1/config.json, generation_config.json, tokenizer*
+    <key>/checkpoint-1/pytorch_model_fsdp_0/.metadata, __0_0.distcp, __1_0.distcp   # {"model": ...}
+    <key>/checkpoint-1/optimizer_0/.metadata, __0_0.distcp, __1_0.distcp            # {"optimizer": ...}
     <key>/bench_complete.json   # generation time, peak memory, sizes (the marker)
 
 Usage::
@@ -71,6 +85,13 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 DISK_SAFETY_BYTES = 5 * 2**30  # the disk is shared too
 SMALL_NAME = "qwen0.5b-dcp"
 LARGE_NAME = "qwen1.5b-shape-dcp"
+LARGE_MAX_LAYERS = 13  # 0.842B: the size of the earlier runs (then disk-bound), kept for comparability
+# Save layout (in the cache key and the marker): HF Trainer / Accelerate FSDP2 SHARDED_STATE_DICT. The
+# earlier one-folder {"model", "optim"} layout (kind "fsdp2-dcp", key "...-dcp-torch...") is not reused.
+LAYOUT = "accelerate-sharded"
+KIND = "fsdp2-dcp-" + LAYOUT
+MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate.utils.constants.FSDP_MODEL_NAME + "_0"
+OPTIM_DIR = "optimizer_0"  # accelerate.utils.constants.OPTIMIZER_NAME + "_0"
 
 
 @dataclass(frozen=True)
@@ -82,18 +103,28 @@ class DcpSpec:
     steps: int = 1
 
     def key(self) -> str:
-        """Cache key: shape + FSDP2 + world size + dtypes + steps + torch version."""
+        """Cache key: shape + FSDP2 + world size + dtypes + steps + save layout + torch version."""
         s = self.shape
         return (f"qwen2-v{s.vocab}-h{s.hidden}-l{s.layers}-i{s.intermediate}-a{s.heads}-kv{s.kv_heads}"
-                f"-fsdp2-w{WORLD_SIZE}-fp32-mpbf16-adamw-steps{self.steps}-dcp-torch{version('torch')}")
+                f"-fsdp2-w{WORLD_SIZE}-fp32-mpbf16-adamw-steps{self.steps}-{LAYOUT}-torch{version('torch')}")
 
     def folder(self) -> Path:
         """The cache entry."""
         return CACHE / self.key()
 
     def ckpt(self) -> Path:
-        """The DCP folder handed to the tools."""
-        return self.folder() / "ckpt"
+        """The ``checkpoint-N`` folder (N = steps), handed to our tool."""
+        return self.folder() / f"checkpoint-{self.steps}"
+
+
+def ckpt_of(info: dict[str, Any]) -> Path:
+    """The ``checkpoint-N`` folder of a cached entry, from its marker."""
+    return CACHE / info["key"] / info["ckpt_dir"]
+
+
+def model_dcp_of(info: dict[str, Any]) -> Path:
+    """The model DCP folder (``checkpoint-N/pytorch_model_fsdp_0``) of a cached entry, from its marker."""
+    return ckpt_of(info) / MODEL_DIR
 
 
 def small_spec() -> DcpSpec:
@@ -101,15 +132,27 @@ def small_spec() -> DcpSpec:
     return DcpSpec(SMALL_NAME, mk.QWEN_05B)
 
 
+def model_dcp_bytes(shape: mk.Shape) -> int:
+    """Estimated size of ``pytorch_model_fsdp_0/``: fp32 weights, and the tied ``lm_head.weight``, which
+    ``get_model_state_dict`` lists and DCP writes a second time. ``dcp_to_torch_save``'s and
+    ``accelerate merge-weights``' outputs are this size too."""
+    return 4 * shape.params() + 4 * shape.vocab * shape.hidden
+
+
 def dcp_bytes(shape: mk.Shape) -> int:
-    """Estimated size of the DCP folder: fp32 weights + 2 fp32 Adam moments per parameter, and the tied
-    ``lm_head.weight``, which ``get_model_state_dict`` lists and DCP writes a second time."""
-    return 12 * shape.params() + 4 * shape.vocab * shape.hidden
+    """Estimated size of the whole checkpoint: the model folder + 2 fp32 Adam moments per parameter."""
+    return model_dcp_bytes(shape) + 8 * shape.params()
+
+
+def disk_need(shape: mk.Shape) -> int:
+    """Disk the bench needs at most: the checkpoint, and two outputs at once (our fp32 file with its ``cp``
+    copy, or with ``accelerate merge-weights``' output during the untimed cross-check)."""
+    return dcp_bytes(shape) + 4 * shape.params() + model_dcp_bytes(shape)
 
 
 def large_spec(avail: int | None = None, disk_free: int | None = None) -> tuple[DcpSpec, str]:
-    """The largest Qwen2.5-1.5B-shaped model whose FSDP2 AdamW step fits in the RAM available now, and whose
-    checkpoint fits on disk twice (``dcp_to_torch_save`` writes everything, optimizer state included)."""
+    """The largest Qwen2.5-1.5B-shaped model, up to ``LARGE_MAX_LAYERS`` layers, whose FSDP2 AdamW step fits
+    in the RAM available now, and whose checkpoint and the bench's outputs fit on disk."""
     avail = mk.mem_available() if avail is None else avail
     CACHE.mkdir(parents=True, exist_ok=True)
     disk_free = shutil.disk_usage(CACHE).free if disk_free is None else disk_free
@@ -119,11 +162,11 @@ def large_spec(avail: int | None = None, disk_free: int | None = None) -> tuple[
     for what in fits:
         while fits[what] > 1:
             shape = mk.Shape(**{**asdict(mk.QWEN_15B), "layers": fits[what]})
-            need = shape.params() * FSDP2_STEP_BYTES_PER_PARAM if what == "ram" else 2 * dcp_bytes(shape)
+            need = shape.params() * FSDP2_STEP_BYTES_PER_PARAM if what == "ram" else disk_need(shape)
             if need <= (budget if what == "ram" else disk_budget):
                 break
             fits[what] -= 1
-    layers = min(fits.values())
+    layers = min(*fits.values(), LARGE_MAX_LAYERS)
     shape = mk.Shape(**{**asdict(mk.QWEN_15B), "layers": layers})
     full = mk.QWEN_15B
     full_gib = full.params() * FSDP2_STEP_BYTES_PER_PARAM / 2**30
@@ -131,9 +174,10 @@ def large_spec(avail: int | None = None, disk_free: int | None = None) -> tuple[
             f"AdamW step needs ~{FSDP2_STEP_BYTES_PER_PARAM} B/param + {OVERHEAD_BYTES / 2**30:.0f} GiB here (the "
             f"full 28 layers, {full.params() / 1e9:.2f}B params, ~{full_gib:.0f} GiB), keeping "
             f"{mk.SAFETY_BYTES / 2**30:.0f} GiB free -> {fits['ram']} layers fit. Disk: the checkpoint "
-            f"and dcp_to_torch_save's output (~{dcp_bytes(full) / 2**30:.0f} GiB each at 28 layers), keeping "
-            f"{DISK_SAFETY_BYTES / 2**30:.0f} GiB free -> {fits['disk']} layers fit. Used {layers}/28 layers, "
-            f"{shape.params() / 1e9:.3f}B params")
+            f"(~{dcp_bytes(full) / 2**30:.0f} GiB at 28 layers) and two model-sized outputs at once "
+            f"(~{disk_need(full) / 2**30:.0f} GiB in all), keeping {DISK_SAFETY_BYTES / 2**30:.0f} GiB free -> "
+            f"{fits['disk']} layers fit. Capped at {LARGE_MAX_LAYERS} (the size of the earlier runs). "
+            f"Used {layers}/28 layers, {shape.params() / 1e9:.3f}B params")
     return DcpSpec(LARGE_NAME, shape), note
 
 
@@ -143,7 +187,7 @@ def find_cached(name: str) -> DcpSpec | None:
     for marker in CACHE.glob(f"*/{MARKER}"):
         info = json.loads(marker.read_text())
         same_torch = info.get("torch_version") == version("torch")
-        if info.get("name") == name and info.get("kind") == "fsdp2-dcp" and same_torch:
+        if info.get("name") == name and info.get("kind") == KIND and same_torch:
             spec = DcpSpec(name, mk.Shape(**info["shape"]), info.get("steps", 1))
             if best is None or spec.shape.params() > best.shape.params():
                 best = spec
@@ -160,23 +204,23 @@ def specs(no_large: bool = False) -> list[tuple[DcpSpec, str]]:
     return out
 
 
-def dcp_model_bytes(ckpt: Path) -> dict[str, int]:
-    """Bytes of the ``model.*`` and of all other tensors, from the written ``.metadata`` (parent side)."""
+def dcp_tensor_bytes(ckpt: Path) -> dict[str, int]:
+    """Bytes of the ``model.*`` tensors of ``pytorch_model_fsdp_0/`` and of all tensors of ``optimizer_0/``
+    (``other``), from the written ``.metadata`` files (parent side)."""
     import torch
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    md = FileSystemReader(str(ckpt)).read_metadata()
-    out = {"model": 0, "other": 0, "model_tensors": 0}
-    for key, meta in md.state_dict_metadata.items():
-        if not isinstance(meta, TensorStorageMetadata):
-            continue
-        nbytes = meta.size.numel() * torch.empty((), dtype=meta.properties.dtype).element_size()
-        if key.startswith("model."):
-            out["model"] += nbytes
-            out["model_tensors"] += 1
-        else:
-            out["other"] += nbytes
+    out = {"model": 0, "other": 0, "model_tensors": 0, "other_tensors": 0}
+    for sub in (MODEL_DIR, OPTIM_DIR):
+        md = FileSystemReader(str(ckpt / sub)).read_metadata()
+        for key, meta in md.state_dict_metadata.items():
+            if not isinstance(meta, TensorStorageMetadata):
+                continue
+            nbytes = meta.size.numel() * torch.empty((), dtype=meta.properties.dtype).element_size()
+            part = "model" if sub == MODEL_DIR and key.startswith("model.") else "other"
+            out[part] += nbytes
+            out[part + "_tensors"] += 1
     return out
 
 
@@ -230,13 +274,17 @@ def generate(spec: DcpSpec, note: str = "") -> dict[str, Any]:
     worker_info = json.loads((folder / "worker.json").read_text())
     info = {
         "name": spec.name,
-        "kind": "fsdp2-dcp",
+        "kind": KIND,
         "key": spec.key(),
+        "ckpt_dir": spec.ckpt().name,
         "shape": asdict(spec.shape),
         "params": spec.shape.params(),
         "world_size": WORLD_SIZE,
         "steps": spec.steps,
-        "layout": 'dcp.save({"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)})',
+        "layout": (f'HF Trainer / Accelerate FSDP2 SHARDED_STATE_DICT: {spec.ckpt().name}/{MODEL_DIR}/ = '
+                   'dcp.save({"model": get_model_state_dict(m)}), '
+                   f'{spec.ckpt().name}/{OPTIM_DIR}/ = dcp.save({{"optimizer": get_optimizer_state_dict(m, opt)}}), '
+                   f'config + tokenizer in {spec.ckpt().name}/'),
         "param_dtype": "float32",
         "mixed_precision": "bf16 params for compute, fp32 reduce (MixedPrecisionPolicy)",
         "torch_version": version("torch"),
@@ -248,7 +296,8 @@ def generate(spec: DcpSpec, note: str = "") -> dict[str, Any]:
         "loadavg_end": os.getloadavg(),
         "worker": worker_info,
         "ckpt_bytes": sum(p.stat().st_size for p in files),
-        "tensor_bytes": dcp_model_bytes(spec.ckpt()),
+        "model_dcp_bytes": sum(p.stat().st_size for p in (spec.ckpt() / MODEL_DIR).rglob("*") if p.is_file()),
+        "tensor_bytes": dcp_tensor_bytes(spec.ckpt()),
         "files": {str(p.relative_to(spec.ckpt())): p.stat().st_size for p in files},
         "note": note,
     }
@@ -283,13 +332,19 @@ def build_tokenizer(folder: Path) -> None:
 
 
 def worker(spec_path: Path) -> None:
-    """Build in fp32, fully_shard per layer + root, one AdamW step, dcp.save model + optimizer."""
+    """Build in fp32, fully_shard per layer + root, one AdamW step, save as Accelerate's FSDP2 SHARDED_STATE_DICT."""
     # If memory runs out anyway, the kernel should kill these ranks, not other users' processes.
     Path("/proc/self/oom_score_adj").write_text("1000")
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -339,12 +394,27 @@ def worker(spec_path: Path) -> None:
     times["steps_s"] = time.monotonic() - t1
     mark("stepped")
     ckpt = Path(spec["ckpt"])
+    # As accelerate.utils.fsdp_utils.save_fsdp_model / save_fsdp_optimizer (FSDP2, SHARDED_STATE_DICT,
+    # use_dcp=True, index 0) with the options _prepare_sd_options builds from Accelerate's default
+    # ShardedStateDictConfig(offload_to_cpu=True): model first, then optimizer, one DCP folder each.
+    opts = StateDictOptions(full_state_dict=False, cpu_offload=True, broadcast_from_rank0=False)
     t2 = time.monotonic()
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-    mark("state_dicts")
-    dcp.save(state, checkpoint_id=str(ckpt))
+    model_sd = get_model_state_dict(model, options=opts)
+    mark("model_state_dict")
+    model_dir = ckpt / MODEL_DIR
+    model_dir.mkdir(parents=True, exist_ok=True)
+    dcp.save(state_dict={"model": model_sd}, storage_writer=FileSystemWriter(str(model_dir)),
+             planner=DefaultSavePlanner())
+    mark("model_saved")
+    optim_sd = get_optimizer_state_dict(model, opt, options=opts)
+    mark("optim_state_dict")
+    optim_dir = ckpt / OPTIM_DIR
+    optim_dir.mkdir(parents=True, exist_ok=True)
+    dcp.save(state_dict={"optimizer": optim_sd}, storage_writer=FileSystemWriter(str(optim_dir)),
+             planner=DefaultSavePlanner())
     times["save_s"] = time.monotonic() - t2
     mark("saved")
+    state = {"model": model_sd, "optimizer": optim_sd}
     per_rank: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, rss)
     if rank == 0:
@@ -355,7 +425,7 @@ def worker(spec_path: Path) -> None:
         model.generation_config.save_pretrained(ckpt)
         build_tokenizer(ckpt)
         info = {k: round(v, 1) for k, v in times.items()}
-        info["state_keys"] = {k: len(v) for k, v in state.items()}
+        info["state_keys"] = {"model": len(state["model"]), "optimizer.state": len(state["optimizer"]["state"])}
         info["rss_gib_per_rank"] = per_rank
         Path(spec["worker_json"]).write_text(json.dumps(info))
     print(f"rank {rank}: saved in {times['save_s']:.1f}s", flush=True)

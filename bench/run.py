@@ -28,21 +28,28 @@ Measurement:
 * ``os.getloadavg()`` is recorded before and after every measurement.
 * A watchdog kills the measured command (its own process group only) if MemAvailable < 1 GiB.
 
-FSDP2 DCP checkpoints (see ``make_fsdp_checkpoints.py``: ``dcp.save({"model": ..., "optim": ...})`` of an
-FSDP2 model after one AdamW step, fp32 weights and Adam moments), measured the same way, in one run:
+FSDP2 DCP checkpoints (see ``make_fsdp_checkpoints.py``: an FSDP2 model after one AdamW step, saved as
+HF Trainer / Accelerate do with ``SHARDED_STATE_DICT``: ``checkpoint-N/pytorch_model_fsdp_0/`` =
+``dcp.save({"model": ...})`` (fp32 weights), ``checkpoint-N/optimizer_0/`` = ``dcp.save({"optimizer": ...})``
+(fp32 Adam moments), config and tokenizer in ``checkpoint-N/``), measured the same way, in one run:
 
-* ``ours_fp32`` / ``ours_bf16``: as above;
-* ``dcp_to_torch_save``: ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(ckpt, out.pt)`` in a
-  child Python process. It has no model-only option: it loads and writes the whole state, optimizer
-  included. It does not fsync; what an fsync of its output adds is recorded, as for ``zero_to_fp32``;
-* ``accelerate``: ``accelerate merge-weights CKPT OUT`` (safetensors). Probed once; if it fails, its
-  error, wall time and peak RSS up to the failure are recorded and it is left out of the repetitions;
+* ``ours_fp32`` / ``ours_bf16``: as above, given ``checkpoint-N`` (it finds ``pytorch_model_fsdp_0/``);
+* ``dcp_to_torch_save``: ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(MODEL_DCP, out.pt)``
+  in a child Python process, on ``checkpoint-N/pytorch_model_fsdp_0`` (model only). It does not fsync; what
+  an fsync of its output adds is recorded, as for ``zero_to_fp32``;
+* ``accelerate``: ``accelerate merge-weights MODEL_DCP OUT`` on the same folder (its default output:
+  ``OUT/model.safetensors``; ``--unsafe_serialization`` would write a ``.bin``). Probed once; if it fails,
+  its error, wall time and peak RSS up to the failure are recorded and it is left out of the repetitions.
+  It does not fsync either; the fsync is timed afterwards as for ``dcp_to_torch_save``;
 * ``cp_fp32`` / ``cp_bf16``: ``cp`` of the file our tool wrote just before (same rep), then ``sync FILE``.
-  (Not kept reference files as above: the disk holds the DCP checkpoints and ``dcp_to_torch_save``'s
-  output, which is the size of the whole checkpoint, and little more.)
+  (Not kept reference files as above: the disk holds the DCP checkpoints and little more.)
+
+Each command's inputs are warmed as above, but only what it reads: the model folder (and, for ours,
+``checkpoint-N``'s config and tokenizer files), never ``optimizer_0/``.
 
 Before the repetitions, untimed, our fp32 output is compared tensor by tensor with the model entries
-that ``torch.distributed.checkpoint.load`` reads from the same folder (bit equality).
+that ``torch.distributed.checkpoint.load`` reads from ``pytorch_model_fsdp_0/`` (bit equality), and, if
+``accelerate merge-weights`` works, with its output.
 
 Writes ``bench/results/latest.json`` and ``bench/results/latest.md`` and prints the table.
 
@@ -362,6 +369,20 @@ print(json.dumps({"dcp_model_keys": len(keys), "output_tensors": len(names), "bi
 """
 
 
+COMPARE_SAFETENSORS = """
+import json, sys
+import torch
+from safetensors import safe_open
+
+with safe_open(sys.argv[1], "pt") as a, safe_open(sys.argv[2], "pt") as b:
+    ka, kb = set(a.keys()), set(b.keys())
+    common = sorted(ka & kb)
+    equal = [k for k in common if torch.equal(a.get_tensor(k), b.get_tensor(k))]
+    print(json.dumps({"common": len(common), "bit_equal": len(equal), "differ": sorted(set(common) - set(equal))[:5],
+                      "only_a": sorted(ka - kb), "only_b": sorted(kb - ka)}))
+"""
+
+
 def free_disk() -> int:
     """Free bytes on the work disk."""
     WORK.mkdir(parents=True, exist_ok=True)
@@ -391,7 +412,9 @@ def error_lines(rec: dict[str, Any]) -> str:
 
 def bench_dcp(info: dict[str, Any], reps: int) -> dict[str, Any]:
     """All measurements of one FSDP2 DCP checkpoint."""
-    ckpt = mkf.CACHE / info["key"] / "ckpt"
+    ckpt = mkf.ckpt_of(info)  # checkpoint-N: given to our tool
+    model_dcp = mkf.model_dcp_of(info)  # checkpoint-N/pytorch_model_fsdp_0: given to the others
+    ours_reads = [p for p in ckpt.iterdir() if p.name != mkf.OPTIM_DIR]  # model folder, config, tokenizer
     work = WORK / info["key"]
     out = {"ours_fp32": work / "ours_fp32", "ours_bf16": work / "ours_bf16", "torch": work / "dcp_to_torch_save.pt",
            "accelerate": work / "accelerate", "cp": work / "cp.safetensors"}
@@ -403,7 +426,7 @@ def bench_dcp(info: dict[str, Any], reps: int) -> dict[str, Any]:
     if r.returncode != 0:
         raise RuntimeError(f"our tool failed on {ckpt}: {r.stderr[-2000:]}")
     summary = json.loads(r.stdout)
-    v = subprocess.run([sys.executable, "-c", VERIFY_DCP, str(ckpt), str(single_file(out["ours_fp32"]))],
+    v = subprocess.run([sys.executable, "-c", VERIFY_DCP, str(model_dcp), str(single_file(out["ours_fp32"]))],
                        env=ENV, capture_output=True, text=True)
     if v.returncode != 0:
         raise RuntimeError(f"verification failed: {v.stderr[-2000:]}")
@@ -412,30 +435,40 @@ def bench_dcp(info: dict[str, Any], reps: int) -> dict[str, Any]:
     print(f"  verify: {verify}", flush=True)
     if verify["bit_equal"] != verify["output_tensors"]:
         raise RuntimeError(f"{info['name']}: our output differs from dcp.load: {verify}")
-    clean(out["ours_fp32"])
 
     # accelerate merge-weights: probed once; kept in the repetitions only if it works on this input.
-    acc_cmd = [str(BIN / "accelerate"), "merge-weights", str(ckpt), str(out["accelerate"])]
-    probe = measure(acc_cmd, [ckpt], [out["accelerate"]])
+    acc_cmd = [str(BIN / "accelerate"), "merge-weights", str(model_dcp), str(out["accelerate"])]
+    probe = measure(acc_cmd, [model_dcp], [out["accelerate"]])
     acc_ok = probe["exit"] == 0
     acc_note = "safetensors, one file" if acc_ok else (
         f"failed (exit {probe['exit']}) after {probe['wall_s']:.1f} s at {probe['rss_mib']:.0f} MiB peak RSS: "
         f"{error_lines(probe)}")
     print(f"  accelerate merge-weights probe: {acc_note}", flush=True)
-    clean(out["accelerate"])
+    if acc_ok:
+        # Untimed: accelerate's output against ours (tensors of both; it also writes the tied lm_head).
+        x = subprocess.run([sys.executable, "-c", COMPARE_SAFETENSORS, str(single_file(out["ours_fp32"])),
+                            str(single_file(out["accelerate"]))], env=ENV, capture_output=True, text=True)
+        if x.returncode != 0:
+            raise RuntimeError(f"comparison with accelerate's output failed: {x.stderr[-2000:]}")
+        verify["vs_accelerate"] = json.loads(x.stdout)
+        print(f"  ours vs accelerate: {verify['vs_accelerate']}", flush=True)
+        acc_note = (f"{single_file(out['accelerate']).name}, one file; ours equals it bit for bit on "
+                    f"{verify['vs_accelerate']['bit_equal']}/{verify['vs_accelerate']['common']} common tensors "
+                    f"(only in its output: {', '.join(verify['vs_accelerate']['only_b']) or 'none'})")
+    clean(out["accelerate"], out["ours_fp32"])
 
-    torch_cmd = [sys.executable, "-c", DCP_TO_TORCH_SAVE, str(ckpt), str(out["torch"])]
+    torch_cmd = [sys.executable, "-c", DCP_TO_TORCH_SAVE, str(model_dcp), str(out["torch"])]
     cp = out["cp"]
     # (name, command, warmed inputs, outputs, output whose fsync is timed afterwards, expected output bytes)
     plan: list[tuple[str, list[str], list[Path], list[Path], Path | None, int]] = [
-        ("ours_fp32", ours(ckpt, out["ours_fp32"]), [ckpt], [out["ours_fp32"]], None, 0),
+        ("ours_fp32", ours(ckpt, out["ours_fp32"]), ours_reads, [out["ours_fp32"]], None, 0),
         ("cp_fp32", [], [], [cp], None, 0),  # command filled in from ours_fp32's output file
-        ("dcp_to_torch_save", torch_cmd, [ckpt], [out["torch"]], out["torch"], info["ckpt_bytes"]),
-        ("ours_bf16", ours(ckpt, out["ours_bf16"], "--dtype", "bfloat16"), [ckpt], [out["ours_bf16"]], None, 0),
+        ("dcp_to_torch_save", torch_cmd, [model_dcp], [out["torch"]], out["torch"], info["tensor_bytes"]["model"]),
+        ("ours_bf16", ours(ckpt, out["ours_bf16"], "--dtype", "bfloat16"), ours_reads, [out["ours_bf16"]], None, 0),
         ("cp_bf16", [], [], [cp], None, 0),
     ]
     if acc_ok:
-        plan.append(("accelerate", acc_cmd, [ckpt], [out["accelerate"]], out["accelerate"],
+        plan.append(("accelerate", acc_cmd, [model_dcp], [out["accelerate"]], out["accelerate"],
                      info["tensor_bytes"]["model"]))
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in plan}
     sizes: dict[str, int] = {}
