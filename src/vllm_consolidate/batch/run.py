@@ -8,6 +8,10 @@ up, shared while it runs; workers hold it shared), and on start removes stale ``
 
 Failure policy: without ``continue_on_error`` the first failed job stops the batch: no new job
 starts, running jobs finish (their outputs are kept), the rest are reported as not run.
+
+Where the jobs run is the :class:`Executor`'s business: :class:`LocalExecutor` (the default, the
+worker processes above) or :class:`~vllm_consolidate.batch.ray_executor.RayExecutor` (one Ray task per
+job). The plan, the lock, the cleanup of stale folders, the events and the result are the same for both.
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ class BatchResult:
     plan: BatchPlan
     started: float
     finished: float
+    #: The executor's name and what it adds to the report (nothing for ``local``; see :class:`Executor`).
+    executor: str = "local"
+    executor_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    job_info: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def jobs(self) -> list[Job]:
@@ -76,7 +84,7 @@ class BatchResult:
         return all(j.status in (Status.DONE, Status.SKIPPED) for j in self.jobs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "tool_version": __version__,
             "started": self.started,
             "finished": self.finished,
@@ -84,8 +92,11 @@ class BatchResult:
             "ok": self.ok,
             "counts": {s: self.count(s) for s in OUTCOMES},
             "plan": self.plan.to_dict(),
-            "jobs": [j.to_dict() for j in self.jobs],
+            "jobs": [{**j.to_dict(), **self.job_info.get(j.id, {})} for j in self.jobs],
         }
+        if self.executor != "local":  # the local report stays as it always was
+            out["executor"] = {"name": self.executor, **self.executor_info}
+        return out
 
 
 class WorkerDied(Exception):
@@ -143,16 +154,48 @@ def job_spec(job: Job, opts: BatchOptions) -> JobSpec:
     return JobSpec(job.id, options, job.output, manifest, opts.debug)
 
 
-def run_batch(plan: BatchPlan, on_event: EventFn | None = None) -> BatchResult:
+class Executor:
+    """Where a plan's jobs run: :meth:`run` starts them, reports through ``emit`` and returns the jobs never started.
+
+    :meth:`session` is entered before the output folder is locked and cleaned (to connect to a cluster,
+    so a connection error comes before anything is touched); :attr:`job_info` adds fields to each
+    job's record in the report (e.g. Ray's attempts and nodes), :attr:`info` to the report's
+    ``executor`` record.
+    """
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.info: dict[str, Any] = {}
+        self.job_info: dict[int, dict[str, Any]] = {}
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        yield
+
+    def run(self, plan: BatchPlan, emit: EventFn, out_dir: Path, pending: list[Job]) -> list[Job]:
+        raise NotImplementedError
+
+
+class LocalExecutor(Executor):
+    """This machine's worker processes, admitted by the plan's RAM and disk scheduler (``--executor local``)."""
+
+    def run(self, plan: BatchPlan, emit: EventFn, out_dir: Path, pending: list[Job]) -> list[Job]:
+        return _Run(plan, emit, out_dir, pending).run()
+
+
+def run_batch(plan: BatchPlan, on_event: EventFn | None = None, executor: Executor | None = None) -> BatchResult:
     """Run a plan's jobs (see the module docstring for scheduling, failure policy and cleanup).
 
     Args:
         plan: From :func:`~vllm_consolidate.batch.plan.plan_batch`; jobs are updated in place.
         on_event: Called in this process for every :class:`BatchEvent`.
+        executor: Where the jobs run; :class:`LocalExecutor` when None.
 
     Returns:
         The result; ``result.ok`` is False when a job failed or did not run.
     """
+    executor = executor or LocalExecutor()
     emit = on_event or (lambda e: None)
     started = time.time()
     for j in plan.jobs:
@@ -165,16 +208,17 @@ def run_batch(plan: BatchPlan, on_event: EventFn | None = None) -> BatchResult:
     pending = list(plan.to_run)
     if pending and not (plan.problems and not plan.options.continue_on_error):
         out_dir = Path(plan.options.output_dir).absolute()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with _batch_lock(out_dir) as lock_fd:
-            for j in plan.jobs:
-                clean_stale(j.output)
-            fcntl.flock(lock_fd, fcntl.LOCK_SH)  # cleaned up: other readers may look now; workers share it
-            pending = _Run(plan, emit, out_dir, pending).run()
+        with executor.session():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with _batch_lock(out_dir) as lock_fd:
+                for j in plan.jobs:
+                    clean_stale(j.output)
+                fcntl.flock(lock_fd, fcntl.LOCK_SH)  # cleaned up: other readers may look now; workers share it
+                pending = executor.run(plan, emit, out_dir, pending)
     for j in pending:
         j.status = Status.NOT_RUN
         emit(BatchEvent(EventKind.NOT_RUN, j))
-    return BatchResult(plan, started, time.time())
+    return BatchResult(plan, started, time.time(), executor.name, dict(executor.info), dict(executor.job_info))
 
 
 class _Run:
@@ -304,4 +348,5 @@ class _Run:
             j.status = Status.NOT_RUN
 
 
-__all__ = ["LOCK_NAME", "BatchEvent", "BatchResult", "EventFn", "WorkerDied", "clean_stale", "job_spec", "run_batch"]
+__all__ = ["LOCK_NAME", "BatchEvent", "BatchResult", "EventFn", "Executor", "LocalExecutor", "WorkerDied",
+           "clean_stale", "job_spec", "run_batch"]

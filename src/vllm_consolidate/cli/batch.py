@@ -28,6 +28,7 @@ from vllm_consolidate.batch import (
     plan_batch,
     run_batch,
 )
+from vllm_consolidate.batch.ray_executor import AUTO, RayExecutor, require_ray
 from vllm_consolidate.cli import common
 
 DESCRIPTION = "Consolidate many checkpoints or training runs into folders vLLM loads, in parallel and resumably."
@@ -52,6 +53,12 @@ resume:
   file). Rerunning the same batch skips outputs that are up to date ("skipped (up to date)"),
   redoes stale or interrupted ones (replacing a stale output only when its manifest shows it was
   made by this tool from the same checkpoint) and never leaves half-written folders.
+
+on a Ray cluster (--executor ray; pip install 'vllm-consolidate[ray]'):
+  Each job is one Ray task declaring its RAM estimate as `memory`, so Ray admits jobs per node;
+  --max-workers caps the tasks in flight. Inputs and --output-dir must be on storage every node
+  sees at the same paths. A job whose node dies is retried once on another; --report records each
+  job's attempts and nodes. Plan, naming, manifests and resume are those of --executor local.
 
 exit status: 0 if every job was done or skipped, 11 if any failed or did not run, 2 for bad usage.
 """
@@ -84,6 +91,13 @@ def _batch_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ctl.add_argument("--verify-checksums", action="store_true",
                      help="when deciding whether an output is up to date, also rehash its files")
     ctl.add_argument("--report", type=Path, metavar="FILE.json", help="write a JSON report of the batch")
+    run = p.add_argument_group("where the jobs run")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: worker processes on this machine (default); ray: one Ray task per job on a "
+                          "Ray cluster (needs the 'ray' extra)")
+    run.add_argument("--ray-address", default=AUTO, metavar="ADDRESS",
+                     help="with --executor ray: 'auto' (the cluster this machine is part of; default), 'local' "
+                          "(start a one-machine cluster for this batch) or a head node's HOST:PORT")
     model = p.add_argument_group("model options (as for a single conversion, applied to every job)")
     common.add_model_options(model)
     p.set_defaults(func=cmd_batch)
@@ -189,10 +203,13 @@ class _Printer:
     def _line(self, ev: BatchEvent) -> str | None:
         j = ev.job
         if ev.kind == EventKind.START:
+            where = f" {ev.message}" if ev.message else ""  # --executor ray: the node
+            if j.id in self.last:
+                return f"retry    {j.output.name}{where}"
             self.n += 1
             self.last[j.id] = time.monotonic()
             return (f"start    [{self.n}/{self.total}] {_rel(j.input)} [{j.checkpoint_name}] -> {_rel(j.output)}"
-                    f" (~{_size(j.est_output_bytes)})")
+                    f" (~{_size(j.est_output_bytes)}){where}")
         if ev.kind == EventKind.DONE:
             written = (j.result or {}).get("bytes_written") or 0
             speed = common.rate(written, j.seconds)
@@ -226,6 +243,10 @@ def print_summary(result: BatchResult) -> None:
             note = (j.error or {}).get("message", "")
         elif j.status == Status.DONE and j.action == Action.REPLACE:
             note = f"replaced ({j.reason})"
+        attempts = result.job_info.get(j.id, {}).get("attempts") or 0
+        if attempts > 1:
+            nodes = result.job_info[j.id].get("nodes") or []
+            note = "; ".join(filter(None, [note, f"retried: {attempts} attempts (on {', '.join(nodes)})"]))
         rows.append([_STATUS.get(j.status, j.status), j.output.name if j.checkpoint else "-",
                      f"{_rel(j.input)} [{j.checkpoint_name}]",
                      f"{j.seconds:.1f} s" if j.seconds is not None else "-",
@@ -279,6 +300,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         continue_on_error=args.continue_on_error, verify_checksums=args.verify_checksums, debug=args.debug,
         model=common.model_options(args),
     )
+    if args.executor == "ray":
+        require_ray()  # before planning: one clear error naming the extra (exit 2)
     return _batch(args, opts)
 
 
@@ -299,7 +322,8 @@ def _batch(args: argparse.Namespace, opts: BatchOptions) -> int:
         return 0
     if plan.problems and not opts.continue_on_error and not args.json:
         print_plan(plan)
-    result = run_batch(plan, _Printer(len(plan.to_run)))
+    executor = RayExecutor(args.ray_address) if args.executor == "ray" else None
+    result = run_batch(plan, _Printer(len(plan.to_run)), executor)
     report = result.to_dict()
     if not args.json:
         print_summary(result)

@@ -1,0 +1,376 @@
+"""Running a plan's jobs on a Ray cluster: ``batch --executor ray`` (``pip install 'vllm-consolidate[ray]'``).
+
+Everything but the running is the local batch's: the plan, naming, collision checks, manifests,
+the output folder's lock and the cleanup of stale folders (:func:`~vllm_consolidate.batch.run.run_batch`).
+The inputs and ``--output-dir`` must be on storage every node sees at the same paths.
+
+* **One job, one Ray task.** :func:`_ray_job` runs :func:`~vllm_consolidate.batch.worker.run_job`,
+  the local worker's conversion, in a Ray worker process used for that job alone (``max_calls=1``:
+  a hostile or leaking job cannot affect the next). The task declares ``memory`` = the job's peak-RAM
+  estimate (:mod:`~vllm_consolidate.batch.resources`; capped at the largest node's, so a job too big
+  for every node still runs, alone, as locally) and ``num_cpus`` = 1, so Ray's scheduler admits jobs
+  per node as the local scheduler does per machine. At most ``--max-workers`` tasks are in flight, and
+  the disk estimate of the (shared) output folder is checked as locally.
+* **Faults.** A task whose node or process dies is retried once (``max_retries=1``); an attempt first
+  removes the staging folder a dead attempt left. A conversion error is not an exception to Ray
+  (:func:`~vllm_consolidate.batch.worker.run_job` reports it), so it is never retried
+  (``retry_exceptions=False`` besides). Each job's record gets ``attempts`` and ``nodes`` (one node
+  address per attempt).
+* **Events.** Each task tells a reporter actor on the driver's node when it starts (which attempt, on
+  which node) and how far it is; the driver polls it and emits the usual
+  :class:`~vllm_consolidate.batch.run.BatchEvent` s, so progress, the table, ``--report`` and exit codes
+  are those of a local batch. A START event's message names the node.
+
+Ray is imported only when a Ray batch runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vllm_consolidate.batch.plan import BatchPlan, Job, job_error
+from vllm_consolidate.batch.resources import Scheduler
+from vllm_consolidate.batch.run import LOCK_NAME, BatchEvent, EventFn, Executor, WorkerDied, job_spec
+from vllm_consolidate.batch.states import Admission, EventKind, Status
+from vllm_consolidate.batch.worker import JobSpec, run_job
+from vllm_consolidate.errors import InsufficientDiskError, UsageError
+
+#: What to install for ``--executor ray``.
+RAY_EXTRA = "pip install 'vllm-consolidate[ray]'"
+#: ``--ray-address`` values besides a cluster's ``host:port``.
+AUTO, LOCAL = "auto", "local"
+#: Retries of a task whose node or worker process died (Ray's ``max_retries``).
+MAX_RETRIES = 1
+#: How often the driver looks for news.
+_POLL_SECONDS = 0.5
+#: How long an interrupted batch waits for its cancelled tasks to clean up.
+_CANCEL_WAIT_SECONDS = 10.0
+_START = "start"
+
+
+def ray_available() -> bool:
+    """Whether Ray can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_ray() -> None:
+    """Raises:
+    UsageError: Ray is not installed (exit 2), naming the extra that installs it.
+    """
+    if not ray_available():
+        raise UsageError("--executor ray needs Ray, which is not installed",
+                         hint=f"Install the extra: {RAY_EXTRA} (or use --executor local).")
+
+
+def _reachable(address: str, timeout: float = 10.0) -> bool:
+    """Whether ``HOST:PORT`` accepts a TCP connection (True for other forms, e.g. ``ray://``: Ray decides)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return True
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _import_ray() -> Any:
+    require_ray()
+    import ray
+
+    return ray
+
+
+# -- in the Ray worker process ---------------------------------------------------------------------------
+
+
+class _Reporter:
+    """The actor (on the driver's node) that tasks tell when they start and how far they are."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple] = []
+        self.attempts: dict[int, int] = {}
+
+    def start(self, job_id: int, ip: str, node_id: str, when: float) -> int:
+        """Count an attempt of a job and return its number (1 for the first)."""
+        attempt = self.attempts[job_id] = self.attempts.get(job_id, 0) + 1
+        self.messages.append((_START, job_id, attempt, ip, node_id, when))
+        return attempt
+
+    def put(self, message: tuple) -> None:
+        self.messages.append(message)
+
+    def drain(self) -> list[tuple]:
+        out, self.messages = self.messages, []
+        return out
+
+
+class _Relay:
+    """What :func:`~vllm_consolidate.batch.worker.run_job` sends to: progress to the reporter; the outcome is kept."""
+
+    def __init__(self, reporter: Any):
+        self.reporter = reporter
+        self.outcome: tuple | None = None
+
+    def send(self, message: tuple) -> None:
+        if message[0] == EventKind.PROGRESS:
+            self.reporter.put.remote(message)
+        else:
+            self.outcome = message
+
+
+def clear_attempt(staging: Path) -> None:
+    """Remove what an attempt at a job left: its staging folder and convert()'s ``..<staging>.partial-*`` beside it."""
+    shutil.rmtree(staging, ignore_errors=True)
+    for p in staging.parent.glob(f".{glob.escape(staging.name)}.partial-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _shared_lock(lock_path: str) -> Iterator[None]:
+    """The batch lock, shared, as a local worker holds it: no other batch cleans up under a running job."""
+    fd = os.open(lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _ray_job(spec: JobSpec, reporter: Any, lock_path: str) -> tuple:
+    """A Ray task: one job, converted and published exactly as a local worker does it.
+
+    Returns:
+        ``(outcome, attempt, node address, time finished)``, the outcome being the local worker's DONE or
+        FAILED message. Times are the node's clock (the driver learns of a start or an end up to
+        :data:`_POLL_SECONDS` late).
+    """
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    attempt = ray.get(reporter.start.remote(spec.id, ip, ray.get_runtime_context().get_node_id(), time.time()))
+    clear_attempt(spec.staging)  # what an attempt that died with its node or process left
+    relay = _Relay(reporter)
+    with _shared_lock(lock_path):
+        run_job(relay, spec)
+    return relay.outcome, attempt, ip, time.time()
+
+
+# -- in the driver -------------------------------------------------------------------------------------
+
+
+class RayExecutor(Executor):
+    """Run a batch's jobs as Ray tasks (see the module docstring).
+
+    Args:
+        address: ``auto`` (the cluster this machine belongs to: ``RAY_ADDRESS`` or a local
+            ``ray start``), ``local`` (start a single-node cluster in this process for the batch), or a
+            cluster's ``host:port``. Ignored when Ray is already initialized in this process.
+        num_cpus: CPUs each task declares.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str = AUTO, *, num_cpus: float = 1.0):
+        super().__init__()
+        self.address = address
+        self.num_cpus = num_cpus
+        self.ray: Any = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Connect to (or start) the cluster; disconnect after, unless Ray was initialized before."""
+        ray = _import_ray()
+        owned = not ray.is_initialized()
+        if owned:
+            self._connect(ray)
+        self.ray = ray
+        try:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            self.info = {"address": self.address, "nodes": len(nodes),
+                         "cpus": sum(n["Resources"].get("CPU", 0) for n in nodes)}
+            yield
+        finally:
+            self.ray = None
+            if owned:
+                ray.shutdown()
+
+    def _connect(self, ray: Any) -> None:
+        kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING,
+                                  "namespace": "vllm-consolidate"}
+        hint = ("Start one with `ray start --head` (and `ray start --address HEAD:PORT` on the other nodes), "
+                "pass its address, or use --ray-address local.")
+        if self.address == LOCAL:
+            kwargs["include_dashboard"] = False
+        elif self.address != AUTO and not _reachable(self.address):  # Ray itself would retry for minutes
+            raise UsageError(f"no Ray cluster answers at --ray-address {self.address}", hint=hint)
+        try:
+            ray.init(address=self.address, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - ConnectionError, an authentication or version mismatch...
+            raise UsageError(f"cannot connect to a Ray cluster at --ray-address {self.address}: "
+                             f"{type(exc).__name__}: {exc}", hint=hint) from exc
+
+    def run(self, plan: BatchPlan, emit: EventFn, out_dir: Path, pending: list[Job]) -> list[Job]:
+        if self.ray is None:
+            raise RuntimeError("RayExecutor.run() outside its session()")
+        return _RayRun(self, plan, emit, out_dir, pending).run()
+
+
+class _RayRun:
+    """One Ray batch: the tasks in flight, the reporter, and whether to stop submitting."""
+
+    def __init__(self, ex: RayExecutor, plan: BatchPlan, emit: EventFn, out_dir: Path, pending: list[Job]):
+        ray = self.ray = ex.ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.ex, self.opts, self.emit, self.pending = ex, plan.options, emit, pending
+        self.lock_path = str(out_dir / LOCK_NAME)
+        # RAM is Ray's to admit (each task declares its estimate); here only --max-workers and the disk.
+        self.sched = Scheduler(self.opts.max_workers, 1 << 62, 0, plan.disk_free, available_now=lambda: 1 << 62)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.reporter = ray.remote(num_cpus=0)(_Reporter).options(scheduling_strategy=here).remote()
+        self.task = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_ray_job)
+        mems = [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+        self.max_memory = int(max(mems, default=0))
+        self.inflight: dict[Any, Job] = {}
+        self.specs: dict[int, JobSpec] = {}
+        self.stop = False
+
+    def run(self) -> list[Job]:
+        try:
+            while self.pending or self.inflight:
+                self._submit()
+                if not self.inflight:
+                    break
+                self._collect()
+            return self.pending
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                self.ray.kill(self.reporter)
+
+    def _submit(self) -> None:
+        """Submit pending jobs, in order, while --max-workers and the disk estimates let them."""
+        while self.pending and not self.stop:
+            job = self.pending[0]
+            verdict = self.sched.check(job, len(self.inflight))
+            if verdict == Admission.WAIT:
+                return
+            self.pending.pop(0)
+            if verdict == Admission.NEVER:
+                self._fail(job, job_error(InsufficientDiskError(
+                    f"not enough disk space: the output needs about {job.est_disk_bytes / 1e9:.2f} GB, "
+                    f"{self.sched.disk_left / 1e9:.2f} GB are left for this batch", path=job.output)))
+                continue
+            spec = self.specs[job.id] = job_spec(job, self.opts)
+            memory = min(job.est_peak_ram, self.max_memory) if self.max_memory else job.est_peak_ram
+            ref = self.task.options(num_cpus=self.ex.num_cpus, memory=max(1, memory),
+                                    name=f"vllm-consolidate:{job.output.name}").remote(spec, self.reporter,
+                                                                                      self.lock_path)
+            self.sched.take(job)
+            self.inflight[ref] = job
+            self.ex.job_info[job.id] = {"attempts": 0, "nodes": []}
+
+    def _collect(self) -> None:
+        """Wait up to :data:`_POLL_SECONDS` for finished tasks; emit the reporter's news, then the outcomes."""
+        refs = list(self.inflight)
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=_POLL_SECONDS)
+        for message in self.ray.get(self.reporter.drain.remote()):
+            self._news(message)
+        for ref in ready:
+            self._finished(self.inflight.pop(ref), ref)
+
+    def _news(self, message: tuple) -> None:
+        job = next((j for j in self.inflight.values() if j.id == message[1]), None)
+        if job is None:
+            return  # already finished (the outcome came back before the last progress message)
+        if message[0] == EventKind.PROGRESS:
+            self.emit(BatchEvent(EventKind.PROGRESS, job, done=message[2], total=message[3]))
+            return
+        _, _, attempt, ip, _node_id, when = message
+        info = self.ex.job_info[job.id]
+        info["attempts"] = max(info["attempts"], attempt)
+        info["nodes"].append(ip)
+        if job.status != Status.RUNNING:
+            job.status, job.started = Status.RUNNING, when
+            self.emit(BatchEvent(EventKind.START, job, f"on {ip}"))
+        else:
+            self.emit(BatchEvent(EventKind.START, job, f"on {ip} (attempt {attempt}: retried after the "
+                                                       f"node or process of attempt {attempt - 1} died)"))
+
+    def _finished(self, job: Job, ref: Any) -> None:
+        """A task ended: the job is done or failed, or (cancelled before it started) goes back to not run."""
+        try:
+            outcome, attempt, ip, finished = self.ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - a system failure Ray gave up on, or a cancellation
+            outcome, attempt, ip, finished = None, 0, None, time.time()
+            error = exc
+            if isinstance(exc, self.ray.exceptions.TaskCancelledError):  # the batch stopped before it ran
+                self.sched.release(job, False)
+                self.pending = sorted([*self.pending, job], key=lambda j: j.id)
+                return
+        info = self.ex.job_info[job.id]
+        if ip is not None and attempt > info["attempts"]:  # its start message was not read yet
+            info["attempts"] = attempt
+            info["nodes"].append(ip)
+        if job.status != Status.RUNNING:
+            job.status, job.started = Status.RUNNING, time.time()
+            self.emit(BatchEvent(EventKind.START, job, f"on {ip}" if ip else ""))
+        job.finished = finished
+        job.seconds = job.finished - (job.started or job.finished)
+        if outcome is not None and outcome[0] == EventKind.DONE:
+            job.status, job.result, job.peak_rss = Status.DONE, outcome[2]["result"], outcome[2]["peak_rss"]
+            self.sched.release(job, True)
+            self.emit(BatchEvent(EventKind.DONE, job))
+            return
+        self.sched.release(job, False)
+        if outcome is not None:
+            self._fail(job, outcome[2])
+            return
+        clear_attempt(self.specs[job.id].staging)  # the task could not
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        self._fail(job, job_error(WorkerDied(
+            f"the Ray task ended without reporting its job's outcome ({type(error).__name__}"
+            f"{': ' + first if first else ''}) after {max(info['attempts'], 1)} attempt(s)")))
+
+    def _fail(self, job: Job, error: dict[str, Any]) -> None:
+        job.status, job.error = Status.FAILED, error
+        self.emit(BatchEvent(EventKind.FAILED, job, error.get("message", "")))
+        if not self.opts.continue_on_error and not self.stop:
+            self.stop = True
+            for ref, j in self.inflight.items():  # submitted but not started: they must not start now
+                if j.status != Status.RUNNING:
+                    self.ray.cancel(ref)
+
+    def _abort(self) -> None:
+        """Interrupted: cancel every task (each removes its staging folder), then mark what did not finish."""
+        for ref in self.inflight:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(ref)
+        with contextlib.suppress(BaseException):
+            self.ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=_CANCEL_WAIT_SECONDS)
+        for job in self.inflight.values():
+            clear_attempt(self.specs[job.id].staging)
+            job.status = Status.NOT_RUN
+        for job in self.pending:
+            job.status = Status.NOT_RUN
+
+
+__all__ = ["AUTO", "LOCAL", "MAX_RETRIES", "RAY_EXTRA", "RayExecutor", "clear_attempt", "ray_available",
+           "require_ray"]
