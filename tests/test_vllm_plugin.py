@@ -569,3 +569,91 @@ def test_serve_package_imports_without_vllm() -> None:
     code = ("import sys; import vllm_consolidate.serve.vllm_plugin; "
             "assert 'vllm' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the served path: vLLM's OpenAI server, its engine in another process ------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post_json(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path, deadline_s: float) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the vLLM server exited ({proc.returncode}) before it was ready:\n"
+                        f"{log.read_text()[-6000:]}", pytrace=False)
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"the vLLM server was not ready after {deadline_s:.0f} s:\n{log.read_text()[-6000:]}", pytrace=False)
+
+
+@pytest.mark.vllm
+def test_openai_server_serves_a_run_folder(plugin_run: dict[str, Any], tmp_path: Path) -> None:
+    """``python -m vllm.entrypoints.openai.api_server RUN --load-format consolidate``: as a user serves it.
+
+    The API server process finds config and tokenizer through the plugin (the run folder has neither), the
+    engine runs in its own process (vLLM's default), which loads the plugin through the entry point again.
+    The greedy tokens equal those of ``LLM()`` on the folder ``convert`` wrote.
+    """
+    import signal
+
+    run = Path(plugin_run["served"]["z3_untied_trainer_run"])
+    expected = plugin_run["by_id"]["z3_untied_trainer_run:folder"]
+    assert expected["ok"], expected.get("traceback")
+    before = _snapshot(run)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "VLLM_ENABLE_V1_MULTIPROCESSING")}
+    env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmp_path)})
+    cmd = [_vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(run),
+           "--load-format", vp.LOAD_FORMAT, "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
+           "--max-num-seqs", "4", "--seed", "0", "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", "run"]
+    log = tmp_path / "server.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}/health", log, deadline_s=600)
+        tokens = []
+        for prompt in PROMPTS:
+            body = {"model": "run", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0,
+                    "ignore_eos": True, "return_token_ids": True}
+            reply = _post_json(f"http://127.0.0.1:{port}/v1/completions", body, timeout=120)
+            tokens.append(reply["choices"][0]["token_ids"])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert tokens == expected["tokens"]
+    # It was our loader, in the engine process, and the checkpoint was only read.
+    assert "consolidate: streamed" in text and "nothing written" in text
+    assert _snapshot(run) == before

@@ -9,6 +9,8 @@ shown only with ``--debug``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class ConsolidateError(Exception):
@@ -118,6 +120,16 @@ class VllmLoadError(ConsolidateError):
 
 class BatchError(ConsolidateError):
     """A batch could not be planned or one of its jobs failed."""
+
+
+@contextmanager
+def naming_file(path: str | os.PathLike) -> Iterator[None]:
+    """Inside, an error of ours raised without a file (by a stand-in or a pure helper) is made to name ``path``."""
+    try:
+        yield
+    except ConsolidateError as exc:
+        exc.path = exc.path or str(path)
+        raise
 
 
 def error_record(exc: BaseException) -> dict[str, str | None]:

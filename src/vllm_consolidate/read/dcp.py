@@ -18,12 +18,17 @@ ambiguous: the reader refuses and names them, and ``--model-key`` picks one (``"
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
 
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, UnsupportedCheckpointError, UsageError
+from vllm_consolidate.errors import (
+    ConsolidateError,
+    CorruptCheckpointError,
+    UnsupportedCheckpointError,
+    UsageError,
+    naming_file,
+)
 from vllm_consolidate.formats import dcp
 from vllm_consolidate.formats.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.limits import brief
@@ -31,8 +36,6 @@ from vllm_consolidate.read.chunks import Piece, assemble
 from vllm_consolidate.read.hf import check_weight_file, strip_wrapper_prefixes
 from vllm_consolidate.safe_io import open_regular
 from vllm_consolidate.source import SourceModel, TensorSpec
-
-T = TypeVar("T")
 
 #: First components of Hugging Face parameter names (a model's state dict keys start with one).
 HF_ROOTS = frozenset({
@@ -216,7 +219,8 @@ def read_dcp(folder: Path, root: Path | None = None, model_key: str | None = Non
             continue
         by_place[place] = name
         pieces = [_piece(folder, tensor, c) for c in tensor.chunks]
-        segments = with_path(meta.path, assemble, tensor.shape, pieces, name)
+        with naming_file(meta.path):
+            segments = assemble(tensor.shape, pieces, name)
         specs.append(TensorSpec(name, tensor.dtype, tensor.shape, segments))
     stored = stored_dtype(specs)
     info = {
@@ -232,15 +236,6 @@ def read_dcp(folder: Path, root: Path | None = None, model_key: str | None = Non
                        trained_dtype=stored if stored and stored.itemsize == 2 else None)
 
 
-def with_path(path: Path, build: Callable[..., T], *args: Any) -> T:
-    """``build(*args)``; a ConsolidateError it raises without a file is made to name ``path``."""
-    try:
-        return build(*args)
-    except ConsolidateError as exc:
-        exc.path = exc.path or str(path)
-        raise
-
-
 def stored_dtype(specs: list[TensorSpec]) -> DType | None:
     """The one floating dtype all tensors are stored in, else None.
 
@@ -251,4 +246,4 @@ def stored_dtype(specs: list[TensorSpec]) -> DType | None:
     return seen.pop() if len(seen) == 1 else None
 
 
-__all__ = ["HF_ROOTS", "check_storage_files", "model_keys", "read_dcp", "stored_dtype", "with_path"]
+__all__ = ["HF_ROOTS", "check_storage_files", "model_keys", "read_dcp", "stored_dtype"]

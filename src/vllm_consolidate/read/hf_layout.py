@@ -41,9 +41,6 @@ class Layout:
 # -- detection ------------------------------------------------------------------------------------------
 
 
-_is_dcp_folder = is_dcp_folder
-
-
 def _present(path: Path) -> bool:
     """A weight-file name is taken: by a file, a FIFO or device, or a symlink (even a broken one), but
     not by a folder. Reading it then refuses anything but a regular file inside the model, with an
@@ -68,7 +65,7 @@ def is_hf_folder(path: Path) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    return _has_weights(path) or (path / BIN_SINGLE).is_dir() or _is_dcp_folder(path)
+    return _has_weights(path) or (path / BIN_SINGLE).is_dir() or is_dcp_folder(path)
 
 
 def _dcp_error(folder: Path) -> UnsupportedCheckpointError:
@@ -101,11 +98,11 @@ def find_layout(folder: Path, *, nested: bool = False) -> Layout:
                 path=folder / index_name,
                 hint=f"Copy {index_name} from where the shards came from; without it the shards cannot be trusted.",
             )
-    if _is_dcp_folder(folder):
+    if is_dcp_folder(folder):
         raise _dcp_error(folder)
     inner = folder / BIN_SINGLE
     if inner.is_dir() and not nested:
-        if _is_dcp_folder(inner):
+        if is_dcp_folder(inner):
             raise _dcp_error(inner)
         if not _has_weights(inner):
             found = sorted(p.name for p in inner.iterdir())[:8]

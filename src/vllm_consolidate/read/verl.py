@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from vllm_consolidate import safe_io
-from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsupportedCheckpointError
+from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsupportedCheckpointError, naming_file
 from vllm_consolidate.formats import dtensor
 from vllm_consolidate.formats.dtensor import DTensorShard
 from vllm_consolidate.formats.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.limits import brief
 from vllm_consolidate.read.chunks import Piece, assemble
-from vllm_consolidate.read.dcp import stored_dtype, with_path
+from vllm_consolidate.read.dcp import stored_dtype
 from vllm_consolidate.read.hf import check_weight_file, strip_wrapper_prefixes
 from vllm_consolidate.source import SourceModel, TensorSpec
 
@@ -151,7 +151,8 @@ def _tensor(name: str, parts: dict[int, Any], world: int, files: dict[int, Path]
     for rank in sorted(parts):
         box = _box(parts[rank], mesh, name)
         boxes.setdefault(box, Piece(box[0], box[1], parts[rank].local))  # replicas: the lowest rank's copy
-    segments = with_path(files[0], assemble, first.shape, list(boxes.values()), name)
+    with naming_file(files[0]):
+        segments = assemble(first.shape, list(boxes.values()), name)
     return TensorSpec(name, first.local.dtype, first.shape, segments)
 
 
