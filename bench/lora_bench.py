@@ -59,6 +59,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_checkpoints as mk  # noqa: E402
+import run as convert_bench  # noqa: E402  (warm, clean, measure)
 
 REPO = mk.REPO
 CACHE = mk.CACHE / "lora-0.5b"
@@ -68,7 +69,6 @@ MARKER = CACHE / "bench_complete.json"
 WORK = REPO / ".cache" / "bench-work" / "lora"
 RESULTS = REPO / "bench" / "results"
 BIN = Path(sys.executable).parent
-TIME = "/usr/bin/time"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
            TOKENIZERS_PARALLELISM="false")
 RANK, ALPHA = 16, 32
@@ -164,22 +164,6 @@ def describe() -> dict[str, Any]:
 # --------------------------------------------------------------------------- measuring (as bench/run.py)
 
 
-def warm(paths: list[Path]) -> float:
-    t0 = time.monotonic()
-    for root in paths:
-        for f in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
-            with open(f, "rb", buffering=0) as fh:
-                while fh.read(16 * 2**20):
-                    pass
-    return time.monotonic() - t0
-
-
-def clean(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    os.sync()
-
-
 def fsync_tree(path: Path) -> float:
     t0 = time.monotonic()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -192,47 +176,8 @@ def fsync_tree(path: Path) -> float:
 
 
 def measure(cmd: list[str], out: Path) -> dict[str, Any]:
-    """Warm the inputs, run ``cmd`` under ``/usr/bin/time -v``: wall, peak RSS of that child, load."""
-    clean(out)
-    warm_s = warm([BASE, ADAPTER])
-    load_before = os.getloadavg()
-    min_avail = mk.mem_available()
-    t0 = time.monotonic()
-    proc = subprocess.Popen([TIME, "-v", *cmd], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True)
-    killed = ""
-    while True:
-        try:
-            stdout, stderr = proc.communicate(timeout=0.2)
-            break
-        except subprocess.TimeoutExpired:
-            avail = mk.mem_available()
-            min_avail = min(min_avail, avail)
-            if avail < 2**30 and not killed:
-                killed = f"killed: MemAvailable {avail / 2**30:.2f} GiB"
-                os.killpg(proc.pid, 9)
-    wall = time.monotonic() - t0
-    rec: dict[str, Any] = {"wall_s": round(wall, 3), "warm_s": round(warm_s, 2),
-                           "loadavg_before": [round(x, 2) for x in load_before],
-                           "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                           "min_mem_available_gib": round(min_avail / 2**30, 2)}
-    for line in stderr.splitlines():
-        line = line.strip()
-        if line.startswith("Maximum resident set size (kbytes):"):
-            rec["rss_mib"] = round(int(line.rsplit(":", 1)[1]) / 1024, 1)
-        elif line.startswith("Exit status:"):
-            rec["exit"] = int(line.rsplit(":", 1)[1])
-    rec.setdefault("exit", proc.returncode)
-    if killed:
-        rec["killed"] = killed
-    if rec["exit"] != 0:
-        rec["stderr_tail"] = stderr.split("\tCommand being timed:")[0][-2000:]
-    if stdout.strip().startswith("{"):
-        try:
-            rec["inner_s"] = round(json.loads(stdout)["seconds"], 3)
-        except (ValueError, KeyError):
-            pass
-    return rec
+    """``run.measure`` with this bench's inputs warmed, ``out`` cleaned first, and its environment."""
+    return convert_bench.measure(cmd, [BASE, ADAPTER], [out], env=ENV)
 
 
 def ours(src: Path, out: Path, *extra: str) -> list[str]:
@@ -409,8 +354,8 @@ def main() -> None:
             if rec["exit"] != 0:
                 print(rec.get("stderr_tail", rec.get("skipped", "")), flush=True)
             if not keep:
-                clean(out)
-        clean(cmds["peft"][1])
+                convert_bench.clean(out)
+        convert_bench.clean(cmds["peft"][1])
     med = {name: {"wall_s": median(r, "wall_s"), "rss_mib": median(r, "rss_mib"), "inner_s": median(r, "inner_s"),
                   "output_gb": median(r, "output_gb"), "fsync_s": median(r, "fsync_s")} for name, r in runs.items()}
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)

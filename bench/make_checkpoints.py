@@ -177,28 +177,21 @@ def _tree_rss(proc: Any) -> int:
     return total
 
 
-def generate(spec: Spec, note: str = "") -> dict[str, Any]:
-    """Train and save ``spec`` unless a complete copy is cached; return its marker contents."""
+def launch_watched(cmd: list[str], env: dict[str, str], log_path: Path, label: str) -> dict[str, Any]:
+    """Run a training launcher (``deepspeed``/``torchrun``) to completion, logging to ``log_path``.
+
+    Watches the summed RSS of its process tree and the machine's free memory; stops its own process
+    group if MemAvailable falls under 1 GiB (other users share the machine).
+
+    Returns:
+        The marker fields: ``generation_seconds``, ``generation_peak_tree_rss_gib``,
+        ``generation_min_mem_available_gib``, ``loadavg_start``, ``loadavg_end``.
+
+    Raises:
+        RuntimeError: It failed or was stopped; the message ends with the log's last 40 lines.
+    """
     import psutil
 
-    folder = spec.folder()
-    marker = folder / MARKER
-    if marker.is_file():
-        return json.loads(marker.read_text())
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    spec_path = folder / "spec.json"
-    spec_path.write_text(json.dumps({"name": spec.name, "shape": asdict(spec.shape), "stage": spec.stage,
-                                     "sub_group_size": spec.sub_group_size, "steps": spec.steps,
-                                     "zero_init": spec.zero_init, "ckpt": str(spec.ckpt())}))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(port), "--num_gpus", str(WORLD_SIZE),
-           str(Path(__file__).resolve()), "--worker", str(spec_path)]
-    log_path = folder / "train.log"
     load0 = os.getloadavg()
     t0 = time.monotonic()
     peak = 0
@@ -212,14 +205,53 @@ def generate(spec: Spec, note: str = "") -> dict[str, Any]:
             avail = mem_available()
             min_avail = min(min_avail, avail)
             if avail < 1 * 2**30 and not killed:
-                # Protect the other users of the machine: stop our own process group only.
                 killed = f"MemAvailable fell to {avail / 2**30:.2f} GiB"
                 os.killpg(proc.pid, 9)
             time.sleep(0.25)
     seconds = time.monotonic() - t0
     if proc.returncode != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"{spec.name}: deepspeed failed (rc={proc.returncode}) {killed}\n{tail}")
+        raise RuntimeError(f"{label} failed (rc={proc.returncode}) {killed}\n{tail}")
+    return {"generation_seconds": round(seconds, 1), "generation_peak_tree_rss_gib": round(peak / 2**30, 2),
+            "generation_min_mem_available_gib": round(min_avail / 2**30, 2), "loadavg_start": load0,
+            "loadavg_end": os.getloadavg()}
+
+
+def cached_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of a complete cached copy in ``folder``; else None, with ``folder`` emptied for a new one."""
+    marker = folder / MARKER
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return None
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment of a training launcher: offline, unbuffered, one OMP thread, this venv first on PATH."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def generate(spec: Spec, note: str = "") -> dict[str, Any]:
+    """Train and save ``spec`` unless a complete copy is cached; return its marker contents."""
+    folder = spec.folder()
+    marker = folder / MARKER
+    cached = cached_marker(folder)
+    if cached is not None:
+        return cached
+    spec_path = folder / "spec.json"
+    spec_path.write_text(json.dumps({"name": spec.name, "shape": asdict(spec.shape), "stage": spec.stage,
+                                     "sub_group_size": spec.sub_group_size, "steps": spec.steps,
+                                     "zero_init": spec.zero_init, "ckpt": str(spec.ckpt())}))
+    env = launcher_env(DS_ACCELERATOR="cpu")
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(port), "--num_gpus", str(WORLD_SIZE),
+           str(Path(__file__).resolve()), "--worker", str(spec_path)]
+    run = launch_watched(cmd, env, folder / "train.log", f"{spec.name}: deepspeed")
     files = sorted(p for p in spec.ckpt().rglob("*") if p.is_file())
     info = {
         "name": spec.name,
@@ -233,11 +265,7 @@ def generate(spec: Spec, note: str = "") -> dict[str, Any]:
         "zero_init": spec.zero_init,
         "ds_version": version("deepspeed"),
         "torch_version": version("torch"),
-        "generation_seconds": round(seconds, 1),
-        "generation_peak_tree_rss_gib": round(peak / 2**30, 2),
-        "generation_min_mem_available_gib": round(min_avail / 2**30, 2),
-        "loadavg_start": load0,
-        "loadavg_end": os.getloadavg(),
+        **run,
         "ckpt_bytes": sum(p.stat().st_size for p in files),
         "files": {str(p.relative_to(spec.ckpt())): p.stat().st_size for p in files},
         "note": note,

@@ -57,7 +57,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -229,47 +228,19 @@ def dcp_tensor_bytes(ckpt: Path) -> dict[str, int]:
 
 def generate(spec: DcpSpec, note: str = "") -> dict[str, Any]:
     """Train and save ``spec`` unless a complete copy is cached; return its marker contents."""
-    import psutil
-
     folder = spec.folder()
     marker = folder / MARKER
-    if marker.is_file():
-        return json.loads(marker.read_text())
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    cached = mk.cached_marker(folder)
+    if cached is not None:
+        return cached
     spec_path = folder / "spec.json"
     spec_path.write_text(json.dumps({"name": spec.name, "shape": asdict(spec.shape), "steps": spec.steps,
                                      "ckpt": str(spec.ckpt()), "worker_json": str(folder / "worker.json")}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **MALLOC_ENV)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env = mk.launcher_env(**MALLOC_ENV)
     port = mk._free_port()
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(WORLD_SIZE),
            "--master_port", str(port), str(Path(__file__).resolve()), "--worker", str(spec_path)]
-    log_path = folder / "train.log"
-    load0 = os.getloadavg()
-    t0 = time.monotonic()
-    peak = 0
-    min_avail = mk.mem_available()
-    killed = ""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=mk.REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        ps = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            peak = max(peak, mk._tree_rss(ps))
-            avail = mk.mem_available()
-            min_avail = min(min_avail, avail)
-            if avail < 1 * 2**30 and not killed:
-                # Protect the other users of the machine: stop our own process group only.
-                killed = f"MemAvailable fell to {avail / 2**30:.2f} GiB"
-                os.killpg(proc.pid, 9)
-            time.sleep(0.25)
-    seconds = time.monotonic() - t0
-    if proc.returncode != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
-        raise RuntimeError(f"{spec.name}: torchrun failed (rc={proc.returncode}) {killed}\n{tail}")
+    run = mk.launch_watched(cmd, env, folder / "train.log", f"{spec.name}: torchrun")
     files = sorted(p for p in spec.ckpt().rglob("*") if p.is_file())
     worker_info = json.loads((folder / "worker.json").read_text())
     info = {
@@ -289,11 +260,7 @@ def generate(spec: DcpSpec, note: str = "") -> dict[str, Any]:
         "mixed_precision": "bf16 params for compute, fp32 reduce (MixedPrecisionPolicy)",
         "torch_version": version("torch"),
         "transformers_version": version("transformers"),
-        "generation_seconds": round(seconds, 1),
-        "generation_peak_tree_rss_gib": round(peak / 2**30, 2),
-        "generation_min_mem_available_gib": round(min_avail / 2**30, 2),
-        "loadavg_start": load0,
-        "loadavg_end": os.getloadavg(),
+        **run,
         "worker": worker_info,
         "ckpt_bytes": sum(p.stat().st_size for p in files),
         "model_dcp_bytes": sum(p.stat().st_size for p in (spec.ckpt() / MODEL_DIR).rglob("*") if p.is_file()),

@@ -143,15 +143,17 @@ def _parse_time_v(text: str) -> dict[str, float]:
     return out
 
 
-def measure(cmd: list[str], warm_paths: list[Path], outputs: list[Path]) -> dict[str, Any]:
-    """Warm the inputs, run ``cmd`` under ``/usr/bin/time -v``, return wall time, peak RSS and load."""
+def measure(cmd: list[str], warm_paths: list[Path], outputs: list[Path],
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Warm the inputs, run ``cmd`` under ``/usr/bin/time -v`` (with ``env``, else :data:`ENV`), return wall
+    time, peak RSS and load; kills it if the machine runs out of memory."""
     clean(*outputs)
     warm_s = warm(warm_paths)
     load_before = os.getloadavg()
     t0 = time.monotonic()
     min_avail = mk.mem_available()
-    proc = subprocess.Popen([TIME, "-v", *cmd], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True)
+    proc = subprocess.Popen([TIME, "-v", *cmd], env=ENV if env is None else env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, text=True)
     killed = ""
     while True:
         try:
