@@ -1,7 +1,8 @@
 """Running a plan's jobs on a Ray cluster: ``batch --executor ray`` (``pip install 'vllm-consolidate[ray]'``).
 
 Everything but the running is the local batch's: the plan, naming, collision checks, manifests,
-the output folder's lock and the cleanup of stale folders (:func:`~vllm_consolidate.batch.run.run_batch`).
+the output folder's lock and the cleanup of stale folders (:func:`~vllm_consolidate.batch.run.run_batch`),
+and the scheduling loop (:meth:`~vllm_consolidate.batch.run.Executor.run`), whose hooks submit tasks here.
 The inputs and ``--output-dir`` must be on storage every node sees at the same paths.
 
 * **One job, one Ray task.** :func:`_ray_job` runs :func:`~vllm_consolidate.batch.worker.run_job`,
@@ -27,11 +28,9 @@ Ray is imported only when a Ray batch runs.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import importlib.util
 import logging
-import os
 import shutil
 import socket
 import time
@@ -39,12 +38,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vllm_consolidate.batch.plan import BatchPlan, Job, job_error
+from vllm_consolidate.batch.plan import BatchPlan, Job
 from vllm_consolidate.batch.resources import Scheduler
-from vllm_consolidate.batch.run import LOCK_NAME, BatchEvent, EventFn, Executor, WorkerDied, job_spec
-from vllm_consolidate.batch.states import Admission, EventKind, Status
-from vllm_consolidate.batch.worker import JobSpec, run_job
-from vllm_consolidate.errors import InsufficientDiskError, UsageError
+from vllm_consolidate.batch.run import LOCK_NAME, BatchEvent, Executor
+from vllm_consolidate.batch.states import EventKind, Status
+from vllm_consolidate.batch.worker import JobSpec, run_job, shared_lock
+from vllm_consolidate.errors import UsageError
 
 #: What to install for ``--executor ray``.
 RAY_EXTRA = "pip install 'vllm-consolidate[ray]'"
@@ -140,17 +139,6 @@ def clear_attempt(staging: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _shared_lock(lock_path: str) -> Iterator[None]:
-    """The batch lock, shared, as a local worker holds it: no other batch cleans up under a running job."""
-    fd = os.open(lock_path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _ray_job(spec: JobSpec, reporter: Any, lock_path: str) -> tuple:
     """A Ray task: one job, converted and published exactly as a local worker does it.
 
@@ -165,7 +153,7 @@ def _ray_job(spec: JobSpec, reporter: Any, lock_path: str) -> tuple:
     attempt = ray.get(reporter.start.remote(spec.id, ip, ray.get_runtime_context().get_node_id(), time.time()))
     clear_attempt(spec.staging)  # what an attempt that died with its node or process left
     relay = _Relay(reporter)
-    with _shared_lock(lock_path):
+    with shared_lock(lock_path):
         run_job(relay, spec)
     return relay.outcome, attempt, ip, time.time()
 
@@ -184,6 +172,9 @@ class RayExecutor(Executor):
     """
 
     name = "ray"
+    #: Kept as Ray batches always were: no WAITING event. RAM is Ray's to admit, so only the disk estimate
+    #: (or --max-workers) holds a job back here, silently.
+    announce_waiting = False
 
     def __init__(self, address: str = AUTO, *, num_cpus: float = 1.0):
         super().__init__()
@@ -224,87 +215,51 @@ class RayExecutor(Executor):
             raise UsageError(f"cannot connect to a Ray cluster at --ray-address {self.address}: "
                              f"{type(exc).__name__}: {exc}", hint=hint) from exc
 
-    def run(self, plan: BatchPlan, emit: EventFn, out_dir: Path, pending: list[Job]) -> list[Job]:
+    # -- the scheduling loop's hooks (the loop is Executor.run) ---------------------------------------
+
+    def _open(self, plan: BatchPlan) -> Scheduler:
+        """Start the reporter actor and declare the task; return a scheduler for --max-workers and the disk."""
         if self.ray is None:
             raise RuntimeError("RayExecutor.run() outside its session()")
-        return _RayRun(self, plan, emit, out_dir, pending).run()
-
-
-class _RayRun:
-    """One Ray batch: the tasks in flight, the reporter, and whether to stop submitting."""
-
-    def __init__(self, ex: RayExecutor, plan: BatchPlan, emit: EventFn, out_dir: Path, pending: list[Job]):
-        ray = self.ray = ex.ray
+        ray = self.ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.ex, self.opts, self.emit, self.pending = ex, plan.options, emit, pending
-        self.lock_path = str(out_dir / LOCK_NAME)
-        # RAM is Ray's to admit (each task declares its estimate); here only --max-workers and the disk.
-        self.sched = Scheduler(self.opts.max_workers, 1 << 62, 0, plan.disk_free, available_now=lambda: 1 << 62)
+        self.lock_path = str(self.out_dir / LOCK_NAME)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.reporter = ray.remote(num_cpus=0)(_Reporter).options(scheduling_strategy=here).remote()
         self.task = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_ray_job)
         mems = [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")]
         self.max_memory = int(max(mems, default=0))
-        self.inflight: dict[Any, Job] = {}
-        self.specs: dict[int, JobSpec] = {}
-        self.stop = False
+        self.refs: dict[Any, Job] = {}  # the submitted tasks, in submission order
+        # RAM is Ray's to admit (each task declares its estimate); here only --max-workers and the disk.
+        return Scheduler(self.opts.max_workers, 1 << 62, 0, plan.disk_free, available_now=lambda: 1 << 62)
 
-    def run(self) -> list[Job]:
-        try:
-            while self.pending or self.inflight:
-                self._submit()
-                if not self.inflight:
-                    break
-                self._collect()
-            return self.pending
-        except BaseException:
-            self._abort()
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                self.ray.kill(self.reporter)
+    def _launch(self, job: Job, spec: JobSpec) -> None:
+        """Submit the job's task; its START event comes when the task tells the reporter it runs."""
+        memory = min(job.est_peak_ram, self.max_memory) if self.max_memory else job.est_peak_ram
+        ref = self.task.options(num_cpus=self.num_cpus, memory=max(1, memory),
+                                name=f"vllm-consolidate:{job.output.name}").remote(spec, self.reporter, self.lock_path)
+        self.refs[ref] = job
+        self.job_info[job.id] = {"attempts": 0, "nodes": []}
 
-    def _submit(self) -> None:
-        """Submit pending jobs, in order, while --max-workers and the disk estimates let them."""
-        while self.pending and not self.stop:
-            job = self.pending[0]
-            verdict = self.sched.check(job, len(self.inflight))
-            if verdict == Admission.WAIT:
-                return
-            self.pending.pop(0)
-            if verdict == Admission.NEVER:
-                self._fail(job, job_error(InsufficientDiskError(
-                    f"not enough disk space: the output needs about {job.est_disk_bytes / 1e9:.2f} GB, "
-                    f"{self.sched.disk_left / 1e9:.2f} GB are left for this batch", path=job.output)))
-                continue
-            spec = self.specs[job.id] = job_spec(job, self.opts)
-            memory = min(job.est_peak_ram, self.max_memory) if self.max_memory else job.est_peak_ram
-            ref = self.task.options(num_cpus=self.ex.num_cpus, memory=max(1, memory),
-                                    name=f"vllm-consolidate:{job.output.name}").remote(spec, self.reporter,
-                                                                                      self.lock_path)
-            self.sched.take(job)
-            self.inflight[ref] = job
-            self.ex.job_info[job.id] = {"attempts": 0, "nodes": []}
-
-    def _collect(self) -> None:
+    def _poll(self) -> None:
         """Wait up to :data:`_POLL_SECONDS` for finished tasks; emit the reporter's news, then the outcomes."""
-        refs = list(self.inflight)
+        refs = list(self.refs)
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=_POLL_SECONDS)
         for message in self.ray.get(self.reporter.drain.remote()):
             self._news(message)
         for ref in ready:
-            self._finished(self.inflight.pop(ref), ref)
+            self._finished(self.refs.pop(ref), ref)
 
     def _news(self, message: tuple) -> None:
-        job = next((j for j in self.inflight.values() if j.id == message[1]), None)
+        job = self.running.get(message[1])
         if job is None:
             return  # already finished (the outcome came back before the last progress message)
         if message[0] == EventKind.PROGRESS:
             self.emit(BatchEvent(EventKind.PROGRESS, job, done=message[2], total=message[3]))
             return
         _, _, attempt, ip, _node_id, when = message
-        info = self.ex.job_info[job.id]
+        info = self.job_info[job.id]
         info["attempts"] = max(info["attempts"], attempt)
         info["nodes"].append(ip)
         if job.status != Status.RUNNING:
@@ -315,61 +270,54 @@ class _RayRun:
                                                        f"node or process of attempt {attempt - 1} died)"))
 
     def _finished(self, job: Job, ref: Any) -> None:
-        """A task ended: the job is done or failed, or (cancelled before it started) goes back to not run."""
+        """A task ended: the job is done or failed, or (cancelled before it started) goes back to pending."""
         try:
             outcome, attempt, ip, finished = self.ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - a system failure Ray gave up on, or a cancellation
             outcome, attempt, ip, finished = None, 0, None, time.time()
             error = exc
             if isinstance(exc, self.ray.exceptions.TaskCancelledError):  # the batch stopped before it ran
+                del self.running[job.id]
                 self.sched.release(job, False)
                 self.pending = sorted([*self.pending, job], key=lambda j: j.id)
                 return
-        info = self.ex.job_info[job.id]
+        info = self.job_info[job.id]
         if ip is not None and attempt > info["attempts"]:  # its start message was not read yet
             info["attempts"] = attempt
             info["nodes"].append(ip)
         if job.status != Status.RUNNING:
             job.status, job.started = Status.RUNNING, time.time()
             self.emit(BatchEvent(EventKind.START, job, f"on {ip}" if ip else ""))
-        job.finished = finished
-        job.seconds = job.finished - (job.started or job.finished)
-        if outcome is not None and outcome[0] == EventKind.DONE:
-            job.status, job.result, job.peak_rss = Status.DONE, outcome[2]["result"], outcome[2]["peak_rss"]
-            self.sched.release(job, True)
-            self.emit(BatchEvent(EventKind.DONE, job))
+        if self._settle(job, outcome, finished):
             return
-        self.sched.release(job, False)
-        if outcome is not None:
-            self._fail(job, outcome[2])
-            return
-        clear_attempt(self.specs[job.id].staging)  # the task could not
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        self._fail(job, job_error(WorkerDied(
-            f"the Ray task ended without reporting its job's outcome ({type(error).__name__}"
-            f"{': ' + first if first else ''}) after {max(info['attempts'], 1)} attempt(s)")))
+        self._died(job, f"the Ray task ended without reporting its job's outcome ({type(error).__name__}"
+                        f"{': ' + first if first else ''}) after {max(info['attempts'], 1)} attempt(s)")
 
-    def _fail(self, job: Job, error: dict[str, Any]) -> None:
-        job.status, job.error = Status.FAILED, error
-        self.emit(BatchEvent(EventKind.FAILED, job, error.get("message", "")))
-        if not self.opts.continue_on_error and not self.stop:
-            self.stop = True
-            for ref, j in self.inflight.items():  # submitted but not started: they must not start now
-                if j.status != Status.RUNNING:
-                    self.ray.cancel(ref)
+    def _discard(self, job: Job) -> None:
+        # Also convert()'s ``..<staging>.partial-*``: a task killed with its node could not remove it.
+        clear_attempt(self.specs[job.id].staging)
 
-    def _abort(self) -> None:
-        """Interrupted: cancel every task (each removes its staging folder), then mark what did not finish."""
-        for ref in self.inflight:
+    def _stopping(self) -> None:
+        for ref, job in self.refs.items():  # submitted but not started: they must not start now
+            if job.status != Status.RUNNING:
+                self.ray.cancel(ref)
+
+    def _halt(self) -> None:
+        """Cancel every task (each removes its staging folder) and give them a moment to clean up."""
+        for ref in self.refs:
             with contextlib.suppress(Exception):
                 self.ray.cancel(ref)
         with contextlib.suppress(BaseException):
-            self.ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=_CANCEL_WAIT_SECONDS)
-        for job in self.inflight.values():
-            clear_attempt(self.specs[job.id].staging)
-            job.status = Status.NOT_RUN
-        for job in self.pending:
-            job.status = Status.NOT_RUN
+            self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=_CANCEL_WAIT_SECONDS)
+
+    def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ray.kill(self.reporter)
+
+    def _disk_path(self, job: Job) -> Path:
+        # The job's output, as Ray batches' reports always named it (a local batch names the output folder).
+        return job.output
 
 
 __all__ = ["AUTO", "LOCAL", "MAX_RETRIES", "RAY_EXTRA", "RayExecutor", "clear_attempt", "ray_available",

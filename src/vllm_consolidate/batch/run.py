@@ -11,7 +11,8 @@ starts, running jobs finish (their outputs are kept), the rest are reported as n
 
 Where the jobs run is the :class:`Executor`'s business: :class:`LocalExecutor` (the default, the
 worker processes above) or :class:`~vllm_consolidate.batch.ray_executor.RayExecutor` (one Ray task per
-job). The plan, the lock, the cleanup of stale folders, the events and the result are the same for both.
+job). The plan, the lock, the cleanup of stale folders, the scheduling loop (:meth:`Executor.run`:
+admission, failure policy, outcomes, interruption), the events and the result are the same for both.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from vllm_consolidate import __version__
 from vllm_consolidate.batch.inputs import STAGING_TAG, staging_path
 from vllm_consolidate.batch.manifest import content_options, manifest_base
 from vllm_consolidate.batch.plan import BatchOptions, BatchPlan, Job, job_error
+from vllm_consolidate.batch.resources import Scheduler
 from vllm_consolidate.batch.states import OUTCOMES, Action, Admission, EventKind, Status
 from vllm_consolidate.batch.worker import JobSpec, Worker
 from vllm_consolidate.errors import BatchError, InsufficientDiskError
@@ -155,15 +157,36 @@ def job_spec(job: Job, opts: BatchOptions) -> JobSpec:
 
 
 class Executor:
-    """Where a plan's jobs run: :meth:`run` starts them, reports through ``emit`` and returns the jobs never started.
+    """Where a plan's jobs run, and the one scheduling loop every executor shares.
+
+    :meth:`run` admits the pending jobs in order (``--max-workers`` and the scheduler's RAM and disk
+    budgets), starts them, collects their outcomes, stops starting jobs after the first failure
+    (unless ``continue_on_error``), reports through ``emit`` and returns the jobs never started. A
+    subclass says how a job runs through the hooks :meth:`_open`, :meth:`_launch`, :meth:`_poll`,
+    :meth:`_discard`, :meth:`_halt` and :meth:`_close` (and, optionally, :meth:`_stopping` and
+    :meth:`_disk_path`); its :meth:`_poll` hands each ended job to :meth:`_settle` and, when the job's
+    worker died without a word, to :meth:`_died`.
 
     :meth:`session` is entered before the output folder is locked and cleaned (to connect to a cluster,
     so a connection error comes before anything is touched); :attr:`job_info` adds fields to each
     job's record in the report (e.g. Ray's attempts and nodes), :attr:`info` to the report's
-    ``executor`` record.
+    ``executor`` record. The loop's state (the attributes annotated below) lives on the executor for
+    the length of one :meth:`run`.
     """
 
     name = "local"
+    #: Whether a job held back by the scheduler (not by ``--max-workers``) gets a WAITING event.
+    announce_waiting = True
+
+    opts: BatchOptions
+    emit: EventFn
+    out_dir: Path
+    pending: list[Job]
+    sched: Scheduler
+    running: dict[int, Job]  # started (or submitted) and not yet ended, in start order
+    specs: dict[int, JobSpec]
+    waiting_noted: set[int]
+    stop: bool  # a job failed without continue_on_error: start no more
 
     def __init__(self) -> None:
         self.info: dict[str, Any] = {}
@@ -174,14 +197,192 @@ class Executor:
         yield
 
     def run(self, plan: BatchPlan, emit: EventFn, out_dir: Path, pending: list[Job]) -> list[Job]:
+        """Start and collect jobs until none is left or the batch stops; return the jobs never started.
+
+        Raises:
+            BaseException: Whatever interrupted the loop (Ctrl-C, SIGTERM, a lost cluster), after
+                :meth:`_abort` stopped the running jobs and marked what did not finish.
+        """
+        self.opts, self.emit, self.out_dir, self.pending = plan.options, emit, out_dir, pending
+        self.running, self.specs, self.waiting_noted, self.stop = {}, {}, set(), False
+        self.sched = self._open(plan)
+        try:
+            while self.pending or self.running:
+                self._admit()
+                if not self.running:
+                    break
+                self._poll()
+            return self.pending
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            self._close()
+
+    def _admit(self) -> None:
+        """Start pending jobs, in order, while the scheduler lets them."""
+        while self.pending and not self.stop:
+            job = self.pending[0]
+            verdict = self.sched.check(job, len(self.running))
+            if verdict == Admission.WAIT:
+                if (self.announce_waiting and job.id not in self.waiting_noted
+                        and len(self.running) < self.opts.max_workers):
+                    self.waiting_noted.add(job.id)  # said once per job, and only when resources (not slots) hold it
+                    self.emit(BatchEvent(EventKind.WAITING, job, "waiting for RAM or disk"))
+                return
+            self.pending.pop(0)
+            if verdict == Admission.NEVER:
+                self._fail(job, job_error(InsufficientDiskError(
+                    f"not enough disk space: the output needs about {job.est_disk_bytes / 1e9:.2f} GB, "
+                    f"{self.sched.disk_left / 1e9:.2f} GB are left for this batch", path=self._disk_path(job))))
+                continue
+            spec = self.specs[job.id] = job_spec(job, self.opts)
+            self.sched.take(job)
+            # Counted as running before it is launched, so that an interrupt in between still aborts it.
+            self.running[job.id] = job
+            self._launch(job, spec)
+
+    def _settle(self, job: Job, outcome: tuple | None, finished: float) -> bool:
+        """A job ended with its worker's DONE or FAILED message (``outcome``), or without one (None).
+
+        Returns:
+            False when there is no outcome (the worker died): the caller then reports it with :meth:`_died`.
+        """
+        del self.running[job.id]
+        job.finished = finished
+        job.seconds = job.finished - (job.started or job.finished)
+        if outcome is not None and outcome[0] == EventKind.DONE:
+            job.status, job.result, job.peak_rss = Status.DONE, outcome[2]["result"], outcome[2]["peak_rss"]
+            self.sched.release(job, True)
+            self.emit(BatchEvent(EventKind.DONE, job))
+            return True
+        self.sched.release(job, False)
+        if outcome is not None:
+            self._fail(job, outcome[2])
+            return True
+        return False
+
+    def _died(self, job: Job, message: str) -> None:
+        """Fail a settled job whose worker ended without reporting, after removing its staging folder."""
+        self._discard(job)  # the worker could not
+        self._fail(job, job_error(WorkerDied(message)))
+
+    def _fail(self, job: Job, error: dict[str, Any]) -> None:
+        job.status, job.error = Status.FAILED, error
+        self.emit(BatchEvent(EventKind.FAILED, job, error.get("message", "")))
+        if not self.opts.continue_on_error and not self.stop:
+            self.stop = True
+            self._stopping()
+
+    def _abort(self) -> None:
+        """Interrupted: stop every job now, remove their staging folders, and mark what did not finish."""
+        self._halt()
+        for job in self.running.values():
+            self._discard(job)
+            job.status = Status.NOT_RUN
+        for job in self.pending:
+            job.status = Status.NOT_RUN
+
+    # -- the hooks ----------------------------------------------------------------------------------------
+
+    def _open(self, plan: BatchPlan) -> Scheduler:
+        """Prepare a run (the loop's state is set); return the scheduler that admits its jobs."""
         raise NotImplementedError
+
+    def _launch(self, job: Job, spec: JobSpec) -> None:
+        """Start (or submit) an admitted job; emit START once it runs."""
+        raise NotImplementedError
+
+    def _poll(self) -> None:
+        """Wait a little for news of the running jobs: emit progress, :meth:`_settle` the ended ones."""
+        raise NotImplementedError
+
+    def _discard(self, job: Job) -> None:
+        """Remove the staging folder of a job that will not publish."""
+        raise NotImplementedError
+
+    def _halt(self) -> None:
+        """Interrupted: stop every running job now (the loop then discards and marks them)."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """The run is over (done or interrupted): release what :meth:`_open` and :meth:`_launch` took."""
+
+    def _stopping(self) -> None:
+        """The batch just stopped starting jobs (a failure without continue_on_error)."""
+
+    def _disk_path(self, job: Job) -> Path:
+        """The path a job's "not enough disk space" error names."""
+        return self.out_dir
 
 
 class LocalExecutor(Executor):
-    """This machine's worker processes, admitted by the plan's RAM and disk scheduler (``--executor local``)."""
+    """This machine's worker processes, admitted by the plan's RAM and disk scheduler (``--executor local``).
 
-    def run(self, plan: BatchPlan, emit: EventFn, out_dir: Path, pending: list[Job]) -> list[Job]:
-        return _Run(plan, emit, out_dir, pending).run()
+    Workers are spawned as needed (at most ``--max-workers``) and reused for later jobs.
+    """
+
+    def _open(self, plan: BatchPlan) -> Scheduler:
+        self.ctx = multiprocessing.get_context("spawn")  # fork would copy the caller's threads and locks
+        self.workers: list[Worker] = []
+        return plan.scheduler()
+
+    def _launch(self, job: Job, spec: JobSpec) -> None:
+        worker = next((w for w in self.workers if w.idle), None)
+        if worker is None:
+            worker = Worker(self.ctx, self.out_dir / LOCK_NAME)
+            self.workers.append(worker)
+        worker.job = job
+        job.status, job.started = Status.RUNNING, time.time()
+        worker.send(spec)
+        self.emit(BatchEvent(EventKind.START, job))
+
+    def _poll(self) -> None:
+        """Wait up to :data:`_POLL_SECONDS` for messages or exits of the running workers, and handle them."""
+        busy = {w.job.id: w for w in self.workers if w.job is not None}
+        running = [busy[jid] for jid in self.running]
+        conns = {w.conn: w for w in running}
+        sentinels = {w.proc.sentinel: w for w in running}
+        for ready in wait(list(conns) + list(sentinels), timeout=_POLL_SECONDS):
+            w = conns.get(ready) or sentinels.get(ready)
+            if w is None or w.job is None:
+                continue  # finished earlier in this round (its pipe and its exit both woke us)
+            msg = None
+            if ready in conns:
+                try:
+                    msg = w.conn.recv()
+                except (EOFError, OSError):
+                    msg = None
+            elif w.conn.poll():
+                continue  # it exited after sending: read its message first
+            if msg is not None and msg[0] == EventKind.PROGRESS:
+                self.emit(BatchEvent(EventKind.PROGRESS, w.job, done=msg[2], total=msg[3]))
+            else:
+                self._finished(w, msg)
+
+    def _finished(self, w: Worker, msg: tuple | None) -> None:
+        """A worker reported its job done or failed (``msg``), or died without a word (None)."""
+        job = w.job
+        assert job is not None
+        w.job = None
+        if self._settle(job, msg, time.time()):
+            return
+        w.proc.join(5)
+        code = w.proc.exitcode
+        hint = " (killed: out of memory?)" if code == -signal.SIGKILL else ""
+        w.kill()
+        self._died(job, f"the worker process exited with {code}{hint}")
+
+    def _discard(self, job: Job) -> None:
+        shutil.rmtree(self.specs[job.id].staging, ignore_errors=True)
+
+    def _halt(self) -> None:
+        for w in self.workers:
+            w.kill()  # SIGTERM: each removes its own staging folder too
+
+    def _close(self) -> None:
+        for w in self.workers:
+            w.stop()
 
 
 def run_batch(plan: BatchPlan, on_event: EventFn | None = None, executor: Executor | None = None) -> BatchResult:
@@ -219,133 +420,6 @@ def run_batch(plan: BatchPlan, on_event: EventFn | None = None, executor: Execut
         j.status = Status.NOT_RUN
         emit(BatchEvent(EventKind.NOT_RUN, j))
     return BatchResult(plan, started, time.time(), executor.name, dict(executor.info), dict(executor.job_info))
-
-
-class _Run:
-    """The state of one run: the workers, the running and pending jobs, and whether to stop starting jobs."""
-
-    def __init__(self, plan: BatchPlan, emit: EventFn, out_dir: Path, pending: list[Job]):
-        self.opts = plan.options
-        self.emit = emit
-        self.out_dir = out_dir
-        self.pending = pending
-        self.sched = plan.scheduler()
-        self.ctx = multiprocessing.get_context("spawn")  # fork would copy the caller's threads and locks
-        self.workers: list[Worker] = []
-        self.running: dict[int, Worker] = {}
-        self.specs: dict[int, JobSpec] = {}
-        self.waiting_noted: set[int] = set()
-        self.stop = False
-
-    def run(self) -> list[Job]:
-        """Start and collect jobs until none is left or the batch stops; return the jobs never started."""
-        try:
-            while self.pending or self.running:
-                self._admit()
-                if not self.running:
-                    break
-                self._collect()
-            return self.pending
-        except BaseException:
-            self._abort()
-            raise
-        finally:
-            for w in self.workers:
-                w.stop()
-
-    def _admit(self) -> None:
-        """Start pending jobs, in order, while the scheduler lets them."""
-        while self.pending and not self.stop:
-            job = self.pending[0]
-            verdict = self.sched.check(job, len(self.running))
-            if verdict == Admission.WAIT:
-                if job.id not in self.waiting_noted and len(self.running) < self.opts.max_workers:
-                    self.waiting_noted.add(job.id)  # said once per job, and only when resources (not slots) hold it
-                    self.emit(BatchEvent(EventKind.WAITING, job, "waiting for RAM or disk"))
-                return
-            self.pending.pop(0)
-            if verdict == Admission.NEVER:
-                self._fail(job, job_error(InsufficientDiskError(
-                    f"not enough disk space: the output needs about {job.est_disk_bytes / 1e9:.2f} GB, "
-                    f"{self.sched.disk_left / 1e9:.2f} GB are left for this batch", path=self.out_dir)))
-            else:
-                self._start(job)
-
-    def _start(self, job: Job) -> None:
-        worker = next((w for w in self.workers if w.idle), None)
-        if worker is None:
-            worker = Worker(self.ctx, self.out_dir / LOCK_NAME)
-            self.workers.append(worker)
-        spec = job_spec(job, self.opts)
-        self.specs[job.id] = spec
-        self.sched.take(job)
-        worker.job = job
-        job.status, job.started = Status.RUNNING, time.time()
-        worker.send(spec)
-        self.running[job.id] = worker
-        self.emit(BatchEvent(EventKind.START, job))
-
-    def _collect(self) -> None:
-        """Wait up to :data:`_POLL_SECONDS` for messages or exits of the running workers, and handle them."""
-        conns = {w.conn: w for w in self.running.values()}
-        sentinels = {w.proc.sentinel: w for w in self.running.values()}
-        for ready in wait(list(conns) + list(sentinels), timeout=_POLL_SECONDS):
-            w = conns.get(ready) or sentinels.get(ready)
-            if w is None or w.job is None:
-                continue  # finished earlier in this round (its pipe and its exit both woke us)
-            msg = None
-            if ready in conns:
-                try:
-                    msg = w.conn.recv()
-                except (EOFError, OSError):
-                    msg = None
-            elif w.conn.poll():
-                continue  # it exited after sending: read its message first
-            if msg is not None and msg[0] == EventKind.PROGRESS:
-                self.emit(BatchEvent(EventKind.PROGRESS, w.job, done=msg[2], total=msg[3]))
-            else:
-                self._finished(w, msg)
-
-    def _finished(self, w: Worker, msg: tuple | None) -> None:
-        """A worker reported its job done or failed (``msg``), or died without a word (None)."""
-        job = w.job
-        assert job is not None
-        job.finished = time.time()
-        job.seconds = job.finished - (job.started or job.finished)
-        w.job = None
-        del self.running[job.id]
-        if msg is not None and msg[0] == EventKind.DONE:
-            job.status, job.result, job.peak_rss = Status.DONE, msg[2]["result"], msg[2]["peak_rss"]
-            self.sched.release(job, True)
-            self.emit(BatchEvent(EventKind.DONE, job))
-            return
-        self.sched.release(job, False)
-        if msg is not None and msg[0] == EventKind.FAILED:
-            self._fail(job, msg[2])
-            return
-        w.proc.join(5)
-        code = w.proc.exitcode
-        hint = " (killed: out of memory?)" if code == -signal.SIGKILL else ""
-        shutil.rmtree(self.specs[job.id].staging, ignore_errors=True)  # the worker could not
-        w.kill()
-        self._fail(job, job_error(WorkerDied(f"the worker process exited with {code}{hint}")))
-
-    def _fail(self, job: Job, error: dict[str, Any]) -> None:
-        job.status, job.error = Status.FAILED, error
-        self.emit(BatchEvent(EventKind.FAILED, job, error.get("message", "")))
-        if not self.opts.continue_on_error:
-            self.stop = True
-
-    def _abort(self) -> None:
-        """Interrupted: kill the workers, remove their staging folders, and mark what did not finish."""
-        for w in self.workers:
-            w.kill()
-        for jid, w in list(self.running.items()):
-            shutil.rmtree(self.specs[jid].staging, ignore_errors=True)
-            if w.job is not None:
-                w.job.status = Status.NOT_RUN
-        for j in self.pending:
-            j.status = Status.NOT_RUN
 
 
 __all__ = ["LOCK_NAME", "BatchEvent", "BatchResult", "EventFn", "Executor", "LocalExecutor", "WorkerDied",

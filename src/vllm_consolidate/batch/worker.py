@@ -70,7 +70,11 @@ def _set_pdeathsig() -> None:
 
 
 @contextlib.contextmanager
-def _shared_lock(lock_path: str) -> Iterator[None]:
+def shared_lock(lock_path: str) -> Iterator[None]:
+    """Hold the batch lock shared while jobs convert (in a local worker or a Ray task).
+
+    No other batch can then clean up the output folder under a running job.
+    """
     fd = os.open(lock_path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
@@ -82,7 +86,7 @@ def _shared_lock(lock_path: str) -> Iterator[None]:
 def worker_main(conn: Connection, lock_path: str) -> None:
     """Worker process: convert jobs sent over ``conn`` until it gets None, the pipe closes, or SIGTERM."""
     _set_pdeathsig()
-    with contextlib.suppress(KeyboardInterrupt), sigterm_raises_interrupt(), _shared_lock(lock_path):
+    with contextlib.suppress(KeyboardInterrupt), sigterm_raises_interrupt(), shared_lock(lock_path):
         if os.getppid() == 1:  # the batch died before we set PDEATHSIG
             return
         while True:
@@ -167,4 +171,4 @@ class Worker:
             self.conn.close()
 
 
-__all__ = ["TEST_DELAY_ENV", "JobSpec", "Worker", "run_job", "worker_main"]
+__all__ = ["TEST_DELAY_ENV", "JobSpec", "Worker", "run_job", "shared_lock", "worker_main"]
