@@ -353,3 +353,43 @@ def test_scheduler_admits_by_estimates() -> None:
     s2.take(big)
     assert s2.check(big, 1) == "wait"  # RAM: 2 GiB > 1.5 GiB
     assert s2.check(big, 3) == "wait"  # --max-workers
+
+
+def test_worker_killed_mid_convert_leaves_nothing(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """A worker SIGKILLed while convert() writes (out of memory) can clean nothing: the batch removes its
+    staging folder and convert()'s ``..<staging>.partial-*`` beside it, and reports the job failed."""
+    import signal
+    import threading
+
+    from vllm_consolidate.batch.run import LocalExecutor
+
+    out = tmp_path / "out"
+    plan = B.plan_batch(B.BatchOptions(output_dir=out, input_dir=corpus["llama_big_z2_w2_bf16"] / "ckpt",
+                                       naming_template="big", max_workers=1,
+                                       model=ConvertOptions(base_model_name=None)))
+    assert [j.action for j in plan.jobs] == ["convert"]
+    executor = LocalExecutor()
+    seen: list[str] = []
+
+    def kill_when_writing() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            names = os.listdir(out) if out.is_dir() else []
+            partial = [n for n in names if ".partial-" in n]
+            workers = getattr(executor, "workers", [])
+            if partial and workers:
+                seen.extend(partial)
+                os.kill(workers[0].proc.pid, signal.SIGKILL)
+                return
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_when_writing, daemon=True)
+    killer.start()
+    result = B.run_batch(plan, executor=executor)
+    killer.join(5)
+    assert seen, "the convert finished before its partial folder was seen"
+    job = plan.jobs[0]
+    assert job.status == "failed"
+    assert "exited with -9 (killed: out of memory?)" in job.error["message"]
+    assert not result.ok
+    assert _leftovers(out) == [] and not (out / "big").exists()

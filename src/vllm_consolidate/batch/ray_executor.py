@@ -28,10 +28,8 @@ Ray is imported only when a Ray batch runs.
 from __future__ import annotations
 
 import contextlib
-import glob
 import importlib.util
 import logging
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -42,7 +40,7 @@ from vllm_consolidate.batch.plan import BatchPlan, Job
 from vllm_consolidate.batch.resources import Scheduler
 from vllm_consolidate.batch.run import LOCK_NAME, BatchEvent, Executor
 from vllm_consolidate.batch.states import EventKind, Status
-from vllm_consolidate.batch.worker import JobSpec, run_job, shared_lock
+from vllm_consolidate.batch.worker import JobSpec, clear_attempt, run_job, shared_lock
 from vllm_consolidate.errors import UsageError
 
 #: What to install for ``--executor ray``.
@@ -130,13 +128,6 @@ class _Relay:
             self.reporter.put.remote(message)
         else:
             self.outcome = message
-
-
-def clear_attempt(staging: Path) -> None:
-    """Remove what an attempt at a job left: its staging folder and convert()'s ``..<staging>.partial-*`` beside it."""
-    shutil.rmtree(staging, ignore_errors=True)
-    for p in staging.parent.glob(f".{glob.escape(staging.name)}.partial-*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def _ray_job(spec: JobSpec, reporter: Any, lock_path: str) -> tuple:
@@ -320,5 +311,5 @@ class RayExecutor(Executor):
         return job.output
 
 
-__all__ = ["AUTO", "LOCAL", "MAX_RETRIES", "RAY_EXTRA", "RayExecutor", "clear_attempt", "ray_available",
+__all__ = ["AUTO", "LOCAL", "MAX_RETRIES", "RAY_EXTRA", "RayExecutor", "ray_available",
            "require_ray"]

@@ -38,7 +38,7 @@ from vllm_consolidate.batch.manifest import content_options, manifest_base
 from vllm_consolidate.batch.plan import BatchOptions, BatchPlan, Job, job_error
 from vllm_consolidate.batch.resources import Scheduler
 from vllm_consolidate.batch.states import OUTCOMES, Action, Admission, EventKind, Status
-from vllm_consolidate.batch.worker import JobSpec, Worker
+from vllm_consolidate.batch.worker import JobSpec, Worker, clear_attempt
 from vllm_consolidate.errors import BatchError, InsufficientDiskError
 
 LOCK_NAME = ".vllm-consolidate-batch.lock"
@@ -374,7 +374,7 @@ class LocalExecutor(Executor):
         self._died(job, f"the worker process exited with {code}{hint}")
 
     def _discard(self, job: Job) -> None:
-        shutil.rmtree(self.specs[job.id].staging, ignore_errors=True)
+        clear_attempt(self.specs[job.id].staging)  # a SIGKILLed worker also leaves convert()'s .partial-*
 
     def _halt(self) -> None:
         for w in self.workers:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import shutil
 import signal
@@ -67,6 +68,16 @@ def _set_pdeathsig() -> None:
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def clear_attempt(staging: Path) -> None:
+    """Remove what an attempt at a job left: its staging folder and convert()'s ``..<staging>.partial-*`` beside it.
+
+    A worker killed mid-convert (SIGKILL: out of memory, or its Ray node lost) can remove neither.
+    """
+    shutil.rmtree(staging, ignore_errors=True)
+    for p in staging.parent.glob(f".{glob.escape(staging.name)}.partial-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -171,4 +182,4 @@ class Worker:
             self.conn.close()
 
 
-__all__ = ["TEST_DELAY_ENV", "JobSpec", "Worker", "run_job", "shared_lock", "worker_main"]
+__all__ = ["TEST_DELAY_ENV", "JobSpec", "Worker", "clear_attempt", "run_job", "shared_lock", "worker_main"]
