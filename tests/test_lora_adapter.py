@@ -55,12 +55,6 @@ TOKENS = [[5, 17, 42, 99, 7], [200, 3, 3, 150, 64, 65], [900, 1, 2, 3, 4, 5, 6],
 SAVED_EMBEDDING = "base_model.model.model.embed_tokens.base_layer.weight"
 
 
-@pytest.fixture(scope="module")
-def lora_corpus() -> dict[str, Path]:
-    """All LoRA corpus cases, ``{name: case_dir}`` (built on first use)."""
-    return lora_build.build_all()
-
-
 def _meta(name: str) -> dict[str, Any]:
     return lora_build.load_case(name)
 

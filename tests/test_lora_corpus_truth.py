@@ -44,12 +44,6 @@ CKPTS = [
 LORA_CKPTS = [p for p in CKPTS if p.values[0] in LORA]
 
 
-@pytest.fixture(scope="module")
-def lora_corpus() -> dict[str, Path]:
-    """All LoRA corpus cases, ``{name: case_dir}`` (built on first use)."""
-    return lora_build.build_all()
-
-
 def _entry(meta: dict[str, Any], tag: str) -> dict[str, Any]:
     (entry,) = [c for c in meta["checkpoints"] if c["tag"] == tag]
     return entry

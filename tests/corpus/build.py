@@ -23,24 +23,23 @@ Case directory layout (``<root>/<case>/``)::
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
-import fcntl
-import hashlib
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tests.corpus import common
+from tests.corpus.cache import (
+    CKPTS_COLUMN,
+    PARAMS_COLUMN,
+    SECS_COLUMN,
+    TIED_COLUMN,
+    Cache,
+    Column,
+    deepspeed_version,
+    hash_spec,
+)
 
 #: Bump whenever the generator's output format / semantics change (new cache root).
 SCHEMA_VERSION = 1
@@ -149,11 +148,7 @@ class CaseSpec:
 
     def spec_hash(self) -> str:
         """Stable hash of the spec (+ schema version) used for cache invalidation."""
-        payload: dict[str, Any] = {"v": SCHEMA_VERSION, **dataclasses.asdict(self)}
-        if KIND_REVISION.get(self.kind):
-            payload["kind_revision"] = KIND_REVISION[self.kind]
-        blob = json.dumps(payload, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return hash_spec(self, SCHEMA_VERSION, KIND_REVISION)
 
     def meta(self) -> dict[str, Any]:
         """Static part of ``case.json`` (the scripts add runtime facts)."""
@@ -411,124 +406,31 @@ _SPECS: list[CaseSpec] = [
 CASES: dict[str, CaseSpec] = {c.name: c for c in _SPECS}
 
 
-# --------------------------------------------------------------------------- paths / cache
+CACHE = Cache(lambda: f"ds-{deepspeed_version()}-v{SCHEMA_VERSION}", "corpus")
+#: Root folder of the cached corpus (``$VLLMC_CORPUS_DIR`` or ``<repo>/.cache/corpus``, then ``ds-<version>-v1``).
+corpus_root = CACHE.root
+case_dir = CACHE.case_dir
+load_case = CACHE.load_case
+is_complete = CACHE.is_complete
 
 
-def deepspeed_version() -> str:
-    """Installed DeepSpeed version, read without importing deepspeed (cheap)."""
-    from importlib.metadata import version
-
-    return version("deepspeed")
-
-
-def corpus_root() -> Path:
-    """Root folder of the cached corpus (``$VLLMC_CORPUS_DIR`` or ``<repo>/.cache/corpus``)."""
-    base = (
-        Path(os.environ["VLLMC_CORPUS_DIR"]) if os.environ.get("VLLMC_CORPUS_DIR") else REPO_ROOT / ".cache" / "corpus"
-    )
-    return base / f"ds-{deepspeed_version()}-v{SCHEMA_VERSION}"
-
-
-def case_dir(name: str) -> Path:
-    """Folder of one case (may not exist yet)."""
-    return corpus_root() / name
-
-
-def load_case(name: str) -> dict[str, Any]:
-    """Read a case's ``case.json``."""
-    return json.loads((case_dir(name) / "case.json").read_text())
-
-
-def is_complete(spec: CaseSpec) -> bool:
-    """True if the case folder holds a finished build of the current spec."""
-    path = case_dir(spec.name) / "case.json"
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("spec_hash") == spec.spec_hash()
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-@contextlib.contextmanager
-def build_lock(root: Path) -> Iterator[None]:
-    """Inter-process lock so concurrent sessions don't build the same case twice."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-# --------------------------------------------------------------------------- launching
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _subprocess_env(world_size: int) -> dict[str, str]:
-    env = dict(os.environ)
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world_size)),
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def _launch(script: str, world_size: int, plan: dict[str, Any], label: str) -> None:
-    """Run ``deepspeed --num_gpus N <script> --plan <file>``; raise with the log tail on failure."""
-    work = corpus_root() / "_logs"
-    work.mkdir(parents=True, exist_ok=True)
-    plan_path = work / f"{label}.plan.json"
-    log_path = work / f"{label}.log"
-    plan_path.write_text(json.dumps(plan, indent=2))
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [
-        str(launcher),
-        "--num_gpus",
-        str(world_size),
-        "--master_port",
-        str(_free_port()),
-        str(HERE / script),
-        "--plan",
-        str(plan_path),
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.run(
-            cmd, cwd=REPO_ROOT, env=_subprocess_env(world_size), stdout=log, stderr=subprocess.STDOUT, check=False
-        )
-    if proc.returncode != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-60:])
-        raise RuntimeError(f"corpus launch {label!r} failed (rc={proc.returncode}); log {log_path}:\n{tail}")
+# --------------------------------------------------------------------------- builders
 
 
 def _build_ds_group(specs: list[CaseSpec]) -> None:
     ws = specs[0].world_size
-    _launch("ds_train.py", ws, {"cases": [s.plan(case_dir(s.name)) for s in specs]}, f"ds_w{ws}")
+    CACHE.launch("deepspeed", "ds_train.py", ws, {"cases": [s.plan(case_dir(s.name)) for s in specs]}, f"ds_w{ws}")
 
 
 def _build_trainer(spec: CaseSpec) -> None:
-    _launch("trainer_train.py", spec.world_size, {"cases": [spec.plan(case_dir(spec.name))]}, spec.name)
+    plan = {"cases": [spec.plan(case_dir(spec.name))]}
+    CACHE.launch("deepspeed", "trainer_train.py", spec.world_size, plan, spec.name)
 
 
 def _build_hf(spec: CaseSpec) -> None:
     """Write a plain transformers ``save_pretrained`` layout + truth in the saved dtype."""
     t0 = time.time()
     import torch
-    from safetensors.torch import save_file
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.precision]
     cdir = case_dir(spec.name)
@@ -548,8 +450,7 @@ def _build_hf(spec: CaseSpec) -> None:
     buffers = common.persistent_buffer_names(model)
     truth = {n: p.detach().clone().contiguous() for n, p in model.named_parameters()}
     truth.update({n: b.detach().clone().contiguous() for n, b in model.named_buffers() if n in buffers})
-    (cdir / "truth").mkdir(parents=True, exist_ok=True)
-    save_file(truth, str(cdir / "truth" / "model.safetensors"), metadata={"format": "pt"})
+    common.save_truth(cdir / "truth" / "model.safetensors", truth)
     tied = common.tied_map(model)
     meta = spec.meta()
     meta.update(
@@ -577,66 +478,39 @@ def build_all(names: list[str] | None = None, *, rebuild: bool = False, verbose:
     trains several models in sequence.  Stale/partial case folders are deleted first.
     """
     wanted = [CASES[n] for n in (names or list(CASES))]
-    root = corpus_root()
-    with build_lock(root):
-        todo = [s for s in wanted if rebuild or not is_complete(s)]
-        for spec in todo:
-            shutil.rmtree(case_dir(spec.name), ignore_errors=True)
-        groups: dict[int, list[CaseSpec]] = {}
-        for spec in todo:
-            if spec.kind == "ds":
-                groups.setdefault(spec.world_size, []).append(spec)
-        steps: list[tuple[str, Any]] = [
-            (f"ds world_size={ws} ({len(g)} cases)", lambda g=g: _build_ds_group(g)) for ws, g in sorted(groups.items())
-        ]
-        steps += [(f"trainer {s.name}", lambda s=s: _build_trainer(s)) for s in todo if s.kind == "trainer"]
-        steps += [(f"hf {s.name}", lambda s=s: _build_hf(s)) for s in todo if s.kind == "hf"]
-        for label, fn in steps:
-            t0 = time.time()
-            if verbose:
-                print(f"[corpus] building {label} ...", flush=True)
-            fn()
-            if verbose:
-                print(f"[corpus] {label}: {time.time() - t0:.1f}s", flush=True)
-        missing = [s.name for s in wanted if not is_complete(s)]
-        if missing:
-            raise RuntimeError(f"corpus cases not built: {missing} (see {root / '_logs'})")
-    return {s.name: case_dir(s.name) for s in wanted}
+    return CACHE.build(wanted, _steps, rebuild=rebuild, verbose=verbose)
 
 
-def _table(names: list[str]) -> str:
-    rows = [("case", "kind", "arch", "st", "ws", "prec", "tied", "frozen", "ckpts", "params", "secs")]
-    for n in names:
-        c = load_case(n)
-        rows.append(
-            (
-                n,
-                c["kind"],
-                c["arch"],
-                str(c["stage"]),
-                str(c["world_size"]),
-                c["precision"],
-                "y" if c["tied"] else "-",
-                str(len(c["frozen"])),
-                str(len(c["checkpoints"])),
-                f"{c['num_params'] / 1e6:.2f}M",
-                f"{c['build_seconds']:.1f}",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+def _steps(todo: list[CaseSpec]) -> list[tuple[str, Callable[[], None]]]:
+    groups: dict[int, list[CaseSpec]] = {}
+    for spec in todo:
+        if spec.kind == "ds":
+            groups.setdefault(spec.world_size, []).append(spec)
+    steps: list[tuple[str, Callable[[], None]]] = [
+        (f"ds world_size={ws} ({len(g)} cases)", lambda g=g: _build_ds_group(g)) for ws, g in sorted(groups.items())
+    ]
+    steps += [(f"trainer {s.name}", lambda s=s: _build_trainer(s)) for s in todo if s.kind == "trainer"]
+    steps += [(f"hf {s.name}", lambda s=s: _build_hf(s)) for s in todo if s.kind == "hf"]
+    return steps
+
+
+_COLUMNS: list[Column] = [
+    ("kind", "kind"),
+    ("arch", "arch"),
+    ("st", "stage"),
+    ("ws", "world_size"),
+    ("prec", "precision"),
+    TIED_COLUMN,
+    ("frozen", lambda c: str(len(c["frozen"]))),
+    CKPTS_COLUMN,
+    PARAMS_COLUMN,
+    SECS_COLUMN,
+]
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: build the corpus and print a summary table."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="*", help="cases to build (default: all)")
-    ap.add_argument("--rebuild", action="store_true", help="delete and rebuild the selected cases")
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    dirs = build_all(args.names or None, rebuild=args.rebuild, verbose=True)
-    print(_table(list(dirs)))
-    print(f"corpus root: {corpus_root()}  ({len(dirs)} cases, {time.time() - t0:.1f}s wall)")
+    CACHE.cli(argv, doc=__doc__, cases=CASES, build_all=build_all, columns=_COLUMNS, title="corpus")
 
 
 if __name__ == "__main__":

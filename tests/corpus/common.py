@@ -150,6 +150,31 @@ def tied_map(module: torch.nn.Module) -> dict[str, str]:
     return out
 
 
+def read_plan(argv: list[str] | None = None) -> Any:
+    """The JSON plan of a launched script: ``SCRIPT --plan PLAN.json`` (``--local_rank``, added by the
+    ``deepspeed`` launcher, is accepted and ignored)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args(argv)
+    return json.loads(Path(args.plan).read_text())
+
+
+def save_truth(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a ground-truth safetensors file (``metadata={"format": "pt"}``), creating its folder."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def list_files(folder: Path) -> list[str]:
+    """Sorted relative paths of every file under ``folder``."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` via a temp file + ``os.replace`` (atomic on POSIX)."""
     tmp = path.with_name(path.name + ".tmp")

@@ -18,9 +18,7 @@ For every case the rank-0 process writes, in this order:
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -35,7 +33,6 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 from tests.corpus import common  # noqa: E402
 
 # The CPU accelerator reports fp16 as unsupported, which makes DeepSpeed refuse an
@@ -88,14 +85,23 @@ def ds_config(case: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def gather_truth(module: torch.nn.Module, stage: int, buffer_names: list[str]) -> dict[str, torch.Tensor]:
-    """Gather the full fp32 state from the live engine (collective: call on all ranks)."""
+def gather_truth(
+    module: torch.nn.Module, stage: int, buffer_names: list[str], trainable_only: bool = False
+) -> dict[str, torch.Tensor]:
+    """Gather the full fp32 state from the live engine (collective: call on all ranks).
+
+    Trainable params: their fp32 masters (``safe_get_full_fp32_param``); frozen params (unless
+    ``trainable_only``) and the persistent ``buffer_names``: their live values, as fp32.
+    """
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
         if p.requires_grad:
             full = safe_get_full_fp32_param(p)
             assert full is not None, f"no fp32 master for trainable {name}"
+            assert full.dtype == torch.float32, (name, full.dtype)
             out[name] = full.detach().float().cpu().clone()
+        elif trainable_only:
+            continue
         elif stage == 3:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 out[name] = p.detach().float().cpu().clone()
@@ -137,8 +143,7 @@ def run_case(case: dict[str, Any], tokenizer: Any) -> None:
             engine.save_checkpoint(str(ckpt), tag=tag)
             truth = gather_truth(engine.module, case["stage"], buffers)
             if rank == 0:
-                truth_dir.mkdir(parents=True, exist_ok=True)
-                save_file(truth, str(truth_dir / f"{tag}.safetensors"), metadata={"format": "pt"})
+                common.save_truth(truth_dir / f"{tag}.safetensors", truth)
             checkpoints.append({"tag": tag, "path": f"ckpt/{tag}", "truth": f"truth/{tag}.safetensors", "step": step})
             dist.barrier()
     skipped = int(getattr(engine, "skipped_steps", 0))
@@ -175,11 +180,7 @@ def run_case(case: dict[str, Any], tokenizer: Any) -> None:
 
 def main() -> None:
     """Entry point under the ``deepspeed`` launcher."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--plan", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    plan = json.loads(Path(args.plan).read_text())
+    plan = common.read_plan()
     disable_shm_comm()
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))

@@ -38,22 +38,17 @@ runtime facts, via ``common.write_json_atomic``).  Extra top-level plan keys (e.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.corpus import build, common
+from tests.corpus import build, cache, common
 from tests.corpus.build import tiny
 
 #: Bump whenever the generator's output format / semantics change (new cache root).
@@ -67,7 +62,7 @@ KIND_REVISION: dict[str, int] = {"dcp": 0, "verl": 0, "trainer_fsdp": 0}
 VERL_VERSION = "0.9.1"
 
 REPO_ROOT = build.REPO_ROOT
-HERE = Path(__file__).resolve().parent
+HERE = build.HERE
 
 #: Launched script and user-facing input folder of each kind.
 SCRIPTS: dict[str, str] = {"dcp": "fsdp_train.py", "verl": "verl_save.py", "trainer_fsdp": "trainer_fsdp_train.py"}
@@ -154,13 +149,8 @@ class FsdpCaseSpec:
 
     def spec_hash(self) -> str:
         """Stable hash of the spec (+ schema version, kind revision, verl version)."""
-        payload: dict[str, Any] = {"v": SCHEMA_VERSION, **dataclasses.asdict(self)}
-        if KIND_REVISION.get(self.kind):
-            payload["kind_revision"] = KIND_REVISION[self.kind]
-        if self.kind == "verl":
-            payload["verl"] = VERL_VERSION
-        blob = json.dumps(payload, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        extra = {"verl": VERL_VERSION} if self.kind == "verl" else {}
+        return cache.hash_spec(self, SCHEMA_VERSION, KIND_REVISION, **extra)
 
     def meta(self) -> dict[str, Any]:
         """Static part of ``case.json`` (the scripts add runtime facts)."""
@@ -207,6 +197,24 @@ def _qwen2_tied() -> dict[str, Any]:
 
 def _llama() -> dict[str, Any]:
     return tiny("llama", vllm=True)
+
+
+def _verl(name: str, model: dict[str, Any], covers: str, seed: int, **kw: Any) -> FsdpCaseSpec:
+    """A verl case: fp32 params (bf16 MixedPrecisionPolicy, verl's default), config + tokenizer, one save."""
+    kw.setdefault("save_steps", (1,))
+    return FsdpCaseSpec(
+        name,
+        "verl",
+        model,
+        "fp32",
+        "",
+        covers,
+        mixed_precision="bf16",
+        seed=seed,
+        has_config=True,
+        has_tokenizer=True,
+        **kw,
+    )
 
 
 _SPECS: list[FsdpCaseSpec] = [
@@ -265,64 +273,37 @@ _SPECS: list[FsdpCaseSpec] = [
         options={"style": "ambiguous", "subdirs": True},
     ),
     # ---- verl FSDPCheckpointManager on fully_shard models (tests/corpus/verl_save.py)
-    FsdpCaseSpec(
+    _verl(
         "verl_qwen2_w2_tied",
-        "verl",
         _qwen2_tied(),
-        "fp32",
-        "",
         "verl actor (tied qwen2, fp32 params, bf16 MixedPrecisionPolicy as verl's default), "
         "global_step_1 + global_step_2, latest_checkpointed_iteration.txt -> 2",
-        mixed_precision="bf16",
+        50,
         save_steps=(1, 2),
-        seed=50,
-        has_config=True,
-        has_tokenizer=True,
         options={"roles": ["actor"]},
     ),
-    FsdpCaseSpec(
+    _verl(
         "verl_llama_w2_critic",
-        "verl",
         _llama(),
-        "fp32",
-        "",
         "verl actor (untied llama) + critic (AutoModelForTokenClassification, num_labels=1) in "
         "global_step_1/{actor,critic}",
-        mixed_precision="bf16",
-        save_steps=(1,),
-        seed=51,
-        has_config=True,
-        has_tokenizer=True,
+        51,
         options={"roles": ["actor", "critic"]},
     ),
-    FsdpCaseSpec(
+    _verl(
         "verl_qwen2_w2_hsdp",
-        "verl",
         _qwen2_tied(),
-        "fp32",
-        "",
         "verl actor on an HSDP mesh (2 replicas x 1 shard, verl's ddp/fsdp dim names): every rank file holds "
         "DTensors with (Replicate(), Shard(dim=0)) placements and full-size local tensors",
-        mixed_precision="bf16",
-        save_steps=(1,),
-        seed=52,
-        has_config=True,
-        has_tokenizer=True,
+        52,
         options={"roles": ["actor"], "mesh": [2, 1]},
     ),
-    FsdpCaseSpec(
+    _verl(
         "verl_qwen2_w2_lora",
-        "verl",
         _qwen2_tied(),
-        "fp32",
-        "",
         "verl actor wrapped in a peft LoRA model (r=8, all-linear): rank files hold base_model.model.* keys with "
         "base_layer/lora_A/lora_B + lora_train_meta.json -> a reader must refuse; truth = full peft state",
-        mixed_precision="bf16",
-        save_steps=(1,),
-        seed=53,
-        has_config=True,
-        has_tokenizer=True,
+        53,
         options={"roles": ["actor"], "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
     ),
     # ---- HF Trainer + accelerate FSDP2 (tests/corpus/trainer_fsdp_train.py, written separately)
@@ -360,37 +341,15 @@ CASES: dict[str, FsdpCaseSpec] = {c.name: c for c in _SPECS}
 
 def torch_version() -> str:
     """Installed torch version, read without importing torch (cheap)."""
-    from importlib.metadata import version
-
-    return version("torch")
+    return cache.dist_version("torch")
 
 
-def corpus_root() -> Path:
-    """Root folder of this corpus (``$VLLMC_CORPUS_DIR`` or ``<repo>/.cache/corpus``, then a versioned dir)."""
-    env = os.environ.get("VLLMC_CORPUS_DIR")
-    base = Path(env) if env else REPO_ROOT / ".cache" / "corpus"
-    return base / f"fsdp-torch-{torch_version()}-v{SCHEMA_VERSION}"
-
-
-def case_dir(name: str) -> Path:
-    """Folder of one case (may not exist yet)."""
-    return corpus_root() / name
-
-
-def load_case(name: str) -> dict[str, Any]:
-    """Read a case's ``case.json``."""
-    return json.loads((case_dir(name) / "case.json").read_text())
-
-
-def is_complete(spec: FsdpCaseSpec) -> bool:
-    """True if the case folder holds a finished build of the current spec."""
-    path = case_dir(spec.name) / "case.json"
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("spec_hash") == spec.spec_hash()
-    except (OSError, json.JSONDecodeError):
-        return False
+CACHE = cache.Cache(lambda: f"fsdp-torch-{torch_version()}-v{SCHEMA_VERSION}", "fsdp-corpus")
+#: Root folder of this corpus (``$VLLMC_CORPUS_DIR`` or ``<repo>/.cache/corpus``, then a versioned dir).
+corpus_root = CACHE.root
+case_dir = CACHE.case_dir
+load_case = CACHE.load_case
+is_complete = CACHE.is_complete
 
 
 def verl_path() -> Path:
@@ -425,38 +384,14 @@ def verl_path() -> Path:
 # --------------------------------------------------------------------------- launching
 
 
-def _launch(script: str, world_size: int, plan: dict[str, Any], label: str) -> None:
-    """Run ``torchrun --nproc_per_node W <script> --plan <file>``; raise with the log tail on failure."""
-    work = corpus_root() / "_logs"
-    work.mkdir(parents=True, exist_ok=True)
-    plan_path = work / f"{label}.plan.json"
-    log_path = work / f"{label}.log"
-    plan_path.write_text(json.dumps(plan, indent=2))
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--nproc_per_node",
-        str(world_size),
-        "--master_port",
-        str(build._free_port()),
-        str(HERE / script),
-        "--plan",
-        str(plan_path),
-    ]
-    env = build._subprocess_env(world_size)
-    env.pop("DS_ACCELERATOR", None)  # DeepSpeed is not involved here (harmless either way)
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-60:])
-        raise RuntimeError(f"corpus launch {label!r} failed (rc={proc.returncode}); log {log_path}:\n{tail}")
-
-
 def _build_group(kind: str, specs: list[FsdpCaseSpec]) -> None:
+    """One ``torchrun --nproc_per_node W`` launch of the kind's script for the whole group."""
     ws = specs[0].world_size
     plan: dict[str, Any] = {"cases": [s.plan(case_dir(s.name)) for s in specs]}
     if kind == "verl":
         plan["verl_path"] = str(verl_path())
-    _launch(SCRIPTS[kind], ws, plan, f"{kind}_w{ws}")
+    # DeepSpeed is not involved here (harmless either way).
+    CACHE.launch("torchrun", SCRIPTS[kind], ws, plan, f"{kind}_w{ws}", env={"DS_ACCELERATOR": None})
 
 
 # --------------------------------------------------------------------------- public API
@@ -469,64 +404,36 @@ def build_all(names: list[str] | None = None, *, rebuild: bool = False, verbose:
     in sequence.  Stale/partial case folders are deleted first.
     """
     wanted = [CASES[n] for n in (names or list(CASES))]
-    root = corpus_root()
-    with build.build_lock(root):
-        todo = [s for s in wanted if rebuild or not is_complete(s)]
-        for spec in todo:
-            shutil.rmtree(case_dir(spec.name), ignore_errors=True)
-        groups: dict[tuple[str, int], list[FsdpCaseSpec]] = {}
-        for spec in todo:
-            groups.setdefault((spec.kind, spec.world_size), []).append(spec)
-        for (kind, ws), group in groups.items():
-            t0 = time.time()
-            label = f"{kind} world_size={ws} ({len(group)} cases)"
-            if verbose:
-                print(f"[fsdp-corpus] building {label} ...", flush=True)
-            _build_group(kind, group)
-            if verbose:
-                print(f"[fsdp-corpus] {label}: {time.time() - t0:.1f}s", flush=True)
-        missing = [s.name for s in wanted if not is_complete(s)]
-        if missing:
-            raise RuntimeError(f"corpus cases not built: {missing} (see {root / '_logs'})")
-    return {s.name: case_dir(s.name) for s in wanted}
+    return CACHE.build(wanted, _steps, rebuild=rebuild, verbose=verbose)
 
 
-def _table(names: list[str]) -> str:
-    rows = [("case", "kind", "arch", "ws", "prec", "mp", "tied", "prefix", "ckpts", "params", "secs")]
-    for n in names:
-        c = load_case(n)
-        rows.append(
-            (
-                n,
-                c["kind"],
-                c["arch"],
-                str(c["world_size"]),
-                str(c["precision"]),
-                str(c.get("mixed_precision") or "-"),
-                "y" if c["tied"] else "-",
-                repr(c.get("key_prefix")),
-                str(len(c["checkpoints"])),
-                f"{c['num_params'] / 1e6:.2f}M",
-                f"{c['build_seconds']:.1f}",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+def _steps(todo: list[FsdpCaseSpec]) -> list[tuple[str, Callable[[], None]]]:
+    groups: dict[tuple[str, int], list[FsdpCaseSpec]] = {}
+    for spec in todo:
+        groups.setdefault((spec.kind, spec.world_size), []).append(spec)
+    return [
+        (f"{kind} world_size={ws} ({len(g)} cases)", lambda kind=kind, g=g: _build_group(kind, g))
+        for (kind, ws), g in groups.items()
+    ]
+
+
+_COLUMNS: list[cache.Column] = [
+    ("kind", "kind"),
+    ("arch", "arch"),
+    ("ws", "world_size"),
+    ("prec", "precision"),
+    ("mp", lambda c: str(c.get("mixed_precision") or "-")),
+    cache.TIED_COLUMN,
+    ("prefix", lambda c: repr(c.get("key_prefix"))),
+    cache.CKPTS_COLUMN,
+    cache.PARAMS_COLUMN,
+    cache.SECS_COLUMN,
+]
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: build the corpus and print a summary table."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="*", help="cases to build (default: all)")
-    ap.add_argument("--rebuild", action="store_true", help="delete and rebuild the selected cases")
-    args = ap.parse_args(argv)
-    unknown = [n for n in args.names if n not in CASES]
-    if unknown:
-        ap.error(f"unknown case(s) {unknown}; known: {sorted(CASES)}")
-    t0 = time.time()
-    dirs = build_all(args.names or None, rebuild=args.rebuild, verbose=True)
-    print(_table(list(dirs)))
-    print(f"corpus root: {corpus_root()}  ({len(dirs)} cases, {time.time() - t0:.1f}s wall)")
+    CACHE.cli(argv, doc=__doc__, cases=CASES, build_all=build_all, columns=_COLUMNS, title="corpus")
 
 
 if __name__ == "__main__":

@@ -18,20 +18,18 @@ storage_writer=FileSystemWriter(folder))`` where ``state`` depends on
 * ``ambiguous`` ``{"model": sd, "ema": <EMA copy of sd, different values>, "optim": ...}``
 
 Ground truth: right after each save, ``get_model_state_dict(m,
-StateDictOptions(full_state_dict=True, cpu_offload=True))`` (collective) on the live
-model; rank 0 keeps the ``named_parameters()`` names (tied alias dropped, it goes in
-``tied_keys``) in the saved dtype and writes ``truth/<tag>.safetensors``.  Then
-``case.json`` is written (atomically, last).
+StateDictOptions(full_state_dict=True, cpu_offload=True))`` (collective,
+``train_common.save_full_truth``) on the live model; rank 0 keeps the
+``named_parameters()`` names (tied alias dropped, it goes in ``tied_keys``) in the saved
+dtype and writes ``truth/<tag>.safetensors``.  Then ``case.json`` is written (atomically,
+last).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import io
-import json
 import pickle
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tests.corpus import common  # noqa: E402
+from tests.corpus import common, train_common  # noqa: E402
+from tests.corpus.train_common import DTYPE_NAMES  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (  # noqa: E402
@@ -58,8 +56,6 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class AppState(Stateful):
@@ -145,7 +141,6 @@ def run_case(case: dict[str, Any], tokenizer: Any) -> None:
     meta_in = case["meta"]
     cdir = Path(case["case_dir"])
     ckpt = cdir / "ckpt"
-    truth_dir = cdir / "truth"
     model = common.build_model(case["model"], seed=case["seed"])
     if opts.get("cast"):
         model = model.to(DTYPES[opts["cast"]])
@@ -187,18 +182,14 @@ def run_case(case: dict[str, Any], tokenizer: Any) -> None:
         state = save_state(opts["style"], model, opt, ema, step)
         top_keys = sorted(state)
         dcp.save(state, storage_writer=FileSystemWriter(str(folder)))
-        full = get_model_state_dict(model, options=FULL)  # collective; rank 0 gets full CPU tensors
+        truth_rel = f"truth/{tag}.safetensors"
+        truth, aliases = train_common.save_full_truth(model, names, tied, cdir / truth_rel)  # collective
         if rank == 0:
-            extra = set(full) - set(names) - set(tied)
-            assert not extra, f"unexpected state dict keys {sorted(extra)}"
-            truth = {n: full[n].detach().clone().contiguous() for n in names}
             saved_dtypes.update(t.dtype for t in truth.values())
-            truth_dir.mkdir(parents=True, exist_ok=True)
-            save_file(truth, str(truth_dir / f"{tag}.safetensors"), metadata={"format": "pt"})
             facts = metadata_facts(folder, meta_in["key_prefix"], set(names), set(tied), opts["style"])
             facts["dcp_top_keys"] = top_keys
-            facts["dcp_aliases"] = sorted(k for k in full if k in tied)
-        checkpoints.append({"tag": tag, "path": rel, "truth": f"truth/{tag}.safetensors", "step": step})
+            facts["dcp_aliases"] = aliases
+        checkpoints.append({"tag": tag, "path": rel, "truth": truth_rel, "step": step})
         dist.barrier()
 
     placements = sorted({str(tuple(p.placements)) for p in model.parameters()})
@@ -229,20 +220,9 @@ def run_case(case: dict[str, Any], tokenizer: Any) -> None:
 
 def main() -> None:
     """Entry point under ``torchrun``."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--plan", required=True)
-    args = parser.parse_args()
-    plan = json.loads(Path(args.plan).read_text())
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
+    plan = common.read_plan()
     tokenizer = common.build_tokenizer() if any(c["meta"]["has_tokenizer"] for c in plan["cases"]) else None
-    for case in plan["cases"]:
-        assert case["kind"] == "dcp" and case["world_size"] == dist.get_world_size(), case["name"]
-        if dist.get_rank() == 0:
-            shutil.rmtree(case["case_dir"], ignore_errors=True)
-        dist.barrier()
-        run_case(case, tokenizer)
-    dist.destroy_process_group()
+    train_common.run_cases(plan, "dcp", lambda case: run_case(case, tokenizer))
 
 
 if __name__ == "__main__":

@@ -32,24 +32,19 @@ Case directory layout (``<root>/<case>/``)::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tests.corpus import common
-from tests.corpus.build import _free_port, _subprocess_env, build_lock, tiny
+from tests.corpus import build, cache, common
+from tests.corpus.build import tiny
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -60,8 +55,8 @@ SCHEMA_VERSION = 1
 #: Per-kind generator revision folded into the spec hash when non-zero (rebuilds only that kind).
 KIND_REVISION: dict[str, int] = {"lora": 0, "peft_folder": 0}
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
+REPO_ROOT = build.REPO_ROOT
+HERE = build.HERE
 
 CASE_SCHEMA_DOC = """
 name              str   case name (= folder name)
@@ -134,10 +129,7 @@ class LoraCaseSpec:
 
     def spec_hash(self) -> str:
         """Stable hash of the spec (+ schema version, kind revision) used for cache invalidation."""
-        payload: dict[str, Any] = {"v": SCHEMA_VERSION, **dataclasses.asdict(self)}
-        if KIND_REVISION.get(self.kind):
-            payload["kind_revision"] = KIND_REVISION[self.kind]
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return cache.hash_spec(self, SCHEMA_VERSION, KIND_REVISION)
 
     def meta(self) -> dict[str, Any]:
         """Static part of ``case.json``."""
@@ -249,44 +241,15 @@ CASES: dict[str, LoraCaseSpec] = {c.name: c for c in _SPECS}
 # --------------------------------------------------------------------------- paths / cache
 
 
-def _version(dist_name: str) -> str:
-    from importlib.metadata import version
-
-    return version(dist_name)
-
-
-def corpus_root() -> Path:
-    """Root folder of the cached LoRA corpus."""
-    base = (
-        Path(os.environ["VLLMC_CORPUS_DIR"]) if os.environ.get("VLLMC_CORPUS_DIR") else REPO_ROOT / ".cache" / "corpus"
-    )
-    return base / f"lora-ds-{_version('deepspeed')}-peft-{_version('peft')}-v{SCHEMA_VERSION}"
-
-
-def case_dir(name: str) -> Path:
-    """Folder of one case (may not exist yet)."""
-    return corpus_root() / name
-
-
-def load_case(name: str) -> dict[str, Any]:
-    """Read a case's ``case.json``."""
-    return json.loads((case_dir(name) / "case.json").read_text())
-
-
-def is_complete(spec: LoraCaseSpec) -> bool:
-    """True if the case folder holds a finished build of the current spec."""
-    path = case_dir(spec.name) / "case.json"
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("spec_hash") == spec.spec_hash()
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def list_files(folder: Path) -> list[str]:
-    """Sorted relative paths of every file under ``folder``."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+CACHE = cache.Cache(
+    lambda: f"lora-ds-{cache.deepspeed_version()}-peft-{cache.dist_version('peft')}-v{SCHEMA_VERSION}", "lora-corpus"
+)
+#: Root folder of the cached LoRA corpus.
+corpus_root = CACHE.root
+case_dir = CACHE.case_dir
+load_case = CACHE.load_case
+is_complete = CACHE.is_complete
+list_files = common.list_files
 
 
 # --------------------------------------------------------------------------- base model + hub cache
@@ -396,25 +359,6 @@ def zero_init_names(names: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- builders
 
 
-def _launch(script: str, world_size: int, plan: dict[str, Any], label: str, env_extra: dict[str, str]) -> None:
-    """Run ``deepspeed --num_gpus N <script> --plan <file>``; raise with the log tail on failure."""
-    work = corpus_root() / "_logs"
-    work.mkdir(parents=True, exist_ok=True)
-    plan_path = work / f"{label}.plan.json"
-    log_path = work / f"{label}.log"
-    plan_path.write_text(json.dumps(plan, indent=2))
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(world_size), "--master_port", str(_free_port())]
-    cmd += [str(HERE / script), "--plan", str(plan_path)]
-    env = _subprocess_env(world_size)
-    env.update(env_extra)
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-60:])
-        raise RuntimeError(f"lora corpus launch {label!r} failed (rc={proc.returncode}); log {log_path}:\n{tail}")
-
-
 def _build_lora(spec: LoraCaseSpec) -> None:
     """Base first, then the Trainer run under the deepspeed launcher, then case.json."""
     t0 = time.time()
@@ -438,7 +382,7 @@ def _build_lora(spec: LoraCaseSpec) -> None:
     }
     # The hf_cache case resolves the base by hub id exactly as a user would: HF_HUB_CACHE + offline.
     env = {"HF_HUB_CACHE": plan["hf_cache"]} if plan["hf_cache"] else {}
-    _launch("lora_train.py", spec.world_size, plan, spec.name, env)
+    CACHE.launch("deepspeed", "lora_train.py", spec.world_size, plan, spec.name, env=env)
     partial = cdir / "_meta.json"
     meta = spec.meta()
     meta.update(json.loads(partial.read_text()))
@@ -456,7 +400,6 @@ def _build_peft_folder(spec: LoraCaseSpec) -> None:
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     cdir = case_dir(spec.name)
@@ -482,10 +425,8 @@ def _build_peft_folder(spec: LoraCaseSpec) -> None:
     out = cdir / "adapter"
     model.save_pretrained(str(out))
     merged, merged_tied = reference_merge(cdir / "base", model.peft_config["default"], adapter)
-    truth = cdir / "truth"
-    truth.mkdir()
-    save_file(adapter, str(truth / "adapter.adapter.safetensors"), metadata={"format": "pt"})
-    save_file(merged, str(truth / "adapter.merged.safetensors"), metadata={"format": "pt"})
+    common.save_truth(cdir / "truth" / "adapter.adapter.safetensors", adapter)
+    common.save_truth(cdir / "truth" / "adapter.merged.safetensors", merged)
     lora_config = json.loads((out / "adapter_config.json").read_text())
     from safetensors import safe_open
 
@@ -513,7 +454,7 @@ def _build_peft_folder(spec: LoraCaseSpec) -> None:
         zero_init=zero_init_names(trainable),
         adapter_file_dtype={"F32": "fp32", "BF16": "bf16"}.get("".join(sorted(dtypes)), "".join(sorted(dtypes))),
         peft_version=peft.__version__,
-        deepspeed_version=_version("deepspeed"),
+        deepspeed_version=cache.deepspeed_version(),
         torch_version=torch.__version__,
         transformers_version=transformers.__version__,
         num_params=sum(p.numel() for p in model.parameters()),
@@ -530,56 +471,30 @@ def _build_peft_folder(spec: LoraCaseSpec) -> None:
 def build_all(names: list[str] | None = None, *, rebuild: bool = False, verbose: bool = False) -> dict[str, Path]:
     """Build every missing (or stale) case; return ``{name: case_dir}`` for the requested cases."""
     wanted = [CASES[n] for n in (names or list(CASES))]
-    root = corpus_root()
-    with build_lock(root):
-        todo = [s for s in wanted if rebuild or not is_complete(s)]
-        for spec in todo:
-            shutil.rmtree(case_dir(spec.name), ignore_errors=True)
-        for spec in todo:
-            t0 = time.time()
-            if verbose:
-                print(f"[lora-corpus] building {spec.kind} {spec.name} ...", flush=True)
-            (_build_lora if spec.kind == "lora" else _build_peft_folder)(spec)
-            if verbose:
-                print(f"[lora-corpus] {spec.name}: {time.time() - t0:.1f}s", flush=True)
-        missing = [s.name for s in wanted if not is_complete(s)]
-        if missing:
-            raise RuntimeError(f"lora corpus cases not built: {missing} (see {root / '_logs'})")
-    return {s.name: case_dir(s.name) for s in wanted}
+    return CACHE.build(wanted, _steps, rebuild=rebuild, verbose=verbose)
 
 
-def _table(names: list[str]) -> str:
-    rows = [("case", "kind", "arch", "st", "tied", "base_ref", "ckpts", "params", "trainable", "secs")]
-    for n in names:
-        c = load_case(n)
-        rows.append(
-            (
-                n,
-                c["kind"],
-                c["arch"],
-                str(c["stage"]),
-                "y" if c["tied"] else "-",
-                c["base_ref"],
-                str(len(c["checkpoints"])),
-                f"{c['num_params'] / 1e6:.2f}M",
-                str(c["num_trainable"]),
-                f"{c['build_seconds']:.1f}",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+def _steps(todo: list[LoraCaseSpec]) -> list[tuple[str, Callable[[], None]]]:
+    builders = {"lora": _build_lora, "peft_folder": _build_peft_folder}
+    return [(f"{s.kind} {s.name}", lambda s=s: builders[s.kind](s)) for s in todo]
+
+
+_COLUMNS: list[cache.Column] = [
+    ("kind", "kind"),
+    ("arch", "arch"),
+    ("st", "stage"),
+    cache.TIED_COLUMN,
+    ("base_ref", "base_ref"),
+    cache.CKPTS_COLUMN,
+    cache.PARAMS_COLUMN,
+    ("trainable", "num_trainable"),
+    cache.SECS_COLUMN,
+]
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: build the LoRA corpus and print a summary table."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="*", help="cases to build (default: all)")
-    ap.add_argument("--rebuild", action="store_true", help="delete and rebuild the selected cases")
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    dirs = build_all(args.names or None, rebuild=args.rebuild, verbose=True)
-    print(_table(list(dirs)))
-    print(f"lora corpus root: {corpus_root()}  ({len(dirs)} cases, {time.time() - t0:.1f}s wall)")
+    CACHE.cli(argv, doc=__doc__, cases=CASES, build_all=build_all, columns=_COLUMNS, title="lora corpus")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Launched by ``lora_build.py`` (after it saved the fp32 base into ``<case>/base``
 
 The CPU workarounds (bf16 validation patch, gloo ``PartialState`` +
 ``use_configured_state``, no shm comm op) are the ones of ``trainer_train.py``,
-imported from there.  Flow: ``from_pretrained(<base name>)`` in fp32,
+imported from there (``ds_trainer_args``), and the Trainer settings are ``train_common``'s
+(weight decay 0 here).  Flow: ``from_pretrained(<base name>)`` in fp32,
 ``get_peft_model``, THEN ``TrainingArguments`` and ``Trainer(...).train()``.
 
 Why the model comes before ``TrainingArguments``: once ``TrainingArguments`` holds a
@@ -21,8 +22,9 @@ param (``bias="lora_only"``) sits next to fp32 LoRA params.  Built outside
 
 Ground truth (``LoraTruth.on_save``, every rank, right after each ``checkpoint-N``):
 
-* every trainable param's fp32 master via ``safe_get_full_fp32_param`` (collective);
-  rank 0 writes ``truth/checkpoint-N.adapter.safetensors`` keyed by live peft names;
+* every trainable param's fp32 master via ``safe_get_full_fp32_param`` (collective,
+  ``ds_train.gather_truth(..., trainable_only=True)``); rank 0 writes
+  ``truth/checkpoint-N.adapter.safetensors`` keyed by live peft names;
 * rank 0 then merges with peft itself (fresh fp32 base from ``base/`` + same
   ``LoraConfig`` + those tensors, ``merge_and_unload``) ->
   ``truth/checkpoint-N.merged.safetensors``.
@@ -32,7 +34,6 @@ Rank 0 finally writes ``<case>/_meta.json``; ``lora_build`` turns it into ``case
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -47,73 +48,49 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
-from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tests.corpus import common, lora_build  # noqa: E402
-from tests.corpus.ds_train import disable_shm_comm  # noqa: E402
+from tests.corpus import common, lora_build, train_common  # noqa: E402
+from tests.corpus.ds_train import disable_shm_comm, gather_truth  # noqa: E402
 
 # Importing trainer_train applies its CPU bf16 patch (transformers.training_args.is_torch_bf16_gpu_available).
-from tests.corpus.trainer_train import RandomTokens, distributed_state, ds_config  # noqa: E402
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from tests.corpus.trainer_train import ds_trainer_args  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 
-def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """fp32 masters of every trainable param, keyed by live name (collective: call on all ranks)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            full = safe_get_full_fp32_param(p)
-            assert full is not None, f"no fp32 master for trainable {name}"
-            assert full.dtype == torch.float32, (name, full.dtype)
-            out[name] = full.detach().float().cpu().contiguous().clone()
-    return out
-
-
-class LoraTruth(TrainerCallback):
+class LoraTruth(train_common.SaveTruth):
     """Gather the adapter truth from the live engine and merge it with peft, right after every save."""
 
     def __init__(self, case: dict[str, Any]) -> None:
         """Remember where to write."""
-        self.case = case
-        self.checkpoints: list[dict[str, Any]] = []
+        super().__init__(case)
         self.last_adapter: dict[str, torch.Tensor] = {}
         self.merged_tied: dict[str, str] | None = None
 
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-        """Collective: every rank must take part in the gather."""
-        tag = f"checkpoint-{state.global_step}"
+    def collect(self, model: Any, tag: str, step: int) -> dict[str, Any]:
+        """Collective gather of the trainable params; rank 0 writes them and peft's merge of them."""
         dist.barrier()  # every rank finished writing checkpoint-N
-        adapter = gather_trainable(model)
-        cdir = Path(self.case["case_dir"])
-        truth_dir = cdir / "truth"
+        adapter = gather_truth(model, self.case["stage"], [], trainable_only=True)
         entry = {
             "tag": tag,
             "path": f"run/{tag}",
             "adapter_truth": f"truth/{tag}.adapter.safetensors",
             "merged_truth": f"truth/{tag}.merged.safetensors",
-            "step": state.global_step,
+            "step": step,
         }
         if dist.get_rank() == 0:
-            truth_dir.mkdir(parents=True, exist_ok=True)
-            save_file(adapter, str(cdir / entry["adapter_truth"]), metadata={"format": "pt"})
+            common.save_truth(self.case_dir / entry["adapter_truth"], adapter)
             merged, self.merged_tied = lora_build.reference_merge(
                 Path(self.case["base_dir"]), model.peft_config["default"], adapter
             )
-            save_file(merged, str(cdir / entry["merged_truth"]), metadata={"format": "pt"})
-        self.checkpoints.append(entry)
+            common.save_truth(self.case_dir / entry["merged_truth"], merged)
         self.last_adapter = adapter
-        dist.barrier()
+        return entry
 
 
 def main() -> None:
     """Entry point under the ``deepspeed`` launcher."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--plan", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    case = json.loads(Path(args.plan).read_text())
+    case = common.read_plan()
     disable_shm_comm()
     cdir = Path(case["case_dir"])
     run_dir = cdir / "run"
@@ -125,45 +102,14 @@ def main() -> None:
     model = get_peft_model(base, LoraConfig(**case["lora"]))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
 
-    distributed_state()
-    targs = TrainingArguments(
-        output_dir=str(run_dir),
-        deepspeed=ds_config(case),
-        use_cpu=False,  # True would bypass DeepSpeed entirely
-        ddp_backend="gloo",
-        bf16=case["precision"] == "bf16",
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-2,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        lr_scheduler_type="constant",
-        max_steps=max(case["save_steps"]),
-        save_strategy="steps",
-        save_steps=min(case["save_steps"]),
-        save_total_limit=None,
-        logging_steps=1,
-        report_to=[],
-        dataloader_num_workers=0,
-        seed=case["seed"],
-        disable_tqdm=True,
-        accelerator_config={"use_configured_state": True},  # see trainer_train.distributed_state()
-    )
-    assert targs.world_size == dist.get_world_size() == case["world_size"], (targs.world_size, case["world_size"])
+    targs = ds_trainer_args(case, run_dir, weight_decay=0.0)
     callback = LoraTruth(case)
-    trainer = Trainer(
-        model=model,
-        args=targs,
-        train_dataset=RandomTokens(case["model"]["vocab"], seed=case["seed"]),
-        processing_class=common.build_tokenizer(),
-        callbacks=[callback],
-    )
+    trainer = train_common.make_trainer(case, model, targs, common.build_tokenizer(), callback)
     trainer.train()
     dist.barrier()
 
     if dist.get_rank() == 0:
-        got = [c["step"] for c in callback.checkpoints]
-        assert got == sorted(case["save_steps"]), (got, case["save_steps"])
+        callback.check_steps()
         # Training really moved the zero-initialised LoRA factors (else merged == base).
         for n in lora_build.zero_init_names(trainable):
             assert callback.last_adapter[n].abs().sum() > 0, f"{n} still zero after training"

@@ -19,8 +19,7 @@ Running Trainer + FSDP2 on a CPU-only box (torch 2.13, transformers 5.x, acceler
   ``use_cpu=True`` makes Trainer build ``PartialState(cpu=True, backend="gloo")``, i.e. a
   correct 2-rank ``MULTI_CPU`` state on the torchrun process group, and it also lets
   ``bf16=True`` pass ``TrainingArguments`` validation (no ``is_torch_bf16_gpu_available``
-  patch is needed here; the one ``trainer_train`` installs on import is inert with
-  ``use_cpu=True``).
+  patch is needed here, and ``trainer_train``, which installs one, is not imported).
 * ...but accelerate then trains **plain DDP**: ``AcceleratorState.__init__`` only turns
   ``distributed_type`` into ``FSDP`` (and stores ``fsdp_plugin``) inside its
   multi-GPU/XPU/NPU/... branch, so on ``MULTI_CPU`` the plugin Trainer passes is dropped,
@@ -43,24 +42,23 @@ Running Trainer + FSDP2 on a CPU-only box (torch 2.13, transformers 5.x, acceler
 * FSDP1 (``fsdp_version=1``) is not used: with the same patch it fails in
   ``FullyShardedDataParallel.__init__`` ("Inconsistent compute device and `device_id`
   on rank 0: cpu vs cpu:0").  FSDP2's ``fully_shard`` runs fine on gloo/CPU.
-* ``RandomTokens`` is imported from ``trainer_train``, which imports DeepSpeed (about
-  3 s per rank) and sets ``DS_ACCELERATOR=cpu``; neither affects this FSDP run.
+* ``RandomTokens``, the shared ``TrainingArguments`` and the callback base come from
+  ``train_common`` (no DeepSpeed import in this process).
 * Ground truth: a ``TrainerCallback.on_save`` runs on every rank right after each
   ``checkpoint-N`` is written and gathers the full state dict from the live model with
   ``get_model_state_dict(model, StateDictOptions(full_state_dict=True, cpu_offload=True))``
-  (collective); rank 0 writes ``<case>/truth/checkpoint-N.safetensors`` keyed by
-  ``named_parameters()`` names (+ persistent buffers; the tied alias is not stored), in
-  the dtype the live sharded parameters have (== the dtype stored in the DCP files; fp32
-  also under bf16 mixed precision, where only the compute copies are bf16).  For a tied
+  (collective, ``train_common.save_full_truth``); rank 0 writes
+  ``<case>/truth/checkpoint-N.safetensors`` keyed by ``named_parameters()`` names
+  (+ persistent buffers; the tied alias is not stored), in the dtype the live sharded
+  parameters have (== the dtype stored in the DCP files; fp32 also under bf16 mixed
+  precision, where only the compute copies are bf16).  For a tied
   model the DCP model checkpoint *does* hold the alias (``model.lm_head.weight``, equal
   to ``model.model.embed_tokens.weight``); ``case.json["dcp_aliases"]`` lists such keys.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -74,20 +72,17 @@ import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 from accelerate.state import AcceleratorState, PartialState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tests.corpus import common  # noqa: E402
-from tests.corpus.trainer_train import RandomTokens  # noqa: E402
+from tests.corpus import common, train_common  # noqa: E402
+from tests.corpus.train_common import DTYPE_NAMES  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: E402
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.distributed.fsdp import FSDPModule  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 #: Cases whose user script also saves config + generation config + tokenizer into ``run/``.
 RUN_ASSET_CASES = frozenset({"trainer_fsdp_qwen2_tied"})
 #: Folder names accelerate uses for model / optimizer DCP checkpoints (model index 0).
 MODEL_DIR, OPTIM_DIR = "pytorch_model_fsdp_0", "optimizer_0"
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -116,38 +111,23 @@ def enable_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init  # type: ignore[method-assign]
 
 
-class TruthCallback(TrainerCallback):
+class TruthCallback(train_common.SaveTruth):
     """Gather the full state dict from the live FSDP2 model right after every checkpoint save."""
 
-    def __init__(self, case: dict[str, Any], keys: list[str]) -> None:
-        """Remember where to write and which state-dict keys make up the truth."""
-        self.case = case
+    def __init__(self, case: dict[str, Any], keys: list[str], tied: dict[str, str]) -> None:
+        """Remember where to write and which state-dict keys make up the truth (``tied``: allowed aliases)."""
+        super().__init__(case)
         self.keys = keys
-        self.checkpoints: list[dict[str, Any]] = []
+        self.tied = tied
         self.dtypes: set[torch.dtype] = set()
 
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-        """Collective: every rank must take part in the gather."""
-        tag = f"checkpoint-{state.global_step}"
+    def collect(self, model: Any, tag: str, step: int) -> dict[str, Any]:
+        """Collective gather of the full state dict; rank 0 writes ``truth/<tag>.safetensors``."""
         assert isinstance(model, FSDPModule), type(model)
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if dist.get_rank() == 0:
-            missing = [k for k in self.keys if k not in full]
-            assert not missing, missing
-            truth = {k: full[k].detach().to("cpu").contiguous().clone() for k in self.keys}
-            self.dtypes |= {t.dtype for t in truth.values()}
-            truth_dir = Path(self.case["case_dir"]) / "truth"
-            truth_dir.mkdir(parents=True, exist_ok=True)
-            save_file(truth, str(truth_dir / f"{tag}.safetensors"), metadata={"format": "pt"})
-        self.checkpoints.append(
-            {
-                "tag": tag,
-                "path": f"run/{tag}/{MODEL_DIR}",
-                "truth": f"truth/{tag}.safetensors",
-                "step": state.global_step,
-            }
-        )
-        dist.barrier()
+        entry = {"tag": tag, "path": f"run/{tag}/{MODEL_DIR}", "truth": f"truth/{tag}.safetensors", "step": step}
+        truth, _ = train_common.save_full_truth(model, self.keys, self.tied, self.case_dir / entry["truth"])
+        self.dtypes |= {t.dtype for t in truth.values()}
+        return entry
 
 
 def training_args(case: dict[str, Any], run_dir: Path) -> TrainingArguments:
@@ -155,10 +135,10 @@ def training_args(case: dict[str, Any], run_dir: Path) -> TrainingArguments:
     options = case.get("options") or {}
     mp = options.get("mixed_precision", "no")
     assert mp in ("no", "bf16"), mp
-    return TrainingArguments(
-        output_dir=str(run_dir),
+    return train_common.trainer_args(
+        case,
+        run_dir,
         use_cpu=True,  # MULTI_CPU PartialState on gloo; FSDP is switched on by enable_fsdp_on_cpu()
-        ddp_backend="gloo",
         fsdp=True,
         fsdp_config={
             "version": 2,
@@ -168,22 +148,7 @@ def training_args(case: dict[str, Any], run_dir: Path) -> TrainingArguments:
             "cpu_ram_efficient_loading": False,
         },
         bf16=mp == "bf16",
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        max_grad_norm=1.0,
-        lr_scheduler_type="constant",
-        max_steps=max(case["save_steps"]),
-        save_strategy="steps",
-        save_steps=min(case["save_steps"]),
-        save_total_limit=None,
         save_only_model=False,
-        logging_steps=1,
-        report_to=[],
-        dataloader_num_workers=0,
-        seed=case["seed"],
-        disable_tqdm=True,
     )
 
 
@@ -232,9 +197,7 @@ def observed_layout(run_dir: Path, tags: list[str]) -> tuple[list[str], list[str
     tops = {tag: sorted(p.name for p in (run_dir / tag).iterdir()) for tag in tags}
     first = tops[tags[0]]
     assert all(v == first for v in tops.values()), tops
-    folder = run_dir / tags[0]
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    return first, files
+    return first, common.list_files(run_dir / tags[0])
 
 
 def train_case(case: dict[str, Any]) -> None:
@@ -259,14 +222,8 @@ def train_case(case: dict[str, Any]) -> None:
         common.save_hf_extras(run_dir, model, tokenizer, "fp32")
     dist.barrier()
 
-    callback = TruthCallback(case, names + buffers)
-    trainer = Trainer(
-        model=model,
-        args=targs,
-        train_dataset=RandomTokens(case["model"]["vocab"], seed=case["seed"]),
-        processing_class=tokenizer,
-        callbacks=[callback],
-    )
+    callback = TruthCallback(case, names + buffers, tied)
+    trainer = train_common.make_trainer(case, model, targs, tokenizer, callback)
     assert trainer.is_fsdp_enabled, "accelerate fell back to DDP: FSDP was not switched on"
     plugin = trainer.accelerator.state.fsdp_plugin
     assert plugin.fsdp_version == 2 and "SHARDED_STATE_DICT" in str(plugin.state_dict_type), plugin
@@ -279,8 +236,7 @@ def train_case(case: dict[str, Any]) -> None:
     dist.barrier()
 
     if dist.get_rank() == 0:
-        got = sorted(c["step"] for c in callback.checkpoints)
-        assert got == sorted(case["save_steps"]), (got, case["save_steps"])
+        callback.check_steps()
         tags = [c["tag"] for c in callback.checkpoints]
         model_meta = dcp_metadata(run_dir / tags[0] / MODEL_DIR)
         prefix = key_prefix(model_meta, names)
@@ -325,10 +281,7 @@ def train_case(case: dict[str, Any]) -> None:
 
 def main() -> None:
     """Entry point under ``torchrun --nproc_per_node 2``."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--plan", required=True)
-    args = parser.parse_args()
-    cases = json.loads(Path(args.plan).read_text())["cases"]
+    cases = common.read_plan()["cases"]
     enable_fsdp_on_cpu()
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")

@@ -20,16 +20,18 @@ Running Trainer + DeepSpeed on a CPU-only box (transformers 5.x, accelerate 1.x)
   we patch ``transformers.training_args.is_torch_bf16_gpu_available`` to return True
   (DeepSpeed's CPU accelerator does support bf16).
 * The shared-memory comm op is disabled (see ``ds_train.disable_shm_comm``).
-* Ground truth: a ``TrainerCallback.on_save`` runs on every rank right after each
-  ``checkpoint-N`` is written; it gathers fp32 masters with
+* Ground truth: a ``TrainerCallback.on_save`` (``train_common.SaveTruth``) runs on every
+  rank right after each ``checkpoint-N`` is written; it gathers fp32 masters with
   ``safe_get_full_fp32_param`` (collective) and rank 0 writes
   ``<case>/truth/checkpoint-N.safetensors``.
+
+The ``TrainingArguments`` / ``Trainer`` settings shared with the other Trainer scripts live in
+``train_common.py``; :func:`ds_trainer_args` (also used by ``lora_train.py``) adds the
+DeepSpeed-on-CPU ones.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -44,53 +46,29 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers.training_args  # noqa: E402
 from accelerate import PartialState  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tests.corpus import common  # noqa: E402
+from tests.corpus import common, train_common  # noqa: E402
 from tests.corpus.ds_train import disable_shm_comm, gather_truth  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 # See module docstring: the bf16 "GPU" check must pass for the CPU accelerator.
 transformers.training_args.is_torch_bf16_gpu_available = lambda: True
 
 
-class RandomTokens(torch.utils.data.Dataset):
-    """Fixed random token sequences (labels = inputs)."""
-
-    def __init__(self, vocab: int, n: int = 64, seqlen: int = 16, seed: int = 0) -> None:
-        """Pre-generate ``n`` sequences of length ``seqlen`` in ``[4, vocab)``."""
-        gen = torch.Generator().manual_seed(seed)
-        self.data = torch.randint(4, vocab, (n, seqlen), generator=gen)
-
-    def __len__(self) -> int:
-        """Number of sequences."""
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        """One training example."""
-        return {"input_ids": self.data[i], "labels": self.data[i].clone()}
-
-
-class TruthCallback(TrainerCallback):
+class TruthCallback(train_common.SaveTruth):
     """Gather fp32 ground truth from the live engine right after every checkpoint save."""
 
     def __init__(self, case: dict[str, Any], buffers: list[str]) -> None:
         """Remember where to write and which buffers to include."""
-        self.case = case
+        super().__init__(case)
         self.buffers = buffers
-        self.checkpoints: list[dict[str, Any]] = []
 
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-        """Collective: every rank must take part in the gather."""
-        tag = f"checkpoint-{state.global_step}"
+    def collect(self, model: Any, tag: str, step: int) -> dict[str, Any]:
+        """Collective gather of every param (+ buffers); rank 0 writes ``truth/<tag>.safetensors``."""
         truth = gather_truth(model, self.case["stage"], self.buffers)
-        truth_dir = Path(self.case["case_dir"]) / "truth"
+        entry = {"tag": tag, "path": f"run/{tag}", "truth": f"truth/{tag}.safetensors", "step": step}
         if dist.get_rank() == 0:
-            truth_dir.mkdir(parents=True, exist_ok=True)
-            save_file(truth, str(truth_dir / f"{tag}.safetensors"), metadata={"format": "pt"})
-        self.checkpoints.append(
-            {"tag": tag, "path": f"run/{tag}", "truth": f"truth/{tag}.safetensors", "step": state.global_step}
-        )
-        dist.barrier()
+            common.save_truth(self.case_dir / entry["truth"], truth)
+        return entry
 
 
 def ds_config(case: dict[str, Any]) -> dict[str, Any]:
@@ -129,61 +107,44 @@ def distributed_state() -> PartialState:
     return PartialState(backend="gloo")
 
 
+def ds_trainer_args(case: dict[str, Any], run_dir: Path, **kw: Any) -> TrainingArguments:
+    """``train_common.trainer_args`` + DeepSpeed on CPU (see module docstring); checks the world size.
+
+    Builds the gloo ``PartialState`` first (:func:`distributed_state`); ``ddp_backend="gloo"``
+    is ignored when deepspeed is set (the backend comes from that state).
+    """
+    distributed_state()
+    targs = train_common.trainer_args(
+        case,
+        run_dir,
+        deepspeed=ds_config(case),
+        use_cpu=False,  # True would bypass DeepSpeed entirely
+        bf16=case["precision"] == "bf16",
+        accelerator_config={"use_configured_state": True},  # see distributed_state()
+        **kw,
+    )
+    assert targs.world_size == dist.get_world_size() == case["world_size"], (targs.world_size, case["world_size"])
+    return targs
+
+
 def main() -> None:
     """Entry point under the ``deepspeed`` launcher."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--plan", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    (case,) = json.loads(Path(args.plan).read_text())["cases"]
+    (case,) = common.read_plan()["cases"]
     t0 = time.time()
     disable_shm_comm()
     case_dir = Path(case["case_dir"])
-    run_dir = case_dir / "run"
 
-    distributed_state()
-    targs = TrainingArguments(
-        output_dir=str(run_dir),
-        deepspeed=ds_config(case),
-        use_cpu=False,  # True would bypass DeepSpeed entirely
-        ddp_backend="gloo",  # ignored when deepspeed is set; the backend comes from distributed_state()
-        bf16=case["precision"] == "bf16",
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        max_grad_norm=1.0,
-        lr_scheduler_type="constant",
-        max_steps=max(case["save_steps"]),
-        save_strategy="steps",
-        save_steps=min(case["save_steps"]),
-        save_total_limit=None,
-        logging_steps=1,
-        report_to=[],
-        dataloader_num_workers=0,
-        seed=case["seed"],
-        disable_tqdm=True,
-        accelerator_config={"use_configured_state": True},  # see distributed_state()
-    )
-    assert targs.world_size == dist.get_world_size() == case["world_size"], (targs.world_size, case["world_size"])
+    targs = ds_trainer_args(case, case_dir / "run")
     model = common.build_model(case["model"], seed=case["seed"])
     tied = common.tied_map(model)
     buffers = common.persistent_buffer_names(model)
-    tokenizer = common.build_tokenizer()
     callback = TruthCallback(case, buffers)
-    trainer = Trainer(
-        model=model,
-        args=targs,
-        train_dataset=RandomTokens(case["model"]["vocab"], seed=case["seed"]),
-        processing_class=tokenizer,
-        callbacks=[callback],
-    )
+    trainer = train_common.make_trainer(case, model, targs, common.build_tokenizer(), callback)
     trainer.train()
     optimizer = trainer.model_wrapped.optimizer
     n_groups = len(optimizer.param_groups)
     if dist.get_rank() == 0:
-        got = sorted(c["step"] for c in callback.checkpoints)
-        assert got == sorted(case["save_steps"]), (got, case["save_steps"])
+        callback.check_steps()
         for c in callback.checkpoints:
             assert (case_dir / c["path"]).is_dir(), c
         meta = dict(case["meta"])

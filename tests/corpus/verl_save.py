@@ -37,14 +37,14 @@ does: ``<root>/latest_checkpointed_iteration.txt`` (text: the step) and
 ``StatefulDataLoader`` is not installed, so a small dict of ints stands in for it).
 
 Ground truth: right after each save, ``get_model_state_dict(module,
-StateDictOptions(full_state_dict=True, cpu_offload=True))`` on the live model; rank 0
-keeps the ``named_parameters()`` names and writes ``truth/global_step_N.safetensors``
-(``truth/global_step_N.<role>.safetensors`` when the case has several roles).
+StateDictOptions(full_state_dict=True, cpu_offload=True))`` on the live model
+(``train_common.save_full_truth``); rank 0 keeps the ``named_parameters()`` names and
+writes ``truth/global_step_N.safetensors`` (``truth/global_step_N.<role>.safetensors``
+when the case has several roles).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import shutil
@@ -58,15 +58,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from tests.corpus import common  # noqa: E402
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
+from tests.corpus import common, train_common  # noqa: E402
+from tests.corpus.train_common import DTYPE_NAMES  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 #: Package ``__init__`` modules of verl that are skipped (see module docstring).
 SKIPPED_INITS = ("verl", "verl.utils", "verl.utils.checkpoint", "verl.trainer")
 
@@ -240,17 +237,11 @@ def run_case(case: dict[str, Any], tokenizer: Any, verl: types.SimpleNamespace) 
         for role in roles:
             rel = f"ckpt/{tag}/{role.name}"
             role.manager.save_checkpoint(local_path=str(cdir / rel), hdfs_path=None, global_step=step)
-            full = get_model_state_dict(role.module, options=FULL)  # collective
             truth_rel = f"truth/{tag}.safetensors" if len(roles) == 1 else f"truth/{tag}.{role.name}.safetensors"
-            if rank == 0:
-                extra = set(full) - set(role.names) - set(role.tied)
-                assert not extra, f"unexpected state dict keys {sorted(extra)[:5]}"
-                truth = {n: full[n].detach().clone().contiguous() for n in role.names}
-                saved_dtypes.update(t.dtype for t in truth.values())
-                (cdir / "truth").mkdir(parents=True, exist_ok=True)
-                save_file(truth, str(cdir / truth_rel), metadata={"format": "pt"})
+            truth, _ = train_common.save_full_truth(role.module, role.names, role.tied, cdir / truth_rel)  # collective
+            saved_dtypes.update(t.dtype for t in truth.values())
             checkpoints.append({"tag": tag, "role": role.name, "path": rel, "truth": truth_rel, "step": step})
-            del full
+            del truth
         if rank == 0:  # RayPPOTrainer._save_checkpoint: dataloader state, then the tracker file
             torch.save({"_num_yielded": step, "_sampler_iter_yielded": step}, root / tag / "data.pt")
             Path(verl.get_checkpoint_tracker_filename(str(root))).write_text(str(step))
@@ -309,21 +300,10 @@ def run_case(case: dict[str, Any], tokenizer: Any, verl: types.SimpleNamespace) 
 
 def main() -> None:
     """Entry point under ``torchrun``."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--plan", required=True)
-    args = parser.parse_args()
-    plan = json.loads(Path(args.plan).read_text())
+    plan = common.read_plan()
     verl = import_verl(plan["verl_path"])
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
     tokenizer = common.build_tokenizer()
-    for case in plan["cases"]:
-        assert case["kind"] == "verl" and case["world_size"] == dist.get_world_size(), case["name"]
-        if dist.get_rank() == 0:
-            shutil.rmtree(case["case_dir"], ignore_errors=True)
-        dist.barrier()
-        run_case(case, tokenizer, verl)
-    dist.destroy_process_group()
+    train_common.run_cases(plan, "verl", lambda case: run_case(case, tokenizer, verl))
 
 
 if __name__ == "__main__":
