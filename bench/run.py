@@ -303,8 +303,7 @@ def bench_checkpoint(info: dict[str, Any], reps: int) -> dict[str, Any]:
     sizes = {"fp32": prep["ref_float32"].stat().st_size, "bf16": prep["ref_bfloat16"].stat().st_size,
              "shards": [s.stat().st_size for s in shards]}
     clean(work)  # reference outputs and shards too: ~4x the fp32 model size per checkpoint
-    med = {name: {"wall_s": median(r, "wall_s"), "rss_mib": median(r, "rss_mib"), "inner_s": median(r, "inner_s")}
-           for name, r in runs.items()}
+    med = {name: medians(r) for name, r in runs.items()}
     med["zero_to_fp32"]["fsync_after_s"] = round(statistics.median(z2_fsync), 3) if z2_fsync else float("nan")
     return {
         "checkpoint": {k: v for k, v in info.items() if k != "files"},
@@ -318,28 +317,35 @@ def bench_checkpoint(info: dict[str, Any], reps: int) -> dict[str, Any]:
     }
 
 
+def ratio(a: float, b: float) -> float:
+    """``a / b`` rounded, NaN when either is NaN or ``b`` is 0."""
+    return round(a / b, 3) if b and b == b and a == a else float("nan")
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians of a command's runs: wall time, peak RSS and the tool's own seconds."""
+    return {"wall_s": median(runs, "wall_s"), "rss_mib": median(runs, "rss_mib"), "inner_s": median(runs, "inner_s")}
+
+
 def ratios(med: dict[str, dict[str, float]]) -> dict[str, float]:
     """Ratios of medians (lower is better for all)."""
-    def r(a: float, b: float) -> float:
-        return round(a / b, 3) if b and b == b and a == a else float("nan")
-
     z = med["zero_to_fp32"]
     read = med["read_fp32"]["wall_s"]
     return {
-        "fp32_wall_vs_zero_to_fp32": r(med["ours_fp32"]["wall_s"], z["wall_s"]),
-        "bf16_wall_vs_zero_to_fp32": r(med["ours_bf16"]["wall_s"], z["wall_s"]),
-        "fp32_rss_vs_zero_to_fp32": r(med["ours_fp32"]["rss_mib"], z["rss_mib"]),
-        "bf16_rss_vs_zero_to_fp32": r(med["ours_bf16"]["rss_mib"], z["rss_mib"]),
-        "fp32_wall_vs_cp": r(med["ours_fp32"]["wall_s"], med["cp_fp32"]["wall_s"]),
-        "bf16_wall_vs_cp": r(med["ours_bf16"]["wall_s"], med["cp_bf16"]["wall_s"]),
-        "fp32_wall_vs_read": r(med["ours_fp32"]["wall_s"], med["read_fp32"]["wall_s"]),
-        "fp32_wall_vs_cp_plus_read": r(med["ours_fp32"]["wall_s"], med["cp_fp32"]["wall_s"] + read),
-        "bf16_wall_vs_cp_plus_read": r(med["ours_bf16"]["wall_s"], med["cp_bf16"]["wall_s"] + read),
-        "merge_wall_vs_cat": r(med["merge"]["wall_s"], med["cat_shards"]["wall_s"]),
-        "fp32_inner_vs_cp": r(med["ours_fp32"]["inner_s"], med["cp_fp32"]["wall_s"]),
-        "bf16_inner_vs_cp": r(med["ours_bf16"]["inner_s"], med["cp_bf16"]["wall_s"]),
-        "merge_inner_vs_cat": r(med["merge"]["inner_s"], med["cat_shards"]["wall_s"]),
-        "fp32_inner_vs_zero_to_fp32": r(med["ours_fp32"]["inner_s"], z["wall_s"]),
+        "fp32_wall_vs_zero_to_fp32": ratio(med["ours_fp32"]["wall_s"], z["wall_s"]),
+        "bf16_wall_vs_zero_to_fp32": ratio(med["ours_bf16"]["wall_s"], z["wall_s"]),
+        "fp32_rss_vs_zero_to_fp32": ratio(med["ours_fp32"]["rss_mib"], z["rss_mib"]),
+        "bf16_rss_vs_zero_to_fp32": ratio(med["ours_bf16"]["rss_mib"], z["rss_mib"]),
+        "fp32_wall_vs_cp": ratio(med["ours_fp32"]["wall_s"], med["cp_fp32"]["wall_s"]),
+        "bf16_wall_vs_cp": ratio(med["ours_bf16"]["wall_s"], med["cp_bf16"]["wall_s"]),
+        "fp32_wall_vs_read": ratio(med["ours_fp32"]["wall_s"], med["read_fp32"]["wall_s"]),
+        "fp32_wall_vs_cp_plus_read": ratio(med["ours_fp32"]["wall_s"], med["cp_fp32"]["wall_s"] + read),
+        "bf16_wall_vs_cp_plus_read": ratio(med["ours_bf16"]["wall_s"], med["cp_bf16"]["wall_s"] + read),
+        "merge_wall_vs_cat": ratio(med["merge"]["wall_s"], med["cat_shards"]["wall_s"]),
+        "fp32_inner_vs_cp": ratio(med["ours_fp32"]["inner_s"], med["cp_fp32"]["wall_s"]),
+        "bf16_inner_vs_cp": ratio(med["ours_bf16"]["inner_s"], med["cp_bf16"]["wall_s"]),
+        "merge_inner_vs_cat": ratio(med["merge"]["inner_s"], med["cat_shards"]["wall_s"]),
+        "fp32_inner_vs_zero_to_fp32": ratio(med["ours_fp32"]["inner_s"], z["wall_s"]),
     }
 
 
@@ -508,7 +514,7 @@ def bench_dcp(info: dict[str, Any], reps: int) -> dict[str, Any]:
     clean(work)
     med: dict[str, dict[str, float]] = {}
     for name, rs in runs.items():
-        med[name] = {"wall_s": median(rs, "wall_s"), "rss_mib": median(rs, "rss_mib"), "inner_s": median(rs, "inner_s")}
+        med[name] = medians(rs)
         if any("fsync_after_s" in x for x in rs):
             med[name]["fsync_after_s"] = median(rs, "fsync_after_s")
     if not acc_ok:
@@ -528,19 +534,16 @@ def bench_dcp(info: dict[str, Any], reps: int) -> dict[str, Any]:
 
 def dcp_ratios(med: dict[str, dict[str, float]]) -> dict[str, float]:
     """Ratios of medians for a DCP checkpoint (lower is better for all)."""
-    def r(a: float, b: float) -> float:
-        return round(a / b, 3) if b and b == b and a == a else float("nan")
-
     out: dict[str, float] = {}
     for dt in ("fp32", "bf16"):
         ours_m = med[f"ours_{dt}"]
         for theirs in ("dcp_to_torch_save", "accelerate"):
-            out[f"{dt}_wall_vs_{theirs}"] = r(ours_m["wall_s"], med[theirs]["wall_s"])
-            out[f"{dt}_rss_vs_{theirs}"] = r(ours_m["rss_mib"], med[theirs]["rss_mib"])
-        out[f"{dt}_wall_vs_cp"] = r(ours_m["wall_s"], med[f"cp_{dt}"]["wall_s"])
-        out[f"{dt}_inner_vs_cp"] = r(ours_m["inner_s"], med[f"cp_{dt}"]["wall_s"])
+            out[f"{dt}_wall_vs_{theirs}"] = ratio(ours_m["wall_s"], med[theirs]["wall_s"])
+            out[f"{dt}_rss_vs_{theirs}"] = ratio(ours_m["rss_mib"], med[theirs]["rss_mib"])
+        out[f"{dt}_wall_vs_cp"] = ratio(ours_m["wall_s"], med[f"cp_{dt}"]["wall_s"])
+        out[f"{dt}_inner_vs_cp"] = ratio(ours_m["inner_s"], med[f"cp_{dt}"]["wall_s"])
     t = med["dcp_to_torch_save"]
-    out["fp32_wall_vs_dcp_to_torch_save_plus_fsync"] = r(med["ours_fp32"]["wall_s"],
+    out["fp32_wall_vs_dcp_to_torch_save_plus_fsync"] = ratio(med["ours_fp32"]["wall_s"],
                                                           t["wall_s"] + t.get("fsync_after_s", float("nan")))
     return out
 
