@@ -39,8 +39,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.corpus import build  # noqa: E402
+from tests.test_batch_ray import end_processes, free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RUNS = ["trainer_qwen2_z2_bf16", "trainer_llama_z3_bf16"]  # checkpoint-2/4/6 each
@@ -63,18 +62,12 @@ JOBS = 3 * len(RUNS) + len(CKPTS)
 RESULTS = REPO / "bench" / "results"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def head_node(env: dict[str, str], root: Path) -> Iterator[str]:
     """A one-node Ray cluster (2 CPUs) for the duration; yields its address. Ends its processes by id."""
     ip = "127.0.0.2"  # Ray rewrites 127.0.0.1 to the machine's network address; 127.0.0.2 is loopback too
-    port = _free_port()
-    ports = [_free_port() for _ in range(9)]
+    port = free_port()
+    ports = [free_port() for _ in range(9)]
     args = ["--head", "--port", str(port), "--node-ip-address", ip, "--num-cpus", "2", "--temp-dir", str(root),
             "--include-dashboard", "false", "--dashboard-port", str(ports[0]),
             "--ray-client-server-port", str(ports[1]), "--node-manager-port", str(ports[2]),
@@ -105,14 +98,7 @@ def _end_session(session: int) -> None:
                 procs[p.pid] = p
                 if p.info["name"] == "raylet":
                     procs.update({c.pid: c for c in p.children(recursive=True)})
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in procs.values():
-            with contextlib.suppress(psutil.Error):
-                p.send_signal(sig)
-        _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
-        procs = {p.pid: p for p in alive}
-        if not procs:
-            return
+    end_processes(procs)
 
 
 def _input_list(path: Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import struct
 import subprocess
 import sys
 import time
@@ -30,6 +31,33 @@ TIMEOUT_S = 60.0
 #: A file outside every input, whose bytes must never appear in an output.
 SECRET = b"-----BEGIN OPENSSH PRIVATE KEY-----\nS3CR3T-" + hashlib.sha256(b"vllm-consolidate").hexdigest().encode() + \
     b"\n-----END OPENSSH PRIVATE KEY-----\n"
+
+
+# -- pickle opcodes, for hostile pickles built by hand -----------------------------------------------------
+
+
+def op_global(module: str, name: str) -> bytes:
+    """GLOBAL module name (the names are in the opcode's argument, visible to any pre-pass)."""
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def op_str(text: str) -> bytes:
+    """BINUNICODE."""
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def op_int(n: int) -> bytes:
+    """BININT for 32-bit values, else LONG1 (LONG4 past 255 bytes)."""
+    if -(2**31) <= n < 2**31:
+        return b"J" + struct.pack("<i", n)
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    if len(raw) < 256:
+        return b"\x8a" + bytes([len(raw)]) + raw
+    return b"\x8b" + struct.pack("<i", len(raw)) + raw
+
+
+# -- running the CLI -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -109,6 +137,14 @@ def snapshot(root: Path) -> dict[str, tuple]:
             else:
                 out[rel] = ("other", st.st_mode)
     return out
+
+
+def write_secret(tmp_path: Path) -> Path:
+    """:data:`SECRET` in ``tmp_path/outside/secret_id_rsa``, outside every input: no output may hold its bytes."""
+    p = tmp_path / "outside" / "secret_id_rsa"
+    p.parent.mkdir()
+    p.write_bytes(SECRET)
+    return p
 
 
 def files_containing(root: Path, needle: bytes) -> list[Path]:

@@ -58,10 +58,22 @@ TIMING = ("created",)
 TIMING_RESULT = ("seconds",)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def end_processes(procs: dict[int, psutil.Process]) -> None:
+    """SIGTERM, then SIGKILL, each of ``procs`` (pid -> process), by id; waits up to 3 s after each signal."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in procs.values():
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
+        procs = {p.pid: p for p in alive}
+        if not procs:
+            return
 
 
 class Cluster:
@@ -69,7 +81,7 @@ class Cluster:
 
     def __init__(self, root: Path):
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"{HEAD_IP}:{self.port}"
         self.sessions: dict[str, int] = {}  # node -> session (= process group) id
         self.raylets: dict[str, psutil.Process] = {}
@@ -81,7 +93,7 @@ class Cluster:
                         RAY_health_check_failure_threshold="3", RAY_health_check_initial_delay_ms="0")
 
     def _node_args(self, name: str, ip: str) -> list[str]:
-        p = [_free_port() for _ in range(6)]
+        p = [free_port() for _ in range(6)]
         return ["--node-ip-address", ip, "--num-cpus", "2", "--memory", str(NODE_MEMORY),
                 "--object-store-memory", str(100 * 1024**2), "--temp-dir", str(self.root / name),
                 "--node-manager-port", str(p[0]), "--object-manager-port", str(p[1]),
@@ -105,8 +117,8 @@ class Cluster:
             time.sleep(0.1)
 
     def start_head(self) -> None:
-        self._start("head", ["--head", "--port", str(self.port), "--ray-client-server-port", str(_free_port()),
-                             "--include-dashboard", "false", "--dashboard-port", str(_free_port()),
+        self._start("head", ["--head", "--port", str(self.port), "--ray-client-server-port", str(free_port()),
+                             "--include-dashboard", "false", "--dashboard-port", str(free_port()),
                              *self._node_args("head", HEAD_IP)])
 
     def start_worker(self) -> None:
@@ -130,14 +142,7 @@ class Cluster:
         for raylet in self.raylets.values():
             with contextlib.suppress(psutil.Error):
                 procs.update({c.pid: c for c in raylet.children(recursive=True)})
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for p in procs.values():
-                with contextlib.suppress(psutil.Error):
-                    p.send_signal(sig)
-            _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
-            procs = {p.pid: p for p in alive}
-            if not procs:
-                break
+        end_processes(procs)
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +233,7 @@ def test_without_ray_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 def test_unreachable_cluster_is_a_usage_error(corpus: dict[str, Path], tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
     code = cli_batch.main(["--input-dir", str(corpus[ZERO[0]] / "ckpt"), "--output-dir", str(tmp_path / "out"),
-                           "--executor", "ray", "--ray-address", f"127.0.0.1:{_free_port()}", *FAST])
+                           "--executor", "ray", "--ray-address", f"127.0.0.1:{free_port()}", *FAST])
     assert code == 2
     assert "no Ray cluster answers at --ray-address 127.0.0.1:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing is touched before the cluster answers

@@ -44,7 +44,8 @@ def _convert(args: list[str]) -> int:
     return cli.convert_main([*args, "--no-validate-vllm"])
 
 
-def _load_out(folder: Path) -> dict[str, torch.Tensor]:
+def load_out(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an output folder: its one safetensors file, or every shard its index names."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         out: dict[str, torch.Tensor] = {}
@@ -54,12 +55,13 @@ def _load_out(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
-def _assert_equal(truth: dict[str, torch.Tensor], out: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    assert sorted(out) == sorted(truth), f"names differ: {set(out) ^ set(truth)}"
+def assert_equal(truth: dict[str, torch.Tensor], out: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Same names; each tensor has ``dtype`` and equals the truth cast to it (``tensor.to``), bit for bit."""
+    assert sorted(out) == sorted(truth), f"names differ: {sorted(set(out) ^ set(truth))}"
     for name, want in truth.items():
         got = out[name]
         expect = want.to(dtype) if want.is_floating_point() else want
-        assert got.dtype == expect.dtype, name
+        assert got.dtype == expect.dtype, f"{name}: {got.dtype} != {expect.dtype}"
         assert torch.equal(got, expect), f"{name} differs"
 
 
@@ -78,7 +80,7 @@ def _truth(name: str, case: Path, checkpoint: dict, tmp: Path) -> dict[str, torc
     model.load_state_dict(truth, strict=False)
     folder = tmp / f"saved-{name}-{checkpoint['tag']}"
     model.save_pretrained(folder)
-    return _load_out(folder)
+    return load_out(folder)
 
 
 def _convert_case(name: str, case: Path, out: Path, tmp: Path, *extra: str) -> None:
@@ -95,7 +97,7 @@ def test_every_case_converts_bit_exact_fp32(name, corpus, tmp_path):
     meta = build.load_case(name)
     out = tmp_path / "out"
     _convert_case(name, case, out, tmp_path)
-    _assert_equal(_truth(name, case, meta["checkpoints"][-1], tmp_path), _load_out(out), torch.float32)
+    assert_equal(_truth(name, case, meta["checkpoints"][-1], tmp_path), load_out(out), torch.float32)
     config = json.loads((out / "config.json").read_text())
     assert config["torch_dtype"] == "float32"
     # Only our marker (provenance, and the proof that --force may replace the folder) is hidden.
@@ -113,7 +115,7 @@ def test_every_trainer_checkpoint_via_checkpoint_dir(name, corpus, tmp_path):
         folder = case / ckpt["path"]
         assert _convert(["--input", str(case / meta["input"]), "--checkpoint-dir", str(folder),
                          "--output", str(out)]) == 0
-        _assert_equal(load_file(case / ckpt["truth"]), _load_out(out), torch.float32)
+        assert_equal(load_file(case / ckpt["truth"]), load_out(out), torch.float32)
         # HF Trainer leaves the tokenizer in checkpoint-N: it is copied.
         assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
 
@@ -129,7 +131,7 @@ def test_half_precision_equals_truth_cast(name, dtype, corpus, tmp_path):
     meta = build.load_case(name)
     out = tmp_path / "out"
     _convert_case(name, case, out, tmp_path, "--dtype", dtype)
-    _assert_equal(_truth(name, case, meta["checkpoints"][-1], tmp_path), _load_out(out), getattr(torch, dtype))
+    assert_equal(_truth(name, case, meta["checkpoints"][-1], tmp_path), load_out(out), getattr(torch, dtype))
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == dtype
 
 
@@ -139,7 +141,7 @@ def test_half_precision_equals_truth_cast(name, dtype, corpus, tmp_path):
 def test_keep_original_precision_is_training_precision(name, expect, corpus, tmp_path):
     out = tmp_path / "out"
     _convert_case(name, corpus[name], out, tmp_path, "--keep-original-precision")
-    tensors = _load_out(out)
+    tensors = load_out(out)
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {expect}
 
 
@@ -183,12 +185,12 @@ def test_sharded_output_and_pytorch_bin(corpus, tmp_path):
     for f in files:
         with safe_open(out / f, "pt") as fh:
             assert fh.metadata() == {"format": "pt"}
-    _assert_equal(truth, _load_out(out), torch.float32)
+    assert_equal(truth, load_out(out), torch.float32)
 
     out = tmp_path / "bin"
     _convert_case(name, corpus[name], out, tmp_path, "--pytorch-bin")
     state = torch.load(out / "pytorch_model.bin", weights_only=True)
-    _assert_equal(truth, state, torch.float32)
+    assert_equal(truth, state, torch.float32)
 
 
 # -- input resolution -------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ def test_checkpoint_dir_overrides_detection(corpus, tmp_path, capsys):
     assert _convert(["--input", str(case / "ckpt"), "--checkpoint-dir", str(case / first["path"]), "--output",
                      str(out), "--base-model-name", str(_base_model(tmp_path, name))]) == 0
     assert "--checkpoint-dir" in capsys.readouterr().out
-    _assert_equal(load_file(case / first["truth"]), _load_out(out), torch.float32)
+    assert_equal(load_file(case / first["truth"]), load_out(out), torch.float32)
 
 
 def test_config_and_tokenizer_from_hub_id_in_local_cache(corpus, tmp_path, monkeypatch):

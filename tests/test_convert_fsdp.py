@@ -22,11 +22,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tests.corpus import common, fsdp_build
+from tests.test_convert_deepspeed import assert_equal, load_out
+from tests.test_e2e_vllm import vllm_python
 
 from vllm_consolidate import cli
 
 BIN = Path(sys.executable).parent
-DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 AMBIGUOUS = "dcp_qwen2_w2_ambiguous"
 LORA = "verl_qwen2_w2_lora"
 #: Every case a default ``convert`` must turn into its latest truth.
@@ -75,26 +76,6 @@ def _latest(meta: dict[str, Any]) -> dict[str, Any]:
 def _entry(meta: dict[str, Any], tag: str, role: str | None = None) -> dict[str, Any]:
     (entry,) = [c for c in meta["checkpoints"] if c["tag"] == tag and c.get("role") == role]
     return entry
-
-
-def _load_out(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        out: dict[str, torch.Tensor] = {}
-        for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            out.update(load_file(folder / f))
-        return out
-    return load_file(folder / "model.safetensors")
-
-
-def _assert_equal(truth: dict[str, torch.Tensor], out: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Same names; each tensor has ``dtype`` and equals the truth cast to it (``tensor.to``), bit for bit."""
-    assert sorted(out) == sorted(truth), f"names differ: {sorted(set(out) ^ set(truth))}"
-    for name, want in truth.items():
-        got = out[name]
-        expect = want.to(dtype) if want.is_floating_point() else want
-        assert got.dtype == expect.dtype, f"{name}: {got.dtype} != {expect.dtype}"
-        assert torch.equal(got, expect), f"{name} differs"
 
 
 def _base_model(root: Path, name: str) -> Path:
@@ -155,7 +136,7 @@ def test_default_convert_is_latest_truth_fp32(name, conv):
     run = conv.convert(name)
     assert run.code == 0, run.stderr
     truth = load_file(case / latest["truth"])
-    _assert_equal(truth, _load_out(run.out), torch.float32)
+    assert_equal(truth, load_out(run.out), torch.float32)
     # The tool chose the latest checkpoint; an older one would have been caught above (they differ).
     for older in meta["checkpoints"]:
         if older["step"] < latest["step"] and older.get("role") == latest.get("role"):
@@ -176,7 +157,7 @@ def test_tied_alias_written_once(name, conv):
     run = conv.convert(name)
     assert run.code == 0, run.stderr
     assert meta["tied_keys"] == {"lm_head.weight": "model.embed_tokens.weight"}
-    out = _load_out(run.out)
+    out = load_out(run.out)
     assert "lm_head.weight" not in out and "model.embed_tokens.weight" in out
     assert json.loads((run.out / "config.json").read_text())["tie_word_embeddings"] is True
     assert run.line("tensors:").endswith("; dropped tied lm_head.weight")
@@ -184,7 +165,7 @@ def test_tied_alias_written_once(name, conv):
 
 @pytest.mark.parametrize("name", [n for n in CONVERTIBLE if not fsdp_build.CASES[n].model["tied"]])
 def test_untied_head_is_kept(name, conv):
-    out = _load_out(conv.convert(name).out)
+    out = load_out(conv.convert(name).out)
     assert not torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
     assert "dropped tied" not in conv.convert(name).line("tensors:")
 
@@ -194,16 +175,16 @@ def test_bfloat16_is_truth_rounded(name, conv):
     run = conv.convert(name, "--dtype", "bfloat16")
     assert run.code == 0, run.stderr
     truth = load_file(conv.corpus[name] / _latest(_meta(name))["truth"])
-    _assert_equal(truth, _load_out(run.out), torch.bfloat16)
+    assert_equal(truth, load_out(run.out), torch.bfloat16)
     assert json.loads((run.out / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def test_keep_original_precision_is_stored_dtype(conv):
     """A model cast to bf16 before fully_shard stores bf16; fp32 masters under bf16 MP store fp32."""
-    bf16 = _load_out(conv.convert("dcp_llama_w2_flat_bf16", "--keep-original-precision").out)
+    bf16 = load_out(conv.convert("dcp_llama_w2_flat_bf16", "--keep-original-precision").out)
     assert {t.dtype for t in bf16.values()} == {torch.bfloat16}
-    _assert_equal(load_file(conv.corpus["dcp_llama_w2_flat_bf16"] / "truth/step-3.safetensors"), bf16, torch.bfloat16)
-    mp = _load_out(conv.convert("trainer_fsdp_llama_bf16mp", "--keep-original-precision").out)
+    assert_equal(load_file(conv.corpus["dcp_llama_w2_flat_bf16"] / "truth/step-3.safetensors"), bf16, torch.bfloat16)
+    mp = load_out(conv.convert("trainer_fsdp_llama_bf16mp", "--keep-original-precision").out)
     assert {t.dtype for t in mp.values()} == {torch.float32}
 
 
@@ -218,7 +199,7 @@ def test_equals_torch_dcp_to_torch_save(name, conv, tmp_path):
     extra = ("--model-key", "model") if name == AMBIGUOUS else ()
     run = conv.convert(name, *extra)
     assert run.code == 0, run.stderr
-    ours = _load_out(run.out)
+    ours = load_out(run.out)
     saved = tmp_path / "torch.pt"
     dcp_to_torch_save(conv.corpus[name] / latest["path"], saved)
     flat = _flatten(torch.load(saved, weights_only=False))  # torch's own output of a corpus we wrote
@@ -248,7 +229,7 @@ def test_checkpoint_dir_picks_older(name, folder, tag, conv):
     entry = _entry(_meta(name), tag, "actor" if name.startswith("verl") else None)
     run = conv.convert(name, "--checkpoint-dir", str(case / folder))
     assert run.code == 0, run.stderr
-    _assert_equal(load_file(case / entry["truth"]), _load_out(run.out), torch.float32)
+    assert_equal(load_file(case / entry["truth"]), load_out(run.out), torch.float32)
     chosen = run.line("chosen:")
     assert chosen.startswith(f"{case / entry['path']} (") and "--checkpoint-dir" in chosen
     assert (run.out / "config.json").is_file() and (run.out / "tokenizer.json").is_file()
@@ -279,11 +260,11 @@ def test_model_key_picks_the_model(conv):
     truth = load_file(case / _latest(_meta(AMBIGUOUS))["truth"])
     run = conv.convert(AMBIGUOUS, "--model-key", "model")
     assert run.code == 0, run.stderr
-    _assert_equal(truth, _load_out(run.out), torch.float32)
+    assert_equal(truth, load_out(run.out), torch.float32)
     # The other container is a different model (an EMA copy): --model-key really selects.
     ema = conv.convert(AMBIGUOUS, "--model-key", "ema")
     assert ema.code == 0, ema.stderr
-    ema_out = _load_out(ema.out)
+    ema_out = load_out(ema.out)
     assert sorted(ema_out) == sorted(truth)
     assert all(not torch.equal(ema_out[k], truth[k]) for k in truth if k.endswith("proj.weight"))
 
@@ -330,8 +311,8 @@ def test_verl_critic_via_checkpoint_dir(conv):
     run = conv.convert(name, "--checkpoint-dir", str(critic), "--no-validate-vllm")
     assert run.code == 0, run.stderr
     assert run.line("chosen:").startswith(f"{critic} (")
-    out = _load_out(run.out)
-    _assert_equal(load_file(case / entry["truth"]), out, torch.float32)
+    out = load_out(run.out)
+    assert_equal(load_file(case / entry["truth"]), out, torch.float32)
     assert "score.weight" in out and "lm_head.weight" not in out and out["score.weight"].shape[0] == 1
     assert run.line("config:") == str(critic / "huggingface" / "config.json")
 
@@ -354,7 +335,7 @@ def test_validate_against_source(name, conv):
     assert code == 0, stdout + stderr
     lines = [ln.split(None, 2) for ln in stdout.splitlines() if ln.startswith("  ")]
     checks = {parts[1]: (parts[0], parts[2]) for parts in lines if len(parts) == 3}
-    n = len(_load_out(run.out))
+    n = len(load_out(run.out))
     assert checks["source_values"][0] == "PASS"
     assert checks["source_values"][1].startswith(f"{n} tensors equal the source (every element")
     assert checks["source_tensors"][1].endswith(str(conv.corpus[name] / _latest(_meta(name))["path"]))
@@ -415,19 +396,12 @@ PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 150], [64, 65, 66, 67, 68, 69]]
 MAX_TOKENS = 8
 
 
-def _vllm_python() -> str:
-    python = os.environ.get("VLLM_PYTHON", str(DEFAULT_VLLM_PYTHON))
-    if not os.access(python, os.X_OK):
-        pytest.fail(f"no vLLM interpreter at {python}: run scripts/setup_vllm_venv.sh", pytrace=False)
-    return python
-
-
 @pytest.mark.vllm
 @pytest.mark.parametrize("name", ["trainer_fsdp_qwen2_tied", "verl_qwen2_w2_tied"])
 def test_vllm_generates_what_transformers_generates(name, conv):
     from vllm_consolidate.validate.load import run_vllm_probe, transformers_greedy
 
-    python = _vllm_python()
+    python = vllm_python()
     run = conv.convert(name)
     assert run.code == 0, run.stderr
     probe = run_vllm_probe(run.out, PROMPTS, max_tokens=MAX_TOKENS, python=python, dtype="float32")

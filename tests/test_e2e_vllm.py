@@ -26,7 +26,8 @@ PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 150], [64, 65, 66, 67, 68, 69]]
 MAX_TOKENS = 8
 
 
-def _vllm_python() -> str:
+def vllm_python() -> str:
+    """The vLLM interpreter (``$VLLM_PYTHON`` or .venv-vllm); fails (not skips) the test if it is missing."""
     python = os.environ.get("VLLM_PYTHON", str(DEFAULT_VLLM_PYTHON))
     if not os.access(python, os.X_OK):
         pytest.fail(f"no vLLM interpreter at {python}: run scripts/setup_vllm_venv.sh", pytrace=False)
@@ -50,7 +51,7 @@ def _reference_folder(name: str, truth: Path, dtype: torch.dtype, folder: Path) 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("name", ["qwen2_z3_w2_bf16_tied", "trainer_qwen2_z2_bf16"])
 def test_vllm_generates_what_the_truth_generates(name, dtype, corpus, tmp_path):
-    python = _vllm_python()
+    python = vllm_python()
     meta = build.load_case(name)
     assert meta["head_dim"] == 64
     case = corpus[name]

@@ -29,7 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tests.hostile import SECRET, CliRun, assert_refused, run_cli, snapshot
+from tests.hostile import SECRET, CliRun, assert_refused, run_cli, snapshot, write_secret
+from tests.hostile import op_global as glob
+from tests.hostile import op_int as i
+from tests.hostile import op_str as s
 
 NO_VALIDATE = "--no-validate-vllm"
 DCP = "dcp_qwen2_w2_nested_tied"  # ckpt/step-2, ckpt/step-4: .metadata + __0_0.distcp + __1_0.distcp
@@ -49,25 +52,6 @@ RUNS: list[tuple[str, int, float, int, str]] = []
 
 MARK, STOP, POP, DUP, TUPLE1, TUPLE2, REDUCE, BUILD = b"(", b".", b"0", b"2", b"\x85", b"\x86", b"R", b"b"
 EMPTY_DICT, EMPTY_LIST, SETITEM, SETITEMS, APPENDS, NONE, STACK_GLOBAL = b"}", b"]", b"s", b"u", b"e", b"N", b"\x93"
-
-
-def s(text: str) -> bytes:
-    """BINUNICODE."""
-    raw = text.encode()
-    return b"X" + struct.pack("<I", len(raw)) + raw
-
-
-def i(n: int) -> bytes:
-    """BININT for 32-bit values, else LONG1."""
-    if -(2**31) <= n < 2**31:
-        return b"J" + struct.pack("<i", n)
-    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
-    return b"\x8a" + bytes([len(raw)]) + raw
-
-
-def glob(module: str, name: str) -> bytes:
-    """GLOBAL (names in the opcode's argument, visible to any pre-pass)."""
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
 
 
 def stack_glob(module: str, name: str) -> bytes:
@@ -288,11 +272,7 @@ def _report_runs(request: pytest.FixtureRequest):
 
 @pytest.fixture
 def secret(tmp_path: Path) -> Path:
-    """A file outside every input whose bytes must never reach an output."""
-    p = tmp_path / "outside" / "secret_id_rsa"
-    p.parent.mkdir()
-    p.write_bytes(SECRET)
-    return p
+    return write_secret(tmp_path)
 
 
 @pytest.fixture
@@ -833,31 +813,21 @@ def test_huge_tracker_is_not_read(verl: Path, tmp_path: Path, request: pytest.Fi
     assert run.peak_rss < 200 * 2**20, f"{run.peak_rss / 2**20:.0f} MiB"
 
 
-@pytest.mark.parametrize("content", [b"", b"latest", b"global_step_2", b"-1", b"+2", b"0x2", b"2.0", b"1e3",
-                                     b"2\n3", b"1" * 19, b"../global_step_2", b"2\0"])
-def test_tracker_that_is_not_a_step_number(content: bytes, verl: Path, tmp_path: Path,
-                                           request: pytest.FixtureRequest) -> None:
+#: tracker content -> the error line's fragment: not a step number (a unicode digit too), not UTF-8, a missing step.
+TRACKER_CONTENTS = {
+    **{content: "not a step number" for content in [b"", b"latest", b"global_step_2", b"-1", b"+2", b"0x2", b"2.0",
+                                                    b"1e3", b"2\n3", b"1" * 19, b"../global_step_2", b"2\0",
+                                                    "²".encode()]},
+    b"2\xff": "UTF-8",
+    b"7": "names step 7, but global_step_7 is missing",
+}
+
+
+@pytest.mark.parametrize("content", list(TRACKER_CONTENTS))
+def test_tracker_content_is_refused(content: bytes, verl: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     (verl / TRACKER).write_bytes(content)
     run, out, before = attempt(verl, tmp_path)
-    refused(request, run, 4, verl, out, before, "not a step number", TRACKER)
-
-
-def test_tracker_with_a_unicode_digit(verl: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    (verl / TRACKER).write_text("²")
-    run, out, before = attempt(verl, tmp_path)
-    refused(request, run, 4, verl, out, before, "not a step number", TRACKER)
-
-
-def test_tracker_that_is_not_utf8(verl: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    (verl / TRACKER).write_bytes(b"2\xff")
-    run, out, before = attempt(verl, tmp_path)
-    refused(request, run, 4, verl, out, before, "UTF-8", TRACKER)
-
-
-def test_tracker_naming_a_missing_step(verl: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    (verl / TRACKER).write_text("7")
-    run, out, before = attempt(verl, tmp_path)
-    refused(request, run, 4, verl, out, before, "names step 7, but global_step_7 is missing", TRACKER)
+    refused(request, run, 4, verl, out, before, TRACKER_CONTENTS[content], TRACKER)
 
 
 def test_tracker_fifo_does_not_block(verl: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:

@@ -35,6 +35,9 @@ from typing import Any
 import numpy as np
 import pytest
 from tests.hostile import SECRET, CliRun, assert_refused, run_cli, snapshot
+from tests.hostile import op_global as g
+from tests.hostile import op_int as i
+from tests.hostile import op_str as s
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, UnsafePickleError
@@ -47,27 +50,6 @@ PROTO2, STOP, MARK, POP, DUP = b"\x80\x02", b".", b"(", b"0", b"2"
 TUPLE, TUPLE1, TUPLE2, EMPTY_TUPLE = b"t", b"\x85", b"\x86", b")"
 EMPTY_DICT, EMPTY_LIST, SETITEM, SETITEMS, APPEND, APPENDS, LIST = b"}", b"]", b"s", b"u", b"a", b"e", b"l"
 REDUCE, BUILD, BINPERSID, NONE, NEWFALSE, NEWTRUE = b"R", b"b", b"Q", b"N", b"\x89", b"\x88"
-
-
-def g(module: str, name: str) -> bytes:
-    """GLOBAL module name."""
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def s(text: str) -> bytes:
-    """BINUNICODE."""
-    raw = text.encode()
-    return b"X" + struct.pack("<I", len(raw)) + raw
-
-
-def i(n: int) -> bytes:
-    """BININT for 32-bit values, else LONG1 (LONG4 past 255 bytes)."""
-    if -(2**31) <= n < 2**31:
-        return b"J" + struct.pack("<i", n)
-    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
-    if len(raw) < 256:
-        return b"\x8a" + bytes([len(raw)]) + raw
-    return b"\x8b" + struct.pack("<i", len(raw)) + raw
 
 
 def f(x: float) -> bytes:

@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from tests.hostile import SECRET, assert_refused, run_cli, snapshot
+from tests.hostile import SECRET, assert_refused, run_cli, snapshot, write_secret
 
 NO_VALIDATE = "--no-validate-vllm"
 HF_SINGLE = "hf_qwen2_single_fp32_tied"  # model.safetensors + config + tokenizer
@@ -57,17 +57,20 @@ def convert(inp: Path, out: Path, *extra: str):
     return run_cli(["convert", "--input", str(inp), "--output", str(out), NO_VALIDATE, *extra])
 
 
-def refused(run, code: int, inp: Path, out: Path, before: dict, message: str, **kw) -> None:
+def convert_refused(inp: Path, tmp_path: Path, code: int, message: str, **kw):
+    """Convert the damaged ``inp`` (snapshotted first) and check every promise of :func:`assert_refused`.
+
+    Returns the run, for the checks a test adds.
+    """
+    before, out = snapshot(inp), _out(tmp_path)
+    run = convert(inp, out)
     assert_refused(run, code, output=out, inputs=[inp], before={str(inp): before}, message=message, **kw)
+    return run
 
 
 @pytest.fixture
 def secret(tmp_path: Path) -> Path:
-    """A file outside every input whose bytes must never reach an output."""
-    p = tmp_path / "outside" / "secret_id_rsa"
-    p.parent.mkdir()
-    p.write_bytes(SECRET)
-    return p
+    return write_secret(tmp_path)
 
 
 def _copy(case_dir, case: str, sub: str, dst: Path) -> Path:
@@ -75,14 +78,20 @@ def _copy(case_dir, case: str, sub: str, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture
-def hf_single(case_dir, tmp_path: Path) -> Path:
-    return _copy(case_dir, HF_SINGLE, "model", tmp_path / "in" / "model")
+def _copy_fixture(name: str, case: str, sub: str):
+    """The fixture ``name``: a copy of the corpus case's ``sub`` folder at ``tmp_path/in/sub``, free to damage."""
+
+    @pytest.fixture(name=name)
+    def copy(case_dir, tmp_path: Path) -> Path:
+        return _copy(case_dir, case, sub, tmp_path / "in" / sub)
+
+    return copy
 
 
-@pytest.fixture
-def hf_sharded(case_dir, tmp_path: Path) -> Path:
-    return _copy(case_dir, HF_SHARDED, "model", tmp_path / "in" / "model")
+hf_single = _copy_fixture("hf_single", HF_SINGLE, "model")
+hf_sharded = _copy_fixture("hf_sharded", HF_SHARDED, "model")
+z2 = _copy_fixture("z2", Z2, "ckpt")
+z3 = _copy_fixture("z3", Z3, "ckpt")
 
 
 def _step(ckpt: Path) -> Path:
@@ -91,16 +100,6 @@ def _step(ckpt: Path) -> Path:
 
 def _ranks(ckpt: Path) -> list[Path]:
     return sorted(_step(ckpt).glob("*_optim_states.pt"), key=lambda p: int(re.search(r"rank_(\d+)_mp", p.name)[1]))
-
-
-@pytest.fixture
-def z2(case_dir, tmp_path: Path) -> Path:
-    return _copy(case_dir, Z2, "ckpt", tmp_path / "in" / "ckpt")
-
-
-@pytest.fixture
-def z3(case_dir, tmp_path: Path) -> Path:
-    return _copy(case_dir, Z3, "ckpt", tmp_path / "in" / "ckpt")
 
 
 def rewrite_pickle(path: Path, pattern: bytes, new: bytes) -> None:
@@ -199,9 +198,7 @@ def test_hostile_safetensors_header(kind: str, hf_single: Path, tmp_path: Path) 
     except Exception:  # noqa: BLE001 - any refusal counts
         library = True
     assert library == library_refuses, "the table's note on the safetensors library is wrong"
-    before, out = snapshot(hf_single), _out(tmp_path)
-    run = convert(hf_single, out)
-    refused(run, 4, hf_single, out, before, message)
+    run = convert_refused(hf_single, tmp_path, 4, message)
     assert "model.safetensors" in run.stderr
 
 
@@ -209,9 +206,7 @@ def test_header_longer_than_the_cap_is_not_parsed(hf_single: Path, tmp_path: Pat
     """85 MB of real JSON (the library would parse it, using ~2 GB): refused from its length alone."""
     pad = b'{"pad":"' + b"x" * (85 * 2**20) + b'","w":' + json.dumps(f32(1)).encode() + b"}"
     (hf_single / "model.safetensors").write_bytes(st_file(pad, b"\0" * 4))
-    before, out = snapshot(hf_single), _out(tmp_path)
-    run = convert(hf_single, out)
-    refused(run, 4, hf_single, out, before, "header length", max_seconds=10)
+    run = convert_refused(hf_single, tmp_path, 4, "header length", max_seconds=10)
     assert 0 < run.peak_rss < 200 * 2**20, f"{run.peak_rss / 2**20:.0f} MiB"
 
 
@@ -224,9 +219,7 @@ def test_hostile_header_just_under_the_cap_is_bounded(hf_single: Path, tmp_path:
     header = head + b",".join([b"[0]"] * count) + b"]}"
     assert len(header) <= MAX_HEADER_BYTES
     (hf_single / "model.safetensors").write_bytes(st_file(header, b"\0" * 4))
-    before, out = snapshot(hf_single), _out(tmp_path)
-    run = convert(hf_single, out)
-    refused(run, 4, hf_single, out, before, "not an object", max_seconds=20)
+    convert_refused(hf_single, tmp_path, 4, "not an object", max_seconds=20)
 
 
 def test_forged_name_of_a_million_prefixes_is_linear(hf_single: Path, tmp_path: Path) -> None:
@@ -245,27 +238,21 @@ def test_forged_name_of_a_million_prefixes_is_linear(hf_single: Path, tmp_path: 
 def test_fifo_as_model_safetensors_does_not_block(hf_single: Path, tmp_path: Path) -> None:
     (hf_single / "model.safetensors").unlink()
     os.mkfifo(hf_single / "model.safetensors")
-    before, out = snapshot(hf_single), _out(tmp_path)
-    run = convert(hf_single, out)
-    refused(run, 4, hf_single, out, before, "not a regular file", max_seconds=10)
+    run = convert_refused(hf_single, tmp_path, 4, "not a regular file", max_seconds=10)
     assert "model.safetensors" in run.stderr
 
 
 def test_fifo_as_pytorch_model_bin_does_not_block(hf_single: Path, tmp_path: Path) -> None:
     (hf_single / "model.safetensors").unlink()
     os.mkfifo(hf_single / "pytorch_model.bin")
-    before, out = snapshot(hf_single), _out(tmp_path)
-    run = convert(hf_single, out)
-    refused(run, 4, hf_single, out, before, "not a regular file", max_seconds=10)
+    convert_refused(hf_single, tmp_path, 4, "not a regular file", max_seconds=10)
 
 
 def test_fifo_as_a_shard_does_not_block(hf_sharded: Path, tmp_path: Path) -> None:
     shard = sorted(hf_sharded.glob("model-*.safetensors"))[2]
     shard.unlink()
     os.mkfifo(shard)
-    before, out = snapshot(hf_sharded), _out(tmp_path)
-    run = convert(hf_sharded, out)
-    refused(run, 4, hf_sharded, out, before, "not a regular file", max_seconds=10)
+    run = convert_refused(hf_sharded, tmp_path, 4, "not a regular file", max_seconds=10)
     assert shard.name in run.stderr
 
 
@@ -281,9 +268,7 @@ def test_shard_symlink_out_of_the_model_is_refused(hf_sharded: Path, tmp_path: P
     outside = _outside_copy(shard, secret)
     shard.unlink()
     shard.symlink_to(outside)
-    before, out = snapshot(hf_sharded), _out(tmp_path)
-    run = convert(hf_sharded, out)
-    refused(run, 5, hf_sharded, out, before, "outside the model folder")
+    run = convert_refused(hf_sharded, tmp_path, 5, "outside the model folder")
     assert shard.name in run.stderr
 
 
@@ -294,9 +279,7 @@ def test_single_file_symlink_to_a_secret_is_refused(hf_single: Path, tmp_path: P
     forged.write_bytes(st_file({"model.embed_tokens.weight": f32(len(data) // 4)}, data))
     (hf_single / "model.safetensors").unlink()
     (hf_single / "model.safetensors").symlink_to(forged)
-    before, out = snapshot(hf_single), _out(tmp_path)
-    run = convert(hf_single, out)
-    refused(run, 5, hf_single, out, before, "outside the model folder")
+    convert_refused(hf_single, tmp_path, 5, "outside the model folder")
 
 
 def test_shard_symlink_inside_the_model_is_followed(hf_sharded: Path, tmp_path: Path) -> None:
@@ -337,9 +320,7 @@ def test_index_naming_a_path_is_refused(kind: str, hf_sharded: Path, tmp_path: P
     change, code, message = INDEXES[kind]
     data["weight_map"] = change(data["weight_map"])
     index.write_text(json.dumps(data))
-    before, out = snapshot(hf_sharded), _out(tmp_path)
-    run = convert(hf_sharded, out)
-    refused(run, code, hf_sharded, out, before, message)
+    run = convert_refused(hf_sharded, tmp_path, code, message)
     assert index.name in run.stderr
 
 
@@ -352,17 +333,13 @@ def test_index_naming_a_path_is_refused(kind: str, hf_sharded: Path, tmp_path: P
 ])
 def test_index_that_is_not_strict_json_is_refused(content: bytes, hf_sharded: Path, tmp_path: Path) -> None:
     (hf_sharded / "model.safetensors.index.json").write_bytes(content)
-    before, out = snapshot(hf_sharded), _out(tmp_path)
-    run = convert(hf_sharded, out)
-    refused(run, 4, hf_sharded, out, before, "model.safetensors.index.json")
+    convert_refused(hf_sharded, tmp_path, 4, "model.safetensors.index.json")
 
 
 def test_huge_index_is_not_read(hf_sharded: Path, tmp_path: Path) -> None:
     with open(hf_sharded / "model.safetensors.index.json", "r+b") as fh:
         fh.truncate(2**30)  # sparse: 1 GiB of NUL bytes
-    before, out = snapshot(hf_sharded), _out(tmp_path)
-    run = convert(hf_sharded, out)
-    refused(run, 4, hf_sharded, out, before, "refusing to read it", max_seconds=10)
+    convert_refused(hf_sharded, tmp_path, 4, "refusing to read it", max_seconds=10)
 
 
 def test_index_symlink_out_of_the_model_is_refused(hf_sharded: Path, tmp_path: Path, secret: Path) -> None:
@@ -370,9 +347,7 @@ def test_index_symlink_out_of_the_model_is_refused(hf_sharded: Path, tmp_path: P
     outside = _outside_copy(index, secret)
     index.unlink()
     index.symlink_to(outside)
-    before, out = snapshot(hf_sharded), _out(tmp_path)
-    run = convert(hf_sharded, out)
-    refused(run, 5, hf_sharded, out, before, "outside the model folder")
+    convert_refused(hf_sharded, tmp_path, 5, "outside the model folder")
 
 
 # -- DeepSpeed: latest ---------------------------------------------------------------------------------
@@ -381,32 +356,24 @@ def test_index_symlink_out_of_the_model_is_refused(hf_sharded: Path, tmp_path: P
 def test_gigabyte_latest_is_not_read(z2: Path, tmp_path: Path) -> None:
     with open(z2 / "latest", "r+b") as fh:
         fh.truncate(2**30)  # sparse
-    before, out = snapshot(z2), _out(tmp_path)
-    run = convert(z2, out)
-    refused(run, 4, z2, out, before, "'latest'", max_seconds=10)
+    convert_refused(z2, tmp_path, 4, "'latest'", max_seconds=10)
 
 
 @pytest.mark.parametrize("tag", ["../../outside", "/etc", "global_step2/../..", "..", ".", "global_step2\0"])
 def test_latest_naming_a_path_is_refused(tag: str, z2: Path, tmp_path: Path) -> None:
     (z2 / "latest").write_bytes(tag.encode())
-    before, out = snapshot(z2), _out(tmp_path)
-    run = convert(z2, out)
-    refused(run, 5, z2, out, before, "latest")
+    convert_refused(z2, tmp_path, 5, "latest")
 
 
 def test_latest_that_is_not_utf8_is_refused(z2: Path, tmp_path: Path) -> None:
     (z2 / "latest").write_bytes(b"global_step\xff")
-    before, out = snapshot(z2), _out(tmp_path)
-    run = convert(z2, out)
-    refused(run, 4, z2, out, before, "UTF-8")
+    convert_refused(z2, tmp_path, 4, "UTF-8")
 
 
 def test_latest_as_a_fifo_does_not_block(z2: Path, tmp_path: Path) -> None:
     (z2 / "latest").unlink()
     os.mkfifo(z2 / "latest")
-    before, out = snapshot(z2), _out(tmp_path)
-    run = convert(z2, out)
-    refused(run, 4, z2, out, before, "not a regular file", max_seconds=10)
+    convert_refused(z2, tmp_path, 4, "not a regular file", max_seconds=10)
 
 
 def test_latest_tag_folder_linking_out_is_refused(z2: Path, tmp_path: Path, secret: Path) -> None:
@@ -415,9 +382,7 @@ def test_latest_tag_folder_linking_out_is_refused(z2: Path, tmp_path: Path, secr
     shutil.copytree(step, outside)
     (z2 / "latest").write_text("global_step77")
     (z2 / "global_step77").symlink_to(outside)
-    before, out = snapshot(z2), _out(tmp_path)
-    run = convert(z2, out)
-    refused(run, 5, z2, out, before, "latest")
+    convert_refused(z2, tmp_path, 5, "latest")
 
 
 def test_highest_global_step_linking_out_is_refused(z2: Path, tmp_path: Path, secret: Path) -> None:
@@ -425,9 +390,7 @@ def test_highest_global_step_linking_out_is_refused(z2: Path, tmp_path: Path, se
     outside = secret.parent / "elsewhere"
     shutil.copytree(_step_of_latestless(z2), outside)
     (z2 / "global_step99").symlink_to(outside)
-    before, out = snapshot(z2), _out(tmp_path)
-    run = convert(z2, out)
-    refused(run, 5, z2, out, before, "global_step99")
+    convert_refused(z2, tmp_path, 5, "global_step99")
 
 
 def _step_of_latestless(ckpt: Path) -> Path:
@@ -441,9 +404,7 @@ def test_latest_checkpoint_n_linking_out_is_refused(z2: Path, tmp_path: Path, se
     outside = secret.parent / "checkpoint-9"
     shutil.copytree(run_dir / "checkpoint-2", outside)
     (run_dir / "checkpoint-9").symlink_to(outside)
-    before, out = snapshot(run_dir), _out(tmp_path)
-    run = convert(run_dir, out)
-    refused(run, 5, run_dir, out, before, "checkpoint-9")
+    convert_refused(run_dir, tmp_path, 5, "checkpoint-9")
 
 
 def test_symlinked_folder_given_directly_is_followed(z2: Path, tmp_path: Path) -> None:
@@ -462,9 +423,7 @@ def test_rank_file_symlink_out_of_the_checkpoint_is_refused(z2: Path, tmp_path: 
     outside = _outside_copy(rank, secret)
     rank.unlink()
     rank.symlink_to(outside)
-    before, out = snapshot(z2), _out(tmp_path)
-    run = convert(z2, out)
-    refused(run, 5, z2, out, before, "outside the checkpoint")
+    run = convert_refused(z2, tmp_path, 5, "outside the checkpoint")
     assert rank.name in run.stderr
 
 
@@ -472,18 +431,14 @@ def test_rank_file_as_a_fifo_does_not_block(z3: Path, tmp_path: Path) -> None:
     rank = _ranks(z3)[1]
     rank.unlink()
     os.mkfifo(rank)
-    before, out = snapshot(z3), _out(tmp_path)
-    run = convert(z3, out)
-    refused(run, 4, z3, out, before, "not a regular file", max_seconds=10)
+    convert_refused(z3, tmp_path, 4, "not a regular file", max_seconds=10)
 
 
 def test_model_states_fifo_does_not_block(z3: Path, tmp_path: Path) -> None:
     model = sorted(_step(z3).glob("*_model_states.pt"))[1]
     model.unlink()
     os.mkfifo(model)
-    before, out = snapshot(z3), _out(tmp_path)
-    run = convert(z3, out)
-    refused(run, 4, z3, out, before, "not a regular file", max_seconds=10)
+    convert_refused(z3, tmp_path, 4, "not a regular file", max_seconds=10)
 
 
 @pytest.mark.parametrize("fixture", ["z2", "z3"])
@@ -491,9 +446,7 @@ def test_rank_0_copied_over_rank_1(fixture: str, request: pytest.FixtureRequest,
     ckpt = request.getfixturevalue(fixture)
     r0, r1 = _ranks(ckpt)
     shutil.copyfile(r0, r1)
-    before, out = snapshot(ckpt), _out(tmp_path)
-    run = convert(ckpt, out)
-    refused(run, 4, ckpt, out, before, r1.name)
+    run = convert_refused(ckpt, tmp_path, 4, r1.name)
     assert r0.name in run.stderr and r1.name in run.stderr
 
 
@@ -502,9 +455,7 @@ def test_zero3_rank_copy_without_frozen_params(case_dir, tmp_path: Path) -> None
     ckpt = _copy(case_dir, Z3_PLAIN, "ckpt", tmp_path / "in" / "ckpt")
     r0, r1 = _ranks(ckpt)
     shutil.copyfile(r0, r1)
-    before, out = snapshot(ckpt), _out(tmp_path)
-    run = convert(ckpt, out)
-    refused(run, 4, ckpt, out, before, "copy of")
+    run = convert_refused(ckpt, tmp_path, 4, "copy of")
     assert r0.name in run.stderr and r1.name in run.stderr
 
 
@@ -513,27 +464,21 @@ def test_zero2_rank_files_swapped(z2: Path, tmp_path: Path) -> None:
     os.rename(r0, r0.with_suffix(".tmp"))
     os.rename(r1, r0)
     os.rename(r0.with_suffix(".tmp"), r1)
-    before, out = snapshot(z2), _out(tmp_path)
-    run = convert(z2, out)
-    refused(run, 4, z2, out, before, "rank 1's slice")
+    convert_refused(z2, tmp_path, 4, "rank 1's slice")
 
 
 def test_zero3_model_states_copied(z3: Path, tmp_path: Path) -> None:
     """The frozen parameters live per rank in the ZeRO-3 model-states files."""
     m0, m1 = sorted(_step(z3).glob("zero_pp_rank_*_model_states.pt"))
     shutil.copyfile(m0, m1)
-    before, out = snapshot(z3), _out(tmp_path)
-    run = convert(z3, out)
-    refused(run, 4, z3, out, before, "copy of")
+    run = convert_refused(z3, tmp_path, 4, "copy of")
     assert m0.name in run.stderr and m1.name in run.stderr
 
 
 def test_two_optimizer_files_for_one_rank(z2: Path, tmp_path: Path) -> None:
     r1 = _ranks(z2)[1]
     shutil.copyfile(r1, r1.with_name("bf16_" + r1.name))
-    before, out = snapshot(z2), _out(tmp_path)
-    run = convert(z2, out)
-    refused(run, 4, z2, out, before, "two optimizer files for rank 1")
+    convert_refused(z2, tmp_path, 4, "two optimizer files for rank 1")
 
 
 # -- DeepSpeed: numbers in the pickle -------------------------------------------------------------------
@@ -544,18 +489,14 @@ _MEMO = rb"(?:q.|r....)"  # BINPUT / LONG_BINPUT after a value
 def test_forged_partition_count_is_not_looped_over(z3: Path, tmp_path: Path) -> None:
     """``partition_count = 10**12`` in rank 0's file (ZeRO-3 stores a plain int)."""
     rewrite_pickle(_ranks(z3)[0], rb"(partition_count" + _MEMO + rb")K\x02()", long1(10**12))
-    before, out = snapshot(z3), _out(tmp_path)
-    run = convert(z3, out)
-    refused(run, 4, z3, out, before, "1000000000000 ranks", max_seconds=10)
+    run = convert_refused(z3, tmp_path, 4, "1000000000000 ranks", max_seconds=10)
     assert 0 < run.peak_rss < 300 * 2**20
 
 
 def test_forged_partition_count_list(z2: Path, tmp_path: Path) -> None:
     """ZeRO-2 stores one count per group: ``[2, 10**12]``."""
     rewrite_pickle(_ranks(z2)[0], rb"(partition_count" + _MEMO + rb"\]" + _MEMO + rb"\(K\x02)K\x02(e)", long1(10**12))
-    before, out = snapshot(z2), _out(tmp_path)
-    run = convert(z2, out)
-    refused(run, 4, z2, out, before, "different numbers of ranks", max_seconds=10)
+    convert_refused(z2, tmp_path, 4, "different numbers of ranks", max_seconds=10)
 
 
 @pytest.mark.parametrize("value", [b"\x88", long1(-3), long1(10**12), b"G@P\x00\x00\x00\x00\x00\x00",
@@ -569,7 +510,5 @@ def test_forged_param_shape(value: bytes, z2: Path, tmp_path: Path) -> None:
     model = _step(z2) / "mp_rank_00_model_states.pt"
     # name, memo, BINGET torch.Size, BININT1 66, BININT1 101, TUPLE2 (only param_shapes has this sequence)
     rewrite_pickle(model, rb"(model\.layers\.1\.mlp\.down_proj\.weight" + _MEMO + rb"h.)KB(Ke\x86)", value)
-    before, out = snapshot(z2), _out(tmp_path)
-    run = convert(z2, out)
-    refused(run, 4, z2, out, before, model.name, max_seconds=10)
+    run = convert_refused(z2, tmp_path, 4, model.name, max_seconds=10)
     assert "torch.Size" in run.stderr or "model.layers.1.mlp.down_proj.weight: shape" in run.stderr, run.stderr

@@ -40,6 +40,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tests.corpus import lora_build
+from tests.test_e2e_vllm import vllm_python
 
 from vllm_consolidate import cli
 
@@ -53,7 +54,6 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 LORA = [s.name for s in lora_build.CASES.values() if s.kind == "lora"]
 PLAIN = "peft_plain_qwen2"
 MERGED = [*LORA, PLAIN]
@@ -488,18 +488,11 @@ def test_batch_of_two_lora_runs(lora_corpus, tmp_path) -> None:
 # --------------------------------------------------------------------------- 7. real vLLM
 
 
-def _vllm_python() -> str:
-    python = os.environ.get("VLLM_PYTHON", str(DEFAULT_VLLM_PYTHON))
-    if not os.access(python, os.X_OK):
-        pytest.fail(f"no vLLM interpreter at {python}: run scripts/setup_vllm_venv.sh", pytrace=False)
-    return python
-
-
 @pytest.mark.vllm
 def test_vllm_loads_the_merged_folder(converted) -> None:
     """The merged tied qwen2 (LoRA on the embedding too) loads in vLLM; its greedy tokens are transformers'."""
     c = converted(HUB_CASE)
-    code, stdout, stderr = run_cli(["validate", c.out, "--load", "--vllm-python", _vllm_python()])
+    code, stdout, stderr = run_cli(["validate", c.out, "--load", "--vllm-python", vllm_python()])
     assert code == 0, stdout + stderr
     assert re.search(r"^  PASS  vllm_load +vLLM \S+ loaded the folder; its greedy tokens equal transformers'", stdout,
                      re.M), stdout

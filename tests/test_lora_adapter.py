@@ -32,6 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tests.corpus import lora_build
+from tests.test_e2e_vllm import vllm_python
 
 from vllm_consolidate import cli
 
@@ -45,7 +46,6 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 LORA = [s.name for s in lora_build.CASES.values() if s.kind == "lora"]
 CKPTS = [pytest.param(n, t, id=f"{n}-{t}") for n in LORA for t in ("checkpoint-2", "checkpoint-4")]
 TOKENS = [[5, 17, 42, 99, 7], [200, 3, 3, 150, 64, 65], [900, 1, 2, 3, 4, 5, 6], [11, 500, 12, 700]]
@@ -307,13 +307,6 @@ if __name__ == "__main__":
 '''
 
 
-def _vllm_python() -> str:
-    python = os.environ.get("VLLM_PYTHON", str(DEFAULT_VLLM_PYTHON))
-    if not os.access(python, os.X_OK):
-        pytest.fail(f"no vLLM interpreter at {python}: run scripts/setup_vllm_venv.sh", pytrace=False)
-    return python
-
-
 def peft_greedy(model: Any, prompts: list[list[int]], n: int) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy tokens (full recompute each step) and the log-probability of each chosen token."""
     tokens, logprobs = [], []
@@ -337,7 +330,7 @@ MAX_TOKENS = 8
 @pytest.fixture(scope="module")
 def vllm_result(lora_corpus, export, tmp_path_factory) -> dict[str, Any]:
     """One vLLM process: base/ + the adapter folder, then the merged folder, then an embedding-LoRA adapter."""
-    python = _vllm_python()
+    python = vllm_python()
     cdir = lora_corpus[VLLM_CASE]
     work = tmp_path_factory.mktemp("vllm")
     merged = work / "merged"

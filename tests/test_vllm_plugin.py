@@ -39,6 +39,7 @@ from typing import Any
 
 import pytest
 from tests.corpus import build
+from tests.test_e2e_vllm import vllm_python
 
 from vllm_consolidate import cli
 from vllm_consolidate.errors import (
@@ -50,7 +51,6 @@ from vllm_consolidate.errors import (
 )
 from vllm_consolidate.serve import vllm_plugin as vp
 
-DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 150], [64, 65, 66, 67, 68, 69]]
 MAX_TOKENS = 8
 
@@ -245,13 +245,6 @@ os._exit(0)
 '''
 
 
-def _vllm_python() -> str:
-    python = os.environ.get("VLLM_PYTHON", str(DEFAULT_VLLM_PYTHON))
-    if not os.access(python, os.X_OK):
-        pytest.fail(f"no vLLM interpreter at {python}: run scripts/setup_vllm_venv.sh", pytrace=False)
-    return python
-
-
 def _snapshot(root: Path) -> dict[str, Any]:
     """Every entry under ``root``: kind, size, mtime and (for files up to 16 MiB) a content hash."""
     out: dict[str, Any] = {}
@@ -279,7 +272,7 @@ def _cli_error_line(input_path: Path, output: Path) -> str:
 def plugin_run(corpus: dict[str, Path], fsdp_corpus: dict[str, Path],
                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Convert the cases, break a copy of one, and run :data:`DRIVER` once over all of them."""
-    python = _vllm_python()
+    python = vllm_python()
     cases = {**fsdp_corpus, **corpus}
     work = tmp_path_factory.mktemp("vllm_plugin")
     jobs: list[dict[str, Any]] = []
@@ -629,7 +622,7 @@ def test_openai_server_serves_a_run_folder(plugin_run: dict[str, Any], tmp_path:
            if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "VLLM_ENABLE_V1_MULTIPROCESSING")}
     env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1",
                 "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmp_path)})
-    cmd = [_vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(run),
+    cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(run),
            "--load-format", vp.LOAD_FORMAT, "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
            "--max-num-seqs", "4", "--seed", "0", "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "run"]

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.corpus import common
-from tests.corpus.build import REPO_ROOT, build_lock, corpus_root
+from tests.corpus.build import REPO_ROOT, corpus_root
+from tests.corpus.cache import _free_port, build_lock
 
 #: Bump when what a step writes changes; part of every stamp.
 LAYOUTS_VERSION = 1
@@ -213,12 +213,6 @@ def _step_tf5(out: Path) -> None:
             model.save_pretrained(folder)
             assert (folder / "model.safetensors").is_file(), name
         _extras(folder, model, "bf16" if dtype == torch.bfloat16 else "fp32")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _step_tf4(out: Path) -> None:
