@@ -228,6 +228,14 @@ def cached_marker(folder: Path) -> dict[str, Any] | None:
     return None
 
 
+def write_marker(marker: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Write a cache entry's marker atomically, last: from then on the entry counts as complete."""
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, marker)
+    return info
+
+
 def launcher_env(**extra: str) -> dict[str, str]:
     """The environment of a training launcher: offline, unbuffered, one OMP thread, this venv first on PATH."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
@@ -270,10 +278,7 @@ def generate(spec: Spec, note: str = "") -> dict[str, Any]:
         "files": {str(p.relative_to(spec.ckpt())): p.stat().st_size for p in files},
         "note": note,
     }
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, marker)  # the marker is written last: the entry is complete
-    return info
+    return write_marker(marker, info)
 
 
 # -- DeepSpeed worker (one per rank) ------------------------------------------------------------------

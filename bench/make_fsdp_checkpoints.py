@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import sys
@@ -268,10 +267,7 @@ def generate(spec: DcpSpec, note: str = "") -> dict[str, Any]:
         "files": {str(p.relative_to(spec.ckpt())): p.stat().st_size for p in files},
         "note": note,
     }
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, marker)  # the marker is written last: the entry is complete
-    return info
+    return mk.write_marker(marker, info)
 
 
 # -- FSDP2 worker (one per rank, under torchrun) ------------------------------------------------------
