@@ -33,7 +33,6 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from vllm_consolidate.batch.plan import BatchPlan, Job
@@ -163,9 +162,6 @@ class RayExecutor(Executor):
     """
 
     name = "ray"
-    #: Kept as Ray batches always were: no WAITING event. RAM is Ray's to admit, so only the disk estimate
-    #: (or --max-workers) holds a job back here, silently.
-    announce_waiting = False
 
     def __init__(self, address: str = AUTO, *, num_cpus: float = 1.0):
         super().__init__()
@@ -250,8 +246,14 @@ class RayExecutor(Executor):
             self.emit(BatchEvent(EventKind.PROGRESS, job, done=message[2], total=message[3]))
             return
         _, _, attempt, ip, _node_id, when = message
+        self._attempt_started(job, attempt, ip, when)
+
+    def _attempt_started(self, job: Job, attempt: int, ip: str, when: float) -> None:
+        """Record attempt ``attempt`` of ``job`` on node ``ip`` (once) and emit its START (a retry's names it)."""
         info = self.job_info[job.id]
-        info["attempts"] = max(info["attempts"], attempt)
+        if attempt <= info["attempts"]:
+            return
+        info["attempts"] = attempt
         info["nodes"].append(ip)
         if job.status != Status.RUNNING:
             job.status, job.started = Status.RUNNING, when
@@ -272,15 +274,14 @@ class RayExecutor(Executor):
                 self.sched.release(job, False)
                 self.pending = sorted([*self.pending, job], key=lambda j: j.id)
                 return
-        info = self.job_info[job.id]
-        if ip is not None and attempt > info["attempts"]:  # its start message was not read yet
-            info["attempts"] = attempt
-            info["nodes"].append(ip)
-        if job.status != Status.RUNNING:
+        if ip is not None:  # its start message may not have been read yet
+            self._attempt_started(job, attempt, ip, time.time())
+        elif job.status != Status.RUNNING:  # Ray gave up on it before any attempt told the reporter
             job.status, job.started = Status.RUNNING, time.time()
-            self.emit(BatchEvent(EventKind.START, job, f"on {ip}" if ip else ""))
+            self.emit(BatchEvent(EventKind.START, job))
         if self._settle(job, outcome, finished):
             return
+        info = self.job_info[job.id]
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         self._died(job, f"the Ray task ended without reporting its job's outcome ({type(error).__name__}"
                         f"{': ' + first if first else ''}) after {max(info['attempts'], 1)} attempt(s)")
@@ -305,10 +306,6 @@ class RayExecutor(Executor):
     def _close(self) -> None:
         with contextlib.suppress(Exception):
             self.ray.kill(self.reporter)
-
-    def _disk_path(self, job: Job) -> Path:
-        # The job's output, as Ray batches' reports always named it (a local batch names the output folder).
-        return job.output
 
 
 __all__ = ["AUTO", "LOCAL", "MAX_RETRIES", "RAY_EXTRA", "RayExecutor", "ray_available",

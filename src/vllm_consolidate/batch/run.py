@@ -163,9 +163,8 @@ class Executor:
     budgets), starts them, collects their outcomes, stops starting jobs after the first failure
     (unless ``continue_on_error``), reports through ``emit`` and returns the jobs never started. A
     subclass says how a job runs through the hooks :meth:`_open`, :meth:`_launch`, :meth:`_poll`,
-    :meth:`_discard`, :meth:`_halt` and :meth:`_close` (and, optionally, :meth:`_stopping` and
-    :meth:`_disk_path`); its :meth:`_poll` hands each ended job to :meth:`_settle` and, when the job's
-    worker died without a word, to :meth:`_died`.
+    :meth:`_discard`, :meth:`_halt`, :meth:`_close` and (optionally) :meth:`_stopping`; its :meth:`_poll`
+    hands each ended job to :meth:`_settle` and, when the job's worker died without a word, to :meth:`_died`.
 
     :meth:`session` is entered before the output folder is locked and cleaned (to connect to a cluster,
     so a connection error comes before anything is touched); :attr:`job_info` adds fields to each
@@ -175,8 +174,6 @@ class Executor:
     """
 
     name = "local"
-    #: Whether a job held back by the scheduler (not by ``--max-workers``) gets a WAITING event.
-    announce_waiting = True
 
     opts: BatchOptions
     emit: EventFn
@@ -225,8 +222,7 @@ class Executor:
             job = self.pending[0]
             verdict = self.sched.check(job, len(self.running))
             if verdict == Admission.WAIT:
-                if (self.announce_waiting and job.id not in self.waiting_noted
-                        and len(self.running) < self.opts.max_workers):
+                if job.id not in self.waiting_noted and len(self.running) < self.opts.max_workers:
                     self.waiting_noted.add(job.id)  # said once per job, and only when resources (not slots) hold it
                     self.emit(BatchEvent(EventKind.WAITING, job, "waiting for RAM or disk"))
                 return
@@ -234,7 +230,7 @@ class Executor:
             if verdict == Admission.NEVER:
                 self._fail(job, job_error(InsufficientDiskError(
                     f"not enough disk space: the output needs about {job.est_disk_bytes / 1e9:.2f} GB, "
-                    f"{self.sched.disk_left / 1e9:.2f} GB are left for this batch", path=self._disk_path(job))))
+                    f"{self.sched.disk_left / 1e9:.2f} GB are left for this batch", path=self.out_dir)))
                 continue
             spec = self.specs[job.id] = job_spec(job, self.opts)
             self.sched.take(job)
@@ -310,10 +306,6 @@ class Executor:
 
     def _stopping(self) -> None:
         """The batch just stopped starting jobs (a failure without continue_on_error)."""
-
-    def _disk_path(self, job: Job) -> Path:
-        """The path a job's "not enough disk space" error names."""
-        return self.out_dir
 
 
 class LocalExecutor(Executor):

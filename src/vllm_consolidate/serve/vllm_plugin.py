@@ -165,7 +165,7 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
         changes["hf_config_path"] = str(assets.config.parent)
     if need_tokenizer:
         if assets.tokenizer_dir is None:
-            raise ConsolidateError("no tokenizer in the checkpoint or its parent folders", path=model,
+            raise ConfigNotFoundError("no tokenizer in the checkpoint or its parent folders", path=model,
                                    hint=TOKENIZER_HINT)
         changes["tokenizer"] = str(assets.tokenizer_dir)
     if need_generation and assets.generation_config is not None:

@@ -22,17 +22,12 @@ from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.read import detect as detection
 from vllm_consolidate.read.ranges import OpenFiles, read_into, thread_buffer
 from vllm_consolidate.source import SourceModel, TensorSpec, sub_segments
+from vllm_consolidate.write.safetensors import WORKERS, chunk_elements  # threads and chunks as the writer's
 
 #: The ``--load-format`` the plugin registers.
 LOAD_FORMAT = "consolidate"
 #: ``--model-loader-extra-config`` keys: ``type`` (``--type``), ``checkpoint_dir``, ``model_key`` as in ``convert``.
 EXTRA_CONFIG_KEYS = ("type", "checkpoint_dir", "model_key")
-#: Source bytes per chunk of a cast (as the writer: a chunk and its result stay near the core's cache).
-CAST_CHUNK_BYTES = 4 * 2**20
-#: Bytes per chunk of a plain copy.
-COPY_CHUNK_BYTES = 16 * 2**20
-#: Threads that read and cast the chunks of one tensor (numpy and preadv release the GIL).
-WORKERS = 2
 
 LORA_HINT = (
     "Merge it into its base model first (vllm-consolidate convert --input CHECKPOINT --output FOLDER), or export "
@@ -129,9 +124,8 @@ def out_dtype(spec: TensorSpec, model_dtype: DType) -> DType:
 
 
 def _chunk_jobs(spec: TensorSpec, dst: DType) -> list[tuple[int, int]]:
-    """``(first element, count)`` chunks of one tensor."""
-    budget = COPY_CHUNK_BYTES if dst == spec.dtype else CAST_CHUNK_BYTES
-    step = max(1, budget // max(spec.dtype.itemsize, dst.itemsize))
+    """``(first element, count)`` chunks of one tensor, sized as the writer sizes them."""
+    step = chunk_elements(spec.dtype, dst)
     return [(first, min(step, spec.numel - first)) for first in range(0, spec.numel, step)]
 
 
@@ -203,6 +197,6 @@ def iter_weights(tensors: list[TensorSpec], model_dtype: Any, stats: dict[str, A
         files.close()
 
 
-__all__ = ["CAST_CHUNK_BYTES", "EXTRA_CONFIG_KEYS", "LOAD_FORMAT", "LORA_HINT", "Checkpoint", "LoaderOptions",
+__all__ = ["EXTRA_CONFIG_KEYS", "LOAD_FORMAT", "LORA_HINT", "Checkpoint", "LoaderOptions",
            "iter_weights", "loader_options", "open_checkpoint", "out_dtype", "plan_tensors", "read_tensor",
            "remember_checkpoint", "take_checkpoint"]

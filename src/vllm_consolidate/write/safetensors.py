@@ -52,6 +52,12 @@ WORKERS = 2
 ProgressFn = Callable[[int], None]
 
 
+def chunk_elements(src: DType, dst: DType) -> int:
+    """Elements per chunk when a tensor of ``src`` is streamed as ``dst`` (a copy or a cast)."""
+    budget = CHUNK_BYTES if src == dst else CAST_CHUNK_BYTES
+    return max(1, budget // max(src.itemsize, dst.itemsize))
+
+
 @dataclass
 class _Job:
     tensor: PlannedTensor
@@ -153,11 +159,10 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
 
 def _jobs(pfile: PlannedFile, base: int) -> Iterator[_Job]:
     for t in pfile.tensors:
-        budget = CHUNK_BYTES if t.spec.dtype == t.out_dtype and t.spec.delta is None else CAST_CHUNK_BYTES
-        step = max(1, budget // max(t.spec.dtype.itemsize, t.out_dtype.itemsize))
-        if t.spec.delta is not None:  # merges work on whole rows
+        step = chunk_elements(t.spec.dtype, t.out_dtype)
+        if t.spec.delta is not None:  # merges work on whole rows, in float32
             cols = row_length(t.spec)
-            step = max(1, budget // (4 * cols)) * cols
+            step = max(1, CAST_CHUNK_BYTES // (4 * cols)) * cols
         for first in range(0, t.spec.numel, step):
             count = min(step, t.spec.numel - first)
             yield _Job(t, first, count, base + t.offset + first * t.out_dtype.itemsize)
