@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= .cache/demo/qwen2-zero3-bf16
 
-.PHONY: setup setup-vllm demo test test-unit lint bench
+.PHONY: setup setup-vllm lock demo test test-unit lint bench
 
 setup:
 	@scripts/bootstrap.sh
@@ -12,11 +12,17 @@ setup:
 setup-vllm:
 	@scripts/setup_vllm_venv.sh
 
+# Re-pin the test environments: freeze $(VENV) and .venv-vllm (VLLM_VENV), once their tests pass, into
+# constraints/test.txt and constraints/vllm.txt, which setup and setup-vllm install with. See scripts/lock.sh.
+lock:
+	@VENV=$(VENV) scripts/lock.sh
+
 # Consolidate a small real ZeRO-3 checkpoint (generated once with real DeepSpeed, then cached).
 demo: setup
 	@DEMO_OUT=$(DEMO_OUT) $(PY) -m tests.corpus.demo
 
-# Everything: lint (ruff + the import-linter layers contract), then every test.
+# Everything: lint (ruff + the import-linter layers contract), then every test. pytest's first line names the
+# versions it runs with (tests/conftest.py), pinned by constraints/*.txt.
 test: setup setup-vllm lint
 	$(PY) -m pytest -q
 

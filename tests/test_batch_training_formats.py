@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tests.corpus import fsdp_build, lora_build
 
 FSDP_CASES = ("trainer_fsdp_qwen2_tied", "dcp_qwen2_w2_nested_tied", "verl_qwen2_w2_tied")
-LORA_CASE = "lora_qwen2_z2_rslora"
+LORA_CASE = "lora_qwen2_z2_tied"  # its adapter names the base by Hub id, found in the case's hf_cache/
 
 
 def _latest_truth(case_dir: Path, key: str = "truth") -> dict[str, torch.Tensor]:
@@ -40,7 +40,8 @@ def sweep(fsdp_corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     out = root / "out"
     proc = subprocess.run([sys.executable, "-m", "vllm_consolidate", "batch", "--input-dir", str(experiments),
                            "--output-dir", str(out), "--max-workers", "2", "--report", str(root / "report.json")],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(lora / "hf_cache")})
     return out, root / "report.json", {"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr,
                                        "lora": lora}
 

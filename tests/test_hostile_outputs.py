@@ -155,6 +155,63 @@ def test_old_output_left_aside_by_a_kill_is_restored(ckpt: Path, tmp_path: Path)
     assert not aside.exists() and (out / "model.safetensors").is_file()
 
 
+def test_input_named_like_our_temporary_folder_is_never_cleaned(ckpt: Path, tmp_path: Path) -> None:
+    """A model folder named like our partial (2 h old, no lock) is the input: it used to be removed as stale."""
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    inp = stale / ".out.partial-abcdef12"
+    shutil.copytree(ckpt, inp, symlinks=True)
+    then = time.time() - 7200
+    os.utime(inp, (then, then))
+    before = snapshot(inp)
+    run = _convert(inp, stale / "out")
+    assert run.code == 0, run.stderr
+    assert snapshot(inp) == before and (stale / "out" / "model.safetensors").is_file()
+
+
+def test_input_named_like_our_old_output_is_never_moved(ckpt: Path, tmp_path: Path) -> None:
+    """An earlier output of ours, renamed like a backup, is the input: it used to be "restored" to --output."""
+    folder = tmp_path / "stale2"
+    earlier = folder / "earlier"
+    assert _convert(ckpt, earlier).code == 0
+    inp = folder / ".out.old-abcdef12"
+    os.rename(earlier, inp)
+    before = snapshot(inp)
+    run = _convert(inp, folder / "out", "--dtype", "bfloat16")  # a real conversion, not "already consolidated"
+    assert run.code == 0, run.stderr
+    assert snapshot(inp) == before
+    assert json.loads((folder / "out" / ".vllm-consolidate.json").read_text())["output_dtype"] == "bfloat16"
+
+
+def _pair(inp: Path, out: Path) -> list[subprocess.Popen]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "vllm_consolidate", "convert", "--input", str(inp), "--output", str(out), "--force",
+            NO_VALIDATE]
+    return [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+
+
+def test_concurrent_force_conversions_of_one_output_both_succeed(ckpt: Path, tmp_path: Path) -> None:
+    """Two ``convert --force`` to one output, again and again for up to 60 s: each exits 0 (the later one
+    waits for the folder lock and replaces the earlier one's output), and the output is always complete."""
+    out = tmp_path / "out"
+    assert _convert(ckpt, out).code == 0
+    want = (out / "model.safetensors").read_bytes()
+    started, rounds = time.monotonic(), 0
+    while time.monotonic() - started < 60 and rounds < 30:
+        if rounds % 2:
+            shutil.rmtree(out)  # half the rounds start without an output: both may find none
+        procs = _pair(ckpt, out)
+        results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+        for p in procs:
+            p.stderr.close()
+        rounds += 1
+        assert [code for code, _ in results] == [0, 0], f"round {rounds}: {results}"
+        assert (out / "model.safetensors").read_bytes() == want and (out / ".vllm-consolidate.json").is_file()
+        assert leftovers(tmp_path, "out") == [], f"round {rounds}"
+    assert rounds >= 3, f"only {rounds} rounds in {time.monotonic() - started:.0f} s"
+
+
 def test_failed_run_removes_the_parent_folders_it_created(ckpt: Path, tmp_path: Path) -> None:
     (next(ckpt.glob("global_step*")) / next(p.name for p in next(ckpt.glob("global_step*")).glob("*optim_states.pt"))
      ).write_bytes(b"PK\x03\x04 truncated")
@@ -269,6 +326,62 @@ def test_immutable_output_parent_is_exit_12(ckpt: Path, tmp_path: Path) -> None:
         subprocess.run(["chattr", "-i", str(parent)], check=True)
 
 
+@contextlib.contextmanager
+def _bind(source: Path, target: Path):
+    """``source`` mounted again at ``target``; skips the test only when the kernel refuses with EPERM."""
+    target.mkdir(parents=True)
+    proc = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        if any(eperm in proc.stderr.lower() for eperm in ("permission denied", "not permitted", "superuser", "root")):
+            pytest.skip(f"mount --bind refused (EPERM: not root, or a container without CAP_SYS_ADMIN): "
+                        f"{proc.stderr.strip()}")
+        raise AssertionError(f"mount --bind failed: {proc.stderr}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@pytest.mark.parametrize("where", ["inside", "contains"])
+def test_output_colliding_with_input_through_a_bind_mount_is_refused(ckpt: Path, tmp_path: Path, where: str) -> None:
+    """A second path to the input that no symlink explains: the device and inode of the ancestors tell."""
+    if where == "inside":
+        with _bind(ckpt, tmp_path / "alias") as alias:
+            out = alias / "consolidated"  # the input's own folder, by another path
+            before = {str(ckpt): snapshot(ckpt)}
+            run = _convert(ckpt, out, "--force")
+            assert_refused(run, 2, output=out, inputs=[ckpt], before=before, message="inside it")
+            assert not (ckpt / "consolidated").exists()
+    else:
+        with _bind(ckpt.parent, tmp_path / "alias") as alias:
+            out = alias  # a parent of the input, by another path; --force would have removed the input
+            before = {str(ckpt): snapshot(ckpt)}
+            run = _convert(ckpt, out, "--force")
+            assert_refused(run, 2, output=out, inputs=[ckpt], before=before, message="contains the input",
+                           output_existed=True)
+
+
+def _too_long(tmp_path: Path) -> Path:
+    return tmp_path.joinpath(*["d" * 200] * 25)  # 5,000+ bytes: over PATH_MAX, never created
+
+
+def _one_error(run, code: int, message: str) -> None:
+    errors = [ln for ln in run.stderr.splitlines() if ln.startswith("error:")]
+    assert run.code == code, f"exit {run.code}, wanted {code}; stderr:\n{run.stderr[-2000:]}"
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["convert", "batch"])
+def test_output_path_longer_than_the_file_system_takes_is_exit_12(ckpt: Path, tmp_path: Path, command: str) -> None:
+    if command == "convert":
+        run = _convert(ckpt, _too_long(tmp_path) / "out")
+        _one_error(run, 12, "--output makes an output path of")
+    else:
+        run = run_cli(["batch", "--input-dir", str(ckpt), "--output-dir", str(_too_long(tmp_path)), NO_VALIDATE])
+        _one_error(run, 12, "--output-dir makes an output path of")
+    assert sorted(os.listdir(tmp_path)) == ["runs"]
+
+
 # -- class 3: assets that point outside the checkpoint are skipped, with a warning --------------------
 
 
@@ -315,7 +428,21 @@ def test_brace_bomb_in_checkpoint_filter_returns_at_once(ckpt: Path, tmp_path: P
     out = tmp_path / "batch"
     run = run_cli(["batch", "--input-dir", str(ckpt.parent), "--output-dir", str(out), "--checkpoint-filter",
                    "checkpoint-{1..20000000}", "--dry-run"])
-    assert_refused(run, 2, output=out / "x", message="expands to more than", max_seconds=10)
+    # Alone it takes ~1 s (the CLI's imports); the bound is one a loaded 2-core machine meets, far below the
+    # minutes an unbounded expansion takes. assert_refused reports the measured time when it fails.
+    assert_refused(run, 2, output=out / "x", message="expands to more than", max_seconds=30)
+
+
+@pytest.mark.parametrize("option", ["--checkpoint-filter", "--input-pattern"])
+def test_deeply_nested_braces_are_a_usage_error(ckpt: Path, tmp_path: Path, option: str) -> None:
+    """5,000 nested braces made bracex recurse past Python's limit: exit 70 with a RecursionError."""
+    out = tmp_path / "batch"
+    bomb = "{" * 5000 + "checkpoint-1" + "}" * 5000
+    where = ["--input-dir", str(ckpt.parent)] if option == "--checkpoint-filter" else []
+    pattern = bomb if option == "--checkpoint-filter" else str(ckpt.parent / bomb)
+    run = run_cli(["batch", *where, option, pattern, "--output-dir", str(out), "--dry-run"])
+    assert_refused(run, 2, output=out / "x", message="nests braces 5,000 deep", max_seconds=30)
+    assert len(run.stderr) < 1000, "the message quotes a hostile pattern cut short"
 
 
 @pytest.mark.parametrize("template", ["{step:x}", "{run_name!r}", "{step[0]}", "{step.real}"])

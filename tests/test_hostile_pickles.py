@@ -40,7 +40,7 @@ from tests.hostile import op_int as i
 from tests.hostile import op_str as s
 
 from vllm_consolidate import dtypes
-from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, UnsafePickleError
+from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, LimitExceededError, UnsafePickleError
 from vllm_consolidate.formats import pickle_scan
 from vllm_consolidate.formats.torch_zip import StorageRef, TensorRef, load_lazy
 
@@ -323,7 +323,7 @@ def test_deepspeed_partition_count_dag_is_refused(tmp_path: Path) -> None:
     rank = next(folder.glob("global_step*/*optim_states.pt"))
     rewrite(rank, rank, insert_item(read_pkl(rank), "partition_count", dag(i(1), 60)))
     run, out, before = convert(tmp_path, folder)
-    refused(run, 5, out, folder, before, "billion laughs", file=rank.name)
+    refused(run, 4, out, folder, before, "billion laughs", file=rank.name)  # a cap: exit 4 (README table)
 
 
 def test_rewriting_a_tensor_ref_is_refused(genuine: dict[str, Any], tmp_path: Path, secret: Path) -> None:
@@ -398,12 +398,17 @@ def _bombs(entries: list[dict]) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("bomb", ["dag_dict_key", "dag_set", "dag_storage_key", "dag_shape", "hash_flood",
-                                  "deep_nesting", "memo_index", "huge_int"])
+#: Bombs that pass a cap (expanded size, depth, integer width) are exit 4, like every cap in the README's
+#: table; those that use what torch.save never writes to defeat the reader's bounds are unsafe, exit 5.
+BOMB_EXIT = {"dag_dict_key": 4, "dag_set": 4, "dag_storage_key": 4, "dag_shape": 4, "deep_nesting": 4, "huge_int": 4,
+             "hash_flood": 5, "memo_index": 5}
+
+
+@pytest.mark.parametrize("bomb", sorted(BOMB_EXIT))
 def test_pickle_bomb_is_refused_fast(bomb: str, genuine: dict[str, Any], tmp_path: Path) -> None:
     folder = hostile_bin_folder(tmp_path, genuine, _bombs(genuine["entries"])[bomb])
     run, out, before = convert(tmp_path, folder)
-    refused(run, 5, out, folder, before, "refused to load", max_seconds=20)
+    refused(run, BOMB_EXIT[bomb], out, folder, before, "refused to load", max_seconds=20)
 
 
 @pytest.fixture(scope="session")
@@ -419,7 +424,8 @@ def zip_bomb_stream() -> bytes:
 def test_zip_bomb_data_pkl(declared: str, zip_bomb_stream: bytes, genuine: dict[str, Any], tmp_path: Path) -> None:
     """A ~2 MB data.pkl that inflates to 2 GiB: refused on its declared size, or cut at it.
 
-    The CRC is left zero: reading the honest one at all would end in a CRC error (exit 4), not exit 5.
+    The CRC is left zero: reading the honest one at all would end in a CRC error, so its refusal must come
+    from the declared size (a cap, exit 4: the README's table), named in the error line.
     """
     members = members_of(genuine["bin"])
     for m in members:
@@ -428,7 +434,7 @@ def test_zip_bomb_data_pkl(declared: str, zip_bomb_stream: bytes, genuine: dict[
             m.update(data=zip_bomb_stream, method=8, crc=0, size=size)
     folder = hostile_bin_folder(tmp_path, genuine, raw=raw_zip(members))
     run, out, before = convert(tmp_path, folder)
-    refused(run, 5 if declared == "honest" else 4, out, folder, before, "", max_seconds=20)
+    refused(run, 4, out, folder, before, "more than the" if declared == "honest" else "", max_seconds=20)
 
 
 def _zip_cases(genuine: dict[str, Any]) -> dict[str, bytes]:
@@ -545,7 +551,7 @@ def test_real_torch_save_objects_still_load(tmp_path: Path) -> None:
 def test_scan_caps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The opcode cap, and the memo/self-reference rules, on small pickles."""
     monkeypatch.setattr(pickle_scan, "MAX_OPS", 100)
-    with pytest.raises(UnsafePickleError, match="opcodes"):
+    with pytest.raises(LimitExceededError, match="opcodes"):
         load_lazy(pickle_file(tmp_path, PROTO2 + (NONE + POP) * 60 + NONE + STOP))
     monkeypatch.undo()
     # A list that contains itself: memoized, fetched, then appended to.
@@ -570,7 +576,7 @@ def test_dag_key_refused_in_process_quickly(genuine: dict[str, Any], tmp_path: P
     worker.start()
     worker.join(10)
     assert not worker.is_alive(), "the DAG key hangs the unpickler"
-    assert isinstance(result[0], UnsafePickleError)
+    assert isinstance(result[0], LimitExceededError)  # a cap: exit 4
 
 
 # -- batch: a poisoned job cannot affect a clean job in the same worker process ------------------------------

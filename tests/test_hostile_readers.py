@@ -3,8 +3,9 @@
 Every hostile file is built as an attacker would build it: safetensors files byte by byte (8-byte
 little-endian header length, JSON, data) with ``struct``; indexes and ``latest`` as raw text;
 symlinks and FIFOs with ``os``; DeepSpeed damage by copying, renaming or symlinking a real corpus
-rank file, or by rewriting one integer's opcodes in its ``data.pkl`` (found with ``pickletools``,
-rewritten with ``zipfile``). Nothing here uses the package to build an input.
+rank file, by rewriting one integer's opcodes in its ``data.pkl`` (found with ``pickletools``,
+rewritten with ``zipfile``), or by loading it with torch and saving it back with one field changed.
+Nothing here uses the package to build an input.
 
 Each case runs the CLI as a user would (:func:`tests.hostile.run_cli`, a subprocess under a memory
 cap and a timeout) and checks every promise with :func:`tests.hostile.assert_refused`: the exit code,
@@ -31,6 +32,10 @@ HF_SHARDED = "hf_llama_sharded_bf16"  # 5 shards + model.safetensors.index.json 
 Z2 = "mistral_z2_w2_fp16_frozen"  # ZeRO-2, 2 ranks, frozen params, config
 Z3 = "llama_z3_w2_bf16_frozen"  # ZeRO-3, 2 ranks, frozen params (per-rank model states), config
 Z3_PLAIN = "qwen2_z3_w2_bf16_tied"  # ZeRO-3, 2 ranks, no frozen params, config
+# ZeRO-2 round_robin_gradients, 3 ranks, config; ranks 0 and 1 hold equal shares of both groups, and DeepSpeed
+# writes param_slice_mappings in the module's order (issue 22). Its sibling without offload has the same shapes.
+Z2RR = "llama_z2rr_w3_bf16_offload"
+Z2RR_SIBLING = "llama_z2rr_w3_bf16"
 
 
 # -- building blocks ---------------------------------------------------------------------------------
@@ -92,6 +97,7 @@ hf_single = _copy_fixture("hf_single", HF_SINGLE, "model")
 hf_sharded = _copy_fixture("hf_sharded", HF_SHARDED, "model")
 z2 = _copy_fixture("z2", Z2, "ckpt")
 z3 = _copy_fixture("z3", Z3, "ckpt")
+z2rr = _copy_fixture("z2rr", Z2RR, "ckpt")
 
 
 def _step(ckpt: Path) -> Path:
@@ -129,7 +135,7 @@ def long1(n: int) -> bytes:
 # -- control: the copies convert, so each refusal below is caused by the damage -------------------------
 
 
-@pytest.mark.parametrize("fixture", ["hf_single", "hf_sharded", "z2", "z3"])
+@pytest.mark.parametrize("fixture", ["hf_single", "hf_sharded", "z2", "z3", "z2rr"])
 def test_undamaged_copies_convert(fixture: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     inp = request.getfixturevalue(fixture)
     run = convert(inp, _out(tmp_path))
@@ -459,12 +465,86 @@ def test_zero3_rank_copy_without_frozen_params(case_dir, tmp_path: Path) -> None
     assert r0.name in run.stderr and r1.name in run.stderr
 
 
+def _swap(a: Path, b: Path) -> None:
+    os.rename(a, a.with_suffix(".tmp"))
+    os.rename(b, a)
+    os.rename(a.with_suffix(".tmp"), b)
+
+
 def test_zero2_rank_files_swapped(z2: Path, tmp_path: Path) -> None:
-    r0, r1 = _ranks(z2)
-    os.rename(r0, r0.with_suffix(".tmp"))
-    os.rename(r1, r0)
-    os.rename(r0.with_suffix(".tmp"), r1)
+    _swap(*_ranks(z2))
     convert_refused(z2, tmp_path, 4, "rank 1's slice")
+
+
+def test_zero2_round_robin_swap_of_equal_shares(z2rr: Path, tmp_path: Path) -> None:
+    """Ranks 0 and 1 hold as many elements: the saved weights tell which slice each file holds."""
+    r0, r1, _ = _ranks(z2rr)
+    _swap(r0, r1)
+    run = convert_refused(z2rr, tmp_path, 4, "rank 1's slice")
+    assert r0.name in run.stderr and r1.name in run.stderr
+
+
+def _torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _torch_rewrite(path: Path, edit) -> None:
+    """Load a real checkpoint file with torch, apply ``edit`` to it, save it back with torch."""
+    import torch
+
+    state = _torch_load(path)
+    edit(state)
+    torch.save(state, path)
+
+
+def test_zero2_swap_without_slice_mappings(z2rr: Path, tmp_path: Path) -> None:
+    """DeepSpeed < 0.7 wrote no param_slice_mappings: a swap of equal shares is still proved by the bytes."""
+    for rank in _ranks(z2rr):
+        _torch_rewrite(rank, lambda state: state["optimizer_state_dict"].pop("param_slice_mappings"))
+    _swap(*_ranks(z2rr)[:2])
+    convert_refused(z2rr, tmp_path, 4, "rank 1's slice")
+
+
+def _without_module_weights(ckpt: Path) -> None:
+    """Drop the saved module weights (keep its buffers), so that the bytes cannot tell the ranks apart."""
+    model = _step(ckpt) / "mp_rank_00_model_states.pt"
+    _torch_rewrite(model, lambda s: s.update(module={k: v for k, v in s["module"].items() if k in s["buffer_names"]}))
+
+
+def test_param_slice_mappings_disagreeing_is_only_a_warning(z2rr: Path, tmp_path: Path) -> None:
+    """DeepSpeed does not use param_slice_mappings to consolidate: when it alone disagrees, convert warns.
+
+    With the module's weights gone only the names are left to compare. DeepSpeed's own round-robin
+    names (module order) convert silently; rank 2's names written into rank 1's file give a warning
+    naming the file, and the same weights.
+    """
+    _without_module_weights(z2rr)
+    clean = convert(z2rr, tmp_path / "clean")
+    assert clean.code == 0 and "param_slice_mappings" not in clean.stderr, clean.stderr
+    r1, r2 = _ranks(z2rr)[1:]
+    names = _torch_load(r2)["optimizer_state_dict"]["param_slice_mappings"]
+    _torch_rewrite(r1, lambda state: state["optimizer_state_dict"].update(param_slice_mappings=names))
+    run = convert(z2rr, tmp_path / "out")
+    warned = [ln for ln in run.stderr.splitlines() if "param_slice_mappings" in ln]
+    assert run.code == 0 and warned and all(r1.name in ln for ln in warned), run.stderr
+    weights = [(tmp_path / out / "model.safetensors").read_bytes() for out in ("clean", "out")]
+    assert weights[0] == weights[1]
+    inspected = run_cli(["inspect", str(z2rr)])
+    assert inspected.code == 0 and "param_slice_mappings" in inspected.stdout, inspected.stdout
+
+
+def test_rank_file_from_another_run_is_a_warning(z2rr: Path, case_dir, tmp_path: Path) -> None:
+    """Same shapes, other weights: sizes and names agree, the bytes match no rank's saved weights.
+
+    Not a proof of a swap (DeepSpeed does not compare masters with the saved weights), so a warning.
+    """
+    r1 = _ranks(z2rr)[1]
+    shutil.copyfile(_ranks(case_dir(Z2RR_SIBLING) / "ckpt")[1], r1)
+    run = convert(z2rr, _out(tmp_path))
+    assert run.code == 0, run.stderr
+    assert any(r1.name in ln and "not the saved weights" in ln for ln in run.stderr.splitlines()), run.stderr
 
 
 def test_zero3_model_states_copied(z3: Path, tmp_path: Path) -> None:

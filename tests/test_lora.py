@@ -93,6 +93,12 @@ def _base_dir(cdir: Path) -> Path:
     return cdir / meta["base_dir"]
 
 
+def base_args(cdir: Path) -> list[str]:
+    """``--base-model-name <case>/base`` for a case whose adapter names its base by a local path: a path in
+    ``adapter_config.json`` is never followed (issue 22), the user names the base. None for the Hub-id case."""
+    return [] if _meta(cdir.name)["hf_cache"] else ["--base-model-name", str(cdir / _meta(cdir.name)["base_dir"])]
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({4: torch.int32, 2: torch.int16, 1: torch.uint8, 8: torch.int64}[t.element_size()])
 
@@ -198,7 +204,8 @@ def converted(lora_corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFac
         if key not in done:
             cdir = lora_corpus[name]
             out = tmp_path_factory.mktemp("lora") / "out"
-            argv = ["convert", "--input", _source(cdir), "--output", out, *options]
+            named = [] if "--base-model-name" in options else base_args(cdir)
+            argv = ["convert", "--input", _source(cdir), "--output", out, *named, *options]
             if name == HUB_CASE and not options:  # the real thing: a fresh process, configured by its environment
                 code, stdout, stderr = run_process(
                     argv, {"HF_HUB_CACHE": str(cdir / "hf_cache"), "HF_HUB_OFFLINE": "1"})
@@ -313,7 +320,7 @@ def test_adapter_file_without_global_step(lora_corpus, tmp_path, name: str) -> N
     cdir = lora_corpus[name]
     ckpt = copy_checkpoint(cdir, tmp_path / "checkpoint-4", drop=("global_step4", "latest"))
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(["convert", "--input", ckpt, "--output", out], cdir)
+    code, stdout, stderr = run_cli(["convert", "--input", ckpt, "--output", out, *base_args(cdir)], cdir)
     assert code == 0, stderr
     adapter = _truth(cdir, "adapter")
     lora = line(stdout, "lora:")
@@ -334,7 +341,7 @@ def test_adapter_file_with_stale_latest(lora_corpus, tmp_path) -> None:
     """The usual copy that skips only the big global_stepN/ (rsync --exclude 'global_step*'): 'latest' stays."""
     cdir = lora_corpus["lora_qwen2_z3_tied"]
     ckpt = copy_checkpoint(cdir, tmp_path / "checkpoint-4", drop=("global_step4",))
-    code, stdout, stderr = run_cli(["convert", "--input", ckpt, "--output", tmp_path / "out"], cdir)
+    code, stdout, stderr = run_cli(["convert", "--input", ckpt, "--output", tmp_path / "out", *base_args(cdir)], cdir)
     assert code == 0, stderr
     assert " adapter_model.safetensors (bfloat16) into " in line(stdout, "lora:")
     assert "the adapter file is used" in line(stdout, "chosen:")
@@ -407,17 +414,29 @@ def test_refuses_a_base_of_other_shapes(lora_corpus, tmp_path) -> None:
 
 
 def test_refuses_a_missing_base(lora_corpus, tmp_path) -> None:
-    """adapter_config.json's base_model_name_or_path points nowhere: exit 3 naming it."""
+    """adapter_config.json's base_model_name_or_path is a Hub id that is not in the HF cache: exit 3 naming it."""
     cdir = lora_corpus["lora_qwen2_z3_tied"]
     ckpt = copy_checkpoint(cdir, tmp_path / "checkpoint-4")
-    nowhere = str(tmp_path / "no-such-base")
     config = json.loads((ckpt / "adapter_config.json").read_text())
-    (ckpt / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path=nowhere)))
+    (ckpt / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path="someone/no-such-base")))
     parent, out = fresh_parent(tmp_path)
     _refused(["convert", "--input", ckpt, "--output", out], parent, 3,
-             f"the adapter's base model {nowhere} was not found ('{nowhere}' is not in the local HF cache and "
-             f"HF_HUB_OFFLINE is set (HFValidationError)) [{ckpt / 'adapter_config.json'}]",
+             "the adapter's base model someone/no-such-base was not found ('someone/no-such-base' is not in the local "
+             f"HF cache and HF_HUB_OFFLINE is set (LocalEntryNotFoundError)) [{ckpt / 'adapter_config.json'}]",
              "Pass the base model's folder (or its Hub id, if it is in the HF cache) with --base-model-name.")
+
+
+@pytest.mark.parametrize("name", ["lora_qwen2_z3_tied", PLAIN])
+def test_refuses_a_base_named_by_path(lora_corpus, tmp_path, name: str) -> None:
+    """The corpus' own adapters name their base by absolute path (as peft writes it after from_pretrained(folder)):
+    never followed; exit 8 naming --base-model-name, and nothing read or published."""
+    cdir = lora_corpus[name]
+    parent, out = fresh_parent(tmp_path)
+    config = cdir / _meta(name)["checkpoints"][-1]["path"] / "adapter_config.json"
+    _refused(["convert", "--input", _source(cdir), "--output", out], parent, 8,
+             f"the adapter names its base model by the local path {str(cdir / 'base')!r}, which is not followed (a "
+             f"checkpoint does not choose which local model is read): name it with --base-model-name [{config}]",
+             "Pass the folder of the model the adapter was trained on: --base-model-name FOLDER.")
 
 
 def test_refuses_factors_without_adapter_config(lora_corpus, tmp_path) -> None:
@@ -451,7 +470,7 @@ def test_refuses_another_peft_type(lora_corpus, tmp_path, name: str) -> None:
 @pytest.mark.parametrize("name", ["lora_llama_z3_mts", HUB_CASE])
 def test_inspect(lora_corpus, name: str) -> None:
     cdir = lora_corpus[name]
-    code, stdout, stderr = run_cli(["inspect", _source(cdir)], cdir)
+    code, stdout, stderr = run_cli(["inspect", _source(cdir), *base_args(cdir)], cdir)
     assert code == 0, stderr
     assert line(stdout, "format:") == "format:        lora_merge, 1 safetensors file"
     assert line(stdout, "base model:") == f"base model:    {_base_dir(cdir)}"
@@ -462,27 +481,34 @@ def test_validate_against_the_run(lora_corpus, converted) -> None:
     """validate --against the run passes (every element); against checkpoint-2 it fails (exit 9)."""
     name = "lora_llama_z3_mts"
     cdir, c = lora_corpus[name], converted(name)
-    code, stdout, stderr = run_cli(["validate", c.out, "--against", _source(cdir)], cdir)
+    code, stdout, stderr = run_cli(["validate", c.out, "--against", _source(cdir), *base_args(cdir)], cdir)
     assert code == 0, stdout + stderr
     assert re.search(r"^  PASS  source_values +29 tensors equal the source \(every element", stdout, re.M), stdout
-    code, stdout, stderr = run_cli(["validate", c.out, "--against", cdir / "run" / "checkpoint-2"], cdir)
+    code, stdout, stderr = run_cli(["validate", c.out, "--against", cdir / "run" / "checkpoint-2", *base_args(cdir)],
+                                   cdir)
     assert code == 9, stdout + stderr
     assert re.search(r"^  FAIL  source_values ", stdout, re.M), stdout
     assert stderr.splitlines()[0] == f"error: 1 check(s) failed: source_values [{c.out}]"
 
 
 def test_batch_of_two_lora_runs(lora_corpus, tmp_path) -> None:
-    """batch --input-dir <folder of two LoRA runs>: both merged, each == its latest merged truth."""
-    names = ["lora_llama_z3_mts", "lora_qwen2_z2_rslora"]  # bases named by absolute path: copies still find them
+    """batch --input-dir <two copies of a LoRA run> --base-model-name <its base>: both merged, each == the truth;
+    without the option (the adapter names its base by path) each job is refused and names the option."""
+    name = "lora_llama_z3_mts"
+    cdir = lora_corpus[name]
     runs = tmp_path / "runs"
-    for name in names:
-        shutil.copytree(_source(lora_corpus[name]), runs / name)
+    for copy in ("a", "b"):
+        shutil.copytree(_source(cdir), runs / copy)
     out = tmp_path / "merged"
-    code, stdout, stderr = run_cli(["batch", "--input-dir", runs, "--output-dir", out, "--max-workers", "1"])
+    code, stdout, stderr = run_cli(["batch", "--input-dir", runs, "--output-dir", out, "--max-workers", "1",
+                                    *base_args(cdir)])
     assert code == 0, stdout + stderr
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [f"{n}_step_4" for n in names]
-    for name in names:
-        assert_bits(load_file(str(out / f"{name}_step_4" / "model.safetensors")), _truth(lora_corpus[name]))
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["a_step_4", "b_step_4"]
+    for copy in ("a", "b"):
+        assert_bits(load_file(str(out / f"{copy}_step_4" / "model.safetensors")), _truth(cdir))
+    code, stdout, stderr = run_cli(["batch", "--input-dir", runs, "--output-dir", tmp_path / "none"])
+    assert code != 0 and "--base-model-name" in stdout + stderr, stdout + stderr
+    assert not any(p.name.endswith("_step_4") for p in (tmp_path / "none").glob("*")), stdout + stderr
 
 
 # --------------------------------------------------------------------------- 7. real vLLM

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 from tests.corpus import lora_build
 from tests.test_e2e_vllm import vllm_python
+from tests.test_lora import base_args
 
 from vllm_consolidate import cli
 
@@ -115,7 +116,7 @@ def export(lora_corpus: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
             out = tmp_path_factory.mktemp("adapter") / f"{name}-{tag}-{dtype}"
             with hub_env(cdir):
                 code, stdout, stderr = run_cli(["convert", "--input", str(src), "--output", str(out),
-                                                "--lora", "adapter", "--dtype", dtype])
+                                                "--lora", "adapter", "--dtype", dtype, *base_args(cdir)])
             assert code == 0, stderr
             # The base was found and checked; the only warning is for what vLLM cannot serve (see VLLM_WARNINGS).
             warnings = [ln for ln in stderr.splitlines() if ln.startswith("warning:")]
@@ -335,7 +336,7 @@ def vllm_result(lora_corpus, export, tmp_path_factory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("vllm")
     merged = work / "merged"
     code, _, stderr = run_cli(["convert", "--input", str(cdir / "run"), "--output", str(merged),
-                               "--no-validate-vllm"])
+                               "--no-validate-vllm", *base_args(cdir)])
     assert code == 0, stderr
     script = work / "vllm_lora.py"
     script.write_text(VLLM_SCRIPT)
@@ -428,7 +429,8 @@ def test_refuses_dora(lora_corpus, tmp_path) -> None:
 
 
 def test_missing_base_still_writes_the_adapter(lora_corpus, tmp_path) -> None:
-    """An adapter_config.json pointing nowhere: the adapter is written, with a warning that it was not checked."""
+    """An adapter_config.json naming its base by a path (here one that does not exist): never followed; the adapter
+    is written, with a warning that it was not checked, naming --base-model-name."""
     cdir = lora_corpus["lora_qwen2_z3_tied"]
     ckpt = tmp_path / "checkpoint-4"
     shutil.copytree(cdir / "run" / "checkpoint-4", ckpt)
@@ -444,8 +446,9 @@ def test_missing_base_still_writes_the_adapter(lora_corpus, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
     assert warnings == [
-        f"warning: the adapter was not checked against its base model: the adapter's base model {nowhere} was not "
-        f"found ('{nowhere}' is not in the local HF cache and HF_HUB_OFFLINE is set (HFValidationError))"
+        f"warning: the adapter was not checked against its base model: the adapter names its base model by the "
+        f"local path {nowhere!r}, which is not followed (a checkpoint does not choose which local model is read): "
+        "name it with --base-model-name"
     ], proc.stderr
     assert "not checked against a base model" in proc.stdout, proc.stdout
     assert json.loads((out / "adapter_config.json").read_text()) == config

@@ -28,8 +28,6 @@ from vllm_consolidate.read.assets import (  # DEFAULT_BASE_MODEL re-exported: th
     NO_TOKENIZER_WARNING,
     Assets,
     asset_bytes,
-    copy_adapter_assets,
-    copy_assets,
     find_checkpoint_assets,
     missing_config,
     read_config,
@@ -37,6 +35,8 @@ from vllm_consolidate.read.assets import (  # DEFAULT_BASE_MODEL re-exported: th
 from vllm_consolidate.source import SourceModel
 from vllm_consolidate.write import publish as pub
 from vllm_consolidate.write import write_plan
+from vllm_consolidate.write.assets import copy_adapter_assets, copy_assets
+from vllm_consolidate.write.cleanup import clean_stale
 
 DEFAULT_MAX_SHARD_SIZE = 40 * 10**9
 LORA_MODES = ("merge", "adapter")
@@ -186,6 +186,12 @@ class Conversion:
     architecture: ArchitectureDecision
 
 
+def _inputs(opts: ConvertOptions, weights_dir: Path | None = None) -> list[Path]:
+    """Every folder of the input that the output must not be, lie in or contain (and cleanup never touches)."""
+    named = [opts.input, weights_dir, opts.checkpoint_dir]
+    return [Path(p) for p in named if p is not None]
+
+
 def plan_conversion(opts: ConvertOptions) -> Conversion:
     """Detect the input, read its metadata, find its config and tokenizer, and plan the output.
 
@@ -198,8 +204,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     if opts.fmt not in ("safetensors", "bin"):
         raise UsageError(f"unknown format {opts.fmt}")
     detected = detection.detect(Path(opts.input), opts.input_type, opts.checkpoint_dir)
-    inputs = [Path(opts.input), detected.weights_dir] + ([Path(opts.checkpoint_dir)] if opts.checkpoint_dir else [])
-    pub.check_output_location(Path(opts.output), inputs)
+    pub.check_output_location(Path(opts.output), _inputs(opts, detected.weights_dir))
     source = detection.read(detected, opts.model_key)
     if opts.lora not in LORA_MODES:
         raise UsageError(f"unknown --lora {opts.lora}", hint=f"Use one of {', '.join(LORA_MODES)}.")
@@ -212,6 +217,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     assets = find_checkpoint_assets(detected.weights_dir, Path(opts.input), source.asset_dirs,
                                     base_model or opts.base_model_name)
     warnings: list[str] = list(assets.skipped)
+    warnings.extend(source.info.get("warnings") or ())  # a reader's advisory disagreements (DeepSpeed rank files)
     if source.info.get("vllm_warning"):
         warnings.append(source.info["vllm_warning"])
     if source.info.get("base_model_error"):
@@ -252,9 +258,10 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
     opts.require_paths()
     output = Path(opts.output).absolute()
     pub.check_output_name(output)
+    pub.check_output_path(output)
     # The full location check (with the detected weights folder) runs in plan_conversion; this one
     # comes first so that a --force over a parent of the input is refused for what it is.
-    pub.check_output_location(output, [Path(opts.input)] + ([Path(opts.checkpoint_dir)] if opts.checkpoint_dir else []))
+    pub.check_output_location(output, _inputs(opts))
     pub.check_replaceable(output, opts.force)
     conv = plan_conversion(opts)
     plan, assets = conv.plan, conv.assets
@@ -268,7 +275,8 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
         return ConvertResult(output=conv.detected.weights_dir, status="already_consolidated", files=[],
                              bytes_read=0, bytes_written=0, seconds=time.monotonic() - started, **common)
 
-    pub.clean_stale(output)
+    # Never the input, even when it is named like one of our leftovers (a copy of a temporary folder).
+    clean_stale(output, protect=_inputs(opts, conv.detected.weights_dir))
     parents = pub.CreatedParents(output)
     try:
         parents.make()

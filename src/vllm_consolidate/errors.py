@@ -46,6 +46,16 @@ class CorruptCheckpointError(ConsolidateError):
     default_hint = "Re-save the checkpoint, or pick an earlier one with --checkpoint-dir."
 
 
+class LimitExceededError(CorruptCheckpointError):
+    """A size or count the input declares, or the work reading it would take, passes one of our caps.
+
+    Exit code 4 like any input we cannot read (the README's table: "a size or count beyond its cap"),
+    not 5: a cap is no sign of intent, only a bound a real checkpoint stays far below.
+    """
+
+    default_hint = "No real checkpoint comes near this limit: the file is damaged, or built to exhaust the reader."
+
+
 class UnsafeInputError(ConsolidateError):
     """The input asks for something a checkpoint never needs: code to run, or a file outside itself.
 

@@ -241,6 +241,7 @@ def _describe_source(report: InputReport, source: SourceModel) -> None:
     report.weight_format = info.get("format")
     report.weight_files = info.get("files")
     report.renamed = len(source.renamed)
+    report.warnings.extend(info.get("warnings") or ())  # a reader's advisory disagreements (DeepSpeed rank files)
 
 
 def _find_config(report: InputReport, detected: detection.DetectedInput, source: SourceModel | None,

@@ -28,11 +28,24 @@ MAX_DIM = 2**32
 MAX_NDIM = 64
 
 
+def _reads_as_another_type(text: str) -> bool:
+    """Whether a string, printed bare, would pass for a number, a constant or nothing (``2``, ``nan``, ``true``)."""
+    if not text or text != text.strip() or text.lower() in ("true", "false", "none", "null"):
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def brief(value: Any, limit: int = 80) -> str:
     """A short, printable description of a value from untrusted metadata.
 
     Never the repr of a container: a pickle can build a list that holds itself, or a small list
-    whose repr is exponential through shared sub-lists. Shapes (lists of a few ints) are shown.
+    whose repr is exponential through shared sub-lists. Shapes (lists of a few ints) are shown. A
+    string is quoted when it would otherwise pass for something else: ``world_size '2'`` (a string
+    where a number belongs) must not read as ``world_size 2``.
     """
     if value is None or isinstance(value, (bool, float)):
         return repr(value)
@@ -40,7 +53,7 @@ def brief(value: Any, limit: int = 80) -> str:
         # str() of an int over 4300 digits raises, and is slow well before that.
         return str(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
     if isinstance(value, str):
-        if value.isprintable():  # a plain name reads best unquoted
+        if value.isprintable() and not _reads_as_another_type(value[:limit]):  # a plain name reads best unquoted
             return value if len(value) <= limit else value[: limit - 3] + "..."
         text = repr(value[:limit])  # escaped: control characters from a file never reach the terminal raw
         return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -52,7 +65,7 @@ def brief(value: Any, limit: int = 80) -> str:
         text = repr(list(value))
         return text if len(text) <= limit else text[: limit - 3] + "..."
     if isinstance(value, (list, tuple, dict, set, frozenset)):
-        return f"a {type(value).__name__} of {len(value)} items"
+        return f"a {type(value).__name__} of {len(value)} item{'' if len(value) == 1 else 's'}"
     return f"a {type(value).__name__}"
 
 

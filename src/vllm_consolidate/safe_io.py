@@ -32,6 +32,14 @@ MIB = 2**20
 
 #: Size caps for whole-file reads, by what the file is.
 MAX_CONFIG_BYTES = 16 * MIB  # config.json, generation_config.json, adapter_config.json
+#: A tokenizer file (``tokenizer.json``, ``tekken.json``, SentencePiece/tiktoken models, vocab and merges,
+#: ``tokenizer_config.json``...). The largest real ones are ~35 MB (Gemma 3's ``tokenizer.json``: 33 MB;
+#: Llama 4 and gpt-oss: 28 MB; Mistral's ``tekken.json``: 15-19 MB); the cap is ~4x that.
+MAX_TOKENIZER_BYTES = 128 * MIB
+#: A chat template (``*.jinja``, ``chat_template.json``): real ones are a few KB, the largest ~100 KB.
+MAX_TEMPLATE_BYTES = 4 * MIB
+#: All the tokenizer files of one folder together (a few of the largest files above).
+MAX_TOKENIZER_SET_BYTES = 256 * MIB
 MAX_INDEX_BYTES = 64 * MIB  # *.index.json
 MAX_TAG_BYTES = 4 * KIB  # DeepSpeed's ``latest``
 MAX_LIST_BYTES = 16 * MIB  # batch --input-list
@@ -237,7 +245,8 @@ def contains(parent: str | os.PathLike, child: str | os.PathLike) -> bool:
 
 
 __all__ = [
-    "MAX_CONFIG_BYTES", "MAX_INDEX_BYTES", "MAX_LIST_BYTES", "MAX_TAG_BYTES", "confined", "contains",
+    "MAX_CONFIG_BYTES", "MAX_INDEX_BYTES", "MAX_LIST_BYTES", "MAX_TAG_BYTES", "MAX_TEMPLATE_BYTES",
+    "MAX_TOKENIZER_BYTES", "MAX_TOKENIZER_SET_BYTES", "confined", "contains",
     "DuplicateKeyError", "is_regular_file", "open_file", "open_regular", "parse_json", "read_bounded", "read_json",
     "read_text", "trust_root",
 ]

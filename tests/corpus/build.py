@@ -326,6 +326,28 @@ _SPECS: list[CaseSpec] = [
         seed=12,
     ),
     _ds("qwen2moe_z3_w3_fp16", tiny("qwen2_moe"), 3, 3, "fp16", "MoE under ZeRO-3, odd world size, fp16", seed=13),
+    # ---- ZeRO-2 round_robin_gradients (issue 22): param_shapes and the flat data follow the round-robin
+    # order, param_slice_mappings the module's order (and safe_get_full_fp32_param is wrong, see
+    # ds_train.zero12_masters). Shapes picked so some partitions are uneven: at world size 2 the no-decay
+    # group (330 elements) is cut 166 + 164; at 3 (the llama shape of the report, with config and
+    # tokenizer) both groups (510464, 640) are.
+    *(
+        _ds(
+            f"llama_z2rr_w{ws}_bf16{'_offload' if offload else ''}",
+            tiny("llama", vllm=ws == 3),
+            2,
+            ws,
+            "bf16",
+            f"ZeRO-2 round_robin_gradients, world size {ws}, uneven partitions"
+            + (", offload_optimizer cpu" if offload else ""),
+            zero_extra={"round_robin_gradients": True, **({"offload_optimizer": {"device": "cpu"}} if offload else {})},
+            has_config=ws == 3,
+            has_tokenizer=ws == 3,
+            seed=40 + 2 * ws + offload,
+        )
+        for ws in (2, 3)
+        for offload in (False, True)
+    ),
     # ---- big (memory tests): ~74M params
     _ds(
         "llama_big_z2_w2_bf16",

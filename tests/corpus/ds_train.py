@@ -85,17 +85,51 @@ def ds_config(case: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def zero12_masters(engine: Any) -> dict[str, torch.Tensor]:
+    """The fp32 masters of a ZeRO-1/2 engine, cut from its flat partitions (collective: call on all ranks).
+
+    ``safe_get_full_fp32_param`` cannot be used under ``round_robin_gradients``: DeepSpeed 0.19 links
+    each parameter to its fp32 fragment at offsets counted in the module's order when the group has no
+    alignment padding, while the flat buffers follow the round-robin order, so it returns other
+    parameters' values. Here each low-precision parameter, a view into its group's flat buffer, says
+    where it lies; the ranks' fp32 partitions, concatenated, are that buffer's masters. The cast of
+    each master must equal the live weight, bit for bit.
+    """
+    opt = engine.optimizer
+    names = {p: n for n, p in engine.module.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for g, flat in enumerate(opt.bit16_groups_flat):
+        part = opt.single_partition_of_fp32_groups[g].detach().cpu()
+        parts = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, part)
+        full = torch.cat(parts)
+        assert full.numel() == flat.numel(), (g, full.numel(), flat.numel())
+        for p in opt.bit16_groups[g]:
+            assert p.data.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr(), names[p]
+            offset = p.data.storage_offset() - flat.storage_offset()
+            master = full[offset : offset + p.numel()].view(p.shape).clone()
+            assert torch.equal(master.to(p.dtype), p.data), f"{names[p]}: master cast != live weight"
+            out[names[p]] = master
+    return out
+
+
 def gather_truth(
-    module: torch.nn.Module, stage: int, buffer_names: list[str], trainable_only: bool = False
+    module: torch.nn.Module,
+    stage: int,
+    buffer_names: list[str],
+    trainable_only: bool = False,
+    masters: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Gather the full fp32 state from the live engine (collective: call on all ranks).
 
-    Trainable params: their fp32 masters (``safe_get_full_fp32_param``); frozen params (unless
-    ``trainable_only``) and the persistent ``buffer_names``: their live values, as fp32.
+    Trainable params: their fp32 masters (``masters`` if given, else ``safe_get_full_fp32_param``);
+    frozen params (unless ``trainable_only``) and the persistent ``buffer_names``: their live values, as fp32.
     """
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and masters is not None:
+            out[name] = masters[name]
+        elif p.requires_grad:
             full = safe_get_full_fp32_param(p)
             assert full is not None, f"no fp32 master for trainable {name}"
             assert full.dtype == torch.float32, (name, full.dtype)
@@ -141,7 +175,8 @@ def run_case(case: dict[str, Any], tokenizer: Any) -> None:
         if step in case["save_steps"]:
             tag = f"global_step{step}"
             engine.save_checkpoint(str(ckpt), tag=tag)
-            truth = gather_truth(engine.module, case["stage"], buffers)
+            masters = zero12_masters(engine) if case["zero_extra"].get("round_robin_gradients") else None
+            truth = gather_truth(engine.module, case["stage"], buffers, masters=masters)
             if rank == 0:
                 common.save_truth(truth_dir / f"{tag}.safetensors", truth)
             checkpoints.append({"tag": tag, "path": f"ckpt/{tag}", "truth": f"truth/{tag}.safetensors", "step": step})

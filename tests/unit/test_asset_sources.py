@@ -79,3 +79,51 @@ def test_a_missing_generation_config_alone_never_downloads(run, monkeypatch):
     assets = find_assets([ckpt, parent], "acme/not-cached")
     assert assets.generation_config is None and assets.base_model_error is None
     assert [c.get("local_files_only") for c in calls] == [True]  # the local cache only
+
+
+# -- sizes (issue 22): tokenizer files and templates are capped one by one and together ------------------
+
+
+def _sparse(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as fh:
+        fh.truncate(size)
+    return path
+
+
+def test_a_tokenizer_larger_than_its_cap_is_skipped(tmp_path):
+    from vllm_consolidate.safe_io import MAX_TEMPLATE_BYTES, MAX_TOKENIZER_BYTES
+
+    model = _folder(tmp_path / "model", config=CONFIG)
+    _sparse(model / "tokenizer.json", MAX_TOKENIZER_BYTES)  # at the cap: taken
+    _sparse(model / "chat_template.jinja", MAX_TEMPLATE_BYTES + 1)
+    assets = find_assets([model], None)
+    assert assets.tokenizer_files == [model / "tokenizer.json"]
+    assert assets.skipped == [f"skipped {model / 'chat_template.jinja'}: it is {MAX_TEMPLATE_BYTES + 1:,} bytes, "
+                              f"more than the {MAX_TEMPLATE_BYTES:,} such a file can plausibly be"]
+
+
+def test_the_tokenizer_files_of_a_folder_are_capped_together(tmp_path):
+    from vllm_consolidate.safe_io import MAX_TOKENIZER_BYTES, MAX_TOKENIZER_SET_BYTES
+
+    model = _folder(tmp_path / "model", config=CONFIG)
+    names = ["tokenizer.json", "a.tiktoken", "b.tiktoken"]
+    for name in names:
+        _sparse(model / name, MAX_TOKENIZER_BYTES)
+    assert 3 * MAX_TOKENIZER_BYTES > MAX_TOKENIZER_SET_BYTES >= 2 * MAX_TOKENIZER_BYTES
+    assets = find_assets([model], None)
+    assert len(assets.tokenizer_files) == 2 and len(assets.skipped) == 1
+    assert "together" in assets.skipped[0]
+
+
+def test_a_reader_asset_folder_linking_out_of_the_weights_folder_is_skipped(tmp_path):
+    """verl's ``actor/huggingface`` must be the actor's own, not a link to some other model's folder."""
+    from vllm_consolidate.read.assets import find_checkpoint_assets
+
+    actor = tmp_path / "run" / "global_step_1" / "actor"
+    other = _folder(tmp_path / "run" / "other_model", config=CONFIG, tokenizer=True)
+    actor.mkdir(parents=True)
+    (actor / "huggingface").symlink_to(other)
+    assets = find_checkpoint_assets(actor, actor, [actor / "huggingface"], None)
+    assert assets.config is None and assets.tokenizer_dir is None
+    assert assets.skipped == [f"skipped {actor / 'huggingface'}: it resolves to {other}, outside {actor}"]

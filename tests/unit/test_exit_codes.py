@@ -13,6 +13,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 EXPECTED = {
     E.UsageError: 2, E.InputNotFoundError: 3, E.CorruptCheckpointError: 4, E.UnsupportedCheckpointError: 4,
+    E.LimitExceededError: 4,
     E.UnsafeInputError: 5, E.UnsafePickleError: 5, E.OutputExistsError: 6, E.InsufficientDiskError: 7,
     E.ConfigNotFoundError: 8, E.ConfigInvalidError: 8, E.ValidationFailedError: 9, E.VllmUnavailableError: 10,
     E.VllmLoadError: 10, E.BatchError: 11, E.OutputNotWritableError: 12,

@@ -62,27 +62,63 @@ DEFAULT_TEMPLATE = "{input_name}_step_{step}"
 TEMPLATE_FIELDS = ("input_name", "run_name", "step", "checkpoint_name")
 #: The most folder names one brace pattern may expand to (``{1..20000000}`` must not run for minutes).
 MAX_BRACE_EXPANSIONS = 10_000
+#: The deepest brace nesting a pattern may have (real ones nest once or twice).
+MAX_BRACE_DEPTH = 32
 #: Marks a job's staging folder, ``.<name>.batch-XXXXXXXX``; leftovers of killed runs are found by it.
 STAGING_TAG = ".batch-"
 _STAGING_ID_LEN = 8
+#: What the longest temporary name adds to an output's name: the staging folder (.<name>.batch-XXXXXXXX)
+#: has convert's own temporary sibling, which adds more.
+STAGING_NAME_OVERHEAD = 1 + len(STAGING_TAG) + _STAGING_ID_LEN + TEMP_NAME_OVERHEAD + 1
 
 # ------------------------------------------------------------------------------------------------
 # Brace expansion and globbing
+
+
+def _brace_depth(pattern: str) -> int:
+    """How deep unescaped ``{`` nest in ``pattern`` (an unclosed one counts as open to the end)."""
+    depth = deepest = 0
+    escaped = False
+    for ch in pattern:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == "}" and depth:
+            depth -= 1
+    return deepest
 
 
 def expand_braces(pattern: str) -> list[str]:
     """Expand shell-style braces as bash does (``a{b,c{d,e}}f``, ``{1..3}``, ``{08..10}``), with ``bracex``.
 
     Raises:
-        UsageError: The pattern expands to more than :data:`MAX_BRACE_EXPANSIONS` names.
+        UsageError: The pattern nests braces more than :data:`MAX_BRACE_DEPTH` deep, or expands to more
+            than :data:`MAX_BRACE_EXPANSIONS` names.
     """
     import bracex  # only batches with patterns need it
 
+    # bracex recurses once per nesting level: thousands of nested braces would raise RecursionError.
+    depth = _brace_depth(pattern)
+    if depth > MAX_BRACE_DEPTH:
+        raise UsageError(f"the pattern {_shown(pattern)} nests braces {depth:,} deep; at most {MAX_BRACE_DEPTH} "
+                         "are accepted", hint="Use a flat list such as checkpoint-{100,200}, or a glob.")
     try:
         return bracex.expand(pattern, limit=MAX_BRACE_EXPANSIONS)
     except bracex.ExpansionLimitException:
-        raise UsageError(f"the pattern {pattern!r} expands to more than {MAX_BRACE_EXPANSIONS:,} names",
+        raise UsageError(f"the pattern {_shown(pattern)} expands to more than {MAX_BRACE_EXPANSIONS:,} names",
                          hint="Use a shorter range, or a glob such as checkpoint-*.") from None
+    except RecursionError:  # a shape deep in bracex's recursion that the depth bound above does not foresee
+        raise UsageError(f"the pattern {_shown(pattern)} is too complex to expand",
+                         hint="Use a flat list such as checkpoint-{100,200}, or a glob.") from None
+
+
+def _shown(pattern: str, limit: int = 80) -> str:
+    """The pattern as a message quotes it: repr, cut to ``limit`` characters (a hostile one can be megabytes)."""
+    return repr(pattern) if len(pattern) <= limit else f"{pattern[:limit]!r}... ({len(pattern):,} characters)"
 
 
 def glob_folders(pattern: str) -> list[Path]:
@@ -313,8 +349,7 @@ def render_name(template: str, fields: dict[str, str]) -> str:
     if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name or name.startswith("."):
         raise UsageError(f"--naming-template gives {name!r}, which is not a usable folder name",
                          hint="The template must give one non-hidden folder name, without '/'.")
-    # The staging folder (.<name>.batch-XXXXXXXX) holds convert's own temporary sibling, which adds more.
-    overhead = 1 + len(STAGING_TAG) + _STAGING_ID_LEN + TEMP_NAME_OVERHEAD + 1
+    overhead = STAGING_NAME_OVERHEAD
     if len(name.encode("utf-8", "surrogateescape")) + overhead > NAME_MAX:
         raise UsageError(f"--naming-template gives a {len(name.encode())}-byte name; at most "
                          f"{NAME_MAX - overhead} bytes fit with the temporary names", hint="Use a shorter template.")
@@ -326,6 +361,7 @@ def staging_path(output: Path) -> Path:
     return output.with_name(f".{output.name}{STAGING_TAG}{uuid.uuid4().hex[:_STAGING_ID_LEN]}")
 
 
-__all__ = ["DEFAULT_TEMPLATE", "MAX_BRACE_EXPANSIONS", "STAGING_TAG", "TEMPLATE_FIELDS", "Checkpoint", "InputFolder",
-           "collect_inputs", "expand_braces", "glob_folders", "inspect_input", "match_any", "name_fields",
-           "render_name", "select_checkpoints", "staging_path", "template_fields"]
+__all__ = ["DEFAULT_TEMPLATE", "MAX_BRACE_DEPTH", "MAX_BRACE_EXPANSIONS", "STAGING_NAME_OVERHEAD", "STAGING_TAG",
+           "TEMPLATE_FIELDS", "Checkpoint", "InputFolder", "collect_inputs", "expand_braces", "glob_folders",
+           "inspect_input", "match_any", "name_fields", "render_name", "select_checkpoints", "staging_path",
+           "template_fields"]

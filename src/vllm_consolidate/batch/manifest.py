@@ -15,6 +15,7 @@ checkpoint, is replaced only with ``force``; otherwise the job is blocked.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,21 +36,46 @@ MANIFEST_VERSION = 1
 _RESULT_KEYS = ("status", "tensors", "parameters", "output_dtype", "bytes_written", "seconds")
 
 
+#: Every field of :class:`~vllm_consolidate.convert.ConvertOptions`, classified once: the ones that change
+#: an output's bytes, by the key the manifest records them under (compared on a rerun), and the others,
+#: with why not. A new field must be added to one of the two (a unit test and :func:`content_options` check it).
+OUTPUT_OPTIONS: dict[str, str] = {
+    "input_type": "input_type", "base_model_name": "base_model_name", "dtype": "dtype",
+    "keep_original_precision": "keep_original_precision", "fmt": "format", "max_shard_size": "max_shard_size",
+    "architecture": "architecture", "model_key": "model_key", "lora": "lora",
+}
+NON_OUTPUT_OPTIONS: dict[str, str] = {
+    "input": "the job's own; the manifest's source records it",
+    "output": "the job's own; where the output goes, not what it holds",
+    "checkpoint_dir": "the job's own; the manifest's source records it as the checkpoint",
+    "force": "whether an existing output may be replaced, not what the new one holds",
+    "validate": "validation checks the output; it writes nothing into it",
+}
+#: Recorded only when not their default, so that manifests written before these options existed stay current.
+_RECORDED_WHEN_SET = ("architecture", "model_key", "lora")
+
+
 def content_options(model: ConvertOptions) -> dict[str, Any]:
-    """The options that change an output's bytes; recorded in and compared with the manifest.
+    """The options that change an output's bytes (:data:`OUTPUT_OPTIONS`); recorded in and compared with the manifest.
 
     The dtype is recorded by its canonical name, so ``bf16`` and ``bfloat16`` make the same output.
+
+    Raises:
+        TypeError: ``ConvertOptions`` has a field classified in neither table (a developer's omission).
     """
-    options = {
-        "input_type": model.input_type,
-        "base_model_name": model.base_model_name,
-        "dtype": None if model.keep_original_precision else dtype_name(model.dtype),
-        "keep_original_precision": model.keep_original_precision,
-        "format": model.fmt,
-        "max_shard_size": model.max_shard_size,
-    }
-    if model.architecture:  # recorded only when given, so manifests written before the flag stay current
-        options["architecture"] = model.architecture
+    options: dict[str, Any] = {}
+    for f in dataclasses.fields(model):
+        if f.name in NON_OUTPUT_OPTIONS:
+            continue
+        if f.name not in OUTPUT_OPTIONS:
+            raise TypeError(f"ConvertOptions.{f.name} is not classified in batch.manifest.OUTPUT_OPTIONS or "
+                            "NON_OUTPUT_OPTIONS")
+        value = getattr(model, f.name)
+        if f.name in _RECORDED_WHEN_SET and value == f.default:
+            continue
+        if f.name == "dtype":
+            value = None if model.keep_original_precision else dtype_name(value)
+        options[OUTPUT_OPTIONS[f.name]] = value
     return options
 
 
@@ -162,5 +188,6 @@ def _files_state(output: Path, files: dict[str, Any], verify_checksums: bool) ->
     return "current", ""
 
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_NAME", "MANIFEST_VERSION", "content_options", "manifest_base",
-           "output_state", "read_manifest", "sha256_file", "source_fingerprint", "write_manifest"]
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_NAME", "MANIFEST_VERSION", "NON_OUTPUT_OPTIONS", "OUTPUT_OPTIONS",
+           "content_options", "manifest_base", "output_state", "read_manifest", "sha256_file", "source_fingerprint",
+           "write_manifest"]

@@ -8,6 +8,7 @@ the job's ``action`` and ``error`` instead.
 from __future__ import annotations
 
 import dataclasses
+import os
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 from vllm_consolidate.batch.inputs import (
     DEFAULT_TEMPLATE,
+    STAGING_NAME_OVERHEAD,
     InputFolder,
     collect_inputs,
     expand_braces,
@@ -45,7 +47,7 @@ from vllm_consolidate.errors import (
 )
 from vllm_consolidate.read.zero_locate import confine_chosen
 from vllm_consolidate.units import few
-from vllm_consolidate.write.publish import is_ours
+from vllm_consolidate.write.publish import check_output_path, is_ours
 
 
 def _batch_model_defaults() -> ConvertOptions:
@@ -211,6 +213,7 @@ def plan_batch(opts: BatchOptions) -> BatchPlan:
         UsageError: Bad template or options.
         InputNotFoundError: The inputs yield nothing.
         BatchError: Two jobs would write the same output, or nothing is selected.
+        OutputNotWritableError: An output's path would be too long for the file system.
     """
     if opts.max_workers < 1:
         raise UsageError("--max-workers must be at least 1")
@@ -221,6 +224,10 @@ def plan_batch(opts: BatchOptions) -> BatchPlan:
     if not jobs:
         raise BatchError("nothing selected")
     _refuse_shared_outputs(jobs)
+    # Before any job looks at its output: a path the kernel refuses (ENAMETOOLONG) is one error, not one per job.
+    longest = max((j.output for j in jobs if j.action != Action.ERROR), key=lambda p: len(os.fsencode(p)), default=None)
+    if longest is not None:
+        check_output_path(longest, STAGING_NAME_OVERHEAD, what="--output-dir")
     for j in jobs:
         if j.action != Action.ERROR:
             _classify(j, opts)

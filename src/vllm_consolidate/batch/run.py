@@ -3,8 +3,9 @@
 Each job runs in a worker process (at most ``--max-workers``; spawned, reused for several jobs),
 admitted by the :class:`~vllm_consolidate.batch.resources.Scheduler`. A batch holds
 ``.vllm-consolidate-batch.lock`` (:data:`LOCK_NAME`) in the output folder (exclusive while it cleans
-up, shared while it runs; workers hold it shared), and on start removes stale ``.<name>.batch-*`` and
-``.<name>.old-*`` folders of the outputs it plans.
+up, shared while it runs; workers hold it shared), and on start removes the stale ``.<name>.batch-*``,
+``.<name>.old-*`` and ``.<name>.partial-*`` folders of the outputs it plans, with the checks of a single
+conversion (:func:`clean_stale`: ours by marker or lock, never an input).
 
 Failure policy: without ``continue_on_error`` the first failed job stops the batch: no new job
 starts, running jobs finish (their outputs are kept), the rest are reported as not run.
@@ -20,13 +21,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import glob
 import multiprocessing
 import os
-import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -40,6 +39,7 @@ from vllm_consolidate.batch.resources import Scheduler
 from vllm_consolidate.batch.states import OUTCOMES, Action, Admission, EventKind, Status
 from vllm_consolidate.batch.worker import JobSpec, Worker, clear_attempt
 from vllm_consolidate.errors import BatchError, InsufficientDiskError
+from vllm_consolidate.write import cleanup
 
 LOCK_NAME = ".vllm-consolidate-batch.lock"
 #: How long a batch waits for another batch on the same output folder to finish cleaning up.
@@ -105,19 +105,18 @@ class WorkerDied(Exception):
     """A worker process ended without reporting its job's outcome (killed, out of memory, a crash)."""
 
 
-def clean_stale(output: Path) -> list[Path]:
-    """Remove leftovers of killed runs for one output: ``.<name>.batch-*`` (and convert()'s
-    ``..<name>.batch-*.partial-*`` inside them) and ``.<name>.old-*``. Returns what was removed."""
-    parent = output.parent
-    if not parent.is_dir():
-        return []
-    esc = glob.escape(output.name)
-    removed = []
-    for pat in (f".{esc}{STAGING_TAG}*", f"..{esc}{STAGING_TAG}*", f".{esc}.old-*"):
-        for p in parent.glob(pat):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+def clean_stale(output: Path, protect: Sequence[Path] = ()) -> list[Path]:
+    """Remove leftovers of killed runs for one output: the single cleaner's rules
+    (:func:`~vllm_consolidate.write.cleanup.clean_stale`) with the batch's ``.<name>.batch-*`` staging
+    folders, and never an input in ``protect``. The caller holds the batch lock exclusively. Returns
+    what was removed."""
+    return cleanup.clean_stale(output, protect, staging_tags=(STAGING_TAG,))
+
+
+def _protected(plan: BatchPlan) -> list[Path]:
+    """Every job's input, checkpoint and weights folder: cleanup never touches them, whatever their names."""
+    found = [p for j in plan.jobs for p in (j.input, j.checkpoint, j.detected.get("weights_dir")) if p]
+    return [Path(p) for p in dict.fromkeys(found)]
 
 
 @contextlib.contextmanager
@@ -404,8 +403,9 @@ def run_batch(plan: BatchPlan, on_event: EventFn | None = None, executor: Execut
         with executor.session():
             out_dir.mkdir(parents=True, exist_ok=True)
             with _batch_lock(out_dir) as lock_fd:
+                protect = _protected(plan)
                 for j in plan.jobs:
-                    clean_stale(j.output)
+                    clean_stale(j.output, protect)
                 fcntl.flock(lock_fd, fcntl.LOCK_SH)  # cleaned up: other readers may look now; workers share it
                 pending = executor.run(plan, emit, out_dir, pending)
     for j in pending:

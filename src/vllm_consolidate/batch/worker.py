@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import os
 import shutil
 import signal
@@ -30,6 +29,7 @@ from vllm_consolidate.batch.plan import Job, job_error
 from vllm_consolidate.batch.states import EventKind
 from vllm_consolidate.convert import ConvertOptions, convert
 from vllm_consolidate.signals import sigterm_raises_interrupt
+from vllm_consolidate.write.cleanup import discard
 
 #: Tests only: seconds a worker waits between converting and publishing a job.
 TEST_DELAY_ENV = "VLLMC_TEST_JOB_DELAY"
@@ -73,11 +73,10 @@ def _set_pdeathsig() -> None:
 def clear_attempt(staging: Path) -> None:
     """Remove what an attempt at a job left: its staging folder and convert()'s ``..<staging>.partial-*`` beside it.
 
-    A worker killed mid-convert (SIGKILL: out of memory, or its Ray node lost) can remove neither.
+    A worker killed mid-convert (SIGKILL: out of memory, or its Ray node lost) can remove neither. Only
+    what carries our marker or a free lock of ours goes (:func:`~vllm_consolidate.write.cleanup.discard`).
     """
-    shutil.rmtree(staging, ignore_errors=True)
-    for p in staging.parent.glob(f".{glob.escape(staging.name)}.partial-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    discard(staging)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (E.UsageError, 2),
     (E.InputNotFoundError, 3),
     (E.UnsafeInputError, 5),
+    (E.LimitExceededError, 4),  # a cap: before its base class, to say so
     (E.CorruptCheckpointError, 4),
     (E.UnsupportedCheckpointError, 4),
     (E.OutputExistsError, 6),

@@ -59,6 +59,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="input type of --against, as convert --type (default: auto)")
     p.add_argument("--model-key", default=None, metavar="NAME",
                    help="DCP --against: the state-dict entry that holds the model, as convert --model-key")
+    p.add_argument("--base-model-name", default=None, metavar="FOLDER_OR_ID",
+                   help="LoRA --against: the base model the adapter was merged into, as convert --base-model-name")
     p.add_argument("--no-value-scan", dest="scan_values", action="store_false",
                    help="skip the NaN/Inf scan (it reads every weight byte once)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -124,7 +126,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from vllm_consolidate.validate.source import reference_for_folder
 
         reference = reference_for_folder(folder, args.against, input_type=args.against_type,
-                                         model_key=args.model_key)
+                                         model_key=args.model_key, base_model_name=args.base_model_name)
     report = validate_folder(folder, scan_values=args.scan_values, reference=reference)
     if args.load:
         try:

@@ -10,8 +10,10 @@ for every chunk where it lies: a file name, a byte offset and a length. In the d
 :class:`DcpTensor` / :class:`DcpChunk` values. Nothing from the pickle is called.
 
 Checked: every field's type; shapes and chunk bounds against the tensor's size; every chunk has
-exactly one storage entry; each storage file is one plain name inside the folder; transforms
-(compression, encryption extensions) are refused; counts are capped.
+exactly one storage entry, at least as long as the chunk's elements; each storage file is one plain
+name inside the folder; transforms (compression, encryption extensions) are refused; counts are
+capped. Whether the chunks tile their tensor, and share no bytes, is checked by the reader
+(``read.dcp``) for the tensors it takes, before any storage file is opened.
 """
 
 from __future__ import annotations
@@ -223,7 +225,8 @@ def read_metadata(folder: Path) -> DcpMetadata:
     """Read and check the ``.metadata`` of a DCP folder, without torch and without running its pickle.
 
     Raises:
-        UnsafePickleError: The pickle names a class outside the allowlist, or passes a cap.
+        UnsafePickleError: The pickle names a class outside the allowlist.
+        LimitExceededError: The file or its pickle passes a cap (a CorruptCheckpointError).
         CorruptCheckpointError: The metadata is malformed or inconsistent.
         UnsupportedCheckpointError: Chunks are stored with transforms (storage extensions).
     """
@@ -254,6 +257,11 @@ def read_metadata(folder: Path) -> DcpMetadata:
             where = index.get((key, offsets))
             if where is None:
                 raise f.bad(f"the chunk of {brief(key)} at {offsets} has no storage entry")
+            # Its archive holds its elements and more (zip headers): a shorter entry cannot be real,
+            # and with no two entries sharing bytes (read.dcp) this ties the work to the files' size.
+            if where[2] < math.prod(sizes) * dtype.itemsize:
+                raise f.bad(f"the chunk of {brief(key)} at {offsets} is stored in {where[2]:,} bytes, fewer than its "
+                            f"{math.prod(sizes) * dtype.itemsize:,} bytes of {dtype}")
             chunks.append(DcpChunk(offsets, sizes, *where))
         if sum(math.prod(c.sizes) for c in chunks) != math.prod(shape):
             raise f.bad(f"the chunks of {brief(key)} do not add up to its shape {shape}")

@@ -86,6 +86,10 @@ class StackMachine:
         """The error for a pickle built to hang or exhaust the reader, in the way ``what`` says."""
         raise NotImplementedError
 
+    def over_cap(self, what: str) -> Exception:
+        """The error for a pickle whose size or work passes a cap, as ``what`` says (default: :meth:`unsafe`)."""
+        return self.unsafe(what)
+
     def take(self, n: int) -> bytes:
         start, end = self.pos, self.pos + n
         if n < 0 or end > len(self.data):
@@ -106,10 +110,10 @@ class StackMachine:
 
     def word(self, size: int, depth: int, flags: int) -> int:
         if size > MAX_EXPANDED:
-            raise self.unsafe(f"builds an object of more than {MAX_EXPANDED:,} parts once shared parts are "
+            raise self.over_cap(f"builds an object of more than {MAX_EXPANDED:,} parts once shared parts are "
                               "counted each time they are used (an exponential \"billion laughs\" structure)")
         if depth > MAX_DEPTH:
-            raise self.unsafe(f"nests objects more than {MAX_DEPTH} deep")
+            raise self.over_cap(f"nests objects more than {MAX_DEPTH} deep")
         return (size << 16) | (depth << 8) | flags
 
     def push(self, size: int, depth: int, flags: int) -> None:
@@ -196,7 +200,7 @@ class StackMachine:
             nbytes = len(self.take(self.uint(*arg)))
             wide, small = nbytes > MAX_INT_BYTES, nbytes <= 7
         if wide:
-            raise self.unsafe(f"holds an integer wider than {MAX_INT_BYTES * 8} bits")
+            raise self.over_cap(f"holds an integer wider than {MAX_INT_BYTES * 8} bits")
         # Ints below 2**55 hash to themselves: no collisions. Wider ones collide modulo 2**61-1.
         self.stack.append(SCALAR if small else _WIDE_INT)
 

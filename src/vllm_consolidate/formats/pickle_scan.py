@@ -33,7 +33,7 @@ reports a refusal. The public names of both are imported from here.
 
 from __future__ import annotations
 
-from vllm_consolidate.errors import CorruptCheckpointError, UnsafePickleError
+from vllm_consolidate.errors import CorruptCheckpointError, LimitExceededError, UnsafePickleError
 from vllm_consolidate.formats.pickle_opcodes import (
     HASHES_ARGS,
     HSAFE,
@@ -71,6 +71,10 @@ class _Scanner(StackMachine):
         return UnsafePickleError(f"refused to load: the pickle {what}; a torch.save file never does", path=self.path,
                                  hint=_HINT)
 
+    def over_cap(self, what: str) -> LimitExceededError:
+        return LimitExceededError(f"refused to load: the pickle {what}; a torch.save file never does", path=self.path,
+                                  hint=_HINT)
+
     def run(self) -> int:
         """Scan to STOP; return the opcode count.
 
@@ -84,7 +88,7 @@ class _Scanner(StackMachine):
                 op = data[pos]  # IndexError past the end: truncated
                 count += 1
                 if count > MAX_OPS:
-                    raise self.unsafe(f"has more than {MAX_OPS:,} opcodes")
+                    raise self.over_cap(f"has more than {MAX_OPS:,} opcodes")
                 kind = fast[op]
                 if kind == 1:  # BINPUT, LONG_BINPUT: in order and with something to store, else see h_put
                     width = 1 if op == _BINPUT else 4
@@ -155,7 +159,8 @@ def scan_pickle(data: bytes, classify: Classify, *, path: str, stack_flags: int 
         The number of opcodes up to and including STOP.
 
     Raises:
-        UnsafePickleError: A cap or rule in the module docstring is broken.
+        LimitExceededError: A cap in the module docstring is passed (opcodes, expanded size, depth, int width).
+        UnsafePickleError: A rule in the module docstring is broken (hash flooding, memo order, self-reference).
         CorruptCheckpointError: The pickle is malformed (truncated, unknown opcode, stack underflow).
     """
     return _Scanner(data, classify, path, stack_flags).run()

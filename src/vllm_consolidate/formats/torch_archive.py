@@ -13,7 +13,7 @@ import struct
 import zipfile
 from typing import Any
 
-from vllm_consolidate.errors import CorruptCheckpointError, UnsafePickleError, UnsupportedCheckpointError
+from vllm_consolidate.errors import CorruptCheckpointError, LimitExceededError, UnsupportedCheckpointError
 
 #: Largest ``data.pkl`` accepted. Real ones are tiny: 11 KB at most in the DeepSpeed corpus, 12 MB
 #: for a state dict of 100,000 tensors (more than any model has); 64 MiB bounds memory and the pre-pass.
@@ -84,8 +84,8 @@ def read_archive(fh: Any, size: int, path: str) -> tuple[bytes, dict[str, tuple[
     """The ``data.pkl`` bytes and ``{storage key: (offset, nbytes)}`` of a checked torch zip."""
     directory = _directory_size(fh)
     if directory is not None and directory > MAX_DIRECTORY_BYTES:
-        raise UnsafePickleError(f"refused to load: the zip directory is {directory:,} bytes, more than a torch file "
-                                "has", path=path)
+        raise LimitExceededError(f"refused to load: the zip directory is {directory:,} bytes, more than the "
+                                 f"{MAX_DIRECTORY_BYTES:,} a torch file can plausibly have", path=path)
     fh.seek(0)
     with zipfile.ZipFile(fh) as zf:
         spans = _check_members(fh, zf, size, path)
@@ -105,12 +105,12 @@ def read_archive(fh: Any, size: int, path: str) -> tuple[bytes, dict[str, tuple[
             raise UnsupportedCheckpointError("big-endian tensor data", path=path,
                                              hint="Re-save the checkpoint on a little-endian machine.")
         if info.file_size > MAX_PICKLE_BYTES:  # the declared size: checked before reading or inflating
-            raise UnsafePickleError(f"refused to load: data.pkl is {info.file_size:,} bytes, more than the "
-                                    f"{MAX_PICKLE_BYTES:,} a checkpoint's pickle can plausibly be", path=path)
+            raise LimitExceededError(f"refused to load: data.pkl is {info.file_size:,} bytes, more than the "
+                                     f"{MAX_PICKLE_BYTES:,} a checkpoint's pickle can plausibly be", path=path)
         with zf.open(info) as member_file:
             data = member_file.read(MAX_PICKLE_BYTES + 1)
         if len(data) > MAX_PICKLE_BYTES:
-            raise UnsafePickleError("refused to load: data.pkl inflates past its declared size", path=path)
+            raise CorruptCheckpointError("refused to load: data.pkl inflates past its declared size", path=path)
     return data, storages
 
 

@@ -41,6 +41,7 @@ from vllm_consolidate import dtypes, safe_io
 from vllm_consolidate.errors import (
     ConsolidateError,
     CorruptCheckpointError,
+    LimitExceededError,
     UnsafePickleError,
     UnsupportedCheckpointError,
 )
@@ -189,7 +190,8 @@ class _LazyUnpickler(pickle.Unpickler):
         if qualname is not None:
             self._inert_classes += 1
             if self._inert_classes > MAX_INERT_CLASSES:
-                raise self._refuse(f"names more than {MAX_INERT_CLASSES} DeepSpeed classes")
+                raise LimitExceededError(f"refused to load: the pickle names more than {MAX_INERT_CLASSES} DeepSpeed "
+                                         "classes", path=self._path)
             return type(clip(name, 40), (Inert,), {"__slots__": (), "qualname": qualname})
         raise self._refuse(f"asks for the global {clip(module)}.{clip(name)}, which is not on the allowlist")
 
@@ -255,15 +257,30 @@ class _LazyUnpickler(pickle.Unpickler):
         return tuple(dims)
 
 
+#: Small pickles that passed the pre-pass and loaded, with their allowlist (oldest first, dropped first).
+_SCANNED: collections.OrderedDict[tuple[bytes, Allowlist], None] = collections.OrderedDict()
+_SCANNED_MAX_BYTES, _SCANNED_ENTRIES = 4096, 256
+
+
 def _unpickle(data: bytes, path: str, storages: dict[str, tuple[int, int]], allow: Allowlist = _DEFAULT) -> Any:
     def classify(module: str, name: str) -> int:
         if (module, name) in allow.inert or (module, name) in allow.calls:
             return RESULT_HSAFE  # stand-ins hash by identity
         return _classify(module, name)
 
-    scan_pickle(data, classify, path=path, stack_flags=RESULT_HSAFE if allow.identity_only else HASHES_ARGS)
+    # The pre-pass is a pure function of the bytes and the allowlist: the many identical small pickles
+    # of one save (a DCP chunk's data.pkl differs only where its shape does) are scanned once. Only a
+    # pickle that loaded is remembered.
+    known = (data, allow)
+    if known not in _SCANNED:
+        scan_pickle(data, classify, path=path, stack_flags=RESULT_HSAFE if allow.identity_only else HASHES_ARGS)
     try:
-        return _LazyUnpickler(data, path, storages, allow).load()
+        loaded = _LazyUnpickler(data, path, storages, allow).load()
+        if len(data) <= _SCANNED_MAX_BYTES and known not in _SCANNED:
+            _SCANNED[known] = None
+            if len(_SCANNED) > _SCANNED_ENTRIES:
+                _SCANNED.popitem(last=False)
+        return loaded
     except ConsolidateError as exc:
         exc.path = exc.path or path  # raised by a stand-in, which does not know the file
         raise
@@ -272,6 +289,11 @@ def _unpickle(data: bytes, path: str, storages: dict[str, tuple[int, int]], allo
         detail = exc.args[0] if exc.args and type(exc.args[0]) is str else ""
         raise CorruptCheckpointError(f"malformed pickle ({type(exc).__name__}: {clip(detail, 200)})",
                                      path=path) from None
+
+
+#: An archive inside a larger file (a DCP chunk) up to this size is read whole: large worlds store
+#: thousands of chunks of a few KB, and per-record reads through a window dominate their cost.
+SMALL_ARCHIVE_BYTES = 1 << 20
 
 
 class _Window(io.RawIOBase):
@@ -322,7 +344,9 @@ def load_lazy(path: str | os.PathLike, *, start: int = 0, length: int | None = N
 
     Raises:
         UnsafePickleError: The pickle names a global outside the allowlist, tries to rewrite the
-            reader's objects, or passes a cap (size, opcodes, nesting, shared structure).
+            reader's objects, or uses what torch.save never writes to defeat the reader's bounds.
+        LimitExceededError: A cap is passed (data.pkl or zip directory size, opcodes, nesting,
+            shared structure, integer width, classes named).
         CorruptCheckpointError: The file is truncated, not a zip, not a regular file, or inconsistent.
         UnsupportedCheckpointError: The file is in torch's legacy (pre-1.6) format.
     """
@@ -335,7 +359,11 @@ def load_lazy(path: str | os.PathLike, *, start: int = 0, length: int | None = N
                     raise CorruptCheckpointError(
                         f"bytes {start}..{start + (length or 0)} lie past the end of the file ({size} bytes); it is "
                         "probably truncated", path=path)
-                fh = _Window(fh, start, length)
+                if length <= SMALL_ARCHIVE_BYTES:  # one read, not a seek and read per zip record
+                    fh.seek(start)
+                    fh = io.BytesIO(fh.read(length))
+                else:
+                    fh = _Window(fh, start, length)
                 size = length
             if fh.read(4) != b"PK\x03\x04":
                 raise UnsupportedCheckpointError(

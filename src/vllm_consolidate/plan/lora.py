@@ -5,19 +5,28 @@
 :class:`~vllm_consolidate.source.Delta` on each target weight. The writer then calls
 :func:`merged_rows` for each block of rows it writes: the base rows in float32 plus
 ``(B @ A) * scale`` for those rows (transposed for embeddings and ``fan_in_fan_out`` layers). Only
-one block of one tensor and the adapter's small factors are ever in memory.
+one block of one tensor, a few tiles of the update (below) and the adapter's small factors are ever in
+memory.
 
 Arithmetic. The same torch operations as peft's ``merge_and_unload`` on a float32 model
 (``get_delta_weight``: ``transpose(B @ A, fan_in_fan_out) * scaling``, then ``weight += delta``), on
-the float32 masters, a block of rows at a time: a block's product has the bits of the same rows of
-the whole product (each element is the same dot product over the rank), which ``tests/test_lora.py``
-checks against peft; the one exception, a single-row block, is computed as two rows (below).
+the float32 masters. The product's bits depend on the shape of the matrix product that computes them:
+BLAS picks its kernel by size, and rows computed in a small product differ from the same rows of a
+large one (MKL 2024 on AVX2: a product of 1, 2, 3, 5, 6 or 7 rows differs from a 1001-row one, in
+the last bit of about one element in ten; a product of 16 rows or more agrees). So the update is
+computed in fixed tiles, never in the rows a caller asks for: the tiles of a tensor are rows
+``[k*T, k*T + T)`` (the last one moved back to end at the last row), each computed in one product of
+``T`` rows (:func:`tile_rows`; the whole tensor when it fits in :data:`TILE_BYTES`, which is then
+exactly peft's product). The writer's blocks and the validator's sampled rows are cut from the same
+tiles, so they always agree, and ``tests/test_lora.py`` checks the result against peft. Tiles are
+cached (a few, by :data:`TILE_CACHE`), so consecutive blocks of one tile cost one product.
 With a 16-bit base the base rows are widened to float32 first and the sum is rounded once to the
 output dtype; peft instead rounds the delta to the base dtype and adds in 16 bits, which loses more.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from pathlib import Path
@@ -25,7 +34,13 @@ from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.casts import cast_into
-from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsupportedCheckpointError, UsageError
+from vllm_consolidate.errors import (
+    ConfigNotFoundError,
+    CorruptCheckpointError,
+    InputNotFoundError,
+    UnsupportedCheckpointError,
+    UsageError,
+)
 from vllm_consolidate.read import hf, peft, verl
 from vllm_consolidate.read.assets import DEFAULT_BASE_MODEL, resolve_base_model, search_chain
 from vllm_consolidate.read.peft import Adapter
@@ -34,9 +49,14 @@ from vllm_consolidate.safe_io import trust_root
 from vllm_consolidate.source import Delta, SourceModel, TensorSpec
 
 _FACTORS: dict[int, tuple[Delta, Any, Any]] = {}
+_TILES: dict[tuple[int, int], tuple[Delta, Any]] = {}
 _LOCK = threading.Lock()
 #: Factor pairs kept in memory at once (each is a few MB even for a 70B model's widest layer).
 _CACHE = 8
+#: Largest tile of a merged weight's float32 update computed in one product (see the module docstring).
+TILE_BYTES = 8 * 2**20
+#: Tiles kept in memory at once: one per writer thread, and one more.
+TILE_CACHE = 3
 
 
 def _read_fp32(spec: TensorSpec) -> Any:
@@ -71,8 +91,38 @@ def row_length(spec: TensorSpec) -> int:
     return spec.numel // spec.shape[0] if spec.shape and spec.shape[0] else 1
 
 
+def tile_rows(spec: TensorSpec) -> int:
+    """Rows per tile of a merged weight's update: all of them when it fits in :data:`TILE_BYTES`, else a
+    multiple of 64 (never fewer than 64: small products take other BLAS kernels, see the module docstring)."""
+    total = spec.shape[0] if spec.shape else 1
+    fit = TILE_BYTES // (4 * row_length(spec))
+    return total if fit >= total else min(total, max(64, fit // 64 * 64))
+
+
+def _tile(delta: Delta, start: int, rows: int) -> Any:
+    """``(B @ A) * scale`` for weight rows ``[start, start + rows)``, in one product (cached)."""
+    key = (id(delta), start)
+    with _LOCK:
+        entry = _TILES.get(key)
+        if entry is not None and entry[0] is delta:
+            return entry[1]
+    a, b = _factors(delta)
+    if delta.transpose:  # rows of the weight are columns of A (embeddings, Conv1D)
+        update = (b @ a[:, start:start + rows]).T * delta.scale
+    else:
+        update = (b[start:start + rows] @ a) * delta.scale
+    with _LOCK:
+        while len(_TILES) >= TILE_CACHE:
+            _TILES.pop(next(iter(_TILES)))
+        _TILES[key] = (delta, update)
+    return update
+
+
 def merged_rows(spec: TensorSpec, first_row: int, rows: int, base: memoryview) -> memoryview:
     """Rows ``[first_row, first_row + rows)`` of the merged weight, as float32 bytes.
+
+    Any block of rows gives the same bits for a row: they are cut from the fixed tiles of
+    :func:`tile_rows`, whatever the block.
 
     Args:
         spec: A tensor with a :class:`~vllm_consolidate.source.Delta`.
@@ -84,20 +134,17 @@ def merged_rows(spec: TensorSpec, first_row: int, rows: int, base: memoryview) -
 
     delta = spec.delta
     assert delta is not None
-    a, b = _factors(delta)
-    cols = row_length(spec)
-    weight = torch.frombuffer(base, dtype=spec.dtype.torch, count=rows * cols).reshape(rows, cols).float()
-    # A block of rows gives the bits of the whole product (blocking does not change each element's
-    # sum), except a block of one row, which BLAS computes another way (gemv): widen it to two rows.
-    total = spec.shape[0]
-    start = first_row if rows > 1 or total < 2 else min(first_row, total - 2)
-    width = rows if rows > 1 or total < 2 else 2
-    skip = first_row - start
-    if delta.transpose:  # rows of the weight are columns of A (embeddings, Conv1D)
-        update = (b @ a[:, start:start + width]).T[skip:skip + rows] * delta.scale
-    else:
-        update = (b[start:start + width] @ a)[skip:skip + rows] * delta.scale
-    return memoryview((weight + update).contiguous().numpy()).cast("B")
+    cols, total, size = row_length(spec), spec.shape[0], tile_rows(spec)
+    # A copy even from float32: the tiles are added in place, and ``base`` is the caller's buffer.
+    weight = torch.frombuffer(base, dtype=spec.dtype.torch, count=rows * cols).reshape(rows, cols)
+    weight = weight.to(torch.float32, copy=True)
+    row = first_row
+    while row < first_row + rows:
+        start = min(row // size * size, total - size)  # the last tile ends at the last row
+        end = min(start + size, first_row + rows)
+        weight[row - first_row:end - first_row] += _tile(delta, start, size)[row - start:end - start]
+        row = end
+    return memoryview(weight.contiguous().numpy()).cast("B")
 
 
 def merge_plan(base: SourceModel, adapter: Adapter, base_dir: Path) -> SourceModel:
@@ -114,6 +161,7 @@ def merge_plan(base: SourceModel, adapter: Adapter, base_dir: Path) -> SourceMod
         return CorruptCheckpointError(f"the adapter does not fit the base model {base_dir}: {what}",
                                       path=adapter.config.path, hint=hint)
 
+    _check_saved_modules(adapter, by_name)
     tensors = dict(by_name)
     for name, spec in adapter.replacements.items():
         if name not in by_name:
@@ -138,6 +186,23 @@ def merge_plan(base: SourceModel, adapter: Adapter, base_dir: Path) -> SourceMod
     return SourceModel(kind="lora_merge", path=base.path, tensors=[tensors[t.name] for t in base.tensors],
                        asset_dirs=[], trained_dtype=base.trained_dtype, info=info, aliases=base.aliases,
                        renamed=base.renamed)
+
+
+def _check_saved_modules(adapter: Adapter, base: dict[str, TensorSpec]) -> None:
+    """Each ``modules_to_save`` entry that names a module of the base must have its trained copy in the adapter.
+
+    peft matches the entries as name suffixes; an entry the base lacks is normal (a task type lists both
+    ``classifier`` and ``score``). A missing copy would silently leave the base's untrained tensor.
+    """
+    for wanted in adapter.config.modules_to_save:
+        modules = {n.rsplit(".", 1)[0] for n in base if "." in n and n.rsplit(".", 1)[0].endswith(wanted)}
+        missing = sorted(m for m in modules if not any(r.startswith(f"{m}.") for r in adapter.replacements))
+        if missing:
+            raise CorruptCheckpointError(
+                f"{peft.ADAPTER_CONFIG} lists {repr(wanted[:200])} in modules_to_save, but the adapter holds no "
+                f"trained copy of {missing[0]} (the merge would keep the base's untrained weights)",
+                path=adapter.config.path,
+                hint="Convert the checkpoint the adapter was saved with (its copy is stored beside the LoRA factors).")
 
 
 def find_lora(source: SourceModel, weights_dir: Path, input_dir: Path) -> peft.Adapter | None:
@@ -178,7 +243,7 @@ def _verl_lora(source: SourceModel, weights_dir: Path) -> tuple[SourceModel, pef
         UnsupportedCheckpointError: Neither file is there.
     """
     full = weights_dir / verl.LORA_FOLDER / peft.ADAPTER_CONFIG
-    if full.is_file():
+    if os.path.lexists(full):  # read (and refused by name) whatever it is
         config = peft.read_lora_config(full)
     elif (weights_dir / verl.LORA_META).is_file():
         config = peft.read_verl_lora_meta(weights_dir / verl.LORA_META)
@@ -202,20 +267,44 @@ def _verl_lora(source: SourceModel, weights_dir: Path) -> tuple[SourceModel, pef
 
 
 def find_base(adapter: peft.Adapter, base_model_name: str | None, default_base: str | None) -> Path:
-    """The base model's folder: ``base_model_name`` unless it is ``default_base`` (the option's default),
-    else the adapter config's ``base_model_name_or_path``; a local folder or an HF cache snapshot.
+    """The base model's folder: ``base_model_name`` unless it is ``default_base`` (the option's default), a local
+    folder or a Hub id in the HF cache; else the adapter config's ``base_model_name_or_path``, which must be a Hub id
+    found in the HF cache.
+
+    A path in ``adapter_config.json`` is never followed: the checkpoint would choose which local model is read and
+    published (``/home/me/other-model``, ``../../secret-model``). The user names a local base with the option.
 
     Raises:
-        InputNotFoundError: Not a local folder and not in the HF cache.
+        ConfigNotFoundError: The adapter names its base by a local path, and the option does not name one.
+        InputNotFoundError: Not found (not a local folder or not in the HF cache).
     """
     explicit = base_model_name if base_model_name != default_base else None
+    hint = "Pass the base model's folder (or its Hub id, if it is in the HF cache) with --base-model-name."
     name = explicit or adapter.config.base_model or default_base
-    base_dir, error = resolve_base_model(name)
+    if not explicit and adapter.config.base_model and not _is_hub_id(adapter.config.base_model):
+        raise ConfigNotFoundError(
+            f"the adapter names its base model by the local path {repr(adapter.config.base_model[:200])}, which is not "
+            "followed (a checkpoint does not choose which local model is read): name it with --base-model-name",
+            path=adapter.config.path, hint="Pass the folder of the model the adapter was trained on: "
+            "--base-model-name FOLDER.")
+    base_dir, error = resolve_base_model(name, download=bool(explicit), local_folders=bool(explicit))
     if base_dir is None:
-        raise InputNotFoundError(
-            f"the adapter's base model {name} was not found ({error})", path=adapter.config.path,
-            hint="Pass the base model's folder (or its Hub id, if it is in the HF cache) with --base-model-name.")
+        raise InputNotFoundError(f"the adapter's base model {name} was not found ({error})",
+                                 path=adapter.config.path, hint=hint)
     return base_dir
+
+
+def _is_hub_id(name: str) -> bool:
+    """``org/name`` or ``name`` as the Hub spells repo ids (no path: no ``/`` start, ``..``, ``~`` or backslash)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def merge_lora(source: SourceModel, weights_dir: Path, input_dir: Path, base_model_name: str | None,
@@ -271,7 +360,7 @@ def adapter_export(source: SourceModel, weights_dir: Path, input_dir: Path, base
                                 adapter_config=str(adapter.config.path), lora_modules=len(adapter.modules))
     try:
         base_dir = find_base(adapter, base_model_name, DEFAULT_BASE_MODEL)
-    except InputNotFoundError as exc:
+    except (InputNotFoundError, ConfigNotFoundError) as exc:  # the adapter is still what it is: written, with a warning
         info["base_model_error"] = exc.message
     else:
         merge_plan(hf.read_hf(base_dir, trust_root(base_dir)), adapter, base_dir)  # raises if it does not fit

@@ -1,11 +1,12 @@
 """Find and copy the non-weight files an inference folder needs: config, tokenizer, generation config.
 
-Search order: the folders the reader names (the checkpoint folder and its parents, nearest first),
-then ``--base-model-name``, a local folder or a Hub id resolved through the local Hugging Face cache
-(``HF_HOME`` / ``HF_HUB_CACHE`` are honoured by huggingface_hub; with ``HF_HUB_OFFLINE=1`` nothing is
-downloaded). The tokenizer files are taken as a set from the first folder that has a tokenizer, so
-files of two tokenizers are never mixed. Training state (optimizer, RNG, trainer state,
-``training_args.bin``, ``zero_to_*.py``) is never copied because only the names below are.
+Search order: the checkpoint folder and its parents (:func:`search_chain`), nearest first, then the
+folders the reader names (a verl role's ``huggingface/``), then ``--base-model-name``, a local folder
+or a Hub id resolved through the local Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE`` are honoured
+by huggingface_hub; with ``HF_HUB_OFFLINE=1`` nothing is downloaded). The tokenizer files are taken
+as a set from the first folder that has a tokenizer, so files of two tokenizers are never mixed.
+Training state (optimizer, RNG, trainer state, ``training_args.bin``, ``zero_to_*.py``) is never
+copied because only the names below are.
 
 Tokenizer families, all copied as one set with whatever else of the set lies beside them:
 ``tokenizer.json`` (any model the ``tokenizers`` library trains); SentencePiece ``tokenizer.model``
@@ -24,24 +25,34 @@ in use, or it is where that config came from): the default base model, if cached
 different model its end-of-sequence ids and sampling defaults. A missing generation config alone
 never triggers a download.
 
-Every asset is checked before it is used: it must be a regular file and, with symlinks resolved,
-lie inside the tree it was found in (the checkpoint's search folders, or the base model's folder;
-for a model in the HF cache, its ``models--*`` folder, whose snapshots link into ``blobs/``). One
-that points elsewhere is skipped with a warning naming it, exactly as if it were absent, so a
-``tokenizer.json`` linked to ``~/.ssh/id_rsa`` never reaches the output. ``config.json`` is read
-with a size cap and strict JSON; a broken one is an error naming it.
+Every asset is checked before it is used: a regular file that, with symlinks resolved, lies inside
+the folder it was found in (in the HF cache, inside its ``models--*`` folder, whose snapshots link
+into ``blobs/``), so no file outside the folders searched is ever read. One that points elsewhere, or
+is larger than its kind can be (:func:`asset_limit`), is skipped with a warning naming it, as if
+absent: a ``tokenizer.json`` linked to ``~/.ssh/id_rsa`` never reaches the output. ``config.json`` is
+read with a size cap and strict JSON; a broken one is an error naming it.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_consolidate.errors import ConfigInvalidError, ConfigNotFoundError, ConsolidateError, CorruptCheckpointError
-from vllm_consolidate.safe_io import MAX_CONFIG_BYTES, confined, is_regular_file, open_regular, read_json, trust_root
+from vllm_consolidate.errors import ConfigInvalidError, ConfigNotFoundError, ConsolidateError
+from vllm_consolidate.read.zero_locate import is_zero_checkpoint_folder
+from vllm_consolidate.safe_io import (
+    MAX_CONFIG_BYTES,
+    MAX_TEMPLATE_BYTES,
+    MAX_TOKENIZER_BYTES,
+    MAX_TOKENIZER_SET_BYTES,
+    confined,
+    read_json,
+    trust_root,
+)
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -80,7 +91,11 @@ class Assets:
     tokenizer_files: list[Path] = field(default_factory=list)
     base_model_dir: Path | None = None
     base_model_error: str | None = None
-    skipped: list[str] = field(default_factory=list)
+    skips: list[tuple[Path, str]] = field(default_factory=list)  # (file or folder, why it was not read)
+
+    @property
+    def skipped(self) -> list[str]:  # one warning per file or folder found but not read
+        return [f"skipped {path}: {why}" for path, why in self.skips]
 
     def origin(self) -> dict[str, str | None]:
         return {
@@ -90,30 +105,51 @@ class Assets:
         }
 
 
-def search_chain(weights_dir: Path, input_dir: Path, levels: int = 2) -> list[Path]:
-    """The weights folder and up to ``levels`` parents, nearest first, stopping at the input folder.
+#: A checkpoint inside a training run, whose run folder may hold the config and tokenizer: HF Trainer's
+#: ``checkpoint-N`` (Accelerate's ``checkpoint_N``), DeepSpeed's ``global_stepN``, verl's ``global_step_N``.
+_RUN_CHECKPOINT = re.compile(r"^(?:checkpoint[-_]|global_step_?)[0-9]+$")
+#: Parts of such a checkpoint that may be given directly: verl's role folders (``global_step_N/actor``)
+#: and Accelerate's DCP model folder (``checkpoint-N/pytorch_model_fsdp_0``).
+_CHECKPOINT_PARTS = ("actor", "critic", "pytorch_model_fsdp_0")
 
-    A ``global_stepN`` folder given directly still looks in its ``checkpoint-N`` and run folders,
-    which is where HF Trainer leaves the config and tokenizer.
+
+def in_run(folder: Path) -> bool:
+    """Whether ``folder`` is a checkpoint inside a run or a part of one (see above), or a DeepSpeed tag
+    folder of any name (``save_checkpoint(dir, tag="best")``: its ``*_model_states.pt`` are in ``dir/best``)."""
+    if _RUN_CHECKPOINT.match(folder.name) or is_zero_checkpoint_folder(folder):
+        return True
+    return folder.name in _CHECKPOINT_PARTS and bool(_RUN_CHECKPOINT.match(folder.parent.name))
+
+
+def search_chain(weights_dir: Path, input_dir: Path, levels: int = 2) -> list[Path]:
+    """The weights folder and up to ``levels`` parents, nearest first, with symlinks resolved.
+
+    A parent inside the input is always searched. Above the input, a parent is searched only while
+    the folder below it is a checkpoint inside a run (:func:`in_run`): ``--input run/checkpoint-5``,
+    a ``global_stepN`` or a verl ``actor/`` given directly still look in their ``checkpoint-N`` and
+    run folders, where HF Trainer leaves the config and tokenizer. Any other input (a model folder such
+    as ``~/dl/model``, a DCP folder, an adapter) is searched alone: the folders around it are not its.
     """
     weights_dir, input_dir = weights_dir.resolve(), input_dir.resolve()
     out = [weights_dir]
     folder = weights_dir
     for _ in range(levels):
-        if folder == input_dir and input_dir != weights_dir:
+        if not (input_dir in folder.parents or in_run(folder)):
             break
         folder = folder.parent
         out.append(folder)
     return out
 
 
-def resolve_base_model(name: str | None, *, download: bool = True) -> tuple[Path | None, str | None]:
+def resolve_base_model(name: str | None, *, download: bool = True,
+                       local_folders: bool = True) -> tuple[Path | None, str | None]:
     """A local folder for ``--base-model-name``: the folder itself, or a snapshot in the HF cache.
 
     Args:
         name: A local folder or a Hub id.
         download: Fetch the small files from the Hub when the id is not cached (never with
             ``HF_HUB_OFFLINE``).
+        local_folders: Accept a local folder (False: the HF cache only, for a name a checkpoint gives).
 
     Returns:
         ``(folder, None)`` when found, ``(None, reason)`` otherwise.
@@ -121,7 +157,7 @@ def resolve_base_model(name: str | None, *, download: bool = True) -> tuple[Path
     if not name:
         return None, None
     local = Path(name).expanduser()
-    if local.is_dir():
+    if local_folders and local.is_dir():
         return local, None
     try:
         from huggingface_hub import snapshot_download
@@ -140,38 +176,88 @@ def resolve_base_model(name: str | None, *, download: bool = True) -> tuple[Path
         return None, f"'{name}' is neither a local folder nor reachable on the Hub ({type(exc).__name__})"
 
 
+def asset_limit(name: str) -> int | None:
+    """The size cap of an asset, by its name relative to its folder (None: ``config.json``, capped when read)."""
+    if name == CONFIG_FILE:
+        return None  # read_config refuses an oversized one with an error naming it
+    if name == GENERATION_CONFIG_FILE:
+        return MAX_CONFIG_BYTES
+    if name.endswith(".jinja") or name == "chat_template.json":
+        return MAX_TEMPLATE_BYTES
+    return MAX_TOKENIZER_BYTES
+
+
+def folder_root(folder: Path) -> Path:
+    """The tree the files found in ``folder`` may resolve into: the folder itself, resolved, or for a
+    snapshot in the HF cache its ``models--*`` folder (see :func:`~vllm_consolidate.safe_io.trust_root`)."""
+    try:
+        return trust_root(Path(folder).resolve())
+    except (OSError, RuntimeError):  # a symlink loop: nothing can resolve inside it
+        return Path(folder).absolute()
+
+
 class _Finder:
-    """Looks for each asset in folders, nearest first, accepting only confined regular files."""
+    """Looks for each asset in folders, nearest first, accepting only regular files of a plausible size that
+    resolve inside the folder they are found in."""
 
     def __init__(self, assets: Assets):
         self.assets = assets
 
-    def usable(self, path: Path, roots: list[Path]) -> bool:
-        if not os.path.lexists(path):
-            return False
-        if not confined(path, roots):
-            self.assets.skipped.append(
-                f"skipped {path}: it resolves to {_real(path)}, outside {', '.join(str(r) for r in roots)}")
-            return False
-        if not is_regular_file(path):
-            self.assets.skipped.append(f"skipped {path}: not a regular file")
-            return False
-        return True
+    def skip(self, path: Path, why: str) -> None:
+        self.assets.skips.append((path, why))
 
-    def scan(self, folders: list[Path], roots: list[Path], *, generation: bool = True) -> None:
+    def usable(self, path: Path, root: Path, name: str) -> int | None:
+        """The size of ``path`` if it may be read (see the class), else None (with a warning if it exists)."""
+        if not os.path.lexists(path):
+            return None
+        if not confined(path, [root]):
+            self.skip(path, f"it resolves to {_real(path)}, outside {root}")
+            return None
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            self.skip(path, f"cannot read it ({exc.strerror or exc})")
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            self.skip(path, "not a regular file")
+            return None
+        limit = asset_limit(name)
+        if limit is not None and st.st_size > limit:
+            self.skip(path, f"it is {st.st_size:,} bytes, more than the {limit:,} such a file can plausibly be")
+            return None
+        return st.st_size
+
+    def tokenizer(self, folder: Path, root: Path) -> list[Path] | None:
+        """The usable tokenizer files of ``folder`` if they make a tokenizer (at most
+        :data:`~vllm_consolidate.safe_io.MAX_TOKENIZER_SET_BYTES` together)."""
+        names = tokenizer_names(folder)
+        if not has_tokenizer(names):
+            return None
+        usable, total = [], 0
+        for name in names:
+            size = self.usable(folder / name, root, name)
+            if size is None:
+                continue
+            if total + size > MAX_TOKENIZER_SET_BYTES:
+                self.skip(folder / name, f"the tokenizer files here would be more than {MAX_TOKENIZER_SET_BYTES:,} "
+                                         "bytes together")
+                continue
+            total += size
+            usable.append(name)
+        return [folder / n for n in usable] if has_tokenizer(usable) else None
+
+    def scan(self, folders: list[Path], *, generation: bool = True) -> None:
         """Fill in what is still missing from ``folders``, nearest first (the generation config only if allowed)."""
         a = self.assets
         for folder in folders:
-            if a.config is None and self.usable(folder / CONFIG_FILE, roots):
+            root = folder_root(folder)
+            if a.config is None and self.usable(folder / CONFIG_FILE, root, CONFIG_FILE) is not None:
                 a.config = folder / CONFIG_FILE
-            if generation and a.generation_config is None and self.usable(folder / GENERATION_CONFIG_FILE, roots):
+            if (generation and a.generation_config is None
+                    and self.usable(folder / GENERATION_CONFIG_FILE, root, GENERATION_CONFIG_FILE) is not None):
                 a.generation_config = folder / GENERATION_CONFIG_FILE
-            if a.tokenizer_dir is None:
-                names = tokenizer_names(folder)
-                if has_tokenizer(names):
-                    usable = [n for n in names if self.usable(folder / n, roots)]
-                    if has_tokenizer(usable):
-                        a.tokenizer_dir, a.tokenizer_files = folder, [folder / n for n in usable]
+            if a.tokenizer_dir is None and (files := self.tokenizer(folder, root)) is not None:
+                a.tokenizer_dir, a.tokenizer_files = folder, files
 
 
 def _real(path: Path) -> str:
@@ -233,33 +319,42 @@ NO_TOKENIZER_WARNING = ("no tokenizer found in the checkpoint or the base model;
 def find_checkpoint_assets(weights_dir: Path, input_dir: Path, extra_dirs: list[Path],
                            base_model_name: str | None) -> Assets:
     """The assets of a checkpoint: its weights folder and parents (see :func:`search_chain`), then
-    ``extra_dirs`` (a reader's own asset folders), then the base model; confined to those trees."""
+    ``extra_dirs`` (a reader's own asset folders inside the weights folder), then the base model."""
     chain = search_chain(weights_dir, input_dir)
-    return find_assets(chain + [d for d in extra_dirs if d not in chain], base_model_name,
-                       roots=[chain[-1], Path(input_dir).absolute()])
+    extras, skips = [], []
+    for folder in extra_dirs:
+        if folder_root(folder) in chain:
+            continue
+        if os.path.lexists(folder) and not confined(folder, [weights_dir]):  # huggingface/ -> elsewhere
+            skips.append((folder, f"it resolves to {_real(folder)}, outside {weights_dir}"))
+            continue
+        extras.append(folder)
+    assets = find_assets(chain + extras, base_model_name)
+    assets.skips[:0] = skips
+    return assets
 
 
 def missing_config(assets: Assets, where: Path) -> ConfigNotFoundError:
     """The error for a checkpoint whose config.json was found nowhere (with why the base model did not help)."""
     reason = f" ({assets.base_model_error})" if assets.base_model_error else ""
-    return ConfigNotFoundError(f"no config.json in the checkpoint, its parent folders, or the base model{reason}",
-                               path=where)
+    # The warnings are printed only with a result: the one line must say why a config.json there was not used.
+    skipped = next((f"; skipped {p}: {why}" for p, why in assets.skips if p.name == CONFIG_FILE or p.is_dir()), "")
+    return ConfigNotFoundError(
+        f"no config.json in the checkpoint, its parent folders, or the base model{reason}{skipped}", path=where)
 
 
-def find_assets(search_dirs: list[Path], base_model_name: str | None, roots: list[Path] | None = None) -> Assets:
-    """Locate config, generation config and tokenizer files.
+def find_assets(search_dirs: list[Path], base_model_name: str | None) -> Assets:
+    """Locate config, generation config and tokenizer files, each confined to the folder it is found in.
 
     The base model is consulted only for what the checkpoint's own folders lack.
 
     Args:
         search_dirs: Folders to search, nearest first.
         base_model_name: ``--base-model-name``: a local folder or a Hub id.
-        roots: The trees assets found in ``search_dirs`` must resolve into (default: the last, highest
-            search folder).
     """
     assets = Assets()
     finder = _Finder(assets)
-    finder.scan(search_dirs, roots or search_dirs[-1:])
+    finder.scan(search_dirs)
     own_config = assets.config
     if assets.config is None or assets.tokenizer_dir is None:
         base, error = resolve_base_model(base_model_name)
@@ -271,8 +366,9 @@ def find_assets(search_dirs: list[Path], base_model_name: str | None, roots: lis
         base = None
     if base is not None:
         assets.base_model_dir = base
-        same = own_config is None or _same_model(own_config, base / CONFIG_FILE)
-        finder.scan([base], [trust_root(base)], generation=same)
+        same = own_config is None or (confined(base / CONFIG_FILE, [folder_root(base)])
+                                      and _same_model(own_config, base / CONFIG_FILE))
+        finder.scan([base], generation=same)
     return assets
 
 
@@ -304,50 +400,3 @@ def asset_bytes(assets: Assets) -> int:
     """Bytes the copied assets take (for the disk preflight; the config is counted at a 1 MiB allowance)."""
     files = [p for p in [assets.generation_config, *assets.tokenizer_files] if p is not None]
     return sum(os.stat(p).st_size for p in files) + MAX_CONFIG_BYTES // 16
-
-
-def copy_regular(src: Path, dst: Path) -> None:
-    """Copy one asset; a read failure names the source (exit 4), a write failure raises the plain OSError."""
-    fd = open_regular(src)
-    try:
-        with open(dst, "xb") as out:
-            while True:
-                try:
-                    chunk = os.read(fd, 1 << 20)
-                except OSError as exc:
-                    raise CorruptCheckpointError(f"cannot read {src.name}: {exc.strerror or exc}", path=src) from exc
-                if not chunk:
-                    break
-                out.write(chunk)
-    finally:
-        os.close(fd)
-
-
-def copy_assets(assets: Assets, folder: Path, config: dict) -> list[str]:
-    """Write ``config`` and copy the generation config and tokenizer files into ``folder``."""
-    written = [CONFIG_FILE]
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if assets.generation_config is not None:
-        copy_regular(assets.generation_config, folder / GENERATION_CONFIG_FILE)
-        written.append(GENERATION_CONFIG_FILE)
-    return written + _copy_tokenizer(assets, folder)
-
-
-def copy_adapter_assets(assets: Assets, adapter_config: Path, folder: Path) -> list[str]:
-    """A peft adapter folder's files besides its weights: ``adapter_config.json`` (re-written from the
-    checked original, ``inference_mode`` on) and the tokenizer files."""
-    config = read_json(adapter_config, MAX_CONFIG_BYTES, what="adapter_config.json")
-    config["inference_mode"] = True
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return ["adapter_config.json"] + _copy_tokenizer(assets, folder)
-
-
-def _copy_tokenizer(assets: Assets, folder: Path) -> list[str]:
-    written = []
-    for src in assets.tokenizer_files:
-        # Relative to the tokenizer's folder, so additional_chat_templates/NAME.jinja keeps its folder.
-        rel = src.relative_to(assets.tokenizer_dir) if assets.tokenizer_dir else Path(src.name)
-        (folder / rel).parent.mkdir(exist_ok=True)
-        copy_regular(src, folder / rel)
-        written.append(rel.as_posix())
-    return written

@@ -17,6 +17,7 @@ ambiguous: the reader refuses and names them, and ``--model-key`` picks one (``"
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,7 +33,7 @@ from vllm_consolidate.errors import (
 from vllm_consolidate.formats import dcp
 from vllm_consolidate.formats.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.limits import brief
-from vllm_consolidate.read.chunks import Piece, assemble
+from vllm_consolidate.read.chunks import Piece, assemble, check_tiling
 from vllm_consolidate.read.hf import check_weight_file, strip_wrapper_prefixes
 from vllm_consolidate.safe_io import open_regular
 from vllm_consolidate.source import SourceModel, TensorSpec
@@ -158,6 +159,68 @@ def check_storage_files(folder: Path, meta: dcp.DcpMetadata, roots: list[Path]) 
                 path=path, hint="Copy the checkpoint again from where it was saved.")
 
 
+def tied_entries(tensors: dict[str, dcp.DcpTensor], names: dict[str, str], where: Path,
+                 ) -> tuple[dict[str, str], dict[str, dcp.DcpTensor]]:
+    """Tied weights among the model's entries: ``({parameter name: the name it is tied to}, the rest)``.
+
+    The same stored bytes under two names are tied weights (one storage saved under two names), but
+    only when everything matches: dtype, shape and every chunk's place and storage. A forged entry
+    pointing at another tensor's bytes under another shape is not tied; :func:`check_layout` then
+    refuses it for sharing bytes.
+
+    Raises:
+        CorruptCheckpointError: Two entries have the same parameter name once wrapper prefixes are removed.
+    """
+    aliases: dict[str, str] = {}
+    by_place: dict[tuple, str] = {}
+    owner: dict[str, str] = {}
+    stored_once: dict[str, dcp.DcpTensor] = {}
+    for key, tensor in tensors.items():
+        name = names[key]
+        if name in owner:
+            raise CorruptCheckpointError(f"tensors {brief(owner[name])} and {brief(key)} are both {brief(name)}",
+                                         path=where)
+        owner[name] = key
+        place = (tensor.dtype, tensor.shape, tuple(sorted(tensor.chunks, key=lambda c: c.offsets)))
+        if place in by_place:
+            aliases[name] = by_place[place]
+        else:
+            by_place[place] = name
+            stored_once[key] = tensor
+    return aliases, stored_once
+
+
+def check_layout(tensors: dict[str, dcp.DcpTensor], where: Path) -> None:
+    """From the metadata alone: each tensor's chunks tile it, and no two chunks share a byte.
+
+    Run before any chunk's archive is read, so a forged ``.metadata`` costs the time to read it and
+    no more: the tiling check is O(n log n) in the chunks (:func:`~.chunks.check_tiling`), and the
+    storage spans are sorted once. Two chunks whose archives overlap in one file would give one
+    tensor's rows twice (or another tensor's), however the archives themselves look. Tied entries
+    (:func:`tied_entries`) are passed once.
+
+    Raises:
+        CorruptCheckpointError: Chunks overlap, leave a gap, or share bytes of a storage file.
+        UnsupportedCheckpointError: A tensor's chunks split it along too many dimensions.
+    """
+    for key, tensor in tensors.items():
+        with naming_file(where):
+            check_tiling(tensor.shape, [(c.offsets, c.sizes) for c in tensor.chunks], key)
+    spans = sorted((c.file, c.offset, c.offset + c.length, key) for key, t in tensors.items() for c in t.chunks
+                   if c.length)
+    reach: tuple[str, int, str] = ("", 0, "")  # (file, end, tensor) of the span reaching furthest so far
+    for file, start, end, key in spans:
+        if file == reach[0] and start < reach[1]:
+            whose = (f"two chunks of {brief(key)}" if key == reach[2] else
+                     f"chunks of {brief(reach[2])} and {brief(key)}")
+            raise CorruptCheckpointError(
+                f"{whose} share bytes of {brief(file)} (byte {start:,} lies in both); a chunk's storage must be its "
+                "own",
+                path=where.parent / file, hint="The .metadata is damaged or forged: re-save the checkpoint.")
+        if file != reach[0] or end > reach[1]:
+            reach = (file, end, key)
+
+
 def _piece(folder: Path, tensor: dcp.DcpTensor, chunk: dcp.DcpChunk) -> Piece:
     path = folder / chunk.file
     try:
@@ -197,30 +260,18 @@ def read_dcp(folder: Path, root: Path | None = None, model_key: str | None = Non
     entries = len(meta.tensors) + len(meta.byte_keys)
     selected = {key: meta.tensors[key] for key in names}
     meta.tensors = selected  # only the model's files must be present
-    check_storage_files(folder, meta, roots)
+    names_of = {key: strip_wrapper_prefixes(name) for key, name in names.items()}
+    aliases, stored_once = tied_entries(selected, names_of, meta.path)
+    check_storage_files(folder, meta, roots)  # present, regular, inside the input, long enough
+    check_layout(stored_once, meta.path)  # from the metadata alone: before any archive is read
     specs: list[TensorSpec] = []
-    renamed: dict[str, str] = {}
-    aliases: dict[str, str] = {}
-    by_place: dict[tuple, str] = {}
-    owner: dict[str, str] = {}
-    for key, tensor in selected.items():
-        name = strip_wrapper_prefixes(names[key])
-        if name in owner:
-            raise CorruptCheckpointError(f"tensors {brief(owner[name])} and {brief(key)} are both {brief(name)}",
-                                         path=meta.path)
-        owner[name] = key
-        if name != names[key]:  # a wrapper prefix (the container itself is expected, not a rename)
-            renamed[names[key]] = name
-        # The same stored bytes under two names are tied weights, but only when everything matches:
-        # a forged entry pointing at another tensor's bytes must not borrow them under another shape.
-        place = (tensor.dtype, tensor.shape, tuple(sorted(tensor.chunks, key=lambda c: c.offsets)))
-        if place in by_place:
-            aliases[name] = by_place[place]
-            continue
-        by_place[place] = name
-        pieces = [_piece(folder, tensor, c) for c in tensor.chunks]
+    renamed = {name: names_of[key] for key, name in names.items() if names_of[key] != name}
+    for key, tensor in stored_once.items():
+        name = names_of[key]
+        # An empty chunk holds nothing: its archive is never needed (large worlds have many).
+        pieces = [_piece(folder, tensor, c) for c in tensor.chunks if math.prod(c.sizes)]
         with naming_file(meta.path):
-            segments = assemble(tensor.shape, pieces, name)
+            segments = assemble(tensor.shape, pieces, name) if pieces else []
         specs.append(TensorSpec(name, tensor.dtype, tensor.shape, segments))
     stored = stored_dtype(specs)
     info = {
@@ -246,4 +297,4 @@ def stored_dtype(specs: list[TensorSpec]) -> DType | None:
     return seen.pop() if len(seen) == 1 else None
 
 
-__all__ = ["HF_ROOTS", "check_storage_files", "model_keys", "read_dcp", "stored_dtype"]
+__all__ = ["HF_ROOTS", "check_layout", "check_storage_files", "model_keys", "read_dcp", "stored_dtype", "tied_entries"]

@@ -19,7 +19,8 @@ Untrusted input: rank and model-states files must be regular files and, symlinks
 the folder the user named (a link out is an :class:`UnsafeInputError`; which folder is chosen, and
 how ``latest`` is read, is in :mod:`.zero_locate`). Every number in the pickles is type-checked and
 compared with the files before it sizes anything, and each rank file must be its own rank's: see
-:mod:`.zero_checks`.
+:mod:`.zero_checks` and :mod:`.zero_slices` (ZeRO-1/2 files are refused only on proof from their
+sizes or bytes; fields DeepSpeed itself ignores give warnings, in ``info["warnings"]``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from vllm_consolidate.read.zero_locate import (  # re-exported: detection, batch
     resolve_checkpoint,
     step_of,
 )
+from vllm_consolidate.read.zero_slices import Zero12Group, check_zero12_rank
 from vllm_consolidate.safe_io import confined, open_regular
 from vllm_consolidate.source import Segment, SourceModel, TensorSpec
 
@@ -258,7 +260,7 @@ def read_deepspeed(folder: Path, root: Path | None = None) -> SourceModel:
 
     Every rank and model-states file must be a regular file that, symlinks resolved, lies inside
     ``root``. Every number the pickles declare is checked before it sizes anything, and each rank
-    file must hold its own rank's slice (see :mod:`.zero_checks`).
+    file must hold its own rank's slice (see :mod:`.zero_checks` and :mod:`.zero_slices`).
 
     Args:
         folder: The ``global_stepN`` folder.
@@ -290,7 +292,8 @@ def read_deepspeed(folder: Path, root: Path | None = None) -> SourceModel:
     zc.check_distinct([(path, flats) for path, _, flats in ranks])
     if stage == 3 and ms.frozen_shapes:  # ZeRO-3 keeps each rank's slice of the frozen parameters per rank
         zc.check_distinct([(p, list(fr.values())) for p, fr in zip(ms.files, ms.frozen)])
-    specs = _zero12_params(ms, ranks, world) if stage <= 2 else _zero3_params(ms, ranks, world)
+    warnings: list[str] = []
+    specs = _zero12_params(ms, ranks, world, warnings) if stage <= 2 else _zero3_params(ms, ranks, world)
     _add(specs, _buffers(ms), folder)
     for spec in specs.values():
         have = sum(s.nbytes for s in spec.segments)
@@ -307,6 +310,7 @@ def read_deepspeed(folder: Path, root: Path | None = None) -> SourceModel:
         "ds_version": ms.ds_version,
         "trained_dtype": ms.trained.name if ms.trained else None,
         "rank_files": len(optim_files),
+        **({"warnings": warnings} if warnings else {}),  # read by convert and inspect
     }
     return SourceModel(kind="deepspeed", path=folder, tensors=[specs[k] for k in order], asset_dirs=[],
                        trained_dtype=ms.trained, info=info, aliases=aliases)
@@ -344,8 +348,12 @@ def _paddings(sd: dict, groups: list[dict[str, tuple[int, ...]]], path: Path) ->
     return [list(p) for p in value]
 
 
-def _zero12_params(ms: _ModelStates, ranks: list[_RankStates], world: int) -> dict[str, TensorSpec]:
-    """The trained and frozen parameters of a ZeRO-1/2 checkpoint, once each rank is shown to hold its own slice."""
+def _zero12_params(ms: _ModelStates, ranks: list[_RankStates], world: int,
+                   warnings: list[str]) -> dict[str, TensorSpec]:
+    """The trained and frozen parameters of a ZeRO-1/2 checkpoint, once each rank is shown to hold its own slice.
+
+    The rank checks' warnings (advisory fields that disagree, see :mod:`.zero_slices`) are appended to ``warnings``.
+    """
     path0, sd0, flats0 = ranks[0]
     for path, _, flats in ranks:
         if len(flats) != len(ms.groups):
@@ -353,17 +361,16 @@ def _zero12_params(ms: _ModelStates, ranks: list[_RankStates], world: int) -> di
                 f"{len(ms.groups)} parameter groups in the model states, {len(flats)} fp32 groups in the optimizer",
                 path=path)
     paddings = _paddings(sd0, ms.groups, path0)
+    layouts = [Zero12Group.of(shapes, paddings[g] if paddings else None, world)
+               for g, shapes in enumerate(ms.groups)]
     files = [path for path, _, _ in ranks]
     for r, (_, sd, flats) in enumerate(ranks):
-        zc.check_zero12_rank(sd, r, files, ms.groups, paddings, flats)
+        warnings.extend(check_zero12_rank(sd, r, files, layouts, flats, ms.module))
     specs: dict[str, TensorSpec] = {}
-    for g, shapes in enumerate(ms.groups):
+    for g, (shapes, layout) in enumerate(zip(ms.groups, layouts)):
         vector = _Flat([flats[g] for _, _, flats in ranks], str(path0))
-        offset, group = 0, {}
-        for i, (name, shape) in enumerate(shapes.items()):
-            numel = math.prod(shape)
-            group[name] = TensorSpec(name, dtypes.float32, shape, _merge(vector.segments(offset, numel)))
-            offset += numel + (paddings[g][i] if paddings is not None else 0)
+        group = {name: TensorSpec(name, dtypes.float32, shape, _merge(vector.segments(start, numel)))
+                 for (name, shape), start, numel in zip(shapes.items(), layout.starts, layout.numels)}
         _add(specs, group, path0)
     frozen = {}
     for name, shape in ms.frozen_shapes.items():

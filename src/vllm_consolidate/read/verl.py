@@ -19,12 +19,19 @@ Each rank's box of a tensor follows ``torch.chunk`` semantics on its mesh coordi
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 from vllm_consolidate import safe_io
-from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsupportedCheckpointError, naming_file
+from vllm_consolidate.errors import (
+    CorruptCheckpointError,
+    InputNotFoundError,
+    UnsafeInputError,
+    UnsupportedCheckpointError,
+    naming_file,
+)
 from vllm_consolidate.formats import dtensor
 from vllm_consolidate.formats.dtensor import DTensorShard
 from vllm_consolidate.formats.torch_zip import TensorRef, load_lazy
@@ -80,14 +87,7 @@ def _world(folder: Path) -> tuple[int, dict[int, Path], dict[str, Any]]:
             f"rank files of more than one world size are mixed here: {', '.join(map(str, sorted(found)))}",
             path=folder, hint="Keep only the files of one save in the folder.")
     world, files = next(iter(found.items()))
-    config: dict[str, Any] = {}
-    if (folder / FSDP_CONFIG).exists():
-        config = safe_io.read_json(folder / FSDP_CONFIG, what=FSDP_CONFIG)
-        declared = config.get("world_size") if isinstance(config, dict) else None
-        if declared is not None and (type(declared) is not int or declared != world):
-            raise CorruptCheckpointError(
-                f"{FSDP_CONFIG} says world_size {brief(declared)}, but the rank files are for world size {world}",
-                path=folder / FSDP_CONFIG, hint="The folder mixes two saves; copy the checkpoint again.")
+    config = _fsdp_config(folder, world)
     if not 0 < world <= MAX_WORLD_SIZE:
         raise CorruptCheckpointError(f"world size {world} in the rank file names", path=folder)
     missing = [r for r in range(world) if r not in files]
@@ -95,9 +95,37 @@ def _world(folder: Path) -> tuple[int, dict[int, Path], dict[str, Any]]:
     if missing or extra:
         raise CorruptCheckpointError(
             f"world size {world} needs rank files 0..{world - 1}; "
-            + (f"missing: {brief(', '.join(map(str, missing)))}" if missing else f"unexpected ranks {extra}"),
+            + (f"missing: {', '.join(map(str, missing[:16]))}{', ...' if len(missing) > 16 else ''}" if missing
+               else f"unexpected ranks {extra}"),
             path=folder, hint="Copy every model_world_size_*_rank_*.pt file of the checkpoint.")
     return world, files, config
+
+
+def _fsdp_config(folder: Path, world: int) -> dict[str, Any]:
+    """The role folder's ``fsdp_config.json`` (empty if absent), checked against the rank files' world size.
+
+    Like every file read from a checkpoint, it must be a regular file that resolves inside the folder
+    it is in (a link to the run folder or elsewhere is refused, not followed).
+
+    Raises:
+        UnsafeInputError: It links out of the role folder.
+        CorruptCheckpointError: Not a regular file, not strict JSON, or a world size other than the files'.
+    """
+    path = folder / FSDP_CONFIG
+    if not os.path.lexists(path):
+        return {}
+    if not safe_io.confined(path, [folder]):
+        raise UnsafeInputError(
+            f"{FSDP_CONFIG} resolves to {os.path.realpath(path)}, outside {folder}; refusing to read it", path=path,
+            hint="Copy the real file into the role folder (a link out of it is never followed).")
+    config = safe_io.read_json(path, what=FSDP_CONFIG)
+    declared = config.get("world_size")
+    if declared is not None and (type(declared) is not int or declared != world):
+        kind = "" if type(declared) is int else f" (a {type(declared).__name__}, not an integer)"
+        raise CorruptCheckpointError(
+            f"{FSDP_CONFIG} says world_size {brief(declared)}{kind}, but the rank files are for world size {world}",
+            path=path, hint="The folder mixes two saves; copy the checkpoint again.")
+    return config
 
 
 def _box(shard: DTensorShard, mesh: tuple[int, ...], where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -201,7 +229,7 @@ def read_verl(folder: Path, root: Path | None = None) -> SourceModel:
         "type": "verl",
         "role": folder.name,
         "world_size": world,
-        "fsdp_version": fsdp_config.get("FSDP_version") if isinstance(fsdp_config, dict) else None,
+        "fsdp_version": fsdp_config.get("FSDP_version"),
         "placements": placements,
         "tag": folder.parent.name,
         "stored_dtype": stored.name if stored else None,

@@ -11,29 +11,20 @@ have checked:
   ``10**12`` would otherwise be looped over); the parameters' element counts are compared with
   the elements the ranks actually hold before any per-parameter byte range is built.
 * **Rank identity** (a rank file copied over another, or two files swapped, gives wrong weights
-  that look fine). Three signals, cheapest first:
-
-  1. ZeRO-1/2, sizes: rank ``r`` holds exactly ``min(P, max(0, n - r*P))`` elements of each group,
-     where ``n`` is the group's element count with DeepSpeed's per-parameter alignment paddings and
-     ``P = ceil(n / 2W) * 2W / W`` is its partition size (DeepSpeed pads the flat group to a
-     multiple of ``2 * world_size`` and cuts it into ``W`` equal parts, then saves each part
-     without its tail padding). Catches a copy whenever the last rank's share differs.
-  2. ZeRO-1/2, names: since DeepSpeed 0.7 each rank file records ``param_slice_mappings``, the
-     names of the parameters its slice touches (``start <= offset < end`` or
-     ``offset < start < offset + numel``, as ``get_partition_info`` decides). They must be the
-     names rank ``r``'s range covers. Catches any copy or swap of ZeRO-1/2 rank files.
-  3. Any stage, content: ZeRO-3 rank files record nothing per rank, so two files are called copies
-     when they have the same size, the same first and last KiB of every fp32 flat tensor (or
-     frozen fragment), not all zero, and the same bytes of their ``data.pkl``. Two real ranks hold
-     different slices of trained weights, so equal samples mean a copy; all-zero samples (an
-     untrained all-zero group) prove nothing and are not compared. A swap of two ZeRO-3 files
-     (renamed, not copied) cannot be seen from the files and is not detected.
+  that look fine). ZeRO-1/2: by sizes and bytes, in :mod:`.zero_slices` (which also says which
+  pickled fields DeepSpeed's own consolidation uses, and why ``param_slice_mappings`` is only
+  advisory). Any stage, content: ZeRO-3 rank files record nothing per rank, so two files are
+  called copies when they have the same size, the same first and last KiB of every fp32 flat
+  tensor (or frozen fragment), not all zero, and the same bytes of their ``data.pkl``
+  (:func:`check_distinct`). Two real ranks hold different slices of trained weights, so equal
+  samples mean a copy; all-zero samples (an untrained all-zero group) prove nothing and are not
+  compared. A swap of two ZeRO-3 files (renamed, not copied) cannot be seen from the files and is
+  not detected.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import zipfile
 from collections.abc import Iterable
@@ -132,63 +123,6 @@ def flat_groups(value: Any, key: str, path: Path) -> list[TensorRef]:
     return list(groups)
 
 
-def zero12_layout(numels: list[int], paddings: list[int] | None, world: int) -> tuple[int, int]:
-    """``(n, P)`` of a ZeRO-1/2 group: its element count with alignment paddings, and its partition size."""
-    n = sum(numels) + sum(paddings or ())
-    align = 2 * world
-    return n, math.ceil(n / align) * align // world
-
-
-def zero12_slice_names(shapes: dict[str, tuple[int, ...]], paddings: list[int] | None, rank: int,
-                       size: int) -> set[str]:
-    """The names of the parameters rank ``rank``'s slice touches, by DeepSpeed's own rule."""
-    start, end = rank * size, (rank + 1) * size
-    offset, names = 0, set()
-    for i, (name, shape) in enumerate(shapes.items()):
-        numel = math.prod(shape)
-        if start <= offset < end or offset < start < offset + numel:
-            names.add(name)
-        offset += numel + (paddings[i] if paddings else 0)
-    return names
-
-
-def check_zero12_rank(sd: dict, rank: int, files: list[Path], groups: list[dict[str, tuple[int, ...]]],
-                      paddings: list[list[int]] | None, flats: list[TensorRef]) -> None:
-    """Rank ``rank``'s file holds rank ``rank``'s slice of every group: by its recorded names, then by size.
-
-    Args:
-        sd: The rank's ``optimizer_state_dict``.
-        rank: The rank its file name gives.
-        files: Every rank's optimizer file, in rank order (the world size is their number).
-        groups: The parameter shapes per group.
-        paddings: The alignment paddings per group and parameter, if recorded.
-        flats: The rank's flat fp32 groups.
-    """
-    world, path = len(files), files[rank]
-    layouts = [zero12_layout([math.prod(s) for s in shapes.values()], paddings[g] if paddings else None, world)
-               for g, shapes in enumerate(groups)]
-    mappings = sd.get("param_slice_mappings")
-    if isinstance(mappings, (list, tuple)) and len(mappings) == len(groups) and all(
-            isinstance(m, dict) for m in mappings):
-        for g, shapes in enumerate(groups):
-            pads = paddings[g] if paddings else None
-            have = {k for k in mappings[g] if isinstance(k, str)}
-            if have == zero12_slice_names(shapes, pads, rank, layouts[g][1]):
-                continue
-            owner = next((r for r in range(world) if zero12_slice_names(shapes, pads, r, layouts[g][1]) == have), None)
-            other = (f"rank {owner}'s slice (the one {files[owner].name} should hold)" if owner is not None
-                     else "no rank's slice")
-            raise CorruptCheckpointError(
-                f"{path.name} holds {other}, not rank {rank}'s (group {g}); the rank files are copied or swapped",
-                path=path, hint=_MIXED_HINT)
-    for g, (n, size) in enumerate(layouts):
-        want = min(size, max(0, n - rank * size))
-        if flats[g].numel != want:
-            raise CorruptCheckpointError(
-                f"group {g}: {path.name} holds {flats[g].numel} elements, but the parameter shapes give rank {rank} "
-                f"{want}; it is another rank's file or from another run", path=path, hint=_MIXED_HINT)
-
-
 def _sample(fd: int, refs: Iterable[TensorRef]) -> tuple[bytes, bool]:
     """The first and last :data:`SAMPLE_BYTES` of each tensor, hashed; and whether any byte was non-zero."""
     h, nonzero = hashlib.sha256(), False
@@ -220,7 +154,7 @@ def _pickle_digest(path: Path) -> bytes:
 
 
 def check_distinct(files: list[tuple[Path, list[TensorRef]]]) -> None:
-    """No two rank files are copies of each other (rule 3 of the module docstring).
+    """No two rank files are copies of each other (see "Rank identity" in the module docstring).
 
     Args:
         files: Each rank file with the tensors whose ends are sampled (its flat groups, or its frozen fragments).
@@ -248,6 +182,6 @@ def check_distinct(files: list[tuple[Path, list[TensorRef]]]) -> None:
 
 
 __all__ = [
-    "SAMPLE_BYTES", "check_distinct", "check_zero12_rank", "flat_groups", "param_shapes", "partition_count",
-    "require", "shapes_of", "str_keyed", "zero12_layout", "zero12_slice_names", "zero_stage",
+    "SAMPLE_BYTES", "check_distinct", "flat_groups", "param_shapes", "partition_count", "require", "shapes_of",
+    "str_keyed", "zero_stage",
 ]

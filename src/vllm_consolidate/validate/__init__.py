@@ -35,14 +35,14 @@ checks leave what they found in it for later ones, so the order of :data:`CHECKS
 
 from __future__ import annotations
 
-import json
 import os
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vllm_consolidate.read.assets import CONFIG_FILE
+from vllm_consolidate.errors import ConsolidateError
+from vllm_consolidate.read.assets import CONFIG_FILE, read_config
 from vllm_consolidate.validate import config, files, skeleton, source, tokenizer, values
 from vllm_consolidate.validate.adapter import validate_adapter_folder  # re-exported: convert uses it
 from vllm_consolidate.validate.context import SCAN_CHUNK_BYTES, Context
@@ -141,8 +141,8 @@ def _default_prompts(report: ValidationReport, config_path: Path) -> list[list[i
     if tok is not None and tok.status == PASS:
         return None
     try:
-        vocab = int(json.loads(config_path.read_text()).get("vocab_size") or 0)
-    except (OSError, ValueError, TypeError):
+        vocab = int(read_config(config_path).get("vocab_size") or 0)
+    except (ConsolidateError, ValueError, TypeError):
         vocab = 0
     span = max(vocab, 8)
     return [[(i * 7 + j) % span for j in range(5)] for i in range(3)]

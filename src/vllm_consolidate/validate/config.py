@@ -13,11 +13,12 @@ have no row); more rows fail too, because vLLM's ``VocabParallelEmbedding`` weig
 from __future__ import annotations
 
 import importlib.util
-import json
+import os
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.read.assets import CONFIG_FILE
+from vllm_consolidate.errors import ConsolidateError
+from vllm_consolidate.read.assets import CONFIG_FILE, read_config
 from vllm_consolidate.validate.context import Context
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check, skipped
 
@@ -54,16 +55,19 @@ def config_dtype(name: object) -> DType | None:
 
 
 def check_config(ctx: Context) -> Check:
-    """``config``: config.json parses to an object with ``model_type`` and ``architectures``; sets ``ctx.config``."""
+    """``config``: config.json parses to an object with ``model_type`` and ``architectures``; sets ``ctx.config``.
+
+    It is read exactly as ``convert`` reads it (:func:`~vllm_consolidate.read.assets.read_config`: a
+    regular file, size-capped, strict JSON without NaN/Infinity or overflowing numbers), so a config
+    one refuses the other never passes.
+    """
     path = ctx.folder / CONFIG_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         return Check("config", FAIL, "no config.json")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return Check("config", FAIL, f"config.json does not parse: {exc}")
-    if not isinstance(config, dict):
-        return Check("config", FAIL, "config.json is not a JSON object")
+        config = read_config(path)
+    except ConsolidateError as exc:
+        return Check("config", FAIL, exc.message)
     ctx.config = config
     missing = [k for k in ("model_type", "architectures") if not config.get(k)]
     if missing:

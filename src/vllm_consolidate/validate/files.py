@@ -11,10 +11,14 @@ Checks: ``weight_files``, ``index``, ``duplicate_tensors``, ``bin_format``, ``wr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from vllm_consolidate.errors import CorruptCheckpointError, UnsafePickleError, UnsupportedCheckpointError
+from vllm_consolidate.errors import (
+    ConsolidateError,
+    CorruptCheckpointError,
+    UnsafePickleError,
+    UnsupportedCheckpointError,
+)
 from vllm_consolidate.read.hf import (
     BIN_INDEX,
     SAFE_INDEX,
@@ -23,6 +27,7 @@ from vllm_consolidate.read.hf import (
     stored_bin,
     stored_safetensors,
 )
+from vllm_consolidate.safe_io import MAX_INDEX_BYTES, read_json
 from vllm_consolidate.units import few
 from vllm_consolidate.validate.context import Context, Stored
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check, skipped
@@ -123,11 +128,13 @@ def check_index(ctx: Context) -> Check:
     if path is None:
         return Check("index", PASS, "no index (single file)")
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
+        # Strict and bounded, as convert reads an index (no NaN, no key named twice).
+        weight_map = read_json(path, MAX_INDEX_BYTES, what="the index", unique_keys=True)["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return Check("index", FAIL, f"{path.name} is unreadable or has no weight_map ({exc})")
+    except (ConsolidateError, KeyError, TypeError) as exc:
+        detail = exc.message if isinstance(exc, ConsolidateError) else exc
+        return Check("index", FAIL, f"{path.name} is unreadable or has no weight_map ({detail})")
     named = set(weight_map.values())
     problems = _index_problems(ctx.folder, stored, weight_map, named)
     details = {"index": path.name, "files": sorted(named), "tensors": len(weight_map)}

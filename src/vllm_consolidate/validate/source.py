@@ -25,7 +25,6 @@ Decision: a NaN matches any NaN. Its payload bits are not defined by the cast (s
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,10 @@ import numpy as np
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.casts import NUMPY_DTYPES, cast_into
+from vllm_consolidate.errors import ConsolidateError
 from vllm_consolidate.plan.lora import merge_lora, merged_rows, row_length
 from vllm_consolidate.read import detect as detection
+from vllm_consolidate.read.assets import read_config
 from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
 from vllm_consolidate.source import TensorSpec, sub_segments
@@ -79,8 +80,8 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
     detected = detection.detect(Path(source), input_type, Path(checkpoint_dir) if checkpoint_dir else None)
     model = merge_lora(detection.read(detected, model_key), detected.weights_dir, Path(source), base_model_name, None)
     try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
+        config = read_config(Path(folder) / "config.json")  # as convert and the config check read it
+    except ConsolidateError:
         config = {}
     tensors, dropped = output_tensors(model, config if isinstance(config, dict) else {})
     return Reference(str(detected.weights_dir), {t.name: t for t in tensors}, dropped)

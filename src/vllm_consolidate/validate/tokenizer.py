@@ -13,17 +13,20 @@ Decisions:
       the environment that serves the model has its own libraries.
     * A tokenizer longer than ``vocab_size`` is a warning; a special-token id >= ``vocab_size`` is a
       failure (it indexes past the embedding).
+    * ``generation_config.json`` is read as strictly as ``config.json`` (bounded, no NaN/Infinity);
+      one that does not read fails ``special_tokens``, since its ids could not be checked.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import os
 import traceback
 import unicodedata
 from typing import Any
 
+from vllm_consolidate.errors import ConfigInvalidError, ConsolidateError
 from vllm_consolidate.read.assets import GENERATION_CONFIG_FILE, TOKENIZER_FILES
+from vllm_consolidate.safe_io import MAX_CONFIG_BYTES, read_json
 from vllm_consolidate.units import few
 from vllm_consolidate.validate.context import Context, quiet
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check, skipped
@@ -99,17 +102,13 @@ def _roundtrip(tok: Any) -> Check:
                  details)
 
 
-def _special_ids(ctx: Context, tok: Any) -> dict[str, int]:
+def _special_ids(ctx: Context, tok: Any, generation: dict) -> dict[str, int]:
     """Every special-token id: the tokenizer's, config.json's and generation_config.json's, by where it is."""
     ids: dict[str, int] = {}
     for token, tid in zip(tok.all_special_tokens, tok.all_special_ids):
         if tid is not None:
             ids[f"{token!r}"] = int(tid)
-    sources = [("config.json", ctx.config or {})]
-    gen = ctx.folder / GENERATION_CONFIG_FILE
-    if gen.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            sources.append((GENERATION_CONFIG_FILE, json.loads(gen.read_text())))
+    sources = [("config.json", ctx.config or {}), (GENERATION_CONFIG_FILE, generation)]
     for fname, holder in sources:
         for key in _SPECIAL_ID_KEYS:
             value = holder.get(key) if isinstance(holder, dict) else None
@@ -123,7 +122,13 @@ def _special_tokens(ctx: Context, tok: Any) -> Check:
     vocab = ctx.config_value("vocab_size") if ctx.config else None
     if not isinstance(vocab, int):
         return skipped("special_tokens", "no vocab_size in config.json")
-    ids = _special_ids(ctx, tok)
+    generation: dict = {}
+    if os.path.lexists(ctx.folder / GENERATION_CONFIG_FILE):
+        try:
+            generation = read_json(ctx.folder / GENERATION_CONFIG_FILE, MAX_CONFIG_BYTES, error=ConfigInvalidError)
+        except ConsolidateError as exc:
+            return Check("special_tokens", FAIL, f"{exc.message}; vLLM reads end-of-sequence ids from it")
+    ids = _special_ids(ctx, tok, generation)
     bad = {k: v for k, v in ids.items() if not 0 <= v < vocab}
     details = {"vocab_size": vocab, "ids": ids, "tokenizer_len": len(tok)}
     if bad:

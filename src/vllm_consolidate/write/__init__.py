@@ -2,7 +2,9 @@
 
 * :mod:`.safetensors`: the streaming writer (kernel byte copy, or chunked casts on two threads);
 * :mod:`.bin`: ``--pytorch-bin`` output through torch's archive writer;
-* :mod:`.publish`: the temporary sibling folder, the output-location rules, the rename into place.
+* :mod:`.publish`: the temporary sibling folder, the output-location rules, the rename into place;
+* :mod:`.cleanup`: removing what killed conversions left, and only that;
+* :mod:`.assets`: copying the config, generation config and tokenizer files found by ``read.assets``.
 """
 
 from __future__ import annotations

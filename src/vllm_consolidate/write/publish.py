@@ -4,21 +4,27 @@ Every conversion writes into a temporary sibling of ``--output`` (``.<name>.part
 same file system so the final rename is atomic) and renames it into place only when it is complete
 and validated. The rules, each checked before anything is written or removed:
 
-* **The input is never touched.** ``--output`` may not be the input, lie inside it, or contain it,
-  after resolving symlinks (:func:`check_output_location`). With ``--force`` over a parent of the
-  input, the old output's removal would delete the checkpoint; an output inside a run folder would
-  later be read back as part of the run.
+* **The input is never touched.** ``--output`` may not be the input, lie inside it, or contain it:
+  after resolving symlinks, and by device and inode of every ancestor, so that a bind mount of the
+  input is caught too (:func:`check_output_location`). With ``--force`` over a parent of the input,
+  the old output's removal would delete the checkpoint; an output inside a run folder would later be
+  read back as part of the run.
 * **Only our own folders are replaced.** ``--force`` replaces a real folder that holds our marker
   :data:`MARKER_NAME` (every output we write has it), and nothing else: not a file, a symlink, a
   device, or a folder someone else wrote (:func:`check_replaceable`).
-* **Nothing is left behind.** A temporary folder holds an exclusive ``flock`` on a lock file inside
-  it while its conversion runs. A conversion killed with SIGKILL cannot clean up, so the next one for
-  the same output removes every ``.<name>.partial-*`` whose lock is free (:func:`clean_stale`), and
-  puts back an old output that a kill left renamed aside. Parent folders a failed run created are
-  removed again (:class:`CreatedParents`).
+* **One writer at a time in a folder.** Creating a temporary folder, the renames that publish one and
+  the cleanup of leftovers all hold an exclusive ``flock`` on the output's parent folder itself
+  (:func:`folder_lock`; no file is added), so two conversions to the same output never interleave:
+  with ``--force`` the later one replaces the earlier one's complete output, without it the later one
+  fails with :class:`~vllm_consolidate.errors.OutputExistsError` (exit 6).
+* **Nothing is left behind.** A temporary folder holds an exclusive ``flock`` on its lock file
+  :data:`LOCK_NAME`, which names the output it is for. A conversion killed with SIGKILL cannot clean
+  up; the next one for the same output removes what it left, and only that
+  (:mod:`vllm_consolidate.write.cleanup`). Parent folders a failed run created are removed again
+  (:class:`CreatedParents`).
 * **Disk and permissions fail early and by name**: the disk preflight counts weights and assets;
-  a read-only, immutable or full output file system and an over-long name are user errors with
-  their own exit codes (:func:`os_error`).
+  a read-only, immutable or full output file system and an over-long name or path are user errors
+  with their own exit codes (:func:`os_error`, :func:`check_output_name`, :func:`check_output_path`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import shutil
 import stat
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,35 +50,71 @@ from vllm_consolidate.errors import (
     OutputNotWritableError,
     UsageError,
 )
-from vllm_consolidate.safe_io import contains
+from vllm_consolidate.safe_io import contains, open_file
 
 #: Written into every output folder: provenance, and the proof that the folder is ours to replace.
 MARKER_NAME = ".vllm-consolidate.json"
 MARKER_FORMAT = "vllm-consolidate-output"
 PARTIAL_TAG = ".partial-"
 OLD_TAG = ".old-"
+#: The lock file of a temporary folder; it holds a :data:`STAGING_FORMAT` record naming the output.
 LOCK_NAME = ".vllm-consolidate.lock"
+STAGING_FORMAT = "vllm-consolidate-staging"
+#: Hex digits of the random id in a temporary or backup folder's name.
+ID_LEN = 8
 #: ``.`` + name + ``.partial-`` + 8 hex digits: what a temporary name adds to the output's name.
-TEMP_NAME_OVERHEAD = 1 + len(PARTIAL_TAG) + 8
+TEMP_NAME_OVERHEAD = 1 + len(PARTIAL_TAG) + ID_LEN
 NAME_MAX = 255
-#: A temporary folder without a lock file (killed between mkdir and lock, or after the lock file was
-#: removed just before the rename) is stale once it is this old.
-UNLOCKED_STALE_SECONDS = 600
+#: Room kept for the path of a file inside an output (``model-00001-of-00002.safetensors``, a chat template).
+FILE_ROOM = 64
+#: How long a conversion waits for another one to finish renaming or cleaning in the same folder.
+FOLDER_LOCK_WAIT_SECONDS = 120.0
+
+
+def _ids_up(path: Path) -> set[tuple[int, int]]:
+    """``(st_dev, st_ino)`` of ``path`` (symlinks resolved) and of each of its existing ancestors.
+
+    Two spellings of one folder (a bind mount, a second mount of the same file system) resolve to
+    different paths but share the device and inode, which is what this compares.
+    """
+    try:
+        real = Path(path).resolve(strict=False)
+    except (OSError, RuntimeError):
+        return set()
+    ids = set()
+    for p in (real, *real.parents):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        ids.add((st.st_dev, st.st_ino))
+    return ids
+
+
+def is_within(child: Path, parent: Path) -> bool:
+    """Whether ``child`` is ``parent`` or inside it: by resolved path, or by device and inode of its ancestors."""
+    if contains(parent, child):
+        return True
+    try:
+        st = os.stat(parent)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) in _ids_up(child)
 
 
 def check_output_location(output: Path, inputs: list[Path]) -> None:
-    """Refuse an output that is an input, lies inside one, or contains one (symlinks resolved).
+    """Refuse an output that is an input, lies inside one, or contains one (see :func:`is_within`).
 
     Raises:
         UsageError: Naming the input it collides with.
     """
     output = Path(output).absolute()
     for inp in inputs:
-        if contains(inp, output):
+        if is_within(output, inp):
             raise UsageError(
                 "--output is the input folder or inside it; the input is never modified",
                 path=output, hint=f"Choose an output folder outside {inp}.")
-        if contains(output, inp):
+        if is_within(inp, output):
             raise UsageError(
                 "--output contains the input; writing (or replacing with --force) there would destroy the input",
                 path=output, hint=f"Choose an output folder that is not a parent of {inp}.")
@@ -86,14 +129,49 @@ def check_output_name(output: Path) -> None:
             f"{NAME_MAX - TEMP_NAME_OVERHEAD} bytes", path=output, hint="Choose a shorter --output name.")
 
 
+def _path_max(path: Path) -> int:
+    """The longest path (without its NUL) the file system of ``path``'s nearest existing ancestor takes."""
+    for folder in (path, *path.parents):
+        try:
+            return int(os.pathconf(folder, "PC_PATH_MAX")) - 1
+        except (OSError, ValueError):
+            continue
+    return 4095
+
+
+def check_output_path(output: Path, overhead: int = TEMP_NAME_OVERHEAD, *, what: str = "--output") -> None:
+    """The output's full path must leave room for the temporary names and the files inside (``PATH_MAX``).
+
+    Checked before anything touches the path: the kernel refuses a longer one with ``ENAMETOOLONG``
+    wherever it is first used.
+
+    Args:
+        output: The output folder.
+        overhead: Bytes the longest temporary name adds to the output's name.
+        what: How the message names the path (the batch says ``--output-dir``).
+
+    Raises:
+        OutputNotWritableError: The path is too long.
+    """
+    path = Path(output).absolute()
+    length = len(os.fsencode(path))
+    limit = _path_max(path.parent)
+    room = limit - overhead - 1 - FILE_ROOM
+    if length > room:
+        raise OutputNotWritableError(
+            f"{what} makes an output path of {length:,} bytes; the file system takes paths up to {limit:,} bytes, "
+            f"so with the temporary name and the files inside it must stay within {room:,}",
+            path=path if what == "--output" else path.parent, hint=f"Choose a shorter {what}.")
+
+
 def is_ours(folder: Path) -> bool:
-    """A real folder (not a symlink) holding our marker."""
+    """A real folder (not a symlink) holding our marker (a regular file: a FIFO named like it is not waited on)."""
     try:
         if not stat.S_ISDIR(os.lstat(folder).st_mode):
             return False
-        with open(Path(folder) / MARKER_NAME, encoding="utf-8") as fh:
+        with open_file(Path(folder) / MARKER_NAME) as fh:
             data = json.loads(fh.read(1 << 20))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ConsolidateError):
         return False
     return isinstance(data, dict) and data.get("format") == MARKER_FORMAT
 
@@ -128,6 +206,46 @@ def write_marker(folder: Path, info: dict[str, Any]) -> None:
                                             encoding="utf-8")
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path, wait: float = FOLDER_LOCK_WAIT_SECONDS) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` itself while creating, renaming or cleaning our folders in it.
+
+    The lock is on the directory, so nothing is added to it. Where a directory cannot be locked (no
+    read permission; NFS, whose ``flock`` needs a file open for writing) the body runs unlocked.
+
+    Raises:
+        OutputExistsError: Another process held the lock for ``wait`` seconds.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None and not _flock_within(fd, wait):
+            raise OutputExistsError(
+                f"another process kept {folder} locked for {wait:.0f} s while writing an output there",
+                path=folder, hint="Wait for the other conversion to finish, or choose another output folder.")
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _flock_within(fd: int, wait: float) -> bool:
+    """Take an exclusive flock on ``fd`` within ``wait`` seconds; True also where flock is unsupported."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        except OSError:
+            return True
+
+
 class Staging:
     """The temporary sibling folder of one conversion, locked while it lives.
 
@@ -137,13 +255,23 @@ class Staging:
 
     def __init__(self, output: Path):
         self.output = Path(output).absolute()
-        self.path = self.output.with_name(f".{self.output.name}{PARTIAL_TAG}{uuid.uuid4().hex[:8]}")
+        self.path = self.output.with_name(f".{self.output.name}{PARTIAL_TAG}{uuid.uuid4().hex[:ID_LEN]}")
         self._lock_fd: int | None = None
 
     def __enter__(self) -> Staging:
-        self.path.mkdir()
-        self._lock_fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        # Under the folder lock, so that no cleaner sees the folder before its lock file is ours and held.
+        with folder_lock(self.output.parent):
+            self.path.mkdir()
+            try:
+                self._lock_fd = os.open(self.path / LOCK_NAME,
+                                        os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                record = {"format": STAGING_FORMAT, "output": self.output.name, "pid": os.getpid()}
+                os.write(self._lock_fd, json.dumps(record).encode())
+            except BaseException:
+                self._unlock()
+                shutil.rmtree(self.path, ignore_errors=True)
+                raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -158,74 +286,42 @@ class Staging:
 
     def publish(self, force: bool) -> None:
         """Rename the finished folder to the output; an old output is removed only afterwards."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path / LOCK_NAME)  # our lock is held by the descriptor, not the name
-        publish(self.path, self.output, force)
+        with folder_lock(self.output.parent):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path / LOCK_NAME)  # our lock is held by the descriptor, not the name
+            old = _swap_in(self.path, self.output, force)
+        _remove(old)
 
 
 def publish(tmp: Path, output: Path, force: bool) -> None:
     """Move a finished folder to ``output``; an old output (ours, see :func:`check_replaceable`) goes only after."""
-    if os.path.lexists(output):
-        check_replaceable(output, force)
-        old = output.with_name(f".{output.name}{OLD_TAG}{uuid.uuid4().hex[:8]}")
-        os.rename(output, old)
-        try:
-            os.rename(tmp, output)
-        except BaseException:
-            os.rename(old, output)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, output)
-
-
-def _lock_is_free(folder: Path) -> bool | None:
-    """True when no live process holds the folder's lock; None when it has no lock file."""
-    try:
-        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def clean_stale(output: Path) -> list[Path]:
-    """Remove our leftovers for ``output`` from killed runs; put back an old output a kill left aside.
-
-    Only folders named as ours (``.<name>.partial-*``, ``.<name>.old-*``) and no longer in use are
-    touched. Returns what was removed.
-    """
     output = Path(output).absolute()
-    parent = output.parent
-    removed: list[Path] = []
-    if not parent.is_dir():
-        return removed
-    prefix = f".{output.name}"
-    for p in sorted(parent.iterdir()):
-        if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
-            continue
-        rest = p.name[len(prefix):]
-        if rest.startswith(PARTIAL_TAG) and len(rest) == len(PARTIAL_TAG) + 8:
-            free = _lock_is_free(p)
-            if free is None:
-                free = time.time() - p.stat().st_mtime > UNLOCKED_STALE_SECONDS
-            if free:
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-        elif rest.startswith(OLD_TAG) and len(rest) == len(OLD_TAG) + 8 and is_ours(p):
-            if not os.path.lexists(output):  # killed between the two renames of publish(): restore it
-                os.rename(p, output)
-                continue
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
+    with folder_lock(output.parent):
+        old = _swap_in(Path(tmp), output, force)
+    _remove(old)
+
+
+def _swap_in(tmp: Path, output: Path, force: bool) -> Path | None:
+    """Rename ``tmp`` to ``output`` (under :func:`folder_lock`); return where the old output was moved, if any."""
+    if not os.path.lexists(output):
+        os.rename(tmp, output)
+        return None
+    check_replaceable(output, force)
+    old = output.with_name(f".{output.name}{OLD_TAG}{uuid.uuid4().hex[:ID_LEN]}")
+    os.rename(output, old)
+    try:
+        os.rename(tmp, output)
+    except BaseException:
+        os.rename(old, output)
+        raise
+    return old
+
+
+def _remove(folder: Path | None) -> None:
+    # Outside the folder lock: removing a large old output takes time, and the folder is no one's now
+    # (a cleaner that finds it removes it too; both ignore what the other removed first).
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class CreatedParents:
@@ -280,6 +376,7 @@ def os_error(exc: OSError, output: Path) -> ConsolidateError | None:
 
 
 __all__ = [
-    "MARKER_NAME", "CreatedParents", "Staging", "check_output_location", "check_output_name", "check_replaceable",
-    "clean_stale", "is_ours", "os_error", "preflight_disk", "publish", "write_marker",
+    "LOCK_NAME", "MARKER_NAME", "CreatedParents", "Staging", "check_output_location", "check_output_name",
+    "check_output_path", "check_replaceable", "folder_lock", "is_ours", "is_within", "os_error", "preflight_disk",
+    "publish", "write_marker",
 ]

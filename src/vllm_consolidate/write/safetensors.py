@@ -26,14 +26,12 @@ moments are never touched), but mapped pages count toward the process's RSS on a
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
@@ -105,6 +103,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes
+    import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         func = libc.sync_file_range
@@ -115,7 +116,10 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return func
 
 
-_sync_file_range = _load_sync_file_range()
+# Looked up on the first write, not at import: ``find_library`` runs ``ldconfig -p`` in a subprocess,
+# which every command importing this module (``--help``, ``inspect``) would otherwise pay for.
+_NOT_LOADED: Any = object()
+_sync_file_range: Any = _NOT_LOADED
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:
@@ -123,6 +127,9 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
     A hint only: where ``sync_file_range`` is missing or fails, the final fsync does all the work.
     """
+    global _sync_file_range
+    if _sync_file_range is _NOT_LOADED:  # two threads may both load it: the same function, harmlessly
+        _sync_file_range = _load_sync_file_range()
     if _sync_file_range is not None and nbytes > 0:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
@@ -169,6 +176,8 @@ def _jobs(pfile: PlannedFile, base: int) -> Iterator[_Job]:
 
 
 def _run_jobs(files: OpenFiles, out_fd: int, jobs: Iterator[_Job], progress: ProgressFn | None) -> None:
+    from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="vllmc-write") as pool:
         pending: set = set()
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from vllm_consolidate.batch.inputs import MAX_BRACE_EXPANSIONS, expand_braces, glob_folders, match_any
+from vllm_consolidate.batch.inputs import (
+    MAX_BRACE_DEPTH,
+    MAX_BRACE_EXPANSIONS,
+    expand_braces,
+    glob_folders,
+    match_any,
+)
 from vllm_consolidate.errors import UsageError
 
 
@@ -51,3 +57,27 @@ def test_glob_folders_only_folders_sorted_once(tmp_path: Path):
     (tmp_path / "run_file").write_text("")
     hits = glob_folders(str(tmp_path / "run_{a,b,*}"))
     assert [p.name for p in hits] == ["run_a", "run_b", "run_c"]  # run_a/run_b once, though matched twice
+
+
+@pytest.mark.parametrize("pattern", ["{" * 5000 + "a" + "}" * 5000, "{a," * 5000 + "b" + "}" * 5000, "x{" * 5000,
+                                     "{" * (MAX_BRACE_DEPTH + 1) + "a,b" + "}" * (MAX_BRACE_DEPTH + 1)])
+def test_deep_nesting_is_a_usage_error_not_a_recursion_error(pattern: str):
+    with pytest.raises(UsageError, match="nests braces") as info:
+        expand_braces(pattern)
+    assert len(str(info.value)) < 300, "a hostile pattern is quoted cut short"
+
+
+def test_nesting_up_to_the_bound_expands():
+    assert expand_braces("{a," * MAX_BRACE_DEPTH + "b" + "}" * MAX_BRACE_DEPTH) == ["a"] * MAX_BRACE_DEPTH + ["b"]
+    assert expand_braces("\\{" * 5000) == ["{" * 5000]  # escaped braces do not nest
+
+
+def test_a_recursion_error_inside_bracex_is_a_usage_error(monkeypatch: pytest.MonkeyPatch):
+    import bracex
+
+    def deep(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(bracex, "expand", deep)
+    with pytest.raises(UsageError, match="too complex"):
+        expand_braces("{a}" * 10)

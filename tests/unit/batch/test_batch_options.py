@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vllm_consolidate import dtypes
-from vllm_consolidate.batch.manifest import content_options, manifest_base
+from vllm_consolidate.batch.manifest import NON_OUTPUT_OPTIONS, OUTPUT_OPTIONS, content_options, manifest_base
 from vllm_consolidate.batch.plan import BatchOptions, Job
 from vllm_consolidate.batch.run import job_spec
 from vllm_consolidate.convert import DEFAULT_BASE_MODEL, ConvertOptions, convert, plan_conversion
@@ -111,3 +111,39 @@ def test_a_job_spec_pickles_and_writes_into_a_fresh_staging_folder():
 def test_content_options_record_an_architecture_override():
     assert content_options(ConvertOptions(architecture="Qwen2ForCausalLM"))["architecture"] == "Qwen2ForCausalLM"
     assert content_options(ConvertOptions(architecture="Qwen2ForCausalLM")) != content_options(ConvertOptions())
+
+
+def test_every_convert_option_is_classified_once():
+    """A new ConvertOptions field must say whether it changes the output, or a rerun would skip outputs made
+    with another value as "up to date" (``lora`` and ``model_key`` once did)."""
+    fields = {f.name for f in dataclasses.fields(ConvertOptions)}
+    assert set(OUTPUT_OPTIONS) | set(NON_OUTPUT_OPTIONS) == fields
+    assert not set(OUTPUT_OPTIONS) & set(NON_OUTPUT_OPTIONS)
+    assert len(set(OUTPUT_OPTIONS.values())) == len(OUTPUT_OPTIONS)  # one manifest key per field
+
+
+def test_an_unclassified_field_is_refused():
+    @dataclasses.dataclass(frozen=True)
+    class Grown(ConvertOptions):
+        rope_scaling: float = 1.0
+
+    with pytest.raises(TypeError, match="rope_scaling is not classified"):
+        content_options(Grown())
+
+
+@pytest.mark.parametrize("changed", [{"lora": "adapter"}, {"model_key": "ema"}, {"model_key": ""},
+                                     {"architecture": "Qwen2ForCausalLM"}, {"input_type": "deepspeed"},
+                                     {"max_shard_size": 10**9}, {"fmt": "bin"}, {"base_model_name": "org/other"}])
+def test_each_output_option_changes_the_record(changed):
+    assert content_options(ConvertOptions(**changed)) != content_options(ConvertOptions())
+
+
+def test_options_that_do_not_change_the_output_are_not_recorded():
+    assert content_options(ConvertOptions(force=True, validate=False, input="a", output="b", checkpoint_dir="a/c")) \
+        == content_options(ConvertOptions())
+
+
+def test_new_options_at_their_defaults_keep_older_manifests_current():
+    """Manifests written before --lora/--model-key/--architecture existed hold none of them."""
+    assert not {"lora", "model_key", "architecture"} & set(content_options(ConvertOptions()))
+    assert content_options(ConvertOptions(lora="adapter", model_key="ema"))["lora"] == "adapter"

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from vllm_consolidate import dtypes
-from vllm_consolidate.errors import CorruptCheckpointError
+from vllm_consolidate.errors import CorruptCheckpointError, UnsupportedCheckpointError
 from vllm_consolidate.formats.torch_standins import StorageRef, TensorRef
-from vllm_consolidate.read.chunks import Piece, assemble
+from vllm_consolidate.read.chunks import Piece, assemble, check_tiling
 
 
 def _store(full: np.ndarray, boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[bytes, list[Piece]]:
@@ -89,3 +89,75 @@ def test_a_piece_outside_the_shape_is_refused():
     shifted = Piece((1, 0), (4, 2), pieces[0].data)
     with pytest.raises(CorruptCheckpointError, match="does not fit"):
         assemble((4, 2), [shifted], "w")
+
+
+# -- check_tiling: the layout from the boxes alone, before any piece is opened ----------------------------
+
+def _cover(shape: tuple[int, ...], boxes: list) -> np.ndarray:
+    cover = np.zeros(shape, np.int64)
+    for offsets, sizes in boxes:
+        cover[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] += 1
+    return cover
+
+
+def test_check_tiling_agrees_with_counting_every_element():
+    """Random boxes and (perturbed) grid tilings: accepted exactly when every element is covered once."""
+    rng = np.random.default_rng(0)
+    verdicts = {True: 0, False: 0}
+    for _ in range(3000):
+        shape = tuple(int(n) for n in rng.integers(1, 5, size=int(rng.integers(1, 4))))
+        cuts = [sorted(rng.choice(np.arange(1, n), size=int(rng.integers(0, n)), replace=False).tolist()) if n > 1
+                else [] for n in shape]
+        boxes = _grid(shape, cuts)
+        change = int(rng.integers(0, 4))
+        if change == 1:  # one box moved back by one along a dimension where it can
+            k, d = int(rng.integers(len(boxes))), int(rng.integers(len(shape)))
+            offsets, sizes = boxes[k]
+            if offsets[d]:
+                boxes[k] = (offsets[:d] + (offsets[d] - 1,) + offsets[d + 1:], sizes)
+        elif change == 2:
+            boxes.append(boxes[int(rng.integers(len(boxes)))])
+        elif change == 3 and len(boxes) > 1:
+            boxes.pop(int(rng.integers(len(boxes))))
+        boxes = [boxes[i] for i in rng.permutation(len(boxes))]
+        exact = bool((_cover(shape, boxes) == 1).all())
+        try:
+            check_tiling(shape, boxes, "w")
+            accepted = True
+        except CorruptCheckpointError:
+            accepted = False
+        assert accepted == exact, (shape, boxes)
+        verdicts[exact] += 1
+    assert min(verdicts.values()) > 500, verdicts  # both verdicts well exercised
+
+
+def test_check_tiling_is_n_log_n():
+    """60,000 one-element boxes (the hostile .metadata of issue 22), a 245 x 245 grid, and a staggered
+    brick wall of 20,000 boxes (whose cut grid would have 100 million cells): each checked in well under
+    a second when idle; the bound is generous for a loaded machine."""
+    import time
+
+    n = 60_000
+    ones = [((k,), (1,)) for k in np.random.default_rng(1).permutation(n).tolist()]
+    grid = _grid((245, 245), [list(range(1, 245))] * 2)
+    rows, width = 10_000, 4  # row r: two bricks of 4 columns in a row of 8, the cut shifted by r % 4
+    bricks = [((r, 0), (1, 1 + r % 4)) for r in range(rows)] + [((r, 1 + r % 4), (1, 7 - r % 4)) for r in range(rows)]
+    bad = ones[:-1] + [((n - 2,), (2,))]  # the last element missing, its neighbour stored twice
+    for shape, boxes, ok in (((n,), ones, True), ((245, 245), grid, True), ((rows, 2 * width), bricks, True),
+                             ((n,), bad, False)):
+        started = time.process_time()
+        if ok:
+            check_tiling(shape, boxes, "w")
+        else:
+            with pytest.raises(CorruptCheckpointError, match="overlap"):
+                check_tiling(shape, boxes, "w")
+        seconds = time.process_time() - started
+        assert seconds < 5, f"{len(boxes):,} boxes of {shape}: {seconds:.2f} s of CPU"
+
+
+def test_check_tiling_caps_the_corners():
+    """Boxes splitting many dimensions: refused from their count, before anything is sorted."""
+    shape = (2,) * 12  # 4,096 unit boxes: a real tiling, but 4,096 x 2**12 corners
+    boxes = [(tuple((k >> d) & 1 for d in range(12)), (1,) * 12) for k in range(2 ** 12)]
+    with pytest.raises(UnsupportedCheckpointError, match="split along 12 dimensions"):
+        check_tiling(shape, boxes, "w")

@@ -31,7 +31,7 @@ def _ctx(folder: Path) -> Context:
 def test_config_must_parse_and_name_the_model(tmp_path: Path):
     assert config.check_config(Context(tmp_path)).message == "no config.json"
     (tmp_path / "config.json").write_text("[1]")
-    assert config.check_config(Context(tmp_path)).message == "config.json is not a JSON object"
+    assert config.check_config(Context(tmp_path)).message == "config.json holds a JSON list, not an object"
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     ctx = Context(tmp_path)
     check = config.check_config(ctx)
