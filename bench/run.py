@@ -9,6 +9,10 @@ alternate inside each repetition, and the median is reported:
 * ``cp_fp32`` / ``cp_bf16``: ``cp`` of a file the size of our output, then ``sync FILE`` (we fsync too);
 * ``read_fp32``: ``dd`` of as many bytes as the fp32 masters from each rank's optimizer file, to
   /dev/null (the bytes we must read);
+* paired ratios (issue 28): in each rep ``ours_fp32`` runs right before ``cp_fp32`` and ``ours_bf16`` right
+  before ``read_fp32`` and ``cp_bf16``; ``fp32_vs_cp`` is the median over reps of ours_fp32 / cp_fp32 and
+  ``bf16_vs_io_floor`` that of ours_bf16 / (read_fp32 + cp_bf16), the I/O floor of a job that reads the fp32
+  masters and writes the bf16 file (inputs warm for every command, as for ours). Printed at the end;
 * ``merge``: our tool merging our own fp32 output re-sharded at 500MB into one file (no dtype change),
   against ``cat_shards``: ``cat`` of the same shard files into one file, then ``sync FILE``.
 
@@ -55,7 +59,8 @@ Writes ``bench/results/latest.json`` and ``bench/results/latest.md`` and prints 
 
 Usage::
 
-    python bench/run.py [--reps 3] [--only NAME ...] [--skip-generate]
+    python bench/run.py [--reps 3] [--only NAME ...] [--skip-generate] [--no-baselines] [--out STEM]
+    python bench/run.py --reps 5 --only qwen0.5b-z3 --no-baselines --out floors_0.5b   # issue 28's paired ratios
 
 ``--only`` takes checkpoint names (``qwen0.5b-z3``, ``qwen0.5b-dcp``...) and the groups ``deepspeed`` and
 ``dcp``; ``python bench/run.py --only dcp`` runs the DCP part alone.
@@ -94,6 +99,8 @@ TARGETS = {
     "merge_vs_cp": 1.5,
     "dcp_rss_vs_theirs": 0.1,
     "dcp_wall_vs_cp": 1.5,
+    "fp32_vs_cp": 1.2,  # issue 28, paired runs
+    "bf16_vs_io_floor": 1.2,  # issue 28, paired runs
 }
 DCP_TO_TORCH_SAVE = ("import sys\nfrom torch.distributed.checkpoint.format_utils import dcp_to_torch_save\n"
                      "dcp_to_torch_save(sys.argv[1], sys.argv[2])")
@@ -232,8 +239,8 @@ def median(runs: list[dict[str, Any]], key: str) -> float:
     return round(statistics.median(vals), 3) if vals else float("nan")
 
 
-def bench_checkpoint(info: dict[str, Any], reps: int) -> dict[str, Any]:
-    """All measurements of one checkpoint."""
+def bench_checkpoint(info: dict[str, Any], reps: int, baselines: bool = True) -> dict[str, Any]:
+    """All measurements of one checkpoint (without ``baselines``: no zero_to_fp32, no merge)."""
     ckpt = mk.CACHE / info["key"] / "ckpt"
     work = WORK / info["key"]
     work.mkdir(parents=True, exist_ok=True)
@@ -250,6 +257,64 @@ def bench_checkpoint(info: dict[str, Any], reps: int) -> dict[str, Any]:
         if r.returncode != 0:
             raise RuntimeError(f"our tool failed on {ckpt}: {r.stderr[-2000:]}")
         prep[f"ref_{dtype}"] = single_file(target)
+    reads = rank_fp32_bytes(ckpt)
+    dd = "; ".join(f"dd if={p} of=/dev/null bs=16M iflag=count_bytes count={n} status=none" for p, n in reads)
+    cp_dst = out["cp"]
+    # Pairs run back to back in each rep: ours_fp32 then its floor cp_fp32; ours_bf16 then its I/O floor,
+    # read_fp32 (the fp32 master bytes we must read) + cp_bf16 (writing a file of our output's size).
+    tools: dict[str, tuple[list[str], list[Path], list[Path]]] = {
+        "ours_fp32": (ours(ckpt, out["ours_fp32"]), [ckpt], [out["ours_fp32"]]),
+        "cp_fp32": (sh(f"cp {prep['ref_float32']} {cp_dst} && sync {cp_dst}"), [prep["ref_float32"]], [cp_dst]),
+        "ours_bf16": (ours(ckpt, out["ours_bf16"], "--dtype", "bfloat16"), [ckpt], [out["ours_bf16"]]),
+        "read_fp32": (sh(dd), [p for p, _ in reads], []),
+        "cp_bf16": (sh(f"cp {prep['ref_bfloat16']} {cp_dst} && sync {cp_dst}"), [prep["ref_bfloat16"]], [cp_dst]),
+    }
+    z2_note, probe, shards = "not measured (--no-baselines)", {}, []
+    if baselines:
+        z2_note, probe, shards = prepare_baselines(ckpt, prep, out)
+        safe = z2_note.startswith("safetensors")
+        shard_list = " ".join(str(s) for s in shards)
+        tools.update({
+            "zero_to_fp32": (zero_to_fp32_cmd(ckpt, out["z2fp32"], safe), [ckpt], [out["z2fp32"]]),
+            "merge": (ours(out["shards"], out["merge"]), [out["shards"]], [out["merge"]]),
+            "cat_shards": (sh(f"cat {shard_list} > {cp_dst} && sync {cp_dst}"), [out["shards"]], [cp_dst]),
+        })
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in tools}
+    z2_fsync: list[float] = []
+    for rep in range(reps):
+        for name, (cmd, warm_paths, outputs) in tools.items():
+            rec = measure(cmd, warm_paths, outputs)
+            rec["rep"] = rep
+            if name == "zero_to_fp32" and rec["exit"] == 0:
+                # It does not fsync; time what an fsync of its output would have added.
+                z2_fsync.append(fsync_path(out["z2fp32"]))
+                rec["fsync_after_s"] = round(z2_fsync[-1], 3)
+                rec["output_bytes"] = sum(f.stat().st_size for f in out["z2fp32"].iterdir())
+            print(f"  rep {rep} {name:13s} wall {rec['wall_s']:7.2f}s rss {rec['rss_mib']:8.1f} MiB "
+                  f"exit {rec['exit']} load {rec['loadavg_before'][0]:.2f}", flush=True)
+            runs[name].append(rec)
+            clean(*outputs)  # disk: one output at a time (up to 4 copies of the fp32 model otherwise)
+    sizes = {"fp32": prep["ref_float32"].stat().st_size, "bf16": prep["ref_bfloat16"].stat().st_size,
+             "shards": [s.stat().st_size for s in shards]}
+    clean(work)  # reference outputs and shards too: ~4x the fp32 model size per checkpoint
+    med = {name: medians(r) for name, r in runs.items()}
+    if baselines:
+        med["zero_to_fp32"]["fsync_after_s"] = round(statistics.median(z2_fsync), 3) if z2_fsync else float("nan")
+    return {
+        "checkpoint": {k: v for k, v in info.items() if k != "files"},
+        "output_bytes": sizes,
+        "read_bytes": sum(n for _, n in reads),
+        "zero_to_fp32_mode": z2_note,
+        "zero_to_fp32_probe": probe,
+        "median": med,
+        "ratios": ratios(med),
+        "paired": paired_ratios(runs),
+        "runs": runs,
+    }
+
+
+def prepare_baselines(ckpt: Path, prep: dict[str, Any], out: dict[str, Path]) -> tuple[str, dict[str, Any], list[Path]]:
+    """Untimed: shards of our fp32 output for the merge, and a probe of zero_to_fp32's safetensors mode."""
     # --force: without it a single-file HF input whose dtype would not change is reported
     # "already_consolidated" and nothing is written, even with a smaller --max-shard-size.
     r = subprocess.run(ours(prep["ref_float32"].parent, out["shards"], "--max-shard-size", "500MB", "--force"),
@@ -261,60 +326,33 @@ def bench_checkpoint(info: dict[str, Any], reps: int) -> dict[str, Any]:
         raise RuntimeError(f"re-sharding produced {len(shards)} files: {r.stdout[-500:]}")
     # zero_to_fp32: safetensors if it works on this (tied) checkpoint, else .bin.
     probe = measure(zero_to_fp32_cmd(ckpt, out["z2fp32"], safe=True), [ckpt], [out["z2fp32"]])
-    safe = probe["exit"] == 0
     err = [ln.strip() for ln in probe.get("stderr_tail", "").splitlines() if "Error" in ln or "share memory" in ln]
-    z2_note = "safetensors, one file" if safe else (
+    note = "safetensors, one file" if probe["exit"] == 0 else (
         f"--safe_serialization failed ({(err or ['?'])[-1][:160]}); measured its .bin output (fp32, one file)")
-    reads = rank_fp32_bytes(ckpt)
-    dd = "; ".join(f"dd if={p} of=/dev/null bs=16M iflag=count_bytes count={n} status=none" for p, n in reads)
-    cp_dst = out["cp"]
-    shard_list = " ".join(str(s) for s in shards)
+    return note, probe, shards
 
-    tools: dict[str, tuple[list[str], list[Path], list[Path]]] = {
-        "ours_fp32": (ours(ckpt, out["ours_fp32"]), [ckpt], [out["ours_fp32"]]),
-        "zero_to_fp32": (zero_to_fp32_cmd(ckpt, out["z2fp32"], safe), [ckpt], [out["z2fp32"]]),
-        "ours_bf16": (ours(ckpt, out["ours_bf16"], "--dtype", "bfloat16"), [ckpt], [out["ours_bf16"]]),
-        "cp_fp32": (sh(f"cp {prep['ref_float32']} {cp_dst} && sync {cp_dst}"), [prep["ref_float32"]], [cp_dst]),
-        "cp_bf16": (sh(f"cp {prep['ref_bfloat16']} {cp_dst} && sync {cp_dst}"), [prep["ref_bfloat16"]], [cp_dst]),
-        "read_fp32": (sh(dd), [p for p, _ in reads], []),
-        "merge": (ours(out["shards"], out["merge"]), [out["shards"]], [out["merge"]]),
-        "cat_shards": (sh(f"cat {shard_list} > {cp_dst} && sync {cp_dst}"), [out["shards"]], [cp_dst]),
-    }
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in tools}
-    z2_fsync: list[float] = []
-    for rep in range(reps):
-        for name, (cmd, warm_paths, outputs) in tools.items():
-            rec = measure(cmd, warm_paths, outputs)
-            rec["rep"] = rep
-            if name == "zero_to_fp32" and rec["exit"] == 0:
-                # It does not fsync; time what an fsync of its output would have added.
-                t0 = time.monotonic()
-                for f in out["z2fp32"].iterdir():
-                    fd = os.open(f, os.O_RDONLY)
-                    os.fsync(fd)
-                    os.close(fd)
-                z2_fsync.append(time.monotonic() - t0)
-                rec["fsync_after_s"] = round(z2_fsync[-1], 3)
-                rec["output_bytes"] = sum(f.stat().st_size for f in out["z2fp32"].iterdir())
-            print(f"  rep {rep} {name:13s} wall {rec['wall_s']:7.2f}s rss {rec['rss_mib']:8.1f} MiB "
-                  f"exit {rec['exit']} load {rec['loadavg_before'][0]:.2f}", flush=True)
-            runs[name].append(rec)
-            clean(*outputs)  # disk: one output at a time (up to 4 copies of the fp32 model otherwise)
-    sizes = {"fp32": prep["ref_float32"].stat().st_size, "bf16": prep["ref_bfloat16"].stat().st_size,
-             "shards": [s.stat().st_size for s in shards]}
-    clean(work)  # reference outputs and shards too: ~4x the fp32 model size per checkpoint
-    med = {name: medians(r) for name, r in runs.items()}
-    med["zero_to_fp32"]["fsync_after_s"] = round(statistics.median(z2_fsync), 3) if z2_fsync else float("nan")
-    return {
-        "checkpoint": {k: v for k, v in info.items() if k != "files"},
-        "output_bytes": sizes,
-        "read_bytes": sum(n for _, n in reads),
-        "zero_to_fp32_mode": z2_note,
-        "zero_to_fp32_probe": probe,
-        "median": med,
-        "ratios": ratios(med),
-        "runs": runs,
-    }
+
+def paired_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Issue 28's targets, from paired runs (same rep, back to back): median over reps of the per-rep ratio.
+
+    ``fp32_vs_cp``: ours fp32 / ``cp`` + ``sync`` of our fp32 output. ``bf16_vs_io_floor``: ours bf16 /
+    (reading the fp32 master bytes + ``cp`` + ``sync`` of our bf16 output). ``*_inner``: the same with our
+    ``--json`` conversion time (no interpreter start-up) in place of our wall time.
+    """
+    out: dict[str, Any] = {}
+    for key, ours_name, floor_names in (("fp32_vs_cp", "ours_fp32", ("cp_fp32",)),
+                                        ("bf16_vs_io_floor", "ours_bf16", ("read_fp32", "cp_bf16"))):
+        for field, suffix in (("wall_s", ""), ("inner_s", "_inner")):
+            per = []
+            for rep, o in enumerate(runs[ours_name]):
+                floors = [runs[f][rep] for f in floor_names]
+                if o.get("exit") == 0 and field in o and all(f.get("exit") == 0 for f in floors):
+                    per.append(o[field] / sum(f["wall_s"] for f in floors))
+            out[key + suffix] = round(statistics.median(per), 3) if per else float("nan")
+            out[key + suffix + "_per_rep"] = [round(x, 3) for x in per]
+    floors = [r["wall_s"] + c["wall_s"] for r, c in zip(runs["read_fp32"], runs["cp_bf16"])]
+    out["io_floor_bf16_s"] = round(statistics.median(floors), 3) if floors else float("nan")
+    return out
 
 
 def ratio(a: float, b: float) -> float:
@@ -328,7 +366,9 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def ratios(med: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Ratios of medians (lower is better for all)."""
+    """Ratios of medians (lower is better for all); NaN for baselines not measured."""
+    nan = {"wall_s": float("nan"), "rss_mib": float("nan"), "inner_s": float("nan")}
+    med = {"zero_to_fp32": nan, "merge": nan, "cat_shards": nan, **med}
     z = med["zero_to_fp32"]
     read = med["read_fp32"]["wall_s"]
     return {
@@ -638,7 +678,7 @@ def deepspeed_markdown(results: dict[str, Any]) -> list[str]:
         meta = c["checkpoint"]
         for name, m in c["median"].items():
             loads = [r["loadavg_before"][0] for r in c["runs"][name]]
-            extra = f" (+fsync {m['fsync_after_s']:.2f}s)" if name == "zero_to_fp32" else ""
+            extra = f" (+fsync {m.get('fsync_after_s', float('nan')):.2f}s)" if name == "zero_to_fp32" else ""
             lines.append(f"| {meta['name']} | {meta['params'] / 1e9:.3f}B | {meta['ckpt_bytes'] / 1e9:.2f} | {name} | "
                          f"{m['wall_s']:.2f}{extra} | {'' if m['inner_s'] != m['inner_s'] else m['inner_s']} | "
                          f"{m['rss_mib']:.0f} | {min(loads):.1f}-{max(loads):.1f} |")
@@ -657,6 +697,11 @@ def deepspeed_markdown(results: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | fp32_wall_vs_read (info) | {rt['fp32_wall_vs_read']} | | |")
         lines.append(f"| {name} | fp32_wall_vs_cp_plus_read (info) | {rt['fp32_wall_vs_cp_plus_read']} | | |")
         lines.append(f"| {name} | bf16_wall_vs_cp_plus_read (info) | {rt['bf16_wall_vs_cp_plus_read']} | | |")
+        pr = c["paired"]
+        for key in ("fp32_vs_cp", "bf16_vs_io_floor"):
+            lines.append(f"| {name} | {key} (paired, issue 28) | {pr[key]} (per rep {pr[key + '_per_rep']}) | "
+                         f"<= {TARGETS[key]} | {ok(pr[key], TARGETS[key])} |")
+            lines.append(f"| {name} | {key}_inner (paired, no start-up; info) | {pr[key + '_inner']} | | |")
     for key, val in results.get("scaling", {}).items():
         if "(info)" in key:
             lines.append(f"| scaling | {key} | {val} | | |")
@@ -699,6 +744,9 @@ def main() -> None:
                     help="checkpoint names, or the groups 'deepspeed' and 'dcp' (default: all)")
     ap.add_argument("--skip-generate", action="store_true", help="only benchmark checkpoints already cached")
     ap.add_argument("--no-large", action="store_true", help="skip the ~1.5B-shaped checkpoints")
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="DeepSpeed: ours and the cp / I/O floors only (no zero_to_fp32, no merge)")
+    ap.add_argument("--out", default="latest", help="results file stem under bench/results (default: latest)")
     args = ap.parse_args()
     if not Path(TIME).exists():
         raise SystemExit(f"{TIME} missing: apt-get install time")
@@ -741,7 +789,7 @@ def main() -> None:
     }
     for info in infos:
         print(f"{info['name']}: {info['params'] / 1e9:.3f}B, {info['ckpt_bytes'] / 1e9:.2f} GB", flush=True)
-        results["checkpoints"].append(bench_checkpoint(info, args.reps))
+        results["checkpoints"].append(bench_checkpoint(info, args.reps, baselines=not args.no_baselines))
     for info in dcp_infos:
         print(f"{info['name']}: {info['params'] / 1e9:.3f}B, {info['ckpt_bytes'] / 1e9:.2f} GB (FSDP2 DCP)", flush=True)
         results["dcp"].append(bench_dcp(info, args.reps))
@@ -769,10 +817,16 @@ def main() -> None:
     results["loadavg_end"] = os.getloadavg()
     results["writer_end"] = writer_version()  # differs from writer_start if writer.py changed mid-run
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2, default=str))
     table = markdown(results)
-    (RESULTS / "latest.md").write_text(table)
+    (RESULTS / f"{args.out}.md").write_text(table)
     print(table)
+    for c in results["checkpoints"]:
+        pr = c["paired"]
+        print(f"{c['checkpoint']['name']}: fp32 / (cp+sync) = {pr['fp32_vs_cp']} (target <= {TARGETS['fp32_vs_cp']}), "
+              f"bf16 / I/O floor = {pr['bf16_vs_io_floor']} (target <= {TARGETS['bf16_vs_io_floor']}; "
+              f"floor {pr['io_floor_bf16_s']} s); paired per rep {pr['fp32_vs_cp_per_rep']}, "
+              f"{pr['bf16_vs_io_floor_per_rep']}")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ class CliRun:
     stderr: str
     seconds: float
     peak_rss: int
+    #: Wall-clock time (``time.time()``) when the run started: files older than this were not written by it.
+    wall_start: float = 0.0
 
 
 def _limit() -> None:
@@ -98,6 +100,7 @@ def run_cli(args: list[str], *, timeout: float = TIMEOUT_S, env: dict[str, str] 
 
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     started = time.monotonic()
+    wall_start = time.time()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
             tempfile.NamedTemporaryFile("r") as peak:
         proc = subprocess.Popen([sys.executable, "-c", _RUN_AND_REPORT_PEAK, peak.name, *args], stdout=out,
@@ -114,7 +117,8 @@ def run_cli(args: list[str], *, timeout: float = TIMEOUT_S, env: dict[str, str] 
         out.seek(0)
         err.seek(0)
         text = peak.read().strip()
-        return CliRun(proc.returncode, out.read(), err.read(), seconds, int(text) * 1024 if text else -1)
+        return CliRun(proc.returncode, out.read(), err.read(), seconds, int(text) * 1024 if text else -1,
+                      wall_start)
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -194,7 +198,10 @@ def assert_refused(run: CliRun, code: int, *, output: Path, inputs: list[Path] |
         for folder in inputs:
             assert snapshot(folder) == before[str(folder)], f"input {folder} changed"
     if secret is not None and output.parent.is_dir():
-        hits = [p for p in files_containing(output.parent, secret) if "secret" not in p.name]
+        # Files older than the run were planted by tests (other tests' secrets too, when ``output.parent`` is
+        # pytest's shared base folder): only a file the run wrote, or rewrote, counts as a leak.
+        hits = [p for p in files_containing(output.parent, secret)
+                if "secret" not in p.name and p.stat().st_mtime >= run.wall_start - 1]
         assert hits == [], f"secret bytes found in {hits}"
     assert run.seconds < max_seconds, f"took {run.seconds:.1f} s"
     assert 0 < run.peak_rss < MAX_RSS_BYTES, f"peak RSS {run.peak_rss / 2**20:.0f} MiB (-1: not reported)"
