@@ -37,8 +37,9 @@ from vllm_consolidate.read.assets import (
     read_config,
 )
 from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder, step_of
-from vllm_consolidate.read.fsdp_locate import is_dcp_save, is_verl_step, numbered_step
+from vllm_consolidate.read.fsdp_locate import is_dcp_save, is_verl_step
 from vllm_consolidate.read.hf import is_hf_folder
+from vllm_consolidate.read.steps import numbered_step
 from vllm_consolidate.source import SourceModel, TensorSpec
 
 #: The output dtypes whose size and RAM are estimated, in the order shown.
@@ -352,12 +353,6 @@ def _rank_files(folder: Path) -> dict[str, list[int]] | None:
     return {"optimizer": optim, "model_states": states}
 
 
-def _step(name: str) -> int | None:
-    """N of ``checkpoint-N``/``global_stepN``, or of a numbered DCP or verl save (``step-2``, ``global_step_3``)."""
-    found = step_of(name)
-    return found if found is not None else numbered_step(name)
-
-
 def _subdirs(path: Path) -> list[Path]:
     try:
         return [p for p in path.iterdir() if p.is_dir() and (step_of(p.name) is not None or (
@@ -368,7 +363,7 @@ def _subdirs(path: Path) -> list[Path]:
 
 def _by_step(paths: list[Path]) -> list[Path]:
     # checkpoint-10 after checkpoint-9: by kind, then by N.
-    return sorted(paths, key=lambda p: (p.name.startswith("global_step"), _step(p.name) or 0, p.name))
+    return sorted(paths, key=lambda p: (p.name.startswith("global_step"), numbered_step(p.name) or 0, p.name))
 
 
 def _has_latest(folder: Path) -> bool:
@@ -377,7 +372,7 @@ def _has_latest(folder: Path) -> bool:
 
 def _checkpoints(root: Path, chosen: Path | None) -> list[CheckpointEntry]:
     """Every ``checkpoint-N``/``global_stepN`` folder: the input itself, its children, their children."""
-    folders = [root] if _step(root.name) is not None else []
+    folders = [root] if numbered_step(root.name) is not None else []
     for child in _by_step(_subdirs(root)):
         folders.append(child)
         folders += _by_step([g for g in _subdirs(child) if g.name.startswith("global_step")])
@@ -389,7 +384,7 @@ def _checkpoints(root: Path, chosen: Path | None) -> list[CheckpointEntry]:
         name = "." if folder == root else str(folder.relative_to(root))
         inner = bool({"dcp", "verl"} & set(holds))  # the weights are in a sub-folder of the checkpoint
         picked = chosen is not None and (folder == chosen or folder == chosen.parent and inner)
-        out.append(CheckpointEntry(name, str(folder), _step(folder.name), holds, picked))
+        out.append(CheckpointEntry(name, str(folder), numbered_step(folder.name), holds, picked))
     return out
 
 

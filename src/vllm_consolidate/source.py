@@ -10,10 +10,25 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from vllm_consolidate.dtypes import DType
+
+
+class Word(str, Enum):
+    """A ``str`` enum that formats as its value everywhere (``enum.StrEnum`` is Python 3.11+).
+
+    A member is written to JSON, compared with, and printed exactly as the plain word (``InputKind.DCP == "dcp"``).
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        # Enum's own __format__ gives "InputKind.DCP" in some Python versions; messages and tables need the word.
+        return format(str(self.value), spec)
 
 
 @dataclass(frozen=True)

@@ -19,21 +19,13 @@ Safety decisions:
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsafeInputError
 from vllm_consolidate.limits import brief
+from vllm_consolidate.read.steps import step_of  # re-exported: the readers and batch import it from here
 from vllm_consolidate.safe_io import MAX_TAG_BYTES, confined, read_text
-
-_STEP_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
-
-
-def step_of(name: str) -> int | None:
-    """N of a ``checkpoint-N`` or ``global_stepN`` folder name, else None."""
-    m = _STEP_RE.match(name)
-    return int(m.group(1)) if m else None
 
 
 def is_zero_checkpoint_folder(path: Path) -> bool:

@@ -1,0 +1,138 @@
+"""The input formats, in the one order detection tries them: the registry.
+
+A format is one :class:`Format` record: its :class:`InputKind`, the ``--type`` word that selects it, how
+it *claims* a path (``resolve``) and how it reads the folder it claimed (``read``). :data:`FORMATS` lists
+them in priority order; :func:`~vllm_consolidate.read.detect.detect` is a loop over it, and ``--type``,
+the training kinds and the "no checkpoint found" message are derived from it.
+
+The claim contract (as torch DCP's ``StorageReader.validate_checkpoint_id``, with the reason kept):
+
+* :class:`~vllm_consolidate.errors.InputNotFoundError` means **not mine**: the loop goes on to the next
+  format (with ``--type`` naming this format, it is the error);
+* any other :class:`~vllm_consolidate.errors.ConsolidateError` means **mine, but broken**: detection
+  stops there, so a damaged checkpoint is reported as damaged instead of as something else.
+
+So a format must only raise "broken" for a layout that is unmistakably its own: the verl tracker
+``latest_checkpointed_iteration.txt`` counts as verl's only beside ``global_step_N`` folders (Megatron-Core
+writes a file of the same name beside ``iter_NNNNNNN``), and a DCP folder with Megatron-Core's
+``metadata.json`` is not claimed as plain DCP.
+
+Adding a format: write ``read/<format>.py`` (its claim raising ``InputNotFoundError`` when not its own,
+and its reader), add its word to :class:`InputKind` and one :class:`Format` line to :data:`FORMATS` at
+the place its priority says, then its corpus case and tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, InputNotFoundError
+from vllm_consolidate.read import deepspeed as ds
+from vllm_consolidate.read import hf
+from vllm_consolidate.read.dcp import read_dcp
+from vllm_consolidate.read.fsdp_locate import resolve_dcp, resolve_verl
+from vllm_consolidate.read.peft import is_peft_folder, read_peft_folder, resolve_peft
+from vllm_consolidate.read.verl import read_verl
+from vllm_consolidate.read.zero_locate import ResolvedCheckpoint
+from vllm_consolidate.source import SourceModel, Word
+
+
+class InputKind(Word):
+    """What an input is: the one vocabulary of detection, ``--type``, ``--json``, manifests and ``inspect``.
+
+    The values are the words the JSON reports have always carried (``DetectedInput.kind``).
+    """
+
+    DEEPSPEED = "deepspeed"
+    DCP = "dcp"
+    VERL = "verl"
+    PEFT = "peft"
+    HF = "hf"
+
+
+#: ``read(weights_dir, root, model_key)``: the claimed folder's metadata as a :class:`SourceModel`.
+Reader = Callable[[Path, Path | None, str | None], SourceModel]
+#: ``rescue(path, error)``: a later format's claim on a folder this one found broken, or None.
+Rescue = Callable[[Path, CorruptCheckpointError], tuple["InputKind", ResolvedCheckpoint] | None]
+
+
+@dataclass(frozen=True)
+class Format:
+    """One input format (see the module docstring).
+
+    Attributes:
+        kind: Its word.
+        type_name: The ``--type`` value that selects it (``hf_sharded`` for HF: kept for old command lines).
+        training: Its weights are the trainer's own state (fp32 masters or sharded training state), not a
+            saved model: the dtype choice and ``--keep-original-precision`` treat them as such.
+        resolve: Claims a path: the folder its weights are read from, or InputNotFoundError (not mine).
+        read: Reads the folder ``resolve`` chose.
+        rescue: With ``--type auto``, what to do when ``resolve`` finds the folder broken but another
+            format's files are there too (a LoRA save copied without its ``global_stepN/`` keeps ``latest``).
+        last_resort: Its "not mine", even with ``--type`` naming it, gives detection's own "no checkpoint
+            found" message, which lists what every format looks for (HF: any folder may be meant as one).
+    """
+
+    kind: InputKind
+    type_name: str
+    training: bool
+    resolve: Callable[[Path], ResolvedCheckpoint]
+    read: Reader
+    rescue: Rescue | None = None
+    last_resort: bool = False
+
+
+def _peft_rescue(path: Path, exc: CorruptCheckpointError) -> tuple[InputKind, ResolvedCheckpoint] | None:
+    """A broken ZeRO save whose folder is also a peft adapter: the adapter file is used."""
+    if not is_peft_folder(path):
+        return None
+    return InputKind.PEFT, ResolvedCheckpoint(path, path.name,
+                                              f"peft adapter folder ({exc.message}: the adapter file is used)")
+
+
+def _resolve_hf(path: Path) -> ResolvedCheckpoint:
+    """HF weights in the folder, else in its latest ``checkpoint-N``."""
+    if hf.is_hf_folder(path):
+        return ResolvedCheckpoint(path, path.name, "HF weights in the folder given")
+    ckpt = ds.latest_checkpoint_folder(path)
+    if ckpt is not None and hf.is_hf_folder(ckpt):
+        return ResolvedCheckpoint(ckpt, ckpt.name, f"HF weights in the latest {ckpt.name}")
+    raise InputNotFoundError("no HF weights (*.safetensors or pytorch_model*.bin)", path=path)
+
+
+#: The formats in priority order. A training save wins over HF weights in the same folder (HF Trainer under
+#: ZeRO-3 writes 16-bit or empty placeholder weights next to the fp32 masters, and the masters are the
+#: truth); an adapter wins over HF weights (a peft folder may hold a base model's files too).
+FORMATS: tuple[Format, ...] = (
+    # ZeRO first: its rank files are unmistakable, and HF Trainer runs hold them beside everything else.
+    Format(InputKind.DEEPSPEED, "deepspeed", True, ds.resolve_checkpoint,
+           lambda d, root, key: ds.read_deepspeed(d, root), rescue=_peft_rescue),
+    # (Megatron-Core goes here: its iter_N folders are DCP folders too, so it must come before DCP.)
+    Format(InputKind.DCP, "dcp", True, resolve_dcp, read_dcp),
+    Format(InputKind.VERL, "verl", True, resolve_verl, lambda d, root, key: read_verl(d, root)),
+    Format(InputKind.PEFT, "peft", False, resolve_peft, lambda d, root, key: read_peft_folder(d, root)),
+    # HF last: any folder with a weights file is one, so every more specific format goes first.
+    Format(InputKind.HF, "hf_sharded", False, _resolve_hf, lambda d, root, key: hf.read_hf(d, root),
+           last_resort=True),
+)
+BY_KIND: dict[InputKind, Format] = {f.kind: f for f in FORMATS}
+#: ``--type`` values. ``dcp`` covers HF Trainer / Accelerate FSDP and any torch.distributed.checkpoint.
+INPUT_TYPES: tuple[str, ...] = ("auto", *(f.type_name for f in FORMATS))
+#: Formats whose weights are the trainer's own (fp32 masters or sharded training state), not a saved model.
+TRAINING_KINDS: tuple[InputKind, ...] = tuple(f.kind for f in FORMATS if f.training)
+
+
+def format_of(kind: str) -> Format:
+    """The format of a kind word (``"deepspeed"``...)."""
+    return BY_KIND[InputKind(kind)]
+
+
+def is_not_mine(exc: ConsolidateError) -> bool:
+    """Whether a claim's error means "not this format" (the next one is tried) rather than "broken"."""
+    return isinstance(exc, InputNotFoundError)
+
+
+__all__ = ["BY_KIND", "FORMATS", "INPUT_TYPES", "TRAINING_KINDS", "Format", "InputKind", "format_of",
+           "is_not_mine"]
