@@ -14,7 +14,6 @@ checkpoints or models below it (a folder of runs), is reported input by input, e
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,14 +38,12 @@ from vllm_consolidate.read.assets import (
 from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder, step_of
 from vllm_consolidate.read.fsdp_locate import is_dcp_save, is_verl_step
 from vllm_consolidate.read.hf import is_hf_folder
+from vllm_consolidate.read.registry import format_of, format_of_source
 from vllm_consolidate.read.steps import numbered_step
 from vllm_consolidate.source import SourceModel, TensorSpec
 
 #: The output dtypes whose size and RAM are estimated, in the order shown.
 OUTPUT_DTYPES = (dtypes.float32, dtypes.bfloat16, dtypes.float16)
-_OPTIM_RE = re.compile(r"^(?:(?:bf16|fp16)_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
-_MODEL_STATES_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_\d+_model_states\.pt$")
-# Same text as convert's warning, so the two commands say the same thing about the same folder.
 
 @dataclass
 class Problem:
@@ -210,8 +207,9 @@ def _inspect_detected(detected: detection.DetectedInput, base_model_name: str | 
     """The steps of ``plan_conversion`` after detection, each failure recorded instead of raised."""
     report = InputReport(str(detected.input), format=detected.kind, chosen=str(detected.weights_dir),
                          how=detected.how, checkpoints=_checkpoints(Path(detected.input), detected.weights_dir))
-    if detected.kind == "deepspeed":
-        report.rank_files = _rank_files(detected.weights_dir)
+    rank_files = format_of(detected.kind).rank_files
+    if rank_files is not None:
+        report.rank_files = rank_files(detected.weights_dir)
     source = None
     try:
         source = merge_lora(detection.read(detected, model_key), detected.weights_dir, Path(detected.input),
@@ -249,7 +247,7 @@ def _find_config(report: InputReport, detected: detection.DetectedInput, source:
                  base_model_name: str | None) -> dict | None:
     """Search config, tokenizer and generation config exactly as ``plan_conversion`` does; the config read."""
     # Without a source (its reader refused it), a verl checkpoint's assets are still in huggingface/.
-    extra = source.asset_dirs if source else [detected.weights_dir / "huggingface"] if detected.kind == "verl" else []
+    extra = source.asset_dirs if source else format_of(detected.kind).asset_dirs(detected.weights_dir)
     assets = find_checkpoint_assets(detected.weights_dir, Path(detected.input), extra, base_model_name)
     report.assets = _assets_dict(assets)
     report.warnings.extend(assets.skipped)
@@ -286,12 +284,11 @@ def _describe_precision(report: InputReport, source: SourceModel | None, config:
     """The training precision, and where it is recorded (the order ``--keep-original-precision`` uses)."""
     if source is None:
         return
-    if source.kind not in detection.TRAINING_KINDS:
-        found, where = source.trained_dtype, "stored_dtype"
-    elif source.kind != "deepspeed" and source.trained_dtype is not None:
+    fmt = format_of_source(source)
+    if fmt is None or not fmt.training:
         found, where = source.trained_dtype, "stored_dtype"
     elif source.trained_dtype is not None:
-        found, where = source.trained_dtype, "deepspeed_config"
+        found, where = source.trained_dtype, fmt.precision_from
     else:  # as convert's target_dtype: config.json's torch_dtype, else float32
         name = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
         named = dtypes.ALIASES.get(str(name))
@@ -340,17 +337,6 @@ def _largest(tensors: list[TensorSpec]) -> TensorSpec | None:
         if best is None or t.nbytes > best.nbytes:
             best = t
     return best
-
-
-def _rank_files(folder: Path) -> dict[str, list[int]] | None:
-    """Ranks of the optimizer and model-states files present, from their names only (survives a failed read)."""
-    try:
-        names = sorted(p.name for p in folder.iterdir())
-    except OSError:
-        return None
-    optim = sorted(int(m.group(1)) for n in names if (m := _OPTIM_RE.match(n)))
-    states = sorted(int(m.group(1) or 0) for n in names if (m := _MODEL_STATES_RE.match(n)))
-    return {"optimizer": optim, "model_states": states}
 
 
 def _subdirs(path: Path) -> list[Path]:

@@ -34,9 +34,18 @@ from vllm_consolidate.read import hf
 from vllm_consolidate.read.dcp import read_dcp
 from vllm_consolidate.read.fsdp_locate import resolve_dcp, resolve_verl
 from vllm_consolidate.read.peft import is_peft_folder, read_peft_folder, resolve_peft
+from vllm_consolidate.read.verl import HF_FOLDER as VERL_HF_FOLDER
 from vllm_consolidate.read.verl import read_verl
 from vllm_consolidate.read.zero_locate import ResolvedCheckpoint
 from vllm_consolidate.source import SourceModel, Word
+
+
+class LoraLayout(Word):
+    """Where a format keeps a LoRA fine-tune, when it holds one."""
+
+    FACTORS = "factors"  # LoRA factors among the trained tensors; the base model is found elsewhere
+    ADAPTER = "adapter"  # the folder is the adapter itself (peft)
+    RANK_FILES = "rank_files"  # base model and factors together in the rank files (verl)
 
 
 class InputKind(Word):
@@ -73,6 +82,14 @@ class Format:
             format's files are there too (a LoRA save copied without its ``global_stepN/`` keeps ``latest``).
         last_resort: Its "not mine", even with ``--type`` naming it, gives detection's own "no checkpoint
             found" message, which lists what every format looks for (HF: any folder may be meant as one).
+        source_kinds: The ``SourceModel.kind`` words its reader gives, when not just its own word.
+        precision_from: Where ``SourceModel.trained_dtype`` comes from (``inspect`` reports it).
+        rank_files: The ranks of its files present, by name only (``inspect`` reports them, even when the
+            read fails).
+        asset_dirs: Folders holding config and tokenizer for a claimed folder, searched even when its
+            reader refuses it (``inspect`` still reports the assets).
+        lora: Where it keeps a LoRA fine-tune.
+        lora_what: The adapter's weights, as messages name them.
     """
 
     kind: InputKind
@@ -82,6 +99,17 @@ class Format:
     read: Reader
     rescue: Rescue | None = None
     last_resort: bool = False
+    source_kinds: tuple[str, ...] = ()
+    precision_from: str = "stored_dtype"
+    rank_files: Callable[[Path], dict[str, list[int]] | None] | None = None
+    asset_dirs: Callable[[Path], list[Path]] = lambda folder: []
+    lora: LoraLayout = LoraLayout.FACTORS
+    lora_what: Callable[[SourceModel, Path], str] = lambda source, weights_dir: str(source.path)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The ``SourceModel.kind`` words its reader gives (its own word unless it has several layouts)."""
+        return self.source_kinds or (str(self.kind),)
 
 
 def _peft_rescue(path: Path, exc: CorruptCheckpointError) -> tuple[InputKind, ResolvedCheckpoint] | None:
@@ -108,16 +136,21 @@ def _resolve_hf(path: Path) -> ResolvedCheckpoint:
 FORMATS: tuple[Format, ...] = (
     # ZeRO first: its rank files are unmistakable, and HF Trainer runs hold them beside everything else.
     Format(InputKind.DEEPSPEED, "deepspeed", True, ds.resolve_checkpoint,
-           lambda d, root, key: ds.read_deepspeed(d, root), rescue=_peft_rescue),
+           lambda d, root, key: ds.read_deepspeed(d, root), rescue=_peft_rescue, precision_from="deepspeed_config",
+           rank_files=ds.rank_files, lora_what=lambda source, d: f"fp32 masters in {d.name}"),
     # (Megatron-Core goes here: its iter_N folders are DCP folders too, so it must come before DCP.)
     Format(InputKind.DCP, "dcp", True, resolve_dcp, read_dcp),
-    Format(InputKind.VERL, "verl", True, resolve_verl, lambda d, root, key: read_verl(d, root)),
-    Format(InputKind.PEFT, "peft", False, resolve_peft, lambda d, root, key: read_peft_folder(d, root)),
+    Format(InputKind.VERL, "verl", True, resolve_verl, lambda d, root, key: read_verl(d, root),
+           asset_dirs=lambda d: [d / VERL_HF_FOLDER], lora=LoraLayout.RANK_FILES),
+    Format(InputKind.PEFT, "peft", False, resolve_peft, lambda d, root, key: read_peft_folder(d, root),
+           lora=LoraLayout.ADAPTER,
+           lora_what=lambda source, d: f"{source.info.get('adapter_file')} ({source.info.get('adapter_dtype')})"),
     # HF last: any folder with a weights file is one, so every more specific format goes first.
     Format(InputKind.HF, "hf_sharded", False, _resolve_hf, lambda d, root, key: hf.read_hf(d, root),
-           last_resort=True),
+           last_resort=True, source_kinds=(hf.SINGLE, hf.SHARDED)),
 )
 BY_KIND: dict[InputKind, Format] = {f.kind: f for f in FORMATS}
+_BY_SOURCE_KIND: dict[str, Format] = {k: f for f in FORMATS for k in f.kinds}
 #: ``--type`` values. ``dcp`` covers HF Trainer / Accelerate FSDP and any torch.distributed.checkpoint.
 INPUT_TYPES: tuple[str, ...] = ("auto", *(f.type_name for f in FORMATS))
 #: Formats whose weights are the trainer's own (fp32 masters or sharded training state), not a saved model.
@@ -129,10 +162,26 @@ def format_of(kind: str) -> Format:
     return BY_KIND[InputKind(kind)]
 
 
+def format_of_source(source: SourceModel) -> Format | None:
+    """The format whose reader gave ``source``; None for a planned model (a merged LoRA, an adapter export)."""
+    return _BY_SOURCE_KIND.get(str(source.kind))
+
+
+def is_training_source(source: SourceModel) -> bool:
+    """Whether ``source`` holds a trainer's own weights (see :attr:`Format.training`)."""
+    fmt = format_of_source(source)
+    return fmt is not None and fmt.training
+
+
+def is_single_file_model(source: SourceModel) -> bool:
+    """Whether ``source`` is an HF model in one weights file (which may already be what convert would write)."""
+    return str(source.kind) == hf.SINGLE
+
+
 def is_not_mine(exc: ConsolidateError) -> bool:
     """Whether a claim's error means "not this format" (the next one is tried) rather than "broken"."""
     return isinstance(exc, InputNotFoundError)
 
 
-__all__ = ["BY_KIND", "FORMATS", "INPUT_TYPES", "TRAINING_KINDS", "Format", "InputKind", "format_of",
-           "is_not_mine"]
+__all__ = ["BY_KIND", "FORMATS", "INPUT_TYPES", "TRAINING_KINDS", "Format", "InputKind", "LoraLayout", "format_of",
+           "format_of_source", "is_not_mine", "is_single_file_model", "is_training_source"]
