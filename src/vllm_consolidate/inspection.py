@@ -35,10 +35,9 @@ from vllm_consolidate.read.assets import (
     missing_config,
     read_config,
 )
-from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder, step_of
+from vllm_consolidate.read.deepspeed import step_of
 from vllm_consolidate.read.fsdp_locate import is_dcp_save, is_verl_step
-from vllm_consolidate.read.hf import is_hf_folder
-from vllm_consolidate.read.registry import format_of, format_of_source
+from vllm_consolidate.read.registry import HOLDS, format_of, format_of_source
 from vllm_consolidate.read.steps import numbered_step
 from vllm_consolidate.source import SourceModel, TensorSpec
 
@@ -364,9 +363,7 @@ def _checkpoints(root: Path, chosen: Path | None) -> list[CheckpointEntry]:
         folders += _by_step([g for g in _subdirs(child) if g.name.startswith("global_step")])
     out = []
     for folder in folders:
-        holds = [kind for kind, test in (("zero", is_zero_checkpoint_folder), ("dcp", is_dcp_save),
-                                         ("verl", is_verl_step), ("hf", is_hf_folder), ("latest", _has_latest))
-                 if test(folder)]
+        holds = [h.word for h in HOLDS if h.test(folder)] + (["latest"] if _has_latest(folder) else [])
         name = "." if folder == root else str(folder.relative_to(root))
         inner = bool({"dcp", "verl"} & set(holds))  # the weights are in a sub-folder of the checkpoint
         picked = chosen is not None and (folder == chosen or folder == chosen.parent and inner)

@@ -102,7 +102,9 @@ class SourceModel:
     """A model found on disk, described by metadata only.
 
     Attributes:
-        kind: ``"deepspeed"``, ``"hf_sharded"`` or ``"hf_single"``.
+        kind: The reader's word (``read.registry.Format.kinds``: ``"deepspeed"``, ``"dcp"``, ``"verl"``,
+            ``"peft"``, ``"hf_single"``, ``"hf_sharded"``), or what the LoRA plan made of it (``"lora_merge"``,
+            ``"lora_adapter"``). Callers ask the format's record (``read.registry.format_of_source``), not the word.
         path: The folder the weights were found in (``global_stepN`` for DeepSpeed).
         tensors: Tensors in the order they should be written.
         asset_dirs: Folders to search, in order, for config, tokenizer and generation config.

@@ -1,4 +1,4 @@
-"""Record ``convert --json``, ``inspect --json`` and ``batch --dry-run --json`` over the corpus, to compare two trees.
+"""Record ``convert --json``, ``inspect`` (JSON and text) and ``batch --dry-run --json`` over the corpus, to compare.
 
 Not a test: run it once with the old source tree and once with the new one, then diff the two files::
 
@@ -63,6 +63,7 @@ def record(dest: str) -> None:
         base = ["--base-model-name", str(case.parent / "base")] if (case.parent / "base").is_dir() else []
         with tempfile.TemporaryDirectory() as tmp:
             out[f"inspect {name}"] = _run(["inspect", "--json", str(case), *base], tmp)
+            out[f"inspect-text {name}"] = _run(["inspect", str(case), *base], tmp)
             for extra in ([], ["--all-checkpoints"]):
                 out[f"batch {name} {extra}"] = _run(["batch", "--dry-run", "--json", "--input-dir", str(case),
                                                      "--output-dir", f"{tmp}/b", *extra, *base], tmp)

@@ -31,7 +31,11 @@ from pathlib import Path
 from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, InputNotFoundError
 from vllm_consolidate.formats.dcp import is_dcp_folder
 from vllm_consolidate.limits import brief
-from vllm_consolidate.read.steps import numbered_step  # re-exported: batch and inspect import it from here
+from vllm_consolidate.read.steps import (
+    Checkpoint,
+    SaveList,
+    numbered_step,  # re-exported: batch and inspect import it from here
+)
 from vllm_consolidate.read.verl import is_verl_role_folder
 from vllm_consolidate.read.zero_locate import ResolvedCheckpoint, confine_chosen, latest_checkpoint_folder
 from vllm_consolidate.safe_io import MAX_TAG_BYTES, read_json, read_text
@@ -86,6 +90,21 @@ def dcp_saves(path: Path) -> list[tuple[int, Path]]:
     """The numbered sub-folders of ``path`` that are DCP saves, by step."""
     return sorted((n, sub) for sub in _subfolders(path) if (n := numbered_step(sub.name)) is not None
                   and is_dcp_save(sub))
+
+
+def dcp_save_list(path: Path) -> SaveList | None:
+    """A folder of numbered DCP saves, by step; ``convert`` picks the highest."""
+    saves = [Checkpoint(p.name, n, p) for n, p in dcp_saves(path)]
+    return SaveList(saves, saves[-1]) if saves else None
+
+
+def verl_save_list(path: Path) -> SaveList | None:
+    """A verl run's ``global_step_N`` saves; ``convert`` picks the tracker's step, else the highest."""
+    saves = [Checkpoint(p.name, n, p) for n, p in verl_steps(path)]
+    if not saves:
+        return None
+    tracked = verl_tracked_step(path)
+    return SaveList(saves, next((c for c in saves if c.step == tracked), saves[-1]))
 
 
 def is_verl_step(path: Path) -> bool:
@@ -177,6 +196,6 @@ def resolve_verl(path: Path) -> ResolvedCheckpoint:
     raise InputNotFoundError("no verl checkpoint (global_step_N/actor/model_world_size_W_rank_R.pt) found", path=path)
 
 
-__all__ = ["MEGATRON_METADATA", "TRAINER_FSDP_FOLDER", "VERL_ROLES", "VERL_TRACKER", "dcp_saves", "is_dcp_save",
-           "is_megatron_save", "is_verl_step",
-           "numbered_step", "resolve_dcp", "resolve_verl", "verl_steps", "verl_tracked_step"]
+__all__ = ["MEGATRON_METADATA", "TRAINER_FSDP_FOLDER", "VERL_ROLES", "VERL_TRACKER", "dcp_save_list", "dcp_saves",
+           "is_dcp_save", "is_megatron_save", "is_verl_step", "numbered_step", "resolve_dcp", "resolve_verl",
+           "verl_save_list", "verl_steps", "verl_tracked_step"]

@@ -27,16 +27,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, InputNotFoundError
 from vllm_consolidate.read import deepspeed as ds
 from vllm_consolidate.read import hf
 from vllm_consolidate.read.dcp import read_dcp
-from vllm_consolidate.read.fsdp_locate import resolve_dcp, resolve_verl
+from vllm_consolidate.read.fsdp_locate import (
+    dcp_save_list,
+    is_dcp_save,
+    is_verl_step,
+    resolve_dcp,
+    resolve_verl,
+    verl_save_list,
+)
 from vllm_consolidate.read.peft import is_peft_folder, read_peft_folder, resolve_peft
+from vllm_consolidate.read.steps import SaveList
 from vllm_consolidate.read.verl import HF_FOLDER as VERL_HF_FOLDER
 from vllm_consolidate.read.verl import read_verl
-from vllm_consolidate.read.zero_locate import ResolvedCheckpoint
+from vllm_consolidate.read.zero_locate import ResolvedCheckpoint, zero_saves
 from vllm_consolidate.source import SourceModel, Word
 
 
@@ -67,6 +76,14 @@ Reader = Callable[[Path, Path | None, str | None], SourceModel]
 Rescue = Callable[[Path, CorruptCheckpointError], tuple["InputKind", ResolvedCheckpoint] | None]
 
 
+class Holds(NamedTuple):
+    """A column of ``inspect``'s table of saves: its JSON word, its label, and the test on a folder."""
+
+    word: str
+    label: str
+    test: Callable[[Path], bool]
+
+
 @dataclass(frozen=True)
 class Format:
     """One input format (see the module docstring).
@@ -90,6 +107,9 @@ class Format:
             reader refuses it (``inspect`` still reports the assets).
         lora: Where it keeps a LoRA fine-tune.
         lora_what: The adapter's weights, as messages name them.
+        saves: A run folder's saves of this format, by step, and the one ``convert`` picks (``batch`` lists
+            them; None when the folder holds none).
+        holds: How ``inspect``'s table of saves says a folder holds this format.
     """
 
     kind: InputKind
@@ -105,6 +125,8 @@ class Format:
     asset_dirs: Callable[[Path], list[Path]] = lambda folder: []
     lora: LoraLayout = LoraLayout.FACTORS
     lora_what: Callable[[SourceModel, Path], str] = lambda source, weights_dir: str(source.path)
+    saves: Callable[[Path], SaveList | None] | None = None
+    holds: Holds | None = None
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -137,17 +159,20 @@ FORMATS: tuple[Format, ...] = (
     # ZeRO first: its rank files are unmistakable, and HF Trainer runs hold them beside everything else.
     Format(InputKind.DEEPSPEED, "deepspeed", True, ds.resolve_checkpoint,
            lambda d, root, key: ds.read_deepspeed(d, root), rescue=_peft_rescue, precision_from="deepspeed_config",
-           rank_files=ds.rank_files, lora_what=lambda source, d: f"fp32 masters in {d.name}"),
+           rank_files=ds.rank_files, lora_what=lambda source, d: f"fp32 masters in {d.name}", saves=zero_saves,
+           holds=Holds("zero", "ZeRO rank files", ds.is_zero_checkpoint_folder)),
     # (Megatron-Core goes here: its iter_N folders are DCP folders too, so it must come before DCP.)
-    Format(InputKind.DCP, "dcp", True, resolve_dcp, read_dcp),
+    Format(InputKind.DCP, "dcp", True, resolve_dcp, read_dcp, saves=dcp_save_list,
+           holds=Holds("dcp", "DCP (FSDP) weights", is_dcp_save)),
     Format(InputKind.VERL, "verl", True, resolve_verl, lambda d, root, key: read_verl(d, root),
-           asset_dirs=lambda d: [d / VERL_HF_FOLDER], lora=LoraLayout.RANK_FILES),
+           asset_dirs=lambda d: [d / VERL_HF_FOLDER], lora=LoraLayout.RANK_FILES, saves=verl_save_list,
+           holds=Holds("verl", "verl actor/critic", is_verl_step)),
     Format(InputKind.PEFT, "peft", False, resolve_peft, lambda d, root, key: read_peft_folder(d, root),
            lora=LoraLayout.ADAPTER,
            lora_what=lambda source, d: f"{source.info.get('adapter_file')} ({source.info.get('adapter_dtype')})"),
     # HF last: any folder with a weights file is one, so every more specific format goes first.
     Format(InputKind.HF, "hf_sharded", False, _resolve_hf, lambda d, root, key: hf.read_hf(d, root),
-           last_resort=True, source_kinds=(hf.SINGLE, hf.SHARDED)),
+           last_resort=True, source_kinds=(hf.SINGLE, hf.SHARDED), holds=Holds("hf", "HF weights", hf.is_hf_folder)),
 )
 BY_KIND: dict[InputKind, Format] = {f.kind: f for f in FORMATS}
 _BY_SOURCE_KIND: dict[str, Format] = {k: f for f in FORMATS for k in f.kinds}
@@ -155,6 +180,15 @@ _BY_SOURCE_KIND: dict[str, Format] = {k: f for f in FORMATS for k in f.kinds}
 INPUT_TYPES: tuple[str, ...] = ("auto", *(f.type_name for f in FORMATS))
 #: Formats whose weights are the trainer's own (fp32 masters or sharded training state), not a saved model.
 TRAINING_KINDS: tuple[InputKind, ...] = tuple(f.kind for f in FORMATS if f.training)
+
+
+#: ``inspect``'s columns, in this order.
+HOLDS: tuple[Holds, ...] = tuple(f.holds for f in FORMATS if f.holds is not None)
+
+
+def run_saves(path: Path) -> tuple[Format, SaveList] | None:
+    """The first format, in priority order, that finds saves in the run folder ``path``, and its saves."""
+    return next(((f, found) for f in FORMATS if f.saves is not None and (found := f.saves(path)) is not None), None)
 
 
 def format_of(kind: str) -> Format:
@@ -183,5 +217,5 @@ def is_not_mine(exc: ConsolidateError) -> bool:
     return isinstance(exc, InputNotFoundError)
 
 
-__all__ = ["BY_KIND", "FORMATS", "INPUT_TYPES", "TRAINING_KINDS", "Format", "InputKind", "LoraLayout", "format_of",
-           "format_of_source", "is_not_mine", "is_single_file_model", "is_training_source"]
+__all__ = ["BY_KIND", "FORMATS", "HOLDS", "INPUT_TYPES", "TRAINING_KINDS", "Format", "Holds", "InputKind", "LoraLayout",
+           "format_of", "format_of_source", "run_saves", "is_not_mine", "is_single_file_model", "is_training_source"]

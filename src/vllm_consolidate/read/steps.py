@@ -10,6 +10,8 @@ or any numbered save), so the three commands cannot disagree on what N a folder 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 #: Not ``optimizer_0`` or ``pytorch_model_fsdp_0``: those hold parts of one save, not a save.
@@ -43,4 +45,20 @@ def numbered_step(name: str) -> int | None:
     return found.step if found is not None else None
 
 
-__all__ = ["TRAINER_SPELLINGS", "StepName", "numbered_step", "parse_step", "step_of"]
+@dataclass
+class Checkpoint:
+    """One convertible save of a run: what ``batch`` lists and converts, and ``inspect`` shows."""
+
+    name: str  # checkpoint-200, global_step200, or the HF folder's name
+    step: int | None
+    path: Path  # the folder passed to convert() as checkpoint_dir
+
+
+class SaveList(NamedTuple):
+    """A run's saves of one format, by step, and the one ``convert`` picks from the run."""
+
+    saves: list[Checkpoint]
+    latest: Checkpoint
+
+
+__all__ = ["TRAINER_SPELLINGS", "Checkpoint", "SaveList", "StepName", "numbered_step", "parse_step", "step_of"]

@@ -78,3 +78,25 @@ def test_dcp_without_megatron_metadata_is_claimed(tmp_path: Path) -> None:
     (save / ".metadata").write_bytes(b"")
     (save / "metadata.json").write_text("not json")
     assert resolve_dcp(tmp_path).folder == save
+
+
+def test_megatron_run_is_no_batch_input(tmp_path: Path) -> None:
+    """batch lists saves through the same registry: no format claims the Megatron run's iter_N folders."""
+    from vllm_consolidate.batch.inputs import inspect_input
+
+    assert inspect_input(_megatron_run(tmp_path)).kind is None
+
+
+def test_run_saves_follow_the_registry(tmp_path: Path) -> None:
+    """A run's saves come from the first format, in registry order, that finds any; the latest is its pick."""
+    from vllm_consolidate.read.registry import run_saves
+
+    run = tmp_path / "run"
+    for n in (3, 10):
+        (run / f"step-{n}").mkdir(parents=True)
+        (run / f"step-{n}" / ".metadata").write_bytes(b"")
+    fmt, saves = run_saves(run)
+    assert fmt.kind == InputKind.DCP
+    assert [(c.name, c.step) for c in saves.saves] == [("step-3", 3), ("step-10", 10)]
+    assert saves.latest.name == "step-10"
+    assert run_saves(tmp_path) is None
