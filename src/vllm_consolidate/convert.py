@@ -32,6 +32,7 @@ from vllm_consolidate.read.assets import (  # DEFAULT_BASE_MODEL re-exported: th
     missing_config,
     read_config,
 )
+from vllm_consolidate.read.registry import is_single_file_model, is_training_source
 from vllm_consolidate.source import SourceModel
 from vllm_consolidate.write import publish as pub
 from vllm_consolidate.write import write_plan
@@ -155,7 +156,7 @@ def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> DTy
     """The dtype for floating tensors, or None to keep each tensor's own (see ``ConvertOptions``)."""
     if not opts.keep_original_precision:
         return opts.dtype
-    if source.kind in detection.TRAINING_KINDS:
+    if is_training_source(source):
         if source.trained_dtype is not None:
             return source.trained_dtype
         name = config.get("torch_dtype") or config.get("dtype")
@@ -270,7 +271,7 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
                   output_dtype=_config_dtype(plan), assets=assets.origin(), warnings=conv.warnings, detected=info,
                   architectures=conv.architecture.to_dict())
     # A folder whose config.json needs architectures written is not "already consolidated": vLLM refuses it.
-    if (conv.source.kind == "hf_single" and not opts.force and not conv.architecture.changed
+    if (is_single_file_model(conv.source) and not opts.force and not conv.architecture.changed
             and _unchanged_single(conv.source, plan)):
         return ConvertResult(output=conv.detected.weights_dir, status="already_consolidated", files=[],
                              bytes_read=0, bytes_written=0, seconds=time.monotonic() - started, **common)

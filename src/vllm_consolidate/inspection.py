@@ -14,7 +14,6 @@ checkpoints or models below it (a folder of runs), is reported input by input, e
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,16 +35,14 @@ from vllm_consolidate.read.assets import (
     missing_config,
     read_config,
 )
-from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder, step_of
-from vllm_consolidate.read.fsdp_locate import is_dcp_save, is_verl_step, numbered_step
-from vllm_consolidate.read.hf import is_hf_folder
+from vllm_consolidate.read.deepspeed import step_of
+from vllm_consolidate.read.fsdp_locate import is_dcp_save, is_verl_step
+from vllm_consolidate.read.registry import HOLDS, format_of, format_of_source
+from vllm_consolidate.read.steps import numbered_step
 from vllm_consolidate.source import SourceModel, TensorSpec
 
 #: The output dtypes whose size and RAM are estimated, in the order shown.
 OUTPUT_DTYPES = (dtypes.float32, dtypes.bfloat16, dtypes.float16)
-_OPTIM_RE = re.compile(r"^(?:(?:bf16|fp16)_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
-_MODEL_STATES_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_\d+_model_states\.pt$")
-# Same text as convert's warning, so the two commands say the same thing about the same folder.
 
 @dataclass
 class Problem:
@@ -209,8 +206,9 @@ def _inspect_detected(detected: detection.DetectedInput, base_model_name: str | 
     """The steps of ``plan_conversion`` after detection, each failure recorded instead of raised."""
     report = InputReport(str(detected.input), format=detected.kind, chosen=str(detected.weights_dir),
                          how=detected.how, checkpoints=_checkpoints(Path(detected.input), detected.weights_dir))
-    if detected.kind == "deepspeed":
-        report.rank_files = _rank_files(detected.weights_dir)
+    rank_files = format_of(detected.kind).rank_files
+    if rank_files is not None:
+        report.rank_files = rank_files(detected.weights_dir)
     source = None
     try:
         source = merge_lora(detection.read(detected, model_key), detected.weights_dir, Path(detected.input),
@@ -248,7 +246,7 @@ def _find_config(report: InputReport, detected: detection.DetectedInput, source:
                  base_model_name: str | None) -> dict | None:
     """Search config, tokenizer and generation config exactly as ``plan_conversion`` does; the config read."""
     # Without a source (its reader refused it), a verl checkpoint's assets are still in huggingface/.
-    extra = source.asset_dirs if source else [detected.weights_dir / "huggingface"] if detected.kind == "verl" else []
+    extra = source.asset_dirs if source else format_of(detected.kind).asset_dirs(detected.weights_dir)
     assets = find_checkpoint_assets(detected.weights_dir, Path(detected.input), extra, base_model_name)
     report.assets = _assets_dict(assets)
     report.warnings.extend(assets.skipped)
@@ -285,12 +283,11 @@ def _describe_precision(report: InputReport, source: SourceModel | None, config:
     """The training precision, and where it is recorded (the order ``--keep-original-precision`` uses)."""
     if source is None:
         return
-    if source.kind not in detection.TRAINING_KINDS:
-        found, where = source.trained_dtype, "stored_dtype"
-    elif source.kind != "deepspeed" and source.trained_dtype is not None:
+    fmt = format_of_source(source)
+    if fmt is None or not fmt.training:
         found, where = source.trained_dtype, "stored_dtype"
     elif source.trained_dtype is not None:
-        found, where = source.trained_dtype, "deepspeed_config"
+        found, where = source.trained_dtype, fmt.precision_from
     else:  # as convert's target_dtype: config.json's torch_dtype, else float32
         name = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
         named = dtypes.ALIASES.get(str(name))
@@ -341,23 +338,6 @@ def _largest(tensors: list[TensorSpec]) -> TensorSpec | None:
     return best
 
 
-def _rank_files(folder: Path) -> dict[str, list[int]] | None:
-    """Ranks of the optimizer and model-states files present, from their names only (survives a failed read)."""
-    try:
-        names = sorted(p.name for p in folder.iterdir())
-    except OSError:
-        return None
-    optim = sorted(int(m.group(1)) for n in names if (m := _OPTIM_RE.match(n)))
-    states = sorted(int(m.group(1) or 0) for n in names if (m := _MODEL_STATES_RE.match(n)))
-    return {"optimizer": optim, "model_states": states}
-
-
-def _step(name: str) -> int | None:
-    """N of ``checkpoint-N``/``global_stepN``, or of a numbered DCP or verl save (``step-2``, ``global_step_3``)."""
-    found = step_of(name)
-    return found if found is not None else numbered_step(name)
-
-
 def _subdirs(path: Path) -> list[Path]:
     try:
         return [p for p in path.iterdir() if p.is_dir() and (step_of(p.name) is not None or (
@@ -368,7 +348,7 @@ def _subdirs(path: Path) -> list[Path]:
 
 def _by_step(paths: list[Path]) -> list[Path]:
     # checkpoint-10 after checkpoint-9: by kind, then by N.
-    return sorted(paths, key=lambda p: (p.name.startswith("global_step"), _step(p.name) or 0, p.name))
+    return sorted(paths, key=lambda p: (p.name.startswith("global_step"), numbered_step(p.name) or 0, p.name))
 
 
 def _has_latest(folder: Path) -> bool:
@@ -377,19 +357,17 @@ def _has_latest(folder: Path) -> bool:
 
 def _checkpoints(root: Path, chosen: Path | None) -> list[CheckpointEntry]:
     """Every ``checkpoint-N``/``global_stepN`` folder: the input itself, its children, their children."""
-    folders = [root] if _step(root.name) is not None else []
+    folders = [root] if numbered_step(root.name) is not None else []
     for child in _by_step(_subdirs(root)):
         folders.append(child)
         folders += _by_step([g for g in _subdirs(child) if g.name.startswith("global_step")])
     out = []
     for folder in folders:
-        holds = [kind for kind, test in (("zero", is_zero_checkpoint_folder), ("dcp", is_dcp_save),
-                                         ("verl", is_verl_step), ("hf", is_hf_folder), ("latest", _has_latest))
-                 if test(folder)]
+        holds = [h.word for h in HOLDS if h.test(folder)] + (["latest"] if _has_latest(folder) else [])
         name = "." if folder == root else str(folder.relative_to(root))
         inner = bool({"dcp", "verl"} & set(holds))  # the weights are in a sub-folder of the checkpoint
         picked = chosen is not None and (folder == chosen or folder == chosen.parent and inner)
-        out.append(CheckpointEntry(name, str(folder), _step(folder.name), holds, picked))
+        out.append(CheckpointEntry(name, str(folder), numbered_step(folder.name), holds, picked))
     return out
 
 

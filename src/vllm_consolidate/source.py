@@ -10,10 +10,25 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from vllm_consolidate.dtypes import DType
+
+
+class Word(str, Enum):
+    """A ``str`` enum that formats as its value everywhere (``enum.StrEnum`` is Python 3.11+).
+
+    A member is written to JSON, compared with, and printed exactly as the plain word (``InputKind.DCP == "dcp"``).
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        # Enum's own __format__ gives "InputKind.DCP" in some Python versions; messages and tables need the word.
+        return format(str(self.value), spec)
 
 
 @dataclass(frozen=True)
@@ -87,7 +102,9 @@ class SourceModel:
     """A model found on disk, described by metadata only.
 
     Attributes:
-        kind: ``"deepspeed"``, ``"hf_sharded"`` or ``"hf_single"``.
+        kind: The reader's word (``read.registry.Format.kinds``: ``"deepspeed"``, ``"dcp"``, ``"verl"``,
+            ``"peft"``, ``"hf_single"``, ``"hf_sharded"``), or what the LoRA plan made of it (``"lora_merge"``,
+            ``"lora_adapter"``). Callers ask the format's record (``read.registry.format_of_source``), not the word.
         path: The folder the weights were found in (``global_stepN`` for DeepSpeed).
         tensors: Tensors in the order they should be written.
         asset_dirs: Folders to search, in order, for config, tokenizer and generation config.

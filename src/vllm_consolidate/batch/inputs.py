@@ -49,13 +49,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_consolidate.errors import ConsolidateError, InputNotFoundError, UsageError
+from vllm_consolidate.errors import InputNotFoundError, UsageError
 from vllm_consolidate.read import fsdp_locate as fl
 from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder, step_of
 from vllm_consolidate.read.hf import is_hf_folder
 from vllm_consolidate.read.peft import is_peft_folder
+from vllm_consolidate.read.registry import run_saves
+from vllm_consolidate.read.steps import Checkpoint
 from vllm_consolidate.read.verl import is_verl_role_folder
-from vllm_consolidate.safe_io import MAX_LIST_BYTES, MAX_TAG_BYTES, read_text
+from vllm_consolidate.safe_io import MAX_LIST_BYTES, read_text
 from vllm_consolidate.write.publish import NAME_MAX, TEMP_NAME_OVERHEAD
 
 DEFAULT_TEMPLATE = "{input_name}_step_{step}"
@@ -141,20 +143,11 @@ def match_any(name: str, patterns: Sequence[str]) -> bool:
 
 
 @dataclass
-class Checkpoint:
-    """One convertible checkpoint of an input."""
-
-    name: str  # checkpoint-200, global_step200, or the HF folder's name
-    step: int | None
-    path: Path  # the folder passed to convert() as checkpoint_dir
-
-
-@dataclass
 class InputFolder:
     """One input of the batch and what it holds."""
 
     path: Path
-    kind: str | None  # "run", "deepspeed_save", "dcp_save", "verl_run", "checkpoint", "hf_model", or None
+    kind: str | None  # "run", "<format>_saves" (deepspeed_saves...), "checkpoint", "hf_model", or None
     checkpoints: list[Checkpoint] = field(default_factory=list)
     latest: Checkpoint | None = None
     model_dir: Path | None = None
@@ -166,15 +159,6 @@ def _subdirs(path: Path) -> list[Path]:
         return sorted((p for p in path.iterdir() if p.is_dir()), key=lambda p: p.name)
     except OSError:
         return []
-
-
-def _latest_tag(folder: Path) -> str:
-    """The tag ``latest`` names, read bounded; an unusable one gives a name no folder has (detection then says why)."""
-    try:
-        tag = read_text(folder / "latest", MAX_TAG_BYTES, what="'latest'").strip()
-    except ConsolidateError:
-        return "latest"
-    return tag if tag and "/" not in tag and "\0" not in tag and tag not in (".", "..") else "latest"
 
 
 def _numbered(children: list[Path], prefix: str) -> list[Checkpoint]:
@@ -201,17 +185,13 @@ def inspect_input(path: Path) -> InputFolder:
     ckpts = _numbered(children, "checkpoint-")
     if ckpts:
         return InputFolder(path, "run", ckpts, ckpts[-1], path)
-    tags = [c for c in _numbered(children, "global_step") if is_zero_checkpoint_folder(c.path)]
-    if tags:
-        latest = tags[-1]
-        if (path / "latest").is_file():
-            tag = _latest_tag(path)
-            named = [c for c in tags if c.name == tag]
-            latest = named[0] if named else Checkpoint(tag, step_of(tag), path / tag)
-        return InputFolder(path, "deepspeed_save", tags, latest, path)
-    other = _training_save(path, children)
-    if other is not None:
-        return other
+    found = run_saves(path)  # global_stepN (ZeRO), numbered DCP saves, verl global_step_N: as the registry orders them
+    if found is not None:
+        fmt, saves = found
+        return InputFolder(path, f"{fmt.kind}_saves", saves.saves, saves.latest, path)
+    if _single_save(path):
+        ck = Checkpoint(path.name, fl.numbered_step(path.name), path)
+        return InputFolder(path, "checkpoint", [ck], ck, path.parent)
     if is_zero_checkpoint_folder(path) or is_hf_folder(path):
         ck = Checkpoint(path.name, None, path)
         return InputFolder(path, "hf_model" if not is_zero_checkpoint_folder(path) else "checkpoint", [ck], ck, path)
@@ -219,23 +199,10 @@ def inspect_input(path: Path) -> InputFolder:
                                          "saves, or HF weights")
 
 
-def _training_save(path: Path, children: list[Path]) -> InputFolder | None:
-    """A folder of numbered DCP saves, a verl run, or one verl, DCP or peft adapter save given directly."""
-    verl = fl.verl_steps(path)
-    if verl:
-        ckpts = [Checkpoint(p.name, n, p) for n, p in verl]
-        tracked = fl.verl_tracked_step(path)
-        latest = next((c for c in ckpts if c.step == tracked), ckpts[-1])
-        return InputFolder(path, "verl_run", ckpts, latest, path)
-    saves = fl.dcp_saves(path)
-    if saves:
-        ckpts = [Checkpoint(p.name, n, p) for n, p in saves]
-        return InputFolder(path, "dcp_save", ckpts, ckpts[-1], path)
-    if fl.is_dcp_save(path) or is_peft_folder(path) or is_verl_role_folder(path) or any(
-            is_verl_role_folder(path / role) for role in fl.VERL_ROLES):
-        ck = Checkpoint(path.name, fl.numbered_step(path.name), path)
-        return InputFolder(path, "checkpoint", [ck], ck, path.parent)
-    return None
+def _single_save(path: Path) -> bool:
+    """One verl, DCP or peft adapter save given directly."""
+    return fl.is_dcp_save(path) or is_peft_folder(path) or is_verl_role_folder(path) or any(
+        is_verl_role_folder(path / role) for role in fl.VERL_ROLES)
 
 
 def collect_inputs(input_dir: Path | None = None, input_pattern: str | None = None,

@@ -7,18 +7,7 @@ written to JSON, compared with, and printed exactly as the plain word was before
 
 from __future__ import annotations
 
-from enum import Enum
-
-
-class _Word(str, Enum):
-    """A ``str`` enum that formats as its value everywhere (``enum.StrEnum`` is Python 3.11+)."""
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        # Enum's own __format__ gives "Action.CONVERT" in some Python versions; tables need the word.
-        return format(str(self.value), spec)
+from vllm_consolidate.source import Word as _Word
 
 
 class Action(_Word):

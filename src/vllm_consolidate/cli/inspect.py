@@ -18,8 +18,7 @@ _W = 15  # label column width: "architectures: " is the longest label
 _PRECISION_FROM = {"deepspeed_config": "DeepSpeed config", "config_torch_dtype": "config.json torch_dtype",
                    "stored_dtype": "the stored dtype of most weight bytes",
                    "default": "nothing recorded; convert's default"}
-_HOLDS = {"zero": "ZeRO rank files", "dcp": "DCP (FSDP) weights", "verl": "verl actor/critic", "hf": "HF weights",
-          "latest": "'latest' file"}
+_LATEST_LABEL = "'latest' file"
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -144,11 +143,14 @@ def _ranks(ranks: list[int]) -> str:
 def _checkpoint_lines(entries: list[Any]) -> list[str]:
     if not entries:
         return [_line("checkpoints", "none (no checkpoint-N or global_stepN folder in or below the input)")]
+    from vllm_consolidate.read.registry import HOLDS  # loaded with the report (inspection imports it)
+
+    labels = {**{h.word: h.label for h in HOLDS}, "latest": _LATEST_LABEL}
     width = max(len(e.name) for e in entries)
     chosen = " (* = the one convert reads)" if any(e.chosen for e in entries) else ""
     lines = [_line("checkpoints", f"{len(entries)} found{chosen}")]
     for e in entries:
-        holds = " + ".join(_HOLDS[h] for h in e.holds) or "no weights"
+        holds = " + ".join(labels[h] for h in e.holds) or "no weights"
         lines.append(_line("", f"{'*' if e.chosen else ' '} {e.name:<{width}}  {holds}"))
     return lines
 

@@ -45,6 +45,7 @@ from vllm_consolidate.read import hf, peft, verl
 from vllm_consolidate.read.assets import DEFAULT_BASE_MODEL, resolve_base_model, search_chain
 from vllm_consolidate.read.peft import Adapter
 from vllm_consolidate.read.ranges import iter_chunks
+from vllm_consolidate.read.registry import LoraLayout, format_of_source
 from vllm_consolidate.safe_io import trust_root
 from vllm_consolidate.source import Delta, SourceModel, TensorSpec
 
@@ -216,9 +217,11 @@ def find_lora(source: SourceModel, weights_dir: Path, input_dir: Path) -> peft.A
         UnsupportedCheckpointError: LoRA factors without an ``adapter_config.json``, or a peft feature
             that cannot be merged.
     """
-    if source.kind != "peft" and not any(peft.is_lora_name(t.name) for t in source.tensors):
+    fmt = format_of_source(source)
+    layout = fmt.lora if fmt is not None else LoraLayout.FACTORS
+    if layout != LoraLayout.ADAPTER and not any(peft.is_lora_name(t.name) for t in source.tensors):
         return None
-    if source.kind == "verl":
+    if layout == LoraLayout.RANK_FILES:
         return _verl_lora(source, weights_dir)[1]
     config_path = peft.find_adapter_config(search_chain(weights_dir, input_dir))
     if config_path is None:
@@ -226,10 +229,7 @@ def find_lora(source: SourceModel, weights_dir: Path, input_dir: Path) -> peft.A
             "the checkpoint holds LoRA factors but no adapter_config.json was found next to it or above it",
             path=weights_dir, hint="Copy the run's adapter_config.json into the checkpoint-N folder.")
     config = peft.read_lora_config(config_path)
-    if source.kind == "peft":
-        what = f"{source.info.get('adapter_file')} ({source.info.get('adapter_dtype')})"
-    else:
-        what = f"fp32 masters in {weights_dir.name}" if source.kind == "deepspeed" else str(source.path)
+    what = fmt.lora_what(source, weights_dir) if fmt is not None else str(source.path)
     return peft.read_adapter(config, source.tensors, what, source.path)
 
 
@@ -319,7 +319,8 @@ def merge_lora(source: SourceModel, weights_dir: Path, input_dir: Path, base_mod
     adapter = find_lora(source, weights_dir, input_dir)
     if adapter is None:
         return source
-    if source.kind == "verl":  # the base model is in the rank files too
+    fmt = format_of_source(source)
+    if fmt is not None and fmt.lora == LoraLayout.RANK_FILES:  # the base model is in the rank files too
         base, adapter = _verl_lora(source, weights_dir)
         merged = merge_plan(base, adapter, weights_dir)
         merged.asset_dirs = source.asset_dirs

@@ -52,6 +52,8 @@ from vllm_consolidate.source import Segment, SourceModel, TensorSpec
 
 _OPTIM_RE = re.compile(r"^(?:(bf16|fp16)_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _Z3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+#: Any model-states file: ZeRO-3's per rank, or ZeRO-1/2's one ``mp_rank_NN_model_states.pt`` (rank 0).
+_MODEL_STATES_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_\d+_model_states\.pt$")
 _COPY_RANKS_HINT = "Copy every rank's *_optim_states.pt file into this folder, or pick another checkpoint."
 
 
@@ -419,7 +421,18 @@ def _zero3_params(ms: _ModelStates, ranks: list[_RankStates], world: int) -> dic
     return specs
 
 
+def rank_files(folder: Path) -> dict[str, list[int]] | None:
+    """Ranks of the optimizer and model-states files present, from their names only (survives a failed read)."""
+    try:
+        names = sorted(p.name for p in folder.iterdir())
+    except OSError:
+        return None
+    optim = sorted(int(m.group(2)) for n in names if (m := _OPTIM_RE.match(n)))
+    states = sorted(int(m.group(1) or 0) for n in names if (m := _MODEL_STATES_RE.match(n)))
+    return {"optimizer": optim, "model_states": states}
+
+
 __all__ = [
-    "ResolvedCheckpoint", "confine_chosen", "is_zero_checkpoint_folder", "latest_checkpoint_folder", "read_deepspeed",
-    "resolve_checkpoint", "step_of",
+    "ResolvedCheckpoint", "confine_chosen", "is_zero_checkpoint_folder", "latest_checkpoint_folder", "rank_files",
+    "read_deepspeed", "resolve_checkpoint", "step_of",
 ]

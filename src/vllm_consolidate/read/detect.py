@@ -14,19 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UsageError
-from vllm_consolidate.read import deepspeed as ds
-from vllm_consolidate.read import hf
-from vllm_consolidate.read.dcp import read_dcp
-from vllm_consolidate.read.fsdp_locate import resolve_dcp, resolve_verl
-from vllm_consolidate.read.peft import is_peft_folder, read_peft_folder, resolve_peft
-from vllm_consolidate.read.verl import read_verl
+from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, InputNotFoundError, UsageError
+from vllm_consolidate.read.registry import FORMATS, INPUT_TYPES, TRAINING_KINDS, InputKind, format_of, is_not_mine
 from vllm_consolidate.source import SourceModel
 
-#: ``--type`` values. ``dcp`` covers HF Trainer / Accelerate FSDP and any torch.distributed.checkpoint.
-INPUT_TYPES = ("auto", "deepspeed", "dcp", "verl", "peft", "hf_sharded")
-#: Formats whose weights are the trainer's own (fp32 masters or sharded training state), not a saved model.
-TRAINING_KINDS = ("deepspeed", "dcp", "verl")
+#: Re-exported: the CLI, convert and inspect import them from here.
+__all__ = ["INPUT_TYPES", "TRAINING_KINDS", "DetectedInput", "InputKind", "detect", "read"]
 
 
 @dataclass
@@ -34,35 +27,28 @@ class DetectedInput:
     """What an input folder holds and which folder the weights are read from.
 
     Attributes:
-        kind: ``"deepspeed"``, ``"dcp"``, ``"verl"``, ``"peft"`` or ``"hf"``.
+        kind: The format that claimed it (:class:`~vllm_consolidate.read.registry.InputKind`).
         input: The folder the user named.
         weights_dir: ``global_stepN`` for DeepSpeed, the model folder for HF.
         how: One line saying how it was chosen (printed in the summary).
         root: The folder the user named, which no file read may leave (default: ``weights_dir``).
     """
 
-    kind: str
+    kind: InputKind
     input: Path
     weights_dir: Path
     how: str
     root: Path | None = None
 
 
-def _hf_folder(path: Path) -> Path | None:
-    if hf.is_hf_folder(path):
-        return path
-    ckpt = ds.latest_checkpoint_folder(path) if path.is_dir() else None
-    if ckpt is not None and hf.is_hf_folder(ckpt):
-        return ckpt
-    return None
-
-
 def detect(input_path: Path, input_type: str = "auto", checkpoint_dir: Path | None = None) -> DetectedInput:
     """Decide what ``input_path`` (or ``checkpoint_dir``, which overrides detection) holds.
 
-    With ``auto``, formats are tried in the order ZeRO, DCP (FSDP), verl, HF weights. A training
-    checkpoint wins over HF weights in the same folder: HF Trainer under ZeRO-3 writes 16-bit (or
-    empty placeholder) weights next to the fp32 masters, and the masters are the truth.
+    With ``auto``, the formats of :data:`~vllm_consolidate.read.registry.FORMATS` claim the folder in
+    their order: ZeRO, DCP (FSDP), verl, peft, HF weights. A claim that fails with "not mine"
+    (:class:`InputNotFoundError`) passes to the next format; any other error is "mine, but broken" and
+    stops detection. A training checkpoint wins over HF weights in the same folder: HF Trainer under
+    ZeRO-3 writes 16-bit (or empty placeholder) weights next to the fp32 masters, and the masters are the truth.
 
     Raises:
         InputNotFoundError: Nothing convertible is there.
@@ -79,26 +65,23 @@ def detect(input_path: Path, input_type: str = "auto", checkpoint_dir: Path | No
         raise InputNotFoundError("input must be a folder", path=target,
                                  hint="Pass the folder that holds the weights file, not the file itself.")
     how_prefix = "--checkpoint-dir; " if checkpoint_dir is not None else ""
-    for kind, resolve in (("deepspeed", ds.resolve_checkpoint), ("dcp", resolve_dcp), ("verl", resolve_verl),
-                          ("peft", resolve_peft)):
-        if input_type not in ("auto", kind):
+    for fmt in FORMATS:
+        if input_type not in ("auto", fmt.type_name):
             continue
         try:
-            resolved = resolve(target)
+            resolved = fmt.resolve(target)
+        except ConsolidateError as exc:
+            if is_not_mine(exc):
+                if input_type == fmt.type_name and not fmt.last_resort:
+                    raise
+                continue
+            rescued = fmt.rescue(target, exc) if fmt.rescue and input_type == "auto" and isinstance(
+                exc, CorruptCheckpointError) else None
+            if rescued is None:
+                raise
+            kind, resolved = rescued
             return DetectedInput(kind, input_path, resolved.folder, how_prefix + resolved.how, target)
-        except InputNotFoundError:
-            if input_type == kind:
-                raise
-        except CorruptCheckpointError as exc:
-            # A LoRA checkpoint copied without its global_stepN/ keeps 'latest': its adapter file is still there.
-            if kind != "deepspeed" or input_type != "auto" or not is_peft_folder(target):
-                raise
-            return DetectedInput("peft", input_path, target,
-                                 f"{how_prefix}peft adapter folder ({exc.message}: the adapter file is used)", target)
-    folder = _hf_folder(target)
-    if folder is not None:
-        how = "HF weights in the folder given" if folder == target else f"HF weights in the latest {folder.name}"
-        return DetectedInput("hf", input_path, folder, how_prefix + how, target)
+        return DetectedInput(fmt.kind, input_path, resolved.folder, how_prefix + resolved.how, target)
     raise InputNotFoundError(
         "no checkpoint found: no ZeRO rank files, 'latest', global_stepN/, checkpoint-N/, DCP .metadata, "
         "verl global_step_N/actor/, *.safetensors or pytorch_model*.bin",
@@ -107,18 +90,10 @@ def detect(input_path: Path, input_type: str = "auto", checkpoint_dir: Path | No
 
 
 def read(detected: DetectedInput, model_key: str | None = None) -> SourceModel:
-    """Read the detected input's metadata with the matching reader.
+    """Read the detected input's metadata with the reader of the format that claimed it.
 
     Args:
         detected: What :func:`detect` found.
         model_key: For DCP inputs, the container holding the model when there is more than one.
     """
-    if detected.kind == "deepspeed":
-        return ds.read_deepspeed(detected.weights_dir, detected.root)
-    if detected.kind == "dcp":
-        return read_dcp(detected.weights_dir, detected.root, model_key)
-    if detected.kind == "verl":
-        return read_verl(detected.weights_dir, detected.root)
-    if detected.kind == "peft":
-        return read_peft_folder(detected.weights_dir, detected.root)
-    return hf.read_hf(detected.weights_dir, detected.root)
+    return format_of(detected.kind).read(detected.weights_dir, detected.root, model_key)

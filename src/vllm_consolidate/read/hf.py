@@ -91,6 +91,9 @@ from vllm_consolidate.read.hf_layout import (  # re-exported: detection and batc
 from vllm_consolidate.safe_io import MAX_INDEX_BYTES, confined, open_regular, read_json, trust_root
 from vllm_consolidate.source import SourceModel, TensorSpec
 
+#: ``SourceModel.kind`` of an HF model in one weights file, and of one sharded with an index.
+SINGLE, SHARDED = "hf_single", "hf_sharded"
+
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
 
 _FIX_INDEX_HINT = "Fix or regenerate the index (re-save with save_pretrained), or copy the folder again."
@@ -388,11 +391,11 @@ def read_hf(folder: Path, root: Path | None = None) -> SourceModel:
     layout = find_layout(folder)
     if layout.index is not None:
         raw, aliases, files = _read_sharded(layout, roots)
-        kind, where = "hf_sharded", layout.index
+        kind, where = SHARDED, layout.index
     else:
         check_weight_file(layout.files[0], roots)
         raw, aliases = _read_file(layout.files[0], layout.fmt)
-        files, kind, where = layout.files, "hf_single", layout.files[0]
+        files, kind, where = layout.files, SINGLE, layout.files[0]
     if not raw:
         raise CorruptCheckpointError("the weights hold no tensors", path=where,
                                      hint="Re-save the model; this file is empty.")
@@ -415,7 +418,8 @@ def read_hf(folder: Path, root: Path | None = None) -> SourceModel:
 
 
 __all__ = [
-    "BIN_INDEX", "BIN_SINGLE", "MAX_HEADER_BYTES", "SAFETENSORS_TO_TORCH", "SAFE_INDEX", "SAFE_SINGLE", "StoredTensor",
-    "WEIGHT_FILES", "is_hf_folder", "read_bin_state_dict", "read_flat_state_dict", "read_hf", "read_safetensors_header",
+    "BIN_INDEX", "BIN_SINGLE", "MAX_HEADER_BYTES", "SAFETENSORS_TO_TORCH", "SAFE_INDEX", "SAFE_SINGLE", "SHARDED",
+    "SINGLE", "StoredTensor", "WEIGHT_FILES", "is_hf_folder", "read_bin_state_dict", "read_flat_state_dict", "read_hf",
+    "read_safetensors_header",
     "stored_bin", "stored_safetensors", "strip_wrapper_prefixes",
 ]

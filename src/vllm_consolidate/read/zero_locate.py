@@ -19,21 +19,13 @@ Safety decisions:
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError, UnsafeInputError
+from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, InputNotFoundError, UnsafeInputError
 from vllm_consolidate.limits import brief
+from vllm_consolidate.read.steps import Checkpoint, SaveList, step_of  # step_of re-exported: readers import it here
 from vllm_consolidate.safe_io import MAX_TAG_BYTES, confined, read_text
-
-_STEP_RE = re.compile(r"^(?:checkpoint-|global_step)(\d+)$")
-
-
-def step_of(name: str) -> int | None:
-    """N of a ``checkpoint-N`` or ``global_stepN`` folder name, else None."""
-    m = _STEP_RE.match(name)
-    return int(m.group(1)) if m else None
 
 
 def is_zero_checkpoint_folder(path: Path) -> bool:
@@ -77,6 +69,38 @@ def confine_chosen(folder: Path, parent: Path) -> Path:
             f"{folder.name} resolves to {os.path.realpath(folder)}, outside {parent}; refusing to follow it",
             path=folder, hint="Pass the folder it points to directly with --checkpoint-dir if you trust it.")
     return folder
+
+
+def zero_saves(path: Path) -> SaveList | None:
+    """A DeepSpeed save folder's ``global_stepN`` saves, and the one ``latest`` names (else the highest).
+
+    Names only, as ``batch`` lists them: an unusable ``latest`` gives a checkpoint no folder has, and the
+    conversion then says why (:func:`resolve_checkpoint` reads it strictly).
+    """
+    try:
+        children = [p for p in path.iterdir() if p.is_dir()]
+    except OSError:
+        return None
+    # by step, then name (global_step5 before global_step05 cannot both exist in a real run, but the order is fixed)
+    found = sorted(((s, p) for p in children if p.name.startswith("global_step") and (s := step_of(p.name)) is not None
+                    and is_zero_checkpoint_folder(p)), key=lambda sp: (sp[0], sp[1].name))
+    if not found:
+        return None
+    saves = [Checkpoint(p.name, s, p) for s, p in found]
+    latest = saves[-1]
+    if (path / "latest").is_file():
+        tag = _lenient_tag(path / "latest")
+        latest = next((c for c in saves if c.name == tag), None) or Checkpoint(tag, step_of(tag), path / tag)
+    return SaveList(saves, latest)
+
+
+def _lenient_tag(latest: Path) -> str:
+    """The tag ``latest`` names, read bounded; an unusable one gives a name no folder has (detection then says why)."""
+    try:
+        tag = read_text(latest, MAX_TAG_BYTES, what="'latest'").strip()
+    except ConsolidateError:
+        return "latest"
+    return tag if tag and "/" not in tag and "\0" not in tag and tag not in (".", "..") else "latest"
 
 
 def _read_tag(latest: Path) -> str:
@@ -151,5 +175,5 @@ def resolve_checkpoint(path: Path) -> ResolvedCheckpoint:
 
 __all__ = [
     "ResolvedCheckpoint", "confine_chosen", "is_zero_checkpoint_folder", "latest_checkpoint_folder",
-    "resolve_checkpoint", "step_of",
+    "resolve_checkpoint", "step_of", "zero_saves",
 ]

@@ -21,6 +21,7 @@ from vllm_consolidate.errors import UnsupportedCheckpointError, UsageError
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.read import detect as detection
 from vllm_consolidate.read.ranges import OpenFiles, read_into, thread_buffer
+from vllm_consolidate.read.registry import LoraLayout, format_of
 from vllm_consolidate.source import SourceModel, TensorSpec, sub_segments
 from vllm_consolidate.write.safetensors import WORKERS, chunk_elements  # threads and chunks as the writer's
 
@@ -84,7 +85,7 @@ def open_checkpoint(model: str | os.PathLike, options: LoaderOptions = LoaderOpt
     """
     detected = detection.detect(Path(model), options.input_type, options.checkpoint_dir)
     source = detection.read(detected, options.model_key)
-    if source.kind == "peft" or any(_LORA_NAME.search(t.name) for t in source.tensors):
+    if format_of(detected.kind).lora == LoraLayout.ADAPTER or any(_LORA_NAME.search(t.name) for t in source.tensors):
         raise UnsupportedCheckpointError(
             "this is a LoRA fine-tune; the consolidate load format serves full models only",
             path=detected.weights_dir, hint=LORA_HINT)
