@@ -1,8 +1,9 @@
 """Benchmark the generated Qwen2.5-7B-shaped ZeRO-3 checkpoint (``make_zero3_7b.py``) against its I/O floor.
 
 Measured, each from a cold page cache for the files it reads (the checkpoint is ~30 GB against ~23 GiB of
-RAM, so a warm cache is not possible; ``drop_caches`` is not permitted here, so each input file is evicted
-with ``posix_fadvise(POSIX_FADV_DONTNEED)`` after a ``sync``: only our own files, nothing global):
+RAM, so a warm cache is not possible; ``drop_caches`` is global and the machine is shared, so each input
+file is evicted with ``posix_fadvise(POSIX_FADV_DONTNEED)`` after a ``sync``: only our own files; ``fincore``
+confirms 0 cached pages before each command. The host below this VM may still cache the virtual disk):
 
 * ``read_floor``: ``cat`` of the 8 rank optimizer files, one after another, to /dev/null. Those files hold
   only the fp32 flat groups (and a small pickle), so this is the time to read the bytes we must read;
@@ -23,7 +24,8 @@ Writes ``bench/results/zero3_7b.{json,md}``.
 
 Usage::
 
-    .venv/bin/python bench/bench_7b.py [--reps 2] [--layers 28] [--parts ours,floor,parallel]
+    .venv/bin/python bench/bench_7b.py [--reps 2] [--layers 28] [--out STEM] \\
+        [--parts check,ours,validate,floor,parallel]   # the default: all; "check" is untimed
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--layers", type=int, default=28)
-    ap.add_argument("--parts", default="check,ours,floor,parallel",
+    ap.add_argument("--out", default="zero3_7b", help="results file stem under bench/results")
+    ap.add_argument("--parts", default="check,ours,validate,floor,parallel",
                     help="check: untimed output check (its result kept in bench/results/zero3_7b_check.json)")
     ap.add_argument("--tiny", type=Path, help="a tiny checkpoint from make_zero3_7b.py --tiny (checks this script)")
     args = ap.parse_args()
@@ -207,8 +210,9 @@ def main() -> None:
                  ("write_floor", "floor", [sys.executable, "-c", WRITE_FLOOR, str(wfile), str(out_bytes)], [],
                   [wfile])]
     if "ours" in parts:
-        plan += [("ours_bf16", "ours", ours_cmd, ranks, [out_nv]), ("ours_bf16_validate", "ours", val_cmd, ranks,
-                                                                     [out_v])]
+        plan.append(("ours_bf16", "ours", ours_cmd, ranks, [out_nv]))
+    if "validate" in parts:
+        plan.append(("ours_bf16_validate", "ours", val_cmd, ranks, [out_v]))
     if "parallel" in parts:
         for n in (1, 2, 4):
             script = " & ".join(cat.format(p) for p in ranks[:n]) + " & wait"
@@ -242,7 +246,7 @@ def main() -> None:
         paired["read_mb_s"] = round(read_bytes / run.median(runs["read_floor"], "wall_s") / 1e6, 1)
         paired["write_mb_s"] = round(out_bytes / run.median(runs["write_floor"], "wall_s") / 1e6, 1)
         if "ours" in parts:
-            for name in ("ours_bf16", "ours_bf16_validate"):
+            for name in [n for n in ("ours_bf16", "ours_bf16_validate") if n in runs]:
                 rs = [o["wall_s"] / f for o, f in zip(runs[name], floors) if o["exit"] == 0 and f == f]
                 paired[f"{name}_vs_io_floor"] = round(statistics.median(rs), 3) if rs else float("nan")
                 paired[f"{name}_vs_io_floor_per_rep"] = [round(x, 3) for x in rs]
@@ -254,8 +258,8 @@ def main() -> None:
     run.clean(out_nv, out_v, wfile)
     if not args.tiny:
         run.RESULTS.mkdir(parents=True, exist_ok=True)
-        (run.RESULTS / "zero3_7b.json").write_text(json.dumps(results, indent=2, default=str))
-        (run.RESULTS / "zero3_7b.md").write_text(markdown(results))
+        (run.RESULTS / f"{args.out}.json").write_text(json.dumps(results, indent=2, default=str))
+        (run.RESULTS / f"{args.out}.md").write_text(markdown(results))
     print(markdown(results))
 
 
