@@ -1,9 +1,9 @@
-"""Single-thread fp32 -> bf16 cast rate on the writer's 4 MiB chunks: ``casts.cast_into`` against a numpy bit trick.
+"""Single-thread fp32 -> bf16 cast rate on the writer's 4 MiB chunks: ``casts.cast_into`` against ``ml_dtypes``.
 
-Evidence for issue 28's bf16 target: without start-up our bf16 conversion of the 0.5B model is 2-4x its
-I/O floor with a warm cache, i.e. CPU-bound. This measures how fast one thread casts. The bit trick is
-round-to-nearest-even on the uint32 view (``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``), with NaN handled
-apart; it is checked here against ``cast_into`` bit for bit on the non-NaN values of the sample.
+``cast_into`` rounds on the float32 bits (``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``, NaN apart; see casts.py);
+until issue 28 it was numpy's ``astype`` to ``ml_dtypes.bfloat16``, whose import alone took 0.7-4 s. This
+prints both rates (the second only when ``ml_dtypes`` is installed) and checks they agree bit for bit on the
+sample, plus how long ``import ml_dtypes`` takes in a fresh interpreter.
 
 Usage::
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -22,19 +24,6 @@ from vllm_consolidate import dtypes
 from vllm_consolidate.casts import cast_into
 
 CHUNK = 4 * 2**20  # the writer's CAST_CHUNK_BYTES of source
-
-
-def bit_trick(src: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
-    """fp32 (as uint32) -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (quiet NaN)."""
-    np.right_shift(src, 16, out=tmp)
-    np.bitwise_and(tmp, 1, out=tmp)
-    np.add(tmp, 0x7FFF, out=tmp)
-    np.add(tmp, src, out=tmp)
-    np.right_shift(tmp, 16, out=tmp)
-    np.copyto(out, tmp, casting="unsafe")
-    nan = (src & 0x7FFFFFFF) > 0x7F800000
-    if nan.any():
-        out[nan] = 0x7FC0
 
 
 def rate(fn, seconds: float) -> float:
@@ -46,6 +35,13 @@ def rate(fn, seconds: float) -> float:
     return n * (CHUNK // 4) / (time.perf_counter() - t0)
 
 
+def import_seconds(module: str) -> float | None:
+    """Seconds ``import module`` takes in a fresh interpreter (numpy already imported), None if absent."""
+    probe = f"import numpy, time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return float(proc.stdout) if proc.returncode == 0 else None
+
+
 def main() -> None:
     """Measure and print both rates."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,18 +49,20 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     src = rng.standard_normal(CHUNK // 4, dtype=np.float32)
-    out_a = bytearray(CHUNK // 2)
-    out_b = np.empty(CHUNK // 4, dtype=np.uint16)
-    tmp = np.empty(CHUNK // 4, dtype=np.uint32)
-    u = src.view(np.uint32)
-    cast_into(memoryview(src).cast("B"), dtypes.float32, dtypes.bfloat16, memoryview(out_a))
-    bit_trick(u, out_b, tmp)
-    same = np.array_equal(np.frombuffer(out_a, dtype=np.uint16), out_b)
-    a = rate(lambda: cast_into(memoryview(src).cast("B"), dtypes.float32, dtypes.bfloat16, memoryview(out_a)),
-             args.seconds)
-    b = rate(lambda: bit_trick(u, out_b, tmp), args.seconds)
-    print(f"load {os.getloadavg()[0]:.2f}; cast_into (numpy astype to ml_dtypes.bfloat16): {a / 1e6:.0f} M elem/s; "
-          f"bit trick: {b / 1e6:.0f} M elem/s; bit-equal on the sample: {same}")
+    ours = bytearray(CHUNK // 2)
+    ours_rate = rate(lambda: cast_into(memoryview(src).cast("B"), dtypes.float32, dtypes.bfloat16,
+                                       memoryview(ours)), args.seconds)
+    line = f"load {os.getloadavg()[0]:.2f}; cast_into (bits): {ours_rate / 1e6:.0f} M elem/s"
+    try:
+        import ml_dtypes
+    except ImportError:
+        print(line + "; ml_dtypes not installed")
+        return
+    theirs = np.empty(CHUNK // 4, dtype=ml_dtypes.bfloat16)
+    theirs_rate = rate(lambda: np.copyto(theirs, src, casting="unsafe"), args.seconds)
+    same = np.array_equal(np.frombuffer(ours, dtype=np.uint16), theirs.view(np.uint16))
+    print(f"{line}; numpy astype to ml_dtypes.bfloat16: {theirs_rate / 1e6:.0f} M elem/s; bit-equal: {same}; "
+          f"import ml_dtypes: {import_seconds('ml_dtypes'):.2f} s")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@
 # Then this project is installed into the venv, editable and without dependencies
 # (pip install --no-deps -e <repo>), so that vLLM finds our `vllm.general_plugins` entry point
 # (the load format `consolidate`, see src/vllm_consolidate/serve/vllm_plugin.py); those of our
-# runtime dependencies (pyproject `dependencies`) that the venv lacks (ml_dtypes, bracex) are
+# runtime dependencies (pyproject `dependencies`) that the venv lacks (bracex, google-re2) are
 # installed next to the pinned torch, which is never changed.
 # Measured on the 2-core CI machine: ~250 s cold (new venv, empty pip cache: ~1 GB of wheels from
 # PyPI plus the local torch wheel), ~165 s with a warm pip cache, ~12 s for a re-run (verify only).

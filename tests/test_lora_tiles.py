@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from vllm_consolidate import dtypes
-from vllm_consolidate.plan import lora
+from vllm_consolidate.plan import lora_rows as lora
 from vllm_consolidate.source import Delta, Segment, TensorSpec
 
 ROWS, COLS, RANK = 1001, 128, 8  # the shape of peft_plain_qwen2's lm_head, whose validation failed

@@ -19,7 +19,7 @@ from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import UsageError, ValidationFailedError
 from vllm_consolidate.plan.architecture import FROM_CONFIG, ArchitectureDecision, decide_architectures
-from vllm_consolidate.plan.lora import adapter_export, merge_lora
+from vllm_consolidate.plan.inputs import LORA_MODES, InputSpec, LoraMode, detect_input, read_input
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
@@ -40,7 +40,6 @@ from vllm_consolidate.write.assets import copy_adapter_assets, copy_assets
 from vllm_consolidate.write.cleanup import clean_stale
 
 DEFAULT_MAX_SHARD_SIZE = 40 * 10**9
-LORA_MODES = ("merge", "adapter")
 
 
 @dataclass(frozen=True)
@@ -101,6 +100,11 @@ class ConvertOptions:
             if value is not None:
                 object.__setattr__(self, name, Path(value))
         object.__setattr__(self, "dtype", _as_dtype(self.dtype))
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """Which input these options name (what every command that reads one shares)."""
+        return InputSpec(Path(self.input), self.input_type, self.checkpoint_dir, self.model_key, self.base_model_name)
 
     def require_paths(self) -> None:
         """Refuse a record without ``input`` or ``output`` (a batch's template), before anything is read.
@@ -204,19 +208,16 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     opts.require_paths()
     if opts.fmt not in ("safetensors", "bin"):
         raise UsageError(f"unknown format {opts.fmt}")
-    detected = detection.detect(Path(opts.input), opts.input_type, opts.checkpoint_dir)
-    pub.check_output_location(Path(opts.output), _inputs(opts, detected.weights_dir))
-    source = detection.read(detected, opts.model_key)
     if opts.lora not in LORA_MODES:
         raise UsageError(f"unknown --lora {opts.lora}", hint=f"Use one of {', '.join(LORA_MODES)}.")
-    adapter = opts.lora == "adapter"
-    if adapter:
-        source = adapter_export(source, detected.weights_dir, Path(opts.input), opts.base_model_name)
-    else:
-        source = merge_lora(source, detected.weights_dir, Path(opts.input), opts.base_model_name)
-    base_model = source.info.get("base_model") if source.kind.startswith("lora_") else opts.base_model_name
+    spec = opts.input_spec
+    detected = detect_input(spec)
+    pub.check_output_location(Path(opts.output), _inputs(opts, detected.weights_dir))
+    source = read_input(spec, detected, LoraMode(opts.lora))
+    adapter = source.lora is not None and source.lora.is_adapter
+    found_base = source.lora.base_model if source.lora is not None else None
     assets = find_checkpoint_assets(detected.weights_dir, Path(opts.input), source.asset_dirs,
-                                    base_model or opts.base_model_name)
+                                    str(found_base) if found_base is not None else opts.base_model_name)
     warnings: list[str] = list(assets.skipped)
     warnings.extend(source.info.get("warnings") or ())  # a reader's advisory disagreements (DeepSpeed rank files)
     if source.info.get("vllm_warning"):
@@ -318,12 +319,14 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
             if progress:
                 progress(done, total)
 
-    adapter = conv.source.kind == "lora_adapter"
+    lora = conv.source.lora
+    adapter_config = lora.adapter_config if lora is not None and lora.is_adapter else None
+    adapter = adapter_config is not None
     with pub.Staging(output) as staging:
         tmp = staging.path
         written = [p.name for p in write_plan(plan, tmp, on_bytes)]
-        if adapter:
-            written += copy_adapter_assets(conv.assets, Path(conv.source.info["adapter_config"]), tmp)
+        if adapter_config is not None:
+            written += copy_adapter_assets(conv.assets, adapter_config, tmp)
         else:
             written += copy_assets(conv.assets, tmp, config)
         pub.write_marker(tmp, {"source": str(conv.detected.weights_dir), "input": str(Path(opts.input).absolute()),

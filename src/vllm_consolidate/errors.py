@@ -128,8 +128,21 @@ class VllmLoadError(ConsolidateError):
     """vLLM failed to load or run the model folder."""
 
 
+class VllmProbeTimeoutError(VllmLoadError):
+    """The vLLM probe did not finish within its timeout."""
+
+    default_hint = "Raise the timeout, or check that the machine is not out of memory."
+
+
 class BatchError(ConsolidateError):
     """A batch could not be planned or one of its jobs failed."""
+
+
+class WorkerDied(BatchError):
+    """A worker process ended without reporting its job's outcome (killed, out of memory, a crash)."""
+
+    default_hint = ("Look for the out-of-memory killer (dmesg), lower --max-workers, then run the "
+                    "batch again: finished outputs are kept.")
 
 
 @contextmanager

@@ -14,17 +14,15 @@ checkpoints or models below it (a folder of runs), is reported input by input, e
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vllm_consolidate import dtypes
-from vllm_consolidate.batch.inputs import collect_inputs
-from vllm_consolidate.batch.resources import estimate_peak_ram
 from vllm_consolidate.convert import DEFAULT_BASE_MODEL, DEFAULT_MAX_SHARD_SIZE
 from vllm_consolidate.errors import ConsolidateError, InputNotFoundError
 from vllm_consolidate.plan.architecture import decide_architectures
-from vllm_consolidate.plan.lora import merge_lora
+from vllm_consolidate.plan.inputs import InputSpec, detect_input, read_input
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.plan.shards import dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
@@ -35,11 +33,11 @@ from vllm_consolidate.read.assets import (
     missing_config,
     read_config,
 )
-from vllm_consolidate.read.deepspeed import step_of
-from vllm_consolidate.read.fsdp_locate import is_dcp_save, is_verl_step
 from vllm_consolidate.read.registry import HOLDS, format_of, format_of_source
+from vllm_consolidate.read.runs import checkpoint_folders, inputs_in
 from vllm_consolidate.read.steps import numbered_step
 from vllm_consolidate.source import SourceModel, TensorSpec
+from vllm_consolidate.write.estimates import estimate_peak_ram
 
 #: The output dtypes whose size and RAM are estimated, in the order shown.
 OUTPUT_DTYPES = (dtypes.float32, dtypes.bfloat16, dtypes.float16)
@@ -170,39 +168,38 @@ def inspect_path(path: Path | str, input_type: str = "auto", checkpoint_dir: Pat
     # Absolute (symlinks kept, as the user named them) so every path in the report reads the same way.
     path = Path(path).absolute()
     ckpt = Path(checkpoint_dir).absolute() if checkpoint_dir is not None else None
+    spec = InputSpec(path, input_type, ckpt, model_key, base_model_name)
     try:
-        detected = detection.detect(path, input_type, ckpt)
+        detected = detect_input(spec)
     except ConsolidateError as exc:
         below = _inputs_below(path) if isinstance(exc, InputNotFoundError) and ckpt is None else []
         if below:
-            return InspectReport(str(path), "folder", [_inspect_one(p, input_type, base_model_name, architecture,
-                                                                    model_key) for p in below])
+            return InspectReport(str(path), "folder", [_inspect_one(replace(spec, path=p), architecture)
+                                                       for p in below])
         report = InputReport(str(path), problems=[Problem.of(exc)])
         report.checkpoints = _checkpoints(path, None)
         return InspectReport(str(path), "input", [report])
-    return InspectReport(str(path), "input", [_inspect_detected(detected, base_model_name, architecture, model_key)])
+    return InspectReport(str(path), "input", [_inspect_detected(spec, detected, architecture)])
 
 
 def _inputs_below(path: Path) -> list[Path]:
     """The inputs ``batch --input-dir path`` finds below ``path`` (not ``path`` itself), else none."""
     try:
-        found = collect_inputs(input_dir=path)
+        found = inputs_in(path)
     except ConsolidateError:
         return []
     return [f.path for f in found if f.kind is not None and f.path != path]
 
 
-def _inspect_one(path: Path, input_type: str, base_model_name: str | None, architecture: str | None,
-                 model_key: str | None) -> InputReport:
+def _inspect_one(spec: InputSpec, architecture: str | None) -> InputReport:
     try:
-        detected = detection.detect(path, input_type)
+        detected = detect_input(spec)
     except ConsolidateError as exc:
-        return InputReport(str(path), checkpoints=_checkpoints(path, None), problems=[Problem.of(exc)])
-    return _inspect_detected(detected, base_model_name, architecture, model_key)
+        return InputReport(str(spec.path), checkpoints=_checkpoints(spec.path, None), problems=[Problem.of(exc)])
+    return _inspect_detected(spec, detected, architecture)
 
 
-def _inspect_detected(detected: detection.DetectedInput, base_model_name: str | None,
-                      architecture: str | None, model_key: str | None = None) -> InputReport:
+def _inspect_detected(spec: InputSpec, detected: detection.DetectedInput, architecture: str | None) -> InputReport:
     """The steps of ``plan_conversion`` after detection, each failure recorded instead of raised."""
     report = InputReport(str(detected.input), format=detected.kind, chosen=str(detected.weights_dir),
                          how=detected.how, checkpoints=_checkpoints(Path(detected.input), detected.weights_dir))
@@ -211,13 +208,13 @@ def _inspect_detected(detected: detection.DetectedInput, base_model_name: str | 
         report.rank_files = rank_files(detected.weights_dir)
     source = None
     try:
-        source = merge_lora(detection.read(detected, model_key), detected.weights_dir, Path(detected.input),
-                            base_model_name)
+        source = read_input(spec, detected)
     except ConsolidateError as exc:
         report.problems.append(Problem.of(exc))
     else:
         _describe_source(report, source)
-    base = source.info.get("base_model") if source is not None and source.kind == "lora_merge" else base_model_name
+    merged = source is not None and source.lora is not None and not source.lora.is_adapter
+    base = str(source.lora.base_model) if merged else spec.base_model_name  # type: ignore[union-attr]
     config = _find_config(report, detected, source, base)
     _describe_precision(report, source, config)
     _describe_architectures(report, config, source, architecture)
@@ -338,34 +335,14 @@ def _largest(tensors: list[TensorSpec]) -> TensorSpec | None:
     return best
 
 
-def _subdirs(path: Path) -> list[Path]:
-    try:
-        return [p for p in path.iterdir() if p.is_dir() and (step_of(p.name) is not None or (
-            numbered_step(p.name) is not None and (is_dcp_save(p) or is_verl_step(p))))]
-    except OSError:
-        return []
-
-
-def _by_step(paths: list[Path]) -> list[Path]:
-    # checkpoint-10 after checkpoint-9: by kind, then by N.
-    return sorted(paths, key=lambda p: (p.name.startswith("global_step"), numbered_step(p.name) or 0, p.name))
-
-
-def _has_latest(folder: Path) -> bool:
-    return (folder / "latest").is_file()
-
-
 def _checkpoints(root: Path, chosen: Path | None) -> list[CheckpointEntry]:
     """Every ``checkpoint-N``/``global_stepN`` folder: the input itself, its children, their children."""
-    folders = [root] if numbered_step(root.name) is not None else []
-    for child in _by_step(_subdirs(root)):
-        folders.append(child)
-        folders += _by_step([g for g in _subdirs(child) if g.name.startswith("global_step")])
     out = []
-    for folder in folders:
-        holds = [h.word for h in HOLDS if h.test(folder)] + (["latest"] if _has_latest(folder) else [])
+    for folder in checkpoint_folders(root):
+        found = [h for h in HOLDS if h.test(folder)]
+        holds = [h.word for h in found] + (["latest"] if (folder / "latest").is_file() else [])
         name = "." if folder == root else str(folder.relative_to(root))
-        inner = bool({"dcp", "verl"} & set(holds))  # the weights are in a sub-folder of the checkpoint
+        inner = any(h.nested for h in found)  # the weights are in a sub-folder of the checkpoint
         picked = chosen is not None and (folder == chosen or folder == chosen.parent and inner)
         out.append(CheckpointEntry(name, str(folder), numbered_step(folder.name), holds, picked))
     return out

@@ -97,14 +97,41 @@ def sub_segments(segments: list[Segment], start: int, nbytes: int) -> Iterator[S
             break
 
 
+class LoraOutcome(Word):
+    """What the LoRA plan made of a source; the word is also the report's ``type``."""
+
+    MERGED = "lora_merge"  # the adapter merged into its base model: a full model
+    ADAPTER = "lora_adapter"  # the adapter itself, exported for vLLM's LoRA support
+
+
+@dataclass(frozen=True)
+class LoraResult:
+    """A LoRA fine-tune the plan merged or exported (:mod:`vllm_consolidate.plan.lora`).
+
+    Attributes:
+        outcome: Merged into the base, or the adapter itself.
+        base_model: The base model's folder, when it was found (a merge always has one).
+        adapter_config: The adapter's ``adapter_config.json`` (an export copies it).
+    """
+
+    outcome: LoraOutcome
+    base_model: Path | None = None
+    adapter_config: Path | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        """Whether the output is the adapter (its own files) rather than a full model."""
+        return self.outcome is LoraOutcome.ADAPTER
+
+
 @dataclass
 class SourceModel:
     """A model found on disk, described by metadata only.
 
     Attributes:
         kind: The reader's word (``read.registry.Format.kinds``: ``"deepspeed"``, ``"dcp"``, ``"verl"``,
-            ``"peft"``, ``"hf_single"``, ``"hf_sharded"``), or what the LoRA plan made of it (``"lora_merge"``,
-            ``"lora_adapter"``). Callers ask the format's record (``read.registry.format_of_source``), not the word.
+            ``"peft"``, ``"hf_single"``, ``"hf_sharded"``), or what the LoRA plan made of it
+            (:class:`LoraOutcome`). Callers ask the format's record (``read.registry.format_of_source``), not the word.
         path: The folder the weights were found in (``global_stepN`` for DeepSpeed).
         tensors: Tensors in the order they should be written.
         asset_dirs: Folders to search, in order, for config, tokenizer and generation config.
@@ -112,6 +139,8 @@ class SourceModel:
         info: What was detected (stage, world size, tag, ...), for the summary.
         aliases: ``{alias: target}`` names that share one tensor (tied or shared weights).
         renamed: ``{old: new}`` wrapper prefixes stripped from names.
+        lora: What the LoRA plan made of the source (None when it holds no LoRA fine-tune): callers branch
+            on this typed field, never on ``kind``.
     """
 
     kind: str
@@ -122,6 +151,7 @@ class SourceModel:
     info: dict[str, Any] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)
+    lora: LoraResult | None = None
 
     @property
     def source_files(self) -> list[str]:

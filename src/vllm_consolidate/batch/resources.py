@@ -2,9 +2,8 @@
 
 Each job runs in a worker process (at most ``--max-workers``). A job's needs come from metadata:
 disk = the output's bytes (tensor count x output dtype size, plus config/tokenizer files) + 64 MiB +
-1 %; RAM = :data:`JOB_BASE_RSS` (interpreter, torch, metadata: measured peak RSS of one worker
-converting a tiny model) + the writer's buffers (2 threads x 2 x ``CAST_CHUNK_BYTES`` when a dtype
-changes; the largest tensor + ``CHUNK_BYTES`` for ``.bin``). A job is started only when (a) the RAM
+1 %; RAM = :func:`~vllm_consolidate.write.estimates.estimate_peak_ram` (interpreter, torch, metadata,
+and the writer's buffers). A job is started only when (a) the RAM
 estimates of the running jobs plus this one fit in ``MemAvailable`` at batch start minus
 :func:`ram_margin` (max(1 GiB, 10 % of MemTotal)), (b) ``MemAvailable`` *now* minus the margin still
 covers this job, and (c) the disk estimates of every job started so far (outputs stay on disk) plus
@@ -19,19 +18,12 @@ import contextlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from vllm_consolidate.batch.states import Admission
 from vllm_consolidate.units import GIB, KIB, MIB
+from vllm_consolidate.write.estimates import JOB_BASE_RSS, PER_TENSOR_RSS, estimate_peak_ram
 
-#: RSS of a worker before the writer's buffers: Python, torch, transformers (for validation), metadata.
-#: Calibrated with the peak RSS workers report (``resource.getrusage``; torch 2.13 CPU, transformers 5):
-#: tiny HF Trainer ZeRO-2/3 checkpoints to fp32 with validation 360 MiB; a 74M-parameter ZeRO-2
-#: checkpoint without validation 245 MiB (fp32, no cast) and 278 MiB (bf16, cast), with validation
-#: 420 MiB (bf16; the estimate is 514 MiB). Rounded up for larger models' metadata.
-JOB_BASE_RSS = 450 * MIB
-#: Extra RSS per tensor of metadata (specs, segments, pickled headers), generous.
-PER_TENSOR_RSS = 8 * KIB
 #: Free disk the batch never plans to use.
 DISK_MARGIN = 1 * GIB
 #: Room for the config/tokenizer files' own metadata, and a staged output's fixed overhead on disk.
@@ -84,19 +76,6 @@ def estimate_output_bytes(plan_bytes: int, asset_bytes: int) -> int:
 def estimate_disk(output_bytes: int) -> int:
     """Disk a job may use while it runs: its output + 64 MiB + 1 % (file system overhead, the manifest)."""
     return output_bytes + _DISK_SLACK + output_bytes // 100
-
-
-def estimate_peak_ram(plan: Any) -> int:
-    """Peak RSS of one worker converting ``plan`` (an :class:`~vllm_consolidate.plan.shards.OutputPlan`)."""
-    from vllm_consolidate.write.safetensors import CAST_CHUNK_BYTES, CHUNK_BYTES, WORKERS
-
-    tensors = plan.tensors
-    base = JOB_BASE_RSS + PER_TENSOR_RSS * len(tensors)
-    if plan.format == "bin":
-        largest = max((t.nbytes for t in tensors), default=0)
-        return base + largest + CHUNK_BYTES
-    casts = any(t.out_dtype != t.spec.dtype for t in tensors)
-    return base + (WORKERS * 2 * CAST_CHUNK_BYTES if casts else 0)
 
 
 class Needs(Protocol):

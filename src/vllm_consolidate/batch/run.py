@@ -38,7 +38,7 @@ from vllm_consolidate.batch.plan import BatchOptions, BatchPlan, Job, job_error
 from vllm_consolidate.batch.resources import Scheduler
 from vllm_consolidate.batch.states import OUTCOMES, Action, Admission, EventKind, Status
 from vllm_consolidate.batch.worker import JobSpec, Worker, clear_attempt
-from vllm_consolidate.errors import BatchError, InsufficientDiskError
+from vllm_consolidate.errors import BatchError, InsufficientDiskError, WorkerDied
 from vllm_consolidate.write import cleanup
 
 LOCK_NAME = ".vllm-consolidate-batch.lock"
@@ -99,10 +99,6 @@ class BatchResult:
         if self.executor != "local":  # the local report stays as it always was
             out["executor"] = {"name": self.executor, **self.executor_info}
         return out
-
-
-class WorkerDied(Exception):
-    """A worker process ended without reporting its job's outcome (killed, out of memory, a crash)."""
 
 
 def clean_stale(output: Path, protect: Sequence[Path] = ()) -> list[Path]:

@@ -4,7 +4,7 @@ The pickle inside a ``torch.save`` file describes the objects; each tensor's byt
 uncompressed zip member. :func:`load_lazy` unpickles only the description, through an allowlist, and
 turns every tensor into a :class:`TensorRef` that knows where its bytes lie in the file. No tensor
 data is read, so Adam moments in a 10 GB optimizer file cost nothing; callers read only the byte
-ranges they need (see ``vllm_consolidate.io``).
+ranges they need (see :mod:`vllm_consolidate.read.ranges`).
 
 Safety. Every file is treated as hostile:
 

@@ -77,11 +77,16 @@ Rescue = Callable[[Path, CorruptCheckpointError], tuple["InputKind", ResolvedChe
 
 
 class Holds(NamedTuple):
-    """A column of ``inspect``'s table of saves: its JSON word, its label, and the test on a folder."""
+    """A column of ``inspect``'s table of saves: its JSON word, its label, and the test on a folder.
+
+    ``nested``: the save keeps its weights in a sub-folder of the checkpoint folder (``pytorch_model_fsdp_0/``,
+    ``actor/``), so the checkpoint folder counts as picked when detection chose that sub-folder.
+    """
 
     word: str
     label: str
     test: Callable[[Path], bool]
+    nested: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,10 +168,10 @@ FORMATS: tuple[Format, ...] = (
            holds=Holds("zero", "ZeRO rank files", ds.is_zero_checkpoint_folder)),
     # (Megatron-Core goes here: its iter_N folders are DCP folders too, so it must come before DCP.)
     Format(InputKind.DCP, "dcp", True, resolve_dcp, read_dcp, saves=dcp_save_list,
-           holds=Holds("dcp", "DCP (FSDP) weights", is_dcp_save)),
+           holds=Holds("dcp", "DCP (FSDP) weights", is_dcp_save, nested=True)),
     Format(InputKind.VERL, "verl", True, resolve_verl, lambda d, root, key: read_verl(d, root),
            asset_dirs=lambda d: [d / VERL_HF_FOLDER], lora=LoraLayout.RANK_FILES, saves=verl_save_list,
-           holds=Holds("verl", "verl actor/critic", is_verl_step)),
+           holds=Holds("verl", "verl actor/critic", is_verl_step, nested=True)),
     Format(InputKind.PEFT, "peft", False, resolve_peft, lambda d, root, key: read_peft_folder(d, root),
            lora=LoraLayout.ADAPTER,
            lora_what=lambda source, d: f"{source.info.get('adapter_file')} ({source.info.get('adapter_dtype')})"),

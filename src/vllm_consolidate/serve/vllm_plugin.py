@@ -15,8 +15,8 @@ How a load goes:
 
 1. Before vLLM reads the config (a guarded wrapper around ``EngineArgs.create_engine_config``, active
    only for ``load_format="consolidate"``), the input is resolved exactly as ``convert`` resolves it
-   (:func:`~vllm_consolidate.read.detect.detect` + :func:`~vllm_consolidate.read.detect.read`, metadata
-   only), so a broken checkpoint (a missing rank, an unsafe pickle, a world-size mismatch) fails here,
+   (:func:`~vllm_consolidate.plan.inputs.open_input`, metadata only), so a broken checkpoint (a missing
+   rank, an unsafe pickle, a world-size mismatch) fails here,
    in one line, before vLLM starts an engine. vLLM reads ``config.json`` and the tokenizer from the
    folder it is given; when that folder has none (a run folder, a ``global_stepN``), the ones
    ``convert`` would copy (the checkpoint folder and its parents, nearest first) are passed to vLLM as

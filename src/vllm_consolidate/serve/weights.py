@@ -7,7 +7,6 @@ Nothing here imports vLLM; torch is imported only when a tensor is built.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,10 +17,11 @@ from vllm_consolidate import dtypes
 from vllm_consolidate.casts import cast_into
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import UnsupportedCheckpointError, UsageError
+from vllm_consolidate.plan.inputs import InputSpec, LoraMode, open_input
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.read import detect as detection
+from vllm_consolidate.read.lora_find import holds_lora
 from vllm_consolidate.read.ranges import OpenFiles, read_into, thread_buffer
-from vllm_consolidate.read.registry import LoraLayout, format_of
 from vllm_consolidate.source import SourceModel, TensorSpec, sub_segments
 from vllm_consolidate.write.safetensors import WORKERS, chunk_elements  # threads and chunks as the writer's
 
@@ -34,8 +34,6 @@ LORA_HINT = (
     "Merge it into its base model first (vllm-consolidate convert --input CHECKPOINT --output FOLDER), or export "
     "the adapter (--lora adapter) and serve it on its base model with vLLM's --enable-lora."
 )
-#: A LoRA factor's name (peft's live and saved naming); such a checkpoint needs a merge, not a stream.
-_LORA_NAME = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)(?:\.|$)")
 
 # -- what to load -------------------------------------------------------------------------------------
 
@@ -47,6 +45,10 @@ class LoaderOptions:
     input_type: str = "auto"
     checkpoint_dir: Path | None = None
     model_key: str | None = None
+
+    def input_spec(self, model: str | os.PathLike) -> InputSpec:
+        """Which input ``model`` with these options names (as ``convert --input model`` would)."""
+        return InputSpec(Path(model), self.input_type, self.checkpoint_dir, self.model_key)
 
 
 def loader_options(extra: Any) -> LoaderOptions:
@@ -83,9 +85,8 @@ def open_checkpoint(model: str | os.PathLike, options: LoaderOptions = LoaderOpt
     Raises:
         ConsolidateError: Nothing loadable is there, or the checkpoint is broken or unsafe.
     """
-    detected = detection.detect(Path(model), options.input_type, options.checkpoint_dir)
-    source = detection.read(detected, options.model_key)
-    if format_of(detected.kind).lora == LoraLayout.ADAPTER or any(_LORA_NAME.search(t.name) for t in source.tensors):
+    detected, source = open_input(options.input_spec(model), LoraMode.AS_READ)
+    if holds_lora(detected.kind, source):
         raise UnsupportedCheckpointError(
             "this is a LoRA fine-tune; the consolidate load format serves full models only",
             path=detected.weights_dir, hint=LORA_HINT)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_consolidate.errors import VllmLoadError, VllmUnavailableError
+from vllm_consolidate.errors import VllmLoadError, VllmProbeTimeoutError, VllmUnavailableError
 from vllm_consolidate.validate.greedy import (
     DEFAULT_COMPARE_DTYPE,
     encode_prompts,
@@ -76,12 +76,6 @@ DEFAULT_TIMEOUT = 600.0
 
 _STDERR_TAIL_CHARS = 4000
 _MESSAGE_CHARS = 600
-
-
-class VllmProbeTimeoutError(VllmLoadError):
-    """The vLLM probe did not finish within its timeout."""
-
-    default_hint = "Raise the timeout, or check that the machine is not out of memory."
 
 
 @dataclass

@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 
 from vllm_consolidate import dtypes
-from vllm_consolidate.casts import NUMPY_DTYPES, cast_into
+from vllm_consolidate.casts import NAN_ABOVE, cast_into, nan_mask
 from vllm_consolidate.errors import ConsolidateError
-from vllm_consolidate.plan.lora import merge_lora, merged_rows, row_length
-from vllm_consolidate.read import detect as detection
+from vllm_consolidate.plan.inputs import InputSpec, open_input
+from vllm_consolidate.plan.lora_rows import merged_rows, row_length
 from vllm_consolidate.read.assets import read_config
 from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
@@ -77,8 +77,9 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
     """
     from vllm_consolidate.plan.names import output_tensors
 
-    detected = detection.detect(Path(source), input_type, Path(checkpoint_dir) if checkpoint_dir else None)
-    model = merge_lora(detection.read(detected, model_key), detected.weights_dir, Path(source), base_model_name, None)
+    spec = InputSpec(Path(source), input_type, Path(checkpoint_dir) if checkpoint_dir else None, model_key,
+                     base_model_name, default_base=None)
+    detected, model = open_input(spec)
     try:
         config = read_config(Path(folder) / "config.json")  # as convert and the config check read it
     except ConsolidateError:
@@ -242,11 +243,10 @@ def _differences(t: StoredTensor, spec: TensorSpec, ranges: list[tuple[int, int]
 def _differing(got: memoryview, want: memoryview, dtype: Any) -> Any:
     """Indices of elements whose bits differ, not counting NaN against NaN."""
     bits = _UINT.get(dtype.itemsize, np.uint8)
-    mask = np.frombuffer(got, dtype=bits) != np.frombuffer(want, dtype=bits)
-    if dtype in NUMPY_DTYPES and mask.any():
-        a = np.frombuffer(got, dtype=NUMPY_DTYPES[dtype])
-        b = np.frombuffer(want, dtype=NUMPY_DTYPES[dtype])
-        mask &= ~(np.isnan(a) & np.isnan(b))
+    a, b = np.frombuffer(got, dtype=bits), np.frombuffer(want, dtype=bits)
+    mask = a != b
+    if dtype in NAN_ABOVE and mask.any():
+        mask &= ~(nan_mask(a, dtype) & nan_mask(b, dtype))
     return np.flatnonzero(mask)
 
 

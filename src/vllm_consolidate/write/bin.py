@@ -14,7 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.plan.lora import merged_rows, row_length
+from vllm_consolidate.plan.lora_rows import merged_rows, row_length
 from vllm_consolidate.plan.shards import PlannedFile
 from vllm_consolidate.read.ranges import OpenFiles, iter_chunks
 from vllm_consolidate.write.safetensors import CHUNK_BYTES, ProgressFn

@@ -26,8 +26,10 @@ moments are never touched), but mapped pages count toward the process's RSS on a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ from typing import Any
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.formats.safetensors import HeaderEntry, header_bytes
-from vllm_consolidate.plan.lora import merged_rows, row_length
+from vllm_consolidate.plan.lora_rows import merged_rows, row_length
 from vllm_consolidate.plan.shards import PlannedFile, PlannedTensor
 from vllm_consolidate.read.ranges import OpenFiles, check_read, read_into, thread_buffer
 from vllm_consolidate.source import Segment, sub_segments
@@ -46,6 +48,9 @@ CHUNK_BYTES = 16 * 2**20
 # the bf16 conversion took 1.13 s with 4 MiB chunks and 1.59 s with 16 MiB ones (bench/writer_ab.py).
 CAST_CHUNK_BYTES = 4 * 2**20
 WORKERS = 2
+#: Source bytes asked of the kernel ahead of the chunk being submitted (``posix_fadvise(WILLNEED)``), so the
+#: disk reads the next chunks while the workers cast and write this one (0: no read-ahead). See ``_advised``.
+READ_AHEAD_BYTES = 64 * 2**20
 
 ProgressFn = Callable[[int], None]
 
@@ -175,6 +180,43 @@ def _jobs(pfile: PlannedFile, base: int) -> Iterator[_Job]:
             yield _Job(t, first, count, base + t.offset + first * t.out_dtype.itemsize)
 
 
+def _advise(files: OpenFiles, job: _Job) -> int:
+    """Ask the kernel to start reading ``job``'s source bytes; returns how many."""
+    t = job.tensor
+    size = t.spec.dtype.itemsize
+    nbytes = job.count * size
+    for seg in sub_segments(t.spec.segments, job.first * size, nbytes):
+        with contextlib.suppress(OSError):  # a hint: a file system without it reads on demand as before
+            os.posix_fadvise(files.fd(seg.path), seg.offset, seg.nbytes, os.POSIX_FADV_WILLNEED)
+    return nbytes
+
+
+def _advised(files: OpenFiles, jobs: Iterator[_Job]) -> Iterator[_Job]:
+    """``jobs``, each advised to the kernel about :data:`READ_AHEAD_BYTES` before it is run.
+
+    Why: the kernel's own read-ahead follows one sequential reader per file, but a ZeRO-3 tensor is
+    spread over every rank file (one partition each) and a cast reads 4 MiB at a time, so on a cold cache
+    the disk idled while the workers cast. WILLNEED reads in the background, into the page cache (not our
+    RSS), only the byte ranges we are about to read (never the Adam moments beside them).
+    """
+    ahead = READ_AHEAD_BYTES
+    if ahead <= 0 or not hasattr(os, "posix_fadvise"):
+        yield from jobs
+        return
+    window: deque[tuple[_Job, int]] = deque()
+    queued = 0
+    for job in jobs:
+        n = _advise(files, job)
+        window.append((job, n))
+        queued += n
+        while queued > ahead:
+            first, size = window.popleft()
+            queued -= size
+            yield first
+    for job, _ in window:
+        yield job
+
+
 def _run_jobs(files: OpenFiles, out_fd: int, jobs: Iterator[_Job], progress: ProgressFn | None) -> None:
     from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -190,7 +232,7 @@ def _run_jobs(files: OpenFiles, out_fd: int, jobs: Iterator[_Job], progress: Pro
                 if progress:
                     progress(n)
 
-        for job in jobs:
+        for job in _advised(files, jobs):
             pending.add(pool.submit(_run_job, files, out_fd, job))
             # Keep a few jobs in flight, not all of them: bounded buffers, prompt errors. Waiting for
             # any job rather than the oldest keeps both workers busy (chunks write disjoint ranges).

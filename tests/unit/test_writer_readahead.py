@@ -1,0 +1,90 @@
+"""The writer's read-ahead: every source range it reads was handed to the kernel (``WILLNEED``) first, and
+the bytes written do not depend on it.
+
+Why it exists (write/safetensors.py ``_advised``): on a cold cache the disk idled while the workers cast.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from vllm_consolidate import dtypes
+from vllm_consolidate.plan.shards import plan_output
+from vllm_consolidate.source import Segment, TensorSpec
+from vllm_consolidate.write import safetensors as writer
+from vllm_consolidate.write import write_plan
+
+ROWS, COLS = 96, 1024  # 384 KiB of float32 per tensor
+
+
+def _source(tmp_path: Path) -> list[TensorSpec]:
+    """Three float32 tensors, each split over two files (as a ZeRO-3 parameter is over its ranks)."""
+    files = [tmp_path / "rank0.bin", tmp_path / "rank1.bin"]
+    blobs = [bytearray(b"\xab" * 4096), bytearray(b"\xcd" * 8192)]  # headers we never read
+    specs = []
+    for i in range(3):
+        values = [(i * 1000 + k) * 0.5 - 7.25 for k in range(ROWS * COLS)]
+        raw = struct.pack(f"<{len(values)}f", *values)
+        half = len(raw) // 2
+        segs = []
+        for f, blob, part in ((files[0], blobs[0], raw[:half]), (files[1], blobs[1], raw[half:])):
+            segs.append(Segment(str(f), len(blob), len(part)))
+            blob += part
+        specs.append(TensorSpec(f"t{i}.weight", dtypes.float32, (ROWS, COLS), segs))
+    for f, blob in zip(files, blobs):
+        f.write_bytes(bytes(blob))
+    return specs
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    events: list[tuple[str, str, int, int]] = []
+    real_read = writer.read_into
+
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_WILLNEED
+        events.append(("advise", os.readlink(f"/proc/self/fd/{fd}"), offset, length))
+
+    def read_into(files, buf, segs):
+        segs = list(segs)
+        for s in segs:
+            events.append(("read", s.path, s.offset, s.nbytes))
+        return real_read(files, buf, iter(segs))
+
+    monkeypatch.setattr(writer.os, "posix_fadvise", advise)
+    monkeypatch.setattr(writer, "read_into", read_into)
+    monkeypatch.setattr(writer, "CAST_CHUNK_BYTES", 64 * 1024)  # many chunks per tensor
+    return events
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux/POSIX only")
+@pytest.mark.parametrize("ahead", [0, 256 * 1024, 64 * 2**20])
+def test_every_read_was_advised_first_and_the_bytes_do_not_change(tmp_path, recorded, monkeypatch, ahead):
+    monkeypatch.setattr(writer, "READ_AHEAD_BYTES", ahead)
+    specs = _source(tmp_path)
+    plan = plan_output(specs, target_dtype=dtypes.bfloat16, max_shard_size=2**40)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_plan(plan, out)
+
+    reads = [e[1:] for e in recorded if e[0] == "read"]
+    advised = [e[1:] for e in recorded if e[0] == "advise"]
+    assert len(reads) >= 3 * (ROWS * COLS * 4 // (64 * 1024))  # many chunks per tensor
+    if ahead == 0:
+        assert advised == []
+    else:
+        for i, (path, off, n) in enumerate(reads):  # advised before it was read, and covering it
+            before = advised[: sum(1 for e in recorded[: recorded.index(("read", path, off, n))] if e[0] == "advise")]
+            assert any(p == path and o <= off and off + n <= o + m for p, o, m in before), (i, path, off)
+        assert sum(m for _, _, m in advised) == sum(n for _, _, n in reads)  # no byte beyond what is read
+    # The bf16 bits do not depend on the read-ahead: compare with a plain computation.
+    data = (out / "model.safetensors").read_bytes()
+    header = 8 + struct.unpack("<Q", data[:8])[0]
+    first = struct.unpack(f"<{ROWS * COLS}f", struct.pack(f"<{ROWS * COLS}f",
+                                                           *[k * 0.5 - 7.25 for k in range(ROWS * COLS)]))
+    want = b"".join(struct.pack("<H", struct.unpack("<I", struct.pack("<f", v))[0] >> 16) for v in first[:64])
+    assert data[header:header + 128] == want  # these values are exact in bfloat16's top half (no rounding)
