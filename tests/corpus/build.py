@@ -147,8 +147,9 @@ def tiny_moe(arch: str) -> dict[str, Any]:
     elif arch == "deepseek_v2":
         model["kv_heads"] = 2
         model["extra"].update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                              n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
-                              qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1)
+                              n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, n_group=1, topk_group=1,
+                              # vLLM's CPU MLA kernel only runs a latent size kv_lora_rank + rope of 576.
+                              kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32)
     else:
         raise ValueError(f"no tiny MoE spec for {arch!r}")
     return model

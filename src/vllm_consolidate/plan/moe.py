@@ -18,7 +18,7 @@ transformers for every family listed here.
 
 Layouts: ``per-expert`` (what save_pretrained of transformers 5.25 writes for every family here, and
 what vLLM 0.32 loads for all of them), ``fused`` (the in-memory names; transformers 5 loads them as
-they are; vLLM 0.32 refuses Mixtral's), ``auto`` (= what save_pretrained writes: per-expert).
+they are; vLLM 0.32 refuses Mixtral's and DeepSeek's), ``auto`` (= what save_pretrained writes: per-expert).
 Nothing here reads a tensor byte.
 """
 
@@ -45,28 +45,32 @@ class MoeFamily:
     Attributes:
         block: The MoE module's name in the per-expert layout (``mlp`` is its name when fused).
         leaves: The per-expert projection names (gate, up, down).
-        vllm_loads_fused: Whether vLLM 0.32 loads the fused names of this family (measured).
+        vllm_loads_fused: Whether vLLM 0.32 loads the fused names of this family: measured for Mixtral
+            (no: "no module or parameter named 'layers.0.mlp'"), Qwen2-MoE and Qwen3-MoE (yes), DeepSeek-V2
+            (no: ``KeyError: 'layers.1.mlp.experts.down_proj'``; V3 is the same vLLM module); None: not measured.
     """
 
     block: str
     leaves: tuple[str, str, str]
-    vllm_loads_fused: bool
+    vllm_loads_fused: bool | None
 
 
 #: config.json keys of the routed expert count; families alias them (transformers 5.25 saves Qwen3-MoE's
 #: ``num_experts`` as ``num_local_experts``), so any of them counts, the first present one first.
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
-_QWEN = MoeFamily("mlp", ("gate_proj", "up_proj", "down_proj"), True)
+_LEAVES = ("gate_proj", "up_proj", "down_proj")
+_QWEN = MoeFamily("mlp", _LEAVES, True)
+_DEEPSEEK = MoeFamily("mlp", _LEAVES, False)
 
 #: model_type -> family; only families checked against save_pretrained (tests/test_moe.py) are listed.
 FAMILIES: dict[str, MoeFamily] = {
     "mixtral": MoeFamily("block_sparse_moe", ("w1", "w3", "w2"), False),
     "qwen2_moe": _QWEN,
     "qwen3_moe": _QWEN,
-    "olmoe": _QWEN,
-    "deepseek_v2": _QWEN,
-    "deepseek_v3": _QWEN,
+    "olmoe": MoeFamily("mlp", _LEAVES, None),
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": _DEEPSEEK,
 }
 
 _FUSED_NAME = re.compile(r"^(?P<module>.+\.layers\.\d+)\.mlp\.experts\.(?P<leaf>gate_up_proj|down_proj)$")

@@ -166,8 +166,8 @@ def _missing(cls: str, layout: str, required: Shapes, stored: dict[str, StoredTe
                      f"{len(missing)} tensors that {cls} needs are not stored: {few(missing)}; vLLM would "
                      "leave them uninitialised without an error", {"names": missing})
     family = family_of(config)
-    if layout == "in-memory" and family is not None and not family.vllm_loads_fused:
-        # Measured: vLLM 0.32 refuses Mixtral's fused names (a KeyError for mlp.experts.gate_up_proj).
+    if layout == "in-memory" and family is not None and family.vllm_loads_fused is False:
+        # Measured: vLLM 0.32 refuses Mixtral's and DeepSeek's fused names (see plan.moe.MoeFamily).
         return Check("missing_tensors", FAIL,
                      f"all {len(required)} tensors of {cls} are stored, but in transformers 5's in-memory layout "
                      "(fused MoE experts), whose names vLLM does not load for this model; convert with "
