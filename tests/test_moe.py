@@ -135,8 +135,9 @@ def test_transformers_logits_equal_truth(name, layout, moe_cases, tmp_path):
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
 
 
-@pytest.mark.parametrize(("name", "probe"), [("mixtral_z2_w2_bf16", "model.layers.1.block_sparse_moe.experts.3.w3.weight"),
-                                             ("deepseekv2_z3_w2_bf16", "model.layers.1.mlp.experts.3.up_proj.weight")])
+@pytest.mark.parametrize(("name", "probe"),
+                         [("mixtral_z2_w2_bf16", "model.layers.1.block_sparse_moe.experts.3.w3.weight"),
+                          ("deepseekv2_z3_w2_bf16", "model.layers.1.mlp.experts.3.up_proj.weight")])
 def test_fused_names_vllm_refuses_fail_validation(name, probe, moe_cases, tmp_path, capsys):
     """The issue's report (Mixtral, ZeRO-2): vLLM 0.32 refuses these fused names, so validation must too."""
     case = moe_cases[name]
