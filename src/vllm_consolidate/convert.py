@@ -20,7 +20,8 @@ from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import UsageError, ValidationFailedError
 from vllm_consolidate.plan.architecture import FROM_CONFIG, ArchitectureDecision, decide_architectures
 from vllm_consolidate.plan.inputs import LORA_MODES, InputSpec, LoraMode, detect_input, read_input
-from vllm_consolidate.plan.names import output_tensors
+from vllm_consolidate.plan.moe import MOE_LAYOUTS, MoeSummary
+from vllm_consolidate.plan.names import plan_names
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
 from vllm_consolidate.read.assets import (  # DEFAULT_BASE_MODEL re-exported: the CLI imports it from here
@@ -73,6 +74,9 @@ class ConvertOptions:
             (``model`` and ``ema``), the one to convert (``""`` for the top level).
         lora: ``--lora``: for a LoRA run, ``merge`` (a full model: the adapter merged into its base)
             or ``adapter`` (a clean peft adapter folder that vLLM serves with ``--enable-lora``).
+        moe_layout: ``--moe-layout``: MoE experts ``per-expert`` (save_pretrained's names, what vLLM loads),
+            ``fused`` (transformers 5's in-memory 3-D tensors), or ``auto`` (= save_pretrained's); see
+            :mod:`vllm_consolidate.plan.moe`.
 
     Raises:
         UsageError: ``dtype`` names no known dtype.
@@ -92,6 +96,7 @@ class ConvertOptions:
     architecture: str | None = None
     model_key: str | None = None
     lora: str = "merge"
+    moe_layout: str = "auto"
 
     def __post_init__(self) -> None:
         # Normalised once here so every reader of the record sees Paths and a DType (frozen: set via object).
@@ -148,6 +153,7 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
     validation: dict[str, Any] | None = None
     architectures: dict[str, Any] | None = None
+    moe: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -189,6 +195,7 @@ class Conversion:
     dropped: list[str]
     warnings: list[str]
     architecture: ArchitectureDecision
+    moe: MoeSummary | None = None
 
 
 def _inputs(opts: ConvertOptions, weights_dir: Path | None = None) -> list[Path]:
@@ -210,6 +217,8 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
         raise UsageError(f"unknown format {opts.fmt}")
     if opts.lora not in LORA_MODES:
         raise UsageError(f"unknown --lora {opts.lora}", hint=f"Use one of {', '.join(LORA_MODES)}.")
+    if opts.moe_layout not in MOE_LAYOUTS:
+        raise UsageError(f"unknown --moe-layout {opts.moe_layout}", hint=f"Use one of {', '.join(MOE_LAYOUTS)}.")
     spec = opts.input_spec
     detected = detect_input(spec)
     pub.check_output_location(Path(opts.output), _inputs(opts, detected.weights_dir))
@@ -231,16 +240,16 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     config = read_config(assets.config) if assets.config is not None else {}
     if adapter:
         architecture = ArchitectureDecision(tuple(config.get("architectures") or ()), FROM_CONFIG)
-        tensors, dropped = list(source.tensors), []
+        tensors, dropped, moe = list(source.tensors), [], None
     else:
         architecture = decide_architectures(config, source, opts.architecture)
         if architecture.changed:  # only the dict written to the output; the input's file is never touched
             config["architectures"] = list(architecture.architectures)
-        tensors, dropped = output_tensors(source, config)
+        tensors, dropped, moe = plan_names(source, config, opts.moe_layout)
     plan = plan_output(tensors, target_dtype=target_dtype(opts, source, config),
                        max_shard_size=2**62 if adapter else opts.max_shard_size, fmt=opts.fmt,
                        stem="adapter_model" if adapter else None)
-    return Conversion(detected, source, assets, config, plan, dropped, warnings, architecture)
+    return Conversion(detected, source, assets, config, plan, dropped, warnings, architecture, moe)
 
 
 def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None = None,
@@ -270,7 +279,7 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
     info = dict(conv.source.info, how=conv.detected.how, weights_dir=str(conv.detected.weights_dir))
     common = dict(tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
                   output_dtype=_config_dtype(plan), assets=assets.origin(), warnings=conv.warnings, detected=info,
-                  architectures=conv.architecture.to_dict())
+                  architectures=conv.architecture.to_dict(), moe=conv.moe.to_dict() if conv.moe else None)
     # A folder whose config.json needs architectures written is not "already consolidated": vLLM refuses it.
     if (is_single_file_model(conv.source) and not opts.force and not conv.architecture.changed
             and _unchanged_single(conv.source, plan)):
@@ -330,7 +339,8 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
         else:
             written += copy_assets(conv.assets, tmp, config)
         pub.write_marker(tmp, {"source": str(conv.detected.weights_dir), "input": str(Path(opts.input).absolute()),
-                               "output_dtype": out_dtype, "files": written})
+                               "output_dtype": out_dtype, "files": written,
+                               **({"moe": conv.moe.to_dict()} if conv.moe else {})})
         report = _validate(conv, tmp, output, on_stage, adapter) if opts.validate else None
         staging.publish(opts.force)
     if report is not None:
@@ -366,4 +376,6 @@ def _unchanged_single(source: SourceModel, plan: OutputPlan) -> bool:
     same_format = src_file.endswith(".safetensors") == (plan.format == "safetensors")
     same_dtypes = all(t.out_dtype == t.spec.dtype for t in plan.tensors)
     one_file = len(plan.files) == 1
-    return len(source.source_files) == 1 and one_file and same_format and same_dtypes and not source.renamed
+    same_names = {t.spec.name for t in plan.tensors} <= {t.name for t in source.tensors}  # no MoE re-layout
+    return (len(source.source_files) == 1 and one_file and same_format and same_dtypes and not source.renamed
+            and same_names)

@@ -23,7 +23,7 @@ from vllm_consolidate.convert import DEFAULT_BASE_MODEL, DEFAULT_MAX_SHARD_SIZE
 from vllm_consolidate.errors import ConsolidateError, InputNotFoundError
 from vllm_consolidate.plan.architecture import decide_architectures
 from vllm_consolidate.plan.inputs import InputSpec, detect_input, read_input
-from vllm_consolidate.plan.names import output_tensors
+from vllm_consolidate.plan.names import plan_names
 from vllm_consolidate.plan.shards import dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
 from vllm_consolidate.read.assets import (
@@ -116,6 +116,7 @@ class InputReport:
     output: dict[str, OutputEstimate] = field(default_factory=dict)
     assets: dict[str, Any] = field(default_factory=dict)
     architectures: dict[str, Any] = field(default_factory=dict)
+    moe: dict[str, Any] | None = None  # plan.moe.MoeSummary of what convert writes by default (--moe-layout auto)
     warnings: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
@@ -314,7 +315,8 @@ def _describe_architectures(report: InputReport, config: dict | None, source: So
 
 def _describe_tensors(report: InputReport, source: SourceModel, config: dict) -> None:
     """Counts, the largest tensor, and per output dtype the planned size and the batch's RAM estimate."""
-    tensors, dropped = output_tensors(source, config)
+    tensors, dropped, moe = plan_names(source, config)
+    report.moe = moe.to_dict() if moe else None
     report.tensors = len(tensors)
     report.parameters = sum(t.numel for t in tensors)
     report.dropped = dropped

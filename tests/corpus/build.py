@@ -122,6 +122,39 @@ def tiny(
     return model
 
 
+#: The MoE families of issue 25, tiny and vLLM-loadable: hidden 64, 2 heads of 32, 2 layers, 4 experts (top 2).
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2")
+
+
+def tiny_moe(arch: str) -> dict[str, Any]:
+    """Spec dict of a tiny MoE model vLLM can load (head dim 32, vocab 1001 >= the tokenizer's).
+
+    Each family names its expert count and sizes differently; DeepSeek-V2 has MLA attention, shared
+    experts and a dense first layer (``first_k_dense_replace``), Qwen2-MoE a gated shared expert,
+    Qwen3-MoE and Mixtral none.
+    """
+    model: dict[str, Any] = dict(arch=arch, layers=2, tied=False, frozen=[], hidden=64, intermediate=96, heads=2,
+                                 kv_heads=1, vocab=1001, extra={"experts_implementation": "eager"})
+    if arch == "mixtral":  # the experts' size is intermediate_size
+        model["extra"].update(num_local_experts=4, num_experts_per_tok=2)
+        model["intermediate"] = 48
+    elif arch in ("qwen2_moe", "qwen3_moe"):
+        model["extra"].update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+        if arch == "qwen2_moe":
+            model["extra"]["shared_expert_intermediate_size"] = 80
+        else:
+            model["head_dim"] = 32
+    elif arch == "deepseek_v2":
+        model["kv_heads"] = 2
+        model["extra"].update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                              n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, n_group=1, topk_group=1,
+                              # vLLM's CPU MLA kernel only runs a latent size kv_lora_rank + rope of 576.
+                              kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32)
+    else:
+        raise ValueError(f"no tiny MoE spec for {arch!r}")
+    return model
+
+
 @dataclass(frozen=True)
 class CaseSpec:
     """Declarative description of one corpus case."""
@@ -423,6 +456,19 @@ _SPECS: list[CaseSpec] = [
         covers="save_pretrained single model.safetensors, fp32, tied (lm_head not stored)",
     ),
     # Hook: sharded .bin layouts ("hf_sharded_bin") are added later; see _build_hf().
+    # ---- MoE families (issue 25): fused expert parameters in training, per-expert names in save_pretrained
+    _ds("mixtral_z2_w2_bf16", tiny_moe("mixtral"), 2, 2, "bf16",
+        "Mixtral under ZeRO-2 (fused experts; save_pretrained: block_sparse_moe.experts.E.w1/w2/w3), config+tokenizer",
+        has_config=True, has_tokenizer=True, seed=70),
+    *(
+        _ds(f"{arch.replace('_', '')}_z3_w2_bf16", tiny_moe(arch), 3, 2, "bf16",
+            f"{arch} under ZeRO-3, head dim 32 (vLLM-loadable), config+tokenizer",
+            has_config=True, has_tokenizer=True, seed=71 + i)
+        for i, arch in enumerate(MOE_ARCHS)
+    ),
+    CaseSpec("hf_mixtral_single_fp32", "hf", tiny_moe("mixtral"), None, 1, "fp32", "hf_single_safetensors",
+             has_config=True, has_tokenizer=True, seed=76,
+             covers="Mixtral save_pretrained (per-expert block_sparse_moe names), fp32"),
 ]
 
 CASES: dict[str, CaseSpec] = {c.name: c for c in _SPECS}

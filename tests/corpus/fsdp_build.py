@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.corpus import build, cache, common
-from tests.corpus.build import tiny
+from tests.corpus.build import MOE_ARCHS, tiny, tiny_moe
 
 #: Bump whenever the generator's output format / semantics change (new cache root).
 SCHEMA_VERSION = 1
@@ -271,6 +271,23 @@ _SPECS: list[FsdpCaseSpec] = [
         has_config=True,
         has_tokenizer=True,
         options={"style": "ambiguous", "subdirs": True},
+    ),
+    # ---- MoE families (issue 25): FSDP2 shards the fused [E, ...] expert parameters on the expert dim
+    *(
+        FsdpCaseSpec(
+            f"dcp_{arch.replace('_', '')}_w2",
+            "dcp",
+            tiny_moe(arch),
+            "fp32",
+            "model.",
+            f'FSDP2 {arch} fp32 (fused expert parameters); dcp.save({{"model": ..., "optim": ...}}) at ckpt/step-2; '
+            "config+tokenizer in ckpt/",
+            seed=80 + i,
+            has_config=True,
+            has_tokenizer=True,
+            options={"style": "nested", "subdirs": True},
+        )
+        for i, arch in enumerate(MOE_ARCHS)
     ),
     # ---- verl FSDPCheckpointManager on fully_shard models (tests/corpus/verl_save.py)
     _verl(

@@ -101,6 +101,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-key", default=None, metavar="NAME",
                    help="DCP: the state-dict entry that holds the model when there is more than one (e.g. 'model' "
                         "or 'ema'; '' for the top level)")
+    p.add_argument("--moe-layout", choices=("auto", "per-expert", "fused"), default="auto",
+                   help="MoE experts: per-expert names (experts.E.gate_proj.weight ...; what vLLM loads), fused 3-D "
+                        "tensors (experts.gate_up_proj, transformers 5's in-memory layout), or auto (default: what "
+                        "save_pretrained of the installed transformers writes, per-expert)")
     p.add_argument("--force", action="store_true", help="replace an existing output, once the new one is complete")
     p.add_argument("--base-model-name", default=DEFAULT_BASE_MODEL,
                    help="local folder or Hub id for config/tokenizer the checkpoint lacks "
@@ -142,6 +146,7 @@ def model_options(args: argparse.Namespace, *, input: Path | None = None, output
         base_model_name=args.base_model_name, dtype=args.dtype, keep_original_precision=args.keep_original_precision,
         fmt=args.fmt, max_shard_size=parse_size(args.max_shard_size), force=args.force, validate=args.validate_vllm,
         architecture=args.architecture, model_key=args.model_key, lora=args.lora,
+        moe_layout=args.moe_layout,
     )
 
 

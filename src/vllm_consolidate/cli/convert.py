@@ -49,6 +49,10 @@ def print_summary(result) -> None:
         print(f"lora:       adapter of {d['lora_modules']} LoRA modules from {d['lora_source']}; {checked}")
     extra = f"; dropped tied {', '.join(result.dropped)}" if result.dropped else ""
     print(f"tensors:    {result.tensors} tensors, {result.parameters:,} parameters{extra}")
+    if result.moe:
+        m = result.moe
+        print(f"experts:    {m['layout']} ({m['experts']} experts x {m['moe_layers']} MoE layers, {m['family']}; "
+              f"stored {m['source_layout']})")
     if result.renamed:
         print(f"renamed:    {len(result.renamed)} names lost a wrapper prefix")
     print(f"bytes:      read {_gb(result.bytes_read)}, wrote {_gb(result.bytes_written)} as {result.output_dtype}")

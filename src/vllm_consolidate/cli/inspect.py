@@ -162,6 +162,10 @@ def _tensor_lines(inp: Any) -> list[str]:
     if inp.renamed:
         text += f"; {inp.renamed} names lose a wrapper prefix"
     lines = [_line("tensors", text)]
+    if inp.moe:
+        m = inp.moe
+        lines.append(_line("experts", f"{m['experts']} experts x {m['moe_layers']} MoE layers ({m['family']}), stored "
+                                      f"{m['source_layout']}, written {m['layout']} (--moe-layout)"))
     big = inp.largest_tensor
     if big is not None:
         lines.append(_line("largest", f"{big.name} {list(big.shape)} {big.dtype}, {size(big.bytes)}"))

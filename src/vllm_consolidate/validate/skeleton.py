@@ -24,6 +24,7 @@ import re
 from types import ModuleType
 from typing import Any
 
+from vllm_consolidate.plan.moe import expert_count, family_of
 from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.units import few
 from vllm_consolidate.validate.context import Context, Shapes, Skeleton, quiet  # Skeleton re-exported
@@ -134,7 +135,7 @@ def check_against_skeleton(ctx: Context) -> list[Check]:
         return [first] + [skipped(n, reason) for n in names[1:]]
     sk, stored = ctx.skeleton, ctx.stored.tensors
     layout, required, allowed = _closest_layout(sk, stored)
-    return [_missing(sk.class_name, layout, required, stored), _unexpected(sk, allowed, stored),
+    return [_missing(sk.class_name, layout, required, stored, ctx.config), _unexpected(sk, allowed, stored),
             _shapes(allowed, stored)]
 
 
@@ -158,12 +159,22 @@ def _closest_layout(sk: Skeleton, stored: dict[str, StoredTensor]) -> tuple[str,
     return min(layouts, key=mismatch)  # the first (save_pretrained) wins ties
 
 
-def _missing(cls: str, layout: str, required: Shapes, stored: dict[str, StoredTensor]) -> Check:
+def _missing(cls: str, layout: str, required: Shapes, stored: dict[str, StoredTensor], config: dict) -> Check:
     missing = sorted(set(required) - set(stored))
     if missing:
         return Check("missing_tensors", FAIL,
                      f"{len(missing)} tensors that {cls} needs are not stored: {few(missing)}; vLLM would "
                      "leave them uninitialised without an error", {"names": missing})
+    family = family_of(config)
+    if layout == "in-memory" and family is not None and family.vllm_loads_fused is False:
+        # Measured: vLLM 0.32 refuses Mixtral's and DeepSeek's fused names (see plan.moe.MoeFamily).
+        return Check("missing_tensors", FAIL,
+                     f"all {len(required)} tensors of {cls} are stored, but in transformers 5's in-memory layout "
+                     "(fused MoE experts), whose names vLLM does not load for this model; convert with "
+                     "--moe-layout per-expert (the default)", {"layout": layout})
+    if family is not None:
+        experts = f" ({expert_count(config)} experts per MoE layer, as config.json declares)"
+        cls += experts
     if layout == "in-memory":
         return Check("missing_tensors", WARN,
                      f"all {len(required)} tensors of {cls} are stored, but in transformers 5's in-memory "

@@ -61,7 +61,8 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
                          base_model_name: str | None = None) -> Reference:
     """Read a source checkpoint's metadata and map it to the names a conversion writes into ``folder``.
 
-    The folder's config.json decides tying and the MoE expert layout, as it does in a conversion.
+    The folder's config.json decides tying, as it does in a conversion; its stored names decide the MoE
+    expert layout expected (fused when it stores fused experts, else what ``--moe-layout auto`` writes).
 
     Args:
         folder: The converted model folder.
@@ -84,8 +85,20 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
         config = read_config(Path(folder) / "config.json")  # as convert and the config check read it
     except ConsolidateError:
         config = {}
-    tensors, dropped = output_tensors(model, config if isinstance(config, dict) else {})
+    tensors, dropped = output_tensors(model, config if isinstance(config, dict) else {}, _folder_moe_layout(folder))
     return Reference(str(detected.weights_dir), {t.name: t for t in tensors}, dropped)
+
+
+def _folder_moe_layout(folder: str | Path) -> str:
+    """``fused`` when the folder stores fused experts, else ``auto`` (read from its weight files' metadata)."""
+    from vllm_consolidate.plan.moe import FUSED, layout_of
+    from vllm_consolidate.read.hf import read_hf
+
+    try:
+        names = [t.name for t in read_hf(Path(folder)).tensors]
+    except ConsolidateError:  # the file checks report an unreadable folder
+        return "auto"
+    return FUSED if layout_of(names) == FUSED else "auto"
 
 
 def compare_with_reference(stored: dict[str, StoredTensor], ref: Reference,
