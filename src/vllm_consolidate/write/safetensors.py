@@ -134,7 +134,11 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
-def _run_job(files: OpenFiles, out_fd: int, job: _Job) -> int:
+def _run_job(files: OpenFiles, out_fd: int, job: Any) -> int:
+    if not isinstance(job, _Job):  # --quantize: a block of rows of a weight and its scales
+        from vllm_consolidate.write.quantize import run_quant_job
+
+        return run_quant_job(files, out_fd, job)
     t = job.tensor
     src_dtype = t.spec.dtype
     src_bytes = job.count * src_dtype.itemsize
@@ -164,8 +168,16 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
     return written
 
 
-def _jobs(pfile: PlannedFile, base: int) -> Iterator[_Job]:
+def _jobs(pfile: PlannedFile, base: int) -> Iterator[Any]:
+    scales = {id(t.scale) for t in pfile.tensors if t.scale is not None}
     for t in pfile.tensors:
+        if t.quant is not None:  # --quantize: the weight's jobs write its scale too
+            from vllm_consolidate.write.quantize import quant_jobs
+
+            yield from quant_jobs(t, base)
+            continue
+        if id(t) in scales:
+            continue
         step = chunk_elements(t.spec.dtype, t.out_dtype)
         if t.spec.delta is not None:  # merges work on whole rows, in float32
             cols = row_length(t.spec)
