@@ -108,9 +108,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="output precision of floating-point tensors (default: float32; bfloat16 with --quantize)")
     p.add_argument("--quantize", choices=("fp8_dynamic", "fp8_block", "w8a8"), default=None,
-                   help="quantize every Linear weight but lm_head as llm-compressor's QuantizationModifier does, in the "
-                        "same pass (compressed-tensors: FP8 per-channel, FP8 128x128 blocks, INT8 per-channel); the "
-                        "weights are cast to --dtype first")
+                   help="quantize every Linear weight but lm_head as llm-compressor's QuantizationModifier does, in "
+                        "the same pass (compressed-tensors: FP8 per channel, FP8 128x128 blocks, INT8 per channel); "
+                        "the weights are cast to --dtype first")
     p.add_argument("--quantize-ignore", action="append", default=[], metavar="PATTERN",
                    help="with --quantize: also leave this module unquantized (a module name, re:REGEX matched from "
                         "the start of the name, or a class name); repeatable")
