@@ -313,7 +313,7 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
         raise
     return ConvertResult(
         output=output, status="converted", files=written,
-        bytes_read=sum(t.spec.nbytes for t in plan.tensors),
+        bytes_read=sum(t.spec.nbytes for t in plan.tensors if t.spec.segments),  # not --quantize's scales
         bytes_written=sum((output / f).stat().st_size for f in written),
         seconds=time.monotonic() - started, dropped=conv.dropped, renamed=dict(conv.source.renamed),
         validation=report.to_dict() if report is not None else None, **common,
