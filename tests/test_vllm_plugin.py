@@ -650,3 +650,22 @@ def test_openai_server_serves_a_run_folder(plugin_run: dict[str, Any], tmp_path:
     # It was our loader, in the engine process, and the checkpoint was only read.
     assert "consolidate: streamed" in text and "nothing written" in text
     assert _snapshot(run) == before
+
+
+def test_quantization_is_refused_with_what_to_do(corpus: dict[str, Path]) -> None:
+    """``--quantization`` with the load format fails before anything is read, naming convert --quantize."""
+    from types import SimpleNamespace
+
+    from vllm_consolidate.errors import UsageError
+    from vllm_consolidate.serve import vllm_plugin as vp
+
+    run = corpus["qwen2_z3_w2_bf16_tied"] / "ckpt"
+    for method in ("fp8", "compressed-tensors"):
+        args = SimpleNamespace(model=str(run), hf_config_path=None, tokenizer=None, generation_config="auto",
+                               skip_tokenizer_init=False, model_loader_extra_config=None, quantization=method)
+        with pytest.raises(UsageError) as err:
+            vp.prepare_engine_args(args)
+        line = vp.one_line(err.value)
+        assert f"--quantization {method}" in line and "convert" in line and "--quantize" in line, line
+    args.quantization = None
+    assert vp.prepare_engine_args(args) == {}

@@ -22,6 +22,7 @@ from vllm_consolidate.plan.architecture import FROM_CONFIG, ArchitectureDecision
 from vllm_consolidate.plan.inputs import LORA_MODES, InputSpec, LoraMode, detect_input, read_input
 from vllm_consolidate.plan.moe import MOE_LAYOUTS, MoeSummary
 from vllm_consolidate.plan.names import plan_names
+from vllm_consolidate.plan.quantize import check_quantize_options, plan_quantization, scheme_of
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
 from vllm_consolidate.read.assets import (  # DEFAULT_BASE_MODEL re-exported: the CLI imports it from here
@@ -77,6 +78,10 @@ class ConvertOptions:
         moe_layout: ``--moe-layout``: MoE experts ``per-expert`` (save_pretrained's names, what vLLM loads),
             ``fused`` (transformers 5's in-memory 3-D tensors), or ``auto`` (= save_pretrained's); see
             :mod:`vllm_consolidate.plan.moe`.
+        quantize: ``--quantize``: ``fp8_dynamic``, ``fp8_block`` or ``w8a8`` (compressed-tensors, as
+            llm-compressor writes it; see :mod:`vllm_consolidate.plan.quantize`), or None. The weights are cast
+            to ``dtype`` first (the CLI's default dtype is bfloat16 with ``--quantize``).
+        quantize_ignore: ``--quantize-ignore``: more modules to leave unquantized (a name, ``re:REGEX`` or a class).
 
     Raises:
         UsageError: ``dtype`` names no known dtype.
@@ -97,6 +102,8 @@ class ConvertOptions:
     model_key: str | None = None
     lora: str = "merge"
     moe_layout: str = "auto"
+    quantize: str | None = None
+    quantize_ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalised once here so every reader of the record sees Paths and a DType (frozen: set via object).
@@ -105,6 +112,11 @@ class ConvertOptions:
             if value is not None:
                 object.__setattr__(self, name, Path(value))
         object.__setattr__(self, "dtype", _as_dtype(self.dtype))
+        object.__setattr__(self, "quantize_ignore", tuple(self.quantize_ignore))
+        if self.quantize_ignore and self.quantize is None:
+            raise UsageError("--quantize-ignore needs --quantize")
+        if self.quantize is not None:
+            check_quantize_options(self.quantize, self.quantize_ignore, self.fmt, self.lora)
 
     @property
     def input_spec(self) -> InputSpec:
@@ -178,7 +190,7 @@ def _config_dtype(plan: OutputPlan) -> str:
     # The floating dtype holding the most bytes is the model's dtype.
     weight: dict[DType, int] = {}
     for t in plan.tensors:
-        if t.out_dtype.is_floating_point:
+        if t.out_dtype.is_floating_point and t.quant is None:  # a quantized model's dtype is its other tensors'
             weight[t.out_dtype] = weight.get(t.out_dtype, 0) + t.nbytes
     return dtype_name(max(weight, key=weight.__getitem__)) if weight else "float32"
 
@@ -246,9 +258,16 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
         if architecture.changed:  # only the dict written to the output; the input's file is never touched
             config["architectures"] = list(architecture.architectures)
         tensors, dropped, moe = plan_names(source, config, opts.moe_layout)
+    quant = None
+    if opts.quantize is not None:  # each chosen weight gets a scale after it, and config.json its quantization_config
+        quant = plan_quantization(tensors, config, scheme_of(opts.quantize), opts.quantize_ignore,
+                                  target_dtype(opts, source, config))
+        tensors = quant.tensors
+        config["quantization_config"] = quant.config
     plan = plan_output(tensors, target_dtype=target_dtype(opts, source, config),
                        max_shard_size=2**62 if adapter else opts.max_shard_size, fmt=opts.fmt,
-                       stem="adapter_model" if adapter else None)
+                       stem="adapter_model" if adapter else None, out_dtypes=quant and quant.out_dtypes,
+                       quant=quant and quant.targets)
     return Conversion(detected, source, assets, config, plan, dropped, warnings, architecture, moe)
 
 
@@ -304,7 +323,7 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
         raise
     return ConvertResult(
         output=output, status="converted", files=written,
-        bytes_read=sum(t.spec.nbytes for t in plan.tensors),
+        bytes_read=sum(t.spec.nbytes for t in plan.tensors if t.spec.segments),  # not --quantize's scales
         bytes_written=sum((output / f).stat().st_size for f in written),
         seconds=time.monotonic() - started, dropped=conv.dropped, renamed=dict(conv.source.renamed),
         validation=report.to_dict() if report is not None else None, **common,
@@ -340,7 +359,8 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
             written += copy_assets(conv.assets, tmp, config)
         pub.write_marker(tmp, {"source": str(conv.detected.weights_dir), "input": str(Path(opts.input).absolute()),
                                "output_dtype": out_dtype, "files": written,
-                               **({"moe": conv.moe.to_dict()} if conv.moe else {})})
+                               **({"moe": conv.moe.to_dict()} if conv.moe else {}),
+                               **({"quantize": opts.quantize} if opts.quantize else {})})
         report = _validate(conv, tmp, output, on_stage, adapter) if opts.validate else None
         staging.publish(opts.force)
     if report is not None:

@@ -44,6 +44,7 @@ OUTPUT_OPTIONS: dict[str, str] = {
     "keep_original_precision": "keep_original_precision", "fmt": "format", "max_shard_size": "max_shard_size",
     "architecture": "architecture", "model_key": "model_key", "lora": "lora",
     "moe_layout": "moe_layout",
+    "quantize": "quantize", "quantize_ignore": "quantize_ignore",
 }
 NON_OUTPUT_OPTIONS: dict[str, str] = {
     "input": "the job's own; the manifest's source records it",
@@ -53,7 +54,7 @@ NON_OUTPUT_OPTIONS: dict[str, str] = {
     "validate": "validation checks the output; it writes nothing into it",
 }
 #: Recorded only when not their default, so that manifests written before these options existed stay current.
-_RECORDED_WHEN_SET = ("architecture", "model_key", "lora", "moe_layout")
+_RECORDED_WHEN_SET = ("architecture", "model_key", "lora", "moe_layout", "quantize", "quantize_ignore")
 
 
 def content_options(model: ConvertOptions) -> dict[str, Any]:
@@ -76,6 +77,8 @@ def content_options(model: ConvertOptions) -> dict[str, Any]:
             continue
         if f.name == "dtype":
             value = None if model.keep_original_precision else dtype_name(value)
+        if isinstance(value, tuple):  # as JSON records it, so that a rerun compares equal
+            value = list(value)
         options[OUTPUT_OPTIONS[f.name]] = value
     return options
 

@@ -109,8 +109,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model-name", default=DEFAULT_BASE_MODEL,
                    help="local folder or Hub id for config/tokenizer the checkpoint lacks "
                         f"(default: {DEFAULT_BASE_MODEL}; read from the local HF cache, downloaded only when online)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                   help="output precision of floating-point tensors (default: float32)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="output precision of floating-point tensors (default: float32; bfloat16 with --quantize)")
+    p.add_argument("--quantize", choices=("fp8_dynamic", "fp8_block", "w8a8"), default=None,
+                   help="quantize every Linear weight but lm_head as llm-compressor's QuantizationModifier does, in "
+                        "the same pass (compressed-tensors: FP8 per channel, FP8 128x128 blocks, INT8 per channel); "
+                        "the weights are cast to --dtype first")
+    p.add_argument("--quantize-ignore", action="append", default=[], metavar="PATTERN",
+                   help="with --quantize: also leave this module unquantized (a module name, re:REGEX matched from "
+                        "the start of the name, or a class name); repeatable")
     p.add_argument("--max-shard-size", default="40GB",
                    help="largest output file before splitting into HF shards with an index (default: 40GB)")
     p.add_argument("--keep-original-precision", action="store_true",
@@ -143,7 +150,9 @@ def model_options(args: argparse.Namespace, *, input: Path | None = None, output
 
     return ConvertOptions(
         input=input, output=output, checkpoint_dir=checkpoint_dir, input_type=args.input_type,
-        base_model_name=args.base_model_name, dtype=args.dtype, keep_original_precision=args.keep_original_precision,
+        base_model_name=args.base_model_name, dtype=args.dtype or ("bfloat16" if args.quantize else "float32"),
+        keep_original_precision=args.keep_original_precision, quantize=args.quantize,
+        quantize_ignore=tuple(args.quantize_ignore),
         fmt=args.fmt, max_shard_size=parse_size(args.max_shard_size), force=args.force, validate=args.validate_vllm,
         architecture=args.architecture, model_key=args.model_key, lora=args.lora,
         moe_layout=args.moe_layout,

@@ -10,6 +10,7 @@ with a ``model.safetensors.index.json``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
@@ -32,6 +33,9 @@ class PlannedTensor:
     spec: TensorSpec
     out_dtype: DType
     offset: int = 0  # from the start of the file's data section
+    # --quantize: how this weight is quantized (a plan.quantize.QuantTarget) and its scale's slot, written with it
+    quant: Any = None
+    scale: PlannedTensor | None = None
 
     @property
     def name(self) -> str:
@@ -94,6 +98,8 @@ def plan_output(
     max_shard_size: int,
     fmt: str = "safetensors",
     stem: str | None = None,
+    out_dtypes: dict[str, DType] | None = None,
+    quant: dict[str, Any] | None = None,
 ) -> OutputPlan:
     """Assign every tensor to an output file and byte offset.
 
@@ -104,6 +110,9 @@ def plan_output(
         fmt: ``"safetensors"`` or ``"bin"``.
         stem: The file name before the extension (default: ``model`` / ``pytorch_model``; a peft adapter
             folder's is ``adapter_model``).
+        out_dtypes: Per-tensor output dtypes that override ``target_dtype`` (``--quantize``).
+        quant: ``--quantize``: weight name -> its :class:`~vllm_consolidate.plan.quantize.QuantTarget`; each such
+            weight's scale (named by the target) is kept in the weight's file, since one job writes both.
 
     Returns:
         The plan.
@@ -115,13 +124,20 @@ def plan_output(
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"two tensors are both named {dup}")
     target_dtype = dtypes.of(target_dtype) if target_dtype is not None else None
+    out_dtypes, quant = out_dtypes or {}, quant or {}
+    scales = {q.scale_name: name for name, q in quant.items()}
+    by_name: dict[str, PlannedTensor] = {}
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
     for spec in tensors:
-        planned = PlannedTensor(spec, output_dtype(spec, target_dtype))
+        planned = PlannedTensor(spec, out_dtypes.get(spec.name) or output_dtype(spec, target_dtype),
+                                quant=quant.get(spec.name))
+        by_name[spec.name] = planned
         if not planned.out_dtype.safetensors:
             raise UsageError(f"{spec.name} has dtype {planned.out_dtype}, which the output format cannot hold")
-        if shards[-1] and size + planned.nbytes > max_shard_size:
+        if spec.name in scales:
+            by_name[scales[spec.name]].scale = planned
+        if shards[-1] and size + planned.nbytes > max_shard_size and spec.name not in scales:
             shards.append([])
             size = 0
         shards[-1].append(planned)

@@ -33,6 +33,14 @@ How a load goes:
 Not served: LoRA runs (their merged tensors are computed, not stored; refused, pointing at
 ``convert`` and at vLLM's ``--enable-lora``), and models that are not local folders.
 
+Not applied: quantization. The loader streams the checkpoint's unquantized tensors, so vLLM's
+``--quantization`` (or a ``quantization_config`` in the config vLLM reads) is refused in one line before the
+engine starts (:func:`refuse_quantization`), pointing at ``convert --quantize``, which writes the
+compressed-tensors folder llm-compressor would (FP8 per channel or in 128x128 blocks, INT8), served without
+``--load-format``. (Applying the same quantization while streaming is possible, since the writer does it a
+block of rows at a time, but vLLM's quantized loaders expect the quantized tensors' own names and layouts;
+left for later.)
+
 Errors: every :class:`~vllm_consolidate.errors.ConsolidateError` reaches the user as
 :class:`CheckpointLoadError`, whose text is the CLI's one line ``error: <message> [<path>]; hint:
 <hint>`` (logged as one line too), raised ``from None`` so no reader frames are chained to it.
@@ -54,7 +62,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_consolidate.errors import ConfigNotFoundError, ConsolidateError
+from vllm_consolidate.errors import ConfigNotFoundError, ConsolidateError, UsageError
 from vllm_consolidate.read.assets import (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
@@ -145,6 +153,7 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
         ConsolidateError: The checkpoint cannot be read, or has no config (or tokenizer) vLLM could use.
     """
     model = Path(str(args.model))
+    refuse_quantization(getattr(args, "quantization", None), model)
     options = loader_options(getattr(args, "model_loader_extra_config", None))
     checkpoint = open_checkpoint(model, options)
     remember_checkpoint(model, options, checkpoint)
@@ -174,6 +183,21 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
         setattr(args, key, value)
         logger.info("consolidate: %s=%s (found next to the checkpoint %s)", key, value, detected.weights_dir)
     return changes
+
+
+def refuse_quantization(method: Any, model: Path) -> None:
+    """Refuse ``--quantization`` (or a config's quantization method): the loader streams unquantized tensors.
+
+    Raises:
+        UsageError: ``method`` is set.
+    """
+    if method is None:
+        return
+    raise UsageError(f"--load-format consolidate does not apply --quantization {method}: it streams the "
+                     "checkpoint's unquantized weights", path=model,
+                     hint="Write a quantized folder with vllm-consolidate convert --input CHECKPOINT --output FOLDER "
+                          "--quantize fp8_dynamic|fp8_block|w8a8 and serve that folder (without --load-format), or "
+                          "drop --quantization.")
 
 
 # -- registration -------------------------------------------------------------------------------------
@@ -243,6 +267,10 @@ def _loader_class(base: type) -> type:
             self._open(model_config)
 
         def load_model(self, vllm_config: Any, model_config: Any, *args: Any, **kwargs: Any) -> Any:
+            try:  # also a quantization vLLM took from config.json (prepare_engine_args saw only the flag)
+                refuse_quantization(getattr(model_config, "quantization", None), Path(str(model_config.model)))
+            except ConsolidateError as exc:
+                raise clean_error(exc) from None
             # Read the metadata before vLLM allocates the model: a broken checkpoint fails in seconds.
             self._checkpoint = self._open(model_config, prepared=True)
             return super().load_model(vllm_config, model_config, *args, **kwargs)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm_consolidate.errors import ConsolidateError
 from vllm_consolidate.read.assets import CONFIG_FILE, read_config
-from vllm_consolidate.validate import config, files, skeleton, source, tokenizer, values
+from vllm_consolidate.validate import config, files, quantized, skeleton, source, tokenizer, values
 from vllm_consolidate.validate.adapter import validate_adapter_folder  # re-exported: convert uses it
 from vllm_consolidate.validate.context import SCAN_CHUNK_BYTES, Context
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check, ValidationReport, skipped
@@ -68,6 +68,7 @@ CHECKS: tuple[tuple[str, CheckFunction], ...] = (
     ("dtype", config.check_dtype),
     ("wrapper_prefixes", files.check_prefixes),
     ("empty_tensors", values.check_empty),
+    ("quantized_weights", quantized.check_layout),  # fills ctx.quant's weights, before the skeleton checks
     ("missing_tensors", skeleton.check_against_skeleton),
     ("tied_embeddings", values.check_tied),
     ("values", values.check_values),

@@ -111,6 +111,11 @@ def check_quantization(ctx: Context) -> Check:
     """``quantization_config``: absent, because consolidated weights are dequantized."""
     if ctx.config is None:
         return skipped("quantization_config", "no usable config.json")
+    from vllm_consolidate.validate.quantized import check_quantization_config
+
+    ours = check_quantization_config(ctx)  # a --quantize output: its config is one of our schemes'
+    if ours is not None:
+        return ours
     for holder in (ctx.config, ctx.config.get("text_config") or {}):
         if isinstance(holder, dict) and holder.get("quantization_config"):
             method = (holder["quantization_config"] or {}).get("quant_method", "?")
@@ -164,7 +169,8 @@ def check_dtype(ctx: Context) -> Check:
     """
     if ctx.config is None:
         return skipped("dtype", "no usable config.json")
-    stored = dtypes.dominant((t.dtype, t.nbytes) for t in ctx.stored.tensors.values())
+    quantized = set(ctx.quant.scales) if ctx.quant is not None else set()  # int8/fp8 weights are not the dtype
+    stored = dtypes.dominant((t.dtype, t.nbytes) for t in ctx.stored.tensors.values() if t.name not in quantized)
     stored_name = str(stored).removeprefix("torch.") if stored else None
     recorded = ctx.config_value("torch_dtype") or ctx.config_value("dtype")
     details = {"config": recorded, "stored": stored_name}

@@ -143,6 +143,7 @@ class Context:
     config: dict[str, Any] | None = None
     skeleton: Skeleton | None = None
     skeleton_error: Check | None = None
+    quant: Any = None  # a quantized folder's layout (validate.quantized.Layout), once its config is recognised
 
     def __post_init__(self) -> None:
         # A multiple of 16 is a multiple of every element size, so no chunk splits an element.

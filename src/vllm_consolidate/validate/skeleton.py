@@ -133,7 +133,9 @@ def check_against_skeleton(ctx: Context) -> list[Check]:
         first = ctx.skeleton_error or skipped("missing_tensors", "no model skeleton")
         reason = first.message.removeprefix(SKIPPED)
         return [first] + [skipped(n, reason) for n in names[1:]]
-    sk, stored = ctx.skeleton, ctx.stored.tensors
+    from vllm_consolidate.validate.quantized import without_scales
+
+    sk, stored = ctx.skeleton, without_scales(ctx)
     layout, required, allowed = _closest_layout(sk, stored)
     return [_missing(sk.class_name, layout, required, stored, ctx.config), _unexpected(sk, allowed, stored),
             _shapes(allowed, stored)]

@@ -118,6 +118,12 @@ def check_source(ctx: Context) -> list[Check]:
     """``source_tensors`` and ``source_values`` of a validation run; none when it has no reference."""
     if ctx.reference is None:
         return []
+    if ctx.quant is not None:  # --quantize: the quantized weights are compared dequantized, the rest as usual
+        from vllm_consolidate.validate import quantized
+
+        ref, weights = quantized.split_reference(ctx, ctx.reference)
+        stored = {n: t for n, t in ctx.stored.tensors.items() if n not in ctx.quant.scales}
+        return [*compare_with_reference(stored, ref), quantized.check_dequantized(ctx, weights, ref.depth)]
     return compare_with_reference(ctx.stored.tensors, ctx.reference)
 
 

@@ -139,7 +139,11 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
-def _run_job(files: OpenFiles, out_fd: int, job: _Job) -> int:
+def _run_job(files: OpenFiles, out_fd: int, job: Any) -> int:
+    if not isinstance(job, _Job):  # --quantize: a block of rows of a weight and its scales
+        from vllm_consolidate.write.quantize import run_quant_job
+
+        return run_quant_job(files, out_fd, job)
     t = job.tensor
     src_dtype = t.spec.dtype
     src_bytes = job.count * src_dtype.itemsize
@@ -169,8 +173,16 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
     return written
 
 
-def _jobs(pfile: PlannedFile, base: int) -> Iterator[_Job]:
+def _jobs(pfile: PlannedFile, base: int) -> Iterator[Any]:
+    scales = {id(t.scale) for t in pfile.tensors if t.scale is not None}
     for t in pfile.tensors:
+        if t.quant is not None:  # --quantize: the weight's jobs write its scale too
+            from vllm_consolidate.write.quantize import quant_jobs
+
+            yield from quant_jobs(t, base)
+            continue
+        if id(t) in scales:
+            continue
         step = chunk_elements(t.spec.dtype, t.out_dtype)
         if t.spec.delta is not None:  # merges work on whole rows, in float32
             cols = row_length(t.spec)
@@ -180,18 +192,23 @@ def _jobs(pfile: PlannedFile, base: int) -> Iterator[_Job]:
             yield _Job(t, first, count, base + t.offset + first * t.out_dtype.itemsize)
 
 
-def _advise(files: OpenFiles, job: _Job) -> int:
+def _advise(files: OpenFiles, job: Any) -> int:
     """Ask the kernel to start reading ``job``'s source bytes; returns how many."""
     t = job.tensor
+    if isinstance(job, _Job):
+        first, count = job.first, job.count
+    else:  # --quantize: a block of whole rows
+        cols = row_length(t.spec)
+        first, count = job.first * cols, job.rows * cols
     size = t.spec.dtype.itemsize
-    nbytes = job.count * size
-    for seg in sub_segments(t.spec.segments, job.first * size, nbytes):
+    nbytes = count * size
+    for seg in sub_segments(t.spec.segments, first * size, nbytes):
         with contextlib.suppress(OSError):  # a hint: a file system without it reads on demand as before
             os.posix_fadvise(files.fd(seg.path), seg.offset, seg.nbytes, os.POSIX_FADV_WILLNEED)
     return nbytes
 
 
-def _advised(files: OpenFiles, jobs: Iterator[_Job]) -> Iterator[_Job]:
+def _advised(files: OpenFiles, jobs: Iterator[Any]) -> Iterator[Any]:
     """``jobs``, each advised to the kernel about :data:`READ_AHEAD_BYTES` before it is run.
 
     Why: the kernel's own read-ahead follows one sequential reader per file, but a ZeRO-3 tensor is
@@ -203,7 +220,7 @@ def _advised(files: OpenFiles, jobs: Iterator[_Job]) -> Iterator[_Job]:
     if ahead <= 0 or not hasattr(os, "posix_fadvise"):
         yield from jobs
         return
-    window: deque[tuple[_Job, int]] = deque()
+    window: deque[tuple[Any, int]] = deque()
     queued = 0
     for job in jobs:
         n = _advise(files, job)
@@ -217,7 +234,7 @@ def _advised(files: OpenFiles, jobs: Iterator[_Job]) -> Iterator[_Job]:
         yield job
 
 
-def _run_jobs(files: OpenFiles, out_fd: int, jobs: Iterator[_Job], progress: ProgressFn | None) -> None:
+def _run_jobs(files: OpenFiles, out_fd: int, jobs: Iterator[Any], progress: ProgressFn | None) -> None:
     from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="vllmc-write") as pool:

@@ -133,7 +133,8 @@ def test_an_unclassified_field_is_refused():
 
 @pytest.mark.parametrize("changed", [{"lora": "adapter"}, {"model_key": "ema"}, {"model_key": ""},
                                      {"architecture": "Qwen2ForCausalLM"}, {"input_type": "deepspeed"},
-                                     {"max_shard_size": 10**9}, {"fmt": "bin"}, {"base_model_name": "org/other"}])
+                                     {"max_shard_size": 10**9}, {"fmt": "bin"}, {"base_model_name": "org/other"},
+                                     {"quantize": "w8a8"}, {"quantize": "fp8_block"}])
 def test_each_output_option_changes_the_record(changed):
     assert content_options(ConvertOptions(**changed)) != content_options(ConvertOptions())
 
@@ -147,3 +148,13 @@ def test_new_options_at_their_defaults_keep_older_manifests_current():
     """Manifests written before --lora/--model-key/--architecture existed hold none of them."""
     assert not {"lora", "model_key", "architecture"} & set(content_options(ConvertOptions()))
     assert content_options(ConvertOptions(lora="adapter", model_key="ema"))["lora"] == "adapter"
+
+
+def test_quantize_ignore_changes_the_record_and_compares_as_json():
+    """``--quantize-ignore`` is recorded as the list a manifest holds, so a rerun with the same patterns is current."""
+    import json
+
+    plain = content_options(ConvertOptions(quantize="w8a8"))
+    ignoring = content_options(ConvertOptions(quantize="w8a8", quantize_ignore=("re:.*gate$",)))
+    assert plain != ignoring and json.loads(json.dumps(ignoring)) == ignoring
+    assert "quantize" not in content_options(ConvertOptions())  # older manifests stay current

@@ -1,0 +1,266 @@
+"""``--quantize``: which weights become compressed-tensors FP8/INT8, their names, shapes and the config entry.
+
+The anchor is llm-compressor 0.14 (compressed-tensors 0.19) running
+``oneshot(model, recipe=QuantizationModifier(targets="Linear", scheme=S, ignore=["lm_head", *IGNORE]))`` and
+``save_pretrained(save_compressed=True)`` on the model loaded in bf16. What that writes, read from its output
+and its code (``tests/test_quantize.py`` compares ours with it byte for byte):
+
+* every module whose class is ``Linear`` (or a subclass) is quantized unless its name is ``lm_head``, equals an
+  ignore entry, or matches an ``re:`` entry (``re.match``); an ignore entry may also name a module class;
+* a quantized module's ``weight`` is stored as ``int8`` (``w8a8``) or ``float8_e4m3fn`` (the FP8 schemes), in its
+  own shape, and a ``weight_scale`` is added next to it in the weight's (working) dtype: one scale per output
+  row, shape ``(rows, 1)``, or one per 128x128 block, shape ``(ceil(rows/128), ceil(cols/128))``; the
+  symmetric zero point is not stored; biases, norms and embeddings are left as they are (cast to ``--dtype``);
+* config.json gains ``quantization_config`` (:func:`quantization_config`), whose ``ignore`` lists the Linear
+  modules left alone by name (not the patterns), in module order.
+
+The Linear modules are found on the model built from config.json on the meta device (transformers, no weights):
+a name rule could not tell a router from an expert or a tied head from a projection. transformers and torch are
+imported only here and only with ``--quantize``. Mixture-of-experts models are refused for now: transformers 5
+fuses their experts into 3-D parameters, which ``targets="Linear"`` does not reach, and llm-compressor's own
+expert handling is not reproduced yet.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_consolidate import dtypes
+from vllm_consolidate.dtypes import DType
+from vllm_consolidate.errors import UsageError
+from vllm_consolidate.source import TensorSpec
+
+#: The compressed-tensors version whose output we reproduce; written into ``quantization_config.version``.
+COMPRESSED_TENSORS_VERSION = "0.19.0"
+#: Modules llm-compressor's examples (and so ours) always leave alone.
+ALWAYS_IGNORED = ("lm_head",)
+BLOCK = 128
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One calibration-free scheme.
+
+    Attributes:
+        name: Ours (``--quantize``): ``fp8_dynamic``, ``fp8_block`` or ``w8a8``.
+        preset: llm-compressor's preset name.
+        kind: ``float`` or ``int`` (compressed-tensors' ``type``).
+        block: 128 for 128x128 block scales, None for one scale per output row.
+    """
+
+    name: str
+    preset: str
+    kind: str
+    block: int | None = None
+
+    @property
+    def qdtype(self) -> DType:
+        """The stored weight dtype."""
+        return dtypes.int8 if self.kind == "int" else dtypes.float8_e4m3fn
+
+    @property
+    def qmin(self) -> float:
+        return -128.0 if self.kind == "int" else -448.0
+
+    @property
+    def qmax(self) -> float:
+        return 127.0 if self.kind == "int" else 448.0
+
+    @property
+    def format(self) -> str:
+        return "int-quantized" if self.kind == "int" else "float-quantized"
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The ``weight_scale`` shape of a weight of ``shape`` (2-D)."""
+        rows, cols = shape
+        if self.block is None:
+            return (rows, 1)
+        return (math.ceil(rows / self.block), math.ceil(cols / self.block))
+
+    def rows_per_group(self) -> int:
+        """Rows that share scales: a writer's job covers a multiple of this."""
+        return self.block or 1
+
+    def quantization_config(self, ignored: list[str]) -> dict[str, Any]:
+        """config.json's ``quantization_config``, field for field as llm-compressor writes it."""
+        def args(**over: Any) -> dict[str, Any]:
+            base = {"actorder": None, "block_structure": None, "dynamic": False, "group_size": None, "num_bits": 8,
+                    "observer": None, "observer_kwargs": {}, "scale_dtype": None, "strategy": "channel",
+                    "symmetric": True, "type": self.kind, "zp_dtype": None}
+            base.update(over)
+            return base
+
+        if self.block is None:
+            weights = args(observer="memoryless_minmax")
+            activations = args(dynamic=True, strategy="token")
+        else:
+            weights = args(observer="memoryless_minmax", strategy="block", block_structure=[self.block, self.block])
+            activations = args(dynamic=True, strategy="group", group_size=self.block)
+        group = {"format": self.format, "input_activations": activations, "output_activations": None,
+                 "targets": ["Linear"], "weights": weights}
+        return {"config_groups": {"group_0": group}, "format": self.format, "global_compression_ratio": None,
+                "ignore": list(ignored), "kv_cache_scheme": None, "quant_method": "compressed-tensors",
+                "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {},
+                "version": COMPRESSED_TENSORS_VERSION}
+
+
+SCHEMES: dict[str, Scheme] = {
+    "fp8_dynamic": Scheme("fp8_dynamic", "FP8_DYNAMIC", "float"),
+    "fp8_block": Scheme("fp8_block", "FP8_BLOCK", "float", BLOCK),
+    "w8a8": Scheme("w8a8", "W8A8", "int"),
+}
+
+
+def scheme_of(name: str) -> Scheme:
+    """The scheme called ``name``.
+
+    Raises:
+        UsageError: No such scheme.
+    """
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise UsageError(f"unknown --quantize {name!r}", hint=f"Use one of {', '.join(SCHEMES)}.") from None
+
+
+@dataclass(frozen=True)
+class QuantTarget:
+    """A weight to quantize as it is written.
+
+    Attributes:
+        scheme: How.
+        work_dtype: The dtype the weight is cast to first (``--dtype``); the scale is stored in it.
+        scale_name: The name of its ``weight_scale`` tensor (planned right after it, in the same file).
+    """
+
+    scheme: Scheme
+    work_dtype: DType
+    scale_name: str
+
+
+@dataclass
+class QuantPlan:
+    """What :func:`plan_quantization` decided."""
+
+    tensors: list[TensorSpec]  # the output tensors, each scale right after its weight
+    targets: dict[str, QuantTarget] = field(default_factory=dict)  # weight name -> how
+    out_dtypes: dict[str, DType] = field(default_factory=dict)  # per-tensor dtypes that override --dtype
+    config: dict[str, Any] = field(default_factory=dict)  # config.json's quantization_config
+
+
+def check_pattern(pattern: str) -> None:
+    """Refuse an ``re:`` ignore pattern that is not a regular expression.
+
+    Raises:
+        UsageError: It does not compile.
+    """
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise UsageError(f"--quantize-ignore {pattern!r} is not a regular expression: {exc}") from None
+
+
+def _matches(name: str, classes: list[str], pattern: str) -> bool:
+    """compressed-tensors' rule: ``re:`` + re.match on the name, else the exact name or a class name."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return pattern == name or pattern in classes
+
+
+def linear_modules(config: dict[str, Any], ignore: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """``(quantized, ignored)``: the Linear module names of config.json's model, split by the ignore rules.
+
+    Raises:
+        UsageError: The model cannot be built from config.json, or it is a mixture of experts.
+    """
+    model = _meta_model(config)
+    patterns = (*ALWAYS_IGNORED, *ignore)
+    quantized, ignored = [], []
+    for name, module in model.named_modules():
+        if _is_expert_container(name, module):
+            raise UsageError(f"--quantize does not support mixture-of-experts models yet ({name} holds experts)",
+                             hint="Convert without --quantize, then quantize with llm-compressor.")
+        classes = [cls.__name__ for cls in type(module).__mro__]
+        if "Linear" not in classes:
+            continue
+        (ignored if any(_matches(name, classes, p) for p in patterns) else quantized).append(name)
+    return quantized, ignored
+
+
+def _is_expert_container(name: str, module: Any) -> bool:
+    return name.rsplit(".", 1)[-1] == "experts"
+
+
+def _meta_model(config: dict[str, Any]) -> Any:
+    import torch
+    import transformers
+
+    try:
+        cfg = transformers.AutoConfig.for_model(**config)
+    except Exception as exc:  # noqa: BLE001 - an unknown model_type, a bad field: the user's config
+        raise UsageError(f"--quantize needs a model transformers can build from config.json "
+                         f"({type(exc).__name__}: {exc})") from None
+    archs = [a for a in config.get("architectures") or () if isinstance(getattr(transformers, a, None), type)]
+    with torch.device("meta"):
+        try:
+            if archs:
+                return getattr(transformers, archs[0])._from_config(cfg)
+            return transformers.AutoModelForCausalLM.from_config(cfg)
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"--quantize needs a model transformers can build from config.json "
+                             f"({type(exc).__name__}: {exc})") from None
+
+
+def plan_quantization(tensors: list[TensorSpec], config: dict[str, Any], scheme: Scheme, ignore: tuple[str, ...],
+                      work_dtype: DType | None) -> QuantPlan:
+    """Decide which output tensors are quantized and insert their scales.
+
+    Args:
+        tensors: The output tensors, in order (after naming and dropping tied ones).
+        config: The output's config.json.
+        scheme: The scheme.
+        ignore: ``--quantize-ignore`` patterns (besides ``lm_head``).
+        work_dtype: ``--dtype``; None keeps each weight's stored dtype.
+
+    Raises:
+        UsageError: A bad pattern, a model that cannot be built, an MoE model, or a weight of an unexpected shape.
+    """
+    for p in ignore:
+        check_pattern(p)
+    quantized, ignored = linear_modules(config, ignore)
+    wanted = {f"{m}.weight" for m in quantized}
+    plan = QuantPlan([], config=scheme.quantization_config(ignored))
+    for spec in tensors:
+        plan.tensors.append(spec)
+        if spec.name not in wanted:
+            continue
+        if len(spec.shape) != 2 or not spec.dtype.is_floating_point:
+            raise UsageError(f"cannot quantize {spec.name}: expected a 2-D floating weight, found "
+                             f"{spec.dtype} {list(spec.shape)}")
+        work = work_dtype or spec.dtype
+        scale = TensorSpec(f"{spec.name}_scale", work, scheme.scale_shape(spec.shape), [])
+        plan.targets[spec.name] = QuantTarget(scheme, work, scale.name)
+        plan.out_dtypes[spec.name] = scheme.qdtype
+        plan.out_dtypes[scale.name] = work
+        plan.tensors.append(scale)
+    return plan
+
+
+def check_quantize_options(name: str, ignore: tuple[str, ...], fmt: str, lora: str) -> None:
+    """Refuse ``--quantize`` with options it cannot go with, before anything is read.
+
+    Raises:
+        UsageError: An unknown scheme or bad ignore pattern, ``--pytorch-bin`` or ``--lora adapter``.
+    """
+    scheme_of(name)
+    for p in ignore:
+        check_pattern(p)
+    if fmt != "safetensors":
+        raise UsageError("--quantize writes safetensors only (compressed-tensors reads nothing else)",
+                         hint="Drop --pytorch-bin.")
+    if lora == "adapter":
+        raise UsageError("--quantize quantizes a full model, not a LoRA adapter folder", hint="Use --lora merge.")
