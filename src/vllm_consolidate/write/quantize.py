@@ -19,7 +19,6 @@ torch is imported here only when a weight is quantized.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -105,12 +104,16 @@ def _rows(files: OpenFiles, job: QuantJob) -> Any:
 
 def run_quant_job(files: OpenFiles, out_fd: int, job: QuantJob) -> int:
     """Quantize and write one job's rows and their scales; returns the bytes written."""
+    import torch
+
+    from vllm_consolidate.write.safetensors import _pwrite_all  # imports this module lazily: no cycle at import
+
     t = job.tensor
     scheme = t.quant.scheme
     q, scale = quantize_rows(_rows(files, job), scheme)
     cols = t.spec.shape[1]
-    q_bytes = memoryview(q.contiguous().view(-1).view(dtype=_uint8()).numpy())
-    s_bytes = memoryview(scale.contiguous().view(-1).view(dtype=_uint8()).numpy())
+    q_bytes = memoryview(q.contiguous().view(-1).view(dtype=torch.uint8).numpy())
+    s_bytes = memoryview(scale.contiguous().view(-1).view(dtype=torch.uint8).numpy())
     first_scale_row = job.first // scheme.rows_per_group()
     written = _pwrite_all(out_fd, q_bytes, job.base + t.offset + job.first * cols * t.out_dtype.itemsize)
     written += _pwrite_all(out_fd, s_bytes, job.base + t.scale.offset + first_scale_row * scale.shape[1]
@@ -118,14 +121,3 @@ def run_quant_job(files: OpenFiles, out_fd: int, job: QuantJob) -> int:
     return written
 
 
-def _uint8() -> Any:
-    import torch
-
-    return torch.uint8
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
-    done = os.pwrite(fd, data, offset)
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
-    return done
