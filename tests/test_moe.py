@@ -308,3 +308,30 @@ def test_vllm_refuses_fused_names_our_validation_refuses(name, error, moe_cases,
     assert _convert(name, moe_cases[name], out, tmp_path, "--moe-layout", "fused", "--no-validate-vllm") == 0
     with pytest.raises(VllmLoadError, match=error.replace("(", r"\(")):
         run_vllm_probe(out, PROMPTS, max_tokens=2, python=python, dtype="float32")
+
+
+# ---- LoRA on a MoE model (tests/corpus/lora_build.py): a ZeRO-3 Trainer + peft run on Mixtral, merged
+
+
+@pytest.mark.parametrize("layout", ["auto", "fused"])
+def test_lora_merge_on_mixtral_is_peft_merge(layout, lora_corpus, tmp_path):
+    """The merged truth is peft's merge_and_unload (in-memory names); per-expert = its save_pretrained."""
+    from tests.corpus import lora_build
+
+    name = "lora_mixtral_z3_attn"
+    case, out = lora_corpus[name], tmp_path / "out"
+    meta = lora_build.load_case(name)
+    extra = () if layout == "auto" else ("--no-validate-vllm",)
+    assert cli.convert_main(["--input", str(case / meta["input"]), "--output", str(out), "--moe-layout", layout,
+                             "--base-model-name", str(case / meta["base_dir"]), *extra]) == 0
+    merged = load_file(case / meta["checkpoints"][-1]["merged_truth"])
+    if layout == "auto":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(model_config(lora_build.CASES[name].model))
+        missing, unexpected = model.load_state_dict(merged, strict=False)
+        assert not missing and not unexpected
+        model.save_pretrained(tmp_path / "saved")
+        merged = load_file(tmp_path / "saved" / "model.safetensors")
+        assert any(".block_sparse_moe.experts.3.w2.weight" in k for k in merged)
+    assert_equal(merged, load_file(out / "model.safetensors"), torch.float32)
