@@ -335,3 +335,16 @@ def test_lora_merge_on_mixtral_is_peft_merge(layout, lora_corpus, tmp_path):
         merged = load_file(tmp_path / "saved" / "model.safetensors")
         assert any(".block_sparse_moe.experts.3.w2.weight" in k for k in merged)
     assert_equal(merged, load_file(out / "model.safetensors"), torch.float32)
+
+
+@pytest.mark.parametrize("name", DCP_CASES)
+def test_fused_layout_equals_torch_dcp_to_torch_save(name, moe_cases, tmp_path):
+    """torch's own converter of the DCP save writes the fused in-memory names: --moe-layout fused equals it."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    case, out = moe_cases[name], tmp_path / "out"
+    meta = fsdp_build.load_case(name)
+    assert _convert(name, case, out, tmp_path, "--moe-layout", "fused", "--no-validate-vllm") == 0
+    dcp_to_torch_save(case / meta["checkpoints"][-1]["path"], tmp_path / "torch.pt")
+    saved = torch.load(tmp_path / "torch.pt", weights_only=True)["model"]  # a file torch just wrote from our corpus
+    assert_equal(dict(saved), load_file(out / "model.safetensors"), torch.float32)
