@@ -200,6 +200,12 @@ def test_validate_catches_swapped_and_transposed_experts(moe_cases, tmp_path, ca
     _rewrite(tmp_path / "fused", lambda t: t.__setitem__(key, t[key].transpose(1, 2).contiguous()))
     code, text = _validate(tmp_path / "fused", source, capsys)
     assert code == 9 and "FAIL  tensor_shapes" in text and key in text, text
+    # one expert fewer than config.json's num_experts
+    _rewrite(tmp_path / "per-expert", lambda t: [t.pop(k) for k in list(t) if ".experts.3." in k])
+    capsys.readouterr()
+    assert cli.main(["validate", str(tmp_path / "per-expert")]) == 9
+    text = capsys.readouterr().out
+    assert "FAIL  missing_tensors" in text and "experts.3.down_proj.weight" in text, text
 
 
 # ---- every family of plan.moe against save_pretrained of the installed transformers (no corpus needed)
