@@ -200,6 +200,12 @@ def test_validate_catches_swapped_and_transposed_experts(moe_cases, tmp_path, ca
     _rewrite(tmp_path / "fused", lambda t: t.__setitem__(key, t[key].transpose(1, 2).contiguous()))
     code, text = _validate(tmp_path / "fused", source, capsys)
     assert code == 9 and "FAIL  tensor_shapes" in text and key in text, text
+    # one expert fewer than config.json's num_experts
+    _rewrite(tmp_path / "per-expert", lambda t: [t.pop(k) for k in list(t) if ".experts.3." in k])
+    capsys.readouterr()
+    assert cli.main(["validate", str(tmp_path / "per-expert")]) == 9
+    text = capsys.readouterr().out
+    assert "FAIL  missing_tensors" in text and "experts.3.down_proj.weight" in text, text
 
 
 # ---- every family of plan.moe against save_pretrained of the installed transformers (no corpus needed)
@@ -308,3 +314,43 @@ def test_vllm_refuses_fused_names_our_validation_refuses(name, error, moe_cases,
     assert _convert(name, moe_cases[name], out, tmp_path, "--moe-layout", "fused", "--no-validate-vllm") == 0
     with pytest.raises(VllmLoadError, match=error.replace("(", r"\(")):
         run_vllm_probe(out, PROMPTS, max_tokens=2, python=python, dtype="float32")
+
+
+# ---- LoRA on a MoE model (tests/corpus/lora_build.py): a ZeRO-3 Trainer + peft run on Mixtral, merged
+
+
+@pytest.mark.parametrize("layout", ["auto", "fused"])
+def test_lora_merge_on_mixtral_is_peft_merge(layout, lora_corpus, tmp_path):
+    """The merged truth is peft's merge_and_unload (in-memory names); per-expert = its save_pretrained."""
+    from tests.corpus import lora_build
+
+    name = "lora_mixtral_z3_attn"
+    case, out = lora_corpus[name], tmp_path / "out"
+    meta = lora_build.load_case(name)
+    extra = () if layout == "auto" else ("--no-validate-vllm",)
+    assert cli.convert_main(["--input", str(case / meta["input"]), "--output", str(out), "--moe-layout", layout,
+                             "--base-model-name", str(case / meta["base_dir"]), *extra]) == 0
+    merged = load_file(case / meta["checkpoints"][-1]["merged_truth"])
+    if layout == "auto":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(model_config(lora_build.CASES[name].model))
+        missing, unexpected = model.load_state_dict(merged, strict=False)
+        assert not missing and not unexpected
+        model.save_pretrained(tmp_path / "saved")
+        merged = load_file(tmp_path / "saved" / "model.safetensors")
+        assert any(".block_sparse_moe.experts.3.w2.weight" in k for k in merged)
+    assert_equal(merged, load_file(out / "model.safetensors"), torch.float32)
+
+
+@pytest.mark.parametrize("name", DCP_CASES)
+def test_fused_layout_equals_torch_dcp_to_torch_save(name, moe_cases, tmp_path):
+    """torch's own converter of the DCP save writes the fused in-memory names: --moe-layout fused equals it."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    case, out = moe_cases[name], tmp_path / "out"
+    meta = fsdp_build.load_case(name)
+    assert _convert(name, case, out, tmp_path, "--moe-layout", "fused", "--no-validate-vllm") == 0
+    dcp_to_torch_save(case / meta["checkpoints"][-1]["path"], tmp_path / "torch.pt")
+    saved = torch.load(tmp_path / "torch.pt", weights_only=True)["model"]  # a file torch just wrote from our corpus
+    assert_equal(dict(saved), load_file(out / "model.safetensors"), torch.float32)
