@@ -41,6 +41,8 @@ from vllm_consolidate.read.fsdp_locate import (
     resolve_verl,
     verl_save_list,
 )
+from vllm_consolidate.read.megatron import asset_dirs as megatron_assets
+from vllm_consolidate.read.megatron import is_megatron_folder, megatron_save_list, read_megatron, resolve_megatron
 from vllm_consolidate.read.peft import is_peft_folder, read_peft_folder, resolve_peft
 from vllm_consolidate.read.steps import SaveList
 from vllm_consolidate.read.verl import HF_FOLDER as VERL_HF_FOLDER
@@ -64,6 +66,7 @@ class InputKind(Word):
     """
 
     DEEPSPEED = "deepspeed"
+    MEGATRON = "megatron"
     DCP = "dcp"
     VERL = "verl"
     PEFT = "peft"
@@ -161,7 +164,9 @@ FORMATS: tuple[Format, ...] = (
            lambda d, root, key: ds.read_deepspeed(d, root), rescue=_peft_rescue, precision_from="deepspeed_config",
            rank_files=ds.rank_files, lora_what=lambda source, d: f"fp32 masters in {d.name}", saves=zero_saves,
            holds=Holds("zero", "ZeRO rank files", ds.is_zero_checkpoint_folder)),
-    # (Megatron-Core goes here: its iter_N folders are DCP folders too, so it must come before DCP.)
+    # Megatron-Core before DCP: its iter_N folders are DCP folders too (with its metadata.json).
+    Format(InputKind.MEGATRON, "megatron", True, resolve_megatron, read_megatron, asset_dirs=megatron_assets,
+           saves=megatron_save_list, holds=Holds("megatron", "Megatron-Core torch_dist", is_megatron_folder)),
     Format(InputKind.DCP, "dcp", True, resolve_dcp, read_dcp, saves=dcp_save_list,
            holds=Holds("dcp", "DCP (FSDP) weights", is_dcp_save)),
     Format(InputKind.VERL, "verl", True, resolve_verl, lambda d, root, key: read_verl(d, root),

@@ -1,0 +1,292 @@
+"""Reader for Megatron-Core ``torch_dist`` checkpoints: Megatron-LM, NeMo 2, Megatron-Bridge, verl's Megatron backend.
+
+A ``torch_dist`` save is a DCP folder (``.metadata`` + ``__R_T.distcp``) with Megatron-Core's own
+``metadata.json`` (``{"sharded_backend": "torch_dist", ...}``) and, in older versions, ``common.pt``
+(the non-sharded state: Megatron-LM's ``args``, the iteration). Every ``ShardedTensor`` of any TP/PP/
+VPP/EP layout is a chunk of one global tensor in the DCP metadata, so the container reader does the
+work (:mod:`.dcp`, :mod:`.chunks`); :mod:`.megatron_names` maps the global tensors to Hugging Face
+names as element ranges. Nothing but metadata and each chunk's archive header is read.
+
+Inputs claimed (see :func:`resolve_megatron`): the save folder itself; a Megatron-LM run
+(``latest_checkpointed_iteration.txt`` naming ``N`` or ``release``, beside ``iter_NNNNNNN/``; else the
+highest ``iter_N`` that is a save); NeMo 2's ``weights/``; verl's ``dist_ckpt/``. The tracker is the
+same file name verl uses: here it counts only beside ``iter_*`` folders (verl's beside ``global_step_*``).
+
+The head layout and the true vocabulary size (the embedding is padded) come from, in order, a
+``config.json`` where the output's config is found (the save folder and its run, verl's ``huggingface/``,
+NeMo's ``context/``), else Megatron-LM's ``args`` in ``common.pt``
+(:mod:`~vllm_consolidate.formats.megatron_common`). When neither gives them the reader refuses (exit 8):
+a split is never guessed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from vllm_consolidate.errors import (
+    ConfigNotFoundError,
+    ConsolidateError,
+    CorruptCheckpointError,
+    InputNotFoundError,
+    UnsupportedCheckpointError,
+    naming_file,
+)
+from vllm_consolidate.formats import dcp
+from vllm_consolidate.formats.megatron_common import read_args
+from vllm_consolidate.limits import brief
+from vllm_consolidate.read.assets import find_checkpoint_assets, read_config
+from vllm_consolidate.read.chunks import assemble
+from vllm_consolidate.read.dcp import _piece, check_layout, check_storage_files, stored_dtype
+from vllm_consolidate.read.fsdp_locate import MEGATRON_METADATA, VERL_TRACKER, is_megatron_save
+from vllm_consolidate.read.hf import check_weight_file
+from vllm_consolidate.read.megatron_names import Layout, Pick, model_name, picks
+from vllm_consolidate.read.steps import Checkpoint, SaveList
+from vllm_consolidate.read.zero_locate import ResolvedCheckpoint, confine_chosen
+from vllm_consolidate.safe_io import MAX_TAG_BYTES, read_json, read_text
+from vllm_consolidate.source import Segment, SourceModel, TensorSpec, sub_segments
+
+TRACKER = VERL_TRACKER  # Megatron-LM's name; verl copied it
+_ITER = re.compile(r"^iter_(\d{7,})$")
+RELEASE = "release"
+#: Sub-folders holding the save: NeMo 2's ``weights/``, verl's ``dist_ckpt/``.
+SAVE_FOLDERS = ("weights", "dist_ckpt")
+#: Folders beside the save holding an HF config and tokenizer: verl's ``huggingface/``, NeMo's ``context/``.
+ASSET_FOLDERS = ("huggingface", "context")
+_HINT_BASE = ("Pass --base-model-name with the Hugging Face model it was trained from (its config.json gives the "
+              "head layout and vocabulary size), or put that config.json beside the checkpoint.")
+
+
+def is_megatron_folder(path: Path) -> bool:
+    """True if ``path`` is a Megatron-Core distributed save: its ``metadata.json`` and a DCP ``.metadata``."""
+    return dcp.is_dcp_folder(path) and is_megatron_save(path)
+
+
+def _subfolders(path: Path) -> list[Path]:
+    try:
+        return [p for p in path.iterdir() if p.is_dir()]
+    except OSError:
+        return []
+
+
+def iterations(path: Path) -> list[tuple[int, Path]]:
+    """The ``iter_NNNNNNN`` sub-folders of a run that are saves, by iteration."""
+    return sorted((int(m.group(1)), p) for p in _subfolders(path)
+                  if (m := _ITER.match(p.name)) and is_megatron_folder(p))
+
+
+def _tracked(path: Path) -> Path | None:
+    """The save the run's tracker names (``iter_{N:07d}`` or ``release``); None without a tracker.
+
+    Raises:
+        CorruptCheckpointError: The tracker is unreadable, holds no iteration, or names a missing save.
+    """
+    tracker = path / TRACKER
+    if not os.path.lexists(tracker):
+        return None
+    text = read_text(tracker, MAX_TAG_BYTES, what=TRACKER).strip()
+    if text == RELEASE:
+        name = RELEASE
+    elif text.isascii() and text.isdigit() and len(text) <= 18:
+        name = f"iter_{int(text):07d}"
+    else:
+        raise CorruptCheckpointError(f"{TRACKER} holds {brief(text)}, not an iteration", path=tracker)
+    if not is_megatron_folder(path / name):
+        raise CorruptCheckpointError(f"{TRACKER} names {name}, but it is missing or not a torch_dist save",
+                                     path=tracker, hint="Pass the iter_NNNNNNN folder you want with --checkpoint-dir.")
+    return confine_chosen(path / name, path)
+
+
+def _is_run(path: Path) -> bool:
+    """A Megatron-LM run: any ``iter_*``/``release`` folder (saved or not), which makes the tracker beside it ours."""
+    return any(_ITER.match(p.name) or p.name == RELEASE for p in _subfolders(path))
+
+
+def _check_backend(folder: Path) -> None:
+    found = read_json(folder / MEGATRON_METADATA, MAX_TAG_BYTES, what=MEGATRON_METADATA)
+    backend = found.get("sharded_backend")
+    if backend != "torch_dist":
+        raise UnsupportedCheckpointError(
+            f"this Megatron-Core checkpoint is saved with sharded_backend {brief(backend)}; only torch_dist is read",
+            path=folder / MEGATRON_METADATA, hint="Re-save it with --ckpt-format torch_dist.")
+
+
+def resolve_megatron(path: Path) -> ResolvedCheckpoint:
+    """The ``torch_dist`` save an input refers to (see the module docstring).
+
+    Raises:
+        InputNotFoundError: Nothing here is a Megatron-Core save (not mine).
+        CorruptCheckpointError: The run's tracker is broken.
+        UnsupportedCheckpointError: The save uses another sharded backend (zarr).
+        UnsafeInputError: A chosen folder is a symlink out of the input.
+    """
+    if is_megatron_folder(path):
+        _check_backend(path)
+        return ResolvedCheckpoint(path, path.name, "Megatron-Core torch_dist folder given directly")
+    for name in SAVE_FOLDERS:
+        if is_megatron_folder(path / name):
+            _check_backend(path / name)
+            return ResolvedCheckpoint(confine_chosen(path / name, path), path.name, f"Megatron-Core save in {name}/")
+    if _is_run(path):
+        chosen = _tracked(path)
+        how = f"{chosen.name} from {TRACKER}" if chosen is not None else ""
+        if chosen is None and (found := iterations(path)):
+            chosen, how = confine_chosen(found[-1][1], path), f"highest iteration: {found[-1][1].name}"
+        if chosen is not None:
+            _check_backend(chosen)
+            return ResolvedCheckpoint(chosen, chosen.name, how)
+    raise InputNotFoundError("no Megatron-Core torch_dist checkpoint (metadata.json + .metadata) found", path=path)
+
+
+def megatron_save_list(path: Path) -> SaveList | None:
+    """A run's ``iter_N`` saves; ``convert`` picks the tracker's, else the highest."""
+    saves = [Checkpoint(p.name, n, p) for n, p in iterations(path)]
+    if not saves:
+        return None
+    try:
+        tracked = _tracked(path)
+    except ConsolidateError:
+        tracked = None
+    return SaveList(saves, next((c for c in saves if tracked is not None and c.path == tracked), saves[-1]))
+
+
+def asset_dirs(folder: Path) -> list[Path]:
+    """verl's ``huggingface/`` and NeMo's ``context/``, beside the save folder or inside it."""
+    return [base / name for base in (folder, folder.parent) for name in ASSET_FOLDERS if (base / name).is_dir()]
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int and value > 0 else None
+
+
+def layout_from_config(config: dict, where: Path) -> Layout:
+    """The head layout and vocabulary of an HF config.json (a multimodal one's ``text_config``)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    heads = _int(text.get("num_attention_heads"))
+    hidden = _int(text.get("hidden_size"))
+    groups = _int(text.get("num_key_value_heads")) or heads
+    head_dim = _int(text.get("head_dim")) or (hidden // heads if heads and hidden else None)
+    vocab = _int(text.get("vocab_size"))
+    if not (heads and groups and head_dim and vocab) or heads % groups:
+        raise ConfigNotFoundError(
+            f"config.json gives no usable head layout and vocabulary size (num_attention_heads {heads}, "
+            f"num_key_value_heads {groups}, head_dim {head_dim}, vocab_size {vocab})", path=where, hint=_HINT_BASE)
+    return Layout(heads, groups, head_dim, vocab, mixtral=text.get("model_type") == "mixtral")
+
+
+def find_layout(folder: Path, root: Path) -> tuple[Layout, str]:
+    """The head layout and true vocabulary size, and where they came from (see the module docstring).
+
+    Raises:
+        ConfigNotFoundError: Neither a config.json nor Megatron-LM's args give them (exit 8).
+    """
+    assets = find_checkpoint_assets(folder, root, asset_dirs(folder), None)
+    if assets.config is not None:
+        return layout_from_config(read_config(assets.config), assets.config), str(assets.config)
+    args = read_args(folder)
+    if args is None:
+        raise ConfigNotFoundError("found no config.json and no Megatron-LM args (common.pt) to give the head layout "
+                                  "and vocabulary size of this checkpoint", path=folder, hint=_HINT_BASE)
+    heads = _int(args.get("num_attention_heads"))
+    groups = _int(args.get("num_query_groups")) if args.get("group_query_attention") else heads
+    hidden = _int(args.get("hidden_size"))
+    head_dim = _int(args.get("kv_channels")) or (hidden // heads if heads and hidden else None)
+    vocab = _int(args.get("vocab_size"))
+    if not (heads and groups and head_dim) or heads % groups:
+        raise ConfigNotFoundError(f"Megatron-LM's args give no usable head layout (num_attention_heads {heads}, "
+                                  f"num_query_groups {groups}, kv_channels {head_dim})", path=folder, hint=_HINT_BASE)
+    if vocab is None:
+        raise ConfigNotFoundError("Megatron-LM's args record only the padded vocabulary size, not the tokenizer's",
+                                  path=folder, hint=_HINT_BASE)
+    return Layout(heads, groups, head_dim, vocab), "Megatron-LM args in common.pt"
+
+
+def _segments(spec: TensorSpec, pick: Pick) -> list[Segment]:
+    size = spec.dtype.itemsize
+    out: list[Segment] = []
+    for start, count in pick.ranges:
+        for seg in sub_segments(spec.segments, start * size, count * size):
+            if out and out[-1].path == seg.path and out[-1].offset + out[-1].nbytes == seg.offset:
+                out[-1] = Segment(seg.path, out[-1].offset, out[-1].nbytes + seg.nbytes)
+            else:
+                out.append(seg)
+    return out
+
+
+def _plan(tensors: dict[str, dcp.DcpTensor], names: dict[str, str], layout: Layout, where: Path) -> list[Pick]:
+    """Every output tensor, from the metadata alone (so an unknown key is refused before any archive is read)."""
+    out: list[Pick] = []
+    seen: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        with naming_file(where):
+            for pick in picks(names[key], tensor.shape, layout):
+                if pick.name in seen:
+                    raise CorruptCheckpointError(f"{brief(seen[pick.name])} and {brief(key)} both give {pick.name}",
+                                                 path=where)
+                seen[pick.name] = key
+                out.append(pick)
+    return out
+
+
+def read_megatron(folder: Path, root: Path | None = None, model_key: str | None = None) -> SourceModel:
+    """Describe the model weights of a Megatron-Core ``torch_dist`` save, under Hugging Face names.
+
+    Args:
+        folder: The save folder (``iter_NNNNNNN``).
+        root: The folder the user named, which no file read may leave (default: ``folder``).
+        model_key: Unused (Megatron-Core's keys say which are the model's).
+
+    Raises:
+        ConfigNotFoundError: No config.json or args give the head layout and vocabulary size.
+        UnsupportedCheckpointError: A model key is not understood (named).
+        CorruptCheckpointError: Missing or truncated storage files, inconsistent metadata or shapes.
+        UnsafePickleError: The metadata or a chunk's pickle is refused by the allowlist.
+        UnsafeInputError: A storage file resolves outside the input.
+    """
+    folder = Path(folder)
+    roots = [Path(root) if root is not None else folder]
+    check_weight_file(folder / dcp.METADATA_FILE, roots)
+    meta = dcp.read_metadata(folder)
+    names = {key: name for key in meta.tensors if (name := model_name(key)) is not None}
+    key_of = {name: key for key, name in names.items()}
+    if len(key_of) != len(names):
+        raise CorruptCheckpointError("two entries have the same parameter name once wrapper prefixes are removed",
+                                     path=meta.path)
+    if not names:
+        raise UnsupportedCheckpointError("this Megatron-Core checkpoint holds no model weights (only optimizer or "
+                                         "other state)", path=meta.path)
+    layout, layout_from = find_layout(folder, roots[0])
+    entries = len(meta.tensors) + len(meta.byte_keys)
+    meta.tensors = {key: meta.tensors[key] for key in names}  # only the model's files must be present
+    planned = _plan(meta.tensors, names, layout, meta.path)
+    check_storage_files(folder, meta, roots)
+    check_layout(meta.tensors, meta.path)
+    globals_: dict[str, TensorSpec] = {}
+    for key in dict.fromkeys(p.key for p in planned):
+        tensor = meta.tensors[key_of[key]]
+        pieces = [_piece(folder, tensor, c) for c in tensor.chunks if math.prod(c.sizes)]
+        with naming_file(meta.path):
+            segments = assemble(tensor.shape, pieces, key) if pieces else []
+        globals_[key] = TensorSpec(key, tensor.dtype, tensor.shape, segments)
+    specs = [TensorSpec(p.name, globals_[p.key].dtype, p.shape, _segments(globals_[p.key], p)) for p in planned]
+    stored = stored_dtype(specs)
+    info = {
+        "type": "megatron",
+        "layout_from": layout_from,
+        "heads": layout.heads,
+        "query_groups": layout.groups,
+        "head_dim": layout.head_dim,
+        "vocab_size": layout.vocab_size,
+        "storage_files": len(meta.files),
+        "dropped_entries": entries - len(names),  # optimizer state, extra state, RNG, common state
+        "stored_dtype": stored.name if stored else None,
+    }
+    return SourceModel(kind="megatron", path=folder, tensors=specs, asset_dirs=asset_dirs(folder), info=info,
+                       trained_dtype=stored if stored and stored.itemsize == 2 else None)
+
+
+__all__ = ["asset_dirs", "find_layout", "is_megatron_folder", "iterations", "layout_from_config", "megatron_save_list",
+           "read_megatron", "resolve_megatron"]
