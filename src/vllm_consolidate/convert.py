@@ -206,7 +206,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
         raise UsageError(f"unknown format {opts.fmt}")
     detected = detection.detect(Path(opts.input), opts.input_type, opts.checkpoint_dir)
     pub.check_output_location(Path(opts.output), _inputs(opts, detected.weights_dir))
-    source = detection.read(detected, opts.model_key)
+    source = detection.read(detected, opts.model_key, opts.base_model_name)
     if opts.lora not in LORA_MODES:
         raise UsageError(f"unknown --lora {opts.lora}", hint=f"Use one of {', '.join(LORA_MODES)}.")
     adapter = opts.lora == "adapter"
@@ -223,11 +223,12 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
         warnings.append(source.info["vllm_warning"])
     if source.info.get("base_model_error"):
         warnings.append(f"the adapter was not checked against its base model: {source.info['base_model_error']}")
-    if assets.config is None and not adapter:  # an adapter folder has no config.json
+    if assets.config is None and source.config is None and not adapter:  # an adapter folder has no config.json
         raise missing_config(assets, detected.weights_dir)
     if assets.tokenizer_dir is None:
         warnings.append(NO_TOKENIZER_WARNING)
-    config = read_config(assets.config) if assets.config is not None else {}
+    # A config the reader built from the checkpoint's own record wins over a base model's.
+    config = dict(source.config) if source.config is not None else read_config(assets.config) if assets.config else {}
     if adapter:
         architecture = ArchitectureDecision(tuple(config.get("architectures") or ()), FROM_CONFIG)
         tensors, dropped = list(source.tensors), []

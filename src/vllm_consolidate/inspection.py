@@ -36,7 +36,6 @@ from vllm_consolidate.read.assets import (
     read_config,
 )
 from vllm_consolidate.read.deepspeed import step_of
-from vllm_consolidate.read.fsdp_locate import is_dcp_save, is_verl_step
 from vllm_consolidate.read.registry import HOLDS, format_of, format_of_source
 from vllm_consolidate.read.steps import numbered_step
 from vllm_consolidate.source import SourceModel, TensorSpec
@@ -211,8 +210,8 @@ def _inspect_detected(detected: detection.DetectedInput, base_model_name: str | 
         report.rank_files = rank_files(detected.weights_dir)
     source = None
     try:
-        source = merge_lora(detection.read(detected, model_key), detected.weights_dir, Path(detected.input),
-                            base_model_name)
+        source = merge_lora(detection.read(detected, model_key, base_model_name), detected.weights_dir,
+                            Path(detected.input), base_model_name)
     except ConsolidateError as exc:
         report.problems.append(Problem.of(exc))
     else:
@@ -252,6 +251,8 @@ def _find_config(report: InputReport, detected: detection.DetectedInput, source:
     report.warnings.extend(assets.skipped)
     if assets.tokenizer_dir is None:
         report.warnings.append(NO_TOKENIZER_WARNING)
+    if source is not None and source.config is not None:  # built by the reader (Megatron-LM args), as convert writes
+        return dict(source.config)
     if assets.config is None:
         report.problems.append(Problem.of(missing_config(assets, detected.weights_dir)))
         return None
@@ -341,7 +342,7 @@ def _largest(tensors: list[TensorSpec]) -> TensorSpec | None:
 def _subdirs(path: Path) -> list[Path]:
     try:
         return [p for p in path.iterdir() if p.is_dir() and (step_of(p.name) is not None or (
-            numbered_step(p.name) is not None and (is_dcp_save(p) or is_verl_step(p))))]
+            numbered_step(p.name) is not None and any(h.test(p) for h in HOLDS)))]
     except OSError:
         return []
 

@@ -112,6 +112,8 @@ class SourceModel:
         info: What was detected (stage, world size, tag, ...), for the summary.
         aliases: ``{alias: target}`` names that share one tensor (tied or shared weights).
         renamed: ``{old: new}`` wrapper prefixes stripped from names.
+        config: A config.json the reader built from the checkpoint's own record (Megatron-LM's args), for a
+            checkpoint with none beside it: written instead of one found elsewhere (a base model's).
     """
 
     kind: str
@@ -122,6 +124,7 @@ class SourceModel:
     info: dict[str, Any] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
 
     @property
     def source_files(self) -> list[str]:

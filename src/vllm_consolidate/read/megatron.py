@@ -36,13 +36,14 @@ from vllm_consolidate.errors import (
     naming_file,
 )
 from vllm_consolidate.formats import dcp
-from vllm_consolidate.formats.megatron_common import read_args
+from vllm_consolidate.formats.megatron_common import COMMON_FILE, read_args
 from vllm_consolidate.limits import brief
 from vllm_consolidate.read.assets import find_checkpoint_assets, read_config
 from vllm_consolidate.read.chunks import assemble
 from vllm_consolidate.read.dcp import _piece, check_layout, check_storage_files, stored_dtype
 from vllm_consolidate.read.fsdp_locate import MEGATRON_METADATA, VERL_TRACKER, is_megatron_save
 from vllm_consolidate.read.hf import check_weight_file
+from vllm_consolidate.read.megatron_config import HINT_BASE, config_from_args, layout_from_config
 from vllm_consolidate.read.megatron_names import Layout, Pick, model_name, picks
 from vllm_consolidate.read.steps import Checkpoint, SaveList
 from vllm_consolidate.read.zero_locate import ResolvedCheckpoint, confine_chosen
@@ -56,8 +57,6 @@ RELEASE = "release"
 SAVE_FOLDERS = ("weights", "dist_ckpt")
 #: Folders beside the save holding an HF config and tokenizer: verl's ``huggingface/``, NeMo's ``context/``.
 ASSET_FOLDERS = ("huggingface", "context")
-_HINT_BASE = ("Pass --base-model-name with the Hugging Face model it was trained from (its config.json gives the "
-              "head layout and vocabulary size), or put that config.json beside the checkpoint.")
 
 
 def is_megatron_folder(path: Path) -> bool:
@@ -158,50 +157,32 @@ def asset_dirs(folder: Path) -> list[Path]:
     return [base / name for base in (folder, folder.parent) for name in ASSET_FOLDERS if (base / name).is_dir()]
 
 
-def _int(value: Any) -> int | None:
-    return value if type(value) is int and value > 0 else None
+def find_layout(folder: Path, root: Path, base_model_name: str | None, names: set[str],
+                ) -> tuple[Layout, str, dict[str, Any] | None]:
+    """The head layout and true vocabulary size, where they came from, and the config.json to write when
+    the reader builds it (from args; None when a config.json is found, which convert then copies).
 
-
-def layout_from_config(config: dict, where: Path) -> Layout:
-    """The head layout and vocabulary of an HF config.json (a multimodal one's ``text_config``)."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    heads = _int(text.get("num_attention_heads"))
-    hidden = _int(text.get("hidden_size"))
-    groups = _int(text.get("num_key_value_heads")) or heads
-    head_dim = _int(text.get("head_dim")) or (hidden // heads if heads and hidden else None)
-    vocab = _int(text.get("vocab_size"))
-    if not (heads and groups and head_dim and vocab) or heads % groups:
-        raise ConfigNotFoundError(
-            f"config.json gives no usable head layout and vocabulary size (num_attention_heads {heads}, "
-            f"num_key_value_heads {groups}, head_dim {head_dim}, vocab_size {vocab})", path=where, hint=_HINT_BASE)
-    return Layout(heads, groups, head_dim, vocab, mixtral=text.get("model_type") == "mixtral")
-
-
-def find_layout(folder: Path, root: Path) -> tuple[Layout, str]:
-    """The head layout and true vocabulary size, and where they came from (see the module docstring).
+    In order: a config.json the checkpoint has (its folder and run, verl's ``huggingface/``, NeMo's
+    ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt`` (the trained
+    model's own record, before a base model that may be the default one); ``--base-model-name``'s config.json.
 
     Raises:
-        ConfigNotFoundError: Neither a config.json nor Megatron-LM's args give them (exit 8).
+        ConfigNotFoundError: None of them gives the layout (exit 8).
     """
-    assets = find_checkpoint_assets(folder, root, asset_dirs(folder), None)
-    if assets.config is not None:
-        return layout_from_config(read_config(assets.config), assets.config), str(assets.config)
+    own = find_checkpoint_assets(folder, root, asset_dirs(folder), None)
+    if own.config is not None:
+        return layout_from_config(read_config(own.config), own.config), str(own.config), None
     args = read_args(folder)
-    if args is None:
-        raise ConfigNotFoundError("found no config.json and no Megatron-LM args (common.pt) to give the head layout "
-                                  "and vocabulary size of this checkpoint", path=folder, hint=_HINT_BASE)
-    heads = _int(args.get("num_attention_heads"))
-    groups = _int(args.get("num_query_groups")) if args.get("group_query_attention") else heads
-    hidden = _int(args.get("hidden_size"))
-    head_dim = _int(args.get("kv_channels")) or (hidden // heads if heads and hidden else None)
-    vocab = _int(args.get("vocab_size"))
-    if not (heads and groups and head_dim) or heads % groups:
-        raise ConfigNotFoundError(f"Megatron-LM's args give no usable head layout (num_attention_heads {heads}, "
-                                  f"num_query_groups {groups}, kv_channels {head_dim})", path=folder, hint=_HINT_BASE)
-    if vocab is None:
-        raise ConfigNotFoundError("Megatron-LM's args record only the padded vocabulary size, not the tokenizer's",
-                                  path=folder, hint=_HINT_BASE)
-    return Layout(heads, groups, head_dim, vocab), "Megatron-LM args in common.pt"
+    if args is not None:
+        layout, config = config_from_args(args, names, folder / COMMON_FILE)
+        return layout, f"Megatron-LM args in {COMMON_FILE}", config
+    base = find_checkpoint_assets(folder, root, asset_dirs(folder), base_model_name) if base_model_name else own
+    if base.config is not None:
+        return layout_from_config(read_config(base.config), base.config), str(base.config), None
+    why = f" ({base.base_model_error})" if base.base_model_error else ""
+    raise ConfigNotFoundError(f"found no config.json beside the checkpoint, no Megatron-LM args ({COMMON_FILE}) and no "
+                              f"base model{why} to give the head layout and vocabulary size", path=folder,
+                              hint=HINT_BASE)
 
 
 def _segments(spec: TensorSpec, pick: Pick) -> list[Segment]:
@@ -231,13 +212,15 @@ def _plan(tensors: dict[str, dcp.DcpTensor], names: dict[str, str], layout: Layo
     return out
 
 
-def read_megatron(folder: Path, root: Path | None = None, model_key: str | None = None) -> SourceModel:
+def read_megatron(folder: Path, root: Path | None = None, model_key: str | None = None,
+                  base_model_name: str | None = None) -> SourceModel:
     """Describe the model weights of a Megatron-Core ``torch_dist`` save, under Hugging Face names.
 
     Args:
         folder: The save folder (``iter_NNNNNNN``).
         root: The folder the user named, which no file read may leave (default: ``folder``).
         model_key: Unused (Megatron-Core's keys say which are the model's).
+        base_model_name: ``--base-model-name``: its config.json gives the layout when the checkpoint has none.
 
     Raises:
         ConfigNotFoundError: No config.json or args give the head layout and vocabulary size.
@@ -258,7 +241,7 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
     if not names:
         raise UnsupportedCheckpointError("this Megatron-Core checkpoint holds no model weights (only optimizer or "
                                          "other state)", path=meta.path)
-    layout, layout_from = find_layout(folder, roots[0])
+    layout, layout_from, config = find_layout(folder, roots[0], base_model_name, set(names.values()))
     entries = len(meta.tensors) + len(meta.byte_keys)
     meta.tensors = {key: meta.tensors[key] for key in names}  # only the model's files must be present
     planned = _plan(meta.tensors, names, layout, meta.path)
@@ -285,8 +268,8 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
         "stored_dtype": stored.name if stored else None,
     }
     return SourceModel(kind="megatron", path=folder, tensors=specs, asset_dirs=asset_dirs(folder), info=info,
-                       trained_dtype=stored if stored and stored.itemsize == 2 else None)
+                       trained_dtype=stored if stored and stored.itemsize == 2 else None, config=config)
 
 
-__all__ = ["asset_dirs", "find_layout", "is_megatron_folder", "iterations", "layout_from_config", "megatron_save_list",
+__all__ = ["asset_dirs", "find_layout", "is_megatron_folder", "iterations", "megatron_save_list",
            "read_megatron", "resolve_megatron"]

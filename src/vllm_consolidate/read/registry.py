@@ -73,8 +73,9 @@ class InputKind(Word):
     HF = "hf"
 
 
-#: ``read(weights_dir, root, model_key)``: the claimed folder's metadata as a :class:`SourceModel`.
-Reader = Callable[[Path, Path | None, str | None], SourceModel]
+#: ``read(weights_dir, root, model_key, base_model_name)``: the claimed folder's metadata as a :class:`SourceModel`
+#: (``base_model_name``, ``--base-model-name``, for a format whose names need the model's config: Megatron-Core).
+Reader = Callable[[Path, Path | None, str | None, str | None], SourceModel]
 #: ``rescue(path, error)``: a later format's claim on a folder this one found broken, or None.
 Rescue = Callable[[Path, CorruptCheckpointError], tuple["InputKind", ResolvedCheckpoint] | None]
 
@@ -161,22 +162,24 @@ def _resolve_hf(path: Path) -> ResolvedCheckpoint:
 FORMATS: tuple[Format, ...] = (
     # ZeRO first: its rank files are unmistakable, and HF Trainer runs hold them beside everything else.
     Format(InputKind.DEEPSPEED, "deepspeed", True, ds.resolve_checkpoint,
-           lambda d, root, key: ds.read_deepspeed(d, root), rescue=_peft_rescue, precision_from="deepspeed_config",
+           lambda d, root, key, base: ds.read_deepspeed(d, root), rescue=_peft_rescue,
+           precision_from="deepspeed_config",
            rank_files=ds.rank_files, lora_what=lambda source, d: f"fp32 masters in {d.name}", saves=zero_saves,
            holds=Holds("zero", "ZeRO rank files", ds.is_zero_checkpoint_folder)),
     # Megatron-Core before DCP: its iter_N folders are DCP folders too (with its metadata.json).
     Format(InputKind.MEGATRON, "megatron", True, resolve_megatron, read_megatron, asset_dirs=megatron_assets,
            saves=megatron_save_list, holds=Holds("megatron", "Megatron-Core torch_dist", is_megatron_folder)),
-    Format(InputKind.DCP, "dcp", True, resolve_dcp, read_dcp, saves=dcp_save_list,
+    Format(InputKind.DCP, "dcp", True, resolve_dcp, lambda d, root, key, base: read_dcp(d, root, key),
+           saves=dcp_save_list,
            holds=Holds("dcp", "DCP (FSDP) weights", is_dcp_save)),
-    Format(InputKind.VERL, "verl", True, resolve_verl, lambda d, root, key: read_verl(d, root),
+    Format(InputKind.VERL, "verl", True, resolve_verl, lambda d, root, key, base: read_verl(d, root),
            asset_dirs=lambda d: [d / VERL_HF_FOLDER], lora=LoraLayout.RANK_FILES, saves=verl_save_list,
            holds=Holds("verl", "verl actor/critic", is_verl_step)),
-    Format(InputKind.PEFT, "peft", False, resolve_peft, lambda d, root, key: read_peft_folder(d, root),
+    Format(InputKind.PEFT, "peft", False, resolve_peft, lambda d, root, key, base: read_peft_folder(d, root),
            lora=LoraLayout.ADAPTER,
            lora_what=lambda source, d: f"{source.info.get('adapter_file')} ({source.info.get('adapter_dtype')})"),
     # HF last: any folder with a weights file is one, so every more specific format goes first.
-    Format(InputKind.HF, "hf_sharded", False, _resolve_hf, lambda d, root, key: hf.read_hf(d, root),
+    Format(InputKind.HF, "hf_sharded", False, _resolve_hf, lambda d, root, key, base: hf.read_hf(d, root),
            last_resort=True, source_kinds=(hf.SINGLE, hf.SHARDED), holds=Holds("hf", "HF weights", hf.is_hf_folder)),
 )
 BY_KIND: dict[InputKind, Format] = {f.kind: f for f in FORMATS}

@@ -78,7 +78,8 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
     from vllm_consolidate.plan.names import output_tensors
 
     detected = detection.detect(Path(source), input_type, Path(checkpoint_dir) if checkpoint_dir else None)
-    model = merge_lora(detection.read(detected, model_key), detected.weights_dir, Path(source), base_model_name, None)
+    model = merge_lora(detection.read(detected, model_key, base_model_name), detected.weights_dir, Path(source),
+                       base_model_name, None)
     try:
         config = read_config(Path(folder) / "config.json")  # as convert and the config check read it
     except ConsolidateError:

@@ -36,6 +36,8 @@ HEADS, GROUPS, HD, HIDDEN, FFN, LAYERS, VOCAB, PADDED = 4, 2, 8, 32, 48, 2, 50, 
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
           "num_attention_heads": HEADS, "num_key_value_heads": GROUPS, "head_dim": HD, "intermediate_size": FFN,
           "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "tie_word_embeddings": False, "rms_norm_eps": 1e-6}
+# Nothing in these tests may reach the Hub (convert's default base model is not looked up online).
+os.environ["HF_HUB_OFFLINE"] = "1"
 MEGATRON_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                  "common_backend_version": 1}
 
@@ -194,26 +196,50 @@ def _common(folder: Path, args: object) -> None:
     torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 1}, folder / "common.pt")
 
 
-def test_args_in_common_pt_give_the_layout(tmp_path):
+def _args(**changes):
+    """Megatron-LM's args of the model above, as its argument parser fills them (the fields the reader uses)."""
     import argparse
 
+    fields = dict(num_layers=LAYERS, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS,
+                  group_query_attention=True, num_query_groups=GROUPS, kv_channels=HD, vocab_size=VOCAB,
+                  padded_vocab_size=PADDED, seq_length=128, max_position_embeddings=256, norm_epsilon=1e-6,
+                  rotary_base=10000, untie_embeddings_and_output_weights=True, swiglu=True, normalization="RMSNorm",
+                  params_dtype=torch.float32)
+    fields.update(changes)
+    return argparse.Namespace(**{k: v for k, v in fields.items() if v is not None})
+
+
+def test_args_in_common_pt_give_the_layout_and_the_config(tmp_path):
     sd = _hf_state(0)
     folder = _save(tmp_path / "iter_0000001", _megatron(sd), config=False)
-    _common(folder, argparse.Namespace(num_attention_heads=HEADS, group_query_attention=True, num_query_groups=GROUPS,
-                                       kv_channels=HD, hidden_size=HIDDEN, vocab_size=VOCAB, padded_vocab_size=PADDED,
-                                       params_dtype=torch.float32))
+    _common(folder, _args())
     source = read_megatron(folder)
     assert source.info["layout_from"] == "Megatron-LM args in common.pt"
     got = _values(source)
     assert all(torch.equal(got[n], v) for n, v in sd.items())
+    assert source.config == dict(CONFIG, attention_bias=False, mlp_bias=False, max_position_embeddings=256,
+                                 rope_theta=10000, hidden_act="silu")
+
+
+def test_a_converted_args_only_save_loads_in_transformers(tmp_path):
+    """The config.json written from args is one transformers builds the model from, with every weight the truth."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_consolidate import cli
+
+    sd = _hf_state(0)
+    folder = _save(tmp_path / "iter_0000001", _megatron(sd), config=False)
+    _common(folder, _args())
+    assert cli.main(["convert", "--input", str(folder), "--output", str(tmp_path / "out"), "--no-validate-vllm"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    loaded = model.state_dict()
+    assert sorted(loaded) == sorted(sd) and all(torch.equal(loaded[n], v) for n, v in sd.items())
 
 
 def test_args_without_the_true_vocabulary_are_exit_8(tmp_path):
-    import argparse
-
     folder = _save(tmp_path / "iter_0000001", _megatron(_hf_state(0)), config=False)
-    _common(folder, argparse.Namespace(num_attention_heads=HEADS, group_query_attention=True, num_query_groups=GROUPS,
-                                       kv_channels=HD, hidden_size=HIDDEN, padded_vocab_size=PADDED))
+    _common(folder, _args(vocab_size=None))
     with pytest.raises(ConfigNotFoundError, match="only the padded vocabulary"):
         read_megatron(folder)
 
