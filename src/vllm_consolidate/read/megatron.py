@@ -256,6 +256,8 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
         globals_[key] = TensorSpec(key, tensor.dtype, tensor.shape, segments)
     specs = [TensorSpec(p.name, globals_[p.key].dtype, p.shape, _segments(globals_[p.key], p)) for p in planned]
     stored = stored_dtype(specs)
+    # Megatron-Core keeps norm weights in fp32 under bf16 params: the matrices say how the model was trained.
+    trained = stored_dtype([s for s in specs if len(s.shape) >= 2])
     info = {
         "type": "megatron",
         "layout_from": layout_from,
@@ -268,7 +270,7 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
         "stored_dtype": stored.name if stored else None,
     }
     return SourceModel(kind="megatron", path=folder, tensors=specs, asset_dirs=asset_dirs(folder), info=info,
-                       trained_dtype=stored if stored and stored.itemsize == 2 else None, config=config)
+                       trained_dtype=trained if trained and trained.itemsize == 2 else None, config=config)
 
 
 __all__ = ["asset_dirs", "find_layout", "is_megatron_folder", "iterations", "megatron_save_list",

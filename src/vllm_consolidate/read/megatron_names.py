@@ -15,9 +15,10 @@ Layouts (Megatron-Core ``dist_checkpointing``, checked against its source):
 * ``linear_fc1`` under SwiGLU: ``apply_swiglu_sharded_factory`` stores each rank's gate half at offset
   ``rank`` and its up half at ``rank + tp`` along the rows, so the global tensor is ``[gate; up]`` at any
   TP (with singleton shards, ``<key>_w`` is gate and ``<key>_v`` is up).
-* Experts: the sequential and grouped-GEMM forms both save ``mlp.experts.linear_fc1.weight`` with an
-  expert axis after the layer axis; singleton shards give ``mlp.experts.<e>.linear_fc1.weight`` or
-  ``mlp.experts.linear_fc1.weight<e>``; older saves ``mlp.experts.local_experts.<e>.linear_fc1.weight``.
+* Experts: the sequential and grouped-GEMM forms both save ``mlp.experts.linear_fc1.weight`` (0.16's
+  SequentialMLP: ``mlp.experts.experts.linear_fc1.weight``) with an expert axis after the layer axis;
+  singleton shards give ``mlp.experts.<e>.linear_fc1.weight`` or ``mlp.experts.linear_fc1.weight<e>``;
+  older saves ``mlp.experts.local_experts.<e>.linear_fc1.weight``.
 * Vocabulary: the embedding and output layer are padded to a multiple of TP x 128; the first
   ``vocab_size`` rows are the model's.
 
@@ -40,9 +41,10 @@ _WRAPPER = re.compile(r"^(module\.|model\d*\.)+")
 _NOT_MODEL_ROOTS = ("optimizer", "optim", "rng_state", "rerun_state_machine_state", "lr_scheduler",
                     "opt_param_scheduler")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_EXPERT = re.compile(r"^mlp\.experts\.(?:local_experts\.)?(\d+)\.(linear_fc[12])\.(weight|bias)(_w|_v)?$")
-_GROUPED = re.compile(r"^mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)(_w|_v)?$")
-_STACKED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.(weight|bias)(_w|_v)?$")
+#: ``mlp.experts.`` then, by version and form, ``experts.`` (SequentialMLP's own prefix) or ``local_experts.``.
+_EXPERT = re.compile(r"^mlp\.experts\.(?:local_experts\.|experts\.)?(\d+)\.(linear_fc[12])\.(weight|bias)(_w|_v)?$")
+_GROUPED = re.compile(r"^mlp\.experts\.(?:experts\.)?(linear_fc[12])\.(weight|bias)(\d+)(_w|_v)?$")
+_STACKED_EXPERT = re.compile(r"^mlp\.experts\.(?:experts\.)?(linear_fc[12])\.(weight|bias)(_w|_v)?$")
 #: More layers or experts than any model has; a larger leading axis is a forged shape driving a loop.
 MAX_LAYERS = 4096
 MAX_EXPERTS = 4096

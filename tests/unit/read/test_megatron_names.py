@@ -114,14 +114,15 @@ def _experts(seed: int) -> list[dict[str, torch.Tensor]]:
              "down": torch.randn(H, FFN, generator=g)} for _ in range(E)]
 
 
+@pytest.mark.parametrize("prefix", ["decoder.layers.mlp.experts.", "decoder.layers.mlp.experts.experts."])
 @pytest.mark.parametrize("mixtral", [False, True])
-def test_stacked_experts_of_stacked_layers(tmp_path, mixtral):
+def test_stacked_experts_of_stacked_layers(tmp_path, mixtral, prefix):
     layers = [_experts(i) for i in range(2)]
     fc1 = torch.stack([torch.stack([torch.cat([x["gate"], x["up"]]) for x in ex]) for ex in layers])
     fc2 = torch.stack([torch.stack([x["down"] for x in ex]) for ex in layers])
     layout = Layout(HEADS, GROUPS, HD, V, mixtral=mixtral)
-    got = _read(picks("decoder.layers.mlp.experts.linear_fc1.weight", tuple(fc1.shape), layout), fc1, tmp_path)
-    got.update(_read(picks("decoder.layers.mlp.experts.linear_fc2.weight", tuple(fc2.shape), layout), fc2, tmp_path))
+    got = _read(picks(prefix + "linear_fc1.weight", tuple(fc1.shape), layout), fc1, tmp_path)
+    got.update(_read(picks(prefix + "linear_fc2.weight", tuple(fc2.shape), layout), fc2, tmp_path))
     assert len(got) == 2 * E * 3
     for i, ex in enumerate(layers):
         for e, x in enumerate(ex):
@@ -137,6 +138,7 @@ def test_stacked_experts_of_stacked_layers(tmp_path, mixtral):
 
 @pytest.mark.parametrize("key", ["decoder.layers.1.mlp.experts.2.linear_fc1.weight",
                                  "decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight",
+                                 "decoder.layers.1.mlp.experts.experts.2.linear_fc1.weight",
                                  "decoder.layers.1.mlp.experts.linear_fc1.weight2"])
 def test_per_expert_forms(tmp_path, key):
     x = _experts(3)[2]
