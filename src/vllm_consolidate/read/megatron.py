@@ -93,6 +93,8 @@ def _tracked(path: Path) -> Path | None:
         name = f"iter_{int(text):07d}"
     else:
         raise CorruptCheckpointError(f"{TRACKER} holds {brief(text)}, not an iteration", path=tracker)
+    if dcp.is_dcp_folder(path / name) and os.path.lexists(path / name / MEGATRON_METADATA):
+        _check_backend(path / name)  # an unreadable or foreign metadata.json: that is the error, named
     if not is_megatron_folder(path / name):
         raise CorruptCheckpointError(f"{TRACKER} names {name}, but it is missing or not a torch_dist save",
                                      path=tracker, hint="Pass the iter_NNNNNNN folder you want with --checkpoint-dir.")
