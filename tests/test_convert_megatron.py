@@ -168,3 +168,24 @@ def test_validate_against_the_source(conv):
     case = conv.corpus["mcore_llama_tp2_fp32"]
     code, stdout, stderr = _cli("validate", out, "--against", case / "ckpt", "--base-model-name", case / "hf")
     assert code == 0, stdout + stderr
+
+
+PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 150], [64, 65, 66, 67, 68, 69]]
+MAX_TOKENS = 8
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", ["mcore_llama_tp2_fp32", "mcore_mixtral_ep2"])
+def test_vllm_generates_what_transformers_generates(name, conv):
+    """Real vLLM loads a converted dense and MoE folder, and its greedy tokens are transformers' (fp32)."""
+    from tests.test_e2e_vllm import vllm_python
+
+    from vllm_consolidate.validate.load import run_vllm_probe, transformers_greedy
+
+    python = vllm_python()
+    code, out, _, stderr = conv.convert(name)
+    assert code == 0, stderr
+    probe = run_vllm_probe(out, PROMPTS, max_tokens=MAX_TOKENS, python=python, dtype="float32")
+    expected = transformers_greedy(out, PROMPTS, MAX_TOKENS, dtype="float32")
+    assert [len(t) for t in expected] == [MAX_TOKENS] * len(PROMPTS)
+    assert probe["output_token_ids"] == expected
