@@ -4,13 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= .cache/demo/qwen2-zero3-bf16
 
-.PHONY: setup setup-vllm lock demo test test-unit lint bench
+.PHONY: setup setup-vllm setup-megatron lock demo test test-unit lint bench
 
 setup:
 	@scripts/bootstrap.sh
 
 setup-vllm:
 	@scripts/setup_vllm_venv.sh
+
+# megatron-core (CPU) in its own venv, used only to write the Megatron test corpus (tests/corpus/megatron_build.py).
+setup-megatron:
+	@scripts/setup_megatron_venv.sh
 
 # Re-pin the test environments: freeze $(VENV) and .venv-vllm (VLLM_VENV), once their tests pass, into
 # constraints/test.txt and constraints/vllm.txt, which setup and setup-vllm install with. See scripts/lock.sh.
@@ -23,7 +27,7 @@ demo: setup
 
 # Everything: lint (ruff + the import-linter layers contract), then every test. pytest's first line names the
 # versions it runs with (tests/conftest.py), pinned by constraints/*.txt.
-test: setup setup-vllm lint
+test: setup setup-vllm setup-megatron lint
 	$(PY) -m pytest -q
 
 # The fast layer alone (pure logic, no corpus, no torch): well under 30 s.
