@@ -9,8 +9,9 @@ names as element ranges. Nothing but metadata and each chunk's archive header is
 
 Inputs claimed (see :func:`resolve_megatron`): the save folder itself; a Megatron-LM run
 (``latest_checkpointed_iteration.txt`` naming ``N`` or ``release``, beside ``iter_NNNNNNN/``; else the
-highest ``iter_N`` that is a save); NeMo 2's ``weights/``; verl's ``dist_ckpt/``. The tracker is the
-same file name verl uses: here it counts only beside ``iter_*`` folders (verl's beside ``global_step_*``).
+highest ``iter_N`` that is a save); NeMo 2's ``weights/``; verl's Megatron backend (``dist_ckpt/``, an
+``actor/dist_ckpt/`` in a ``global_step_N``, or a run of those: the tracker's step, else the highest). The
+tracker is the same file name verl uses: as Megatron-LM's it counts only beside ``iter_*`` folders.
 
 The head layout and the true vocabulary size (the embedding is padded) come from, in order, a
 ``config.json`` where the output's config is found (the save folder and its run, verl's ``huggingface/``,
@@ -41,7 +42,7 @@ from vllm_consolidate.limits import brief
 from vllm_consolidate.read.assets import find_checkpoint_assets, read_config
 from vllm_consolidate.read.chunks import assemble
 from vllm_consolidate.read.dcp import _piece, check_layout, check_storage_files, stored_dtype
-from vllm_consolidate.read.fsdp_locate import MEGATRON_METADATA, VERL_TRACKER, is_megatron_save
+from vllm_consolidate.read.fsdp_locate import MEGATRON_METADATA, VERL_TRACKER, is_megatron_save, verl_tracked_step
 from vllm_consolidate.read.hf import check_weight_file
 from vllm_consolidate.read.megatron_config import HINT_BASE, config_from_args, layout_from_config
 from vllm_consolidate.read.megatron_names import Layout, Pick, model_name, picks
@@ -52,6 +53,9 @@ from vllm_consolidate.source import Segment, SourceModel, TensorSpec, sub_segmen
 
 TRACKER = VERL_TRACKER  # Megatron-LM's name; verl copied it
 _ITER = re.compile(r"^iter_(\d{7,})$")
+_VERL_STEP = re.compile(r"^global_step_(\d+)$")
+#: verl's Megatron backend keeps the actor's torch_dist save here, beside ``actor/huggingface/``.
+VERL_ACTOR = Path("actor") / "dist_ckpt"
 RELEASE = "release"
 #: Sub-folders holding the save: NeMo 2's ``weights/``, verl's ``dist_ckpt/``.
 SAVE_FOLDERS = ("weights", "dist_ckpt")
@@ -115,6 +119,37 @@ def _check_backend(folder: Path) -> None:
             path=folder / MEGATRON_METADATA, hint="Re-save it with --ckpt-format torch_dist.")
 
 
+def save_folder(path: Path) -> Path:
+    """The save a claimed folder holds: itself, or NeMo's ``weights/`` or verl's ``dist_ckpt/`` in it (confined).
+
+    Detection hands the reader the outer folder, so that the config and tokenizer beside the save (NeMo's
+    ``context/``, verl's ``huggingface/``) are inside the folder whose assets are searched.
+    """
+    if is_megatron_folder(path):
+        return path
+    for name in SAVE_FOLDERS:
+        if is_megatron_folder(path / name):
+            return confine_chosen(path / name, path)
+    return path
+
+
+def _verl_megatron(path: Path) -> ResolvedCheckpoint | None:
+    """verl's Megatron backend: a ``global_step_N`` holding ``actor/dist_ckpt``, or a run of them (the
+    tracker's step, else the highest): its ``actor`` folder; None when there is none."""
+    if is_megatron_folder(path / VERL_ACTOR):
+        return ResolvedCheckpoint(confine_chosen(path / "actor", path), path.name, "verl Megatron actor")
+    steps = sorted((int(m.group(1)), p) for p in _subfolders(path) if (m := _VERL_STEP.match(p.name))
+                   and is_megatron_folder(p / VERL_ACTOR))
+    if not steps:
+        return None
+    tracked = verl_tracked_step(path)
+    step = next((p for n, p in steps if n == tracked), steps[-1][1])
+    how = f"{step.name} from {TRACKER}" if tracked is not None and step.name == f"global_step_{tracked}" else (
+        f"highest step: {step.name}")
+    step = confine_chosen(step, path)
+    return ResolvedCheckpoint(confine_chosen(step / "actor", step), step.name, f"{how}; verl Megatron actor")
+
+
 def resolve_megatron(path: Path) -> ResolvedCheckpoint:
     """The ``torch_dist`` save an input refers to (see the module docstring).
 
@@ -127,10 +162,11 @@ def resolve_megatron(path: Path) -> ResolvedCheckpoint:
     if is_megatron_folder(path):
         _check_backend(path)
         return ResolvedCheckpoint(path, path.name, "Megatron-Core torch_dist folder given directly")
-    for name in SAVE_FOLDERS:
-        if is_megatron_folder(path / name):
-            _check_backend(path / name)
-            return ResolvedCheckpoint(confine_chosen(path / name, path), path.name, f"Megatron-Core save in {name}/")
+    if (inner := save_folder(path)) != path:  # the reader reads it there; the assets beside it stay in reach
+        _check_backend(inner)
+        return ResolvedCheckpoint(path, path.name, f"Megatron-Core save in {inner.relative_to(path)}/")
+    if (verl := _verl_megatron(path)) is not None:
+        return verl
     if _is_run(path):
         chosen = _tracked(path)
         how = f"{chosen.name} from {TRACKER}" if chosen is not None else ""
@@ -143,10 +179,15 @@ def resolve_megatron(path: Path) -> ResolvedCheckpoint:
 
 
 def megatron_save_list(path: Path) -> SaveList | None:
-    """A run's ``iter_N`` saves; ``convert`` picks the tracker's, else the highest."""
+    """A run's ``iter_N`` saves (or verl's ``global_step_N`` holding ``actor/dist_ckpt``); ``convert`` picks the
+    tracker's, else the highest."""
     saves = [Checkpoint(p.name, n, p) for n, p in iterations(path)]
     if not saves:
-        return None
+        saves = [Checkpoint(p.name, int(m.group(1)), p) for p in sorted(_subfolders(path))
+                 if (m := _VERL_STEP.match(p.name)) and is_megatron_folder(p / VERL_ACTOR)]
+        saves.sort(key=lambda c: c.step or 0)
+        tracked_step = verl_tracked_step(path)
+        return SaveList(saves, next((c for c in saves if c.step == tracked_step), saves[-1])) if saves else None
     try:
         tracked = _tracked(path)
     except ConsolidateError:
@@ -155,11 +196,11 @@ def megatron_save_list(path: Path) -> SaveList | None:
 
 
 def asset_dirs(folder: Path) -> list[Path]:
-    """verl's ``huggingface/`` and NeMo's ``context/``, beside the save folder or inside it."""
-    return [base / name for base in (folder, folder.parent) for name in ASSET_FOLDERS if (base / name).is_dir()]
+    """verl's ``huggingface/`` and NeMo's ``context/`` in the claimed folder (beside the save it holds)."""
+    return [folder / name for name in ASSET_FOLDERS if (folder / name).is_dir()]
 
 
-def find_layout(folder: Path, root: Path, base_model_name: str | None, names: set[str],
+def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | None, names: set[str],
                 ) -> tuple[Layout, str, dict[str, Any] | None]:
     """The head layout and true vocabulary size, where they came from, and the config.json to write when
     the reader builds it (from args; None when a config.json is found, which convert then copies).
@@ -167,18 +208,19 @@ def find_layout(folder: Path, root: Path, base_model_name: str | None, names: se
     In order: a config.json the checkpoint has (its folder and run, verl's ``huggingface/``, NeMo's
     ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt`` (the trained
     model's own record, before a base model that may be the default one); ``--base-model-name``'s config.json.
+    ``outer`` is the folder detection claimed, ``folder`` the save in it (:func:`save_folder`).
 
     Raises:
         ConfigNotFoundError: None of them gives the layout (exit 8).
     """
-    own = find_checkpoint_assets(folder, root, asset_dirs(folder), None)
+    own = find_checkpoint_assets(outer, root, asset_dirs(outer), None)  # as convert searches the claimed folder
     if own.config is not None:
         return layout_from_config(read_config(own.config), own.config), str(own.config), None
     args = read_args(folder)
     if args is not None:
         layout, config = config_from_args(args, names, folder / COMMON_FILE)
         return layout, f"Megatron-LM args in {COMMON_FILE}", config
-    base = find_checkpoint_assets(folder, root, asset_dirs(folder), base_model_name) if base_model_name else own
+    base = find_checkpoint_assets(outer, root, asset_dirs(outer), base_model_name) if base_model_name else own
     if base.config is not None:
         return layout_from_config(read_config(base.config), base.config), str(base.config), None
     why = f" ({base.base_model_error})" if base.base_model_error else ""
@@ -231,8 +273,9 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
         UnsafePickleError: The metadata or a chunk's pickle is refused by the allowlist.
         UnsafeInputError: A storage file resolves outside the input.
     """
-    folder = Path(folder)
-    roots = [Path(root) if root is not None else folder]
+    outer = Path(folder)
+    roots = [Path(root) if root is not None else outer]
+    folder = save_folder(outer)
     check_weight_file(folder / dcp.METADATA_FILE, roots)
     meta = dcp.read_metadata(folder)
     names = {key: name for key in meta.tensors if (name := model_name(key)) is not None}
@@ -243,7 +286,7 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
     if not names:
         raise UnsupportedCheckpointError("this Megatron-Core checkpoint holds no model weights (only optimizer or "
                                          "other state)", path=meta.path)
-    layout, layout_from, config = find_layout(folder, roots[0], base_model_name, set(names.values()))
+    layout, layout_from, config = find_layout(outer, folder, roots[0], base_model_name, set(names.values()))
     entries = len(meta.tensors) + len(meta.byte_keys)
     meta.tensors = {key: meta.tensors[key] for key in names}  # only the model's files must be present
     planned = _plan(meta.tensors, names, layout, meta.path)
@@ -271,7 +314,7 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
         "dropped_entries": entries - len(names),  # optimizer state, extra state, RNG, common state
         "stored_dtype": stored.name if stored else None,
     }
-    return SourceModel(kind="megatron", path=folder, tensors=specs, asset_dirs=asset_dirs(folder), info=info,
+    return SourceModel(kind="megatron", path=folder, tensors=specs, asset_dirs=asset_dirs(outer), info=info,
                        trained_dtype=trained if trained and trained.itemsize == 2 else None, config=config)
 
 

@@ -270,3 +270,29 @@ def test_an_unknown_model_key_is_refused_by_name_before_any_chunk_is_read(tmp_pa
         f.write_bytes(b"")  # the refusal must come from the metadata alone
     with pytest.raises(UnsupportedCheckpointError, match="linear_proj.bias"):
         read_megatron(folder)
+
+
+def test_nemo_weights_and_verl_megatron_layouts(tmp_path):
+    """NeMo 2 keeps the save in weights/; verl's Megatron backend in global_step_N/actor/dist_ckpt with the
+    config in actor/huggingface/ (found through the reader's asset folders), the run's tracker naming the step."""
+    sd = _hf_state(3)
+    nemo = tmp_path / "nemo"
+    _save(nemo / "weights", _megatron(sd), config=False)
+    (nemo / "context").mkdir()
+    (nemo / "context" / "config.json").write_text(json.dumps(CONFIG))
+    detected = detection.detect(nemo)
+    assert detected.kind == "megatron" and detected.weights_dir == nemo  # its context/ is searched
+    assert torch.equal(_values(detection.read(detected))["lm_head.weight"], sd["lm_head.weight"])
+    run = tmp_path / "verl"
+    for step in (1, 2):
+        _save(run / f"global_step_{step}" / "actor" / "dist_ckpt", _megatron(_hf_state(step)), config=False)
+        (run / f"global_step_{step}" / "actor" / "huggingface").mkdir()
+        (run / f"global_step_{step}" / "actor" / "huggingface" / "config.json").write_text(json.dumps(CONFIG))
+    (run / "latest_checkpointed_iteration.txt").write_text("1")
+    detected = detection.detect(run)
+    assert detected.kind == "megatron" and detected.weights_dir == run / "global_step_1" / "actor"
+    source = detection.read(detected)
+    assert source.info["layout_from"].endswith("actor/huggingface/config.json")
+    assert torch.equal(_values(source)["lm_head.weight"], _hf_state(1)["lm_head.weight"])
+    fmt, saves = run_saves(run)
+    assert fmt.kind == "megatron" and [c.step for c in saves.saves] == [1, 2] and saves.latest.step == 1
