@@ -57,7 +57,7 @@ precision       str   "fp32" | "bf16": dtype of the parameters as saved (= truth
 tied            bool  embeddings shared with the output layer (no output_layer / lm_head)
 layer_keys      str   "stacked" (decoder.layers.<param>, leading layer axis) | "per_layer" (decoder.layers.N.)
 vocab_size      int   true vocabulary (tokenizer) size = HF config vocab_size
-padded_vocab_size int Megatron's padded vocabulary (rows of the embedding / output layer)
+padded_vocab_size  int  Megatron's padded vocabulary (rows of the embedding / output layer)
 hidden_size, num_layers, num_heads, num_kv_heads, head_dim, ffn_hidden_size   int
 num_experts, moe_topk, moe_ffn_hidden_size, shared_expert_size   int|null (MoE only)
 input           str   path (relative to the case dir) a user passes: "ckpt" or "run"
