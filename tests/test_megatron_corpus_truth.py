@@ -1,5 +1,7 @@
 """Prove the Megatron corpus's ground truth is trustworthy (its own invariants; the reader is tested elsewhere).
 
+* The files hold the live weights: a fresh model filled by megatron-core's own ``dist_checkpointing.load``
+  gave bit-identical logits at build time (recorded).
 * The truth was verified when it was written: the HF model loaded with it gave the live Megatron model's fp32
   logits (within ``tol``), and each of three wrong mappings moved them by more than ``wrong_min``.
 * ``case.json`` follows ``megatron_build.CASE_SCHEMA_DOC``; the files a reader needs are there (metadata.json
@@ -77,6 +79,13 @@ def test_logits_check_recorded(megatron_corpus: dict[str, Path], name: str, step
     caught = {k: v for k, v in check["wrong_mappings"].items() if v > check["wrong_min"]}
     assert set(caught) == WRONG, f"a wrong mapping was not caught by the logits: {check}"
     assert check["prompt_tokens"] >= 8
+
+
+@pytest.mark.parametrize(("name", "step"), _checkpoints())
+def test_megatron_own_load_recorded(megatron_corpus: dict[str, Path], name: str, step: int) -> None:
+    """megatron-core's dist_checkpointing.load of the written folder gave the live model's logits exactly."""
+    check = _entry(megatron_build.load_case(name), step)["reload_check"]
+    assert check == {"loader": "megatron.core.dist_checkpointing.load", "max_abs_diff": 0.0}, check
 
 
 @pytest.mark.parametrize("name", [s.name for s in SPECS])

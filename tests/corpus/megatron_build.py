@@ -36,7 +36,7 @@ from tests.corpus import cache
 #: Bump whenever the generator's output format / semantics change (new cache root).
 SCHEMA_VERSION = 1
 #: Per-kind revision folded into the spec hash when non-zero (rebuilds only that kind).
-KIND_REVISION: dict[str, int] = {"torch_dist": 0, "megatron_lm": 0}
+KIND_REVISION: dict[str, int] = {"torch_dist": 1, "megatron_lm": 1}
 #: megatron-core release that writes the corpus (constraints/megatron.txt pins the same).
 MCORE_VERSION = "0.16.1"
 
@@ -62,8 +62,10 @@ hidden_size, num_layers, num_heads, num_kv_heads, head_dim, ffn_hidden_size   in
 num_experts, moe_topk, moe_ffn_hidden_size, shared_expert_size   int|null (MoE only)
 input           str   path (relative to the case dir) a user passes: "ckpt" or "run"
 hf_dir          str   "hf": config.json + tokenizer for --base-model-name
-checkpoints     list  [{tag, path, truth, step, logits_check, truth_tensors, gathered_keys}] oldest first;
-                      logits_check = {tol, max_abs_diff, equal, wrong_min, wrong_mappings: {name: diff}}
+checkpoints     list  [{tag, path, truth, step, logits_check, reload_check, truth_tensors, gathered_keys}] oldest
+                      first; logits_check = {tol, max_abs_diff, equal, wrong_min, wrong_mappings: {name: diff}};
+                      reload_check = {loader, max_abs_diff}: a fresh model filled by megatron-core's own
+                      dist_checkpointing.load from the folder vs the live model (must be 0.0)
 expected_step   int   step a convert of `input` should pick (the tracker's / the only one)
 layout          dict  facts of the last checkpoint folder: files, metadata_json, dcp_tensors {key: [shape,
                       dtype]}, dcp_objects, common_pt_keys, common_pt_globals, common_pt_args (megatron_lm)

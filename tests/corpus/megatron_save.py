@@ -129,16 +129,24 @@ def save(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, step: int) 
 
 def save_and_verify(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, step: int, prompt: torch.Tensor,
                     tok: Any, logits_of: Any) -> dict[str, Any] | None:
-    """Save, gather the live global tensors, check the HF mapping by logits, write the truth (rank 0's record)."""
+    """Save, gather the live global tensors, check the HF mapping by logits, write the truth (rank 0's record).
+
+    ``logits_of(prompt, folder=None)``: fp32 logits of the live model, or (``folder``) of a fresh model that
+    megatron-core's own ``dist_checkpointing.load`` filled from the written folder: the files must hold the
+    live weights exactly (the framework's own reader agrees with what was saved).
+    """
     folder = save(case, gpt, opt, step)
     model, dtype = case["model"], megatron_hf_dtype(case)
     gathered = megatron_hf.gather_global(gpt.sharded_state_dict(metadata=sd_metadata(case)))
-    ref_logits = logits_of(prompt)  # fp32 logits of the live model (or its exact fp32 upcast for bf16)
+    logits = (logits_of(prompt), logits_of(prompt, folder))
     everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, ref_logits)
+    dist.all_gather_object(everyone, logits)
     if dist.get_rank() != 0:
         return None
-    ref = next(x for x in everyone if x is not None)
+    ref, reloaded = next(x for x in everyone if x[0] is not None)
+    reload_diff = float((reloaded - ref).abs().max())
+    if reload_diff != 0.0:
+        raise AssertionError(f"megatron-core's own load of {folder} changes the live logits by {reload_diff}")
     sd = megatron_hf.to_hf(gathered, model, case["layer_keys"] == "per_layer")
     check = megatron_hf.check_logits(model, {k: v.float() for k, v in sd.items()}, prompt, ref)
     tag = folder.name if case["kind"] == "megatron_lm" else f"step{step}"
@@ -149,6 +157,7 @@ def save_and_verify(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, 
         "truth": f"truth/{tag}.safetensors",
         "step": step,
         "logits_check": check,
+        "reload_check": {"loader": "megatron.core.dist_checkpointing.load", "max_abs_diff": reload_diff},
         "truth_tensors": len(names),
         "gathered_keys": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(gathered.items())},
     }

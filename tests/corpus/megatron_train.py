@@ -215,12 +215,24 @@ def run_case(case: dict[str, Any]) -> None:
         train_step(gpt, opt, ids)
         if step in case["save_steps"]:
             record = megatron_save.save_and_verify(
-                case, gpt, opt, step, prompt, tok, lambda p: fp32_logits(gpt, model, par, p)
+                case, gpt, opt, step, prompt, tok,
+                lambda p, folder=None: fp32_logits(gpt if folder is None else reload(case, folder), model, par, p),
             )
             checkpoints.append(record)
     if dist.get_rank() == 0:
         megatron_save.finish_case(case, checkpoints, time.time() - t0)
     dist.barrier()
+
+
+def reload(case: dict[str, Any], folder: Path) -> Any:
+    """A freshly initialised model (other seed) filled by megatron-core's own ``dist_checkpointing.load``."""
+    from megatron.core import dist_checkpointing
+
+    torch.manual_seed(case["seed"] + 1000)
+    fresh = build_gpt(case["model"], case["parallel"], DTYPES[case["precision"]])
+    request = {"model": fresh.sharded_state_dict(metadata=megatron_save.sd_metadata(case))}
+    fresh.load_state_dict(dist_checkpointing.load(request, str(folder))["model"], strict=True)
+    return fresh
 
 
 def fp32_logits(gpt: Any, model: dict[str, Any], par: dict[str, int], ids: torch.Tensor) -> torch.Tensor | None:
