@@ -175,6 +175,11 @@ _SPECS: list[MegatronCaseSpec] = [
                      "Megatron-LM run folder: latest_checkpointed_iteration.txt -> 2, iter_0000001/ and "
                      "iter_0000002/ with args (Namespace) + optimizer (Adam exp_avg/exp_avg_sq) + rng_state + "
                      "scheduler, TP=2 fp32 untied", tp=2, save_steps=(1, 2), seed=7),
+    MegatronCaseSpec("mcore_lm_run_qwen2moe_ep2_bf16", "megatron_lm", _model("qwen2_moe"),
+                     "Megatron-LM run of the Qwen2-MoE-like model (bf16 params, EP=2): its args carry the MoE "
+                     "fields (num_experts, moe_router_topk, moe_ffn_hidden_size, shared expert size and gate, "
+                     "pre-softmax router); expert optimizer state", ep=2, precision="bf16", save_steps=(1, 2),
+                     seed=9),
     MegatronCaseSpec("mcore_llama_tp2pp2", "torch_dist", _model("llama"),
                      "dense Llama-like fp32, TP=2 x PP=2 (4 ranks), untied", tp=2, pp=2, seed=8),
 ]
