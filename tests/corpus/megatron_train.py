@@ -5,11 +5,14 @@ Launched by :mod:`tests.corpus.megatron_build` from ``.venv-megatron`` (megatron
     torchrun --nproc_per_node W tests/corpus/megatron_train.py --plan PLAN.json
 
 For each case of the plan (all with the same world size): set up TP/PP/EP groups (gloo), build a ``GPTModel``
-with the local (pure megatron-core) layer spec, run one real training step (forward, backward, Adam step),
-then save with megatron-core's own ``dist_checkpointing.save(..., 'torch_dist')``.  The truth is the model's
+with the local (pure megatron-core) layer spec, run real training steps (pipelined forward and backward by hand,
+the grad all-reduces of megatron's ``finalize_model_grads`` that matter here, an Adam step), and at each save step
+save with megatron-core's own ``dist_checkpointing.save(..., 'torch_dist')``.  The truth is the model's
 sharded state dict after ``apply_factories`` (each ``ShardedTensor`` is a chunk of one global tensor), gathered
 over the ranks, mapped to HF names by :mod:`tests.corpus.megatron_hf` and loaded into the transformers class,
-whose fp32 logits must equal the live Megatron model's logits (the check that makes the mapping the truth).
+whose fp32 logits must equal the live Megatron model's logits (the check that makes the mapping the truth); and a
+fresh model filled by megatron-core's own ``dist_checkpointing.load`` from the folder must give the live logits
+bit for bit (the files hold what was trained).
 """
 
 from __future__ import annotations
