@@ -83,6 +83,19 @@ def _truth(conv: Conversions, name: str, step: int | None = None) -> dict[str, t
     return load_file(conv.corpus[name] / entry["truth"])
 
 
+def _assert_fp32_of(truth: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    """fp32 output of a save whose truth is fp32 (bit for bit) or bf16: its bf16 matrices exactly widened, and the
+    fp32 norm weights Megatron-Core keeps beside bf16 parameters (the bf16 truth has them rounded) compared rounded."""
+    if {t.dtype for t in truth.values()} == {torch.float32}:
+        assert_equal(truth, got, torch.float32)
+        return
+    assert sorted(got) == sorted(truth) and {t.dtype for t in got.values()} == {torch.float32}
+    for key, want in truth.items():
+        assert torch.equal(got[key].to(torch.bfloat16), want), key
+        if want.dim() >= 2:
+            assert torch.equal(got[key], want.float()), key
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_default_convert_is_truth_in_fp32(name, conv):
     """The default output is fp32: fp32 saves give their truth bit for bit; bf16 saves their bf16 matrices
@@ -91,15 +104,7 @@ def test_default_convert_is_truth_in_fp32(name, conv):
     code, out, stdout, stderr = conv.convert(name)
     assert code == 0, stderr
     meta = conv.meta(name)
-    truth, got = _truth(conv, name), load_out(out)
-    if meta["precision"] == "fp32":
-        assert_equal(truth, got, torch.float32)
-    else:
-        assert sorted(got) == sorted(truth) and {t.dtype for t in got.values()} == {torch.float32}
-        for key, want in truth.items():
-            assert torch.equal(got[key].to(torch.bfloat16), want), key
-            if want.dim() >= 2:
-                assert torch.equal(got[key], want.float()), key
+    _assert_fp32_of(_truth(conv, name), load_out(out))
     assert _line(stdout, "detected:").split(",")[0] == "megatron"
     assert _line(stdout, "validation:").startswith("passed")
     config = json.loads((out / "config.json").read_text())
@@ -144,6 +149,33 @@ def test_run_picks_the_tracker_and_checkpoint_dir_an_older_one(conv):
     old, new = _truth(conv, RUN, older), _truth(conv, RUN)
     assert_equal(old, load_out(out), torch.float32)
     assert any(not torch.equal(old[k], new[k]) for k in new), "the saves do not differ"
+
+
+RUNS = [n for n, c in megatron_build.CASES.items() if c.kind == "megatron_lm"]
+#: config.json fields the config built from Megatron-LM's args must share with the model's own.
+SAME_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps",
+               "tie_word_embeddings", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+               "shared_expert_intermediate_size", "norm_topk_prob", "num_local_experts")
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_args_alone_give_a_config_transformers_loads_as_truth(name, conv, tmp_path):
+    """No config.json anywhere: the one written from Megatron-LM's args builds the model's class in transformers,
+    agrees with the model's own config.json, and every weight loads (and is the truth)."""
+    from transformers import AutoModelForCausalLM
+
+    case = conv.corpus[name]
+    out = tmp_path / "out"
+    code, stdout, stderr = _cli("convert", "--input", case / "run", "--output", out, "--base-model-name", "")
+    assert code == 0, stderr
+    assert _line(stdout, "config:") == "None" or "args" in stdout, stdout
+    written, own = json.loads((out / "config.json").read_text()), json.loads((case / "hf" / "config.json").read_text())
+    assert {k: written.get(k) for k in SAME_FIELDS if k in own} == {k: own[k] for k in SAME_FIELDS if k in own}
+    model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert type(model).__name__ == conv.meta(name)["hf_class"]
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weight
+    _assert_fp32_of(_truth(conv, name), load_out(out))
 
 
 def test_inspect_and_batch_list_the_runs_saves(conv, tmp_path):
