@@ -1,7 +1,7 @@
 """Prove the Megatron corpus's ground truth is trustworthy (its own invariants; the reader is tested elsewhere).
 
 * The files hold the live weights: a fresh model filled by megatron-core's own ``dist_checkpointing.load``
-  gave bit-identical logits at build time (recorded).
+  gave the live model's logits at build time (recorded: bit-identical for every dense model).
 * The truth was verified when it was written: the HF model loaded with it gave the live Megatron model's fp32
   logits (within ``tol``), and each of three wrong mappings moved them by more than ``wrong_min``.
 * ``case.json`` follows ``megatron_build.CASE_SCHEMA_DOC``; the files a reader needs are there (metadata.json
@@ -83,9 +83,13 @@ def test_logits_check_recorded(megatron_corpus: dict[str, Path], name: str, step
 
 @pytest.mark.parametrize(("name", "step"), _checkpoints())
 def test_megatron_own_load_recorded(megatron_corpus: dict[str, Path], name: str, step: int) -> None:
-    """megatron-core's dist_checkpointing.load of the written folder gave the live model's logits exactly."""
+    """megatron-core's dist_checkpointing.load of the written folder gave the live model's logits (bit for bit but
+    for a last-bit MoE rounding under TP x EP)."""
     check = _entry(megatron_build.load_case(name), step)["reload_check"]
-    assert check == {"loader": "megatron.core.dist_checkpointing.load", "max_abs_diff": 0.0}, check
+    assert check["loader"] == "megatron.core.dist_checkpointing.load" and check["tol"] <= 1e-6, check
+    assert 0.0 <= check["max_abs_diff"] <= check["tol"], check
+    if megatron_build.CASES[name].ep == 1:
+        assert check["max_abs_diff"] == 0.0, check
 
 
 @pytest.mark.parametrize("name", [s.name for s in SPECS])

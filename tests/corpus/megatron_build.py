@@ -36,7 +36,7 @@ from tests.corpus import cache
 #: Bump whenever the generator's output format / semantics change (new cache root).
 SCHEMA_VERSION = 1
 #: Per-kind revision folded into the spec hash when non-zero (rebuilds only that kind).
-KIND_REVISION: dict[str, int] = {"torch_dist": 1, "megatron_lm": 1}
+KIND_REVISION: dict[str, int] = {"torch_dist": 3, "megatron_lm": 3}
 #: megatron-core release that writes the corpus (constraints/megatron.txt pins the same).
 MCORE_VERSION = "0.16.1"
 
@@ -64,8 +64,8 @@ input           str   path (relative to the case dir) a user passes: "ckpt" or "
 hf_dir          str   "hf": config.json + tokenizer for --base-model-name
 checkpoints     list  [{tag, path, truth, step, logits_check, reload_check, truth_tensors, gathered_keys}] oldest
                       first; logits_check = {tol, max_abs_diff, equal, wrong_min, wrong_mappings: {name: diff}};
-                      reload_check = {loader, max_abs_diff}: a fresh model filled by megatron-core's own
-                      dist_checkpointing.load from the folder vs the live model (must be 0.0)
+                      reload_check = {loader, max_abs_diff, tol}: a fresh model filled by megatron-core's own
+                      dist_checkpointing.load from the folder vs the live model (<= tol = 1e-6; 0.0 but for TPxEP)
 expected_step   int   step a convert of `input` should pick (the tracker's / the only one)
 layout          dict  facts of the last checkpoint folder: files, metadata_json, dcp_tensors {key: [shape,
                       dtype]}, dcp_objects, common_pt_keys, common_pt_globals, common_pt_args (megatron_lm)
@@ -112,8 +112,8 @@ class MegatronCaseSpec:
 
     @property
     def world_size(self) -> int:
-        """Ranks of the launch: TP x PP, times 2 (data parallel) when EP needs them."""
-        return self.tp * self.pp * max(1, self.ep // self.tp)
+        """Ranks of the launch: TP x PP x DP with DP = EP (experts are split over EP x expert-TP, expert-TP = TP)."""
+        return self.tp * self.pp * self.ep
 
     def spec_hash(self) -> str:
         """Stable hash of the spec (+ schema version, kind revision, megatron-core version)."""
@@ -180,6 +180,9 @@ _SPECS: list[MegatronCaseSpec] = [
                      "fields (num_experts, moe_router_topk, moe_ffn_hidden_size, shared expert size and gate, "
                      "pre-softmax router); expert optimizer state", ep=2, precision="bf16", save_steps=(1, 2),
                      seed=9),
+    MegatronCaseSpec("mcore_mixtral_tp2_ep2", "torch_dist", _model("mixtral"),
+                     "Mixtral-like MoE on 4 ranks: TP=2 (attention, and expert-TP=2: each expert's fc1/fc2 split "
+                     "over TP like a dense MLP) x EP=2", tp=2, ep=2, seed=10),
     MegatronCaseSpec("mcore_llama_tp2pp2", "torch_dist", _model("llama"),
                      "dense Llama-like fp32, TP=2 x PP=2 (4 ranks), untied", tp=2, pp=2, seed=8),
 ]

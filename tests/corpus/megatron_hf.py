@@ -86,16 +86,18 @@ def gather_global(sharded_sd: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """Every ``ShardedTensor``'s full global tensor, assembled on rank 0 (None elsewhere; collective).
 
     ``apply_factories`` first (SwiGLU's ``linear_fc1`` is a factory that saves gate and up as two chunks of one
-    global tensor), then each chunk is placed at its ``global_offset`` (stacked keys carry the layer, and for
-    experts the expert, as leading axes: ``prepend_axis_num``).  Every element must be covered.
+    global tensor), then each main-replica chunk (the one that is saved) is placed at its ``global_offset``
+    (stacked keys carry the layer, and for experts the expert, as leading axes: ``prepend_axis_num``).  Every
+    element must be covered.
     """
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
 
     apply_factories(sharded_sd)
     chunks = []
     for t in nested_values(sharded_sd):
-        if isinstance(t, ShardedTensor):
+        # Only the main replica of each chunk, the one dist_checkpointing.save writes.
+        if isinstance(t, ShardedTensor) and is_main_replica(t.replica_id):
             assert t.flattened_range is None, t.key
             local = t.data.detach().cpu().clone().reshape((1,) * t.prepend_axis_num + tuple(t.data.shape))
             chunks.append((t.key, tuple(t.global_shape), tuple(t.global_offset), local))

@@ -27,6 +27,10 @@ import torch
 import torch.distributed as dist
 from tests.corpus import common, megatron_hf
 
+#: A reloaded model's logits vs the live model's: bit-equal except that with TP x EP the MoE combine of a fresh
+#: model can round differently in the last bit (3.6e-07 seen); a wrong load moves them by > 1e-2.
+RELOAD_TOL = 1e-6
+
 
 def sd_metadata(case: dict[str, Any]) -> dict[str, Any]:
     """Megatron-LM's ``_build_sharded_state_dict_metadata`` (no distributed optimizer), plus per-layer keys."""
@@ -146,7 +150,7 @@ def save_and_verify(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, 
         return None
     ref, reloaded = next(x for x in everyone if x[0] is not None)
     reload_diff = float((reloaded - ref).abs().max())
-    if reload_diff != 0.0:
+    if not reload_diff <= RELOAD_TOL:
         raise AssertionError(f"megatron-core's own load of {folder} changes the live logits by {reload_diff}")
     sd = megatron_hf.to_hf(gathered, model, case["layer_keys"] == "per_layer")
     check = megatron_hf.check_logits(model, {k: v.float() for k, v in sd.items()}, prompt, ref)
@@ -158,7 +162,8 @@ def save_and_verify(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, 
         "truth": f"truth/{tag}.safetensors",
         "step": step,
         "logits_check": check,
-        "reload_check": {"loader": "megatron.core.dist_checkpointing.load", "max_abs_diff": reload_diff},
+        "reload_check": {"loader": "megatron.core.dist_checkpointing.load", "max_abs_diff": reload_diff,
+                         "tol": RELOAD_TOL},
         "truth_tensors": len(names),
         "gathered_keys": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(gathered.items())},
     }

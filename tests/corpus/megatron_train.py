@@ -114,7 +114,7 @@ def build_gpt(model: dict[str, Any], par: dict[str, int], dtype: torch.dtype) ->
     spec = get_gpt_layer_local_spec(
         num_experts=model.get("experts"), qk_layernorm=bool(model.get("qk_norm")), normalization="RMSNorm"
     )
-    return GPTModel(
+    gpt = GPTModel(
         config,
         spec,
         vocab_size=model["padded_vocab"],
@@ -126,6 +126,11 @@ def build_gpt(model: dict[str, Any], par: dict[str, int], dtype: torch.dtype) ->
         position_embedding_type="rope",
         rotary_base=model["rope_base"],
     )
+    if model.get("experts") and par["tp"] > 1:
+        # MoELayer refuses TP without sequence parallelism in training mode (a performance guard); with no
+        # dropout anywhere, eval mode computes the same forward and backward.
+        gpt.eval()
+    return gpt
 
 
 def pipeline_forward(gpt: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -169,6 +174,13 @@ def train_step(gpt: Any, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float
         out.backward(grad)
     if recv is not None:
         dist.send(recv.grad.contiguous(), ps.get_pipeline_model_parallel_prev_rank())
+    for p in gpt.parameters():
+        # DDP's part of it: data-parallel replicas average their grads (experts over the expert-DP group), so
+        # the replicas stay equal even where MoE token routing makes their float sums differ in the last bit.
+        group = ps.get_data_parallel_group() if getattr(p, "allreduce", True) else ps.get_expert_data_parallel_group()
+        if p.grad is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= dist.get_world_size(group)
     if gpt.config.qk_layernorm and ps.get_tensor_model_parallel_world_size() > 1:
         # Also finalize_model_grads: q/k norms act on each rank's own heads, so their TP replicas' grads are summed.
         for name, p in gpt.named_parameters():
