@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= .cache/demo/qwen2-zero3-bf16
 
-.PHONY: setup setup-vllm setup-llmc lock demo test test-unit lint bench
+.PHONY: setup setup-vllm setup-llmc setup-megatron lock demo test test-unit lint bench
 
 setup:
 	@scripts/bootstrap.sh
@@ -15,6 +15,10 @@ setup-vllm:
 # llm-compressor in its own venv (.venv-llmc): the anchor tests/test_quantize.py compares --quantize with.
 setup-llmc:
 	@scripts/setup_llmc_venv.sh
+
+# megatron-core (CPU) in its own venv, used only to write the Megatron test corpus (tests/corpus/megatron_build.py).
+setup-megatron:
+	@scripts/setup_megatron_venv.sh
 
 # Re-pin the test environments: freeze $(VENV) and .venv-vllm (VLLM_VENV), once their tests pass, into
 # constraints/test.txt and constraints/vllm.txt, which setup and setup-vllm install with. See scripts/lock.sh.
@@ -27,7 +31,7 @@ demo: setup
 
 # Everything: lint (ruff + the import-linter layers contract), then every test. pytest's first line names the
 # versions it runs with (tests/conftest.py), pinned by constraints/*.txt.
-test: setup setup-vllm setup-llmc lint
+test: setup setup-vllm setup-llmc setup-megatron lint
 	$(PY) -m pytest -q
 
 # The fast layer alone (pure logic, no corpus, no torch): well under 30 s.

@@ -245,11 +245,12 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
         warnings.append(source.info["vllm_warning"])
     if source.info.get("base_model_error"):
         warnings.append(f"the adapter was not checked against its base model: {source.info['base_model_error']}")
-    if assets.config is None and not adapter:  # an adapter folder has no config.json
+    if assets.config is None and source.config is None and not adapter:  # an adapter folder has no config.json
         raise missing_config(assets, detected.weights_dir)
     if assets.tokenizer_dir is None:
         warnings.append(NO_TOKENIZER_WARNING)
-    config = read_config(assets.config) if assets.config is not None else {}
+    # A config the reader built from the checkpoint's own record wins over a base model's.
+    config = dict(source.config) if source.config is not None else read_config(assets.config) if assets.config else {}
     if adapter:
         architecture = ArchitectureDecision(tuple(config.get("architectures") or ()), FROM_CONFIG)
         tensors, dropped, moe = list(source.tensors), [], None

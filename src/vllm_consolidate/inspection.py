@@ -250,6 +250,8 @@ def _find_config(report: InputReport, detected: detection.DetectedInput, source:
     report.warnings.extend(assets.skipped)
     if assets.tokenizer_dir is None:
         report.warnings.append(NO_TOKENIZER_WARNING)
+    if source is not None and source.config is not None:  # built by the reader (Megatron-LM args), as convert writes
+        return dict(source.config)
     if assets.config is None:
         report.problems.append(Problem.of(missing_config(assets, detected.weights_dir)))
         return None

@@ -141,6 +141,8 @@ class SourceModel:
         renamed: ``{old: new}`` wrapper prefixes stripped from names.
         lora: What the LoRA plan made of the source (None when it holds no LoRA fine-tune): callers branch
             on this typed field, never on ``kind``.
+        config: A config.json the reader built from the checkpoint's own record (Megatron-LM's args), for a
+            checkpoint with none beside it: written instead of one found elsewhere (a base model's).
     """
 
     kind: str
@@ -152,6 +154,7 @@ class SourceModel:
     aliases: dict[str, str] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)
     lora: LoraResult | None = None
+    config: dict[str, Any] | None = None
 
     @property
     def source_files(self) -> list[str]:

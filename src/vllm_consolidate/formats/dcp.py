@@ -39,6 +39,7 @@ MAX_ENTRIES = 4_000_000
 MAX_CHUNKS_PER_TENSOR = 1 << 16
 
 _MD = "torch.distributed.checkpoint.metadata"
+_PLANNER = "torch.distributed.checkpoint.planner"
 
 
 class Dims(Frozen):
@@ -69,6 +70,8 @@ ALLOW = Allowlist(identity_only=True, calls={("torch", "Size"): _size}, inert=fr
     (_MD, "_MEM_FORMAT_ENCODING"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
+    # Megatron-Core's torch_dist keeps its save plans in the metadata (to reuse them on the next save): inert.
+    *((_PLANNER, name) for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
     ("torch.serialization", "_get_layout"),
     ("torch", "device"),
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "Path"),

@@ -75,7 +75,7 @@ def read_input(spec: InputSpec, detected: detection.DetectedInput, lora: LoraMod
     """
     if lora not in tuple(LoraMode):
         raise UsageError(f"unknown --lora {lora}", hint=f"Use one of {', '.join(LORA_MODES)}.")
-    source = detection.read(detected, spec.model_key)
+    source = detection.read(detected, spec.model_key, spec.base_model_name)
     if lora == LoraMode.AS_READ:
         return source
     if lora == LoraMode.ADAPTER:

@@ -89,11 +89,13 @@ def detect(input_path: Path, input_type: str = "auto", checkpoint_dir: Path | No
     )
 
 
-def read(detected: DetectedInput, model_key: str | None = None) -> SourceModel:
+def read(detected: DetectedInput, model_key: str | None = None, base_model_name: str | None = None) -> SourceModel:
     """Read the detected input's metadata with the reader of the format that claimed it.
 
     Args:
         detected: What :func:`detect` found.
         model_key: For DCP inputs, the container holding the model when there is more than one.
+        base_model_name: ``--base-model-name``, for a format whose names need the model's config.json
+            when the checkpoint has none (Megatron-Core's head layout and vocabulary size).
     """
-    return format_of(detected.kind).read(detected.weights_dir, detected.root, model_key)
+    return format_of(detected.kind).read(detected.weights_dir, detected.root, model_key, base_model_name)

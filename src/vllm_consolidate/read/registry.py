@@ -41,6 +41,8 @@ from vllm_consolidate.read.fsdp_locate import (
     resolve_verl,
     verl_save_list,
 )
+from vllm_consolidate.read.megatron import asset_dirs as megatron_assets
+from vllm_consolidate.read.megatron import is_megatron_folder, megatron_save_list, read_megatron, resolve_megatron
 from vllm_consolidate.read.peft import is_peft_folder, read_peft_folder, resolve_peft
 from vllm_consolidate.read.steps import SaveList
 from vllm_consolidate.read.verl import HF_FOLDER as VERL_HF_FOLDER
@@ -64,14 +66,16 @@ class InputKind(Word):
     """
 
     DEEPSPEED = "deepspeed"
+    MEGATRON = "megatron"
     DCP = "dcp"
     VERL = "verl"
     PEFT = "peft"
     HF = "hf"
 
 
-#: ``read(weights_dir, root, model_key)``: the claimed folder's metadata as a :class:`SourceModel`.
-Reader = Callable[[Path, Path | None, str | None], SourceModel]
+#: ``read(weights_dir, root, model_key, base_model_name)``: the claimed folder's metadata as a :class:`SourceModel`
+#: (``base_model_name``, ``--base-model-name``, for a format whose names need the model's config: Megatron-Core).
+Reader = Callable[[Path, Path | None, str | None, str | None], SourceModel]
 #: ``rescue(path, error)``: a later format's claim on a folder this one found broken, or None.
 Rescue = Callable[[Path, CorruptCheckpointError], tuple["InputKind", ResolvedCheckpoint] | None]
 
@@ -163,20 +167,24 @@ def _resolve_hf(path: Path) -> ResolvedCheckpoint:
 FORMATS: tuple[Format, ...] = (
     # ZeRO first: its rank files are unmistakable, and HF Trainer runs hold them beside everything else.
     Format(InputKind.DEEPSPEED, "deepspeed", True, ds.resolve_checkpoint,
-           lambda d, root, key: ds.read_deepspeed(d, root), rescue=_peft_rescue, precision_from="deepspeed_config",
+           lambda d, root, key, base: ds.read_deepspeed(d, root), rescue=_peft_rescue,
+           precision_from="deepspeed_config",
            rank_files=ds.rank_files, lora_what=lambda source, d: f"fp32 masters in {d.name}", saves=zero_saves,
            holds=Holds("zero", "ZeRO rank files", ds.is_zero_checkpoint_folder)),
-    # (Megatron-Core goes here: its iter_N folders are DCP folders too, so it must come before DCP.)
-    Format(InputKind.DCP, "dcp", True, resolve_dcp, read_dcp, saves=dcp_save_list,
+    # Megatron-Core before DCP: its iter_N folders are DCP folders too (with its metadata.json).
+    Format(InputKind.MEGATRON, "megatron", True, resolve_megatron, read_megatron, asset_dirs=megatron_assets,
+           saves=megatron_save_list, holds=Holds("megatron", "Megatron-Core torch_dist", is_megatron_folder)),
+    Format(InputKind.DCP, "dcp", True, resolve_dcp, lambda d, root, key, base: read_dcp(d, root, key),
+           saves=dcp_save_list,
            holds=Holds("dcp", "DCP (FSDP) weights", is_dcp_save, nested=True)),
-    Format(InputKind.VERL, "verl", True, resolve_verl, lambda d, root, key: read_verl(d, root),
+    Format(InputKind.VERL, "verl", True, resolve_verl, lambda d, root, key, base: read_verl(d, root),
            asset_dirs=lambda d: [d / VERL_HF_FOLDER], lora=LoraLayout.RANK_FILES, saves=verl_save_list,
            holds=Holds("verl", "verl actor/critic", is_verl_step, nested=True)),
-    Format(InputKind.PEFT, "peft", False, resolve_peft, lambda d, root, key: read_peft_folder(d, root),
+    Format(InputKind.PEFT, "peft", False, resolve_peft, lambda d, root, key, base: read_peft_folder(d, root),
            lora=LoraLayout.ADAPTER,
            lora_what=lambda source, d: f"{source.info.get('adapter_file')} ({source.info.get('adapter_dtype')})"),
     # HF last: any folder with a weights file is one, so every more specific format goes first.
-    Format(InputKind.HF, "hf_sharded", False, _resolve_hf, lambda d, root, key: hf.read_hf(d, root),
+    Format(InputKind.HF, "hf_sharded", False, _resolve_hf, lambda d, root, key, base: hf.read_hf(d, root),
            last_resort=True, source_kinds=(hf.SINGLE, hf.SHARDED), holds=Holds("hf", "HF weights", hf.is_hf_folder)),
 )
 BY_KIND: dict[InputKind, Format] = {f.kind: f for f in FORMATS}

@@ -17,7 +17,7 @@ from vllm_consolidate.read import fsdp_locate as fl
 from vllm_consolidate.read.deepspeed import is_zero_checkpoint_folder
 from vllm_consolidate.read.hf import is_hf_folder
 from vllm_consolidate.read.peft import is_peft_folder
-from vllm_consolidate.read.registry import run_saves
+from vllm_consolidate.read.registry import HOLDS, run_saves
 from vllm_consolidate.read.steps import Checkpoint, numbered_step, step_of
 from vllm_consolidate.read.verl import is_verl_role_folder
 
@@ -109,7 +109,7 @@ def inputs_in(root: Path) -> list[InputFolder]:
 def _numbered_saves(path: Path) -> list[Path]:
     try:
         return [p for p in path.iterdir() if p.is_dir() and (step_of(p.name) is not None or (
-            numbered_step(p.name) is not None and (fl.is_dcp_save(p) or fl.is_verl_step(p))))]
+            numbered_step(p.name) is not None and any(h.test(p) for h in HOLDS)))]
     except OSError:
         return []
 

@@ -27,9 +27,9 @@ def _megatron_run(root: Path) -> Path:
 
 
 def test_order_is_declared_once() -> None:
-    assert [f.kind for f in FORMATS] == ["deepspeed", "dcp", "verl", "peft", "hf"]
-    assert INPUT_TYPES == ("auto", "deepspeed", "dcp", "verl", "peft", "hf_sharded")
-    assert TRAINING_KINDS == ("deepspeed", "dcp", "verl")
+    assert [f.kind for f in FORMATS] == ["deepspeed", "megatron", "dcp", "verl", "peft", "hf"]
+    assert INPUT_TYPES == ("auto", "deepspeed", "megatron", "dcp", "verl", "peft", "hf_sharded")
+    assert TRAINING_KINDS == ("deepspeed", "megatron", "dcp", "verl")
     assert len({f.kind for f in FORMATS}) == len(FORMATS) == len(InputKind)
 
 
@@ -55,11 +55,10 @@ def test_megatron_save_is_not_dcp(tmp_path: Path, where: str) -> None:
         resolve_dcp(run / where)
 
 
-def test_megatron_run_is_passed_over_not_refused(tmp_path: Path) -> None:
-    """Every format says "not mine": the error is detection's own "no checkpoint found" (exit 3), not a corrupt one."""
-    run = _megatron_run(tmp_path)
-    with pytest.raises(InputNotFoundError, match="no checkpoint found"):
-        detection.detect(run)
+def test_megatron_run_is_claimed_by_megatron(tmp_path: Path) -> None:
+    """Megatron-Core comes before DCP and verl (which say "not mine" above): the run is its, at the tracker's step."""
+    detected = detection.detect(_megatron_run(tmp_path))
+    assert detected.kind == InputKind.MEGATRON and detected.weights_dir.name == "iter_0000002"
 
 
 def test_verl_tracker_beside_verl_steps_is_still_broken(tmp_path: Path) -> None:
@@ -80,11 +79,12 @@ def test_dcp_without_megatron_metadata_is_claimed(tmp_path: Path) -> None:
     assert resolve_dcp(tmp_path).folder == save
 
 
-def test_megatron_run_is_no_batch_input(tmp_path: Path) -> None:
-    """batch lists saves through the same registry: no format claims the Megatron run's iter_N folders."""
+def test_megatron_run_is_a_batch_input(tmp_path: Path) -> None:
+    """batch lists saves through the same registry: the Megatron run's iter_N folders are Megatron's saves."""
     from vllm_consolidate.batch.inputs import inspect_input
 
-    assert inspect_input(_megatron_run(tmp_path)).kind is None
+    found = inspect_input(_megatron_run(tmp_path))
+    assert found.kind == "megatron_saves" and [c.name for c in found.checkpoints] == ["iter_0000002"]
 
 
 def test_run_saves_follow_the_registry(tmp_path: Path) -> None:
