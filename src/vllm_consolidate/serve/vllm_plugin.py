@@ -20,8 +20,10 @@ How a load goes:
    in one line, before vLLM starts an engine. vLLM reads ``config.json`` and the tokenizer from the
    folder it is given; when that folder has none (a run folder, a ``global_stepN``), the ones
    ``convert`` would copy (the checkpoint folder and its parents, nearest first) are passed to vLLM as
-   ``hf_config_path`` / ``tokenizer`` / ``generation_config``. When there are none anywhere (a raw
-   ``engine.save_checkpoint``), the error names the flags to pass.
+   ``hf_config_path`` / ``tokenizer`` / ``generation_config``. A config the reader built from the
+   checkpoint's own record (a Megatron-LM run's args in ``common.pt``) exists on no disk: it is written
+   to a private temporary folder (:func:`private_config_folder`) that is removed when the process exits.
+   When there are none anywhere (a raw ``engine.save_checkpoint``), the error names the flags to pass.
 2. In the engine, the loader plans the tensors with our name rules
    (:func:`~vllm_consolidate.plan.names.output_tensors` on vLLM's config: tied embeddings dropped,
    fused experts split) and streams each one from its byte ranges, floating tensors cast to vLLM's
