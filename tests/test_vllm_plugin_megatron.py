@@ -6,7 +6,7 @@ tokens, their top logprobs and a digest of every parameter must be identical. Th
 
 * a Megatron-LM run (``latest_checkpointed_iteration.txt`` + ``iter_N/``) whose only config is the args in
   ``common.pt``: the plugin writes the config the reader built into a private temporary folder for vLLM, and
-  finds the tokenizer in the run folder;
+  reads the tokenizer from the run folder;
 * a ``torch_dist`` folder with the model's config.json and tokenizer in it (vLLM reads them itself).
 
 The checkpoints are copies; each tree is snapshotted before and after (nothing may change), and the private
@@ -141,10 +141,36 @@ def test_args_config_is_written_to_a_private_folder_removed_at_exit(served: dict
     run = served["results"]["lm_run_args_config:plugin"]
     inputs, tmpdir = served["inputs"], served["tmpdir"]
     assert Path(run["hf_config_path"]).parent == tmpdir and run["config_present"]
-    assert run["tokenizer"] == str(inputs["lm_run_args_config"])  # found in the run folder
+    assert run["tokenizer"] == str(inputs["lm_run_args_config"])  # vLLM's default: the run folder holds one
     dist = served["results"]["torch_dist_config_beside:plugin"]
     assert dist["hf_config_path"] in (None, str(inputs["torch_dist_config_beside"]))  # vLLM's own default
     ours = Path(run["hf_config_path"]).name
     assert ours.startswith("vllm-consolidate-config-")
     assert not [p for p in served["tmp_left"] if ours in p]  # removed when vLLM's process exited (torch leaves its own)
     assert served["after"] == served["before"]  # the inputs were only read
+
+
+def test_prepare_engine_args_writes_the_args_config_for_vllm(tmp_path: Path) -> None:
+    """Without vLLM: the engine arguments of a Megatron-LM run point at a private config.json that transformers
+    builds the model's class from (the args' config, in the stored precision); the tokenizer is vLLM's default."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    inputs = _inputs(tmp_path)
+    run = inputs["lm_run_args_config"]
+    args = SimpleNamespace(model=str(run), hf_config_path=None, tokenizer=None, skip_tokenizer_init=False,
+                           generation_config="auto", model_loader_extra_config=None, quantization=None)
+    changes = vp.prepare_engine_args(args)
+    assert set(changes) == {"hf_config_path"} and args.tokenizer is None  # vLLM's default: the run, which has one
+    folder = Path(args.hf_config_path)
+    assert folder.name.startswith("vllm-consolidate-config-") and not folder.is_relative_to(tmp_path)
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    written = json.loads((folder / "config.json").read_text())
+    case = megatron_build.build_all(["mcore_lm_run_llama_tp2"])["mcore_lm_run_llama_tp2"]
+    own = json.loads((case / "hf" / "config.json").read_text())
+    config = AutoConfig.from_pretrained(folder)
+    assert type(config).__name__ == "LlamaConfig" and written["dtype"] == "float32"
+    fields = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+              "tie_word_embeddings")
+    assert {k: getattr(config, k) for k in fields} == {k: own[k] for k in fields}
