@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,40 @@ def test_vllm_generates_what_transformers_generates(name, conv):
     expected = transformers_greedy(out, PROMPTS, MAX_TOKENS, dtype="float32")
     assert [len(t) for t in expected] == [MAX_TOKENS] * len(PROMPTS)
     assert probe["output_token_ids"] == expected
+
+
+def test_validate_against_a_run_reads_its_latest_save(conv):
+    """``validate --against RUN`` compares with the iteration the tracker names: the latest save's output passes,
+    an older save's output (same names and shapes, other values) fails."""
+    meta, run = conv.meta(RUN), conv.corpus[RUN] / "run"
+    code, latest, _, stderr = conv.convert(RUN)
+    assert code == 0, stderr
+    code, stdout, stderr = _cli("validate", latest, "--against", run)
+    assert code == 0, stdout + stderr
+    older = min(c["step"] for c in meta["checkpoints"])
+    code, old, _, stderr = conv.convert(RUN, "--checkpoint-dir", str(run / f"iter_{older:07d}"))
+    assert code == 0, stderr
+    code, stdout, stderr = _cli("validate", old, "--against", run)
+    assert code != 0 and "differ" in (stdout + stderr).lower(), stdout + stderr
+
+
+def test_batch_over_a_folder_of_runs_writes_every_save(conv, tmp_path):
+    """``batch --input-dir`` over a folder holding two Megatron-LM runs (dense TP=2 fp32, MoE EP=2 bf16), every
+    iteration: each output is its save's truth, with the config built from that run's args."""
+    runs = tmp_path / "runs"
+    for name in RUNS:
+        shutil.copytree(conv.corpus[name] / "run", runs / name)
+    out = tmp_path / "out"
+    code, stdout, stderr = _cli("batch", "--input-dir", runs, "--output-dir", out, "--all-checkpoints",
+                                "--max-workers", "1", "--no-validate-vllm", "--base-model-name", "")
+    assert code == 0, stdout + stderr
+    written = sorted(p.name for p in out.iterdir() if p.is_dir())
+    want = sorted(f"{name}_step_{c['step']}" for name in RUNS for c in conv.meta(name)["checkpoints"])
+    assert written == want, (written, stdout)
+    for name in RUNS:
+        own = json.loads((conv.corpus[name] / "hf" / "config.json").read_text())
+        for entry in conv.meta(name)["checkpoints"]:
+            folder = out / f"{name}_step_{entry['step']}"
+            config = json.loads((folder / "config.json").read_text())
+            assert config["model_type"] == own["model_type"] and config["vocab_size"] == own["vocab_size"]
+            _assert_fp32_of(_truth(conv, name, entry["step"]), load_out(folder))

@@ -88,3 +88,26 @@ def test_every_read_was_advised_first_and_the_bytes_do_not_change(tmp_path, reco
                                                            *[k * 0.5 - 7.25 for k in range(ROWS * COLS)]))
     want = b"".join(struct.pack("<H", struct.unpack("<I", struct.pack("<f", v))[0] >> 16) for v in first[:64])
     assert data[header:header + 128] == want  # these values are exact in bfloat16's top half (no rounding)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux/POSIX only")
+def test_rows_alternating_between_files_are_advised_once_per_file(tmp_path, recorded, monkeypatch):
+    """A Megatron row-parallel weight under TP=2: each row's halves in two rank files (row r of file k right after
+    row r-1). The hints cover exactly the bytes read, in one call per file, not one per row."""
+    monkeypatch.setattr(writer, "READ_AHEAD_BYTES", 64 * 2**20)
+    half = COLS // 2 * 4
+    files = [tmp_path / "rank0.bin", tmp_path / "rank1.bin"]
+    values = struct.pack(f"<{ROWS * COLS}f", *[k * 0.25 for k in range(ROWS * COLS)])
+    rows = [values[r * COLS * 4:(r + 1) * COLS * 4] for r in range(ROWS)]
+    for k, f in enumerate(files):
+        f.write_bytes(b"".join(row[k * half:(k + 1) * half] for row in rows))
+    segs = [Segment(str(files[k]), r * half, half) for r in range(ROWS) for k in range(2)]
+    spec = TensorSpec("w.weight", dtypes.float32, (ROWS, COLS), segs)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_plan(plan_output([spec], target_dtype=dtypes.float32, max_shard_size=2**40), out)
+
+    advised = [e[1:] for e in recorded if e[0] == "advise"]
+    assert advised == [(str(files[0]), 0, ROWS * half), (str(files[1]), 0, ROWS * half)]  # 2 calls, not 2 x ROWS
+    data = (out / "model.safetensors").read_bytes()
+    assert data[8 + struct.unpack("<Q", data[:8])[0]:] == values

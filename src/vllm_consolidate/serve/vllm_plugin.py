@@ -20,8 +20,10 @@ How a load goes:
    in one line, before vLLM starts an engine. vLLM reads ``config.json`` and the tokenizer from the
    folder it is given; when that folder has none (a run folder, a ``global_stepN``), the ones
    ``convert`` would copy (the checkpoint folder and its parents, nearest first) are passed to vLLM as
-   ``hf_config_path`` / ``tokenizer`` / ``generation_config``. When there are none anywhere (a raw
-   ``engine.save_checkpoint``), the error names the flags to pass.
+   ``hf_config_path`` / ``tokenizer`` / ``generation_config``. A config the reader built from the
+   checkpoint's own record (a Megatron-LM run's args in ``common.pt``) exists on no disk: it is written
+   to a private temporary folder (:func:`private_config_folder`) that is removed when the process exits.
+   When there are none anywhere (a raw ``engine.save_checkpoint``), the error names the flags to pass.
 2. In the engine, the loader plans the tensors with our name rules
    (:func:`~vllm_consolidate.plan.names.output_tensors` on vLLM's config: tied embeddings dropped,
    fused experts split) and streams each one from its byte ranges, floating tensors cast to vLLM's
@@ -55,9 +57,13 @@ This module imports neither vLLM nor torch at import time (the package must impo
 
 from __future__ import annotations
 
+import atexit
 import functools
 import inspect
+import json
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -82,6 +88,7 @@ from vllm_consolidate.serve.weights import (  # re-exported: the plugin's public
     remember_checkpoint,
     take_checkpoint,
 )
+from vllm_consolidate.source import SourceModel
 
 #: vLLM versions the plugin was tested with (the load tests run against these).
 TESTED_VLLM_VERSIONS = ("0.32.0",)
@@ -168,10 +175,13 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
     assets = find_checkpoint_assets(detected.weights_dir, model, checkpoint.source.asset_dirs, None)
     changes: dict[str, str] = {}
     if need_config:
-        if assets.config is None:
+        if checkpoint.source.config is not None:  # built by the reader (Megatron-LM's args): first on disk
+            changes["hf_config_path"] = str(private_config_folder(served_config(checkpoint.source)))
+        elif assets.config is None:
             raise ConfigNotFoundError("no config.json in the checkpoint or its parent folders", path=model,
                                       hint=CONFIG_HINT)
-        changes["hf_config_path"] = str(assets.config.parent)
+        else:
+            changes["hf_config_path"] = str(assets.config.parent)
     if need_tokenizer:
         if assets.tokenizer_dir is None:
             raise ConfigNotFoundError("no tokenizer in the checkpoint or its parent folders", path=model,
@@ -181,8 +191,32 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
         changes["generation_config"] = str(assets.generation_config.parent)
     for key, value in changes.items():
         setattr(args, key, value)
-        logger.info("consolidate: %s=%s (found next to the checkpoint %s)", key, value, detected.weights_dir)
+        how = "built from the Megatron-LM args in" if key == "hf_config_path" and checkpoint.source.config \
+            else "found next to the checkpoint"
+        logger.info("consolidate: %s=%s (%s %s)", key, value, how, detected.weights_dir)
     return changes
+
+
+def served_config(source: SourceModel) -> dict[str, Any]:
+    """The config a reader built, with the precision the weights were stored in (vLLM's ``--dtype auto``)."""
+    config = dict(source.config or {})
+    stored = source.trained_dtype.name if source.trained_dtype is not None else source.info.get("stored_dtype")
+    if stored and "dtype" not in config and "torch_dtype" not in config:
+        config["dtype"] = stored
+    return config
+
+
+def private_config_folder(config: dict[str, Any]) -> Path:
+    """A new private folder holding ``config`` as ``config.json``, for vLLM's ``hf_config_path``.
+
+    vLLM reads a config only from a folder, and a config the reader built from the checkpoint's own
+    record exists nowhere on disk; the input is never written to. The folder (mode 0700) is this
+    process's: removed when it exits (vLLM's engine processes get the parsed config, not the path).
+    """
+    folder = Path(tempfile.mkdtemp(prefix="vllm-consolidate-config-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
 
 
 def refuse_quantization(method: Any, model: Path) -> None:

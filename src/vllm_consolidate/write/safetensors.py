@@ -202,9 +202,20 @@ def _advise(files: OpenFiles, job: Any) -> int:
         first, count = job.first * cols, job.rows * cols
     size = t.spec.dtype.itemsize
     nbytes = count * size
+    # One call per run of adjacent bytes in a file, not per segment: a Megatron row-parallel weight under TP=2
+    # alternates its two rank files row by row (tens of thousands of segments a tensor, each file's rows adjacent).
+    spans: dict[str, list[int]] = {}
+    runs: list[tuple[str, list[int]]] = []
     for seg in sub_segments(t.spec.segments, first * size, nbytes):
+        last = spans.get(seg.path)
+        if last is not None and last[0] + last[1] == seg.offset:
+            last[1] += seg.nbytes
+            continue
+        spans[seg.path] = [seg.offset, seg.nbytes]
+        runs.append((seg.path, spans[seg.path]))
+    for path, (offset, length) in runs:
         with contextlib.suppress(OSError):  # a hint: a file system without it reads on demand as before
-            os.posix_fadvise(files.fd(seg.path), seg.offset, seg.nbytes, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(files.fd(path), offset, length, os.POSIX_FADV_WILLNEED)
     return nbytes
 
 
