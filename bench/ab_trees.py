@@ -70,7 +70,8 @@ def main() -> None:
         "input": str(args.input), "dtype": args.dtype, "reps": args.reps, "a": args.a, "b": args.b,
         "median_wall_s": {k: round(statistics.median(r["wall"] for r in v), 3) for k, v in runs.items()},
         "median_seconds": {k: round(statistics.median(r["seconds"] for r in v), 3) for k, v in runs.items()},
-        "b_over_a_wall_per_rep": [round(x, 3) for x in ratios], "b_over_a_wall_median": round(statistics.median(ratios), 3),
+        "b_over_a_wall_per_rep": [round(x, 3) for x in ratios],
+        "b_over_a_wall_median": round(statistics.median(ratios), 3),
         "load": [round(r["load"], 1) for v in runs.values() for r in v],
     }, indent=1))
 
