@@ -98,21 +98,36 @@ def model_config(model: dict[str, Any]) -> Any:
     if model.get("head_dim"):
         kw["head_dim"] = model["head_dim"]
     kw.update(model.get("extra", {}))
+    if model.get("vision"):  # a vision-language model: the text part is its text_config (tests/corpus/build.py)
+        vlm = model["vision"]
+        text = dict(kw, model_type=vlm["text_type"], **vlm.get("text_extra", {}))
+        text.pop("tie_word_embeddings")
+        return AutoConfig.for_model(model["arch"], text_config=text, vision_config=vlm["config"],
+                                    tie_word_embeddings=model["tied"], **vlm.get("top", {}))
     return AutoConfig.for_model(model["arch"], **kw)
 
 
 def build_model(model: dict[str, Any], seed: int) -> PreTrainedModel:
-    """Instantiate a tiny randomly initialised causal LM (fp32, no downloads)."""
+    """Instantiate a tiny randomly initialised causal LM or vision-language model (fp32, no downloads).
+
+    ``frozen`` names parameters, or (ending in ``.``) whole modules, to freeze (e.g. a vision tower).
+    """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(model_config(model))
+    auto = AutoModelForImageTextToText if model.get("vision") else AutoModelForCausalLM
+    m = auto.from_config(model_config(model))
     m.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False, max_new_tokens=16
     )
     for name in model.get("frozen", []):
-        m.get_parameter(name).requires_grad_(False)
+        if name.endswith("."):
+            for full, p in m.named_parameters():
+                if full.startswith(name):
+                    p.requires_grad_(False)
+        else:
+            m.get_parameter(name).requires_grad_(False)
     return m
 
 

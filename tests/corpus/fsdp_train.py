@@ -84,7 +84,8 @@ def shard(model: torch.nn.Module, mixed_precision: str | None) -> list[str]:
     kw: dict[str, Any] = {"mesh": mesh}
     if mixed_precision:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32)
-    for layer in model.model.layers:
+    decoder = getattr(model.model, "language_model", model.model)  # a vision-language model's text decoder
+    for layer in decoder.layers:
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return [n or "<root>" for n, m in model.named_modules() if isinstance(m, FSDPModule)]
@@ -160,7 +161,7 @@ def run_case(case: dict[str, Any], tokenizer: Any) -> None:
     if opts["style"] == "ambiguous":
         ema = {k: v.detach().clone() for k, v in get_model_state_dict(model).items()}
     gen = torch.Generator().manual_seed(case["seed"] * 1000 + rank)
-    vocab = case["model"]["vocab"]
+    vocab = 900 if case["model"].get("vision") else case["model"]["vocab"]  # VLMs: no image token ids (>= 990)
     checkpoints: list[dict[str, Any]] = []
     facts: dict[str, Any] = {}
     saved_dtypes: set[torch.dtype] = set()
