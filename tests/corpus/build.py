@@ -158,11 +158,12 @@ def tiny_moe(arch: str) -> dict[str, Any]:
 #: The vision-language families of issue 25, tiny and vLLM-loadable (text: hidden 64, 2 heads of 32, 2 layers).
 VLM_ARCHS = ("qwen2_vl", "llava", "gemma3")
 
-#: The modules holding each family's vision tower (+ projector), in the training (named_parameters) names.
-VLM_VISION_MODULES = {
-    "qwen2_vl": ("model.visual.",),
-    "llava": ("model.vision_tower.", "model.multi_modal_projector."),
-    "gemma3": ("model.vision_tower.", "model.multi_modal_projector."),
+#: The modules of each family's vision tower (without its projector: Qwen2-VL's ``visual.merger``), in the
+#: training (named_parameters) names; a frozen tower freezes these, the projector stays trained.
+VLM_TOWER = {
+    "qwen2_vl": ("model.visual.patch_embed.", "model.visual.blocks."),
+    "llava": ("model.vision_tower.",),
+    "gemma3": ("model.vision_tower.",),
 }
 
 
@@ -191,14 +192,15 @@ def tiny_vlm(arch: str, *, frozen_vision: bool = False) -> dict[str, Any]:
         model["tied"] = True
         vision = dict(text_type="gemma3_text", text_extra={"sliding_window": 16},
                       config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48,
-                                  num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+                                  num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
+                                  vision_use_head=False),  # as google/gemma-3-4b-it: the pooling head unused
                       top=dict(mm_tokens_per_image=1, image_token_index=990, boi_token_index=991,
                                eoi_token_index=992))
     else:
         raise ValueError(f"no tiny VLM spec for {arch!r}")
     model["vision"] = vision
     if frozen_vision:
-        model["frozen"] = [VLM_VISION_MODULES[arch][0]]
+        model["frozen"] = list(VLM_TOWER[arch])
     return model
 
 

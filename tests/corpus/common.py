@@ -214,3 +214,34 @@ def save_hf_extras(
     module.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def train_batch(model: dict[str, Any], gen: torch.Generator, low: int = 0) -> dict[str, torch.Tensor]:
+    """One training batch (2 x 16 tokens) for a case's model: random token ids, and for a vision-language
+    model one random image per sample too, so that the vision tower and projector get gradients.
+
+    Text ids are drawn from ``[low, vocab)`` (below the image token ids, 990+, for a VLM). The image
+    inputs are what each family's processor would produce for a 28x28 image (no processor is needed).
+    """
+    import torch
+
+    vision = model.get("vision")
+    hi = 990 if vision else model["vocab"]
+    ids = torch.randint(low, hi, (2, 16), generator=gen)
+    if not vision:
+        return {"input_ids": ids, "labels": ids}
+    top = vision["top"]
+    if model["arch"] == "qwen2_vl":  # a 1x2x2 patch grid, merged 2x2 into one image token
+        ids[:, 1:4] = torch.tensor([top["vision_start_token_id"], top["image_token_id"], top["vision_end_token_id"]])
+        patch = 3 * vision["config"]["temporal_patch_size"] * vision["config"]["patch_size"] ** 2
+        extra = {"pixel_values": torch.randn(2 * 4, patch, generator=gen),
+                 "image_grid_thw": torch.tensor([[1, 2, 2], [1, 2, 2]]),
+                 "mm_token_type_ids": (ids == top["image_token_id"]).int()}
+    else:  # LLaVA: 2x2 patches (CLS dropped) -> 4 tokens; Gemma 3: pooled to mm_tokens_per_image (1)
+        n = 4 if model["arch"] == "llava" else top["mm_tokens_per_image"]
+        ids[:, 1:1 + n] = top["image_token_index"]
+        size = vision["config"]["image_size"]
+        extra = {"pixel_values": torch.randn(2, 3, size, size, generator=gen)}
+        if model["arch"] == "gemma3":
+            extra["token_type_ids"] = (ids == top["image_token_index"]).long()
+    return {"input_ids": ids, "labels": ids, **extra}
