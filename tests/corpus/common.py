@@ -7,6 +7,7 @@ time, so that a warm ``build_all()`` stays cheap.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -99,7 +100,7 @@ def model_config(model: dict[str, Any]) -> Any:
         kw["head_dim"] = model["head_dim"]
     kw.update(model.get("extra", {}))
     if model.get("vision"):  # a vision-language model: the text part is its text_config (tests/corpus/build.py)
-        vlm = model["vision"]
+        vlm = copy.deepcopy(model["vision"])  # transformers edits nested dicts (rope_scaling) in place
         text = dict(kw, model_type=vlm["text_type"], **vlm.get("text_extra", {}))
         text.pop("tie_word_embeddings")
         return AutoConfig.for_model(model["arch"], text_config=text, vision_config=vlm["config"],

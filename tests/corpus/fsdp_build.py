@@ -293,8 +293,9 @@ _SPECS: list[FsdpCaseSpec] = [
     FsdpCaseSpec("dcp_qwen2vl_w2_frozen", "dcp", tiny_vlm("qwen2_vl", frozen_vision=True), "fp32", "model.",
                  "FSDP2 Qwen2-VL fp32, vision tower frozen; dcp.save at ckpt/step-2; config+tokenizer in ckpt/",
                  seed=95, has_config=True, has_tokenizer=True, options={"style": "nested", "subdirs": True}),
-    FsdpCaseSpec("dcp_llava_w2", "dcp", tiny_vlm("llava"), "fp32", "model.",
-                 "FSDP2 LLaVA fp32, vision tower trained; dcp.save at ckpt/step-2; config+tokenizer in ckpt/",
+    # LLaVA's trained CLIP tower would leave post_layernorm untouched (LLaVA takes the hidden states before it)
+    FsdpCaseSpec("dcp_llava_w2_frozen", "dcp", tiny_vlm("llava", frozen_vision=True), "fp32", "model.",
+                 "FSDP2 LLaVA fp32, vision tower frozen; dcp.save at ckpt/step-2; config+tokenizer in ckpt/",
                  seed=96, has_config=True, has_tokenizer=True, options={"style": "nested", "subdirs": True}),
     # ---- verl FSDPCheckpointManager on fully_shard models (tests/corpus/verl_save.py)
     _verl(
