@@ -253,3 +253,4 @@ def test_vllm_generates_what_the_truth_generates(name, vlm_cases, tmp_path, monk
     probe = run_vllm_probe(out, PROMPTS, max_tokens=MAX_TOKENS, python=python, dtype="float32",
                            env={"PYTHONPATH": str(NO_TORCHVISION)}, llm_kwargs=TEXT_ONLY)
     assert_greedy_agrees(reference, PROMPTS, probe["output_token_ids"], "float32")
+
