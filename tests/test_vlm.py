@@ -148,6 +148,27 @@ def test_validate_checks_vision_tower_and_projector(name, drop, vlm_cases, tmp_p
     assert drop in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("name", "probe"), [("qwen2vl_z3_w2_fp32", "visual.merger.mlp.0.weight"),
+                                             ("dcp_llava_w2_frozen", "vision_tower.vision_model.encoder.layers.1."
+                                                                     "mlp.fc2.weight")])
+def test_source_comparison_covers_the_vision_tower(name, probe, vlm_cases, tmp_path, capsys):
+    """validate --against the checkpoint: equal as converted; one changed element of a vision tensor fails."""
+    from safetensors.torch import save_file
+
+    case, out = vlm_cases[name], tmp_path / "out"
+    meta = _registry(name).load_case(name)
+    assert _convert(name, case, out) == 0
+    against = ["--against", str(case / meta["input"])]
+    assert cli.main(["validate", str(out), *against]) == 0
+    tensors = load_file(out / "model.safetensors")
+    tensors[probe] = tensors[probe].clone()
+    tensors[probe].view(-1)[0] += 1.0  # the first row is always in the sample
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert cli.main(["validate", str(out), *against]) != 0
+    assert probe in capsys.readouterr().out
+
+
 PARTS = {  # training-name prefixes of each part, written here from the model classes (not from plan/vlm.py)
     "qwen2_vl": {"projector": ("model.visual.merger.",), "vision_tower": ("model.visual.",)},
     "llava": {"vision_tower": ("model.vision_tower.",), "projector": ("model.multi_modal_projector.",)},
