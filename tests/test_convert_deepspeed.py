@@ -69,9 +69,14 @@ def _truth(name: str, case: Path, checkpoint: dict, tmp: Path) -> dict[str, torc
     """The expected output: the live-engine truth, in the layout transformers' save_pretrained writes.
 
     The two differ only for MoE models, whose experts transformers >= 5 keeps fused in memory (and
-    DeepSpeed saves fused) but writes per expert; the truth goes through save_pretrained for those.
+    DeepSpeed saves fused) but writes per expert, and vision-language models (other prefixes); the truth
+    goes through save_pretrained for those (tests/test_vlm.py).
     """
     truth = load_file(case / checkpoint["truth"])
+    if build.CASES[name].model["arch"] in build.VLM_ARCHS:  # written under save_pretrained's prefixes
+        from tests.test_vlm import expected_output
+
+        return expected_output(build.CASES[name].model, truth, tmp / f"saved-{name}-{checkpoint['tag']}")
     if not any(".experts." in k for k in truth):
         return truth
     from transformers import AutoModelForCausalLM

@@ -32,7 +32,8 @@ AMBIGUOUS = "dcp_qwen2_w2_ambiguous"
 LORA = "verl_qwen2_w2_lora"
 #: MoE cases hold fused experts that convert writes per expert by default: tests/test_moe.py covers them
 #: (truth through save_pretrained, and torch's own converter against --moe-layout fused).
-MOE = [n for n, s in fsdp_build.CASES.items() if s.model["arch"] in build.MOE_ARCHS]
+#: Vision-language cases likewise (save_pretrained's prefixes, not the training names): tests/test_vlm.py.
+MOE = [n for n, s in fsdp_build.CASES.items() if s.model["arch"] in (*build.MOE_ARCHS, *build.VLM_ARCHS)]
 #: Every case a default ``convert`` must turn into its latest truth.
 CONVERTIBLE = [n for n in fsdp_build.CASES if n not in (AMBIGUOUS, LORA, *MOE)]
 #: Cases stored as torch.distributed.checkpoint folders (torch's own converter reads them).

@@ -212,8 +212,12 @@ def test_truth_moved_from_init(fsdp_corpus: dict[str, Path], name: str) -> None:
         assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "lora_B still zero: no training"
         return
     assert set(truth) == set(init)
-    unchanged = [k for k in truth if torch.equal(truth[k], init[k])]
+    frozen = set(spec.model.get("frozen", []))  # names, or module prefixes ending in "." (a VLM's vision tower)
+    is_frozen = {k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in frozen) for k in truth}
+    unchanged = [k for k in truth if torch.equal(truth[k], init[k]) and not is_frozen[k]]
     assert not unchanged, f"unchanged by training: {unchanged[:5]}"
+    moved = [k for k in truth if is_frozen[k] and not torch.equal(truth[k], init[k])]
+    assert not moved, f"frozen but changed: {moved[:5]}"
 
 
 @pytest.mark.parametrize("name", [s.name for s in OWN if len(s.save_steps) > 1])

@@ -21,6 +21,7 @@ from typing import Any
 from vllm_consolidate import dtypes
 from vllm_consolidate.convert import DEFAULT_BASE_MODEL, DEFAULT_MAX_SHARD_SIZE
 from vllm_consolidate.errors import ConsolidateError, InputNotFoundError
+from vllm_consolidate.plan import vlm
 from vllm_consolidate.plan.architecture import decide_architectures
 from vllm_consolidate.plan.inputs import InputSpec, detect_input, read_input
 from vllm_consolidate.plan.names import plan_names
@@ -117,6 +118,7 @@ class InputReport:
     assets: dict[str, Any] = field(default_factory=dict)
     architectures: dict[str, Any] = field(default_factory=dict)
     moe: dict[str, Any] | None = None  # plan.moe.MoeSummary of what convert writes by default (--moe-layout auto)
+    vlm: dict[str, Any] | None = None  # plan.vlm.VlmSummary: a vision-language model's parts and their sizes
     warnings: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
@@ -319,6 +321,8 @@ def _describe_tensors(report: InputReport, source: SourceModel, config: dict) ->
     """Counts, the largest tensor, and per output dtype the planned size and the batch's RAM estimate."""
     tensors, dropped, moe = plan_names(source, config)
     report.moe = moe.to_dict() if moe else None
+    parts = vlm.summarize(source, config)
+    report.vlm = parts.to_dict() if parts else None
     report.tensors = len(tensors)
     report.parameters = sum(t.numel for t in tensors)
     report.dropped = dropped

@@ -155,6 +155,55 @@ def tiny_moe(arch: str) -> dict[str, Any]:
     return model
 
 
+#: The vision-language families of issue 25, tiny and vLLM-loadable (text: hidden 64, 2 heads of 32, 2 layers).
+VLM_ARCHS = ("qwen2_vl", "llava", "gemma3")
+
+#: The modules of each family's vision tower (without its projector: Qwen2-VL's ``visual.merger``), in the
+#: training (named_parameters) names; a frozen tower freezes these, the projector stays trained.
+VLM_TOWER = {
+    "qwen2_vl": ("model.visual.patch_embed.", "model.visual.blocks."),
+    "llava": ("model.vision_tower.",),
+    "gemma3": ("model.vision_tower.",),
+}
+
+
+def tiny_vlm(arch: str, *, frozen_vision: bool = False) -> dict[str, Any]:
+    """Spec dict of a tiny vision-language model (text part as ``tiny_moe``'s; a vision tower of depth 1-2).
+
+    Image/vision token ids sit above the tokenizer's vocabulary (480) and below the model's (1001).
+    ``frozen_vision`` freezes the vision tower (the projector stays trained), as VLM fine-tuning usually does.
+    """
+    model: dict[str, Any] = dict(arch=arch, layers=2, tied=False, frozen=[], hidden=64, intermediate=96, heads=2,
+                                 kv_heads=1, vocab=1001, head_dim=32, extra={})
+    if arch == "qwen2_vl":  # M-RoPE sections sum to head_dim / 2
+        vision = dict(text_type="qwen2_vl_text", text_extra={"rope_scaling": {"type": "mrope",
+                                                                            "mrope_section": [4, 6, 6]}},
+                      config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                                  spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+                      top=dict(image_token_id=990, video_token_id=991, vision_start_token_id=992,
+                               vision_end_token_id=993))
+    elif arch == "llava":
+        vision = dict(text_type="llama",
+                      config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+                                  projection_dim=32),
+                      top=dict(image_token_index=990, vision_feature_layer=-1))
+    elif arch == "gemma3":  # Gemma 3 ties its head to the embeddings
+        model["tied"] = True
+        vision = dict(text_type="gemma3_text", text_extra={"sliding_window": 16},
+                      config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
+                                  vision_use_head=False),  # as google/gemma-3-4b-it: the pooling head unused
+                      top=dict(mm_tokens_per_image=1, image_token_index=990, boi_token_index=991,
+                               eoi_token_index=992))
+    else:
+        raise ValueError(f"no tiny VLM spec for {arch!r}")
+    model["vision"] = vision
+    if frozen_vision:
+        model["frozen"] = list(VLM_TOWER[arch])
+    return model
+
+
 @dataclass(frozen=True)
 class CaseSpec:
     """Declarative description of one corpus case."""
@@ -469,6 +518,16 @@ _SPECS: list[CaseSpec] = [
     CaseSpec("hf_mixtral_single_fp32", "hf", tiny_moe("mixtral"), None, 1, "fp32", "hf_single_safetensors",
              has_config=True, has_tokenizer=True, seed=76,
              covers="Mixtral save_pretrained (per-expert block_sparse_moe names), fp32"),
+    # ---- vision-language families (issue 25): training names model.language_model.* / model.visual.* /
+    # model.vision_tower.*; save_pretrained writes other prefixes (tests/test_vlm.py)
+    _ds("qwen2vl_z3_w2_fp32", tiny_vlm("qwen2_vl"), 3, 2, "fp32",
+        "Qwen2-VL under ZeRO-3, vision tower trained, config+tokenizer", has_config=True, has_tokenizer=True, seed=90),
+    _ds("llava_z3_w2_bf16", tiny_vlm("llava", frozen_vision=True), 3, 2, "bf16",
+        "LLaVA (CLIP tower) under ZeRO-3, vision tower frozen, config+tokenizer", has_config=True, has_tokenizer=True,
+        seed=91),
+    _ds("gemma3_z3_w2_bf16", tiny_vlm("gemma3"), 3, 2, "bf16",
+        "Gemma 3 (SigLIP tower, tied head) under ZeRO-3, vision tower trained, config+tokenizer", has_config=True,
+        has_tokenizer=True, seed=92),
 ]
 
 CASES: dict[str, CaseSpec] = {c.name: c for c in _SPECS}

@@ -7,6 +7,7 @@ time, so that a warm ``build_all()`` stays cheap.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -98,21 +99,36 @@ def model_config(model: dict[str, Any]) -> Any:
     if model.get("head_dim"):
         kw["head_dim"] = model["head_dim"]
     kw.update(model.get("extra", {}))
+    if model.get("vision"):  # a vision-language model: the text part is its text_config (tests/corpus/build.py)
+        vlm = copy.deepcopy(model["vision"])  # transformers edits nested dicts (rope_scaling) in place
+        text = dict(kw, model_type=vlm["text_type"], **vlm.get("text_extra", {}))
+        text.pop("tie_word_embeddings")
+        return AutoConfig.for_model(model["arch"], text_config=text, vision_config=vlm["config"],
+                                    tie_word_embeddings=model["tied"], **vlm.get("top", {}))
     return AutoConfig.for_model(model["arch"], **kw)
 
 
 def build_model(model: dict[str, Any], seed: int) -> PreTrainedModel:
-    """Instantiate a tiny randomly initialised causal LM (fp32, no downloads)."""
+    """Instantiate a tiny randomly initialised causal LM or vision-language model (fp32, no downloads).
+
+    ``frozen`` names parameters, or (ending in ``.``) whole modules, to freeze (e.g. a vision tower).
+    """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(model_config(model))
+    auto = AutoModelForImageTextToText if model.get("vision") else AutoModelForCausalLM
+    m = auto.from_config(model_config(model))
     m.generation_config = GenerationConfig(
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False, max_new_tokens=16
     )
     for name in model.get("frozen", []):
-        m.get_parameter(name).requires_grad_(False)
+        if name.endswith("."):
+            for full, p in m.named_parameters():
+                if full.startswith(name):
+                    p.requires_grad_(False)
+        else:
+            m.get_parameter(name).requires_grad_(False)
     return m
 
 
@@ -199,3 +215,34 @@ def save_hf_extras(
     module.generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def train_batch(model: dict[str, Any], gen: torch.Generator, low: int = 0) -> dict[str, torch.Tensor]:
+    """One training batch (2 x 16 tokens) for a case's model: random token ids, and for a vision-language
+    model one random image per sample too, so that the vision tower and projector get gradients.
+
+    Text ids are drawn from ``[low, vocab)`` (below the image token ids, 990+, for a VLM). The image
+    inputs are what each family's processor would produce for a 28x28 image (no processor is needed).
+    """
+    import torch
+
+    vision = model.get("vision")
+    hi = 990 if vision else model["vocab"]
+    ids = torch.randint(low, hi, (2, 16), generator=gen)
+    if not vision:
+        return {"input_ids": ids, "labels": ids}
+    top = vision["top"]
+    if model["arch"] == "qwen2_vl":  # a 1x2x2 patch grid, merged 2x2 into one image token
+        ids[:, 1:4] = torch.tensor([top["vision_start_token_id"], top["image_token_id"], top["vision_end_token_id"]])
+        patch = 3 * vision["config"]["temporal_patch_size"] * vision["config"]["patch_size"] ** 2
+        extra = {"pixel_values": torch.randn(2 * 4, patch, generator=gen),
+                 "image_grid_thw": torch.tensor([[1, 2, 2], [1, 2, 2]]),
+                 "mm_token_type_ids": (ids == top["image_token_id"]).int()}
+    else:  # LLaVA: 2x2 patches (CLS dropped) -> 4 tokens; Gemma 3: pooled to mm_tokens_per_image (1)
+        n = 4 if model["arch"] == "llava" else top["mm_tokens_per_image"]
+        ids[:, 1:1 + n] = top["image_token_index"]
+        size = vision["config"]["image_size"]
+        extra = {"pixel_values": torch.randn(2, 3, size, size, generator=gen)}
+        if model["arch"] == "gemma3":
+            extra["token_type_ids"] = (ids == top["image_token_index"]).long()
+    return {"input_ids": ids, "labels": ids, **extra}

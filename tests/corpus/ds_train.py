@@ -165,11 +165,9 @@ def run_case(case: dict[str, Any], tokenizer: Any) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config(case))
 
     gen = torch.Generator().manual_seed(case["seed"] * 1000 + rank)
-    vocab = model_spec["vocab"]
     checkpoints = []
     for step in range(1, max(case["save_steps"]) + 1):
-        ids = torch.randint(0, vocab, (2, 16), generator=gen)
-        loss = engine(input_ids=ids, labels=ids).loss
+        loss = engine(**common.train_batch(model_spec, gen)).loss
         engine.backward(loss)
         engine.step()
         if step in case["save_steps"]:

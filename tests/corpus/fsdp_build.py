@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.corpus import build, cache, common
-from tests.corpus.build import MOE_ARCHS, tiny, tiny_moe
+from tests.corpus.build import MOE_ARCHS, tiny, tiny_moe, tiny_vlm
 
 #: Bump whenever the generator's output format / semantics change (new cache root).
 SCHEMA_VERSION = 1
@@ -289,6 +289,14 @@ _SPECS: list[FsdpCaseSpec] = [
         )
         for i, arch in enumerate(MOE_ARCHS)
     ),
+    # ---- vision-language families (issue 25): one with a frozen vision tower, one trained
+    FsdpCaseSpec("dcp_qwen2vl_w2_frozen", "dcp", tiny_vlm("qwen2_vl", frozen_vision=True), "fp32", "model.",
+                 "FSDP2 Qwen2-VL fp32, vision tower frozen; dcp.save at ckpt/step-2; config+tokenizer in ckpt/",
+                 seed=95, has_config=True, has_tokenizer=True, options={"style": "nested", "subdirs": True}),
+    # LLaVA's trained CLIP tower would leave post_layernorm untouched (LLaVA takes the hidden states before it)
+    FsdpCaseSpec("dcp_llava_w2_frozen", "dcp", tiny_vlm("llava", frozen_vision=True), "fp32", "model.",
+                 "FSDP2 LLaVA fp32, vision tower frozen; dcp.save at ckpt/step-2; config+tokenizer in ckpt/",
+                 seed=96, has_config=True, has_tokenizer=True, options={"style": "nested", "subdirs": True}),
     # ---- verl FSDPCheckpointManager on fully_shard models (tests/corpus/verl_save.py)
     _verl(
         "verl_qwen2_w2_tied",

@@ -84,7 +84,8 @@ def shard(model: torch.nn.Module, mixed_precision: str | None) -> list[str]:
     kw: dict[str, Any] = {"mesh": mesh}
     if mixed_precision:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32)
-    for layer in model.model.layers:
+    decoder = getattr(model.model, "language_model", model.model)  # a vision-language model's text decoder
+    for layer in decoder.layers:
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return [n or "<root>" for n, m in model.named_modules() if isinstance(m, FSDPModule)]
@@ -160,13 +161,11 @@ def run_case(case: dict[str, Any], tokenizer: Any) -> None:
     if opts["style"] == "ambiguous":
         ema = {k: v.detach().clone() for k, v in get_model_state_dict(model).items()}
     gen = torch.Generator().manual_seed(case["seed"] * 1000 + rank)
-    vocab = case["model"]["vocab"]
     checkpoints: list[dict[str, Any]] = []
     facts: dict[str, Any] = {}
     saved_dtypes: set[torch.dtype] = set()
     for step in range(1, max(case["save_steps"]) + 1):
-        ids = torch.randint(4, vocab, (2, 16), generator=gen)
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(**common.train_batch(case["model"], gen, low=4)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -166,6 +166,10 @@ def _tensor_lines(inp: Any) -> list[str]:
         m = inp.moe
         lines.append(_line("experts", f"{m['experts']} experts x {m['moe_layers']} MoE layers ({m['family']}), stored "
                                       f"{m['source_layout']}, written {m['layout']} (--moe-layout)"))
+    if inp.vlm:
+        parts = inp.vlm["parts"]
+        lines.append(_line("modality", ", ".join(f"{part} {p['parameters']:,} parameters ({p['tensors']} tensors)"
+                                                 for part, p in parts.items()) + f" ({inp.vlm['family']})"))
     big = inp.largest_tensor
     if big is not None:
         lines.append(_line("largest", f"{big.name} {list(big.shape)} {big.dtype}, {size(big.bytes)}"))

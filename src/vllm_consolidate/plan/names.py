@@ -2,12 +2,14 @@
 
 Pure functions of a :class:`~vllm_consolidate.source.SourceModel` and the model's ``config.json``:
 tied output embeddings are dropped (as ``save_pretrained`` does), other shared names are written as
-copies, and MoE experts are written in the layout asked for (:mod:`vllm_consolidate.plan.moe`).
+copies, MoE experts are written in the layout asked for (:mod:`vllm_consolidate.plan.moe`), and
+vision-language models under the prefixes save_pretrained writes and vLLM loads (:mod:`vllm_consolidate.plan.vlm`).
 Nothing here reads a tensor byte.
 """
 
 from __future__ import annotations
 
+from vllm_consolidate.plan import vlm
 from vllm_consolidate.plan.moe import MoeSummary, apply_layout
 from vllm_consolidate.source import SourceModel, TensorSpec
 
@@ -56,8 +58,10 @@ def plan_names(source: SourceModel, config: dict, moe_layout: str = "auto") -> t
         config: The model's config.json (it decides tying and the MoE family).
         moe_layout: ``--moe-layout`` (see :mod:`vllm_consolidate.plan.moe`).
     """
+    source = vlm.to_training_names(source, config)
     tensors, dropped = resolve_names(source, is_tied(config, source))
     tensors, moe = apply_layout(tensors, config, moe_layout)
+    tensors, _parts = vlm.to_output_names(tensors, config)
     return tensors, dropped, moe
 
 

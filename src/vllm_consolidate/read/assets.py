@@ -17,7 +17,8 @@ transformers reads as ``tiktoken.model`` or ``tokenizer.model``, and remote-code
 ``*.tiktoken`` (e.g. ``qwen.tiktoken``); Mistral's ``tekken.json`` and versioned ``tokenizer.model.v3``/``.v7``...
 (mistral-common); and around them ``tokenizer_config.json`` (which may hold the chat template),
 ``special_tokens_map.json``, ``added_tokens.json``, ``chat_template.jinja`` / ``chat_template.json``
-and transformers' named templates ``additional_chat_templates/*.jinja``.
+and transformers' named templates ``additional_chat_templates/*.jinja``, and a multimodal processor's
+``preprocessor_config.json`` / ``processor_config.json`` / ``video_preprocessor_config.json`` (capped as a config).
 
 The generation config comes from the checkpoint's folders, else from the base model. The base model
 lends it only when it describes the same model (same ``model_type`` and ``vocab_size`` as the config
@@ -58,6 +59,9 @@ CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 #: transformers' folder of named chat templates (``save_pretrained`` of a dict ``chat_template``).
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
+#: A multimodal processor's files (image/video preprocessing, the processor's own settings): they come along
+#: with the tokenizer files of the folder that holds them (transformers' AutoProcessor reads them from there).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -73,6 +77,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
+    *PROCESSOR_FILES,
 )
 #: Tokenizer files known by pattern (relative to the tokenizer's folder): tiktoken vocabularies and Mistral's
 #: versioned SentencePiece models (each a tokenizer by itself), and named chat templates.
@@ -180,7 +185,7 @@ def asset_limit(name: str) -> int | None:
     """The size cap of an asset, by its name relative to its folder (None: ``config.json``, capped when read)."""
     if name == CONFIG_FILE:
         return None  # read_config refuses an oversized one with an error naming it
-    if name == GENERATION_CONFIG_FILE:
+    if name == GENERATION_CONFIG_FILE or name in PROCESSOR_FILES:
         return MAX_CONFIG_BYTES
     if name.endswith(".jinja") or name == "chat_template.json":
         return MAX_TEMPLATE_BYTES

@@ -39,6 +39,8 @@ SUPPORTED_ARCHITECTURES: frozenset[str] = frozenset({
     "PhiMoEForCausalLM", "QWenLMHeadModel", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM", "SolarForCausalLM",
     "XverseForCausalLM", "GptOssForCausalLM", "SmolLM3ForCausalLM",
+    # vision-language (issue 25: Qwen2-VL and LLaVA were refused before they were listed)
+    "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "LlavaForConditionalGeneration",
 })
 
 #: Suffixes of the input embedding's name, tried when the skeleton does not name it.

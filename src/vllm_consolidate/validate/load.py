@@ -178,6 +178,7 @@ def run_vllm_probe(
     timeout: float = DEFAULT_TIMEOUT,
     max_model_len: int = 256,
     env: dict[str, str] | None = None,
+    llm_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load ``model_dir`` with real vLLM in a subprocess and generate greedily.
 
@@ -193,6 +194,7 @@ def run_vllm_probe(
         timeout: Seconds before the probe is killed.
         max_model_len: vLLM context length; small keeps the KV cache small.
         env: Extra environment variables for the probe (override the CPU defaults it sets).
+        llm_kwargs: Extra ``vllm.LLM`` arguments, JSON-able (e.g. ``limit_mm_per_prompt``); they win.
 
     Returns:
         The probe's JSON result: ``prompt_token_ids``, ``output_token_ids``, ``vllm_version``,
@@ -216,6 +218,8 @@ def run_vllm_probe(
         "dtype": dtype,
         "max_model_len": int(max_model_len),
     }
+    if llm_kwargs:
+        request["llm_kwargs"] = dict(llm_kwargs)
     if prompt_token_ids is not None:
         request["prompt_token_ids"] = [[int(t) for t in ids] for ids in prompt_token_ids]
     else:

@@ -24,6 +24,7 @@ import re
 from types import ModuleType
 from typing import Any
 
+from vllm_consolidate.plan import vlm
 from vllm_consolidate.plan.moe import expert_count, family_of
 from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.units import few
@@ -118,8 +119,16 @@ def skeleton_of(model: Any) -> Skeleton:
     if emb is not None:
         embedding = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
     ignorable = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-    return Skeleton(type(model).__name__, required, allowed, tied, ignorable, embedding,
-                    None if same else memory_required, None if same else memory_allowed)
+    # A vision-language model is written under the prefixes both transformers and vLLM load (plan/vlm.py).
+    config = {"model_type": getattr(model.config, "model_type", None)}
+
+    def out(shapes: Shapes) -> Shapes:
+        return {vlm.written_name(config, k): v for k, v in shapes.items()}
+
+    tied = {vlm.written_name(config, k): vlm.written_name(config, v) for k, v in tied.items()}
+    embedding = None if embedding is None else vlm.written_name(config, embedding)
+    return Skeleton(type(model).__name__, out(required), out(allowed), tied, ignorable, embedding,
+                    None if same else out(memory_required), None if same else out(memory_allowed))
 
 
 def check_against_skeleton(ctx: Context) -> list[Check]:
