@@ -302,6 +302,44 @@ def plan_quantization(tensors: list[TensorSpec], config: dict[str, Any], scheme:
     return plan
 
 
+#: An MoE router's weight (``mlp.gate``, Mixtral's ``block_sparse_moe.gate``): not a Linear module.
+_ROUTER_WEIGHT = re.compile(r"\.(?:mlp|block_sparse_moe)\.gate\.weight$")
+
+
+def weights_to_quantize_by_name(tensors: list[TensorSpec]) -> list[TensorSpec]:
+    """The weights ``--quantize`` quantizes (no ``--quantize-ignore``), from names and shapes alone.
+
+    For ``inspect``, which imports no transformers: a 2-D floating ``*.weight`` that is not ``lm_head``, an
+    embedding (its module's name contains ``embed``) or an MoE router. The same set as :func:`linear_modules`
+    for every corpus architecture (Llama, Mistral, Qwen2, Mixtral, Qwen2/3-MoE, DeepSeek-V2:
+    ``tests/test_quantize_moe.py``; also LLaVA, Qwen2-VL and Gemma 3, checked by hand); a 2-D weight of another
+    module class (GPT-2's ``Conv1D``) would be counted wrongly, so ``inspect`` says it is from names and shapes.
+    """
+    out = []
+    for t in tensors:
+        parts = t.name.rsplit(".", 2)
+        if (len(t.shape) != 2 or not t.dtype.is_floating_point or parts[-1] != "weight" or len(parts) < 2
+                or t.name == "lm_head.weight" or "embed" in parts[-2] or _ROUTER_WEIGHT.search(t.name)):
+            continue
+        out.append(t)
+    return out
+
+
+def quantized_output(tensors: list[TensorSpec], scheme: Scheme,
+                     work_dtype: DType) -> tuple[list[TensorSpec], dict[str, DType]]:
+    """``(tensors with scales, per-tensor dtypes)`` of ``--quantize`` by :func:`weights_to_quantize_by_name`."""
+    chosen = {t.name for t in weights_to_quantize_by_name(tensors)}
+    out: list[TensorSpec] = []
+    out_dtypes: dict[str, DType] = {}
+    for t in tensors:
+        out.append(t)
+        if t.name in chosen:
+            scale = TensorSpec(f"{t.name}_scale", work_dtype, scheme.scale_shape(t.shape), [])
+            out_dtypes[t.name], out_dtypes[scale.name] = scheme.qdtype, work_dtype
+            out.append(scale)
+    return out, out_dtypes
+
+
 def check_quantize_options(name: str, ignore: tuple[str, ...], fmt: str, lora: str) -> None:
     """Refuse ``--quantize`` with options it cannot go with, before anything is read.
 
