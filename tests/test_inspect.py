@@ -62,6 +62,11 @@ output:        float32   519.8 kB in 1 file, peak RAM ~472.0 MB
                bfloat16  259.9 kB in 1 file, peak RAM ~488.8 MB
                float16   259.9 kB in 1 file, peak RAM ~488.8 MB"""
 
+#: inspect's --quantize sizes (exact: tests/test_quantize_moe.py)
+_Q_LLAMA = "quantized:     fp8_dynamic 198.5 kB, fp8_block 196.7 kB, w8a8 198.5 kB (--quantize, from names and shapes)"
+_Q_QWEN2 = "quantized:     fp8_dynamic 516.4 kB, fp8_block 512.8 kB, w8a8 516.4 kB (--quantize, from names and shapes)"
+_Q_LLAMA_BIG = "quantized:     fp8_dynamic 771.7 kB, fp8_block 768.0 kB, w8a8 771.7 kB (--quantize, from names and shapes)"
+
 
 def _assets(folder: str) -> str:
     return (f"config:        {folder}/config.json\n"
@@ -81,6 +86,7 @@ chosen:        <corpus>/llama_z1_w1_fp32/ckpt/global_step2 (tag 'global_step2' f
 tensors:       21 tensors, 129,954 parameters
 largest:       model.embed_tokens.weight [503, 66] float32, 132.8 kB
 {_OUT_520KB}
+{_Q_LLAMA}
 {_assets("<corpus>/llama_z1_w1_fp32/ckpt")}
 architectures: config has architectures: yes (LlamaForCausalLM)
 problems:      none
@@ -98,6 +104,7 @@ chosen:        <corpus>/llama_z2_w2_bf16/ckpt/global_step2 (tag 'global_step2' f
 tensors:       21 tensors, 129,954 parameters
 largest:       model.embed_tokens.weight [503, 66] float32, 132.8 kB
 {_OUT_520KB}
+{_Q_LLAMA}
 config:        <tmp>/base/config.json (from --base-model-name)
 generation:    none
 tokenizer:     <tmp>/base (from --base-model-name): tokenizer.json, tokenizer_config.json
@@ -116,6 +123,7 @@ chosen:        <corpus>/qwen2_z3_w2_bf16_tied/ckpt/global_step2 (tag 'global_ste
 tensors:       26 tensors, 383,488 parameters; dropped tied lm_head.weight
 largest:       model.embed_tokens.weight [1001, 128] float32, 512.5 kB
 {_OUT_1_5MB}
+{_Q_QWEN2}
 {_assets("<corpus>/qwen2_z3_w2_bf16_tied/ckpt")}
 architectures: config has architectures: yes (Qwen2ForCausalLM)
 problems:      none
@@ -136,6 +144,7 @@ chosen:        <corpus>/trainer_qwen2_z2_bf16/run/checkpoint-6/global_step6 (lat
 tensors:       26 tensors, 383,488 parameters; dropped tied lm_head.weight
 largest:       model.embed_tokens.weight [1001, 128] float32, 512.5 kB
 {_OUT_1_5MB}
+{_Q_QWEN2}
 {_assets("<corpus>/trainer_qwen2_z2_bf16/run/checkpoint-6")}
 architectures: config has architectures: yes (Qwen2ForCausalLM)
 problems:      none
@@ -152,6 +161,7 @@ chosen:        <corpus>/trainer_llama_z3_bf16/run/checkpoint-4/global_step4 (tag
 tensors:       21 tensors, 511,104 parameters
 largest:       model.embed_tokens.weight [1001, 128] float32, 512.5 kB
 {_OUT_2MB}
+{_Q_LLAMA_BIG}
 {_assets("<corpus>/trainer_llama_z3_bf16/run/checkpoint-4")}
 architectures: config has architectures: yes (LlamaForCausalLM)
 problems:      none
@@ -167,6 +177,7 @@ largest:       model.embed_tokens.weight [1001, 128] bfloat16, 256.3 kB
 output:        float32   2.0 MB in 1 file, peak RAM ~488.8 MB
                bfloat16  1.0 MB in 1 file, peak RAM ~472.0 MB
                float16   1.0 MB in 1 file, peak RAM ~488.8 MB
+{_Q_LLAMA_BIG}
 {_assets("<corpus>/hf_llama_sharded_bf16/model")}
 architectures: config has architectures: yes (LlamaForCausalLM)
 problems:      none
@@ -180,6 +191,7 @@ chosen:        <corpus>/hf_qwen2_single_fp32_tied/model (HF weights in the folde
 tensors:       26 tensors, 383,488 parameters
 largest:       model.embed_tokens.weight [1001, 128] float32, 512.5 kB
 {_OUT_1_5MB}
+{_Q_QWEN2}
 {_assets("<corpus>/hf_qwen2_single_fp32_tied/model")}
 architectures: config has architectures: yes (Qwen2ForCausalLM)
 problems:      none
@@ -203,6 +215,7 @@ chosen:        <tmp>/runs/a/checkpoint-6/global_step6 (latest checkpoint by step
 tensors:       21 tensors, 511,104 parameters
 largest:       model.embed_tokens.weight [1001, 128] float32, 512.5 kB
 {_OUT_2MB}
+{_Q_LLAMA_BIG}
 {_assets("<corpus>/trainer_llama_z3g16_bf16/run/checkpoint-6")}
 architectures: config has architectures: yes (LlamaForCausalLM)
 problems:      none
@@ -219,6 +232,7 @@ largest:       lm_head.weight [503, 66] float32, 132.8 kB
 output:        float32   519.8 kB in 1 file, peak RAM ~488.8 MB
                bfloat16  259.9 kB in 1 file, peak RAM ~488.8 MB
                float16   259.9 kB in 1 file, peak RAM ~488.8 MB
+{_Q_LLAMA}
 {_assets("<corpus>/mistral_z2_w2_fp16_frozen/ckpt")}
 architectures: config has architectures: yes (MistralForCausalLM)
 problems:      none
@@ -381,6 +395,7 @@ chosen:        <tmp>/no_config/global_step2 (tag 'global_step2' from <tmp>/no_co
 tensors:       21 tensors, 129,954 parameters
 largest:       model.embed_tokens.weight [503, 66] float32, 132.8 kB
 {_OUT_520KB}
+{_Q_LLAMA}
 config:        none
 generation:    none
 tokenizer:     none

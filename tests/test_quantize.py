@@ -277,13 +277,3 @@ def test_vllm_serves_w8a8_as_llm_compressor(zero3: dict[str, Path], tmp_path: Pa
     assert ours["ok"] and ref["ok"], (ours.get("stderr_tail"), ref.get("stderr_tail"))
     assert ours["output_token_ids"] == ref["output_token_ids"]
     assert all(len(t) == MAX_TOKENS for t in ours["output_token_ids"])
-
-
-def test_moe_is_refused_with_what_to_do(corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Mixture-of-experts models are not quantized yet: one line, exit 2, nothing written."""
-    capsys.readouterr()
-    code = main(["convert", "--input", str(corpus["qwen2moe_z2_w2_bf16"] / "ckpt"), "--output", str(tmp_path / "o"),
-                 "--quantize", "w8a8"])
-    err = capsys.readouterr().err
-    assert code == 2 and "mixture-of-experts" in err and "experts" in err, err
-    assert not (tmp_path / "o").exists()

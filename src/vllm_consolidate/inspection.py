@@ -25,6 +25,7 @@ from vllm_consolidate.plan import vlm
 from vllm_consolidate.plan.architecture import decide_architectures
 from vllm_consolidate.plan.inputs import InputSpec, detect_input, read_input
 from vllm_consolidate.plan.names import plan_names
+from vllm_consolidate.plan.quantize import SCHEMES, quantized_output
 from vllm_consolidate.plan.shards import dtype_name, plan_output
 from vllm_consolidate.read import detect as detection
 from vllm_consolidate.read.assets import (
@@ -117,6 +118,9 @@ class InputReport:
     output: dict[str, OutputEstimate] = field(default_factory=dict)
     assets: dict[str, Any] = field(default_factory=dict)
     architectures: dict[str, Any] = field(default_factory=dict)
+    #: ``--quantize`` scheme -> output bytes (bf16 working dtype), from names and shapes (an estimate; exact for
+    #: every corpus architecture, see plan.quantize.weights_to_quantize_by_name)
+    quantized: dict[str, int] = field(default_factory=dict)
     moe: dict[str, Any] | None = None  # plan.moe.MoeSummary of what convert writes by default (--moe-layout auto)
     vlm: dict[str, Any] | None = None  # plan.vlm.VlmSummary: a vision-language model's parts and their sizes
     warnings: list[str] = field(default_factory=list)
@@ -333,6 +337,11 @@ def _describe_tensors(report: InputReport, source: SourceModel, config: dict) ->
     for dtype in OUTPUT_DTYPES:
         plan = plan_output(tensors, target_dtype=dtype, max_shard_size=DEFAULT_MAX_SHARD_SIZE, fmt="safetensors")
         report.output[dtype_name(dtype)] = OutputEstimate(plan.total_size, len(plan.files), estimate_peak_ram(plan))
+    for name, scheme in SCHEMES.items():
+        specs, out_dtypes = quantized_output(tensors, scheme, dtypes.bfloat16)
+        plan = plan_output(specs, target_dtype=dtypes.bfloat16, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+                           fmt="safetensors", out_dtypes=out_dtypes)
+        report.quantized[name] = plan.total_size
 
 
 def _largest(tensors: list[TensorSpec]) -> TensorSpec | None:

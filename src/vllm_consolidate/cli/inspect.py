@@ -178,6 +178,9 @@ def _tensor_lines(inp: Any) -> list[str]:
         files = f"{est.files} file{'s' if est.files != 1 else ''}"
         lines.append(_line("output" if i == 0 else "",
                            f"{dtype:<{width}}  {size(est.bytes)} in {files}, peak RAM ~{size(est.peak_ram_bytes)}"))
+    if inp.quantized:
+        lines.append(_line("quantized", ", ".join(f"{k} {size(v)}" for k, v in inp.quantized.items())
+                           + " (--quantize, from names and shapes)"))
     return lines
 
 

@@ -151,6 +151,38 @@ def apply_layout(tensors: list[TensorSpec], config: dict, layout: str = "auto") 
     return out, MoeSummary(str(config.get("model_type")), target, source_layout, count, len(layers))
 
 
+def checkpoint_module_name(name: str, family: MoeFamily | None) -> str:
+    """A module's name in the per-expert files: the in-memory ``<layer>.mlp.`` renamed to the family's block."""
+    return _rename_block(name, family.block) if family is not None else name
+
+
+def linearized_names(tensors: list[TensorSpec], family: MoeFamily) -> list[TensorSpec]:
+    """Per-expert tensors under the names llm-compressor's linearized experts save (``--quantize``).
+
+    llm-compressor 0.14 replaces a fused experts module by one ``gate_proj``/``up_proj``/``down_proj`` Linear per
+    expert and saves them under those names in the family's block (Mixtral too:
+    ``block_sparse_moe.experts.{e}.gate_proj``, which vLLM 0.32's Mixtral maps to ``w1``).
+    """
+    out = []
+    for t in tensors:
+        name = expert_leaf_renamed(t.name, family.leaves, _LEAVES)
+        out.append(t if name == t.name else TensorSpec(name, t.dtype, t.shape, t.segments, t.delta))
+    return out
+
+
+def expert_leaf_renamed(name: str, leaves: tuple[str, str, str], to: tuple[str, str, str]) -> str:
+    """A per-expert weight name with its projection renamed from ``leaves`` to ``to`` (gate, up, down); other
+    names as they are. ``to=family.leaves`` undoes :func:`linearized_names` (``leaves`` = gate/up/down_proj)."""
+    m = _EXPERT_NAME.match(name)
+    rename = dict(zip(leaves, to, strict=True))
+    if m is None or m.group("leaf") not in rename:
+        return name
+    return name[: m.start("leaf")] + rename[m.group("leaf")] + ".weight"
+
+
+LINEARIZED_LEAVES = _LEAVES
+
+
 def _check_no_delta(t: TensorSpec) -> None:
     if t.delta is not None:
         raise UnsupportedCheckpointError(
@@ -242,5 +274,6 @@ def _fuse_layer(module: str, pieces: dict[tuple[int, str], TensorSpec], family: 
             TensorSpec(f"{prefix}.down_proj", g0.dtype, (experts, hidden, inner), downs)]
 
 
-__all__ = ["EXPERT_COUNT_KEYS", "FAMILIES", "FUSED", "MAX_EXPERTS", "MOE_LAYOUTS", "PER_EXPERT", "MoeFamily",
-           "MoeSummary", "apply_layout", "expert_count", "family_of", "layout_of"]
+__all__ = ["EXPERT_COUNT_KEYS", "FAMILIES", "FUSED", "LINEARIZED_LEAVES", "MAX_EXPERTS", "MOE_LAYOUTS", "PER_EXPERT",
+           "MoeFamily", "MoeSummary", "apply_layout", "checkpoint_module_name", "expert_count", "expert_leaf_renamed",
+           "family_of", "layout_of", "linearized_names"]

@@ -16,9 +16,19 @@ and its code (``tests/test_quantize.py`` compares ours with it byte for byte):
 
 The Linear modules are found on the model built from config.json on the meta device (transformers, no weights):
 a name rule could not tell a router from an expert or a tied head from a projection. transformers and torch are
-imported only here and only with ``--quantize``. Mixture-of-experts models are refused for now: transformers 5
-fuses their experts into 3-D parameters, which ``targets="Linear"`` does not reach, and llm-compressor's own
-expert handling is not reproduced yet.
+imported only here and only with ``--quantize``.
+
+Mixture-of-experts models (the families of :mod:`vllm_consolidate.plan.moe`): transformers 5 holds their experts
+as fused 3-D parameters, which ``targets="Linear"`` does not reach, so llm-compressor 0.14 first *linearizes*
+each fused experts module (``llmcompressor.modeling.moe.linearize``): expert ``e`` becomes a module with three
+Linear children, in the order ``up_proj``, ``gate_proj``, ``down_proj``, holding ``gate_up_proj[e]``'s halves
+and ``down_proj[e]`` as they are (not transposed). So every expert projection is quantized like any Linear and
+saved per expert as ``<block>.experts.{e}.{gate,up,down}_proj.weight`` (+ ``weight_scale``), Mixtral included
+(not its ``w1/w3/w2``); ``--quantize`` therefore writes that layout and refuses ``--moe-layout fused``. The
+routers (``mlp.gate``, class ``*TopKRouter``) are not Linear and stay in ``--dtype``, but compressed-tensors
+counts a class named like a router or gate as Linear for vLLM, so they are listed in ``ignore`` (as are Linear
+modules left alone), under their checkpoint names (Mixtral's ``block_sparse_moe.gate``). Qwen2-MoE's
+``shared_expert_gate`` is a plain Linear and is quantized. Checked byte for byte by ``tests/test_quantize_moe.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +40,8 @@ from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import UsageError
+from vllm_consolidate.errors import UnsupportedCheckpointError, UsageError
+from vllm_consolidate.plan.moe import FUSED, MoeFamily, checkpoint_module_name, family_of, layout_of, linearized_names
 from vllm_consolidate.source import TensorSpec
 
 #: The compressed-tensors version whose output we reproduce; written into ``quantization_config.version``.
@@ -174,25 +185,58 @@ def _matches(name: str, classes: list[str], pattern: str) -> bool:
 def linear_modules(config: dict[str, Any], ignore: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """``(quantized, ignored)``: the Linear module names of config.json's model, split by the ignore rules.
 
+    Names are the output's (checkpoint) names; MoE experts are counted as llm-compressor linearizes them and
+    routers are listed as ignored (see the module docstring). The ignore rules see the in-memory names, as
+    llm-compressor's do.
+
     Raises:
-        UsageError: The model cannot be built from config.json, or it is a mixture of experts.
+        UsageError: The model cannot be built from config.json.
+        UnsupportedCheckpointError: It holds experts llm-compressor's linearization is not reproduced for.
     """
     model = _meta_model(config)
+    family = family_of(config)
     patterns = (*ALWAYS_IGNORED, *ignore)
-    quantized, ignored = [], []
+    quantized: list[str] = []
+    ignored: list[str] = []
     for name, module in model.named_modules():
-        if _is_expert_container(name, module):
-            raise UsageError(f"--quantize does not support mixture-of-experts models yet ({name} holds experts)",
-                             hint="Convert without --quantize, then quantize with llm-compressor.")
         classes = [cls.__name__ for cls in type(module).__mro__]
-        if "Linear" not in classes:
+        if name.rsplit(".", 1)[-1] == "experts":
+            modules = _linearized_experts(name, module, family)
+            classes = ["Linear"]
+        elif _is_router(type(module).__name__):
+            ignored.append(checkpoint_module_name(name, family))
             continue
-        (ignored if any(_matches(name, classes, p) for p in patterns) else quantized).append(name)
+        elif "Linear" in classes:
+            modules = [name]
+        else:
+            continue
+        for m in modules:
+            hit = any(_matches(m, classes, p) for p in patterns)
+            (ignored if hit else quantized).append(checkpoint_module_name(m, family))
     return quantized, ignored
 
 
-def _is_expert_container(name: str, module: Any) -> bool:
-    return name.rsplit(".", 1)[-1] == "experts"
+def _is_router(class_name: str) -> bool:
+    """compressed-tensors' ``get_vllm_module_type``: a router or gate class counts as Linear for vLLM."""
+    return "ExpertMLP" not in class_name and (
+        "Router" in class_name or "Gating" in class_name or re.search(r"Gate(?![a-z])", class_name) is not None)
+
+
+def _linearized_experts(name: str, module: Any, family: MoeFamily | None) -> list[str]:
+    """The Linear modules llm-compressor's linearization makes of a fused experts module, in its module order.
+
+    Raises:
+        UnsupportedCheckpointError: Not fused experts of a family we lay out per expert, or stored transposed or
+            with biases (which the linearization handles and we do not).
+    """
+    params = dict(module.named_parameters(recurse=False))
+    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+    if (family is None or gate_up is None or down is None or gate_up.dim() != 3 or len(params) != 2
+            or getattr(module, "is_transposed", False) or getattr(module, "has_bias", False)):
+        raise UnsupportedCheckpointError(
+            f"--quantize does not support the experts of this model ({name}: {type(module).__name__})",
+            hint="Convert without --quantize, then quantize with llm-compressor.")
+    return [f"{name}.{e}.{leaf}" for e in range(gate_up.shape[0]) for leaf in ("up_proj", "gate_proj", "down_proj")]
 
 
 def _meta_model(config: dict[str, Any]) -> Any:
@@ -227,10 +271,18 @@ def plan_quantization(tensors: list[TensorSpec], config: dict[str, Any], scheme:
         work_dtype: ``--dtype``; None keeps each weight's stored dtype.
 
     Raises:
-        UsageError: A bad pattern, a model that cannot be built, an MoE model, or a weight of an unexpected shape.
+        UsageError: A bad pattern, a model that cannot be built, ``--moe-layout fused``, or a weight of an
+            unexpected shape.
+        UnsupportedCheckpointError: Experts whose linearization is not reproduced (see :func:`linear_modules`).
     """
     for p in ignore:
         check_pattern(p)
+    family = family_of(config)
+    if family is not None:  # llm-compressor writes experts per expert, under its linearized names
+        if layout_of([t.name for t in tensors]) == FUSED:
+            raise UsageError("--quantize writes MoE experts per expert, as llm-compressor does",
+                             hint="Drop --moe-layout fused.")
+        tensors = linearized_names(tensors, family)
     quantized, ignored = linear_modules(config, ignore)
     wanted = {f"{m}.weight" for m in quantized}
     plan = QuantPlan([], config=scheme.quantization_config(ignored))
@@ -248,6 +300,44 @@ def plan_quantization(tensors: list[TensorSpec], config: dict[str, Any], scheme:
         plan.out_dtypes[scale.name] = work
         plan.tensors.append(scale)
     return plan
+
+
+#: An MoE router's weight (``mlp.gate``, Mixtral's ``block_sparse_moe.gate``): not a Linear module.
+_ROUTER_WEIGHT = re.compile(r"\.(?:mlp|block_sparse_moe)\.gate\.weight$")
+
+
+def weights_to_quantize_by_name(tensors: list[TensorSpec]) -> list[TensorSpec]:
+    """The weights ``--quantize`` quantizes (no ``--quantize-ignore``), from names and shapes alone.
+
+    For ``inspect``, which imports no transformers: a 2-D floating ``*.weight`` that is not ``lm_head``, an
+    embedding (its module's name contains ``embed``) or an MoE router. The same set as :func:`linear_modules`
+    for every corpus architecture (Llama, Mistral, Qwen2, Mixtral, Qwen2/3-MoE, DeepSeek-V2:
+    ``tests/test_quantize_moe.py``; also LLaVA, Qwen2-VL and Gemma 3, checked by hand); a 2-D weight of another
+    module class (GPT-2's ``Conv1D``) would be counted wrongly, so ``inspect`` says it is from names and shapes.
+    """
+    out = []
+    for t in tensors:
+        parts = t.name.rsplit(".", 2)
+        if (len(t.shape) != 2 or not t.dtype.is_floating_point or parts[-1] != "weight" or len(parts) < 2
+                or t.name == "lm_head.weight" or "embed" in parts[-2] or _ROUTER_WEIGHT.search(t.name)):
+            continue
+        out.append(t)
+    return out
+
+
+def quantized_output(tensors: list[TensorSpec], scheme: Scheme,
+                     work_dtype: DType) -> tuple[list[TensorSpec], dict[str, DType]]:
+    """``(tensors with scales, per-tensor dtypes)`` of ``--quantize`` by :func:`weights_to_quantize_by_name`."""
+    chosen = {t.name for t in weights_to_quantize_by_name(tensors)}
+    out: list[TensorSpec] = []
+    out_dtypes: dict[str, DType] = {}
+    for t in tensors:
+        out.append(t)
+        if t.name in chosen:
+            scale = TensorSpec(f"{t.name}_scale", work_dtype, scheme.scale_shape(t.shape), [])
+            out_dtypes[t.name], out_dtypes[scale.name] = scheme.qdtype, work_dtype
+            out.append(scale)
+    return out, out_dtypes
 
 
 def check_quantize_options(name: str, ignore: tuple[str, ...], fmt: str, lora: str) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.errors import ConsolidateError
+from vllm_consolidate.plan.moe import LINEARIZED_LEAVES, expert_leaf_renamed, family_of
 from vllm_consolidate.plan.quantize import SCHEMES, Scheme, linear_modules
 from vllm_consolidate.read.ranges import iter_chunks
 from vllm_consolidate.source import TensorSpec, sub_segments
@@ -113,12 +114,16 @@ def _config_dtype(ctx: Context) -> Any:
 
 
 def without_scales(ctx: Context) -> dict[str, Any]:
-    """The stored tensors the skeleton should see: all but the recognised scales."""
+    """The stored tensors the skeleton should see: all but the recognised scales, and MoE experts under the
+    names save_pretrained gives them (llm-compressor saves Mixtral's ``w1/w3/w2`` as ``gate/up/down_proj``)."""
     layout: Layout | None = getattr(ctx, "quant", None)
     if layout is None:
         return ctx.stored.tensors
     scales = set(layout.scales.values())
-    return {n: t for n, t in ctx.stored.tensors.items() if n not in scales}
+    family = family_of(ctx.config or {})
+    leaves = family.leaves if family is not None else LINEARIZED_LEAVES
+    return {expert_leaf_renamed(n, LINEARIZED_LEAVES, leaves): t for n, t in ctx.stored.tensors.items()
+            if n not in scales}
 
 
 def split_reference(ctx: Context, ref: Reference) -> tuple[Reference, dict[str, TensorSpec]]:

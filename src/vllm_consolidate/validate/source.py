@@ -76,6 +76,7 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
     Raises:
         ConsolidateError: The source cannot be read.
     """
+    from vllm_consolidate.plan.moe import family_of, linearized_names
     from vllm_consolidate.plan.names import output_tensors
 
     spec = InputSpec(Path(source), input_type, Path(checkpoint_dir) if checkpoint_dir else None, model_key,
@@ -85,7 +86,11 @@ def reference_for_folder(folder: str | Path, source: str | Path, *, input_type: 
         config = read_config(Path(folder) / "config.json")  # as convert and the config check read it
     except ConsolidateError:
         config = {}
-    tensors, dropped = output_tensors(model, config if isinstance(config, dict) else {}, _folder_moe_layout(folder))
+    config = config if isinstance(config, dict) else {}
+    tensors, dropped = output_tensors(model, config, _folder_moe_layout(folder))
+    family = family_of(config)
+    if family is not None and isinstance(config.get("quantization_config"), dict):
+        tensors = linearized_names(tensors, family)  # as convert --quantize (and llm-compressor) name experts
     return Reference(str(detected.weights_dir), {t.name: t for t in tensors}, dropped)
 
 

@@ -2,7 +2,7 @@
 
 RAM = :data:`JOB_BASE_RSS` (interpreter, torch, metadata: measured peak RSS of one worker converting a tiny
 model) + the writer's buffers (its threads x 2 x ``CAST_CHUNK_BYTES`` when a dtype changes; the largest tensor +
-``CHUNK_BYTES`` for ``.bin``).
+``CHUNK_BYTES`` for ``.bin``) + :data:`QUANTIZE_RSS` with ``--quantize``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ from vllm_consolidate.units import KIB, MIB
 #: checkpoint without validation 245 MiB (fp32, no cast) and 278 MiB (bf16, cast), with validation
 #: 420 MiB (bf16; the estimate is 514 MiB). Rounded up for larger models' metadata.
 JOB_BASE_RSS = 450 * MIB
+#: What ``--quantize`` adds to a worker: transformers' model classes and the meta model built to find the Linear
+#: modules (``plan.quantize.linear_modules``) and the quantizing threads' row blocks (``write.quantize.JOB_BYTES``
+#: of float32 rows and their bf16, scaled and rounded copies). Measured (``getrusage`` of an in-process convert,
+#: torch 2.13, transformers 5.25): torch + transformers import 228 MiB, then building Qwen2-0.5B's meta model and
+#: listing its Linear modules +103 MiB (Qwen3-30B-A3B's after it +3 MiB); JOB_BASE_RSS already holds the
+#: imports (validation loads them too), so this is the rest, rounded up.
+QUANTIZE_RSS = 160 * MIB
 #: Extra RSS per tensor of metadata (specs, segments, pickled headers), generous.
 PER_TENSOR_RSS = 8 * KIB
 
@@ -32,7 +39,8 @@ def estimate_peak_ram(plan: Any) -> int:
         largest = max((t.nbytes for t in tensors), default=0)
         return base + largest + CHUNK_BYTES
     casts = any(t.out_dtype != t.spec.dtype for t in tensors)
-    return base + (WORKERS * 2 * CAST_CHUNK_BYTES if casts else 0)
+    quantized = any(getattr(t, "quant", None) is not None for t in tensors)
+    return base + (WORKERS * 2 * CAST_CHUNK_BYTES if casts else 0) + (QUANTIZE_RSS if quantized else 0)
 
 
-__all__ = ["JOB_BASE_RSS", "PER_TENSOR_RSS", "estimate_peak_ram"]
+__all__ = ["JOB_BASE_RSS", "PER_TENSOR_RSS", "QUANTIZE_RSS", "estimate_peak_ram"]

@@ -98,8 +98,8 @@ def test_disk_and_size_estimates():
     assert estimate_disk(100 * MIB) == 100 * MIB + 64 * MIB + MIB
 
 
-def _tensor(nbytes: int, out: str, src: str) -> SimpleNamespace:
-    return SimpleNamespace(nbytes=nbytes, out_dtype=out, spec=SimpleNamespace(dtype=src))
+def _tensor(nbytes: int, out: str, src: str, quant: object = None) -> SimpleNamespace:
+    return SimpleNamespace(nbytes=nbytes, out_dtype=out, spec=SimpleNamespace(dtype=src), quant=quant)
 
 
 @pytest.mark.parametrize("fmt, casts, expected_extra", [
@@ -111,6 +111,15 @@ def test_peak_ram_estimate(fmt: str, casts: bool, expected_extra: int):
     tensors = [_tensor(MIB, "f32", "f32"), _tensor(5 * MIB, "bf16" if casts else "f32", "f32")]
     plan = SimpleNamespace(tensors=tensors, format=fmt)
     assert estimate_peak_ram(plan) == JOB_BASE_RSS + 2 * PER_TENSOR_RSS + expected_extra
+
+
+def test_peak_ram_estimate_with_quantize():
+    """--quantize adds the meta model and the quantizing threads' row blocks (write.estimates.QUANTIZE_RSS)."""
+    from vllm_consolidate.write.estimates import QUANTIZE_RSS
+
+    tensors = [_tensor(MIB, "bf16", "f32"), _tensor(5 * MIB, "int8", "f32", quant=object())]
+    plan = SimpleNamespace(tensors=tensors, format="safetensors")
+    assert estimate_peak_ram(plan) == JOB_BASE_RSS + 2 * PER_TENSOR_RSS + WORKERS * 2 * CAST_CHUNK_BYTES + QUANTIZE_RSS
 
 
 def test_meminfo_and_margin():
