@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import resource
 import shutil
 import signal
 import time
@@ -59,6 +60,32 @@ class JobSpec:
     def staging(self) -> Path:
         assert self.options.output is not None
         return self.options.output
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS measurement for this process (Linux: ``/proc/self/clear_refs``; else a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since :func:`reset_peak_rss` (its own memory only).
+
+    Why not ``getrusage().ru_maxrss``: Linux carries it across ``exec``, so a worker spawned (fork + exec) by a
+    large parent reported the parent's RSS at fork (1.6 GB for a tiny job started from a test process).
+    ``VmHWM`` belongs to the process's own address space; ``ru_maxrss`` is the fallback off Linux.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _set_pdeathsig() -> None:
@@ -115,7 +142,6 @@ def run_job(conn: Connection, spec: JobSpec) -> None:
     Raises:
         KeyboardInterrupt: SIGTERM/SIGINT, after the staging folder is removed.
     """
-    import resource
 
     from vllm_consolidate.write.publish import publish
 
@@ -127,6 +153,7 @@ def run_job(conn: Connection, spec: JobSpec) -> None:
             last[0] = now
             conn.send((EventKind.PROGRESS, spec.id, done, total))
 
+    reset_peak_rss()  # this job's peak, not an earlier job's in this reused worker
     try:
         result = convert(spec.options, progress=progress).to_dict()
         result["output"] = str(spec.output)
@@ -134,8 +161,7 @@ def run_job(conn: Connection, spec: JobSpec) -> None:
             time.sleep(float(os.environ[TEST_DELAY_ENV]))
         write_manifest(spec.staging, spec.manifest, result)
         publish(spec.staging, spec.output, force=True)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        conn.send((EventKind.DONE, spec.id, {"result": result, "peak_rss": rss}))
+        conn.send((EventKind.DONE, spec.id, {"result": result, "peak_rss": peak_rss_bytes()}))
     except BaseException as exc:
         shutil.rmtree(spec.staging, ignore_errors=True)
         if isinstance(exc, KeyboardInterrupt):
