@@ -28,6 +28,7 @@ from vllm_consolidate.plan.quantize import Scheme
 from vllm_consolidate.plan.shards import PlannedTensor
 from vllm_consolidate.read.ranges import OpenFiles, read_into, thread_buffer
 from vllm_consolidate.source import sub_segments
+from vllm_consolidate.write.pwrite import pwrite_all
 
 #: Source bytes (as float32) per job, about: a few of these are in flight at once.
 JOB_BYTES = 4 * 2**20
@@ -106,7 +107,6 @@ def run_quant_job(files: OpenFiles, out_fd: int, job: QuantJob) -> int:
     """Quantize and write one job's rows and their scales; returns the bytes written."""
     import torch
 
-    from vllm_consolidate.write.safetensors import _pwrite_all  # imports this module lazily: no cycle at import
 
     t = job.tensor
     scheme = t.quant.scheme
@@ -115,8 +115,8 @@ def run_quant_job(files: OpenFiles, out_fd: int, job: QuantJob) -> int:
     q_bytes = memoryview(q.contiguous().view(-1).view(dtype=torch.uint8).numpy())
     s_bytes = memoryview(scale.contiguous().view(-1).view(dtype=torch.uint8).numpy())
     first_scale_row = job.first // scheme.rows_per_group()
-    written = _pwrite_all(out_fd, q_bytes, job.base + t.offset + job.first * cols * t.out_dtype.itemsize)
-    written += _pwrite_all(out_fd, s_bytes, job.base + t.scale.offset + first_scale_row * scale.shape[1]
+    written = pwrite_all(out_fd, q_bytes, job.base + t.offset + job.first * cols * t.out_dtype.itemsize)
+    written += pwrite_all(out_fd, s_bytes, job.base + t.scale.offset + first_scale_row * scale.shape[1]
                            * t.scale.out_dtype.itemsize)
     return written
 

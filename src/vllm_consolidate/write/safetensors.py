@@ -42,6 +42,7 @@ from vllm_consolidate.plan.lora_rows import merged_rows, row_length
 from vllm_consolidate.plan.shards import PlannedFile, PlannedTensor
 from vllm_consolidate.read.ranges import OpenFiles, check_read, read_into, thread_buffer
 from vllm_consolidate.source import Segment, sub_segments
+from vllm_consolidate.write.pwrite import pwrite_all
 
 CHUNK_BYTES = 16 * 2**20
 # Smaller chunks for casts keep a chunk and its result near the core's cache: on the 0.5B benchmark
@@ -154,23 +155,17 @@ def _run_job(files: OpenFiles, out_fd: int, job: Any) -> int:
         cols = row_length(t.spec)
         merged = merged_rows(t.spec, job.first // cols, job.count // cols, buf)
         data = merged if t.out_dtype == dtypes.float32 else _cast(merged, dtypes.float32, t.out_dtype, job.count)
-        written = _pwrite_all(out_fd, data, job.dst_offset)
+        written = pwrite_all(out_fd, data, job.dst_offset)
     elif src_dtype == t.out_dtype:
         written = _copy_bytes(files, out_fd, ranges, job.dst_offset)
     else:
         buf = thread_buffer(src_bytes)
         read_into(files, buf, ranges)
         data = _cast(buf, src_dtype, t.out_dtype, job.count)
-        written = _pwrite_all(out_fd, data, job.dst_offset)
+        written = pwrite_all(out_fd, data, job.dst_offset)
     start_writeback(out_fd, job.dst_offset, written)
     return written
 
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
-    written = os.pwrite(fd, data, offset)
-    while written < len(data):
-        written += os.pwrite(fd, data[written:], offset + written)
-    return written
 
 
 def _jobs(pfile: PlannedFile, base: int) -> Iterator[Any]:
