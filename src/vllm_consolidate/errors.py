@@ -134,6 +134,13 @@ class VllmProbeTimeoutError(VllmLoadError):
     default_hint = "Raise the timeout, or check that the machine is not out of memory."
 
 
+class StorageError(ConsolidateError):
+    """An object store refused or failed a request (credentials, endpoint, permissions, retries exhausted)."""
+
+    default_hint = ("Check the credentials and endpoint (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_REGION, or the "
+                    "GCS/Azure equivalents, or --storage-options), then run again.")
+
+
 class BatchError(ConsolidateError):
     """A batch could not be planned or one of its jobs failed."""
 

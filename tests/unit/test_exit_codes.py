@@ -17,6 +17,7 @@ EXPECTED = {
     E.UnsafeInputError: 5, E.UnsafePickleError: 5, E.OutputExistsError: 6, E.InsufficientDiskError: 7,
     E.ConfigNotFoundError: 8, E.ConfigInvalidError: 8, E.ValidationFailedError: 9, E.VllmUnavailableError: 10,
     E.VllmLoadError: 10, E.VllmProbeTimeoutError: 10, E.BatchError: 11, E.WorkerDied: 11, E.OutputNotWritableError: 12,
+    E.StorageError: 13,
 }
 
 

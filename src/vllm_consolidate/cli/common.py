@@ -36,6 +36,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (E.VllmLoadError, 10),
     (E.BatchError, 11),
     (E.OutputNotWritableError, 12),
+    (E.StorageError, 13),
     (E.ConsolidateError, 1),
     (KeyboardInterrupt, 130),
 ]
