@@ -7,7 +7,10 @@ tokens, their top logprobs and a digest of every parameter must be identical. Th
 * a Megatron-LM run (``latest_checkpointed_iteration.txt`` + ``iter_N/``) whose only config is the args in
   ``common.pt``: the plugin writes the config the reader built into a private temporary folder for vLLM, and
   reads the tokenizer from the run folder;
-* a ``torch_dist`` folder with the model's config.json and tokenizer in it (vLLM reads them itself).
+* a ``torch_dist`` folder with the model's config.json and tokenizer in it (vLLM reads them itself);
+* a bare ``torch_dist`` folder (no config anywhere near it) served with vLLM's own ``hf_config_path`` and
+  ``tokenizer`` naming a folder elsewhere: the reader takes the layout from that config, as ``convert
+  --base-model-name`` does.
 
 The checkpoints are copies; each tree is snapshotted before and after (nothing may change), and the private
 config folder must be gone when the vLLM process has exited.
@@ -93,7 +96,16 @@ def _inputs(work: Path) -> dict[str, Path]:
     shutil.copytree(dist_case / "ckpt", dist)
     for path in (dist_case / "hf").iterdir():  # config.json, tokenizer, generation config beside the shards
         shutil.copy(path, dist / path.name)
-    return {"lm_run_args_config": run, "torch_dist_config_beside": dist}
+    bare = work / "bare" / "ckpt"
+    shutil.copytree(dist_case / "ckpt", bare)
+    shutil.copytree(dist_case / "hf", work / "elsewhere" / "hf")
+    return {"lm_run_args_config": run, "torch_dist_config_beside": dist, "torch_dist_bare": bare}
+
+
+#: Engine arguments of an input beyond the common ones: its config and tokenizer named with vLLM's own options.
+def _engine_extra(case_id: str, work: Path) -> dict[str, str]:
+    hf = str(work / "in" / "elsewhere" / "hf")
+    return {"hf_config_path": hf, "tokenizer": hf} if case_id == "torch_dist_bare" else {}
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +120,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     jobs = []
     for case_id, source in inputs.items():
         folder = work / f"{case_id}_converted"
-        assert cli.convert_main(["--input", str(source), "--output", str(folder), "--base-model-name", ""]) == 0
+        extra = _engine_extra(case_id, work)
+        base = extra.get("hf_config_path", "")
+        assert cli.convert_main(["--input", str(source), "--output", str(folder), "--base-model-name", base]) == 0
         jobs.append({"id": f"{case_id}:folder", "llm": {**common, "model": str(folder)}})
-        jobs.append({"id": f"{case_id}:plugin", "llm": {**common, "model": str(source), "load_format": vp.LOAD_FORMAT}})
+        jobs.append({"id": f"{case_id}:plugin", "llm": {**common, **extra, "model": str(source),
+                                                        "load_format": vp.LOAD_FORMAT}})
     before = _snapshot(work / "in")
     tmpdir = work / "tmpdir"
     tmpdir.mkdir()
@@ -126,7 +141,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("case_id", ["lm_run_args_config", "torch_dist_config_beside"])
+@pytest.mark.parametrize("case_id", ["lm_run_args_config", "torch_dist_config_beside", "torch_dist_bare"])
 def test_megatron_input_serves_what_its_converted_folder_serves(served: dict[str, Any], case_id: str) -> None:
     folder, plugin = served["results"][f"{case_id}:folder"], served["results"][f"{case_id}:plugin"]
     assert [len(t) for t in plugin["tokens"]] == [MAX_TOKENS] * len(PROMPTS)
@@ -174,3 +189,34 @@ def test_prepare_engine_args_writes_the_args_config_for_vllm(tmp_path: Path) -> 
     fields = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
               "tie_word_embeddings")
     assert {k: getattr(config, k) for k in fields} == {k: own[k] for k in fields}
+
+
+def test_bare_torch_dist_takes_its_layout_from_hf_config_path(tmp_path: Path) -> None:
+    """Without vLLM: a bare ``torch_dist`` save has no config to read its names with; vLLM's ``--hf-config-path``
+    (or the extra config's ``base_model_name``) gives it, and nothing else is changed. Without either: exit 8."""
+    from types import SimpleNamespace
+
+    from vllm_consolidate.cli.common import exit_code
+    from vllm_consolidate.errors import ConsolidateError
+
+    bare = _inputs(tmp_path)["torch_dist_bare"]
+    hf = str(tmp_path / "elsewhere" / "hf")
+
+    def args(**kw: Any) -> SimpleNamespace:
+        base = dict(model=str(bare), hf_config_path=None, tokenizer=hf, skip_tokenizer_init=False,
+                    generation_config="auto", model_loader_extra_config=None, quantization=None)
+        return SimpleNamespace(**{**base, **kw})
+
+    with pytest.raises(ConsolidateError) as info:
+        vp.prepare_engine_args(args())
+    assert exit_code(info.value) == 8
+    given = args(hf_config_path=hf)
+    # vLLM's config option is left as given; the generation config comes from that folder, as convert copies it
+    assert vp.prepare_engine_args(given) == {"generation_config": hf} and given.hf_config_path == hf
+    options = vp.with_config_base(vp.loader_options(None), hf)
+    from vllm_consolidate.serve import weights
+
+    assert weights._key(bare, options) in weights._prepared  # the engine's loader finds what was read, by its options
+    named = args(model_loader_extra_config={"base_model_name": hf})
+    # vLLM builds the model from that config too
+    assert vp.prepare_engine_args(named) == {"hf_config_path": hf, "generation_config": hf}

@@ -87,6 +87,7 @@ from vllm_consolidate.serve.weights import (  # re-exported: the plugin's public
     read_tensor,
     remember_checkpoint,
     take_checkpoint,
+    with_config_base,
 )
 from vllm_consolidate.source import SourceModel
 
@@ -161,7 +162,8 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
     """
     model = Path(str(args.model))
     refuse_quantization(getattr(args, "quantization", None), model)
-    options = loader_options(getattr(args, "model_loader_extra_config", None))
+    options = with_config_base(loader_options(getattr(args, "model_loader_extra_config", None)),
+                               getattr(args, "hf_config_path", None))
     checkpoint = open_checkpoint(model, options)
     remember_checkpoint(model, options, checkpoint)
     need_config = getattr(args, "hf_config_path", None) is None and not (model / CONFIG_FILE).is_file()
@@ -172,7 +174,8 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
     if not (need_config or need_tokenizer or need_generation):
         return {}
     detected = checkpoint.detected
-    assets = find_checkpoint_assets(detected.weights_dir, model, checkpoint.source.asset_dirs, None)
+    # A named base model (extra config, or vLLM's --hf-config-path) is searched last, as convert does.
+    assets = find_checkpoint_assets(detected.weights_dir, model, checkpoint.source.asset_dirs, options.base_model_name)
     changes: dict[str, str] = {}
     if need_config:
         if checkpoint.source.config is not None:  # built by the reader (Megatron-LM's args): first on disk
@@ -189,6 +192,8 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
         changes["tokenizer"] = str(assets.tokenizer_dir)
     if need_generation and assets.generation_config is not None:
         changes["generation_config"] = str(assets.generation_config.parent)
+    if "hf_config_path" in changes:  # the engine's loader will see this folder: keep the metadata under its key
+        remember_checkpoint(model, with_config_base(options, changes["hf_config_path"]), checkpoint)
     for key, value in changes.items():
         setattr(args, key, value)
         how = "built from the Megatron-LM args in" if key == "hf_config_path" and checkpoint.source.config \
@@ -289,10 +294,12 @@ def _loader_class(base: type) -> type:
             self._checkpoint: Checkpoint | None = None
 
         def _open(self, model_config: Any, *, prepared: bool = False) -> Checkpoint:
+            # The config folder the engine was given, as prepare_engine_args saw it (same options, same key).
+            options = with_config_base(self.options, getattr(model_config, "hf_config_path", None))
             try:
                 if prepared:
-                    return take_checkpoint(model_config.model, self.options)
-                return open_checkpoint(model_config.model, self.options)
+                    return take_checkpoint(model_config.model, options)
+                return open_checkpoint(model_config.model, options)
             except ConsolidateError as exc:
                 raise clean_error(exc) from None
 

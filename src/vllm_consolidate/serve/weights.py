@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,10 @@ from vllm_consolidate.write.safetensors import WORKERS, chunk_elements  # thread
 
 #: The ``--load-format`` the plugin registers.
 LOAD_FORMAT = "consolidate"
-#: ``--model-loader-extra-config`` keys: ``type`` (``--type``), ``checkpoint_dir``, ``model_key`` as in ``convert``.
-EXTRA_CONFIG_KEYS = ("type", "checkpoint_dir", "model_key")
+#: ``--model-loader-extra-config`` keys: ``type`` (``--type``), ``checkpoint_dir``, ``model_key`` and
+#: ``base_model_name`` as in ``convert``. vLLM's own ``--hf-config-path`` stands for ``base_model_name`` when
+#: that is not given (see :func:`with_config_base`).
+EXTRA_CONFIG_KEYS = ("type", "checkpoint_dir", "model_key", "base_model_name")
 
 LORA_HINT = (
     "Merge it into its base model first (vllm-consolidate convert --input CHECKPOINT --output FOLDER), or export "
@@ -45,14 +47,29 @@ class LoaderOptions:
     input_type: str = "auto"
     checkpoint_dir: Path | None = None
     model_key: str | None = None
+    base_model_name: str | None = None
 
     def input_spec(self, model: str | os.PathLike) -> InputSpec:
         """Which input ``model`` with these options names (as ``convert --input model`` would)."""
-        return InputSpec(Path(model), self.input_type, self.checkpoint_dir, self.model_key)
+        return InputSpec(Path(model), self.input_type, self.checkpoint_dir, self.model_key, self.base_model_name)
+
+
+def with_config_base(options: LoaderOptions, hf_config_path: Any) -> LoaderOptions:
+    """``options`` with vLLM's ``--hf-config-path`` as the base model when none is named.
+
+    A checkpoint whose tensor names need the model's config to be read (a bare Megatron ``torch_dist`` save,
+    whose layout comes from ``--base-model-name`` in ``convert``) is served with vLLM's own option for the
+    config: the folder it names is where the reader finds the layout too. Formats that need no config
+    ignore it (``read.detect.read``).
+    """
+    if options.base_model_name is not None or not hf_config_path:
+        return options
+    return replace(options, base_model_name=str(hf_config_path))
 
 
 def loader_options(extra: Any) -> LoaderOptions:
-    """Parse ``model_loader_extra_config``: ``{"type": ..., "checkpoint_dir": ..., "model_key": ...}``.
+    """Parse ``model_loader_extra_config``: ``{"type": ..., "checkpoint_dir": ..., "model_key": ...,
+    "base_model_name": ...}``.
 
     Raises:
         UsageError: Not a dict, or a key this format does not know.
@@ -66,9 +83,10 @@ def loader_options(extra: Any) -> LoaderOptions:
         raise UsageError(f"unknown --model-loader-extra-config keys for --load-format {LOAD_FORMAT}: "
                          f"{', '.join(map(str, unknown))}", hint=f"Known keys: {', '.join(EXTRA_CONFIG_KEYS)}.")
     checkpoint_dir = extra.get("checkpoint_dir")
+    base = extra.get("base_model_name")
     return LoaderOptions(input_type=str(extra.get("type") or "auto"),
                          checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-                         model_key=extra.get("model_key"))
+                         model_key=extra.get("model_key"), base_model_name=str(base) if base else None)
 
 
 @dataclass
