@@ -176,9 +176,8 @@ PARTS = {  # training-name prefixes of each part, written here from the model cl
 }
 
 
-@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16"])
-def test_inspect_shows_modality_parts(name, vlm_cases, capsys):
-    spec, truth = _spec(name), _truth(name, vlm_cases[name])
+def _want_parts(spec: dict, truth: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+    """The modality parts' tensor and parameter counts, from the truth's names (the test's own prefix table)."""
     want = {p: {"tensors": 0, "parameters": 0} for p in ("vision_tower", "projector", "language_model")}
     for key, value in truth.items():
         part = next((p for p, pre in PARTS[spec["arch"]].items() if key.startswith(pre)), "language_model")
@@ -186,6 +185,13 @@ def test_inspect_shows_modality_parts(name, vlm_cases, capsys):
         want[part]["parameters"] += value.numel()
     if spec["tied"]:  # the tied head is not written
         want["language_model"]["tensors"] -= "lm_head.weight" in truth
+    return want
+
+
+@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16"])
+def test_inspect_shows_modality_parts(name, vlm_cases, capsys):
+    spec, truth = _spec(name), _truth(name, vlm_cases[name])
+    want = _want_parts(spec, truth)
     meta = _registry(name).load_case(name)
     capsys.readouterr()
     assert cli.main(["inspect", str(vlm_cases[name] / meta["input"]), "--json"]) == 0
@@ -194,6 +200,19 @@ def test_inspect_shows_modality_parts(name, vlm_cases, capsys):
     assert found == {"family": spec["arch"], "parts": want}
     assert cli.main(["inspect", str(vlm_cases[name] / meta["input"])]) == 0
     assert "vision_tower" in capsys.readouterr().out
+
+
+def test_convert_reports_modality_parts(vlm_cases, tmp_path, capsys):
+    """convert's JSON and summary carry the same parts ``inspect`` shows (the truth's counts)."""
+    name = "qwen2vl_z3_w2_fp32"
+    want = _want_parts(_spec(name), _truth(name, vlm_cases[name]))
+    capsys.readouterr()
+    assert _convert(name, vlm_cases[name], tmp_path / "j", "--json", "--no-validate") == 0
+    assert json.loads(capsys.readouterr().out)["vlm"]["parts"] == want
+    assert _convert(name, vlm_cases[name], tmp_path / "s", "--no-validate") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("modality:"))
+    vision = want["vision_tower"]
+    assert f"vision_tower {vision['parameters']:,} parameters ({vision['tensors']} tensors)" in line
 
 
 def test_processor_files_are_copied_with_the_tokenizer(vlm_cases, tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import UsageError, ValidationFailedError
+from vllm_consolidate.plan import vlm
 from vllm_consolidate.plan.architecture import FROM_CONFIG, ArchitectureDecision, decide_architectures
 from vllm_consolidate.plan.inputs import LORA_MODES, InputSpec, LoraMode, detect_input, read_input
 from vllm_consolidate.plan.moe import MOE_LAYOUTS, MoeSummary
@@ -166,12 +167,20 @@ class ConvertResult:
     validation: dict[str, Any] | None = None
     architectures: dict[str, Any] | None = None
     moe: dict[str, Any] | None = None
+    vlm: dict[str, Any] | None = None  # plan.vlm.VlmSummary: a vision-language model's parts and their sizes
+    quantize: str | None = None  # --quantize's scheme
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["output"] = str(self.output)
         out["throughput_mb_s"] = round(self.bytes_written / 1e6 / self.seconds, 1) if self.seconds else None
         return out
+
+
+def _vlm_parts(conv: Conversion) -> dict[str, Any] | None:
+    """The modality parts of a vision-language model (what ``inspect`` shows), else None."""
+    parts = vlm.summarize(conv.source, conv.config)
+    return parts.to_dict() if parts else None
 
 
 def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> DType | None:
@@ -299,7 +308,8 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
     info = dict(conv.source.info, how=conv.detected.how, weights_dir=str(conv.detected.weights_dir))
     common = dict(tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
                   output_dtype=_config_dtype(plan), assets=assets.origin(), warnings=conv.warnings, detected=info,
-                  architectures=conv.architecture.to_dict(), moe=conv.moe.to_dict() if conv.moe else None)
+                  architectures=conv.architecture.to_dict(), moe=conv.moe.to_dict() if conv.moe else None,
+                  vlm=_vlm_parts(conv), quantize=opts.quantize)
     # A folder whose config.json needs architectures written is not "already consolidated": vLLM refuses it.
     if (is_single_file_model(conv.source) and not opts.force and not conv.architecture.changed
             and _unchanged_single(conv.source, plan)):

@@ -55,3 +55,12 @@ def test_batch_done_line(tmp_path):
     assert line.startswith("done     small in 2.5 s (") and line.endswith(")") and "/s" not in line
     job.result, job.seconds = {"bytes_written": 3 * 10**9}, 6.0
     assert printer._line(BatchEvent(EventKind.DONE, job)).endswith(", 500 MB/s)")
+
+
+def test_summary_names_the_quantization_scheme_only_when_quantized(capsys):
+    print_summary(_result(1_600_000, 3.2))
+    assert "quantized:" not in capsys.readouterr().out
+    result = _result(1_600_000, 3.2)
+    result.quantize = "w8a8"
+    print_summary(result)
+    assert "quantized:  w8a8 (compressed-tensors" in capsys.readouterr().out

@@ -53,6 +53,12 @@ def print_summary(result) -> None:
         m = result.moe
         print(f"experts:    {m['layout']} ({m['experts']} experts x {m['moe_layers']} MoE layers, {m['family']}; "
               f"stored {m['source_layout']})")
+    if result.vlm:
+        parts = ", ".join(f"{name} {p['parameters']:,} parameters ({p['tensors']} tensors)"
+                          for name, p in result.vlm["parts"].items() if p["tensors"])
+        print(f"modality:   {result.vlm['family']} vision-language model: {parts}")
+    if result.quantize:
+        print(f"quantized:  {result.quantize} (compressed-tensors, as llm-compressor writes it)")
     if result.renamed:
         print(f"renamed:    {len(result.renamed)} names lost a wrapper prefix")
     print(f"bytes:      read {_gb(result.bytes_read)}, wrote {_gb(result.bytes_written)} as {result.output_dtype}")
