@@ -188,7 +188,9 @@ def main() -> None:
         "cache_policy": "cold: inputs evicted with posix_fadvise(DONTNEED) after sync before every command",
         "loadavg_start": os.getloadavg(), "writer": run.writer_version()}
 
-    check_file = run.RESULTS / ("zero3_7b_check_tiny.json" if args.tiny else "zero3_7b_check.json")
+    # One check file per layer count: an 8-layer run must not overwrite the 28-layer model's check.
+    check_file = run.RESULTS / ("zero3_7b_check_tiny.json" if args.tiny else "zero3_7b_check.json" if args.layers == 28
+                                else f"zero3_7b_l{args.layers}_check.json")
     if "check" in parts or not check_file.is_file():
         results["check"] = check_output(ckpt, out_nv, info, shape)
         check_file.write_text(json.dumps(results["check"], indent=2))

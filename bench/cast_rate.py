@@ -1,4 +1,4 @@
-"""Single-thread fp32 -> bf16 cast rate on the writer's 4 MiB chunks: ``casts.cast_into`` against ``ml_dtypes``.
+"""Single-thread fp32 -> bf16 cast rate on the writer's 4 MiB chunks: `casts.cast_into`, memcpy and `ml_dtypes`.
 
 ``cast_into`` rounds on the float32 bits (``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``, NaN apart; see casts.py);
 until issue 28 it was numpy's ``astype`` to ``ml_dtypes.bfloat16``, whose import alone took 0.7-4 s. This
@@ -27,12 +27,15 @@ CHUNK = 4 * 2**20  # the writer's CAST_CHUNK_BYTES of source
 
 
 def rate(fn, seconds: float) -> float:
-    """Elements per second of ``fn`` (one chunk per call)."""
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    """Elements per second of ``fn`` (one chunk per call), per second of this thread's CPU time.
+
+    CPU time, not wall: on a shared machine the other jobs take the core away for part of the wall time.
+    """
+    n, t0 = 0, time.thread_time()
+    while time.thread_time() - t0 < seconds:
         fn()
         n += 1
-    return n * (CHUNK // 4) / (time.perf_counter() - t0)
+    return n * (CHUNK // 4) / (time.thread_time() - t0)
 
 
 def import_seconds(module: str) -> float | None:
@@ -52,7 +55,11 @@ def main() -> None:
     ours = bytearray(CHUNK // 2)
     ours_rate = rate(lambda: cast_into(memoryview(src).cast("B"), dtypes.float32, dtypes.bfloat16,
                                        memoryview(ours)), args.seconds)
-    line = f"load {os.getloadavg()[0]:.2f}; cast_into (bits): {ours_rate / 1e6:.0f} M elem/s"
+    copy = np.empty_like(src)
+    copy_rate = rate(lambda: np.copyto(copy, src), args.seconds)  # memcpy of the 4 MiB source chunk
+    line = (f"load {os.getloadavg()[0]:.2f}; per second of one thread's CPU: cast_into (bits): "
+            f"{ours_rate / 1e6:.0f} M elem/s; memcpy of the fp32 chunk: {copy_rate / 1e6:.0f} M elem/s "
+            f"({copy_rate * 4 / 1e9:.1f} GB/s); cast / memcpy: {ours_rate / copy_rate:.2f}")
     try:
         import ml_dtypes
     except ImportError:

@@ -145,6 +145,8 @@ def _parse_time_v(text: str) -> dict[str, float]:
         line = line.strip()
         if line.startswith("Maximum resident set size (kbytes):"):
             out["rss_mib"] = int(line.rsplit(":", 1)[1]) / 1024
+        elif line.startswith(("User time (seconds):", "System time (seconds):")):
+            out["cpu_s"] = out.get("cpu_s", 0.0) + float(line.rsplit(":", 1)[1])
         elif line.startswith("Exit status:"):
             out["exit"] = int(line.rsplit(":", 1)[1])
     return out
@@ -177,6 +179,7 @@ def measure(cmd: list[str], warm_paths: list[Path], outputs: list[Path],
     rec: dict[str, Any] = {
         "wall_s": round(wall, 3),
         "rss_mib": round(parsed.get("rss_mib", float("nan")), 1),
+        "cpu_s": round(parsed.get("cpu_s", float("nan")), 3),
         "exit": int(parsed.get("exit", proc.returncode)),
         "warm_s": round(warm_s, 2),
         "loadavg_before": [round(x, 2) for x in load_before],
@@ -352,6 +355,11 @@ def paired_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             out[key + suffix + "_per_rep"] = [round(x, 3) for x in per]
     floors = [r["wall_s"] + c["wall_s"] for r, c in zip(runs["read_fp32"], runs["cp_bf16"])]
     out["io_floor_bf16_s"] = round(statistics.median(floors), 3) if floors else float("nan")
+    # CPU seconds (user + system, from time -v): on a machine whose cores are shared with other jobs, a
+    # conversion bound by the CPU (a cast) waits for a core while the floor (bound by the disk) does not.
+    for name in ("ours_fp32", "ours_bf16"):
+        cpus = [r["cpu_s"] for r in runs[name] if r.get("exit") == 0 and r.get("cpu_s") == r.get("cpu_s")]
+        out[f"{name}_cpu_s"] = round(statistics.median(cpus), 3) if cpus else float("nan")
     return out
 
 
@@ -826,7 +834,8 @@ def main() -> None:
         print(f"{c['checkpoint']['name']}: fp32 / (cp+sync) = {pr['fp32_vs_cp']} (target <= {TARGETS['fp32_vs_cp']}), "
               f"bf16 / I/O floor = {pr['bf16_vs_io_floor']} (target <= {TARGETS['bf16_vs_io_floor']}; "
               f"floor {pr['io_floor_bf16_s']} s); paired per rep {pr['fp32_vs_cp_per_rep']}, "
-              f"{pr['bf16_vs_io_floor_per_rep']}")
+              f"{pr['bf16_vs_io_floor_per_rep']}; CPU s (user + system): ours fp32 {pr.get('ours_fp32_cpu_s')}, "
+              f"ours bf16 {pr.get('ours_bf16_cpu_s')}")
 
 
 if __name__ == "__main__":

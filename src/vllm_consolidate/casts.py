@@ -25,6 +25,7 @@ Decisions:
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from vllm_consolidate import dtypes
@@ -51,6 +52,10 @@ def nan_mask(bits: Any, dtype: DType) -> Any:
     return magnitude > bits.dtype.type(NAN_ABOVE[dtype])
 
 
+#: Index of a uint32's high 16 bits among its two uint16 halves in memory.
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0
+
+
 def _float32_to_bfloat16(values: Any, out: Any) -> None:
     """Round float32 ``values`` to bfloat16 bits in ``out`` (uint16), to nearest even, as torch does."""
     import numpy as np
@@ -60,8 +65,8 @@ def _float32_to_bfloat16(values: Any, out: Any) -> None:
     np.bitwise_and(tmp, 1, out=tmp)
     np.add(tmp, 0x7FFF, out=tmp)  # no overflow: the largest non-NaN pattern is 0xFF800000 (-inf)
     np.add(tmp, u, out=tmp)
-    np.right_shift(tmp, 16, out=tmp)
-    np.copyto(out, tmp, casting="unsafe")
+    # The high halves, taken as a strided uint16 view: one pass instead of a shift and a narrowing copy.
+    np.copyto(out, tmp.view(np.uint16)[_HIGH_HALF::2])
     if not np.isfinite(np.add.reduce(values, dtype=np.float32)):  # NaN, inf or overflow: look for NaN
         nan = nan_mask(u, dtypes.float32)
         if nan.any():
