@@ -282,6 +282,7 @@ def _ds(name: str, model: dict[str, Any], stage: int, ws: int, prec: str, covers
 
 
 def _trainer(name: str, model: dict[str, Any], stage: int, covers: str, **kw: Any) -> CaseSpec:
+    kw.setdefault("save_steps", (2, 4, 6))
     return CaseSpec(
         name=name,
         kind="trainer",
@@ -290,7 +291,6 @@ def _trainer(name: str, model: dict[str, Any], stage: int, covers: str, **kw: An
         world_size=2,
         precision="bf16",
         layout="trainer",
-        save_steps=(2, 4, 6),
         has_config=True,
         has_tokenizer=True,
         covers=covers,
@@ -528,6 +528,17 @@ _SPECS: list[CaseSpec] = [
     _ds("gemma3_z3_w2_bf16", tiny_vlm("gemma3"), 3, 2, "bf16",
         "Gemma 3 (SigLIP tower, tied head) under ZeRO-3, vision tower trained, config+tokenizer", has_config=True,
         has_tokenizer=True, seed=92),
+    _ds("qwen2vl_z2_w2_bf16_frozen", tiny_vlm("qwen2_vl", frozen_vision=True), 2, 2, "bf16",
+        "Qwen2-VL under ZeRO-2 bf16, vision tower frozen (stored whole in mp_rank_00), config+tokenizer",
+        has_config=True, has_tokenizer=True, seed=93),
+    # ---- HF Trainer + DeepSpeed on the issue-25 families (one checkpoint each, to keep the build short)
+    _trainer("trainer_mixtral_z3g16_bf16", tiny_moe("mixtral"), 3,
+             "HF Trainer ZeRO-3 Mixtral with 16-bit gather: DS shards (fused expert names) + Trainer's bf16 "
+             "model.safetensors in checkpoint-2", zero_extra={"stage3_gather_16bit_weights_on_model_save": True},
+             save_steps=(2,), seed=77),
+    _trainer("trainer_qwen2vl_z3_bf16", tiny_vlm("qwen2_vl"), 3,
+             "HF Trainer ZeRO-3 Qwen2-VL on image batches, vision tower trained, checkpoint-2", save_steps=(2,),
+             seed=94),
 ]
 
 CASES: dict[str, CaseSpec] = {c.name: c for c in _SPECS}

@@ -331,6 +331,14 @@ _SPECS: list[FsdpCaseSpec] = [
         53,
         options={"roles": ["actor"], "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
     ),
+    _verl(
+        "verl_qwen3moe_w2",
+        tiny_moe("qwen3_moe"),
+        "verl actor, Qwen3-MoE (issue 25): verl's apply_fsdp2 shards the fused [E, ...] expert parameters; rank "
+        "files hold the fused training names, huggingface/ the config",
+        54,
+        options={"roles": ["actor"]},
+    ),
     # ---- HF Trainer + accelerate FSDP2 (tests/corpus/trainer_fsdp_train.py, written separately)
     FsdpCaseSpec(
         "trainer_fsdp_qwen2_tied",
