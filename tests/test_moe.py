@@ -361,3 +361,16 @@ def test_fused_layout_equals_torch_dcp_to_torch_save(name, moe_cases, tmp_path):
     dcp_to_torch_save(case / meta["checkpoints"][-1]["path"], tmp_path / "torch.pt")
     saved = torch.load(tmp_path / "torch.pt", weights_only=True)["model"]  # a file torch just wrote from our corpus
     assert_equal(dict(saved), load_file(out / "model.safetensors"), torch.float32)
+
+
+def test_trainer_16bit_save_equals_bf16_conversion(moe_cases, tmp_path):
+    """Cross-check with the framework's own writer: HF Trainer's 16-bit gather (stage3_gather_16bit_weights_on
+    _model_save) puts save_pretrained of the bf16 weights in checkpoint-N; --dtype bfloat16 of the DeepSpeed
+    shards (fp32 masters) writes the same names and bits."""
+    name = "trainer_mixtral_z3g16_bf16"
+    case, out = moe_cases[name], tmp_path / "out"
+    meta = build.load_case(name)
+    assert _convert(name, case, out, tmp_path, "--dtype", "bfloat16") == 0
+    saved = load_file(case / meta["checkpoints"][-1]["path"] / "model.safetensors")
+    assert any(".block_sparse_moe.experts.3.w2.weight" in k for k in saved)
+    assert_equal(saved, load_file(out / "model.safetensors"), torch.bfloat16)

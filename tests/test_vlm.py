@@ -1,7 +1,7 @@
-"""Vision-language models end to end (issue 25, the VLM half): Qwen2-VL, LLaVA and Gemma 3.
+"""Vision-language models end to end (issue 25, the VLM half): Qwen2-VL, Qwen2.5-VL, LLaVA and Gemma 3.
 
 The corpus (tests/corpus/build.py ``tiny_vlm``, fsdp_build.py ``dcp_*``) holds each family trained on image
-batches under ZeRO-3 and (Qwen2-VL, LLaVA) FSDP2 ``dcp.save``, Qwen2-VL also under ZeRO-2 and HF Trainer,
+batches under ZeRO-3 and FSDP2 ``dcp.save`` (Qwen2.5-VL: DCP only), Qwen2-VL also under ZeRO-2, HF Trainer and LoRA,
 with the vision tower trained in some cases and frozen in others; each stores the training names
 (``model.language_model.*``, ``model.visual.*``, ``model.vision_tower.*``). The truth is the live model's
 parameters gathered at save time; the names a conversion must write are fixed by transformers'
@@ -27,7 +27,7 @@ from vllm_consolidate.plan import vlm
 #: ZeRO-3 and ZeRO-2 (frozen tower: stored whole in mp_rank_00), and HF Trainer + ZeRO-3 (tower trained).
 DS_CASES = ["qwen2vl_z3_w2_fp32", "llava_z3_w2_bf16", "gemma3_z3_w2_bf16", "qwen2vl_z2_w2_bf16_frozen",
             "trainer_qwen2vl_z3_bf16"]
-DCP_CASES = ["dcp_qwen2vl_w2_frozen", "dcp_llava_w2_frozen"]
+DCP_CASES = ["dcp_qwen2vl_w2_frozen", "dcp_llava_w2_frozen", "dcp_qwen25vl_w2", "dcp_gemma3_w2"]
 ALL = DS_CASES + DCP_CASES
 
 
@@ -278,3 +278,24 @@ def test_vllm_generates_what_the_truth_generates(name, vlm_cases, tmp_path, monk
                            env={"PYTHONPATH": str(NO_TORCHVISION)}, llm_kwargs=TEXT_ONLY)
     assert_greedy_agrees(reference, PROMPTS, probe["output_token_ids"], "float32")
 
+
+
+# ---- LoRA on a vision-language model (tests/corpus/lora_build.py): a ZeRO-2 Trainer + peft run on Qwen2-VL
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_merge_on_qwen2vl_is_peft_merge(dtype, lora_corpus, tmp_path):
+    """The adapter names the training modules (``model.language_model.layers.0.self_attn.q_proj``), base/ holds
+    save_pretrained's names (``model.layers.*``, ``visual.*``): the merge equals peft's merge_and_unload, under
+    the names a conversion writes."""
+    from tests.corpus import lora_build
+
+    name = "lora_qwen2vl_z2_lm"
+    case, out = lora_corpus[name], tmp_path / "out"
+    meta = lora_build.load_case(name)
+    assert any(k.startswith("model.layers.") for k in load_file(case / meta["base_dir"] / "model.safetensors"))
+    assert cli.convert_main(["--input", str(case / meta["input"]), "--output", str(out), "--dtype", dtype,
+                             "--base-model-name", str(case / meta["base_dir"])]) == 0
+    merged = load_file(case / meta["checkpoints"][-1]["merged_truth"])
+    assert_equal(expected_output(lora_build.CASES[name].model, merged, tmp_path / "saved"),
+                 load_file(out / "model.safetensors"), getattr(torch, dtype))

@@ -156,12 +156,13 @@ def tiny_moe(arch: str) -> dict[str, Any]:
 
 
 #: The vision-language families of issue 25, tiny and vLLM-loadable (text: hidden 64, 2 heads of 32, 2 layers).
-VLM_ARCHS = ("qwen2_vl", "llava", "gemma3")
+VLM_ARCHS = ("qwen2_vl", "llava", "gemma3", "qwen2_5_vl")
 
 #: The modules of each family's vision tower (without its projector: Qwen2-VL's ``visual.merger``), in the
 #: training (named_parameters) names; a frozen tower freezes these, the projector stays trained.
 VLM_TOWER = {
     "qwen2_vl": ("model.visual.patch_embed.", "model.visual.blocks."),
+    "qwen2_5_vl": ("model.visual.patch_embed.", "model.visual.blocks."),
     "llava": ("model.vision_tower.",),
     "gemma3": ("model.vision_tower.",),
 }
@@ -180,6 +181,14 @@ def tiny_vlm(arch: str, *, frozen_vision: bool = False) -> dict[str, Any]:
                                                                             "mrope_section": [4, 6, 6]}},
                       config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                                   spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+                      top=dict(image_token_id=990, video_token_id=991, vision_start_token_id=992,
+                               vision_end_token_id=993))
+    elif arch == "qwen2_5_vl":  # two blocks: one windowed, one full attention (fullatt_block_indexes)
+        vision = dict(text_type="qwen2_5_vl_text", text_extra={"rope_scaling": {"type": "mrope",
+                                                                              "mrope_section": [4, 6, 6]}},
+                      config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2,
+                                  fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2,
+                                  temporal_patch_size=2, in_channels=3),
                       top=dict(image_token_id=990, video_token_id=991, vision_start_token_id=992,
                                vision_end_token_id=993))
     elif arch == "llava":

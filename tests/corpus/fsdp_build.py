@@ -297,6 +297,14 @@ _SPECS: list[FsdpCaseSpec] = [
     FsdpCaseSpec("dcp_llava_w2_frozen", "dcp", tiny_vlm("llava", frozen_vision=True), "fp32", "model.",
                  "FSDP2 LLaVA fp32, vision tower frozen; dcp.save at ckpt/step-2; config+tokenizer in ckpt/",
                  seed=96, has_config=True, has_tokenizer=True, options={"style": "nested", "subdirs": True}),
+    FsdpCaseSpec("dcp_qwen25vl_w2", "dcp", tiny_vlm("qwen2_5_vl"), "fp32", "model.",
+                 "FSDP2 Qwen2.5-VL fp32 (windowed + full-attention vision blocks), vision tower trained; dcp.save at "
+                 "ckpt/step-2; config+tokenizer in ckpt/", seed=97, has_config=True, has_tokenizer=True,
+                 options={"style": "nested", "subdirs": True}),
+    FsdpCaseSpec("dcp_gemma3_w2", "dcp", tiny_vlm("gemma3"), "fp32", "model.",
+                 "FSDP2 Gemma 3 fp32 (SigLIP tower trained, tied head); dcp.save at ckpt/step-2; config+tokenizer "
+                 "in ckpt/", seed=98, has_config=True, has_tokenizer=True,
+                 options={"style": "nested", "subdirs": True}),
     # ---- verl FSDPCheckpointManager on fully_shard models (tests/corpus/verl_save.py)
     _verl(
         "verl_qwen2_w2_tied",
