@@ -174,12 +174,13 @@ def test_source_comparison_covers_the_vision_tower(name, probe, vlm_cases, tmp_p
 
 PARTS = {  # training-name prefixes of each part, written here from the model classes (not from plan/vlm.py)
     "qwen2_vl": {"projector": ("model.visual.merger.",), "vision_tower": ("model.visual.",)},
+    "qwen2_5_vl": {"projector": ("model.visual.merger.",), "vision_tower": ("model.visual.",)},
     "llava": {"vision_tower": ("model.vision_tower.",), "projector": ("model.multi_modal_projector.",)},
     "gemma3": {"vision_tower": ("model.vision_tower.",), "projector": ("model.multi_modal_projector.",)},
 }
 
 
-@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16"])
+@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16", "dcp_qwen25vl_w2"])
 def test_inspect_shows_modality_parts(name, vlm_cases, capsys):
     spec, truth = _spec(name), _truth(name, vlm_cases[name])
     want = {p: {"tensors": 0, "parameters": 0} for p in ("vision_tower", "projector", "language_model")}
@@ -260,7 +261,8 @@ TEXT_ONLY = {"limit_mm_per_prompt": {"image": 0, "video": 0}}
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16"])
+@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16",
+                                  "trainer_qwen2vl_z3_bf16", "dcp_qwen25vl_w2"])
 def test_vllm_generates_what_the_truth_generates(name, vlm_cases, tmp_path, monkeypatch):
     from tests.test_e2e_vllm import MAX_TOKENS, PROMPTS, assert_greedy_agrees, vllm_python
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
