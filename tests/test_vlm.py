@@ -1,12 +1,12 @@
 """Vision-language models end to end (issue 25, the VLM half): Qwen2-VL, Qwen2.5-VL, LLaVA and Gemma 3.
 
-The corpus (tests/corpus/build.py ``tiny_vlm``, fsdp_build.py ``dcp_*``) holds each family trained on image
-batches under ZeRO-3 and FSDP2 ``dcp.save`` (Qwen2.5-VL: DCP only), Qwen2-VL also under ZeRO-2, HF Trainer and LoRA,
-with the vision tower trained in some cases and frozen in others; each stores the training names
-(``model.language_model.*``, ``model.visual.*``, ``model.vision_tower.*``). The truth is the live model's
-parameters gathered at save time; the names a conversion must write are fixed by transformers'
-``save_pretrained`` of a model holding them, with the one departure plan/vlm.py documents (CLIP/SigLIP towers
-under ``vision_tower.vision_model.``, which vLLM needs).
+The corpus (tests/corpus/build.py ``tiny_vlm``, fsdp_build.py ``dcp_*``/``verl_*``, lora_build.py) holds each
+family trained on image batches under ZeRO-3 and FSDP2 ``dcp.save`` (Qwen2.5-VL: DCP only), and Qwen2-VL also
+under ZeRO-2, HF Trainer + ZeRO-3, verl and a LoRA Trainer run, with the vision tower trained in some cases and
+frozen in others; each stores the training names (``model.language_model.*``, ``model.visual.*``,
+``model.vision_tower.*``). The truth is the live model's parameters gathered at save time; the names a
+conversion must write are fixed by transformers' ``save_pretrained`` of a model holding them, with the one
+departure plan/vlm.py documents (CLIP/SigLIP towers under ``vision_tower.vision_model.``, which vLLM needs).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from vllm_consolidate.plan import vlm
 #: ZeRO-3 and ZeRO-2 (frozen tower: stored whole in mp_rank_00), and HF Trainer + ZeRO-3 (tower trained).
 DS_CASES = ["qwen2vl_z3_w2_fp32", "llava_z3_w2_bf16", "gemma3_z3_w2_bf16", "qwen2vl_z2_w2_bf16_frozen",
             "trainer_qwen2vl_z3_bf16"]
-DCP_CASES = ["dcp_qwen2vl_w2_frozen", "dcp_llava_w2_frozen", "dcp_qwen25vl_w2", "dcp_gemma3_w2"]
+DCP_CASES = ["dcp_qwen2vl_w2_frozen", "dcp_llava_w2_frozen", "dcp_qwen25vl_w2", "dcp_gemma3_w2",
+             "verl_qwen2vl_w2"]  # and verl's FSDP checkpoint manager
 ALL = DS_CASES + DCP_CASES
 
 

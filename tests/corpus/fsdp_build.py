@@ -347,6 +347,14 @@ _SPECS: list[FsdpCaseSpec] = [
         54,
         options={"roles": ["actor"]},
     ),
+    _verl(
+        "verl_qwen2vl_w2",
+        tiny_vlm("qwen2_vl"),
+        "verl actor, Qwen2-VL on image batches (vision tower trained): rank files hold the training names "
+        "(model.language_model.*, model.visual.*), as in verl#4498/#5603",
+        55,
+        options={"roles": ["actor"]},
+    ),
     # ---- HF Trainer + accelerate FSDP2 (tests/corpus/trainer_fsdp_train.py, written separately)
     FsdpCaseSpec(
         "trainer_fsdp_qwen2_tied",
