@@ -22,7 +22,8 @@ What runs is verl's code: ``FSDPCheckpointManager.save_checkpoint`` (rank files,
 (verl's FSDP2 wrapping: decoder layers, and for untied models embed_tokens/lm_head, then
 the root), ``fsdp2_load_full_state_dict`` (rank-0 broadcast of the initial weights),
 ``fsdp2_clip_grad_norm_`` and ``get_constant_schedule_with_warmup``.  Model loading
-mirrors verl's FSDP engine: ``from_pretrained`` of a local HF folder in fp32 (actor), or
+mirrors verl's FSDP engine: ``from_pretrained`` of a local HF folder in fp32 (actor; a vision-language actor
+with ``AutoModelForImageTextToText``, trained on ``common.train_batch``'s image batches), or
 ``AutoModelForTokenClassification`` with ``num_labels=1`` (critic, verl's
 ``load_valuehead_model`` minus ``flash_attention_2``), peft ``get_peft_model`` for LoRA,
 ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32, cast_forward_inputs=True)``
