@@ -126,8 +126,10 @@ def read_base(base_dir: Path, adapter: Adapter) -> tuple[SourceModel, Adapter]:
     config = read_config(path) if path.is_file() and confined(path, [root]) else {}
     if vlm.family_of(config) is None:
         return base, adapter
-    modules = {vlm.training_name(config, m): replace(lora, module=vlm.training_name(config, m))
-               for m, lora in adapter.modules.items()}
+    def module(name: str) -> str:  # the rules match tensor names (``language_model.lm_head.`` ends in a dot)
+        return vlm.training_name(config, f"{name}.weight").removesuffix(".weight")
+
+    modules = {module(m): replace(lora, module=module(m)) for m, lora in adapter.modules.items()}
     replacements = {vlm.training_name(config, n): replace(t, name=vlm.training_name(config, n))
                     for n, t in adapter.replacements.items()}
     return vlm.to_training_names(base, config), replace(adapter, modules=modules, replacements=replacements)

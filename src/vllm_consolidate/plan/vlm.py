@@ -150,10 +150,7 @@ def written_name(config: dict, name: str) -> str:
 
 
 def training_name(config: dict, name: str) -> str:
-    """The training name of a tensor or module named ``name`` in any known form (unchanged for other models).
-
-    The rules only rewrite prefixes, so a module name (``model.layers.0.self_attn.q_proj``) maps like its tensors.
-    """
+    """The training name of a tensor named ``name`` in any known form (unchanged for other models)."""
     family = family_of(config)
     return name if family is None else _apply(family.to_training, name)
 
