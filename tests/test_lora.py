@@ -54,7 +54,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 REPO = Path(__file__).resolve().parents[1]
-LORA = [s.name for s in lora_build.CASES.values() if s.kind == "lora" and s.name not in lora_build.MOE_CASES]
+LORA = [s.name for s in lora_build.CASES.values() if s.kind == "lora" and s.name not in lora_build.RENAMED_CASES]
 PLAIN = "peft_plain_qwen2"
 MERGED = [*LORA, PLAIN]
 HUB_CASE = "lora_qwen2_z2_tied"  # its adapter names the base by Hub id, resolved through <case>/hf_cache

@@ -212,9 +212,7 @@ def test_base_referenced_by_hub_id(lora_corpus, tmp_path) -> None:
 
 
 def _base(cdir: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(cdir / "base"), dtype=torch.float32)
+    return lora_build.auto_class(cdir / "base").from_pretrained(str(cdir / "base"), dtype=torch.float32)
 
 
 def truth_model(cdir: Path, tag: str) -> Any:

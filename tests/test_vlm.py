@@ -1,7 +1,8 @@
-"""Vision-language models end to end (issue 25, the VLM half): Qwen2-VL, LLaVA and Gemma 3.
+"""Vision-language models end to end (issue 25, the VLM half): Qwen2-VL, Qwen2.5-VL, LLaVA and Gemma 3.
 
-The corpus (tests/corpus/build.py ``tiny_vlm``, fsdp_build.py ``dcp_*``) holds each family trained on image
-batches under ZeRO-3 and (Qwen2-VL, LLaVA) FSDP2 ``dcp.save``, with the vision tower trained in some cases and
+The corpus (tests/corpus/build.py ``tiny_vlm``, fsdp_build.py ``dcp_*``/``verl_*``, lora_build.py) holds each
+family trained on image batches under ZeRO-3 and FSDP2 ``dcp.save`` (Qwen2.5-VL: DCP only), and Qwen2-VL also
+under ZeRO-2, HF Trainer + ZeRO-3, verl and a LoRA Trainer run, with the vision tower trained in some cases and
 frozen in others; each stores the training names (``model.language_model.*``, ``model.visual.*``,
 ``model.vision_tower.*``). The truth is the live model's parameters gathered at save time; the names a
 conversion must write are fixed by transformers' ``save_pretrained`` of a model holding them, with the one
@@ -23,8 +24,11 @@ from tests.corpus.common import model_config, train_batch
 from vllm_consolidate import cli
 from vllm_consolidate.plan import vlm
 
-DS_CASES = ["qwen2vl_z3_w2_fp32", "llava_z3_w2_bf16", "gemma3_z3_w2_bf16"]
-DCP_CASES = ["dcp_qwen2vl_w2_frozen", "dcp_llava_w2_frozen"]
+#: ZeRO-3 and ZeRO-2 (frozen tower: stored whole in mp_rank_00), and HF Trainer + ZeRO-3 (tower trained).
+DS_CASES = ["qwen2vl_z3_w2_fp32", "llava_z3_w2_bf16", "gemma3_z3_w2_bf16", "qwen2vl_z2_w2_bf16_frozen",
+            "trainer_qwen2vl_z3_bf16"]
+DCP_CASES = ["dcp_qwen2vl_w2_frozen", "dcp_llava_w2_frozen", "dcp_qwen25vl_w2", "dcp_gemma3_w2",
+             "verl_qwen2vl_w2"]  # and verl's FSDP checkpoint manager
 ALL = DS_CASES + DCP_CASES
 
 
@@ -171,6 +175,7 @@ def test_source_comparison_covers_the_vision_tower(name, probe, vlm_cases, tmp_p
 
 PARTS = {  # training-name prefixes of each part, written here from the model classes (not from plan/vlm.py)
     "qwen2_vl": {"projector": ("model.visual.merger.",), "vision_tower": ("model.visual.",)},
+    "qwen2_5_vl": {"projector": ("model.visual.merger.",), "vision_tower": ("model.visual.",)},
     "llava": {"vision_tower": ("model.vision_tower.",), "projector": ("model.multi_modal_projector.",)},
     "gemma3": {"vision_tower": ("model.vision_tower.",), "projector": ("model.multi_modal_projector.",)},
 }
@@ -188,7 +193,7 @@ def _want_parts(spec: dict, truth: dict[str, torch.Tensor]) -> dict[str, dict[st
     return want
 
 
-@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16"])
+@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16", "dcp_qwen25vl_w2"])
 def test_inspect_shows_modality_parts(name, vlm_cases, capsys):
     spec, truth = _spec(name), _truth(name, vlm_cases[name])
     want = _want_parts(spec, truth)
@@ -276,7 +281,8 @@ TEXT_ONLY = {"limit_mm_per_prompt": {"image": 0, "video": 0}}
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16"])
+@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16",
+                                  "dcp_qwen25vl_w2"])  # trainer_qwen2vl_z3_bf16 passed once too (same names)
 def test_vllm_generates_what_the_truth_generates(name, vlm_cases, tmp_path, monkeypatch):
     from tests.test_e2e_vllm import MAX_TOKENS, PROMPTS, assert_greedy_agrees, vllm_python
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -294,3 +300,24 @@ def test_vllm_generates_what_the_truth_generates(name, vlm_cases, tmp_path, monk
                            env={"PYTHONPATH": str(NO_TORCHVISION)}, llm_kwargs=TEXT_ONLY)
     assert_greedy_agrees(reference, PROMPTS, probe["output_token_ids"], "float32")
 
+
+
+# ---- LoRA on a vision-language model (tests/corpus/lora_build.py): a ZeRO-2 Trainer + peft run on Qwen2-VL
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_merge_on_qwen2vl_is_peft_merge(dtype, lora_corpus, tmp_path):
+    """The adapter names the training modules (``model.language_model.layers.0.self_attn.q_proj``), base/ holds
+    save_pretrained's names (``model.layers.*``, ``visual.*``): the merge equals peft's merge_and_unload, under
+    the names a conversion writes."""
+    from tests.corpus import lora_build
+
+    name = "lora_qwen2vl_z2_lm"
+    case, out = lora_corpus[name], tmp_path / "out"
+    meta = lora_build.load_case(name)
+    assert any(k.startswith("model.layers.") for k in load_file(case / meta["base_dir"] / "model.safetensors"))
+    assert cli.convert_main(["--input", str(case / meta["input"]), "--output", str(out), "--dtype", dtype,
+                             "--base-model-name", str(case / meta["base_dir"])]) == 0
+    merged = load_file(case / meta["checkpoints"][-1]["merged_truth"])
+    assert_equal(expected_output(lora_build.CASES[name].model, merged, tmp_path / "saved"),
+                 load_file(out / "model.safetensors"), getattr(torch, dtype))

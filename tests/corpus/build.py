@@ -156,12 +156,13 @@ def tiny_moe(arch: str) -> dict[str, Any]:
 
 
 #: The vision-language families of issue 25, tiny and vLLM-loadable (text: hidden 64, 2 heads of 32, 2 layers).
-VLM_ARCHS = ("qwen2_vl", "llava", "gemma3")
+VLM_ARCHS = ("qwen2_vl", "llava", "gemma3", "qwen2_5_vl")
 
 #: The modules of each family's vision tower (without its projector: Qwen2-VL's ``visual.merger``), in the
 #: training (named_parameters) names; a frozen tower freezes these, the projector stays trained.
 VLM_TOWER = {
     "qwen2_vl": ("model.visual.patch_embed.", "model.visual.blocks."),
+    "qwen2_5_vl": ("model.visual.patch_embed.", "model.visual.blocks."),
     "llava": ("model.vision_tower.",),
     "gemma3": ("model.vision_tower.",),
 }
@@ -180,6 +181,14 @@ def tiny_vlm(arch: str, *, frozen_vision: bool = False) -> dict[str, Any]:
                                                                             "mrope_section": [4, 6, 6]}},
                       config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
                                   spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+                      top=dict(image_token_id=990, video_token_id=991, vision_start_token_id=992,
+                               vision_end_token_id=993))
+    elif arch == "qwen2_5_vl":  # two blocks: one windowed, one full attention (fullatt_block_indexes)
+        vision = dict(text_type="qwen2_5_vl_text", text_extra={"rope_scaling": {"type": "mrope",
+                                                                              "mrope_section": [4, 6, 6]}},
+                      config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2,
+                                  fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2,
+                                  temporal_patch_size=2, in_channels=3),
                       top=dict(image_token_id=990, video_token_id=991, vision_start_token_id=992,
                                vision_end_token_id=993))
     elif arch == "llava":
@@ -282,6 +291,7 @@ def _ds(name: str, model: dict[str, Any], stage: int, ws: int, prec: str, covers
 
 
 def _trainer(name: str, model: dict[str, Any], stage: int, covers: str, **kw: Any) -> CaseSpec:
+    kw.setdefault("save_steps", (2, 4, 6))
     return CaseSpec(
         name=name,
         kind="trainer",
@@ -290,7 +300,6 @@ def _trainer(name: str, model: dict[str, Any], stage: int, covers: str, **kw: An
         world_size=2,
         precision="bf16",
         layout="trainer",
-        save_steps=(2, 4, 6),
         has_config=True,
         has_tokenizer=True,
         covers=covers,
@@ -528,6 +537,17 @@ _SPECS: list[CaseSpec] = [
     _ds("gemma3_z3_w2_bf16", tiny_vlm("gemma3"), 3, 2, "bf16",
         "Gemma 3 (SigLIP tower, tied head) under ZeRO-3, vision tower trained, config+tokenizer", has_config=True,
         has_tokenizer=True, seed=92),
+    _ds("qwen2vl_z2_w2_bf16_frozen", tiny_vlm("qwen2_vl", frozen_vision=True), 2, 2, "bf16",
+        "Qwen2-VL under ZeRO-2 bf16, vision tower frozen (stored whole in mp_rank_00), config+tokenizer",
+        has_config=True, has_tokenizer=True, seed=93),
+    # ---- HF Trainer + DeepSpeed on the issue-25 families (one checkpoint each, to keep the build short)
+    _trainer("trainer_mixtral_z3g16_bf16", tiny_moe("mixtral"), 3,
+             "HF Trainer ZeRO-3 Mixtral with 16-bit gather: DS shards (fused expert names) + Trainer's bf16 "
+             "model.safetensors in checkpoint-2", zero_extra={"stage3_gather_16bit_weights_on_model_save": True},
+             save_steps=(2,), seed=77),
+    _trainer("trainer_qwen2vl_z3_bf16", tiny_vlm("qwen2_vl"), 3,
+             "HF Trainer ZeRO-3 Qwen2-VL on image batches, vision tower trained, checkpoint-2", save_steps=(2,),
+             seed=94),
 ]
 
 CASES: dict[str, CaseSpec] = {c.name: c for c in _SPECS}

@@ -232,7 +232,7 @@ def train_batch(model: dict[str, Any], gen: torch.Generator, low: int = 0) -> di
     if not vision:
         return {"input_ids": ids, "labels": ids}
     top = vision["top"]
-    if model["arch"] == "qwen2_vl":  # a 1x2x2 patch grid, merged 2x2 into one image token
+    if model["arch"] in ("qwen2_vl", "qwen2_5_vl"):  # a 1x2x2 patch grid, merged 2x2 into one image token
         ids[:, 1:4] = torch.tensor([top["vision_start_token_id"], top["image_token_id"], top["vision_end_token_id"]])
         patch = 3 * vision["config"]["temporal_patch_size"] * vision["config"]["patch_size"] ** 2
         extra = {"pixel_values": torch.randn(2 * 4, patch, generator=gen),

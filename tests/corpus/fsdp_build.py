@@ -297,6 +297,14 @@ _SPECS: list[FsdpCaseSpec] = [
     FsdpCaseSpec("dcp_llava_w2_frozen", "dcp", tiny_vlm("llava", frozen_vision=True), "fp32", "model.",
                  "FSDP2 LLaVA fp32, vision tower frozen; dcp.save at ckpt/step-2; config+tokenizer in ckpt/",
                  seed=96, has_config=True, has_tokenizer=True, options={"style": "nested", "subdirs": True}),
+    FsdpCaseSpec("dcp_qwen25vl_w2", "dcp", tiny_vlm("qwen2_5_vl"), "fp32", "model.",
+                 "FSDP2 Qwen2.5-VL fp32 (windowed + full-attention vision blocks), vision tower trained; dcp.save at "
+                 "ckpt/step-2; config+tokenizer in ckpt/", seed=97, has_config=True, has_tokenizer=True,
+                 options={"style": "nested", "subdirs": True}),
+    FsdpCaseSpec("dcp_gemma3_w2", "dcp", tiny_vlm("gemma3"), "fp32", "model.",
+                 "FSDP2 Gemma 3 fp32 (SigLIP tower trained, tied head); dcp.save at ckpt/step-2; config+tokenizer "
+                 "in ckpt/", seed=98, has_config=True, has_tokenizer=True,
+                 options={"style": "nested", "subdirs": True}),
     # ---- verl FSDPCheckpointManager on fully_shard models (tests/corpus/verl_save.py)
     _verl(
         "verl_qwen2_w2_tied",
@@ -330,6 +338,22 @@ _SPECS: list[FsdpCaseSpec] = [
         "base_layer/lora_A/lora_B + lora_train_meta.json -> a reader must refuse; truth = full peft state",
         53,
         options={"roles": ["actor"], "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}},
+    ),
+    _verl(
+        "verl_qwen3moe_w2",
+        tiny_moe("qwen3_moe"),
+        "verl actor, Qwen3-MoE (issue 25): verl's apply_fsdp2 shards the fused [E, ...] expert parameters; rank "
+        "files hold the fused training names, huggingface/ the config",
+        54,
+        options={"roles": ["actor"]},
+    ),
+    _verl(
+        "verl_qwen2vl_w2",
+        tiny_vlm("qwen2_vl"),
+        "verl actor, Qwen2-VL on image batches (vision tower trained): rank files hold the training names "
+        "(model.language_model.*, model.visual.*), as in verl#4498/#5603",
+        55,
+        options={"roles": ["actor"]},
     ),
     # ---- HF Trainer + accelerate FSDP2 (tests/corpus/trainer_fsdp_train.py, written separately)
     FsdpCaseSpec(

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tests.corpus import build, cache, common
-from tests.corpus.build import tiny, tiny_moe
+from tests.corpus.build import tiny, tiny_moe, tiny_vlm
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -150,6 +150,7 @@ class LoraCaseSpec:
 
 
 def _lora(name: str, model: dict[str, Any], stage: int, lora: dict[str, Any], covers: str, **kw: Any) -> LoraCaseSpec:
+    kw.setdefault("save_steps", (2, 4))
     return LoraCaseSpec(
         name=name,
         kind="lora",
@@ -158,7 +159,6 @@ def _lora(name: str, model: dict[str, Any], stage: int, lora: dict[str, Any], co
         stage=stage,
         world_size=2,
         precision="bf16",
-        save_steps=(2, 4),
         covers=covers,
         **kw,
     )
@@ -245,12 +245,26 @@ _SPECS.extend((  # issue 25
         "merged model's experts are the base's per-expert tensors",
         seed=47,
     ),
+    _lora(
+        "lora_qwen2vl_z2_lm",
+        tiny_vlm("qwen2_vl"),
+        2,
+        dict(r=4, lora_alpha=8, target_modules=r".*\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj"
+             r"|down_proj)", task_type="CAUSAL_LM"),
+        "ZeRO-2 Trainer on image batches, Qwen2-VL, LoRA on the language model's linear layers only (a regex); "
+        "vision tower and merger frozen by peft; base/ holds save_pretrained's names (model.layers.*, visual.*)",
+        seed=48,
+    ),
 ))
 
 CASES: dict[str, LoraCaseSpec] = {c.name: c for c in _SPECS}
 #: MoE cases: base/ and the output hold per-expert names, the truth the in-memory fused ones; tests/test_moe.py
 #: compares them through save_pretrained, so the tests that compare names one to one leave them out.
 MOE_CASES = frozenset(n for n, c in CASES.items() if c.model["arch"] in build.MOE_ARCHS)
+#: Vision-language cases: likewise (base/ and the output hold save_pretrained's prefixes; tests/test_vlm.py).
+VLM_CASES = frozenset(n for n, c in CASES.items() if c.model.get("vision"))
+#: The cases whose written names are not the live model's: left out of the one-to-one name comparisons.
+RENAMED_CASES = MOE_CASES | VLM_CASES
 
 
 # --------------------------------------------------------------------------- paths / cache
@@ -346,10 +360,9 @@ def reference_merge(
     """
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
     with no_hf_zero3():
-        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        base = auto_class(base_dir).from_pretrained(str(base_dir), dtype=torch.float32)
         model = get_peft_model(base, copy.deepcopy(lora_config))
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable == set(adapter), (sorted(trainable ^ set(adapter)))[:10]
@@ -364,6 +377,14 @@ def reference_merge(
         merged = model.merge_and_unload()
     out = {n: p.detach().float().contiguous().clone() for n, p in merged.named_parameters()}
     return out, common.tied_map(merged)
+
+
+def auto_class(base_dir: Path | str) -> Any:
+    """The transformers auto class that loads the base: image-text-to-text for a vision-language model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    vision = hasattr(AutoConfig.from_pretrained(str(base_dir)), "vision_config")
+    return AutoModelForImageTextToText if vision else AutoModelForCausalLM
 
 
 def zero_init_names(names: list[str]) -> list[str]:

@@ -55,7 +55,6 @@ from tests.corpus.ds_train import disable_shm_comm, gather_truth  # noqa: E402
 
 # Importing trainer_train applies its CPU bf16 patch (transformers.training_args.is_torch_bf16_gpu_available).
 from tests.corpus.trainer_train import ds_trainer_args  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 
 class LoraTruth(train_common.SaveTruth):
@@ -97,7 +96,7 @@ def main() -> None:
 
     # Model first: see the module docstring (no zero.Init).  By name, like a user would: a hub id resolved
     # through HF_HUB_CACHE offline, or the absolute base/ path.
-    base = AutoModelForCausalLM.from_pretrained(case["base_name"], dtype=torch.float32)
+    base = lora_build.auto_class(case["base_name"]).from_pretrained(case["base_name"], dtype=torch.float32)
     torch.manual_seed(case["seed"])  # LoRA A init; identical on every rank
     model = get_peft_model(base, LoraConfig(**case["lora"]))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

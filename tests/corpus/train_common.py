@@ -50,6 +50,33 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.data[i], "labels": self.data[i].clone()}
 
 
+class ImageBatches(torch.utils.data.Dataset):
+    """Fixed whole batches for a vision-language model (``common.train_batch``: 2 sequences, one image each).
+
+    Each item is already a batch (Qwen2-VL's ``pixel_values`` are the patches of every image of the batch,
+    concatenated), so the Trainer loads one item per step (:func:`trainer_args`) with :func:`whole_batch`.
+    """
+
+    def __init__(self, model: dict[str, Any], n: int = 16, seed: int = 0) -> None:
+        """Pre-generate ``n`` batches for the model spec ``model``."""
+        gen = torch.Generator().manual_seed(seed)
+        self.data = [common.train_batch(model, gen, low=4) for _ in range(n)]
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """One whole batch."""
+        return self.data[i]
+
+
+def whole_batch(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Collator of :class:`ImageBatches`: the single item is the batch."""
+    (batch,) = features
+    return batch
+
+
 def trainer_args(case: dict[str, Any], run_dir: Path, **kw: Any) -> TrainingArguments:
     """``TrainingArguments`` every corpus Trainer run shares; ``kw`` adds (or overrides) the backend's own.
 
@@ -75,6 +102,8 @@ def trainer_args(case: dict[str, Any], run_dir: Path, **kw: Any) -> TrainingArgu
         seed=case["seed"],
         disable_tqdm=True,
     )
+    if case["model"].get("vision"):  # ImageBatches: one whole batch per step; keep the image inputs
+        args.update(per_device_train_batch_size=1, remove_unused_columns=False)
     args.update(kw)
     return TrainingArguments(**args)
 
@@ -82,11 +111,15 @@ def trainer_args(case: dict[str, Any], run_dir: Path, **kw: Any) -> TrainingArgu
 def make_trainer(
     case: dict[str, Any], model: Any, args: TrainingArguments, tokenizer: Any, callback: TrainerCallback
 ) -> Trainer:
-    """``Trainer`` on :class:`RandomTokens` (case vocab and seed) with one truth callback."""
+    """``Trainer`` on :class:`RandomTokens` (case vocab and seed), or :class:`ImageBatches` for a
+    vision-language model, with one truth callback."""
+    images = bool(case["model"].get("vision"))
     return Trainer(
         model=model,
         args=args,
-        train_dataset=RandomTokens(case["model"]["vocab"], seed=case["seed"]),
+        train_dataset=ImageBatches(case["model"], seed=case["seed"]) if images else RandomTokens(
+            case["model"]["vocab"], seed=case["seed"]),
+        data_collator=whole_batch if images else None,
         processing_class=tokenizer,
         callbacks=[callback],
     )

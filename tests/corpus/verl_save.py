@@ -22,7 +22,8 @@ What runs is verl's code: ``FSDPCheckpointManager.save_checkpoint`` (rank files,
 (verl's FSDP2 wrapping: decoder layers, and for untied models embed_tokens/lm_head, then
 the root), ``fsdp2_load_full_state_dict`` (rank-0 broadcast of the initial weights),
 ``fsdp2_clip_grad_norm_`` and ``get_constant_schedule_with_warmup``.  Model loading
-mirrors verl's FSDP engine: ``from_pretrained`` of a local HF folder in fp32 (actor), or
+mirrors verl's FSDP engine: ``from_pretrained`` of a local HF folder in fp32 (actor; a vision-language actor
+with ``AutoModelForImageTextToText``, trained on ``common.train_batch``'s image batches), or
 ``AutoModelForTokenClassification`` with ``num_labels=1`` (critic, verl's
 ``load_valuehead_model`` minus ``flash_attention_2``), peft ``get_peft_model`` for LoRA,
 ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32, cast_forward_inputs=True)``
@@ -116,7 +117,12 @@ class Role:
 
     def __init__(self, name: str, case: dict[str, Any], base: Path, tokenizer: Any, verl: types.SimpleNamespace):
         """Load from ``base`` like verl's FSDP engine, wrap with verl's ``apply_fsdp2``, build the manager."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForImageTextToText,
+            AutoModelForTokenClassification,
+        )
 
         self.name = name
         opts = case["options"]
@@ -128,8 +134,9 @@ class Role:
             config.hidden_dropout = "0"
             config.summary_dropout_prob = 0.0
             module = AutoModelForTokenClassification.from_pretrained(base, dtype=torch.float32, config=config)
-        else:
-            module = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, config=config)
+        else:  # a vision-language actor: verl's engine loads it with the image-text-to-text auto class
+            auto = AutoModelForImageTextToText if case["model"].get("vision") else AutoModelForCausalLM
+            module = auto.from_pretrained(base, dtype=torch.float32, config=config)
         module.to(torch.float32)
         self.lora = None
         if opts.get("lora") and name == "actor":  # verl FSDPEngine._build_lora_module
@@ -180,14 +187,18 @@ class Role:
         )
         self.clip = verl.fsdp_utils.fsdp2_clip_grad_norm_
 
-    def train_step(self, ids: torch.Tensor, gen: torch.Generator) -> None:
-        """One optimizer step (LM loss for the actor, value MSE for the critic), verl-style clipping."""
+    def train_step(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> None:
+        """One optimizer step (LM loss for the actor, value MSE for the critic), verl-style clipping.
+
+        ``batch`` is ``common.train_batch``'s: token ids (labels = inputs), and images for a vision-language actor.
+        """
+        ids = batch["input_ids"]
         if self.name == "critic":
             values = self.module(input_ids=ids).logits.squeeze(-1).float()
             target = torch.randn(values.shape, generator=gen)
             loss = torch.nn.functional.mse_loss(values, target)
         else:
-            loss = self.module(input_ids=ids, labels=ids).loss
+            loss = self.module(**batch).loss
         loss.backward()
         grad_norm = self.clip([p for p in self.module.parameters() if p.requires_grad], max_norm=1.0)
         if isinstance(grad_norm, DTensor):
@@ -228,9 +239,13 @@ def run_case(case: dict[str, Any], tokenizer: Any, verl: types.SimpleNamespace) 
     checkpoints: list[dict[str, Any]] = []
     saved_dtypes: set[torch.dtype] = set()
     for step in range(1, max(case["save_steps"]) + 1):
-        ids = torch.randint(4, vocab, (2, 16), generator=gen)
+        if case["model"].get("vision"):
+            batch = common.train_batch(case["model"], gen, low=4)
+        else:  # as before vision-language cases (their random stream, hence their cached truth, unchanged)
+            ids = torch.randint(4, vocab, (2, 16), generator=gen)
+            batch = {"input_ids": ids, "labels": ids}
         for role in roles:
-            role.train_step(ids, gen)
+            role.train_step(batch, gen)
         if step not in case["save_steps"]:
             continue
         tag = f"global_step_{step}"

@@ -77,3 +77,13 @@ def test_summary_counts_each_part():
     assert summary.to_dict() == {"family": "qwen2_vl", "parts": {
         "vision_tower": {"tensors": 1, "parameters": 4}, "projector": {"tensors": 1, "parameters": 4},
         "language_model": {"tensors": 3, "parameters": 12}}}
+
+
+@pytest.mark.parametrize(("config", "forms"), [(LLAVA, LLAVA_FORMS), (QWEN2VL, QWEN_FORMS)])
+def test_training_name_of_every_form(config, forms):
+    """What a LoRA merge matches adapter modules and base tensors by (plan.lora.read_base)."""
+    for training, *others, _written in forms:
+        for name in (training, *others):
+            assert vlm.training_name(config, name) == training
+    assert vlm.training_name({"model_type": "llama"}, "model.layers.0.mlp.up_proj.weight") == \
+        "model.layers.0.mlp.up_proj.weight"

@@ -16,16 +16,18 @@ The row arithmetic the writer and validation share (fixed tiles, so both agree b
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from vllm_consolidate.errors import ConfigNotFoundError, CorruptCheckpointError, InputNotFoundError, UsageError
+from vllm_consolidate.plan import vlm
 from vllm_consolidate.read import hf, peft
-from vllm_consolidate.read.assets import DEFAULT_BASE_MODEL
+from vllm_consolidate.read.assets import DEFAULT_BASE_MODEL, read_config
 from vllm_consolidate.read.lora_find import find_base, find_lora, verl_lora, vllm_unsupported
 from vllm_consolidate.read.peft import Adapter
 from vllm_consolidate.read.registry import LoraLayout, format_of_source
-from vllm_consolidate.safe_io import trust_root
+from vllm_consolidate.safe_io import confined, trust_root
 from vllm_consolidate.source import Delta, LoraOutcome, LoraResult, SourceModel, TensorSpec
 
 
@@ -107,7 +109,30 @@ def merge_lora(source: SourceModel, weights_dir: Path, input_dir: Path, base_mod
         merged.asset_dirs = source.asset_dirs
         return merged
     base_dir = find_base(adapter, base_model_name, default_base)
-    return merge_plan(hf.read_hf(base_dir, trust_root(base_dir)), adapter, base_dir)
+    return merge_plan(*read_base(base_dir, adapter), base_dir)
+
+
+def read_base(base_dir: Path, adapter: Adapter) -> tuple[SourceModel, Adapter]:
+    """The base model's tensors and the adapter, both under the training names for a vision-language base.
+
+    peft names the modules it wrapped, i.e. the training names (``model.language_model.layers.0...``), while a
+    base folder holds what ``save_pretrained`` wrote (``model.layers.0...`` for Qwen2-VL, see
+    :mod:`vllm_consolidate.plan.vlm`) or any older form: both sides are brought to one naming before matching.
+    The config is read only inside the base's trust root, like its weights; without one nothing is renamed.
+    """
+    root = trust_root(base_dir)
+    base = hf.read_hf(base_dir, root)
+    path = base_dir / "config.json"
+    config = read_config(path) if path.is_file() and confined(path, [root]) else {}
+    if vlm.family_of(config) is None:
+        return base, adapter
+    def module(name: str) -> str:  # the rules match tensor names (``language_model.lm_head.`` ends in a dot)
+        return vlm.training_name(config, f"{name}.weight").removesuffix(".weight")
+
+    modules = {module(m): replace(lora, module=module(m)) for m, lora in adapter.modules.items()}
+    replacements = {vlm.training_name(config, n): replace(t, name=vlm.training_name(config, n))
+                    for n, t in adapter.replacements.items()}
+    return vlm.to_training_names(base, config), replace(adapter, modules=modules, replacements=replacements)
 
 
 _SAVED_NAMES = [  # live peft names -> the names peft saves (and vLLM loads): without the adapter name
@@ -145,7 +170,7 @@ def adapter_export(source: SourceModel, weights_dir: Path, input_dir: Path, base
     except (InputNotFoundError, ConfigNotFoundError) as exc:  # the adapter is still what it is: written, with a warning
         info["base_model_error"] = exc.message
     else:
-        merge_plan(hf.read_hf(base_dir, trust_root(base_dir)), adapter, base_dir)  # raises if it does not fit
+        merge_plan(*read_base(base_dir, adapter), base_dir)  # raises if it does not fit
         info["base_model"] = str(base_dir)
     found_base = Path(info["base_model"]) if "base_model" in info else None
     unservable = vllm_unsupported(adapter)
@@ -158,4 +183,4 @@ def adapter_export(source: SourceModel, weights_dir: Path, input_dir: Path, base
                                        adapter_config=adapter.config.path))
 
 
-__all__ = ["adapter_export", "merge_lora", "merge_plan", "saved_name"]
+__all__ = ["adapter_export", "merge_lora", "merge_plan", "read_base", "saved_name"]

@@ -149,11 +149,16 @@ def written_name(config: dict, name: str) -> str:
     return name if family is None else _apply(family.to_output, _apply(family.to_training, name))
 
 
+def training_name(config: dict, name: str) -> str:
+    """The training name of a tensor named ``name`` in any known form (unchanged for other models)."""
+    family = family_of(config)
+    return name if family is None else _apply(family.to_training, name)
+
+
 def summarize(source: SourceModel, config: dict) -> VlmSummary | None:
     """The modality parts of ``source`` (None for a model that is not a vision-language model listed here)."""
     return to_output_names(to_training_names(source, config).tensors, config)[1]
 
 
-__all__ = ["FAMILIES", "PARTS", "VlmFamily", "VlmSummary", "family_of", "part_of", "summarize",
-           "written_name", "to_output_names",
-           "to_training_names"]
+__all__ = ["FAMILIES", "PARTS", "VlmFamily", "VlmSummary", "family_of", "part_of", "summarize", "training_name",
+           "written_name", "to_output_names", "to_training_names"]
