@@ -83,3 +83,23 @@ def test_choice_is_llm_compressors(choices: dict[str, Any], name: str) -> None:
     ours, theirs = choices[name]
     assert ours["quantized"], name
     assert ours == theirs
+
+
+@pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "llava_z3_w2_bf16", "gemma3_z3_w2_bf16"])
+def test_vlm_quantized_output_validates(corpus: dict[str, Path], name: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    """A vision-language model's --quantize output (vision tower quantized too, written under this tool's VLM
+    names) passes the default validation and ``validate --against`` its source: the quantized-layout check maps
+    the model's module names to the written ones."""
+    from vllm_consolidate.cli import main
+
+    cdir = corpus[name]
+    assert main(["convert", "--input", str(cdir / "ckpt"), "--output", str(tmp_path / "q"), "--quantize",
+                 "fp8_block"]) == 0
+    capsys.readouterr()
+    code = main(["validate", str(tmp_path / "q"), "--json", "--against", str(cdir / "ckpt")])
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    failed = {n: c["message"] for n, c in checks.items() if c["status"] == "fail"}
+    assert code == 0 and not failed, failed
+    assert checks["quantized_weights"]["status"] == checks["source_quantized"]["status"] == "pass"
+    assert int(checks["quantized_weights"]["message"].split()[0]) > 14  # the language model's 14 and the vision's
