@@ -25,6 +25,7 @@ on edge weights; ``tests/test_quantize.py`` byte for byte on the corpus.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -139,13 +140,47 @@ def quantize_rows(w: Any, scheme: Scheme, work: DType) -> tuple[Any, Any]:
         scale = to_work(absmax / ((scheme.qmax - scheme.qmin) / 2), work)
         scale[scale == 0] = _EPS[work]
         per_elem = scale if scheme.block is None else np.repeat(np.repeat(scale, b, 0), b, 1)[:rows, :cols]
+        quotient = w / per_elem
+        if work in _CODE_TABLE_DTYPES:  # the rest is a function of the rounded 16-bit quotient: one table lookup
+            return _code_table(scheme, work)[_bits16(quotient, work)], scale
+        return _codes(to_work(quotient, work), scheme), scale
+
+
+def _codes(scaled: Any, scheme: Scheme) -> Any:
+    """The stored codes of quotients already rounded to the working dtype: + 0, clamp, round, cast."""
+    import numpy as np
+
+    with np.errstate(all="ignore"):
         # + 0: compressed-tensors adds the (zero) zero point, which turns -0 into +0 (FP8 0x00, not 0x80)
-        scaled = np.clip(to_work(w / per_elem, work) + 0, scheme.qmin, scheme.qmax)
+        scaled = np.clip(scaled + 0, scheme.qmin, scheme.qmax)
         if scheme.kind == "float":
-            return float8_e4m3fn_bits(scaled), scale
+            return float8_e4m3fn_bits(scaled)
         q = np.rint(scaled)
         q[np.isnan(q)] = 0
-        return q.astype(np.int8), scale
+        return q.astype(np.int8)
+
+
+#: Working dtypes whose every value fits a 65536-entry table.
+_CODE_TABLE_DTYPES = (dtypes.bfloat16, dtypes.float16)
+
+
+@functools.cache
+def _code_table(scheme: Scheme, work: DType) -> Any:
+    """:func:`_codes` of every 16-bit pattern of ``work``, indexed by the pattern (3x faster than computing them)."""
+    import numpy as np
+
+    every = np.arange(2**16, dtype=np.uint16)
+    return _codes(from_bytes(memoryview(every).cast("B"), work), scheme)
+
+
+def _bits16(values: Any, work: DType) -> Any:
+    """float32 ``values`` rounded to ``work`` (bfloat16 or float16) as torch does, as uint16 bit patterns."""
+    import numpy as np
+
+    out = np.empty(values.size, dtype=np.uint16)
+    cast_into(memoryview(np.ascontiguousarray(values, dtype=np.float32)).cast("B"), dtypes.float32, work,
+              memoryview(out).cast("B"))
+    return out.reshape(values.shape)
 
 
 def _rows(files: OpenFiles, job: QuantJob) -> Any:
