@@ -3,7 +3,10 @@
 On the cached 0.5B Qwen2 ZeRO-3 checkpoint (``make_checkpoints.py``, ``qwen0.5b-z3``), in one run, N repetitions,
 the three alternating inside each repetition, medians reported:
 
-* ``ours``: ``vllm-consolidate convert --quantize fp8_dynamic --no-validate-vllm`` (bf16 working dtype);
+* ``ours``: ``vllm-consolidate convert --quantize fp8_dynamic --no-validate-vllm`` (bf16 working dtype; imports
+  neither torch nor transformers);
+* ``ours_validated``: the same with the default validation (``--validate-vllm``: the meta model's skeleton and
+  quantized-layout checks, which import torch and transformers), reported beside the target, not in the ratios;
 * ``chain_model_free``: ``convert --dtype bfloat16`` to a folder, then llm-compressor's
   ``model_free_ptq(folder, out, scheme="FP8_DYNAMIC", ignore=["lm_head"])`` on it (in the llm-compressor venv,
   ``scripts/setup_llmc_venv.sh``);
@@ -40,6 +43,7 @@ TOOL = mk.REPO / "tests" / "tools" / "llmc_quantize.py"
 MODEL_FREE = ("import sys\nfrom llmcompressor import model_free_ptq\n"
               "model_free_ptq(sys.argv[1], sys.argv[2], scheme='FP8_DYNAMIC', ignore=['lm_head'])")
 TARGETS = {"wall_vs_model_free_chain": 0.6, "rss_vs_oneshot_chain": 0.1}
+TOOLS = ("ours", "ours_validated", "chain_model_free", "chain_oneshot")
 
 
 def folder_bytes(folder: Path) -> int:
@@ -53,6 +57,10 @@ def one_rep(ckpt: Path, work: Path) -> dict[str, Any]:
     rec: dict[str, Any] = {}
     rec["ours"] = bench.measure(bench.ours(ckpt, ours_out, "--quantize", "fp8_dynamic"), [ckpt], [ours_out])
     rec["ours"]["bytes_written"] = folder_bytes(ours_out)
+    bench.clean(ours_out)
+    rec["ours_validated"] = bench.measure(bench.ours(ckpt, ours_out, "--quantize", "fp8_dynamic", "--validate-vllm"),
+                                          [ckpt], [ours_out])
+    rec["ours_validated"]["bytes_written"] = folder_bytes(ours_out)
     bench.clean(ours_out)
     llmc_env = dict(bench.ENV, PYTHONPATH="")
     for name, out, cmd in (("chain_model_free", q_free, [str(LLMC_PYTHON), "-c", MODEL_FREE, str(bf16), str(q_free)]),
@@ -72,11 +80,12 @@ def one_rep(ckpt: Path, work: Path) -> dict[str, Any]:
 def summarize(reps: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians per tool and the ratios against the targets."""
     med = {tool: {k: statistics.median(r[tool][k] for r in reps) for k in ("wall_s", "rss_mib", "bytes_written")}
-           for tool in ("ours", "chain_model_free", "chain_oneshot")}
+           for tool in TOOLS}
     ratios = {"wall_vs_model_free_chain": med["ours"]["wall_s"] / med["chain_model_free"]["wall_s"],
               "wall_vs_oneshot_chain": med["ours"]["wall_s"] / med["chain_oneshot"]["wall_s"],
               "rss_vs_oneshot_chain": med["ours"]["rss_mib"] / med["chain_oneshot"]["rss_mib"],
               "rss_vs_model_free_chain": med["ours"]["rss_mib"] / med["chain_model_free"]["rss_mib"],
+              "rss_validated_vs_oneshot_chain": med["ours_validated"]["rss_mib"] / med["chain_oneshot"]["rss_mib"],
               "bytes_vs_model_free_chain": med["ours"]["bytes_written"] / med["chain_model_free"]["bytes_written"]}
     return {"median": med, "ratios": {k: round(v, 3) for k, v in ratios.items()}, "targets": TARGETS}
 
@@ -104,7 +113,7 @@ def main() -> None:
     work = bench.WORK / "quantize"
     work.mkdir(parents=True, exist_ok=True)
     reps = [one_rep(spec.ckpt(), work) for _ in range(args.reps)]
-    failed = [(i, t) for i, r in enumerate(reps) for t in ("ours", "chain_model_free", "chain_oneshot")
+    failed = [(i, t) for i, r in enumerate(reps) for t in TOOLS
               if r[t]["exit"] != 0]
     if failed:
         print(json.dumps(reps, indent=1)[-4000:])

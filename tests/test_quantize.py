@@ -160,11 +160,15 @@ def test_ignore_patterns_as_llm_compressor(zero3: dict[str, Path]) -> None:
                             "model.layers.1.mlp.down_proj", "lm_head"]
 
 
-def _divide_by_127(w: Any, scheme: Any) -> Any:
+def _divide_by_127(w: Any, scheme: Any, work: Any) -> Any:
     """INT8 with scale = absmax / 127 (qmax) instead of compressed-tensors' absmax / 127.5 ((qmax - qmin) / 2)."""
-    scale = torch.amax(w.abs(), dim=-1, keepdim=True) / 127
-    scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype), scale)
-    return torch.round(torch.clamp(w / scale, -128, 127)).to(torch.int8), scale
+    import numpy as np
+
+    from vllm_consolidate.write.quantize import to_work
+
+    scale = to_work(np.abs(w).max(axis=1, keepdims=True) / 127, work)
+    scale[scale == 0] = 2.0**-7
+    return np.rint(np.clip(to_work(w / scale, work), -128, 127)).astype(np.int8), scale
 
 
 @pytest.mark.slow
@@ -180,9 +184,11 @@ def test_wrong_rounding_is_caught(zero3: dict[str, Path], tmp_path: Path, monkey
     assert any(f.endswith("_scale: " + f.split(": ")[-1]) for f in found), found  # the scales differ
     assert any(".weight: " in f for f in found), found  # and so do the values
 
-    def reciprocal(w: Any, scheme: Any) -> Any:  # FP8: x * (1 / scale) instead of x / scale
-        q, scale = original(w, scheme)
-        return torch.clamp(w * (1 / scale), -448, 448).to(torch.float8_e4m3fn), scale
+    def reciprocal(w: Any, scheme: Any, work: Any) -> Any:  # FP8: x * (1 / scale) instead of x / scale
+        import numpy as np
+
+        q, scale = original(w, scheme, work)
+        return wq.float8_e4m3fn_bits(np.clip(wq.to_work(w * wq.to_work(1 / scale, work), work), -448, 448)), scale
 
     monkeypatch.setattr(wq, "quantize_rows", reciprocal)
     convert(["--input", zero3["case"] / "ckpt", "--output", tmp_path / "bad8", "--quantize", "fp8_dynamic",

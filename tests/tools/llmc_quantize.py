@@ -10,6 +10,11 @@ Usage: python tests/tools/llmc_quantize.py INPUT OUTPUT SCHEME [IGNORE ...]
        python tests/tools/llmc_quantize.py --jobs '[[INPUT, OUTPUT, SCHEME, IGNORE...], ...]'
 SCHEME is ours (fp8_dynamic, fp8_block, w8a8).
 
+       python tests/tools/llmc_quantize.py --choice OUT CONFIG...
+builds each config.json's model (its ``architectures`` class, random weights, bf16), quantizes it with FP8_DYNAMIC
+as above and prints one JSON line: per config, the weights stored quantized and ``quantization_config.ignore``,
+as written (llm-compressor's choice of modules, with no checkpoint involved).
+
        python tests/tools/llmc_quantize.py --logits FOLDER...
 loads each quantized folder with transformers (compressed-tensors decompresses it), prints one JSON line: whether
 every folder's dequantized state dict and its logits on fixed token ids equal the first folder's, bit for bit,
@@ -61,9 +66,42 @@ def quantize(src: str, dst: str, scheme: str, *ignore: str) -> None:
     model.save_pretrained(dst, save_compressed=True)
 
 
+def choice(out: str, configs: list[str]) -> int:
+    import json
+    import struct
+    from pathlib import Path
+
+    import torch
+    import transformers
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    found = {}
+    for i, path in enumerate(configs):
+        config = transformers.AutoConfig.from_pretrained(path)
+        arch = (config.architectures or ["AutoModelForCausalLM"])[0]
+        cls = getattr(transformers, arch, transformers.AutoModelForCausalLM)
+        model = (cls._from_config(config) if cls is not transformers.AutoModelForCausalLM
+                 else cls.from_config(config)).to(torch.bfloat16)
+        oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]))
+        dst = Path(out) / str(i)
+        model.save_pretrained(str(dst), save_compressed=True)
+        quantized = []
+        for f in sorted(dst.glob("*.safetensors")):
+            with f.open("rb") as h:
+                header = json.loads(h.read(struct.unpack("<Q", h.read(8))[0]))
+            quantized += [k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F8_E4M3"]
+        qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+        found[path] = {"quantized": sorted(quantized), "ignore": qc["ignore"]}
+    print(json.dumps(found))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv[0] == "--logits":
         return logits(argv[1:])
+    if argv[0] == "--choice":
+        return choice(argv[1], argv[2:])
     if argv[0] == "--jobs":  # several folders in one process: llm-compressor takes seconds to import
         import json
 

@@ -14,9 +14,14 @@ and its code (``tests/test_quantize.py`` compares ours with it byte for byte):
 * config.json gains ``quantization_config`` (:func:`quantization_config`), whose ``ignore`` lists the Linear
   modules left alone by name (not the patterns), in module order.
 
-The Linear modules are found on the model built from config.json on the meta device (transformers, no weights):
-a name rule could not tell a router from an expert or a tied head from a projection. transformers and torch are
-imported only here and only with ``--quantize``.
+Which modules are Linear is decided from names and shapes (:func:`linear_modules_by_name`), so the pass imports
+neither transformers nor torch (together about 350 MiB of RSS, 90% of the pass's peak on a 0.5B model): a 2-D
+floating ``*.weight`` whose module is not an embedding, an MoE router or ``lm_head``; routers and ``lm_head``
+(present even when tied) are listed in ``ignore``. ``tests/test_quantize_choice.py`` checks that this is
+llm-compressor's own choice for every corpus architecture (dense, MoE, DeepSeek-V2, and the vision-language
+families, whose vision towers it quantizes too). With ``--quantize-ignore`` the model built from config.json on
+the meta device decides (:func:`linear_modules`): ``ignore`` lists the modules in the model's module order, which
+a Hugging Face folder's sorted names do not give, and an entry may name a module class.
 
 Mixture-of-experts models (the families of :mod:`vllm_consolidate.plan.moe`): transformers 5 holds their experts
 as fused 3-D parameters, which ``targets="Linear"`` does not reach, so llm-compressor 0.14 first *linearizes*
@@ -283,7 +288,8 @@ def plan_quantization(tensors: list[TensorSpec], config: dict[str, Any], scheme:
             raise UsageError("--quantize writes MoE experts per expert, as llm-compressor does",
                              hint="Drop --moe-layout fused.")
         tensors = linearized_names(tensors, family)
-    quantized, ignored = linear_modules(config, ignore)
+    found = linear_modules_by_name(tensors, config, ignore)
+    quantized, ignored = found if found is not None else linear_modules(config, ignore)
     wanted = {f"{m}.weight" for m in quantized}
     plan = QuantPlan([], config=scheme.quantization_config(ignored))
     for spec in tensors:
@@ -304,25 +310,92 @@ def plan_quantization(tensors: list[TensorSpec], config: dict[str, Any], scheme:
 
 #: An MoE router's weight (``mlp.gate``, Mixtral's ``block_sparse_moe.gate``): not a Linear module.
 _ROUTER_WEIGHT = re.compile(r"\.(?:mlp|block_sparse_moe)\.gate\.weight$")
+#: Architecture suffixes of the classes that hold an ``lm_head`` (tied or not).
+_HEAD_CLASSES = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel")
+
+
+def _is_linear_weight(t: TensorSpec) -> bool:
+    """Whether ``t`` is the weight of a module llm-compressor counts as Linear (not lm_head, not a router).
+
+    A 2-D floating ``*.weight`` whose module is not an embedding (its name contains ``embed``), an MoE router or
+    an ``lm_head``. Convolutions are 4-D or 5-D; norms, biases and bare parameters are 1-D or not ``weight``.
+    """
+    parts = t.name.rsplit(".", 2)
+    return (len(t.shape) == 2 and t.dtype.is_floating_point and len(parts) >= 2 and parts[-1] == "weight"
+            and parts[-2] != "lm_head" and "embed" not in parts[-2] and not _ROUTER_WEIGHT.search(t.name))
+
+
+def modules_by_name(tensors: list[TensorSpec], config: dict[str, Any]) -> list[tuple[str, bool]]:
+    """``(module, is_linear)`` from names and shapes: the Linear modules (True) and the routers (False), each
+    stack's layers in numeric order, then ``lm_head`` (False) when the architecture has one (even tied, so not in
+    ``tensors``).
+
+    ``tensors`` are the output tensors (MoE experts under their linearized names).
+    """
+    out: list[tuple[str, bool]] = []
+    head = False
+    for t in tensors:
+        module = t.name.removesuffix(".weight")
+        if _ROUTER_WEIGHT.search(t.name):
+            out.append((module, False))
+        elif module.rsplit(".", 1)[-1] == "lm_head":
+            head = True
+        elif _is_linear_weight(t):
+            out.append((module, True))
+    archs = config.get("architectures") or []
+    head = head or not archs or any(str(a).endswith(_HEAD_CLASSES) for a in archs)
+    return _layers_in_order(out) + ([("lm_head", False)] if head else [])
+
+
+_LAYER = re.compile(r"^(?P<stack>.+\.(?:layers|blocks))\.(?P<n>\d+)\.")
+
+
+def _layers_in_order(modules: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """``modules`` with each stack's layers in numeric order (a Hugging Face folder lists ``layers.10`` before
+    ``layers.2``), each layer's modules in their given order, at the place of the stack's first module."""
+    first: dict[str, int] = {}
+    keys = []
+    for i, (module, _) in enumerate(modules):
+        m = _LAYER.match(module)
+        if m is None:
+            keys.append((i, -1, i))
+        else:
+            keys.append((first.setdefault(m["stack"], i), int(m["n"]), i))
+    return [modules[k[2]] for k in sorted(keys)]
+
+
+def linear_modules_by_name(tensors: list[TensorSpec], config: dict[str, Any],
+                           ignore: tuple[str, ...]) -> tuple[list[str], list[str]] | None:
+    """``(quantized, ignored)`` as :func:`linear_modules` decides them, from names and shapes (no transformers).
+
+    Returns None when there are ``ignore`` patterns: the modules they leave alone are listed in ``ignore`` in the
+    model's module order, which a layer's tensors follow in a state-dict-ordered checkpoint but not in a Hugging
+    Face folder (sorted by name), and an entry may name a module class; only the model transformers builds
+    knows both. Without patterns, ``ignore`` is the routers, one per layer, and ``lm_head``, in layer order.
+    """
+    for t in tensors:
+        if ".experts." in t.name and len(t.shape) > 2:  # fused experts of a family not laid out per expert
+            raise UnsupportedCheckpointError(f"--quantize does not support the experts of this model ({t.name}: "
+                                             f"{len(t.shape)}-D)",
+                                             hint="Convert without --quantize, then quantize with llm-compressor.")
+    if ignore:
+        return None
+    quantized: list[str] = []
+    ignored: list[str] = []
+    for module, linear in modules_by_name(tensors, config):
+        (quantized if linear else ignored).append(module)
+    return quantized, ignored
 
 
 def weights_to_quantize_by_name(tensors: list[TensorSpec]) -> list[TensorSpec]:
     """The weights ``--quantize`` quantizes (no ``--quantize-ignore``), from names and shapes alone.
 
-    For ``inspect``, which imports no transformers: a 2-D floating ``*.weight`` that is not ``lm_head``, an
-    embedding (its module's name contains ``embed``) or an MoE router. The same set as :func:`linear_modules`
-    for every corpus architecture (Llama, Mistral, Qwen2, Mixtral, Qwen2/3-MoE, DeepSeek-V2:
-    ``tests/test_quantize_moe.py``; also LLaVA, Qwen2-VL and Gemma 3, checked by hand); a 2-D weight of another
-    module class (GPT-2's ``Conv1D``) would be counted wrongly, so ``inspect`` says it is from names and shapes.
+    The rule :func:`plan_quantization` uses (:func:`_is_linear_weight`), for ``inspect``. The same set as
+    :func:`linear_modules` for every corpus architecture (``tests/test_quantize_moe.py``); a 2-D weight of
+    another module class (GPT-2's ``Conv1D``) would be counted wrongly, so ``inspect`` says it is from names and
+    shapes.
     """
-    out = []
-    for t in tensors:
-        parts = t.name.rsplit(".", 2)
-        if (len(t.shape) != 2 or not t.dtype.is_floating_point or parts[-1] != "weight" or len(parts) < 2
-                or t.name == "lm_head.weight" or "embed" in parts[-2] or _ROUTER_WEIGHT.search(t.name)):
-            continue
-        out.append(t)
-    return out
+    return [t for t in tensors if _is_linear_weight(t)]
 
 
 def quantized_output(tensors: list[TensorSpec], scheme: Scheme,

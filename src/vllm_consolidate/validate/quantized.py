@@ -26,6 +26,7 @@ from typing import Any
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.errors import ConsolidateError
+from vllm_consolidate.plan import vlm
 from vllm_consolidate.plan.moe import LINEARIZED_LEAVES, expert_leaf_renamed, family_of
 from vllm_consolidate.plan.quantize import SCHEMES, Scheme, linear_modules
 from vllm_consolidate.read.ranges import iter_chunks
@@ -83,7 +84,10 @@ def check_layout(ctx: Context) -> list[Check]:
         return [Check("quantized_weights", FAIL, f"cannot list the model's Linear modules: {exc.message}")]
     work = _config_dtype(ctx)
     for module in quantized:
-        weight, scale = f"{module}.weight", f"{module}.weight{SCALE_SUFFIX}"
+        weight = f"{module}.weight"
+        if weight not in stored:  # a vision-language model's training names, written under others (plan/vlm.py)
+            weight = vlm.written_name(ctx.config or {}, weight)
+        scale = f"{weight}{SCALE_SUFFIX}"
         w, s = stored.get(weight), stored.get(scale)
         if w is None:
             continue  # missing_tensors reports it

@@ -17,12 +17,13 @@ from vllm_consolidate.units import KIB, MIB
 #: checkpoint without validation 245 MiB (fp32, no cast) and 278 MiB (bf16, cast), with validation
 #: 420 MiB (bf16; the estimate is 514 MiB). Rounded up for larger models' metadata.
 JOB_BASE_RSS = 450 * MIB
-#: What ``--quantize`` adds to a worker: transformers' model classes and the meta model built to find the Linear
-#: modules (``plan.quantize.linear_modules``) and the quantizing threads' row blocks (``write.quantize.JOB_BYTES``
-#: of float32 rows and their bf16, scaled and rounded copies). Measured (``getrusage`` of an in-process convert,
-#: torch 2.13, transformers 5.25): torch + transformers import 228 MiB, then building Qwen2-0.5B's meta model and
-#: listing its Linear modules +103 MiB (Qwen3-30B-A3B's after it +3 MiB); JOB_BASE_RSS already holds the
-#: imports (validation loads them too), so this is the rest, rounded up.
+#: What ``--quantize`` adds to a worker: the meta model validation builds to check the Linear modules (the planner
+#: too with ``--quantize-ignore``: ``plan.quantize.linear_modules``) and the quantizing threads' row blocks
+#: (``write.quantize.JOB_BYTES`` of float32 rows and their scaled and rounded copies). Measured (``getrusage`` of an
+#: in-process convert, torch 2.13, transformers 5.25): torch + transformers import 228 MiB, then building
+#: Qwen2-0.5B's meta model and listing its Linear modules +103 MiB (Qwen3-30B-A3B's after it +3 MiB); JOB_BASE_RSS
+#: already holds the imports (validation loads them too), so this is the rest, rounded up. Without validation the
+#: pass imports neither torch nor transformers and stays far below this.
 QUANTIZE_RSS = 160 * MIB
 #: Extra RSS per tensor of metadata (specs, segments, pickled headers), generous.
 PER_TENSOR_RSS = 8 * KIB
