@@ -13,8 +13,10 @@ optional ``tokenizer/``) it writes ``run_config.yaml``, its whole ``ConfigContai
 ``yaml.safe_dump``, whose ``model:`` mapping holds megatron-core's ``TransformerConfig`` fields plus the GPT
 ones (``vocab_size``, ``rotary_base``, ``share_embeddings_and_output_weights``...): flat in the provider form
 (``_target_: ...GPTModelProvider``), or the transformer fields nested under ``transformer:`` in the newer
-``_builder_`` form. :func:`read_run_config` parses it with ``yaml.safe_load`` (plain data only: the
-``_target_`` strings are read as strings, never imported) from a bounded read.
+``_builder_`` form. NeMo 2 writes ``context/model.yaml`` beside ``weights/``, whose ``config:`` mapping is its
+``GPTConfig`` (the same megatron-core field names). :func:`read_run_config` and :func:`read_nemo_model_yaml`
+parse them with ``yaml.safe_load`` (plain data only: the ``_target_`` strings are read as strings, never
+imported) from a bounded read.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from vllm_consolidate.safe_io import read_text
 COMMON_FILE = "common.pt"
 #: Megatron-Bridge's config file in each save folder.
 RUN_CONFIG_FILE = "run_config.yaml"
-#: A real run_config.yaml is tens of KB (every training setting); the cap is far above that.
+#: NeMo 2's model config, beside its ``weights/`` (``io_dump`` of the model: ``config:`` is its GPTConfig).
+NEMO_MODEL_YAML = Path("context") / "model.yaml"
+#: A real run_config.yaml or model.yaml is tens of KB (every training setting); the cap is far above that.
 MAX_RUN_CONFIG_BYTES = 4 * 2**20
 #: Classes real Megatron-LM ``args`` hold, as inert stand-ins (enums pickle as ``Enum(value)``).
 ALLOW = Allowlist(inert=frozenset({
@@ -84,19 +88,32 @@ def read_run_config(folder: Path) -> dict[str, Any] | None:
     Raises:
         CorruptCheckpointError: The file is too large, not YAML, or has no ``model`` mapping.
     """
+    return _model_section(Path(folder) / RUN_CONFIG_FILE, "model")
+
+
+def read_nemo_model_yaml(folder: Path) -> dict[str, Any] | None:
+    """The ``config`` section of NeMo 2's ``folder/context/model.yaml`` (the model's ``GPTConfig``: megatron-core
+    ``TransformerConfig`` fields, as :func:`read_run_config` returns them); None when there is no such file.
+
+    Raises:
+        CorruptCheckpointError: The file is too large, not YAML, or has no ``config`` mapping.
+    """
+    return _model_section(Path(folder) / NEMO_MODEL_YAML, "config")
+
+
+def _model_section(path: Path, section: str) -> dict[str, Any] | None:
     import yaml  # PyYAML: a dependency of huggingface_hub; safe_load builds only plain data
 
-    path = Path(folder) / RUN_CONFIG_FILE
     if not os.path.lexists(path):
         return None
-    text = read_text(path, MAX_RUN_CONFIG_BYTES, what=RUN_CONFIG_FILE)
+    text = read_text(path, MAX_RUN_CONFIG_BYTES, what=path.name)
     try:
         config = yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError) as exc:
-        raise CorruptCheckpointError(f"{RUN_CONFIG_FILE} is not valid YAML ({brief(str(exc))})", path=path) from None
-    model = config.get("model") if type(config) is dict else None
+        raise CorruptCheckpointError(f"{path.name} is not valid YAML ({brief(str(exc))})", path=path) from None
+    model = config.get(section) if type(config) is dict else None
     if type(model) is not dict:
-        raise CorruptCheckpointError(f"{RUN_CONFIG_FILE} has no model: mapping", path=path)
+        raise CorruptCheckpointError(f"{path.name} has no {section}: mapping", path=path)
     nested = model.get("transformer")
     fields = {**(nested if type(nested) is dict else {}), **model}
     out = {k: v for k, v in fields.items() if type(k) is str and type(v) in _SCALARS}
@@ -107,4 +124,5 @@ def read_run_config(folder: Path) -> dict[str, Any] | None:
     return out
 
 
-__all__ = ["ALLOW", "COMMON_FILE", "MAX_RUN_CONFIG_BYTES", "RUN_CONFIG_FILE", "read_args", "read_run_config"]
+__all__ = ["ALLOW", "COMMON_FILE", "MAX_RUN_CONFIG_BYTES", "NEMO_MODEL_YAML", "RUN_CONFIG_FILE", "read_args",
+           "read_nemo_model_yaml", "read_run_config"]

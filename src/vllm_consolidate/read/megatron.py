@@ -39,7 +39,14 @@ from vllm_consolidate.errors import (
     naming_file,
 )
 from vllm_consolidate.formats import dcp
-from vllm_consolidate.formats.megatron_common import COMMON_FILE, RUN_CONFIG_FILE, read_args, read_run_config
+from vllm_consolidate.formats.megatron_common import (
+    COMMON_FILE,
+    NEMO_MODEL_YAML,
+    RUN_CONFIG_FILE,
+    read_args,
+    read_nemo_model_yaml,
+    read_run_config,
+)
 from vllm_consolidate.limits import brief
 from vllm_consolidate.read.assets import find_checkpoint_assets, read_config
 from vllm_consolidate.read.chunks import assemble
@@ -66,9 +73,10 @@ VERL_ACTOR = Path("actor") / "dist_ckpt"
 RELEASE = "release"
 #: Sub-folders holding the save: NeMo 2's ``weights/``, verl's ``dist_ckpt/``.
 SAVE_FOLDERS = ("weights", "dist_ckpt")
-#: Folders beside the save holding an HF config and tokenizer: verl's ``huggingface/``, NeMo's ``context/``,
-#: Megatron-Bridge's ``tokenizer/`` (in the ``iter_N`` save itself, written when ``save_tokenizer_assets``).
-ASSET_FOLDERS = ("huggingface", "context", "tokenizer")
+#: Folders beside the save holding an HF config and tokenizer: verl's ``huggingface/``, NeMo's ``context/`` (and
+#: its ``nemo_tokenizer/``, where NeMo's HF tokenizer artifact is copied), Megatron-Bridge's ``tokenizer/`` (in
+#: the ``iter_N`` save itself, written when ``save_tokenizer_assets``).
+ASSET_FOLDERS = ("huggingface", "context", "context/nemo_tokenizer", "tokenizer")
 
 
 def is_megatron_folder(path: Path) -> bool:
@@ -214,10 +222,10 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
     the reader builds it (from args; None when a config.json is found, which convert then copies).
 
     In order: a config.json the checkpoint has (its folder and run, verl's ``huggingface/``, NeMo's
-    ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt`` or Megatron-Bridge's
-    ``run_config.yaml`` (the trained model's own record, before a base model that may be the default one);
-    ``--base-model-name``'s config.json. ``outer`` is the folder detection claimed, ``folder`` the save in it
-    (:func:`save_folder`).
+    ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt``, Megatron-Bridge's
+    ``run_config.yaml`` or NeMo's ``context/model.yaml`` (the trained model's own record, before a base model
+    that may be the default one); ``--base-model-name``'s config.json. ``outer`` is the folder detection
+    claimed, ``folder`` the save in it (:func:`save_folder`).
 
     Raises:
         ConfigNotFoundError: None of them gives the layout (exit 8).
@@ -229,19 +237,21 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
     if args is not None:
         layout, config = config_from_args(args, names, folder / COMMON_FILE)
         return layout, f"Megatron-LM args in {COMMON_FILE}", config
-    model = read_run_config(folder)
-    if model is not None:
-        layout, config = config_from_args(args_from_run_config(model, names), names, folder / RUN_CONFIG_FILE,
-                                          source=f"Megatron-Bridge's {RUN_CONFIG_FILE}")
-        return layout, f"Megatron-Bridge {RUN_CONFIG_FILE}", config
+    yaml_configs = ((folder / RUN_CONFIG_FILE, f"Megatron-Bridge {RUN_CONFIG_FILE}", lambda: read_run_config(folder)),
+                    (outer / NEMO_MODEL_YAML, f"NeMo {NEMO_MODEL_YAML}", lambda: read_nemo_model_yaml(outer)))
+    for where, what, read in yaml_configs:
+        model = read()
+        if model is not None:
+            layout, config = config_from_args(args_from_run_config(model, names), names, where,
+                                              source=f"the model fields of {what}")
+            return layout, what, config
     base = find_checkpoint_assets(outer, root, asset_dirs(outer), base_model_name) if base_model_name else own
     if base.config is not None:
         return layout_from_config(read_config(base.config), base.config), str(base.config), None
     why = f" ({base.base_model_error})" if base.base_model_error else ""
     raise ConfigNotFoundError(f"found no config.json beside the checkpoint, no Megatron-LM args ({COMMON_FILE}) or "
-                              f"Bridge {RUN_CONFIG_FILE}, and no base model{why} to give the head layout and "
-                              "vocabulary size", path=folder,
-                              hint=HINT_BASE)
+                              f"Bridge {RUN_CONFIG_FILE} or NeMo {NEMO_MODEL_YAML}, and no base model{why} to give "
+                              "the head layout and vocabulary size", path=folder, hint=HINT_BASE)
 
 
 def _segments(spec: TensorSpec, ends: list[int], pick: Pick) -> list[Segment]:

@@ -1,10 +1,13 @@
-"""Megatron-Bridge's ``run_config.yaml``: the model config of a save that has no config.json and no args.
+"""Megatron-Bridge's ``run_config.yaml`` and NeMo 2's ``context/model.yaml``: the model config of a save that has
+no config.json and no args.
 
 Saves are the small DCP saves of test_megatron_reader.py; the YAML is written here in the two forms Bridge
 writes (facts from its checkpoint code): the model provider's fields flat (``_target_: ...ModelProvider``,
 functions as ``{_target_, _call_: false}``), and the newer ``_builder_`` form with megatron-core's
-``TransformerConfig`` fields nested under ``transformer:`` (the activation by name). The real layout, built
-around a megatron-core save, is tests/test_convert_megatron.py's ``bridge`` case.
+``TransformerConfig`` fields nested under ``transformer:`` (the activation by name); NeMo's ``model.yaml`` (its
+``io_dump`` of the model, facts from NeMo's ``lightning/io/mixin.py``) has them under ``config:``. Bridge's real
+layout, built around a megatron-core save, is tests/test_convert_megatron.py's ``bridge`` case; NeMo could not be
+installed here, so its case is this synthetic one only.
 """
 
 from __future__ import annotations
@@ -106,4 +109,64 @@ def test_a_hostile_or_broken_run_config_is_refused_and_never_run(tmp_path, monke
     folder, _ = _bridge_save(tmp_path, text)
     with pytest.raises(CorruptCheckpointError, match=match):
         read_megatron(folder)
+    assert not (tmp_path / "pwned").exists()
+
+
+def nemo_model_yaml(**changes) -> dict:
+    """NeMo 2's ``context/model.yaml``: the model's io config, its ``config:`` the GPTConfig (TransformerConfig
+    fields, defaults included), functions as ``{_call_: false, _target_: ...}``."""
+    config = {"_target_": "nemo.collections.llm.gpt.model.llama.Llama32Config1B", **TRANSFORMER, **GPT,
+              "activation_func": {"_call_": False, "_target_": "torch.nn.functional.silu"}}
+    config.update(changes)
+    return {"_target_": "nemo.collections.llm.gpt.model.llama.LlamaModel",
+            "config": {k: v for k, v in config.items() if v is not None},
+            "tokenizer": {"_target_": "nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer",
+                          "pretrained_model_name": "nemo_tokenizer"}}
+
+
+def _nemo_save(tmp_path, content) -> tuple:
+    sd = _hf_state(0)
+    outer = tmp_path / "nemo_ckpt"
+    _save(outer / "weights", _megatron(sd), config=False)
+    (outer / "context").mkdir()
+    text = content if isinstance(content, str) else yaml.safe_dump(content)
+    (outer / "context" / "model.yaml").write_text(text)
+    return outer, sd
+
+
+def test_nemo_model_yaml_gives_the_layout_and_the_config(tmp_path):
+    outer, sd = _nemo_save(tmp_path, nemo_model_yaml())
+    source = read_megatron(outer)
+    assert source.info["layout_from"] == "NeMo context/model.yaml"
+    got = _values(source)
+    assert all(torch.equal(got[n], v) for n, v in sd.items())
+    assert source.config == WANT
+
+
+def test_nemo_converts_with_the_tokenizer_nemo_saved(tmp_path):
+    """A NeMo 2 folder alone (no config.json, no base model): config from model.yaml, tokenizer from
+    ``context/nemo_tokenizer/``."""
+    from tests.corpus import common
+
+    from vllm_consolidate import cli
+
+    outer, _ = _nemo_save(tmp_path, nemo_model_yaml())
+    common.build_tokenizer().save_pretrained(outer / "context" / "nemo_tokenizer")
+    code = cli.main(["convert", "--input", str(outer), "--output", str(tmp_path / "out"), "--no-validate-vllm",
+                     "--base-model-name", ""])
+    assert code == 0
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
+        outer / "context" / "nemo_tokenizer" / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize(("content", "match", "error"), [
+    (nemo_model_yaml(vocab_size=None), "only the padded vocabulary", ConfigNotFoundError),
+    ("config: !!python/object/apply:os.system ['touch pwned']\n", "not valid YAML", CorruptCheckpointError),
+    ("model: {}\n", "no config: mapping", CorruptCheckpointError),
+])
+def test_a_nemo_model_yaml_that_cannot_give_the_layout_is_refused(tmp_path, monkeypatch, content, match, error):
+    monkeypatch.chdir(tmp_path)
+    outer, _ = _nemo_save(tmp_path, content)
+    with pytest.raises(error, match=match):
+        read_megatron(outer)
     assert not (tmp_path / "pwned").exists()
