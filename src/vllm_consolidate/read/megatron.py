@@ -254,13 +254,15 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
                               "the head layout and vocabulary size", path=folder, hint=HINT_BASE)
 
 
-def _segments(spec: TensorSpec, ends: list[int], pick: Pick) -> list[Segment]:
-    """The byte ranges of ``pick`` in the global tensor ``spec``, whose segments end at the byte offsets ``ends``.
+def _segments(spec: TensorSpec, pick: Pick, ends: list[int] | None = None) -> list[Segment]:
+    """The byte ranges of ``pick`` in the global tensor ``spec``, whose segments end at the byte offsets ``ends``
+    (found here when not given: pass them for many picks of one tensor).
 
     Found by bisection, not by :func:`~vllm_consolidate.source.sub_segments` (a scan from the first segment): a
     stacked TP row-parallel weight is ~43k segments and 24 layers' picks scanned most of them each.
     """
     size = spec.dtype.itemsize
+    ends = list(itertools.accumulate(s.nbytes for s in spec.segments)) if ends is None else ends
     out: list[Segment] = []
     for start, count in pick.ranges:
         first, end = start * size, (start + count) * size
@@ -338,7 +340,7 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
             segments = assemble(tensor.shape, pieces, key) if pieces else []
         globals_[key] = TensorSpec(key, tensor.dtype, tensor.shape, segments)
     ends = {key: list(itertools.accumulate(s.nbytes for s in spec.segments)) for key, spec in globals_.items()}
-    specs = [TensorSpec(p.name, globals_[p.key].dtype, p.shape, _segments(globals_[p.key], ends[p.key], p))
+    specs = [TensorSpec(p.name, globals_[p.key].dtype, p.shape, _segments(globals_[p.key], p, ends[p.key]))
              for p in planned]
     stored = stored_dtype(specs)
     # Megatron-Core keeps norm weights in fp32 under bf16 params: the matrices say how the model was trained.
