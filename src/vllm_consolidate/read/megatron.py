@@ -15,9 +15,11 @@ tracker is the same file name verl uses: as Megatron-LM's it counts only beside 
 
 The head layout and the true vocabulary size (the embedding is padded) come from, in order, a
 ``config.json`` where the output's config is found (the save folder and its run, verl's ``huggingface/``,
-NeMo's ``context/``), else Megatron-LM's ``args`` in ``common.pt``
-(:mod:`~vllm_consolidate.formats.megatron_common`). When neither gives them the reader refuses (exit 8):
-a split is never guessed.
+NeMo's ``context/``), else the save's own record of its model: Megatron-LM's ``args`` in ``common.pt``,
+Megatron-Bridge's ``run_config.yaml`` in the ``iter_N`` save (a Bridge run is otherwise a Megatron-LM run:
+the same tracker and ``iter_N`` folders, plus ``train_state.pt`` and ``tokenizer/``), or NeMo 2's
+``context/model.yaml`` (:mod:`~vllm_consolidate.formats.megatron_common`). When none gives them the reader
+refuses (exit 8): a split is never guessed.
 """
 
 from __future__ import annotations
