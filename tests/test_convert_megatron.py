@@ -179,6 +179,46 @@ def test_args_alone_give_a_config_transformers_loads_as_truth(name, conv, tmp_pa
     _assert_fp32_of(_truth(conv, name), load_out(out))
 
 
+BRIDGE_RUNS = [n for n, c in megatron_build.CASES.items() if c.kind == "bridge"]
+
+
+@pytest.mark.parametrize("name", BRIDGE_RUNS)
+def test_bridge_run_config_alone_gives_a_config_and_the_tokenizer(name, conv, tmp_path):
+    """A Megatron-Bridge run with no config.json and no base model: the config written from ``run_config.yaml``'s
+    model section builds the model's class in transformers, agrees with the model's own config.json, every weight
+    loads and is the truth; the tokenizer is the one Bridge saved in ``iter_N/tokenizer/``."""
+    from transformers import AutoModelForCausalLM
+
+    case = conv.corpus[name]
+    out = tmp_path / "out"
+    code, stdout, stderr = _cli("convert", "--input", case / "run", "--output", out, "--base-model-name", "",
+                                "--json", "--no-validate-vllm")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["detected"]["layout_from"] == "Megatron-Bridge run_config.yaml"
+    assert report["assets"]["tokenizer"] == str(case / "run" / f"iter_{conv.meta(name)['expected_step']:07d}" /
+                                                "tokenizer")
+    written, own = json.loads((out / "config.json").read_text()), json.loads((case / "hf" / "config.json").read_text())
+    assert {k: written.get(k) for k in SAME_FIELDS if k in own} == {k: own[k] for k in SAME_FIELDS if k in own}
+    assert (out / "tokenizer.json").read_bytes() == (case / "hf" / "tokenizer.json").read_bytes()
+    model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert type(model).__name__ == conv.meta(name)["hf_class"]
+    assert not any(info.values()), info
+    _assert_fp32_of(_truth(conv, name), load_out(out))
+
+
+@pytest.mark.parametrize("name", BRIDGE_RUNS)
+def test_bridge_run_config_that_lacks_the_vocabulary_is_refused_with_exit_8(name, conv, tmp_path):
+    """Without the true vocabulary size in run_config.yaml (and no other source) the split is not guessed."""
+    run = tmp_path / "run"
+    shutil.copytree(conv.corpus[name] / "run", run)
+    for cfg in run.glob("iter_*/run_config.yaml"):
+        cfg.write_text(cfg.read_text().replace("  vocab_size: ", "  padded_vocab_size_unused: "))
+    code, _, stderr = _cli("convert", "--input", run, "--output", tmp_path / "out", "--base-model-name", "")
+    assert code == 8, stderr
+    assert "run_config.yaml" in stderr and "--base-model-name" in stderr, stderr
+
+
 def test_inspect_and_batch_list_the_runs_saves(conv, tmp_path):
     meta = conv.meta(RUN)
     run = conv.corpus[RUN] / "run"

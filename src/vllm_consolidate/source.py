@@ -90,8 +90,8 @@ def sub_segments(segments: list[Segment], start: int, nbytes: int) -> Iterator[S
     end = start + nbytes
     for seg in segments:
         a, b = max(start, pos), min(end, pos + seg.nbytes)
-        if a < b:
-            yield Segment(seg.path, seg.offset + (a - pos), b - a)
+        if a < b:  # a whole range is yielded as it is, not copied (a TP weight is tens of thousands of them)
+            yield seg if b - a == seg.nbytes else Segment(seg.path, seg.offset + (a - pos), b - a)
         pos += seg.nbytes
         if pos >= end:
             break

@@ -21,6 +21,8 @@ Case directory layout (``<root>/<case>/``)::
     hf/                     that model's config.json + generation_config.json + tokenizer (no weights)
     ckpt/                   kind torch_dist: metadata.json, .metadata, __R_T.distcp, common.pt
     run/                    kind megatron_lm: latest_checkpointed_iteration.txt, iter_0000001/, iter_0000002/
+                            kind bridge: the same plus latest_train_state.pt, and in each iter_N/
+                            run_config.yaml, train_state.pt, tokenizer/ (no args in common.pt)
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ KIND_REVISION: dict[str, int] = {"torch_dist": 3, "megatron_lm": 3}
 MCORE_VERSION = "0.16.1"
 
 REPO_ROOT = cache.REPO_ROOT
-INPUTS = {"torch_dist": "ckpt", "megatron_lm": "run"}
+INPUTS = {"torch_dist": "ckpt", "megatron_lm": "run", "bridge": "run"}
 #: Tokenizer size (tests.corpus.common.TOKENIZER_VOCAB): the true vocab_size of every model.
 VOCAB = 480
 VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's default --make-vocab-size-divisible-by
@@ -49,6 +51,7 @@ VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's default --make-vocab-size-divisible-by
 CASE_SCHEMA_DOC = """
 name            str   case name (= folder name)
 kind            str   "torch_dist" (bare dist_checkpointing folder) | "megatron_lm" (Megatron-LM run folder)
+                      | "bridge" (Megatron-Bridge run folder, assembled: tests/corpus/megatron_bridge.py)
 arch            str   HF model_type (llama, qwen2, qwen3, mixtral, qwen2_moe)
 hf_class        str   transformers class the truth was verified with
 parallel        dict  {tp, pp, ep}; world_size = tp * pp * dp (dp = world / (tp * pp))
@@ -69,8 +72,8 @@ checkpoints     list  [{tag, path, truth, step, logits_check, reload_check, trut
 expected_step   int   step a convert of `input` should pick (the tracker's / the only one)
 layout          dict  facts of the last checkpoint folder: files, metadata_json, dcp_tensors {key: [shape,
                       dtype]}, dcp_objects, common_pt_keys, common_pt_globals, common_pt_args (megatron_lm)
-tracker         str   megatron_lm only: content of latest_checkpointed_iteration.txt
-run_files       list  megatron_lm only: files under run/
+tracker         str   megatron_lm and bridge: content of latest_checkpointed_iteration.txt
+run_files       list  megatron_lm and bridge: files under run/
 hf_files        list  files in hf/
 megatron_core_version, torch_version   str
 num_params      int   elements of the gathered Megatron model (padded vocab included)
@@ -98,7 +101,7 @@ class MegatronCaseSpec:
     """Declarative description of one Megatron corpus case."""
 
     name: str
-    kind: str  # "torch_dist" | "megatron_lm"
+    kind: str  # "torch_dist" | "megatron_lm" | "bridge"
     model: dict[str, Any]
     covers: str
     tp: int = 1
@@ -183,6 +186,12 @@ _SPECS: list[MegatronCaseSpec] = [
     MegatronCaseSpec("mcore_mixtral_tp2_ep2", "torch_dist", _model("mixtral"),
                      "Mixtral-like MoE on 4 ranks: TP=2 (attention, and expert-TP=2: each expert's fc1/fc2 split "
                      "over TP like a dense MLP) x EP=2", tp=2, ep=2, seed=10),
+    MegatronCaseSpec("mcore_bridge_run_qwen2_tp2", "bridge", _model("qwen2", tied=True),
+                     "Megatron-Bridge run folder (ASSEMBLED from Bridge's checkpoint code, weights by megatron-core: "
+                     "tests/corpus/megatron_bridge.py): iter_0000001/ and iter_0000002/ each with run_config.yaml "
+                     "(the model provider's fields), train_state.pt and tokenizer/, no args; "
+                     "latest_checkpointed_iteration.txt -> 2, latest_train_state.pt; Qwen2-like, TP=2 fp32, tied",
+                     tp=2, save_steps=(1, 2), seed=11),
     MegatronCaseSpec("mcore_llama_tp2pp2", "torch_dist", _model("llama"),
                      "dense Llama-like fp32, TP=2 x PP=2 (4 ranks), untied", tp=2, pp=2, seed=8),
 ]

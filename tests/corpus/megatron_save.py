@@ -11,6 +11,9 @@ Used by ``megatron_train.py`` (inside ``.venv-megatron``).  Two kinds of case:
                  ``optim_state_to_sharding_state`` as its ``FP32Optimizer`` does, ``opt_param_scheduler``,
                  ``rng_state`` ShardedObject, ``num_floating_point_operations_so_far``) with Megatron-LM's
                  sharded-state-dict metadata as ``content_metadata``.
+``bridge``       ``run/`` laid out as Megatron-Bridge's ``save_checkpoint`` does (assembled: see
+                 ``megatron_bridge.py``): the state dict of its ``generate_state_dict`` (no ``args``), and
+                 ``run_config.yaml``, ``train_state.pt`` and ``tokenizer/`` in each ``iter_NNNNNNN/``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tests.corpus import common, megatron_hf
+from tests.corpus import common, megatron_bridge, megatron_hf
 
 #: A reloaded model's logits vs the live model's: bit-equal except that with TP x EP the MoE combine of a fresh
 #: model can round differently in the last bit (3.6e-07 seen); a wrong load moves them by > 1e-2.
@@ -122,6 +125,8 @@ def save(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, step: int) 
                 replica_id=ps.get_data_parallel_rank(with_context_parallel=True)),
             "num_floating_point_operations_so_far": 1.0e9 * step,
         }
+        if case["kind"] == "bridge":  # Bridge's generate_state_dict: its config is in run_config.yaml instead
+            del state["args"], state["num_floating_point_operations_so_far"]
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -141,6 +146,9 @@ def save_and_verify(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, 
     live weights exactly (the framework's own reader agrees with what was saved).
     """
     folder = save(case, gpt, opt, step)
+    if case["kind"] == "bridge" and dist.get_rank() == 0:
+        megatron_bridge.write_extras(case, folder, step, tok)
+    dist.barrier()
     model, dtype = case["model"], megatron_hf_dtype(case)
     gathered = megatron_hf.gather_global(gpt.sharded_state_dict(metadata=sd_metadata(case)))
     logits = (logits_of(prompt), logits_of(prompt, folder))
@@ -154,7 +162,7 @@ def save_and_verify(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, 
         raise AssertionError(f"megatron-core's own load of {folder} changes the live logits by {reload_diff}")
     sd = megatron_hf.to_hf(gathered, model, case["layer_keys"] == "per_layer")
     check = megatron_hf.check_logits(model, {k: v.float() for k, v in sd.items()}, prompt, ref)
-    tag = folder.name if case["kind"] == "megatron_lm" else f"step{step}"
+    tag = f"step{step}" if case["kind"] == "torch_dist" else folder.name
     names = megatron_hf.save_truth(Path(case["case_dir"]), tag, model, sd, dtype, tok)
     return {
         "tag": tag,
@@ -230,7 +238,7 @@ def finish_case(case: dict[str, Any], checkpoints: list[dict[str, Any]], seconds
         num_params=sum(_numel(shape) for shape, _ in checkpoints[-1]["gathered_keys"].values()),
         hf_files=common.list_files(case_dir / "hf"),
     )
-    if case["kind"] == "megatron_lm":
+    if case["kind"] != "torch_dist":
         meta["tracker"] = (case_dir / "run" / "latest_checkpointed_iteration.txt").read_text()
         meta["run_files"] = common.list_files(case_dir / "run")
     common.write_json_atomic(case_dir / "case.json", meta)

@@ -1,4 +1,5 @@
-"""Megatron-Core's ``common.pt``: the non-sharded state of a ``torch_dist`` save, read without running it.
+"""Megatron-Core's ``common.pt`` and Megatron-Bridge's ``run_config.yaml``: a save's model config, read without
+running anything.
 
 Megatron-LM saves, beside the sharded tensors, a plain ``torch.save`` of what is not sharded: the
 iteration, the checkpoint version and ``args``, the ``argparse.Namespace`` of the training run (layer
@@ -6,6 +7,16 @@ count, heads, query groups, vocabulary sizes...). The reader wants a few numbers
 config.json gives the head layout. It is unpickled through the allowlist: ``Namespace`` and the few
 Megatron enums found in real ``args`` become inert records whose fields are read as plain values;
 anything else is refused (:class:`~vllm_consolidate.errors.UnsafePickleError`), and nothing is called.
+
+Megatron-Bridge writes no ``args``: beside each save (``iter_NNNNNNN/``, with ``train_state.pt`` and an
+optional ``tokenizer/``) it writes ``run_config.yaml``, its whole ``ConfigContainer`` dumped by
+``yaml.safe_dump``, whose ``model:`` mapping holds megatron-core's ``TransformerConfig`` fields plus the GPT
+ones (``vocab_size``, ``rotary_base``, ``share_embeddings_and_output_weights``...): flat in the provider form
+(``_target_: ...GPTModelProvider``), or the transformer fields nested under ``transformer:`` in the newer
+``_builder_`` form. NeMo 2 writes ``context/model.yaml`` beside ``weights/``, whose ``config:`` mapping is its
+``GPTConfig`` (the same megatron-core field names). :func:`read_run_config` and :func:`read_nemo_model_yaml`
+parse them with ``yaml.safe_load`` (plain data only: the ``_target_`` strings are read as strings, never
+imported) from a bounded read.
 """
 
 from __future__ import annotations
@@ -17,8 +28,15 @@ from typing import Any
 from vllm_consolidate.errors import CorruptCheckpointError
 from vllm_consolidate.formats.torch_zip import Allowlist, Inert, load_lazy
 from vllm_consolidate.limits import brief
+from vllm_consolidate.safe_io import read_text
 
 COMMON_FILE = "common.pt"
+#: Megatron-Bridge's config file in each save folder.
+RUN_CONFIG_FILE = "run_config.yaml"
+#: NeMo 2's model config, beside its ``weights/`` (``io_dump`` of the model: ``config:`` is its GPTConfig).
+NEMO_MODEL_YAML = Path("context") / "model.yaml"
+#: A real run_config.yaml or model.yaml is tens of KB (every training setting); the cap is far above that.
+MAX_RUN_CONFIG_BYTES = 4 * 2**20
 #: Classes real Megatron-LM ``args`` hold, as inert stand-ins (enums pickle as ``Enum(value)``).
 ALLOW = Allowlist(inert=frozenset({
     ("argparse", "Namespace"),
@@ -63,4 +81,48 @@ def read_args(folder: Path) -> dict[str, Any] | None:
         raise CorruptCheckpointError(exc.message, path=path) from None
 
 
-__all__ = ["ALLOW", "COMMON_FILE", "read_args"]
+def read_run_config(folder: Path) -> dict[str, Any] | None:
+    """The ``model`` section of Megatron-Bridge's ``folder/run_config.yaml`` as ``{field: plain value}`` (a nested
+    ``transformer:`` mapping merged in); None when there is no such file.
+
+    Raises:
+        CorruptCheckpointError: The file is too large, not YAML, or has no ``model`` mapping.
+    """
+    return _model_section(Path(folder) / RUN_CONFIG_FILE, "model")
+
+
+def read_nemo_model_yaml(folder: Path) -> dict[str, Any] | None:
+    """The ``config`` section of NeMo 2's ``folder/context/model.yaml`` (the model's ``GPTConfig``: megatron-core
+    ``TransformerConfig`` fields, as :func:`read_run_config` returns them); None when there is no such file.
+
+    Raises:
+        CorruptCheckpointError: The file is too large, not YAML, or has no ``config`` mapping.
+    """
+    return _model_section(Path(folder) / NEMO_MODEL_YAML, "config")
+
+
+def _model_section(path: Path, section: str) -> dict[str, Any] | None:
+    import yaml  # PyYAML: a dependency of huggingface_hub; safe_load builds only plain data
+
+    if not os.path.lexists(path):
+        return None
+    text = read_text(path, MAX_RUN_CONFIG_BYTES, what=path.name)
+    try:
+        config = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{path.name} is not valid YAML ({brief(str(exc))})", path=path) from None
+    model = config.get(section) if type(config) is dict else None
+    if type(model) is not dict:
+        raise CorruptCheckpointError(f"{path.name} has no {section}: mapping", path=path)
+    nested = model.get("transformer")
+    fields = {**(nested if type(nested) is dict else {}), **model}
+    out = {k: v for k, v in fields.items() if type(k) is str and type(v) in _SCALARS}
+    # The activation: a name in the newer form, {_target_: torch.nn.functional.silu, _call_: false} in the older.
+    act = fields.get("activation_func")
+    target = act.get("_target_") if type(act) is dict else act
+    out["activation_func"] = target.rsplit(".", 1)[-1] if type(target) is str else None
+    return out
+
+
+__all__ = ["ALLOW", "COMMON_FILE", "MAX_RUN_CONFIG_BYTES", "NEMO_MODEL_YAML", "RUN_CONFIG_FILE", "read_args",
+           "read_nemo_model_yaml", "read_run_config"]

@@ -185,22 +185,48 @@ def assemble(shape: tuple[int, ...], pieces: Sequence[Piece], where: str) -> lis
     owner = _owner_of_cells(shape, pieces, cuts, where)
     split = [d for d, c in enumerate(cuts) if len(c) > 2]
     last = split[-1] if split else 0  # dims after it are whole in every piece
-    inner = math.prod(shape[last + 1:])
     runs = math.prod(shape[:last]) * (len(cuts[last]) - 1)
     if runs > MAX_SEGMENTS:
         raise UnsupportedCheckpointError(f"{where} is split into {runs:,} byte ranges, more than supported")
+    return _merge(_runs(shape, pieces, cuts, owner, last))
+
+
+def _runs(shape: tuple[int, ...], pieces: Sequence[Piece], cuts: list[list[int]], owner: dict[tuple[int, ...], int],
+          last: int) -> list[Segment]:
+    """One byte range per row of the dimensions before ``last`` and per cell along ``last``, row-major.
+
+    Why not ``TensorRef.segment`` per range: a TP row-parallel weight is tens of thousands of ranges, and checking
+    each piece's contiguity per range cost more than the rest of the plan (issue 24's benchmark). A piece is
+    checked once (its whole extent); a range is its start plus the row's offset, which lies inside it.
+    """
+    inner = math.prod(shape[last + 1:])
+    whole = [p.data.segment() for p in pieces]  # contiguous and inside its storage, checked once per piece
+    size = pieces[0].data.dtype.itemsize
+    cell_of = [[bisect.bisect_right(cuts[d], i) - 1 for i in range(shape[d])] for d in range(last)]
+    memo: dict[tuple[int, ...], list[tuple[str, int, tuple[tuple[int, int], ...], int]]] = {}
     out: list[Segment] = []
     for index in itertools.product(*(range(n) for n in shape[:last])):
-        cell_prefix = tuple(bisect.bisect_right(cuts[d], i) - 1 for d, i in enumerate(index))
-        for j in range(len(cuts[last]) - 1):
-            p = pieces[owner[cell_prefix + (j,) + (0,) * (len(shape) - last - 1)]]
-            local = [i - o for i, o in zip(index, p.offsets)] + [cuts[last][j] - p.offsets[last]]
-            first = 0
-            for d, i in enumerate(local):  # row-major index of the run's first element in the piece
-                first = first * p.sizes[d] + i
-            first *= inner
-            out.append(p.data.segment(first, (cuts[last][j + 1] - cuts[last][j]) * inner))
-    return _merge(out)
+        prefix = tuple(cell_of[d][i] for d, i in enumerate(index))
+        row = memo.get(prefix)
+        if row is None:  # per cell of the leading dimensions: each range's file, base and per-dimension strides
+            row = memo[prefix] = [_run_of(pieces, whole, owner, cuts, prefix, j, last, inner, size)
+                                  for j in range(len(cuts[last]) - 1)]
+        for path, base, steps, nbytes in row:
+            out.append(Segment(path, base + sum((i - o) * s for i, (o, s) in zip(index, steps)), nbytes))
+    return out
+
+
+def _run_of(pieces: Sequence[Piece], whole: list[Segment], owner: dict[tuple[int, ...], int], cuts: list[list[int]],
+            prefix: tuple[int, ...], j: int, last: int, inner: int, size: int,
+            ) -> tuple[str, int, tuple[tuple[int, int], ...], int]:
+    """The piece holding cell ``j`` along ``last`` of the cells ``prefix``: its file, the byte offset of the range
+    at the piece's first row, ``(offset, byte stride)`` per leading dimension, and the range's length."""
+    k = owner[prefix + (j,) + (0,) * (len(cuts) - last - 1)]
+    p = pieces[k]
+    strides = [math.prod(p.sizes[d + 1:last + 1]) * inner * size for d in range(last)]
+    base = whole[k].offset + (cuts[last][j] - p.offsets[last]) * inner * size
+    return (whole[k].path, base, tuple(zip(p.offsets[:last], strides)),
+            (cuts[last][j + 1] - cuts[last][j]) * inner * size)
 
 
 __all__ = ["MAX_SEGMENTS", "Piece", "assemble", "check_tiling"]

@@ -15,13 +15,17 @@ tracker is the same file name verl uses: as Megatron-LM's it counts only beside 
 
 The head layout and the true vocabulary size (the embedding is padded) come from, in order, a
 ``config.json`` where the output's config is found (the save folder and its run, verl's ``huggingface/``,
-NeMo's ``context/``), else Megatron-LM's ``args`` in ``common.pt``
-(:mod:`~vllm_consolidate.formats.megatron_common`). When neither gives them the reader refuses (exit 8):
-a split is never guessed.
+NeMo's ``context/``), else the save's own record of its model: Megatron-LM's ``args`` in ``common.pt``,
+Megatron-Bridge's ``run_config.yaml`` in the ``iter_N`` save (a Bridge run is otherwise a Megatron-LM run:
+the same tracker and ``iter_N`` folders, plus ``train_state.pt`` and ``tokenizer/``), or NeMo 2's
+``context/model.yaml`` (:mod:`~vllm_consolidate.formats.megatron_common`). When none gives them the reader
+refuses (exit 8): a split is never guessed.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import os
 import re
@@ -37,19 +41,31 @@ from vllm_consolidate.errors import (
     naming_file,
 )
 from vllm_consolidate.formats import dcp
-from vllm_consolidate.formats.megatron_common import COMMON_FILE, read_args
+from vllm_consolidate.formats.megatron_common import (
+    COMMON_FILE,
+    NEMO_MODEL_YAML,
+    RUN_CONFIG_FILE,
+    read_args,
+    read_nemo_model_yaml,
+    read_run_config,
+)
 from vllm_consolidate.limits import brief
 from vllm_consolidate.read.assets import find_checkpoint_assets, read_config
 from vllm_consolidate.read.chunks import assemble
 from vllm_consolidate.read.dcp import _piece, check_layout, check_storage_files, stored_dtype
 from vllm_consolidate.read.fsdp_locate import MEGATRON_METADATA, VERL_TRACKER, is_megatron_save, verl_tracked_step
 from vllm_consolidate.read.hf import check_weight_file
-from vllm_consolidate.read.megatron_config import HINT_BASE, config_from_args, layout_from_config
+from vllm_consolidate.read.megatron_config import (
+    HINT_BASE,
+    args_from_run_config,
+    config_from_args,
+    layout_from_config,
+)
 from vllm_consolidate.read.megatron_names import Layout, Pick, model_name, picks
 from vllm_consolidate.read.steps import Checkpoint, SaveList
 from vllm_consolidate.read.zero_locate import ResolvedCheckpoint, confine_chosen
 from vllm_consolidate.safe_io import MAX_TAG_BYTES, read_json, read_text
-from vllm_consolidate.source import Segment, SourceModel, TensorSpec, sub_segments
+from vllm_consolidate.source import Segment, SourceModel, TensorSpec
 
 TRACKER = VERL_TRACKER  # Megatron-LM's name; verl copied it
 _ITER = re.compile(r"^iter_(\d{7,})$")
@@ -59,8 +75,10 @@ VERL_ACTOR = Path("actor") / "dist_ckpt"
 RELEASE = "release"
 #: Sub-folders holding the save: NeMo 2's ``weights/``, verl's ``dist_ckpt/``.
 SAVE_FOLDERS = ("weights", "dist_ckpt")
-#: Folders beside the save holding an HF config and tokenizer: verl's ``huggingface/``, NeMo's ``context/``.
-ASSET_FOLDERS = ("huggingface", "context")
+#: Folders beside the save holding an HF config and tokenizer: verl's ``huggingface/``, NeMo's ``context/`` (and
+#: its ``nemo_tokenizer/``, where NeMo's HF tokenizer artifact is copied), Megatron-Bridge's ``tokenizer/`` (in
+#: the ``iter_N`` save itself, written when ``save_tokenizer_assets``).
+ASSET_FOLDERS = ("huggingface", "context", "context/nemo_tokenizer", "tokenizer")
 
 
 def is_megatron_folder(path: Path) -> bool:
@@ -196,7 +214,7 @@ def megatron_save_list(path: Path) -> SaveList | None:
 
 
 def asset_dirs(folder: Path) -> list[Path]:
-    """verl's ``huggingface/`` and NeMo's ``context/`` in the claimed folder (beside the save it holds)."""
+    """verl's ``huggingface/``, NeMo's ``context/`` and Bridge's ``tokenizer/`` in the claimed folder."""
     return [folder / name for name in ASSET_FOLDERS if (folder / name).is_dir()]
 
 
@@ -206,9 +224,10 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
     the reader builds it (from args; None when a config.json is found, which convert then copies).
 
     In order: a config.json the checkpoint has (its folder and run, verl's ``huggingface/``, NeMo's
-    ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt`` (the trained
-    model's own record, before a base model that may be the default one); ``--base-model-name``'s config.json.
-    ``outer`` is the folder detection claimed, ``folder`` the save in it (:func:`save_folder`).
+    ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt``, Megatron-Bridge's
+    ``run_config.yaml`` or NeMo's ``context/model.yaml`` (the trained model's own record, before a base model
+    that may be the default one); ``--base-model-name``'s config.json. ``outer`` is the folder detection
+    claimed, ``folder`` the save in it (:func:`save_folder`).
 
     Raises:
         ConfigNotFoundError: None of them gives the layout (exit 8).
@@ -220,24 +239,47 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
     if args is not None:
         layout, config = config_from_args(args, names, folder / COMMON_FILE)
         return layout, f"Megatron-LM args in {COMMON_FILE}", config
+    yaml_configs = ((folder / RUN_CONFIG_FILE, f"Megatron-Bridge {RUN_CONFIG_FILE}", lambda: read_run_config(folder)),
+                    (outer / NEMO_MODEL_YAML, f"NeMo {NEMO_MODEL_YAML}", lambda: read_nemo_model_yaml(outer)))
+    for where, what, read in yaml_configs:
+        model = read()
+        if model is not None:
+            layout, config = config_from_args(args_from_run_config(model, names), names, where,
+                                              source=f"the model fields of {what}")
+            return layout, what, config
     base = find_checkpoint_assets(outer, root, asset_dirs(outer), base_model_name) if base_model_name else own
     if base.config is not None:
         return layout_from_config(read_config(base.config), base.config), str(base.config), None
     why = f" ({base.base_model_error})" if base.base_model_error else ""
-    raise ConfigNotFoundError(f"found no config.json beside the checkpoint, no Megatron-LM args ({COMMON_FILE}) and no "
-                              f"base model{why} to give the head layout and vocabulary size", path=folder,
-                              hint=HINT_BASE)
+    raise ConfigNotFoundError(f"found no config.json beside the checkpoint, no Megatron-LM args ({COMMON_FILE}) or "
+                              f"Bridge {RUN_CONFIG_FILE} or NeMo {NEMO_MODEL_YAML}, and no base model{why} to give "
+                              "the head layout and vocabulary size", path=folder, hint=HINT_BASE)
 
 
-def _segments(spec: TensorSpec, pick: Pick) -> list[Segment]:
+def _segments(spec: TensorSpec, pick: Pick, ends: list[int] | None = None) -> list[Segment]:
+    """The byte ranges of ``pick`` in the global tensor ``spec``, whose segments end at the byte offsets ``ends``
+    (found here when not given: pass them for many picks of one tensor).
+
+    Found by bisection, not by :func:`~vllm_consolidate.source.sub_segments` (a scan from the first segment): a
+    stacked TP row-parallel weight is ~43k segments and 24 layers' picks scanned most of them each.
+    """
     size = spec.dtype.itemsize
+    ends = list(itertools.accumulate(s.nbytes for s in spec.segments)) if ends is None else ends
     out: list[Segment] = []
     for start, count in pick.ranges:
-        for seg in sub_segments(spec.segments, start * size, count * size):
-            if out and out[-1].path == seg.path and out[-1].offset + out[-1].nbytes == seg.offset:
-                out[-1] = Segment(seg.path, out[-1].offset, out[-1].nbytes + seg.nbytes)
+        first, end = start * size, (start + count) * size
+        i = bisect.bisect_right(ends, first)
+        while first < end:
+            seg = spec.segments[i]
+            seg_start = ends[i] - seg.nbytes
+            take = min(end, ends[i]) - first
+            offset = seg.offset + (first - seg_start)
+            if out and out[-1].path == seg.path and out[-1].offset + out[-1].nbytes == offset:
+                out[-1] = Segment(seg.path, out[-1].offset, out[-1].nbytes + take)
             else:
-                out.append(seg)
+                out.append(Segment(seg.path, offset, take))
+            first += take
+            i += 1
     return out
 
 
@@ -299,7 +341,9 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
         with naming_file(meta.path):
             segments = assemble(tensor.shape, pieces, key) if pieces else []
         globals_[key] = TensorSpec(key, tensor.dtype, tensor.shape, segments)
-    specs = [TensorSpec(p.name, globals_[p.key].dtype, p.shape, _segments(globals_[p.key], p)) for p in planned]
+    ends = {key: list(itertools.accumulate(s.nbytes for s in spec.segments)) for key, spec in globals_.items()}
+    specs = [TensorSpec(p.name, globals_[p.key].dtype, p.shape, _segments(globals_[p.key], p, ends[p.key]))
+             for p in planned]
     stored = stored_dtype(specs)
     # Megatron-Core keeps norm weights in fp32 under bf16 params: the matrices say how the model was trained.
     trained = stored_dtype([s for s in specs if len(s.shape) >= 2])

@@ -58,26 +58,55 @@ def architecture_of(names: set[str]) -> tuple[str, str]:
     return "llama", "LlamaForCausalLM"
 
 
-def _need(args: dict[str, Any], field: str, where: Path) -> Any:
+def _need(args: dict[str, Any], field: str, where: Path, source: str = "Megatron-LM's args") -> Any:
     value = args.get(field)
     if value is None or type(value) is bool:
-        raise ConfigNotFoundError(f"Megatron-LM's args do not record {field}, which the output's config.json needs",
+        raise ConfigNotFoundError(f"{source} do not record {field}, which the output's config.json needs",
                                   path=where, hint=HINT_BASE)
     return value
 
 
-def _moe(args: dict[str, Any], model_type: str, where: Path) -> dict[str, Any]:
-    experts, topk = _need(args, "num_experts", where), _need(args, "moe_router_topk", where)
+def _moe(args: dict[str, Any], model_type: str, where: Path, source: str) -> dict[str, Any]:
+    experts, topk = _need(args, "num_experts", where, source), _need(args, "moe_router_topk", where, source)
     if model_type == "mixtral":
         return {"num_local_experts": experts, "num_experts_per_tok": topk}
     return {"num_experts": experts, "num_experts_per_tok": topk, "decoder_sparse_step": 1, "mlp_only_layers": [],
-            "moe_intermediate_size": _need(args, "moe_ffn_hidden_size", where),
-            "shared_expert_intermediate_size": _need(args, "moe_shared_expert_intermediate_size", where),
+            "moe_intermediate_size": _need(args, "moe_ffn_hidden_size", where, source),
+            "shared_expert_intermediate_size": _need(args, "moe_shared_expert_intermediate_size", where, source),
             "norm_topk_prob": not args.get("moe_router_pre_softmax", False)}
 
 
-def config_from_args(args: dict[str, Any], names: set[str], where: Path) -> tuple[Layout, dict[str, Any]]:
-    """The layout and an HF config.json for a checkpoint known only by Megatron-LM's ``args``.
+def args_from_run_config(model: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """Megatron-Bridge's ``run_config.yaml`` ``model`` fields (megatron-core's ``TransformerConfig`` names) as the
+    Megatron-LM ``args`` fields :func:`config_from_args` reads. A field Bridge did not write is left out (or takes
+    megatron-core's default: LayerNorm, no gated unit), so a missing one is refused, not guessed."""
+    groups = model.get("num_query_groups")
+    share = model.get("share_embeddings_and_output_weights")
+    if share is None:  # the keys say it: a separate output layer is an untied head
+        share = "output_layer.weight" not in names
+    args = {
+        "num_layers": model.get("num_layers"), "hidden_size": model.get("hidden_size"),
+        "ffn_hidden_size": model.get("ffn_hidden_size"), "num_attention_heads": model.get("num_attention_heads"),
+        "group_query_attention": groups is not None, "num_query_groups": groups,
+        "kv_channels": model.get("kv_channels"), "vocab_size": model.get("vocab_size"),
+        "normalization": model.get("normalization", "LayerNorm"),
+        "swiglu": bool(model.get("gated_linear_unit")) and model.get("activation_func") == "silu",
+        "seq_length": model.get("seq_length"), "rotary_base": model.get("rotary_base", 10000),
+        "untie_embeddings_and_output_weights": not share,
+        "num_experts": model.get("num_moe_experts"), "moe_router_topk": model.get("moe_router_topk"),
+        "moe_ffn_hidden_size": model.get("moe_ffn_hidden_size"),
+        "moe_shared_expert_intermediate_size": model.get("moe_shared_expert_intermediate_size"),
+        "moe_router_pre_softmax": model.get("moe_router_pre_softmax", False),
+    }
+    if "layernorm_epsilon" in model:
+        args["norm_epsilon"] = model["layernorm_epsilon"]
+    return args
+
+
+def config_from_args(args: dict[str, Any], names: set[str], where: Path, source: str = "Megatron-LM's args",
+                     ) -> tuple[Layout, dict[str, Any]]:
+    """The layout and an HF config.json for a checkpoint known only by Megatron-LM's ``args`` (or Megatron-Bridge's
+    run config, as :func:`args_from_run_config` maps it; ``source`` names which in errors).
 
     Raises:
         ConfigNotFoundError: The args lack what the layout or the config needs (the true vocabulary size,
@@ -88,31 +117,31 @@ def config_from_args(args: dict[str, Any], names: set[str], where: Path) -> tupl
     hidden = _int(args.get("hidden_size"))
     head_dim = _int(args.get("kv_channels")) or (hidden // heads if heads and hidden else None)
     if not (heads and groups and head_dim and hidden) or heads % groups:
-        raise ConfigNotFoundError(f"Megatron-LM's args give no usable head layout (num_attention_heads {heads}, "
+        raise ConfigNotFoundError(f"{source} give no usable head layout (num_attention_heads {heads}, "
                                   f"num_query_groups {groups}, kv_channels {head_dim})", path=where, hint=HINT_BASE)
     vocab = _int(args.get("vocab_size"))
     if vocab is None:
-        raise ConfigNotFoundError("Megatron-LM's args record only the padded vocabulary size, not the tokenizer's",
+        raise ConfigNotFoundError(f"{source} record only the padded vocabulary size, not the tokenizer's",
                                   path=where, hint=HINT_BASE)
     if args.get("normalization") not in ("RMSNorm", None) or args.get("swiglu") is False:
-        raise ConfigNotFoundError(f"Megatron-LM's args describe a {args.get('normalization')} / "
+        raise ConfigNotFoundError(f"{source} describe a {args.get('normalization')} / "
                                   f"{'SwiGLU' if args.get('swiglu') else 'non-gated'} model, which no architecture "
                                   "written from args matches", path=where, hint=HINT_BASE)
     model_type, arch = architecture_of(names)
     config: dict[str, Any] = {
         "model_type": model_type, "architectures": [arch], "hidden_size": hidden,
-        "intermediate_size": _need(args, "ffn_hidden_size", where),
-        "num_hidden_layers": _need(args, "num_layers", where),
+        "intermediate_size": _need(args, "ffn_hidden_size", where, source),
+        "num_hidden_layers": _need(args, "num_layers", where, source),
         "num_attention_heads": heads, "num_key_value_heads": groups, "head_dim": head_dim, "vocab_size": vocab,
-        "max_position_embeddings": args.get("max_position_embeddings") or _need(args, "seq_length", where),
+        "max_position_embeddings": args.get("max_position_embeddings") or _need(args, "seq_length", where, source),
         "rms_norm_eps": args.get("norm_epsilon", 1e-5), "rope_theta": args.get("rotary_base", 10000),
         "tie_word_embeddings": not args.get("untie_embeddings_and_output_weights", False), "hidden_act": "silu",
     }
     if model_type == "llama":
         config |= {"attention_bias": False, "mlp_bias": False}
     if model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
-        config |= _moe(args, model_type, where)
+        config |= _moe(args, model_type, where, source)
     return Layout(heads, groups, head_dim, vocab, mixtral=model_type == "mixtral"), config
 
 
-__all__ = ["HINT_BASE", "architecture_of", "config_from_args", "layout_from_config"]
+__all__ = ["HINT_BASE", "architecture_of", "args_from_run_config", "config_from_args", "layout_from_config"]

@@ -30,7 +30,7 @@ import contextlib
 import os
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,8 @@ from vllm_consolidate.dtypes import DType
 from vllm_consolidate.formats.safetensors import HeaderEntry, header_bytes
 from vllm_consolidate.plan.lora_rows import merged_rows, row_length
 from vllm_consolidate.plan.shards import PlannedFile, PlannedTensor
-from vllm_consolidate.read.ranges import OpenFiles, check_read, read_into, thread_buffer
+from vllm_consolidate.read.gather import SMALL_RANGE_BYTES, Gather, plan_gather, read_gathered
+from vllm_consolidate.read.ranges import OpenFiles, check_read, thread_buffer
 from vllm_consolidate.source import Segment, sub_segments
 from vllm_consolidate.write.pwrite import pwrite_all
 
@@ -68,6 +69,15 @@ class _Job:
     first: int  # first element of the chunk
     count: int
     dst_offset: int  # absolute offset in the output file of the chunk's first byte
+    gather: Gather | None = None  # its source ranges by file run, found once by the read-ahead (``_advise``)
+
+    def ranges(self) -> Sequence[Segment]:
+        spec, size = self.tensor.spec, self.tensor.spec.dtype.itemsize
+        if self.gather is not None:
+            return self.gather.segments
+        if self.first == 0 and self.count == spec.numel:  # the whole tensor: no copy of a long list
+            return spec.segments
+        return list(sub_segments(spec.segments, self.first * size, self.count * size))
 
 
 def _copy_bytes(files: OpenFiles, out_fd: int, segs: Iterator[Segment], dst: int) -> int:
@@ -148,19 +158,23 @@ def _run_job(files: OpenFiles, out_fd: int, job: Any) -> int:
     t = job.tensor
     src_dtype = t.spec.dtype
     src_bytes = job.count * src_dtype.itemsize
-    ranges = sub_segments(t.spec.segments, job.first * src_dtype.itemsize, src_bytes)
+    ranges = job.ranges()
     if t.spec.delta is not None:  # a LoRA merge: base rows + (B @ A) * scale, in float32, then cast
         buf = thread_buffer(src_bytes)
-        read_into(files, buf, ranges)
+        read_gathered(files, buf, ranges, job.gather)
         cols = row_length(t.spec)
         merged = merged_rows(t.spec, job.first // cols, job.count // cols, buf)
         data = merged if t.out_dtype == dtypes.float32 else _cast(merged, dtypes.float32, t.out_dtype, job.count)
         written = pwrite_all(out_fd, data, job.dst_offset)
-    elif src_dtype == t.out_dtype:
-        written = _copy_bytes(files, out_fd, ranges, job.dst_offset)
+    elif src_dtype == t.out_dtype and src_bytes > SMALL_RANGE_BYTES * len(ranges):
+        written = _copy_bytes(files, out_fd, iter(ranges), job.dst_offset)
+    elif src_dtype == t.out_dtype:  # many small ranges (a TP row-parallel weight): gathered, then one write
+        buf = thread_buffer(src_bytes)
+        read_gathered(files, buf, ranges, job.gather)
+        written = pwrite_all(out_fd, buf, job.dst_offset)
     else:
         buf = thread_buffer(src_bytes)
-        read_into(files, buf, ranges)
+        read_gathered(files, buf, ranges, job.gather)
         data = _cast(buf, src_dtype, t.out_dtype, job.count)
         written = pwrite_all(out_fd, data, job.dst_offset)
     start_writeback(out_fd, job.dst_offset, written)
@@ -191,26 +205,18 @@ def _advise(files: OpenFiles, job: Any) -> int:
     """Ask the kernel to start reading ``job``'s source bytes; returns how many."""
     t = job.tensor
     if isinstance(job, _Job):
-        first, count = job.first, job.count
+        # Found once here (the main thread) and kept for the worker that runs the job.
+        job.gather = plan = plan_gather(job.ranges())
+        runs, nbytes = plan.runs, job.count * t.spec.dtype.itemsize
     else:  # --quantize: a block of whole rows
-        cols = row_length(t.spec)
-        first, count = job.first * cols, job.rows * cols
-    size = t.spec.dtype.itemsize
-    nbytes = count * size
+        cols, size = row_length(t.spec), t.spec.dtype.itemsize
+        nbytes = job.rows * cols * size
+        runs = plan_gather(list(sub_segments(t.spec.segments, job.first * cols * size, nbytes))).runs
     # One call per run of adjacent bytes in a file, not per segment: a Megatron row-parallel weight under TP=2
     # alternates its two rank files row by row (tens of thousands of segments a tensor, each file's rows adjacent).
-    spans: dict[str, list[int]] = {}
-    runs: list[tuple[str, list[int]]] = []
-    for seg in sub_segments(t.spec.segments, first * size, nbytes):
-        last = spans.get(seg.path)
-        if last is not None and last[0] + last[1] == seg.offset:
-            last[1] += seg.nbytes
-            continue
-        spans[seg.path] = [seg.offset, seg.nbytes]
-        runs.append((seg.path, spans[seg.path]))
-    for path, (offset, length) in runs:
+    for run in runs:
         with contextlib.suppress(OSError):  # a hint: a file system without it reads on demand as before
-            os.posix_fadvise(files.fd(path), offset, length, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(files.fd(run.path), run.offset, run.nbytes, os.POSIX_FADV_WILLNEED)
     return nbytes
 
 

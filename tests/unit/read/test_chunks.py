@@ -51,6 +51,8 @@ def _rebuild(buffer: bytes, segments: list, shape: tuple[int, ...]) -> np.ndarra
     ((7,), [[4]], 2),  # 1-D bias
     ((6, 10), [[], [4]], 12),  # tensor-parallel column split: one range per row and piece
     ((5, 6, 4), [[2], [3], []], 20),  # two split dims
+    ((4, 5, 6), [[1, 3], [2], [4]], 40),  # every dim split, uneven: each range's piece and row stride differ
+    ((3, 4, 8), [[], [], [2, 5]], 36),  # TP column split of a stacked [layers, rows, cols] weight
     ((4, 6), [[], []], 1),  # replicated: one piece
 ])
 def test_assemble_rebuilds_the_tensor(shape, cuts, max_segments):

@@ -1,0 +1,172 @@
+"""Megatron-Bridge's ``run_config.yaml`` and NeMo 2's ``context/model.yaml``: the model config of a save that has
+no config.json and no args.
+
+Saves are the small DCP saves of test_megatron_reader.py; the YAML is written here in the two forms Bridge
+writes (facts from its checkpoint code): the model provider's fields flat (``_target_: ...ModelProvider``,
+functions as ``{_target_, _call_: false}``), and the newer ``_builder_`` form with megatron-core's
+``TransformerConfig`` fields nested under ``transformer:`` (the activation by name); NeMo's ``model.yaml`` (its
+``io_dump`` of the model, facts from NeMo's ``lightning/io/mixin.py``) has them under ``config:``. Bridge's real
+layout, built around a megatron-core save, is tests/test_convert_megatron.py's ``bridge`` case; NeMo could not be
+installed here, so its case is this synthetic one only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from tests.unit.read.test_megatron_reader import (
+    CONFIG,
+    FFN,
+    GROUPS,
+    HD,
+    HEADS,
+    HIDDEN,
+    LAYERS,
+    VOCAB,
+    _hf_state,
+    _megatron,
+    _save,
+    _values,
+)
+
+from vllm_consolidate.errors import ConfigNotFoundError, CorruptCheckpointError
+from vllm_consolidate.formats.megatron_common import MAX_RUN_CONFIG_BYTES
+from vllm_consolidate.read.megatron import read_megatron
+
+TRANSFORMER = {"num_layers": LAYERS, "hidden_size": HIDDEN, "ffn_hidden_size": FFN, "num_attention_heads": HEADS,
+               "num_query_groups": GROUPS, "kv_channels": HD, "layernorm_epsilon": 1e-6, "normalization": "RMSNorm",
+               "gated_linear_unit": True, "add_qkv_bias": False, "qk_layernorm": False}
+GPT = {"vocab_size": VOCAB, "seq_length": 256, "rotary_base": 10000, "share_embeddings_and_output_weights": False,
+       "position_embedding_type": "rope", "make_vocab_size_divisible_by": 16}
+WANT = dict(CONFIG, attention_bias=False, mlp_bias=False, max_position_embeddings=256, rope_theta=10000,
+            hidden_act="silu")
+
+
+def provider_form(**changes) -> dict:
+    model = {"_target_": "megatron.bridge.models.llama.llama_provider.LlamaModelProvider", **TRANSFORMER, **GPT,
+             "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
+             "params_dtype": {"_target_": "torch.float32", "_call_": False}}
+    model.update(changes)
+    return {"model": {k: v for k, v in model.items() if v is not None},
+            "checkpoint": {"_target_": "megatron.bridge.training.config.CheckpointConfig", "ckpt_format": "torch_dist"}}
+
+
+def builder_form() -> dict:
+    return {"model": {"_builder_": "megatron.bridge.models.gpt.gpt_builder.GPTModelBuilder",
+                      "_target_": "megatron.bridge.models.gpt.model_config.BridgeGPTModelConfig", **GPT,
+                      "transformer": {"_target_": "megatron.core.transformer.transformer_config.TransformerConfig",
+                                      **TRANSFORMER, "activation_func": "silu"}}}
+
+
+def _bridge_save(tmp_path, content) -> tuple:
+    sd = _hf_state(0)
+    folder = _save(tmp_path / "iter_0000001", _megatron(sd), config=False)
+    text = content if isinstance(content, str) else yaml.safe_dump(content)
+    (folder / "run_config.yaml").write_text(text)
+    return folder, sd
+
+
+@pytest.mark.parametrize("form", [provider_form, builder_form])
+def test_run_config_gives_the_layout_and_the_config(tmp_path, form):
+    folder, sd = _bridge_save(tmp_path, form())
+    source = read_megatron(folder)
+    assert source.info["layout_from"] == "Megatron-Bridge run_config.yaml"
+    got = _values(source)
+    assert all(torch.equal(got[n], v) for n, v in sd.items())
+    assert source.config == WANT
+
+
+def test_tied_follows_the_keys_when_run_config_does_not_say(tmp_path):
+    folder, _ = _bridge_save(tmp_path, provider_form(share_embeddings_and_output_weights=None))
+    assert read_megatron(folder).config["tie_word_embeddings"] is False  # the save has output_layer.weight
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"vocab_size": None}, "only the padded vocabulary"),
+    ({"gated_linear_unit": None}, "non-gated"),  # megatron-core's default: no gated unit, so not a SwiGLU model
+    ({"activation_func": {"_target_": "torch.nn.functional.gelu", "_call_": False}}, "non-gated"),
+    ({"normalization": "LayerNorm"}, "LayerNorm"),
+    ({"num_attention_heads": None}, "no usable head layout"),
+])
+def test_a_run_config_missing_what_the_split_needs_is_exit_8(tmp_path, changes, match):
+    folder, _ = _bridge_save(tmp_path, provider_form(**changes))
+    with pytest.raises(ConfigNotFoundError, match=match) as err:
+        read_megatron(folder)
+    assert "run_config.yaml" in err.value.message and "--base-model-name" in err.value.hint
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("model: [1, 2\n", "not valid YAML"),
+    ("!!python/object/apply:os.system ['touch pwned']\n", "not valid YAML"),  # safe_load builds no object
+    ("model: !!python/object/apply:os.system ['touch pwned']\n", "not valid YAML"),
+    ("- just\n- a list\n", "no model: mapping"),
+    ("model: 3\n", "no model: mapping"),
+    ("# " + "x" * MAX_RUN_CONFIG_BYTES + "\n", "more than the"),
+])
+def test_a_hostile_or_broken_run_config_is_refused_and_never_run(tmp_path, monkeypatch, text, match):
+    monkeypatch.chdir(tmp_path)
+    folder, _ = _bridge_save(tmp_path, text)
+    with pytest.raises(CorruptCheckpointError, match=match):
+        read_megatron(folder)
+    assert not (tmp_path / "pwned").exists()
+
+
+def nemo_model_yaml(**changes) -> dict:
+    """NeMo 2's ``context/model.yaml``: the model's io config, its ``config:`` the GPTConfig (TransformerConfig
+    fields, defaults included), functions as ``{_call_: false, _target_: ...}``."""
+    config = {"_target_": "nemo.collections.llm.gpt.model.llama.Llama32Config1B", **TRANSFORMER, **GPT,
+              "activation_func": {"_call_": False, "_target_": "torch.nn.functional.silu"}}
+    config.update(changes)
+    return {"_target_": "nemo.collections.llm.gpt.model.llama.LlamaModel",
+            "config": {k: v for k, v in config.items() if v is not None},
+            "tokenizer": {"_target_": "nemo.collections.common.tokenizers.huggingface.auto_tokenizer.AutoTokenizer",
+                          "pretrained_model_name": "nemo_tokenizer"}}
+
+
+def _nemo_save(tmp_path, content) -> tuple:
+    sd = _hf_state(0)
+    outer = tmp_path / "nemo_ckpt"
+    _save(outer / "weights", _megatron(sd), config=False)
+    (outer / "context").mkdir()
+    text = content if isinstance(content, str) else yaml.safe_dump(content)
+    (outer / "context" / "model.yaml").write_text(text)
+    return outer, sd
+
+
+def test_nemo_model_yaml_gives_the_layout_and_the_config(tmp_path):
+    outer, sd = _nemo_save(tmp_path, nemo_model_yaml())
+    source = read_megatron(outer)
+    assert source.info["layout_from"] == "NeMo context/model.yaml"
+    got = _values(source)
+    assert all(torch.equal(got[n], v) for n, v in sd.items())
+    assert source.config == WANT
+
+
+def test_nemo_converts_with_the_tokenizer_nemo_saved(tmp_path):
+    """A NeMo 2 folder alone (no config.json, no base model): config from model.yaml, tokenizer from
+    ``context/nemo_tokenizer/``."""
+    from tests.corpus import common
+
+    from vllm_consolidate import cli
+
+    outer, _ = _nemo_save(tmp_path, nemo_model_yaml())
+    common.build_tokenizer().save_pretrained(outer / "context" / "nemo_tokenizer")
+    code = cli.main(["convert", "--input", str(outer), "--output", str(tmp_path / "out"), "--no-validate-vllm",
+                     "--base-model-name", ""])
+    assert code == 0
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
+        outer / "context" / "nemo_tokenizer" / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize(("content", "match", "error"), [
+    (nemo_model_yaml(vocab_size=None), "only the padded vocabulary", ConfigNotFoundError),
+    ("config: !!python/object/apply:os.system ['touch pwned']\n", "not valid YAML", CorruptCheckpointError),
+    ("model: {}\n", "no config: mapping", CorruptCheckpointError),
+])
+def test_a_nemo_model_yaml_that_cannot_give_the_layout_is_refused(tmp_path, monkeypatch, content, match, error):
+    monkeypatch.chdir(tmp_path)
+    outer, _ = _nemo_save(tmp_path, content)
+    with pytest.raises(error, match=match):
+        read_megatron(outer)
+    assert not (tmp_path / "pwned").exists()
