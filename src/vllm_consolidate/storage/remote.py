@@ -20,10 +20,12 @@ Errors and summaries name the object URL, never the stand-in path: :func:`public
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +35,11 @@ from vllm_consolidate.errors import (
     InputNotFoundError,
     LimitExceededError,
     UnsafeInputError,
+    UsageError,
 )
 from vllm_consolidate.storage.bytefile import RemoteFile, RemoteObject
 from vllm_consolidate.storage.store import open_store, storage_error
-from vllm_consolidate.storage.urls import ObjectURL, relative_key
+from vllm_consolidate.storage.urls import ObjectURL, is_object_url, parse_object_url, relative_key
 
 #: Most objects one input may list (a 64-rank ZeRO run with 100 saved steps is ~13k objects).
 MAX_OBJECTS = 100_000
@@ -49,6 +52,7 @@ PARENT_LEVELS = 2
 _lock = threading.Lock()
 _registry: dict[str, RemoteObject] = {}  # stand-in path -> object
 _names: dict[str, str] = {}  # mirror root -> the URL it stands for; kept after close, so late errors name the URL
+_open: dict[str, Mirror] = {}  # input folder -> its open mirror
 
 
 def _list(store: Any, url: ObjectURL, prefix: str, *, recursive: bool, limit: int) -> list[dict]:
@@ -124,6 +128,8 @@ class Mirror:
                                          hint="Check the bucket and prefix (and the endpoint and credentials).")
             self._add(self.path, url, found)
             self._add_parents(len(kept) - 1)
+            with _lock:
+                _open[str(self.path)] = self
         except BaseException:
             self.close()
             raise
@@ -153,11 +159,33 @@ class Mirror:
             files = _plan(listed[:MAX_OBJECTS], parent)
             self._add(folder, parent, {rel: m for rel, m in files.items() if not (folder / rel).exists()})
 
+    def local(self, target: str | os.PathLike | None) -> Path | None:
+        """The stand-in path of ``target``: a URL under the mirrored prefix, or a path relative to it.
+
+        Raises:
+            UsageError: ``target`` is a URL outside the mirrored prefix, or an absolute local path.
+        """
+        if target is None:
+            return None
+        text = os.fspath(target)
+        if is_object_url(text):
+            other = parse_object_url(text)
+            if (other.scheme, other.bucket) == (self.url.scheme, self.url.bucket) and (
+                    other.prefix == self.url.prefix or other.prefix.startswith(f"{self.url.prefix}/")
+                    or not self.url.prefix):
+                return self.path.joinpath(*[p for p in other.prefix[len(self.url.prefix):].split("/") if p])
+        elif not os.path.isabs(text):
+            return self.path / text
+        raise UsageError(f"{text} is not inside the input {self.url}",
+                         hint="Name a checkpoint under the input prefix (its URL, or its path relative to the input).")
+
     def close(self) -> None:
         with _lock:
             for path in self._paths:
                 _registry.pop(path, None)
             self._paths.clear()
+            if _open.get(str(getattr(self, "path", ""))) is self:
+                del _open[str(self.path)]
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Mirror:
@@ -177,6 +205,29 @@ def mirror(url: ObjectURL, options: dict[str, str] | None = None) -> Mirror:
         StorageError: The listing failed (exit 13).
     """
     return Mirror(url, options)
+
+
+@contextlib.contextmanager
+def local_input(target: str | os.PathLike, options: dict[str, str] | None = None) -> Iterator[Path]:
+    """``target`` as a local folder: itself for a local path, a :class:`Mirror`'s input folder for a URL.
+
+    Errors raised inside the block name URLs, not stand-in paths (:func:`public_error`).
+    """
+    if not is_object_url(os.fspath(target)):
+        yield Path(target)
+        return
+    with mirror(parse_object_url(os.fspath(target)), options) as m:
+        try:
+            yield m.path
+        except ConsolidateError as exc:
+            public_error(exc)
+            raise
+
+
+def mirror_of(folder: str | os.PathLike) -> Mirror | None:
+    """The open mirror whose input folder is ``folder``, if any."""
+    with _lock:
+        return _open.get(os.fspath(folder))
 
 
 def lookup(path: str | os.PathLike) -> RemoteObject | None:
@@ -233,5 +284,5 @@ def public_value(value: Any) -> Any:
     return value
 
 
-__all__ = ["MAX_OBJECTS", "Mirror", "is_standin", "lookup", "mirror", "open_remote", "public", "public_error",
-           "public_value"]
+__all__ = ["MAX_OBJECTS", "Mirror", "is_standin", "local_input", "lookup", "mirror", "mirror_of", "open_remote",
+           "public", "public_error", "public_value"]
