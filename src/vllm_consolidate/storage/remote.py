@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,11 @@ MAX_OBJECT_BYTES = 2**44
 NAME_MAX = 255
 #: Parent prefixes whose own objects are mirrored too (the asset search looks at most two levels up).
 PARENT_LEVELS = 2
+#: :meth:`Mirror.materialize`'s bounds (a tokenizer file may be ~35 MB, the set of them a few such files).
+MAX_MATERIALIZED_FILE = 128 * 2**20
+MAX_MATERIALIZED = 512 * 2**20
+#: Names of weight files, which :meth:`Mirror.materialize` never copies by default.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".gguf", ".ckpt", ".h5", ".msgpack", ".npz")
 
 _lock = threading.Lock()
 _registry: dict[str, RemoteObject] = {}  # stand-in path -> object
@@ -158,6 +163,39 @@ class Mirror:
             listed = _list(self.store, parent, prefix, recursive=False, limit=MAX_OBJECTS)
             files = _plan(listed[:MAX_OBJECTS], parent)
             self._add(folder, parent, {rel: m for rel, m in files.items() if not (folder / rel).exists()})
+
+    def materialize(self, keep: Callable[[Path, int], bool] | None = None, *, max_file: int = MAX_MATERIALIZED_FILE,
+                    max_total: int = MAX_MATERIALIZED) -> list[Path]:
+        """Replace the stand-ins ``keep(path, size)`` selects with real local copies of their objects.
+
+        For what third-party code opens by name (transformers' ``AutoConfig``/``AutoTokenizer`` in
+        ``validate``): configs and tokenizer files, never weights (by default every file but those named
+        like weights). Each copy is bounded, and a file too large to copy is left a stand-in.
+
+        Returns:
+            The files now local.
+        """
+        keep = keep or (lambda path, size: not path.name.endswith(WEIGHT_SUFFIXES))
+        with _lock:
+            mine = set(self._paths)
+            chosen = [(Path(p), o) for p, o in _registry.items() if p in mine]
+        done, total = [], 0
+        for path, obj in sorted(chosen, key=lambda item: str(item[0])):
+            if obj.size > max_file or total + obj.size > max_total or not keep(path, obj.size):
+                continue
+            src = RemoteFile(obj, obj.url)
+            data = src.pread(obj.size, 0) if obj.size else b""
+            if len(data) != obj.size:
+                raise CorruptCheckpointError(f"object is {len(data):,} bytes, not the {obj.size:,} listed",
+                                             path=obj.url)
+            with _lock:
+                _registry.pop(str(path), None)
+            tmp = path.with_name(path.name + ".vllmc-part")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            total += obj.size
+            done.append(path)
+        return done
 
     def local(self, target: str | os.PathLike | None) -> Path | None:
         """The stand-in path of ``target``: a URL under the mirrored prefix, or a path relative to it.
