@@ -25,8 +25,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from tests import moto_s3
+
 from vllm_consolidate import cli
 from vllm_consolidate.storage import remote
 

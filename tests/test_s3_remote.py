@@ -86,6 +86,7 @@ def test_read_ahead_coalesces_adjacent_hints_and_never_widens(s3, bucket):
             assert src.preadv_into(memoryview(buf), off) == 4 * MIB
             assert buf == body[off:off + 4 * MIB]
         assert src.pread(MIB, 20 * MIB) == body[20 * MIB:21 * MIB]
+        assert not src._blocks  # each fetched block is freed once read: memory stays at the read-ahead window
         src.close()
         spans = sorted(r.span() for r in s3.proxy.gets())
     assert spans == [(0, 8 * MIB), (20 * MIB, 21 * MIB)]  # one GET for the two adjacent chunks; no byte between
