@@ -31,6 +31,8 @@ bytefile.RECORD_REQUESTS = True
 import os
 if os.environ.get("BENCH_MAX_GET"):
     bytefile.MAX_GET_BYTES = int(os.environ["BENCH_MAX_GET"])
+if os.environ.get("BENCH_IN_FLIGHT"):
+    bytefile.MAX_IN_FLIGHT = int(os.environ["BENCH_IN_FLIGHT"])
 t = time.monotonic()
 code = main(sys.argv[2:])
 wall = time.monotonic() - t
@@ -79,8 +81,9 @@ def main() -> None:
     ap.add_argument("--s3rver", default=".cache/s3rver/node_modules/.bin/s3rver")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--validate", action="store_true", help="keep validation on (default: off)")
-    ap.add_argument("--max-get", type=int, nargs="*", default=[],
-                    help="also run s3:// -> local with storage.bytefile.MAX_GET_BYTES set to each of these")
+    ap.add_argument("--variant", nargs="*", default=[], metavar="VAR=VALUE[,VAR=VALUE]",
+                    help="also run s3:// -> local with these environment variables (BENCH_MAX_GET: the largest GET; "
+                         "BENCH_IN_FLIGHT: GETs at once; or any other, e.g. MALLOC_ARENA_MAX)")
     ap.add_argument("--only-s3", action="store_true", help="skip the local and download-then-convert runs")
     a = ap.parse_args()
     import boto3
@@ -113,10 +116,10 @@ def main() -> None:
         results["s3_to_local"] = _run_child(["convert", "--input", "s3://bench/ck", "--output",
                                              str(work / "out-s3"), *opts], env)
         shutil.rmtree(work / "out-s3")
-        for size in a.max_get:
-            results[f"s3_to_local_max_get_{size}"] = _run_child(["convert", "--input", "s3://bench/ck", "--output",
-                                                                 str(work / "out-s3"), *opts],
-                                                                {**env, "BENCH_MAX_GET": str(size)})
+        for variant in a.variant:
+            extra = dict(item.split("=", 1) for item in variant.split(","))
+            results[f"s3_to_local {variant}"] = _run_child(["convert", "--input", "s3://bench/ck", "--output",
+                                                            str(work / "out-s3"), *opts], {**env, **extra})
             shutil.rmtree(work / "out-s3")
         if a.only_s3:
             print(json.dumps(results, indent=2))
