@@ -249,6 +249,8 @@ def test_inspect_and_validate_take_urls(uploaded, s3, tmp_path):
     assert inp["chosen"].startswith(url) and "vllmc-mirror" not in out
     code_l, out_l, _ = _cli("inspect", local, "--json", *extra)
     assert json.loads(out_l)["inputs"][0]["tensors"] == inp["tensors"]
+    code, out, err = _cli("inspect", url, "--checkpoint-dir", f"{url}/checkpoint-2", "--json", *extra)
+    assert code == 0 and json.loads(out)["inputs"][0]["chosen"].startswith(f"{url}/checkpoint-2/"), out + err
     # validate an HF folder in the bucket (a conversion uploaded), against the checkpoint it came from, also there
     assert _cli("convert", "--input", local, "--output", tmp_path / "model", "--no-validate-vllm", *extra)[0] == 0
     moto_s3.upload_folder(s3.client, BUCKET, tmp_path / "model", "models/trainer-qwen2")

@@ -89,11 +89,14 @@ def _default_vllm_python() -> str | None:
 
 
 def print_report(report: Any, debug: bool = False) -> None:
-    """Human form of a :class:`~vllm_consolidate.validate.ValidationReport` on stdout."""
-    print(f"validate {report.path}")
+    """Human form of a :class:`~vllm_consolidate.validate.ValidationReport` on stdout (an object-store folder
+    and source by their URLs)."""
+    from vllm_consolidate.storage.remote import public
+
+    print(f"validate {public(str(report.path))}")
     width = max((len(c.name) for c in report.checks), default=0)
     for c in report.checks:
-        print(f"  {_LABELS.get(c.status, c.status.upper()):4}  {c.name:<{width}}  {c.message}")
+        print(f"  {_LABELS.get(c.status, c.status.upper()):4}  {c.name:<{width}}  {public(c.message)}")
         if debug and c.details.get("traceback"):
             print(c.details["traceback"], file=sys.stderr)
     n = report.counts()
@@ -132,7 +135,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace, folder: Path, against: Path | None) -> int:
     from vllm_consolidate.cli.common import exit_code
     from vllm_consolidate.errors import InputNotFoundError, UsageError
-    from vllm_consolidate.storage.remote import public, public_value
+    from vllm_consolidate.storage.remote import public_value
     from vllm_consolidate.validate import add_load_check, validate_folder
 
     if not folder.is_dir():
@@ -149,9 +152,6 @@ def _validate(args: argparse.Namespace, folder: Path, against: Path | None) -> i
         reference = reference_for_folder(folder, against, input_type=args.against_type,
                                          model_key=args.model_key, base_model_name=args.base_model_name)
     report = validate_folder(folder, scan_values=args.scan_values, reference=reference)
-    report.path = public(str(report.path))  # an object-store folder is reported by its URL
-    for check in report.checks:
-        check.message = public(check.message)
     if args.load:
         try:
             add_load_check(report, python=python, max_tokens=args.max_tokens)
