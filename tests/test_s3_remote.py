@@ -92,6 +92,17 @@ def test_read_ahead_coalesces_adjacent_hints_and_never_widens(s3, bucket):
     assert spans == [(0, 8 * MIB), (20 * MIB, 21 * MIB)]  # one GET for the two adjacent chunks; no byte between
 
 
+def test_a_small_object_is_fetched_once_however_it_is_read(s3, bucket):
+    body = _blob(100 * 1024)
+    s3.client.put_object(Bucket=bucket, Key="s/model_states.pt", Body=body)
+    with remote.mirror(parse_object_url(f"s3://{bucket}/s")) as m:
+        src = safe_io.open_source(m.path / "model_states.pt")
+        s3.proxy.clear()
+        got = b"".join(src.pread(30, off) for off in range(0, len(body), 30))
+        src.close()
+        assert got == body and len(s3.proxy.gets()) == 1
+
+
 def test_an_object_changed_after_listing_fails_clearly(s3, bucket):
     s3.client.put_object(Bucket=bucket, Key="e/w.bin", Body=b"a" * 1000)
     with remote.mirror(parse_object_url(f"s3://{bucket}/e")) as m:
