@@ -109,3 +109,30 @@ def lora_corpus() -> dict[str, Path]:
     from tests.corpus import lora_build
 
     return lora_build.build_all()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real S3 endpoint on loopback: moto's server behind a counting proxy, for this test session.
+
+    ``AWS_*`` (endpoint = the proxy) is set in this process, so CLI child processes inherit it; the
+    server is stopped and the environment restored at the end. Attributes: ``client`` (boto3, straight to
+    moto: uploads and checks are not counted), ``proxy`` (:class:`tests.moto_s3.CountingProxy`), ``endpoint``.
+    """
+    import types
+
+    import boto3
+    from tests import moto_s3
+
+    proc, url = moto_s3.start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    try:
+        with moto_s3.CountingProxy(url) as proxy:
+            old = moto_s3.set_environment(proxy.url)
+            try:
+                client = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing",
+                                      aws_secret_access_key="testing", region_name="us-east-1")
+                yield types.SimpleNamespace(client=client, proxy=proxy, endpoint=proxy.url, moto=url)
+            finally:
+                moto_s3.restore(old)
+    finally:
+        moto_s3.stop(proc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,9 @@ from vllm_consolidate.read.assets import (  # DEFAULT_BASE_MODEL re-exported: th
 )
 from vllm_consolidate.read.registry import is_single_file_model, is_training_source
 from vllm_consolidate.source import SourceModel
+from vllm_consolidate.storage import remote
+from vllm_consolidate.storage.store import parse_storage_options
+from vllm_consolidate.storage.urls import is_object_url
 from vllm_consolidate.write import publish as pub
 from vllm_consolidate.write import write_plan
 from vllm_consolidate.write.assets import copy_adapter_assets, copy_assets
@@ -83,6 +86,12 @@ class ConvertOptions:
             llm-compressor writes it; see :mod:`vllm_consolidate.plan.quantize`), or None. The weights are cast
             to ``dtype`` first (the CLI's default dtype is bfloat16 with ``--quantize``).
         quantize_ignore: ``--quantize-ignore``: more modules to leave unquantized (a name, ``re:REGEX`` or a class).
+        storage_options: ``--storage-options``: obstore settings for object-store URLs (a dict, or its JSON
+            text), beyond the standard environment; kept as sorted pairs so the record stays hashable.
+
+    ``input`` and ``checkpoint_dir`` may be object-store URLs (``s3://bucket/prefix``, ``gs://``, ``az://``):
+    they are kept as strings (a ``Path`` would fold ``//``), and :func:`convert` reads the prefix through a
+    mirror of stand-ins (:mod:`vllm_consolidate.storage.remote`).
 
     Raises:
         UsageError: ``dtype`` names no known dtype.
@@ -105,13 +114,18 @@ class ConvertOptions:
     moe_layout: str = "auto"
     quantize: str | None = None
     quantize_ignore: tuple[str, ...] = ()
+    storage_options: tuple[tuple[str, str], ...] | dict[str, str] | str | None = ()
 
     def __post_init__(self) -> None:
         # Normalised once here so every reader of the record sees Paths and a DType (frozen: set via object).
         for name in ("input", "output", "checkpoint_dir"):
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, Path(value))
+                object.__setattr__(self, name, str(value) if is_object_url(str(value)) else Path(value))
+        options = self.storage_options
+        if isinstance(options, str):
+            options = parse_storage_options(options)
+        object.__setattr__(self, "storage_options", tuple(sorted(dict(options or {}).items())))
         object.__setattr__(self, "dtype", _as_dtype(self.dtype))
         object.__setattr__(self, "quantize_ignore", tuple(self.quantize_ignore))
         if self.quantize_ignore and self.quantize is None:
@@ -286,7 +300,9 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
     """Convert one checkpoint; see the module docstring for the steps.
 
     Args:
-        opts: What to convert and how; ``input`` and ``output`` are required.
+        opts: What to convert and how; ``input`` and ``output`` are required. An object-store ``input``
+            is listed once into a mirror of stand-ins and its bytes read by ranged GETs; the summary,
+            the marker and errors name its URLs.
         progress: Called as ``progress(bytes_done, bytes_total)`` while writing (from writer threads).
         on_stage: Called with a short description as each long step without a byte count starts
             (e.g. validation).
@@ -294,6 +310,30 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
     Raises:
         ConsolidateError: Any problem with the input, the options, the disk or the result.
     """
+    opts.require_paths()
+    if not is_object_url(str(opts.input)):
+        return _convert(opts, progress, on_stage)
+    with remote.local_input(str(opts.input), dict(opts.storage_options)) as folder:
+        local = replace(opts, input=folder, checkpoint_dir=_local_checkpoint_dir(opts, folder))
+        result = _convert(local, progress, on_stage)
+    result.detected = remote.public_value(result.detected)
+    result.assets = remote.public_value(result.assets)
+    result.warnings = [remote.public(w) for w in result.warnings]
+    if result.status == "already_consolidated":  # nothing local to point at: the input itself is the model
+        result.output = remote.public(str(result.output))
+    return result
+
+
+def _local_checkpoint_dir(opts: ConvertOptions, folder: Path) -> Path | None:
+    """``--checkpoint-dir`` of an object-store input: its URL (or path relative to the input) in the mirror."""
+    if opts.checkpoint_dir is None:
+        return None
+    mirror = remote.mirror_of(folder)
+    return mirror.local(opts.checkpoint_dir) if mirror is not None else None
+
+
+def _convert(opts: ConvertOptions, progress: Callable[[int, int], None] | None,
+             on_stage: Callable[[str], None] | None) -> ConvertResult:
     started = time.monotonic()
     opts.require_paths()
     output = Path(opts.output).absolute()
@@ -368,7 +408,8 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
             written += copy_adapter_assets(conv.assets, adapter_config, tmp)
         else:
             written += copy_assets(conv.assets, tmp, config)
-        pub.write_marker(tmp, {"source": str(conv.detected.weights_dir), "input": str(Path(opts.input).absolute()),
+        pub.write_marker(tmp, {"source": remote.public(str(conv.detected.weights_dir)),
+                               "input": remote.public(str(Path(opts.input).absolute())),
                                "output_dtype": out_dtype, "files": written,
                                **({"moe": conv.moe.to_dict()} if conv.moe else {}),
                                **({"quantize": opts.quantize} if opts.quantize else {})})

@@ -5,8 +5,12 @@ would block forever) or a device; a ``config.json`` may be a gigabyte; a ``token
 ``latest`` tag may point outside the checkpoint. The helpers here are the one place those cases are
 handled, so every reader and the asset finder behave the same:
 
+* :func:`open_source` opens an input file for reading as a
+  :class:`~vllm_consolidate.storage.bytefile.ByteFile`: a local regular file (through :func:`open_regular`)
+  or, for a stand-in of an object-store input (:mod:`vllm_consolidate.storage.remote`), the object itself;
 * :func:`open_regular` opens without blocking, refuses anything but a regular file, then returns a
-  normal blocking descriptor;
+  normal blocking descriptor. It refuses a stand-in with a RuntimeError (a bug, exit 70): its zeros
+  must never be read as data, so code that needs a descriptor can never see an object-store input;
 * :func:`read_bounded`, :func:`read_text` and :func:`read_json` read a whole small file with a size
   cap, strict UTF-8 and a JSON parse that turns nesting bombs and non-finite numbers into errors;
 * :func:`confined` resolves a path (symlinks included) and says whether it stays inside one of the
@@ -26,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError
+from vllm_consolidate.storage import remote
+from vllm_consolidate.storage.bytefile import ByteFile, ByteFileReader, LocalFile
 
 KIB = 2**10
 MIB = 2**20
@@ -63,6 +69,8 @@ def open_regular(path: str | os.PathLike, *, error: type[ConsolidateError] | Non
         A blocking, read-only file descriptor; the caller closes it.
     """
     cls = _error_cls(error)
+    if remote.is_standin(path):
+        raise RuntimeError(f"{path} stands for an object-store object; read it through safe_io.open_source")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -79,9 +87,31 @@ def open_regular(path: str | os.PathLike, *, error: type[ConsolidateError] | Non
     return fd
 
 
+def open_source(path: str | os.PathLike, *, error: type[ConsolidateError] | None = None) -> ByteFile:
+    """An input file to read by byte ranges: the object behind a stand-in, else a local regular file.
+
+    Raises:
+        ConsolidateError: (``error``, default corrupt checkpoint) not a regular file, or unreadable.
+    """
+    found = remote.open_remote(path)
+    if found is not None:
+        return found
+    return LocalFile(open_regular(path, error=error), os.fspath(path))
+
+
 def open_file(path: str | os.PathLike, *, error: type[ConsolidateError] | None = None):
-    """:func:`open_regular` wrapped as a binary file object (``with open_file(p) as fh``)."""
+    """A seekable binary file object (``with open_file(p) as fh``): :func:`open_regular` wrapped, or a
+    reader of the object behind a stand-in (no descriptor; see :func:`size_of`)."""
+    found = remote.open_remote(path)
+    if found is not None:
+        return ByteFileReader(found)
     return os.fdopen(open_regular(path, error=error), "rb")
+
+
+def size_of(fh) -> int:
+    """The size of a file object :func:`open_file` returned."""
+    size = getattr(fh, "size", None)
+    return size if isinstance(size, int) else os.fstat(fh.fileno()).st_size
 
 
 def is_regular_file(path: str | os.PathLike) -> bool:
@@ -100,26 +130,25 @@ def read_bounded(path: str | os.PathLike, limit: int, *, what: str = "file",
         ConsolidateError: (``error``, default corrupt checkpoint) not a regular file, unreadable, or too large.
     """
     cls = _error_cls(error)
-    fd = open_regular(path, error=error)
+    src = open_source(path, error=error)
     try:
-        size = os.fstat(fd).st_size
-        if size > limit:
-            raise cls(f"{what} is {size:,} bytes, more than the {limit:,} such a file can plausibly be; "
-                      "refusing to read it", path=path)
+        if src.size > limit:
+            raise cls(f"{what} is {src.size:,} bytes, more than the {limit:,} such a file can plausibly be; "
+                      "refusing to read it", path=src.name)
         chunks, total = [], 0
-        while True:  # read to the end, in case the file grew after fstat
-            data = os.read(fd, min(limit + 1 - total, 4 * MIB))
+        while True:  # read to the end, in case the file grew after it was measured
+            data = src.pread(min(limit + 1 - total, 4 * MIB), total)
             if not data:
                 break
             chunks.append(data)
             total += len(data)
             if total > limit:
-                raise cls(f"{what} is more than {limit:,} bytes; refusing to read it", path=path)
+                raise cls(f"{what} is more than {limit:,} bytes; refusing to read it", path=src.name)
         return b"".join(chunks)
     except OSError as exc:
         raise cls(f"cannot read {what}: {exc.strerror or exc}", path=path) from exc
     finally:
-        os.close(fd)
+        src.close()
 
 
 def read_text(path: str | os.PathLike, limit: int, *, what: str = "file",
@@ -247,6 +276,6 @@ def contains(parent: str | os.PathLike, child: str | os.PathLike) -> bool:
 __all__ = [
     "MAX_CONFIG_BYTES", "MAX_INDEX_BYTES", "MAX_LIST_BYTES", "MAX_TAG_BYTES", "MAX_TEMPLATE_BYTES",
     "MAX_TOKENIZER_BYTES", "MAX_TOKENIZER_SET_BYTES", "confined", "contains",
-    "DuplicateKeyError", "is_regular_file", "open_file", "open_regular", "parse_json", "read_bounded", "read_json",
-    "read_text", "trust_root",
+    "DuplicateKeyError", "is_regular_file", "open_file", "open_regular", "open_source", "parse_json", "read_bounded",
+    "read_json", "read_text", "size_of", "trust_root",
 ]

@@ -75,6 +75,9 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
     if getattr(args, "debug", False):
         traceback.print_exception(exc)
     if isinstance(exc, E.ConsolidateError):
+        from vllm_consolidate.storage.remote import public_error
+
+        public_error(exc)  # an object-store input's stand-in paths read as its URLs
         print(f"error: {exc}", file=sys.stderr)
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
@@ -137,6 +140,39 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="validate the output before publishing it (default: on; --no-validate-vllm turns it off)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_storage_options(p)
+
+
+def add_storage_options(p: argparse.ArgumentParser) -> None:
+    """``--storage-options JSON``: every command that may name an object-store URL takes it."""
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="object-store settings beyond the standard environment (AWS_*, GOOGLE_*, AZURE_*), as a "
+                        "JSON object of obstore config keys, e.g. '{\"endpoint\": \"http://127.0.0.1:9000\", "
+                        "\"region\": \"us-east-1\"}'")
+
+
+def path_or_url(text: str) -> Path | str:
+    """An argparse type: a local path, or an object-store URL kept as text (``Path`` would fold its ``//``)."""
+    from vllm_consolidate.storage.urls import is_object_url, parse_object_url
+
+    if not is_object_url(text):
+        return Path(text)
+    try:
+        parse_object_url(text)
+    except E.UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    return text
+
+
+def storage_options(args: argparse.Namespace) -> dict[str, str]:
+    """The parsed ``--storage-options`` (empty when not given).
+
+    Raises:
+        UsageError: not a JSON object of scalars.
+    """
+    from vllm_consolidate.storage.store import parse_storage_options
+
+    return parse_storage_options(getattr(args, "storage_options", None))
 
 
 def model_options(args: argparse.Namespace, *, input: Path | None = None, output: Path | None = None,
@@ -156,7 +192,7 @@ def model_options(args: argparse.Namespace, *, input: Path | None = None, output
         quantize_ignore=tuple(args.quantize_ignore),
         fmt=args.fmt, max_shard_size=parse_size(args.max_shard_size), force=args.force, validate=args.validate_vllm,
         architecture=args.architecture, model_key=args.model_key, lora=args.lora,
-        moe_layout=args.moe_layout,
+        moe_layout=args.moe_layout, storage_options=storage_options(args),
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from vllm_consolidate.cli.common import exit_code
@@ -30,6 +29,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     Returns:
         The new subparser.
     """
+    from vllm_consolidate.cli.common import add_storage_options, path_or_url
     from vllm_consolidate.convert import DEFAULT_BASE_MODEL
     from vllm_consolidate.read.detect import INPUT_TYPES
 
@@ -38,9 +38,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         description="Read a checkpoint's metadata (never its tensor data) and show its format, checkpoints, "
                     "tensors, output sizes, estimated peak RAM, where config and tokenizer would come from, and "
                     "the problems a conversion would meet. Exits with the code convert would exit with.")
-    p.add_argument("path", type=Path, help="anything convert --input or batch --input-dir accepts")
+    p.add_argument("path", type=path_or_url,
+                   help="anything convert --input or batch --input-dir accepts (local, or s3://bucket/prefix, gs://…)")
     p.add_argument("--type", dest="input_type", choices=INPUT_TYPES, default="auto", help="input type (default: auto)")
-    p.add_argument("--checkpoint-dir", type=Path, default=None,
+    p.add_argument("--checkpoint-dir", type=path_or_url, default=None,
                    help="a specific checkpoint-N or global_stepN folder (overrides detection), as for convert")
     p.add_argument("--base-model-name", default=DEFAULT_BASE_MODEL,
                    help=f"where config/tokenizer the checkpoint lacks would come from (default: {DEFAULT_BASE_MODEL})")
@@ -50,21 +51,29 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="as for convert: the DCP state-dict entry holding the model, when there is more than one")
     p.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_storage_options(p)
     p.set_defaults(func=cmd_inspect)
     return p
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from vllm_consolidate.cli.common import storage_options
     from vllm_consolidate.inspection import inspect_path
+    from vllm_consolidate.storage import remote
 
-    report = inspect_path(args.path, args.input_type, args.checkpoint_dir, args.base_model_name, args.architecture,
-                          model_key=args.model_key)
+    # An object-store prefix is listed once into stand-ins (sizes from the listing); only metadata ranges
+    # (pickles, headers, zip directories) are fetched, and the report names URLs.
+    with remote.local_input(args.path, storage_options(args)) as folder:
+        mirror = remote.mirror_of(folder)
+        checkpoint_dir = mirror.local(args.checkpoint_dir) if mirror is not None else args.checkpoint_dir
+        report = inspect_path(folder, args.input_type, checkpoint_dir, args.base_model_name, args.architecture,
+                              model_key=args.model_key)
     problems = report.problems
     code = exit_code(problems[0].error) if problems else 0
     if args.json:
-        print(json.dumps(report_json(report, code), indent=2))
+        print(json.dumps(remote.public_value(report_json(report, code)), indent=2))
     else:
-        print("\n".join(report_lines(report)))
+        print("\n".join(remote.public(line) for line in report_lines(report)))
     return code
 
 

@@ -42,14 +42,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                     "loads it with real vLLM and compares greedy tokens with "
                     "transformers.",
     )
-    p.add_argument("dir", type=Path, help="the model folder")
+    from vllm_consolidate.cli.common import add_storage_options, path_or_url
+
+    p.add_argument("dir", type=path_or_url, help="the model folder (local, or s3://bucket/prefix, gs://…, az://…)")
     p.add_argument("--load", action="store_true",
                    help="also load the folder with real vLLM and compare its greedy tokens with transformers'")
     p.add_argument("--vllm-python", default=None, metavar="PATH",
                    help=f"python of a venv with vLLM for --load (default: ${VLLM_PYTHON_ENV} if set, else "
                         f"./{_VLLM_VENV_PYTHON} in the current directory if it exists, else this interpreter)")
     p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt with --load (default: 8)")
-    p.add_argument("--against", type=Path, default=None, metavar="SOURCE",
+    p.add_argument("--against", type=path_or_url, default=None, metavar="SOURCE",
                    help="the checkpoint the folder was made from (anything convert --input accepts): compare "
                         "every tensor with it, element for element; catches wrong bytes that no check of the "
                         "folder alone can see, such as a square weight stored transposed")
@@ -65,6 +67,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="skip the NaN/Inf scan (it reads every weight byte once)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks (also of checks that crashed)")
+    add_storage_options(p)
     p.set_defaults(func=cmd_validate)
     return p
 
@@ -86,11 +89,14 @@ def _default_vllm_python() -> str | None:
 
 
 def print_report(report: Any, debug: bool = False) -> None:
-    """Human form of a :class:`~vllm_consolidate.validate.ValidationReport` on stdout."""
-    print(f"validate {report.path}")
+    """Human form of a :class:`~vllm_consolidate.validate.ValidationReport` on stdout (an object-store folder
+    and source by their URLs)."""
+    from vllm_consolidate.storage.remote import public
+
+    print(f"validate {public(str(report.path))}")
     width = max((len(c.name) for c in report.checks), default=0)
     for c in report.checks:
-        print(f"  {_LABELS.get(c.status, c.status.upper()):4}  {c.name:<{width}}  {c.message}")
+        print(f"  {_LABELS.get(c.status, c.status.upper()):4}  {c.name:<{width}}  {public(c.message)}")
         if debug and c.details.get("traceback"):
             print(c.details["traceback"], file=sys.stderr)
     n = report.counts()
@@ -109,11 +115,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
         VllmUnavailableError: ``--load`` without an interpreter that has vLLM.
         VllmLoadError: ``--load`` and vLLM failed to load or run the folder.
     """
+    import contextlib
+
+    from vllm_consolidate.cli.common import storage_options
+    from vllm_consolidate.storage import remote
+
+    options = storage_options(args)
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(remote.local_input(args.dir, options))
+        mirror = remote.mirror_of(folder)
+        if mirror is not None:  # transformers opens config and tokenizer files by name: make those real
+            mirror.materialize()
+        against = args.against
+        if against is not None:
+            against = stack.enter_context(remote.local_input(against, options))
+        return _validate(args, folder, against)
+
+
+def _validate(args: argparse.Namespace, folder: Path, against: Path | None) -> int:
     from vllm_consolidate.cli.common import exit_code
     from vllm_consolidate.errors import InputNotFoundError, UsageError
+    from vllm_consolidate.storage.remote import public_value
     from vllm_consolidate.validate import add_load_check, validate_folder
 
-    folder: Path = args.dir
     if not folder.is_dir():
         raise InputNotFoundError("not a folder", path=folder, hint="Pass the model folder that holds config.json.")
     if args.max_tokens < 1:
@@ -125,7 +149,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.against is not None:
         from vllm_consolidate.validate.source import reference_for_folder
 
-        reference = reference_for_folder(folder, args.against, input_type=args.against_type,
+        reference = reference_for_folder(folder, against, input_type=args.against_type,
                                          model_key=args.model_key, base_model_name=args.base_model_name)
     report = validate_folder(folder, scan_values=args.scan_values, reference=reference)
     if args.load:
@@ -147,7 +171,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         )
     if args.json:
         doc = {"status": "passed" if report.ok else "failed", "exit_code": exit_code(error) if error else 0}
-        doc.update(report.to_dict())
+        doc.update(public_value(report.to_dict()))
         print(json.dumps(doc, indent=2, default=str))
         if error is not None:
             print(f"error: {error}", file=sys.stderr)

@@ -51,7 +51,7 @@ from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import CorruptCheckpointError
 from vllm_consolidate.limits import brief, checked_count, checked_shape
-from vllm_consolidate.safe_io import MIB, open_regular, parse_json
+from vllm_consolidate.safe_io import MIB, open_source, parse_json
 from vllm_consolidate.source import Segment
 
 MAX_HEADER_BYTES = 16 * MIB
@@ -98,10 +98,10 @@ class StoredTensor:
 
 def _read_raw_header(path: str) -> tuple[bytes, int]:
     """The header bytes and the file's size, read from a regular file without following its header length blindly."""
-    fd = open_regular(path)  # a FIFO named *.safetensors is refused here instead of blocking
+    src = open_source(path)  # a FIFO named *.safetensors is refused here instead of blocking
     try:
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 8, 0)
+        size = src.size
+        head = src.pread(8, 0)
         if len(head) != 8:
             raise CorruptCheckpointError("file is shorter than a safetensors header; it is truncated", path=path)
         (hlen,) = struct.unpack("<Q", head)
@@ -115,7 +115,7 @@ def _read_raw_header(path: str) -> tuple[bytes, int]:
                 "not a safetensors file", path=path)
         chunks, got = [], 0
         while got < hlen:
-            data = os.pread(fd, min(hlen - got, 4 * MIB), 8 + got)
+            data = src.pread(min(hlen - got, 4 * MIB), 8 + got)
             if not data:
                 raise CorruptCheckpointError("file ended inside its safetensors header; it is truncated", path=path)
             chunks.append(data)
@@ -124,7 +124,7 @@ def _read_raw_header(path: str) -> tuple[bytes, int]:
     except OSError as exc:
         raise CorruptCheckpointError(f"cannot read file: {exc.strerror or exc}", path=path) from exc
     finally:
-        os.close(fd)
+        src.close()
 
 
 def _check_text(text: str, what: str, path: str) -> None:

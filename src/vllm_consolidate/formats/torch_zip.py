@@ -353,7 +353,7 @@ def load_lazy(path: str | os.PathLike, *, start: int = 0, length: int | None = N
     path = os.fspath(path)
     try:
         with safe_io.open_file(path) as fh:
-            size = os.fstat(fh.fileno()).st_size
+            size = safe_io.size_of(fh)
             if start or length is not None:
                 if length is None or start < 0 or length < 0 or start + length > size:
                     raise CorruptCheckpointError(

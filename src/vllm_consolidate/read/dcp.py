@@ -35,7 +35,7 @@ from vllm_consolidate.formats.torch_zip import TensorRef, load_lazy
 from vllm_consolidate.limits import brief
 from vllm_consolidate.read.chunks import Piece, assemble, check_tiling
 from vllm_consolidate.read.hf import check_weight_file, strip_wrapper_prefixes
-from vllm_consolidate.safe_io import open_regular
+from vllm_consolidate.safe_io import open_source
 from vllm_consolidate.source import SourceModel, TensorSpec
 
 #: First components of Hugging Face parameter names (a model's state dict keys start with one).
@@ -148,11 +148,9 @@ def check_storage_files(folder: Path, meta: dcp.DcpMetadata, roots: list[Path]) 
     for name, end in ends.items():
         path = folder / name
         check_weight_file(path, roots)  # the same confinement rule as HF shards
-        fd = open_regular(path)
-        try:
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+        src = open_source(path)
+        size = src.size
+        src.close()
         if size < end:
             raise CorruptCheckpointError(
                 f"{name} is {size:,} bytes, but the .metadata places data up to byte {end:,}: it is truncated",

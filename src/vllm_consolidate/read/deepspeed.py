@@ -47,7 +47,7 @@ from vllm_consolidate.read.zero_locate import (  # re-exported: detection, batch
     step_of,
 )
 from vllm_consolidate.read.zero_slices import Zero12Group, check_zero12_rank
-from vllm_consolidate.safe_io import confined, open_regular
+from vllm_consolidate.safe_io import confined, open_source
 from vllm_consolidate.source import Segment, SourceModel, TensorSpec
 
 _OPTIM_RE = re.compile(r"^(?:(bf16|fp16)_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -153,7 +153,7 @@ def _load(path: Path, roots: list[Path]) -> Any:
             f"rank file resolves to {os.path.realpath(path)}, outside the checkpoint "
             f"{', '.join(str(r) for r in roots)}; refusing to read it", path=path,
             hint="Copy the real file into the checkpoint folder (a link out of the input is never followed).")
-    os.close(open_regular(path))  # load_lazy opens with a blocking open(): refuse a FIFO first
+    open_source(path).close()  # load_lazy opens with a blocking open(): refuse a FIFO first
     return load_lazy(path)
 
 

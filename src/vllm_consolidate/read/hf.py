@@ -88,7 +88,7 @@ from vllm_consolidate.read.hf_layout import (  # re-exported: detection and batc
     find_layout,
     is_hf_folder,
 )
-from vllm_consolidate.safe_io import MAX_INDEX_BYTES, confined, open_regular, read_json, trust_root
+from vllm_consolidate.safe_io import MAX_INDEX_BYTES, confined, open_source, read_json, trust_root
 from vllm_consolidate.source import SourceModel, TensorSpec
 
 #: ``SourceModel.kind`` of an HF model in one weights file, and of one sharded with an index.
@@ -133,7 +133,7 @@ def read_flat_state_dict(path: Path) -> dict[str, TensorRef]:
         CorruptCheckpointError: The file is not a regular file, is truncated or inconsistent.
     """
     # load_lazy opens by name with a blocking open(): make sure a FIFO is refused before it gets there.
-    os.close(open_regular(path))
+    open_source(path).close()
     obj: Any = load_lazy(path)
     if not isinstance(obj, dict):
         raise UnsupportedCheckpointError(

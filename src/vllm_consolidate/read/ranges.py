@@ -1,39 +1,41 @@
 """Reading byte ranges of source files: shared by the writer and the checks that compare with a source.
 
 A tensor's bytes are a list of :class:`~vllm_consolidate.source.Segment` ranges. :func:`iter_chunks`
-reads them in fixed-size chunks with positional reads (``os.preadv``) into a reused buffer, so memory
-stays at one chunk whatever the tensor size, and page-cache pages never count toward our RSS (no
-``mmap``). Source files are opened once, read-only and only if they are regular files.
+reads them in fixed-size chunks with positional reads into a reused buffer, so memory stays at one
+chunk whatever the tensor size, and page-cache pages never count toward our RSS (no ``mmap``). Source
+files are opened once, through ``safe_io.open_source``: a local file (read-only, regular files only,
+``os.preadv``) or the object behind an object-store stand-in (ranged GETs).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 
 from vllm_consolidate.errors import CorruptCheckpointError
-from vllm_consolidate.safe_io import open_regular
+from vllm_consolidate.safe_io import open_source
 from vllm_consolidate.source import Segment, sub_segments
+from vllm_consolidate.storage.bytefile import ByteFile
 
 
 class OpenFiles:
-    """Read-only descriptors for source files, opened once and shared by the worker threads."""
+    """Source files (:class:`~vllm_consolidate.storage.bytefile.ByteFile`), opened once and shared by the
+    worker threads."""
 
     def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, ByteFile] = {}
         self._lock = threading.Lock()
 
-    def fd(self, path: str) -> int:
+    def get(self, path: str) -> ByteFile:
         with self._lock:
-            if path not in self._fds:
-                self._fds[path] = open_regular(path)  # a FIFO swapped in after reading must not block
-            return self._fds[path]
+            if path not in self._files:
+                self._files[path] = open_source(path)  # a FIFO swapped in after reading must not block
+            return self._files[path]
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
 def check_read(got: int, want: int, seg: Segment) -> None:
@@ -47,13 +49,7 @@ def check_read(got: int, want: int, seg: Segment) -> None:
 def read_into(files: OpenFiles, buf: memoryview, segs: Iterator[Segment]) -> None:
     pos = 0
     for seg in segs:
-        view = buf[pos : pos + seg.nbytes]
-        got = os.preadv(files.fd(seg.path), [view], seg.offset)
-        while 0 < got < seg.nbytes:  # preadv may return short on large requests
-            more = os.preadv(files.fd(seg.path), [view[got:]], seg.offset + got)
-            if more == 0:
-                break
-            got += more
+        got = files.get(seg.path).preadv_into(buf[pos : pos + seg.nbytes], seg.offset)
         check_read(got, seg.nbytes, seg)
         pos += seg.nbytes
 
@@ -74,7 +70,7 @@ def iter_chunks(segments: list[Segment], chunk_bytes: int, *, buffer: bytearray 
                 files: OpenFiles | None = None) -> Iterator[memoryview]:
     """A tensor's bytes (the concatenation of ``segments``) as consecutive chunks of ``chunk_bytes``.
 
-    Each chunk is read with ``os.preadv`` into one reused buffer (``buffer``, else the calling
+    Each chunk is read with positional reads into one reused buffer (``buffer``, else the calling
     thread's), so a chunk is valid only until the next one is yielded; the last may be shorter.
 
     Args:

@@ -25,7 +25,6 @@ have checked:
 from __future__ import annotations
 
 import hashlib
-import os
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,7 +34,8 @@ from vllm_consolidate import dtypes
 from vllm_consolidate.errors import CorruptCheckpointError, UnsupportedCheckpointError
 from vllm_consolidate.formats.torch_zip import Inert, TensorRef
 from vllm_consolidate.limits import brief, checked_shape, is_int
-from vllm_consolidate.safe_io import KIB, MIB, open_file, open_regular
+from vllm_consolidate.safe_io import KIB, MIB, open_file, open_source
+from vllm_consolidate.storage.bytefile import ByteFile
 
 #: Bytes compared at each end of each flat tensor for the identical-copy check.
 SAMPLE_BYTES = KIB
@@ -123,7 +123,7 @@ def flat_groups(value: Any, key: str, path: Path) -> list[TensorRef]:
     return list(groups)
 
 
-def _sample(fd: int, refs: Iterable[TensorRef]) -> tuple[bytes, bool]:
+def _sample(src: ByteFile, refs: Iterable[TensorRef]) -> tuple[bytes, bool]:
     """The first and last :data:`SAMPLE_BYTES` of each tensor, hashed; and whether any byte was non-zero."""
     h, nonzero = hashlib.sha256(), False
     for ref in refs:
@@ -132,7 +132,7 @@ def _sample(fd: int, refs: Iterable[TensorRef]) -> tuple[bytes, bool]:
         seg = ref.segment()
         n = min(SAMPLE_BYTES, seg.nbytes)
         for offset in (seg.offset, seg.offset + seg.nbytes - n):
-            data = os.pread(fd, n, offset)
+            data = src.pread(n, offset)
             nonzero = nonzero or data.count(0) != len(data)
             h.update(len(data).to_bytes(8, "little") + data)
     return h.digest(), nonzero
@@ -164,14 +164,14 @@ def check_distinct(files: list[tuple[Path, list[TensorRef]]]) -> None:
     """
     seen: dict[tuple[int, bytes], Path] = {}
     for path, refs in files:
-        fd = open_regular(path)
+        src = open_source(path)
         try:
-            size = os.fstat(fd).st_size
-            digest, nonzero = _sample(fd, refs)
+            size = src.size
+            digest, nonzero = _sample(src, refs)
         except OSError as exc:
             raise CorruptCheckpointError(f"cannot read file: {exc.strerror or exc}", path=path) from exc
         finally:
-            os.close(fd)
+            src.close()
         if not nonzero:
             continue
         first = seen.setdefault((size, digest), path)

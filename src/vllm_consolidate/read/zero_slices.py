@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,7 +44,8 @@ from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError
 from vllm_consolidate.formats.torch_zip import TensorRef
-from vllm_consolidate.safe_io import open_regular
+from vllm_consolidate.safe_io import open_source
+from vllm_consolidate.storage.bytefile import ByteFile
 
 #: Elements of each rank's slice of each group compared with the saved module weights (rule 2).
 SLICE_SAMPLES = 16
@@ -205,23 +205,23 @@ class _Bits:
     """Reads single elements' bits from the files of one check, each file opened once (regular files only)."""
 
     def __init__(self) -> None:
-        self.fds: dict[str, int] = {}
+        self.files: dict[str, ByteFile] = {}
 
     def __enter__(self) -> _Bits:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
+        for f in self.files.values():
+            f.close()
 
     def get(self, ref: TensorRef, index: int) -> int | None:
         """The bits of element ``index`` of ``ref``, or None if the file ends before it."""
         seg = ref.segment(index, 1)
-        fd = self.fds.get(seg.path)
-        if fd is None:
-            fd = self.fds[seg.path] = open_regular(seg.path)
+        src = self.files.get(seg.path)
+        if src is None:
+            src = self.files[seg.path] = open_source(seg.path)
         try:
-            data = os.pread(fd, seg.nbytes, seg.offset)
+            data = src.pread(seg.nbytes, seg.offset)
         except OSError as exc:
             raise CorruptCheckpointError(f"cannot read file: {exc.strerror or exc}", path=seg.path) from exc
         return int.from_bytes(data, "little") if len(data) == seg.nbytes else None

@@ -7,12 +7,11 @@ staging folder is writing, so it lives here, next to the tensor writers.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from vllm_consolidate.errors import CorruptCheckpointError
 from vllm_consolidate.read.assets import CONFIG_FILE, GENERATION_CONFIG_FILE, Assets, asset_limit
-from vllm_consolidate.safe_io import MAX_CONFIG_BYTES, open_regular, read_json
+from vllm_consolidate.safe_io import MAX_CONFIG_BYTES, open_source, read_json
 
 
 def copy_regular(src: Path, dst: Path) -> None:
@@ -22,13 +21,13 @@ def copy_regular(src: Path, dst: Path) -> None:
     plain OSError.
     """
     limit = asset_limit(src.name) or MAX_CONFIG_BYTES
-    fd = open_regular(src)
+    source = open_source(src)  # a local regular file, or the object behind a stand-in
     try:
         with open(dst, "xb") as out:
             copied = 0
             while True:
                 try:
-                    chunk = os.read(fd, 1 << 20)
+                    chunk = source.pread(1 << 20, copied)
                 except OSError as exc:
                     raise CorruptCheckpointError(f"cannot read {src.name}: {exc.strerror or exc}", path=src) from exc
                 if not chunk:
@@ -39,7 +38,7 @@ def copy_regular(src: Path, dst: Path) -> None:
                                                  path=src)
                 out.write(chunk)
     finally:
-        os.close(fd)
+        source.close()
 
 
 def copy_assets(assets: Assets, folder: Path, config: dict) -> list[str]:

@@ -26,7 +26,6 @@ moments are never touched), but mapped pages count toward the process's RSS on a
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections import deque
@@ -43,6 +42,7 @@ from vllm_consolidate.plan.shards import PlannedFile, PlannedTensor
 from vllm_consolidate.read.gather import SMALL_RANGE_BYTES, Gather, plan_gather, read_gathered
 from vllm_consolidate.read.ranges import OpenFiles, check_read, thread_buffer
 from vllm_consolidate.source import Segment, sub_segments
+from vllm_consolidate.storage.bytefile import ByteFile, LocalFile
 from vllm_consolidate.write.pwrite import pwrite_all
 
 CHUNK_BYTES = 16 * 2**20
@@ -50,8 +50,8 @@ CHUNK_BYTES = 16 * 2**20
 # the bf16 conversion took 1.13 s with 4 MiB chunks and 1.59 s with 16 MiB ones (bench/writer_ab.py).
 CAST_CHUNK_BYTES = 4 * 2**20
 WORKERS = 2
-#: Source bytes asked of the kernel ahead of the chunk being submitted (``posix_fadvise(WILLNEED)``), so the
-#: disk reads the next chunks while the workers cast and write this one (0: no read-ahead). See ``_advised``.
+#: Source bytes asked for ahead of the chunk being submitted (``posix_fadvise(WILLNEED)``, or background GETs for
+#: an object-store source), so the next chunks are read while the workers cast and write this one (0: none).
 READ_AHEAD_BYTES = 64 * 2**20
 
 ProgressFn = Callable[[int], None]
@@ -83,13 +83,18 @@ class _Job:
 def _copy_bytes(files: OpenFiles, out_fd: int, segs: Iterator[Segment], dst: int) -> int:
     done = 0
     for seg in segs:
-        src_fd = files.fd(seg.path)
+        src = files.get(seg.path)
+        src_fd = src.fd if isinstance(src, LocalFile) else None
         off, left = seg.offset, seg.nbytes
         while left:
-            try:
-                n = os.copy_file_range(src_fd, out_fd, left, off, dst + done)
-            except OSError:
-                n = _copy_fallback(src_fd, out_fd, left, off, dst + done)
+            n = None
+            if src_fd is not None:  # two local files: the kernel copies
+                try:
+                    n = os.copy_file_range(src_fd, out_fd, left, off, dst + done)
+                except OSError:
+                    n = None
+            if n is None:  # an object-store source, or a file system that refuses copy_file_range
+                n = _copy_fallback(src, out_fd, left, off, dst + done)
             if n == 0:
                 check_read(seg.nbytes - left, seg.nbytes, seg)
             off += n
@@ -98,10 +103,11 @@ def _copy_bytes(files: OpenFiles, out_fd: int, segs: Iterator[Segment], dst: int
     return done
 
 
-def _copy_fallback(src_fd: int, out_fd: int, count: int, src: int, dst: int) -> int:
-    # Some file systems refuse copy_file_range across devices; plain reads work everywhere.
-    data = os.pread(src_fd, min(count, CHUNK_BYTES), src)
-    return os.pwrite(out_fd, data, dst) if data else 0
+def _copy_fallback(src: ByteFile, out_fd: int, count: int, offset: int, dst: int) -> int:
+    """Read up to one chunk and write it; 0 at the end of the source."""
+    view = thread_buffer(min(count, CHUNK_BYTES), "copy")
+    got = src.preadv_into(view, offset)
+    return pwrite_all(out_fd, view[:got], dst) if got else 0
 
 
 def _cast(src: memoryview, src_dtype: DType, dst_dtype: DType, count: int) -> memoryview:
@@ -214,9 +220,8 @@ def _advise(files: OpenFiles, job: Any) -> int:
         runs = plan_gather(list(sub_segments(t.spec.segments, job.first * cols * size, nbytes))).runs
     # One call per run of adjacent bytes in a file, not per segment: a Megatron row-parallel weight under TP=2
     # alternates its two rank files row by row (tens of thousands of segments a tensor, each file's rows adjacent).
-    for run in runs:
-        with contextlib.suppress(OSError):  # a hint: a file system without it reads on demand as before
-            os.posix_fadvise(files.fd(run.path), run.offset, run.nbytes, os.POSIX_FADV_WILLNEED)
+    for run in runs:  # a local file: posix_fadvise; an object: a background GET
+        files.get(run.path).advise(run.offset, run.nbytes)
     return nbytes
 
 
@@ -226,10 +231,12 @@ def _advised(files: OpenFiles, jobs: Iterator[Any]) -> Iterator[Any]:
     Why: the kernel's own read-ahead follows one sequential reader per file, but a ZeRO-3 tensor is
     spread over every rank file (one partition each) and a cast reads 4 MiB at a time, so on a cold cache
     the disk idled while the workers cast. WILLNEED reads in the background, into the page cache (not our
-    RSS), only the byte ranges we are about to read (never the Adam moments beside them).
+    RSS), only the byte ranges we are about to read (never the Adam moments beside them). For an
+    object-store source the same hints start ranged GETs (adjacent ones merged, several in flight), so
+    a 4 MiB read finds its bytes fetched; those are held in our memory until read (at most this window).
     """
     ahead = READ_AHEAD_BYTES
-    if ahead <= 0 or not hasattr(os, "posix_fadvise"):
+    if ahead <= 0:
         yield from jobs
         return
     window: deque[tuple[Any, int]] = deque()
