@@ -36,7 +36,9 @@ from vllm_consolidate.read.assets import (  # DEFAULT_BASE_MODEL re-exported: th
 )
 from vllm_consolidate.read.registry import is_single_file_model, is_training_source
 from vllm_consolidate.source import SourceModel
+from vllm_consolidate.storage.urls import ObjectURL, is_object_url
 from vllm_consolidate.write import publish as pub
+from vllm_consolidate.write import remote as rpub
 from vllm_consolidate.write import write_plan
 from vllm_consolidate.write.assets import copy_adapter_assets, copy_assets
 from vllm_consolidate.write.cleanup import clean_stale
@@ -56,7 +58,8 @@ class ConvertOptions:
     Attributes:
         input: What the user passed as ``--input``; required by :func:`convert` (None only in a batch's
             template record).
-        output: The output folder; required like ``input``.
+        output: The output folder, or an object-store prefix (``s3://bucket/prefix``, kept as the string);
+            required like ``input``.
         input_type: ``auto``, ``deepspeed``, ``dcp``, ``verl`` or ``hf_sharded``.
         checkpoint_dir: Overrides detection when given.
         base_model_name: Local folder or Hub id for config/tokenizer the checkpoint lacks.
@@ -82,13 +85,14 @@ class ConvertOptions:
             llm-compressor writes it; see :mod:`vllm_consolidate.plan.quantize`), or None. The weights are cast
             to ``dtype`` first (the CLI's default dtype is bfloat16 with ``--quantize``).
         quantize_ignore: ``--quantize-ignore``: more modules to leave unquantized (a name, ``re:REGEX`` or a class).
+        storage_options: ``--storage-options``: obstore settings for object-store URLs (beyond the environment).
 
     Raises:
         UsageError: ``dtype`` names no known dtype.
     """
 
     input: Path | None = None
-    output: Path | None = None
+    output: Path | str | None = None
     input_type: str = "auto"
     checkpoint_dir: Path | None = None
     base_model_name: str | None = DEFAULT_BASE_MODEL
@@ -104,12 +108,13 @@ class ConvertOptions:
     moe_layout: str = "auto"
     quantize: str | None = None
     quantize_ignore: tuple[str, ...] = ()
+    storage_options: dict[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         # Normalised once here so every reader of the record sees Paths and a DType (frozen: set via object).
         for name in ("input", "output", "checkpoint_dir"):
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and not is_object_url(value):  # an object URL stays a string (Path folds '//')
                 object.__setattr__(self, name, Path(value))
         object.__setattr__(self, "dtype", _as_dtype(self.dtype))
         object.__setattr__(self, "quantize_ignore", tuple(self.quantize_ignore))
@@ -213,7 +218,23 @@ class Conversion:
 def _inputs(opts: ConvertOptions, weights_dir: Path | None = None) -> list[Path]:
     """Every folder of the input that the output must not be, lie in or contain (and cleanup never touches)."""
     named = [opts.input, weights_dir, opts.checkpoint_dir]
-    return [Path(p) for p in named if p is not None]
+    return [p if is_object_url(p) else Path(p) for p in named if p is not None]
+
+
+def _check_location(opts: ConvertOptions, inputs: list) -> None:
+    """The output is not an input, inside one, or holding one (a folder, or an object-store prefix)."""
+    url = rpub.output_url(opts.output)
+    if url is not None:
+        rpub.check_output_url(url, [opts.input, opts.checkpoint_dir, *inputs])
+    else:
+        pub.check_output_location(Path(opts.output), [p for p in inputs if not is_object_url(p)])
+
+
+def _max_shard_size(opts: ConvertOptions) -> int:
+    url = rpub.output_url(opts.output)
+    if url is not None and url.kind == "s3":  # the commit copies each shard in one request (CopyObject: 5 GiB)
+        return min(opts.max_shard_size, rpub.S3_MAX_SHARD_BYTES)
+    return opts.max_shard_size
 
 
 def plan_conversion(opts: ConvertOptions) -> Conversion:
@@ -233,7 +254,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
         raise UsageError(f"unknown --moe-layout {opts.moe_layout}", hint=f"Use one of {', '.join(MOE_LAYOUTS)}.")
     spec = opts.input_spec
     detected = detect_input(spec)
-    pub.check_output_location(Path(opts.output), _inputs(opts, detected.weights_dir))
+    _check_location(opts, _inputs(opts, detected.weights_dir))
     source = read_input(spec, detected, LoraMode(opts.lora))
     adapter = source.lora is not None and source.lora.is_adapter
     found_base = source.lora.base_model if source.lora is not None else None
@@ -266,7 +287,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
         tensors = quant.tensors
         config["quantization_config"] = quant.config
     plan = plan_output(tensors, target_dtype=target_dtype(opts, source, config),
-                       max_shard_size=2**62 if adapter else opts.max_shard_size, fmt=opts.fmt,
+                       max_shard_size=2**62 if adapter else _max_shard_size(opts), fmt=opts.fmt,
                        stem="adapter_model" if adapter else None, out_dtypes=quant and quant.out_dtypes,
                        quant=quant and quant.targets)
     return Conversion(detected, source, assets, config, plan, dropped, warnings, architecture, moe)
@@ -287,6 +308,9 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
     """
     started = time.monotonic()
     opts.require_paths()
+    url = rpub.output_url(opts.output)
+    if url is not None:
+        return _convert_to_store(opts, url, started, progress, on_stage)
     output = Path(opts.output).absolute()
     pub.check_output_name(output)
     pub.check_output_path(output)
@@ -296,10 +320,7 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
     pub.check_replaceable(output, opts.force)
     conv = plan_conversion(opts)
     plan, assets = conv.plan, conv.assets
-    info = dict(conv.source.info, how=conv.detected.how, weights_dir=str(conv.detected.weights_dir))
-    common = dict(tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
-                  output_dtype=_config_dtype(plan), assets=assets.origin(), warnings=conv.warnings, detected=info,
-                  architectures=conv.architecture.to_dict(), moe=conv.moe.to_dict() if conv.moe else None)
+    common = _summary(conv)
     # A folder whose config.json needs architectures written is not "already consolidated": vLLM refuses it.
     if (is_single_file_model(conv.source) and not opts.force and not conv.architecture.changed
             and _unchanged_single(conv.source, plan)):
@@ -331,10 +352,70 @@ def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None
     )
 
 
-def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
-                       progress: Callable[[int, int], None] | None,
-                       on_stage: Callable[[str], None] | None) -> tuple[list[str], Any]:
-    """Stream the weights and assets into a locked temporary sibling, validate it, and rename it into place."""
+def _summary(conv: Conversion) -> dict[str, Any]:
+    """The fields of a :class:`ConvertResult` known once the conversion is planned."""
+    plan = conv.plan
+    info = dict(conv.source.info, how=conv.detected.how, weights_dir=str(conv.detected.weights_dir))
+    return dict(tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
+                output_dtype=_config_dtype(plan), assets=conv.assets.origin(), warnings=conv.warnings, detected=info,
+                architectures=conv.architecture.to_dict(), moe=conv.moe.to_dict() if conv.moe else None)
+
+
+def _convert_to_store(opts: ConvertOptions, url: ObjectURL, started: float,
+                      progress: Callable[[int, int], None] | None,
+                      on_stage: Callable[[str], None] | None) -> ConvertResult:
+    """:func:`convert` into an object store: the same checks, then stream into a staging prefix, validate, commit.
+
+    Nothing touches the local disk; on any failure (or Ctrl-C, SIGTERM) the uploads are aborted and the
+    staged objects deleted (see :mod:`vllm_consolidate.write.remote`).
+    """
+    from vllm_consolidate.storage.staging import StagedOutput
+    from vllm_consolidate.storage.store import open_store
+
+    rpub.check_output_url(url, _inputs(opts))
+    store = open_store(url, opts.storage_options)
+    rpub.check_replaceable(store, url, opts.force)
+    conv = plan_conversion(opts)
+    common = _summary(conv)
+    adapter = _adapter_config(conv) is not None
+    with StagedOutput(store, url) as staged:
+        written = _write_files(conv, staged, progress)
+        nbytes = rpub.staged_sizes(staged, written)
+
+        def validate() -> Any:
+            return validate_staged(conv, staged.url, opts, url, on_stage, adapter)
+
+        report = rpub.commit(staged, _marker_info(opts, conv, written), opts.force,
+                             validate=validate if opts.validate else None)
+    if report is not None:
+        report.path = str(url)
+        conv.warnings.extend(report.warning_messages())
+    return ConvertResult(
+        output=url, status="converted", files=written,  # type: ignore[arg-type]
+        bytes_read=sum(t.spec.nbytes for t in conv.plan.tensors if t.spec.segments), bytes_written=nbytes,
+        seconds=time.monotonic() - started, dropped=conv.dropped, renamed=dict(conv.source.renamed),
+        validation=report.to_dict() if report is not None else None, **common,
+    )
+
+
+def validate_staged(conv: Conversion, staged: ObjectURL, opts: ConvertOptions, output: ObjectURL,
+                    on_stage: Callable[[str], None] | None, adapter: bool) -> Any:
+    """Validate a staged object-store output where it is: through the read side's mirror of the staging
+    prefix (stand-ins; only headers and sampled ranges are fetched, no second download)."""
+    try:
+        from vllm_consolidate.storage.remote import mirror  # the read side of issue 27
+    except ImportError as exc:  # until the read side is merged
+        raise UsageError("validating an object-store output needs the object-store reader",
+                         hint="Pass --no-validate-vllm.") from exc
+    view = mirror(staged, opts.storage_options)
+    try:
+        return _validate(conv, Path(view.root), output, on_stage, adapter)  # type: ignore[arg-type]
+    finally:
+        view.close()
+
+
+def _write_files(conv: Conversion, dest: Any, progress: Callable[[int, int], None] | None) -> list[str]:
+    """Write the weights and the assets into ``dest`` (a temporary folder or a staging prefix); their names."""
     plan, config = conv.plan, conv.config
     out_dtype = _config_dtype(plan)
     config["torch_dtype"] = out_dtype
@@ -348,20 +429,38 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
             if progress:
                 progress(done, total)
 
+    adapter_config = _adapter_config(conv)
+    written = [p.name for p in write_plan(plan, dest, on_bytes)]
+    if adapter_config is not None:
+        written += copy_adapter_assets(conv.assets, adapter_config, dest)
+    else:
+        written += copy_assets(conv.assets, dest, config)
+    return written
+
+
+def _adapter_config(conv: Conversion) -> Path | None:
+    """The checked ``adapter_config.json`` of a LoRA adapter written as an adapter folder (``--lora adapter``)."""
     lora = conv.source.lora
-    adapter_config = lora.adapter_config if lora is not None and lora.is_adapter else None
-    adapter = adapter_config is not None
+    return lora.adapter_config if lora is not None and lora.is_adapter else None
+
+
+def _marker_info(opts: ConvertOptions, conv: Conversion, written: list[str]) -> dict[str, Any]:
+    source = opts.input if is_object_url(opts.input) else str(Path(opts.input).absolute())
+    return {"source": str(conv.detected.weights_dir), "input": source,
+            "output_dtype": _config_dtype(conv.plan), "files": written,
+            **({"moe": conv.moe.to_dict()} if conv.moe else {}),
+            **({"quantize": opts.quantize} if opts.quantize else {})}
+
+
+def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
+                       progress: Callable[[int, int], None] | None,
+                       on_stage: Callable[[str], None] | None) -> tuple[list[str], Any]:
+    """Stream the weights and assets into a locked temporary sibling, validate it, and rename it into place."""
+    adapter = _adapter_config(conv) is not None
     with pub.Staging(output) as staging:
         tmp = staging.path
-        written = [p.name for p in write_plan(plan, tmp, on_bytes)]
-        if adapter_config is not None:
-            written += copy_adapter_assets(conv.assets, adapter_config, tmp)
-        else:
-            written += copy_assets(conv.assets, tmp, config)
-        pub.write_marker(tmp, {"source": str(conv.detected.weights_dir), "input": str(Path(opts.input).absolute()),
-                               "output_dtype": out_dtype, "files": written,
-                               **({"moe": conv.moe.to_dict()} if conv.moe else {}),
-                               **({"quantize": opts.quantize} if opts.quantize else {})})
+        written = _write_files(conv, tmp, progress)
+        pub.write_marker(tmp, _marker_info(opts, conv, written))
         report = _validate(conv, tmp, output, on_stage, adapter) if opts.validate else None
         staging.publish(opts.force)
     if report is not None:

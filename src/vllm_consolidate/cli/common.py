@@ -135,11 +135,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "config.json lacks it and it cannot be inferred from model_type; replaces config.json's")
     p.add_argument("--validate-vllm", action=argparse.BooleanOptionalAction, default=True,
                    help="validate the output before publishing it (default: on; --no-validate-vllm turns it off)")
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="object storage (s3://, gs://, az:// paths): obstore settings beyond the standard environment "
+                        "(AWS_ENDPOINT_URL, AWS_REGION, ...), as a JSON object, e.g. '{\"region\": \"eu-west-1\"}'")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def model_options(args: argparse.Namespace, *, input: Path | None = None, output: Path | None = None,
+def path_or_url(text: str) -> Path | str:
+    """A path argument: an object-store URL (``s3://…``) stays a string, anything else is a Path."""
+    from vllm_consolidate.storage.urls import is_object_url
+
+    return text if is_object_url(text) else Path(text)
+
+
+def model_options(args: argparse.Namespace, *, input: Path | None = None, output: Path | str | None = None,
                   checkpoint_dir: Path | None = None) -> ConvertOptions:
     """The options record of :func:`add_model_options`' flags: one conversion's (with paths) or a batch's template.
 
@@ -147,6 +157,7 @@ def model_options(args: argparse.Namespace, *, input: Path | None = None, output
         UsageError: ``--max-shard-size`` is not a size.
     """
     from vllm_consolidate.convert import ConvertOptions
+    from vllm_consolidate.storage.store import parse_storage_options
     from vllm_consolidate.units import parse_size
 
     return ConvertOptions(
@@ -156,7 +167,7 @@ def model_options(args: argparse.Namespace, *, input: Path | None = None, output
         quantize_ignore=tuple(args.quantize_ignore),
         fmt=args.fmt, max_shard_size=parse_size(args.max_shard_size), force=args.force, validate=args.validate_vllm,
         architecture=args.architecture, model_key=args.model_key, lora=args.lora,
-        moe_layout=args.moe_layout,
+        moe_layout=args.moe_layout, storage_options=parse_storage_options(getattr(args, "storage_options", None)),
     )
 
 

@@ -7,12 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from vllm_consolidate.cli.common import Progress, add_model_options, model_options, rate
+from vllm_consolidate.cli.common import Progress, add_model_options, model_options, path_or_url, rate
 
 
 def convert_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path, help="checkpoint, training run or HF model folder")
-    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--output", required=True, type=path_or_url,
+                   help="output folder, or an object-store prefix (s3://bucket/prefix, gs://..., az://...)")
     p.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="a specific checkpoint-N or global_stepN folder (overrides auto-detection)")
     add_model_options(p)
