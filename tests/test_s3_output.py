@@ -184,6 +184,28 @@ def test_sigkill_leaves_nothing_under_the_output(s3, bucket, case_dir):
     # What a SIGKILL cannot clean is all under the staging prefix, which names the run's output.
     leftovers = [*s3.keys(bucket), *s3.uploads(bucket)]
     assert leftovers and all(k.startswith("out/.m.vllmc-staging-") for k in leftovers), leftovers
+    staged = s3.keys(bucket)
+    assert staged, "the killed run had staged nothing (its run record at least): the cleanup below proves nothing"
+    # The next run for the same output removes the dead run's staged objects (its record: this machine, PID gone),
+    # and never a staging prefix of a live run or of another output.
+    from vllm_consolidate.storage.staging import RECORD_FORMAT, RECORD_NAME, _machine
+
+    client = s3.client()
+    dead = {**_machine(), "pid": proc.pid, "format": RECORD_FORMAT, "output": f"s3://{bucket}/out/m"}
+    foreign = {  # each differs from a removable leftover in one respect
+        f"out/.m.vllmc-staging-{'1' * 16}/{RECORD_NAME}": json.dumps({**dead, "format": "x"}).encode(),
+        f"out/.m.vllmc-staging-{'2' * 16}/{RECORD_NAME}": json.dumps({**dead, "output": f"s3://{bucket}/o/m"}).encode(),
+        f"out/.m.vllmc-staging-{'3' * 16}/{RECORD_NAME}": json.dumps({**dead, "pid": s3.process.pid}).encode(),  # alive
+        f"out/.m.vllmc-staging-{'4' * 16}/{RECORD_NAME}": json.dumps({**dead, "boot_id": "another"}).encode(),
+        f"out/.m.vllmc-staging-{'5' * 15}/{RECORD_NAME}": json.dumps(dead).encode(),  # not our name
+        f"out/.n.vllmc-staging-{'6' * 16}/{RECORD_NAME}": json.dumps(dead).encode(),
+    }
+    for key, body in foreign.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    assert cli.convert_main(["--input", str(case_dir(DS) / "ckpt"), "--output", f"s3://{bucket}/out/m",
+                             "--no-validate-vllm"]) == 0
+    left = set(s3.keys(bucket)) - set(s3.keys(bucket, "out/m/"))
+    assert left == set(foreign), left
 
 
 def _etags(s3, bucket: str, prefix: str) -> dict[str, str]:

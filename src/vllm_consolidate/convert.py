@@ -370,12 +370,14 @@ def _convert_to_store(opts: ConvertOptions, url: ObjectURL, started: float,
     staged objects deleted (see :mod:`vllm_consolidate.write.remote`).
     """
     from vllm_consolidate.storage.staging import StagedOutput
+    from vllm_consolidate.storage.staging import clean_stale as clean_stale_staging
     from vllm_consolidate.storage.store import open_store
 
     rpub.check_output_url(url, _inputs(opts))
     store = open_store(url, opts.storage_options)
     rpub.check_replaceable(store, url, opts.force)
     conv = plan_conversion(opts)
+    clean_stale_staging(store, url)  # what a killed run for this output left in its staging prefix
     common = _summary(conv)
     adapter = _adapter_config(conv) is not None
     with StagedOutput(store, url) as staged:

@@ -10,7 +10,8 @@ On any failure, Ctrl-C or SIGTERM (:meth:`StagedOutput.discard`) every open mult
 aborted and every staged object deleted; a failure during the commit also deletes the copies it had
 made that replaced nothing. A SIGKILL cannot clean up: what it leaves is under the staging prefix (and
 open multipart uploads there), never under the output; the first object staged, :data:`RECORD_NAME`,
-names the output and the run, so such a prefix can be proven ours.
+names the output and the run, so the next run for the same output on the same machine deletes it once
+that run is provably dead (:func:`clean_stale`).
 
 Nothing here reads or deletes anything outside the staging prefix and the output prefix; the caller
 checks the output prefix against the input first.
@@ -108,6 +109,71 @@ def delete_keys(store: Any, url: ObjectURL, rels: Iterable[str]) -> None:
             raise storage_error(exc, url, what="delete") from exc
 
 
+def _machine() -> dict[str, str]:
+    """Where this process runs: host name, kernel boot and PID namespace (a PID means one process only in them)."""
+    def read(path: str, link: bool = False) -> str:
+        try:
+            return os.readlink(path) if link else open(path).read().strip()  # noqa: SIM115 - tiny /proc files
+        except OSError:
+            return ""
+    return {"host": socket.gethostname(), "boot_id": read("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": read("/proc/self/ns/pid", link=True)}
+
+
+def _dead(record: dict[str, Any]) -> bool:
+    """Whether the run that wrote ``record`` is provably gone: same machine, boot and PID namespace, no such PID."""
+    here = _machine()
+    if not here["boot_id"] or any(record.get(k) != v for k, v in here.items()):
+        return False  # another machine (or we cannot tell): its run may be alive
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def clean_stale(store: Any, output: ObjectURL) -> list[ObjectURL]:
+    """Delete the staging prefixes that killed runs (SIGKILL) left beside ``output``, and only those.
+
+    A prefix is removed only if its name is ``.<name>.vllmc-staging-<16 hex>``, its run record names this
+    very output, and that run provably died (:func:`_dead`: on this machine, its PID gone). A staging prefix
+    of another machine's run is left alone (it may be running). Multipart uploads such a run left open
+    cannot be listed through obstore; a bucket lifecycle rule (``AbortIncompleteMultipartUpload``) ends them.
+
+    Returns:
+        The prefixes deleted.
+    """
+    import obstore
+
+    parent = output.prefix.rpartition("/")[0]
+    head = f".{output.name}{STAGING_TAG}"
+    try:
+        listing = obstore.list_with_delimiter(store, parent or None)
+    except Exception as exc:
+        raise storage_error(exc, output, what="listing") from exc
+    removed = []
+    for common in listing.get("common_prefixes", []):
+        name = common.rstrip("/").rpartition("/")[2]
+        tail = name[len(head):]
+        if not name.startswith(head) or len(tail) != ID_HEX or any(c not in "0123456789abcdef" for c in tail):
+            continue
+        staging = output.sibling(name)
+        try:
+            record = json.loads(read_small(store, staging.child(RECORD_NAME), 4096) or b"null")
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("format") == RECORD_FORMAT and \
+                record.get("output") == str(output) and _dead(record):
+            delete_keys(store, staging, list_keys(store, staging))
+            removed.append(staging)
+    return removed
+
+
 class StagedOutput:
     """The staging prefix of one conversion into ``output``.
 
@@ -123,8 +189,8 @@ class StagedOutput:
         self._lock = threading.Lock()
 
     def __enter__(self) -> StagedOutput:
-        record = {"format": RECORD_FORMAT, "output": str(self.output), "host": socket.gethostname(),
-                  "pid": os.getpid(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        record = {"format": RECORD_FORMAT, "output": str(self.output), **_machine(), "pid": os.getpid(),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._put(RECORD_NAME, json.dumps(record).encode())
         return self
 
@@ -203,4 +269,5 @@ class StagedOutput:
         self.staged.clear()
 
 
-__all__ = ["RECORD_NAME", "STAGING_TAG", "StagedOutput", "delete_keys", "list_keys", "object_exists", "read_small"]
+__all__ = ["RECORD_NAME", "STAGING_TAG", "StagedOutput", "clean_stale", "delete_keys", "list_keys", "object_exists",
+           "read_small"]
