@@ -326,3 +326,13 @@ def test_sink_abort_leaves_no_upload(s3, bucket, monkeypatch):
     with pytest.raises(Exception, match="abandoned"):
         sink.pwrite(b"y", 12 * 2**20)
     _no_leftovers(s3, bucket)
+
+
+def test_batch_output_dir_in_object_storage_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    """Not built yet: refused as a usage error, not folded into a local folder named ``s3:``."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["batch", "--input-dir", str(tmp_path), "--output-dir", "s3://bkt/models"])
+    assert exc.value.code == 2
+    assert "batch cannot write to object storage yet" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
