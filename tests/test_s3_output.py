@@ -336,3 +336,23 @@ def test_batch_output_dir_in_object_storage_is_refused_by_name(tmp_path, monkeyp
     assert exc.value.code == 2
     assert "batch cannot write to object storage yet" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_commit_copies_config_then_the_marker_last(s3, bucket, case_dir, monkeypatch):
+    """A reader that waits for the marker (or config.json) finds every other object already there."""
+    import obstore
+
+    real, order = obstore.copy, []
+
+    def copy(store, from_, to, **kw):
+        order.append((to, sorted(s3.keys(bucket, "m/"))))
+        return real(store, from_, to, **kw)
+
+    monkeypatch.setattr(obstore, "copy", copy)
+    assert cli.convert_main(["--input", str(case_dir(DS) / "ckpt"), "--output", f"s3://{bucket}/m",
+                             "--max-shard-size", "400KB", "--no-validate-vllm"]) == 0
+    names = [to for to, _ in order]
+    assert names[-2:] == ["m/config.json", f"m/{MARKER}"]
+    assert names.index("m/model.safetensors.index.json") > max(i for i, n in enumerate(names) if "-of-" in n)
+    _, present_before_marker = order[-1]
+    assert sorted([*present_before_marker, f"m/{MARKER}"]) == sorted(s3.keys(bucket, "m/"))

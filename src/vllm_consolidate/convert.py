@@ -3,7 +3,9 @@
 The steps, in order: detect the input, read its metadata, find config and tokenizer, decide names
 and dtypes, plan every output file, check disk space, stream the weights into a temporary sibling
 folder, copy the assets, validate, and only then rename the folder into place. On any failure the
-temporary folder is removed and ``--output`` is left as it was.
+temporary folder is removed and ``--output`` is left as it was. An object-store output (``s3://…``) is
+streamed into a sibling staging prefix instead and committed by server-side copy, our marker last
+(:mod:`vllm_consolidate.write.remote`); nothing is written to the local disk.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def commit(staged: StagedOutput, marker_info: dict[str, Any], force: bool, valid
     store, output = staged.store, staged.output
     existing = check_replaceable(store, output, force)  # again: another run may have committed meanwhile
     stale = old_files(store, output, existing) if existing else []
-    staged.commit(last=["config.json", MARKER_NAME], existing=existing, stale=stale)
+    staged.commit(last=["config.json", "adapter_config.json", MARKER_NAME], existing=existing, stale=stale)
     return report
 
 
