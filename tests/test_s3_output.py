@@ -356,3 +356,28 @@ def test_commit_copies_config_then_the_marker_last(s3, bucket, case_dir, monkeyp
     assert names.index("m/model.safetensors.index.json") > max(i for i, n in enumerate(names) if "-of-" in n)
     _, present_before_marker = order[-1]
     assert sorted([*present_before_marker, f"m/{MARKER}"]) == sorted(s3.keys(bucket, "m/"))
+
+
+def test_force_deletes_nothing_a_hostile_marker_names_outside_the_prefix(s3, bucket, case_dir):
+    """Our marker format, but its file list names objects beside and above the output: they stay."""
+    client = s3.client()
+    marker = {"format": "vllm-consolidate-output", "files": ["../other/x", "/abs", "a//b", "old.safetensors"]}
+    objects = {"m/.vllm-consolidate.json": json.dumps(marker).encode(), "m/old.safetensors": b"old",
+               "other/x": b"not ours", "m/a/b": b"a user's"}
+    for key, body in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    assert cli.convert_main(["--input", str(case_dir(DS) / "ckpt"), "--output", f"s3://{bucket}/m",
+                             "--no-validate-vllm", "--force"]) == 0
+    keys = s3.keys(bucket)
+    assert "other/x" in keys and "m/a/b" in keys  # named by the marker, but outside the prefix or not a clean key
+    assert "m/old.safetensors" not in keys  # listed by our old marker, inside the prefix: replaced
+    assert "m/model.safetensors" in keys
+
+
+def test_force_refuses_an_oversized_marker(s3, bucket, case_dir):
+    """A marker is read only up to 1 MiB: a larger object is not ours, whatever it holds."""
+    big = json.dumps({"format": "vllm-consolidate-output", "pad": "x" * (1 << 20)}).encode()
+    s3.client().put_object(Bucket=bucket, Key="m/.vllm-consolidate.json", Body=big)
+    assert cli.convert_main(["--input", str(case_dir(DS) / "ckpt"), "--output", f"s3://{bucket}/m",
+                             "--no-validate-vllm", "--force"]) == 6
+    assert list(s3.keys(bucket)) == ["m/.vllm-consolidate.json"]
