@@ -3,7 +3,9 @@
 The steps, in order: detect the input, read its metadata, find config and tokenizer, decide names
 and dtypes, plan every output file, check disk space, stream the weights into a temporary sibling
 folder, copy the assets, validate, and only then rename the folder into place. On any failure the
-temporary folder is removed and ``--output`` is left as it was.
+temporary folder is removed and ``--output`` is left as it was. An object-store output (``s3://…``) is
+streamed into a sibling staging prefix instead and committed by server-side copy, our marker last
+(:mod:`vllm_consolidate.write.remote`); nothing is written to the local disk.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from vllm_consolidate.read.registry import is_single_file_model, is_training_sou
 from vllm_consolidate.source import SourceModel
 from vllm_consolidate.storage import remote
 from vllm_consolidate.storage.store import parse_storage_options
-from vllm_consolidate.storage.urls import is_object_url
+from vllm_consolidate.storage.urls import ObjectURL, is_object_url
 from vllm_consolidate.write import publish as pub
+from vllm_consolidate.write import remote as rpub
 from vllm_consolidate.write import write_plan
 from vllm_consolidate.write.assets import copy_adapter_assets, copy_assets
 from vllm_consolidate.write.cleanup import clean_stale
@@ -60,7 +63,8 @@ class ConvertOptions:
     Attributes:
         input: What the user passed as ``--input``; required by :func:`convert` (None only in a batch's
             template record).
-        output: The output folder; required like ``input``.
+        output: The output folder, or an object-store prefix (``s3://bucket/prefix``, kept as the string);
+            required like ``input``.
         input_type: ``auto``, ``deepspeed``, ``dcp``, ``verl`` or ``hf_sharded``.
         checkpoint_dir: Overrides detection when given.
         base_model_name: Local folder or Hub id for config/tokenizer the checkpoint lacks.
@@ -98,7 +102,7 @@ class ConvertOptions:
     """
 
     input: Path | None = None
-    output: Path | None = None
+    output: Path | str | None = None
     input_type: str = "auto"
     checkpoint_dir: Path | None = None
     base_model_name: str | None = DEFAULT_BASE_MODEL
@@ -236,7 +240,23 @@ class Conversion:
 def _inputs(opts: ConvertOptions, weights_dir: Path | None = None) -> list[Path]:
     """Every folder of the input that the output must not be, lie in or contain (and cleanup never touches)."""
     named = [opts.input, weights_dir, opts.checkpoint_dir]
-    return [Path(p) for p in named if p is not None]
+    return [p if is_object_url(p) else Path(p) for p in named if p is not None]
+
+
+def _check_location(opts: ConvertOptions, inputs: list) -> None:
+    """The output is not an input, inside one, or holding one (a folder, or an object-store prefix)."""
+    url = rpub.output_url(opts.output)
+    if url is not None:
+        rpub.check_output_url(url, [opts.input, opts.checkpoint_dir, *inputs])
+    else:
+        pub.check_output_location(Path(opts.output), [p for p in inputs if not is_object_url(p)])
+
+
+def _max_shard_size(opts: ConvertOptions) -> int:
+    url = rpub.output_url(opts.output)
+    if url is not None and url.kind == "s3":  # the commit copies each shard in one request (CopyObject: 5 GiB)
+        return min(opts.max_shard_size, rpub.S3_MAX_SHARD_BYTES)
+    return opts.max_shard_size
 
 
 def plan_conversion(opts: ConvertOptions) -> Conversion:
@@ -256,7 +276,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
         raise UsageError(f"unknown --moe-layout {opts.moe_layout}", hint=f"Use one of {', '.join(MOE_LAYOUTS)}.")
     spec = opts.input_spec
     detected = detect_input(spec)
-    pub.check_output_location(Path(opts.output), _inputs(opts, detected.weights_dir))
+    _check_location(opts, _inputs(opts, detected.weights_dir))
     source = read_input(spec, detected, LoraMode(opts.lora))
     adapter = source.lora is not None and source.lora.is_adapter
     found_base = source.lora.base_model if source.lora is not None else None
@@ -289,7 +309,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
         tensors = quant.tensors
         config["quantization_config"] = quant.config
     plan = plan_output(tensors, target_dtype=target_dtype(opts, source, config),
-                       max_shard_size=2**62 if adapter else opts.max_shard_size, fmt=opts.fmt,
+                       max_shard_size=2**62 if adapter else _max_shard_size(opts), fmt=opts.fmt,
                        stem="adapter_model" if adapter else None, out_dtypes=quant and quant.out_dtypes,
                        quant=quant and quant.targets)
     return Conversion(detected, source, assets, config, plan, dropped, warnings, architecture, moe)
@@ -336,6 +356,9 @@ def _convert(opts: ConvertOptions, progress: Callable[[int, int], None] | None,
              on_stage: Callable[[str], None] | None) -> ConvertResult:
     started = time.monotonic()
     opts.require_paths()
+    url = rpub.output_url(opts.output)
+    if url is not None:
+        return _convert_to_store(opts, url, started, progress, on_stage)
     output = Path(opts.output).absolute()
     pub.check_output_name(output)
     pub.check_output_path(output)
@@ -345,11 +368,7 @@ def _convert(opts: ConvertOptions, progress: Callable[[int, int], None] | None,
     pub.check_replaceable(output, opts.force)
     conv = plan_conversion(opts)
     plan, assets = conv.plan, conv.assets
-    info = dict(conv.source.info, how=conv.detected.how, weights_dir=str(conv.detected.weights_dir))
-    common = dict(tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
-                  output_dtype=_config_dtype(plan), assets=assets.origin(), warnings=conv.warnings, detected=info,
-                  architectures=conv.architecture.to_dict(), moe=conv.moe.to_dict() if conv.moe else None,
-                  vlm=_vlm_parts(conv), quantize=opts.quantize)
+    common = _summary(conv, opts)
     # A folder whose config.json needs architectures written is not "already consolidated": vLLM refuses it.
     if (is_single_file_model(conv.source) and not opts.force and not conv.architecture.changed
             and _unchanged_single(conv.source, plan)):
@@ -381,10 +400,68 @@ def _convert(opts: ConvertOptions, progress: Callable[[int, int], None] | None,
     )
 
 
-def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
-                       progress: Callable[[int, int], None] | None,
-                       on_stage: Callable[[str], None] | None) -> tuple[list[str], Any]:
-    """Stream the weights and assets into a locked temporary sibling, validate it, and rename it into place."""
+def _summary(conv: Conversion, opts: ConvertOptions) -> dict[str, Any]:
+    """The fields of a :class:`ConvertResult` known once the conversion is planned."""
+    plan = conv.plan
+    info = dict(conv.source.info, how=conv.detected.how, weights_dir=str(conv.detected.weights_dir))
+    return dict(tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
+                output_dtype=_config_dtype(plan), assets=conv.assets.origin(), warnings=conv.warnings, detected=info,
+                architectures=conv.architecture.to_dict(), moe=conv.moe.to_dict() if conv.moe else None,
+                vlm=_vlm_parts(conv), quantize=opts.quantize)
+
+
+def _convert_to_store(opts: ConvertOptions, url: ObjectURL, started: float,
+                      progress: Callable[[int, int], None] | None,
+                      on_stage: Callable[[str], None] | None) -> ConvertResult:
+    """:func:`convert` into an object store: the same checks, then stream into a staging prefix, validate, commit.
+
+    Nothing touches the local disk; on any failure (or Ctrl-C, SIGTERM) the uploads are aborted and the
+    staged objects deleted (see :mod:`vllm_consolidate.write.remote`).
+    """
+    from vllm_consolidate.storage.staging import StagedOutput
+    from vllm_consolidate.storage.staging import clean_stale as clean_stale_staging
+    from vllm_consolidate.storage.store import open_store
+
+    rpub.check_output_url(url, _inputs(opts))
+    store = open_store(url, dict(opts.storage_options))
+    rpub.check_replaceable(store, url, opts.force)
+    conv = plan_conversion(opts)
+    clean_stale_staging(store, url)  # what a killed run for this output left in its staging prefix
+    common = _summary(conv, opts)
+    adapter = _adapter_config(conv) is not None
+    with StagedOutput(store, url) as staged:
+        written = _write_files(conv, staged, progress)
+        nbytes = rpub.staged_sizes(staged, written)
+
+        def validate() -> Any:
+            return validate_staged(conv, staged.url, opts, url, on_stage, adapter)
+
+        report = rpub.commit(staged, _marker_info(opts, conv, written), opts.force,
+                             validate=validate if opts.validate else None)
+    if report is not None:
+        report.path = str(url)
+        conv.warnings.extend(report.warning_messages())
+    return ConvertResult(
+        output=url, status="converted", files=written,  # type: ignore[arg-type]
+        bytes_read=sum(t.spec.nbytes for t in conv.plan.tensors if t.spec.segments), bytes_written=nbytes,
+        seconds=time.monotonic() - started, dropped=conv.dropped, renamed=dict(conv.source.renamed),
+        validation=report.to_dict() if report is not None else None, **common,
+    )
+
+
+def validate_staged(conv: Conversion, staged: ObjectURL, opts: ConvertOptions, output: ObjectURL,
+                    on_stage: Callable[[str], None] | None, adapter: bool) -> Any:
+    """Validate a staged object-store output where it is: through the read side's mirror of the staging
+    prefix (stand-ins; only headers and sampled ranges are fetched, no second download)."""
+    view = remote.mirror(staged, dict(opts.storage_options))
+    try:
+        return _validate(conv, view.path, output, on_stage, adapter)  # type: ignore[arg-type]
+    finally:
+        view.close()
+
+
+def _write_files(conv: Conversion, dest: Any, progress: Callable[[int, int], None] | None) -> list[str]:
+    """Write the weights and the assets into ``dest`` (a temporary folder or a staging prefix); their names."""
     plan, config = conv.plan, conv.config
     out_dtype = _config_dtype(plan)
     config["torch_dtype"] = out_dtype
@@ -398,21 +475,39 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
             if progress:
                 progress(done, total)
 
+    adapter_config = _adapter_config(conv)
+    written = [p.name for p in write_plan(plan, dest, on_bytes)]
+    if adapter_config is not None:
+        written += copy_adapter_assets(conv.assets, adapter_config, dest)
+    else:
+        written += copy_assets(conv.assets, dest, config)
+    return written
+
+
+def _adapter_config(conv: Conversion) -> Path | None:
+    """The checked ``adapter_config.json`` of a LoRA adapter written as an adapter folder (``--lora adapter``)."""
     lora = conv.source.lora
-    adapter_config = lora.adapter_config if lora is not None and lora.is_adapter else None
-    adapter = adapter_config is not None
+    return lora.adapter_config if lora is not None and lora.is_adapter else None
+
+
+def _marker_info(opts: ConvertOptions, conv: Conversion, written: list[str]) -> dict[str, Any]:
+    # An object-store input is read through a local mirror: the marker names its URLs, not the mirror's paths.
+    source = opts.input if is_object_url(opts.input) else remote.public(str(Path(opts.input).absolute()))
+    return {"source": remote.public(str(conv.detected.weights_dir)), "input": source,
+            "output_dtype": _config_dtype(conv.plan), "files": written,
+            **({"moe": conv.moe.to_dict()} if conv.moe else {}),
+            **({"quantize": opts.quantize} if opts.quantize else {})}
+
+
+def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
+                       progress: Callable[[int, int], None] | None,
+                       on_stage: Callable[[str], None] | None) -> tuple[list[str], Any]:
+    """Stream the weights and assets into a locked temporary sibling, validate it, and rename it into place."""
+    adapter = _adapter_config(conv) is not None
     with pub.Staging(output) as staging:
         tmp = staging.path
-        written = [p.name for p in write_plan(plan, tmp, on_bytes)]
-        if adapter_config is not None:
-            written += copy_adapter_assets(conv.assets, adapter_config, tmp)
-        else:
-            written += copy_assets(conv.assets, tmp, config)
-        pub.write_marker(tmp, {"source": remote.public(str(conv.detected.weights_dir)),
-                               "input": remote.public(str(Path(opts.input).absolute())),
-                               "output_dtype": out_dtype, "files": written,
-                               **({"moe": conv.moe.to_dict()} if conv.moe else {}),
-                               **({"quantize": opts.quantize} if opts.quantize else {})})
+        written = _write_files(conv, tmp, progress)
+        pub.write_marker(tmp, _marker_info(opts, conv, written))
         report = _validate(conv, tmp, output, on_stage, adapter) if opts.validate else None
         staging.publish(opts.force)
     if report is not None:

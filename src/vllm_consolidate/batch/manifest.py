@@ -52,7 +52,7 @@ NON_OUTPUT_OPTIONS: dict[str, str] = {
     "checkpoint_dir": "the job's own; the manifest's source records it as the checkpoint",
     "force": "whether an existing output may be replaced, not what the new one holds",
     "validate": "validation checks the output; it writes nothing into it",
-    "storage_options": "how to reach an object store (endpoint, credentials), not what the output holds",
+    "storage_options": "how to reach an object store (and may hold credentials: never recorded)",
 }
 #: Recorded only when not their default, so that manifests written before these options existed stay current.
 _RECORDED_WHEN_SET = ("architecture", "model_key", "lora", "moe_layout", "quantize", "quantize_ignore")

@@ -64,6 +64,17 @@ exit status: 0 if every job was done or skipped, 11 if any failed or did not run
 """
 
 
+
+def _local_folder(text: str) -> Path:
+    """``--output-dir``: a local folder. An object-store URL is refused by name (``Path`` would fold
+    ``s3://b/x`` into a local folder ``s3:/b/x``); batch output to object storage is not built yet."""
+    from vllm_consolidate.storage.urls import is_object_url
+
+    if is_object_url(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: batch cannot write to object storage yet; convert one "
+                                         "checkpoint with 'convert --output s3://...', or use a local --output-dir")
+    return Path(text)
+
 def _batch_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src = p.add_argument_group("input selection (choose one)")
     one = src.add_mutually_exclusive_group(required=True)
@@ -71,7 +82,7 @@ def _batch_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     one.add_argument("--input-pattern", help="glob for several folders, e.g. './ft_runs_*/qwen2.5-7b' "
                                              "(quote it; {a,b} braces and ** work)")
     one.add_argument("--input-list", type=Path, help="file with one folder per line (# comments, blank lines ignored)")
-    p.add_argument("--output-dir", type=Path, required=True, help="folder the outputs are written into")
+    p.add_argument("--output-dir", type=_local_folder, required=True, help="folder the outputs are written into")
     proc = p.add_argument_group("processing")
     proc.add_argument("--all-checkpoints", action="store_true",
                       help="every checkpoint-N / global_stepN of each input, not only the latest")

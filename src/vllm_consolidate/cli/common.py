@@ -175,7 +175,7 @@ def storage_options(args: argparse.Namespace) -> dict[str, str]:
     return parse_storage_options(getattr(args, "storage_options", None))
 
 
-def model_options(args: argparse.Namespace, *, input: Path | None = None, output: Path | None = None,
+def model_options(args: argparse.Namespace, *, input: Path | None = None, output: Path | str | None = None,
                   checkpoint_dir: Path | None = None) -> ConvertOptions:
     """The options record of :func:`add_model_options`' flags: one conversion's (with paths) or a batch's template.
 

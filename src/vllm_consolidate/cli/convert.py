@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from vllm_consolidate.cli.common import Progress, add_model_options, model_options, path_or_url, rate
 
@@ -13,7 +12,8 @@ from vllm_consolidate.cli.common import Progress, add_model_options, model_optio
 def convert_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=path_or_url,
                    help="checkpoint, training run or HF model folder, local or s3://bucket/prefix (gs://, az://)")
-    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--output", required=True, type=path_or_url,
+                   help="output folder, or an object-store prefix (s3://bucket/prefix, gs://..., az://...)")
     p.add_argument("--checkpoint-dir", type=path_or_url, default=None,
                    help="a specific checkpoint-N or global_stepN folder (overrides auto-detection)")
     add_model_options(p)

@@ -24,7 +24,7 @@ from vllm_consolidate.storage.urls import ObjectURL
 
 #: Retries with exponential backoff on transient errors (5xx, timeouts, connection resets); obstore's
 #: own policy, made explicit so a flaky endpoint is retried the same way everywhere.
-RETRY = {"max_retries": 6, "retry_timeout": timedelta(seconds=120),
+RETRY = {"max_retries": 6, "retry_timeout": timedelta(seconds=120),  # obstore takes timedeltas here, not "120s"
          "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=10), "base": 2}}
 CLIENT = {"timeout": "300s", "connect_timeout": "15s"}
 MAX_OPTIONS_BYTES = 64 * 1024

@@ -12,6 +12,7 @@ import io
 import pickle
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.plan.lora_rows import merged_rows, row_length
@@ -51,11 +52,12 @@ class _StatePickler(pickle.Pickler):
         return None
 
 
-def write_bin_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None = None) -> None:
+def write_bin_file(pfile: PlannedFile, path: Path | Any, progress: ProgressFn | None = None) -> None:
     """Write one planned file in ``torch.save``'s zip format, loadable with ``weights_only=True``.
 
     Uses torch's own archive writer, so alignment and zip64 match ``torch.save``. Each tensor is
-    materialised once while its record is written, so peak memory is the largest tensor.
+    materialised once while its record is written, so peak memory is the largest tensor. ``path``
+    may also be a sequential writer (an object being uploaded: anything with ``write``).
     """
     import torch
 
@@ -65,7 +67,7 @@ def write_bin_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None =
     pickled = io.BytesIO()
     _StatePickler(pickled, protocol=2).dump(stubs)
     files = OpenFiles()
-    writer = torch._C.PyTorchFileWriter(str(path))
+    writer = torch._C.PyTorchFileWriter(str(path) if isinstance(path, Path) else path)
     try:
         writer.write_record("data.pkl", pickled.getvalue(), len(pickled.getvalue()))
         writer.write_record("byteorder", b"little", len(b"little"))

@@ -170,10 +170,10 @@ def is_ours(folder: Path) -> bool:
         if not stat.S_ISDIR(os.lstat(folder).st_mode):
             return False
         with open_file(Path(folder) / MARKER_NAME) as fh:
-            data = json.loads(fh.read(1 << 20))
-    except (OSError, ValueError, ConsolidateError):
+            raw = fh.read(1 << 20)
+    except (OSError, ConsolidateError):
         return False
-    return isinstance(data, dict) and data.get("format") == MARKER_FORMAT
+    return is_marker(raw)
 
 
 def check_replaceable(output: Path, force: bool) -> None:
@@ -198,12 +198,25 @@ def check_replaceable(output: Path, force: bool) -> None:
             path=output, hint="Remove it yourself if it is disposable, or choose another --output.")
 
 
-def write_marker(folder: Path, info: dict[str, Any]) -> None:
-    """Write the marker (our provenance record) into a staged output folder."""
+def marker_text(info: dict[str, Any]) -> str:
+    """The marker's content: our provenance record (``format`` proves the output ours)."""
     record = {"format": MARKER_FORMAT, "tool": "vllm-consolidate", "tool_version": __version__,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
-    (Path(folder) / MARKER_NAME).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n",
-                                            encoding="utf-8")
+    return json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def is_marker(raw: bytes | None) -> bool:
+    """Whether ``raw`` (a marker file's bytes) is our marker."""
+    try:
+        data = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("format") == MARKER_FORMAT
+
+
+def write_marker(folder: Path, info: dict[str, Any]) -> None:
+    """Write the marker (our provenance record) into a staged output folder."""
+    (Path(folder) / MARKER_NAME).write_text(marker_text(info), encoding="utf-8")
 
 
 @contextlib.contextmanager
@@ -377,6 +390,6 @@ def os_error(exc: OSError, output: Path) -> ConsolidateError | None:
 
 __all__ = [
     "LOCK_NAME", "MARKER_NAME", "CreatedParents", "Staging", "check_output_location", "check_output_name",
-    "check_output_path", "check_replaceable", "folder_lock", "is_ours", "is_within", "os_error", "preflight_disk",
-    "publish", "write_marker",
+    "check_output_path", "check_replaceable", "folder_lock", "is_marker", "is_ours", "is_within", "marker_text",
+    "os_error", "preflight_disk", "publish", "write_marker",
 ]

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
+from typing import Union
+
+from vllm_consolidate.storage.upload import ObjectSink
+
+#: Where the writer's jobs write: a local file's descriptor, or an object being uploaded (``--output s3://…``).
+Out = Union[int, ObjectSink]  # noqa: UP007 - a runtime alias
 
 
-def pwrite_all(fd: int, data: memoryview, offset: int) -> int:
+def pwrite_all(fd: Out, data: memoryview, offset: int) -> int:
     """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked); returns its length."""
+    if not isinstance(fd, int):
+        return fd.pwrite(data, offset)
     written = os.pwrite(fd, data, offset)
     while written < len(data):
         written += os.pwrite(fd, data[written:], offset + written)
     return written
 
 
-__all__ = ["pwrite_all"]
+__all__ = ["Out", "pwrite_all"]

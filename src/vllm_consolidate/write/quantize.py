@@ -44,7 +44,7 @@ from vllm_consolidate.plan.quantize import Scheme
 from vllm_consolidate.plan.shards import PlannedTensor
 from vllm_consolidate.read.ranges import OpenFiles, read_into, thread_buffer
 from vllm_consolidate.source import sub_segments
-from vllm_consolidate.write.pwrite import pwrite_all
+from vllm_consolidate.write.pwrite import Out, pwrite_all
 
 #: Source bytes (as float32) per job, about: a few of these are in flight at once.
 JOB_BYTES = 4 * 2**20
@@ -208,7 +208,7 @@ def _rows(files: OpenFiles, job: QuantJob) -> Any:
     return from_bytes(data, work).reshape(job.rows, cols)
 
 
-def run_quant_job(files: OpenFiles, out_fd: int, job: QuantJob) -> int:
+def run_quant_job(files: OpenFiles, out_fd: Out, job: QuantJob) -> int:
     """Quantize and write one job's rows and their scales; returns the bytes written."""
     t = job.tensor
     scheme = t.quant.scheme

@@ -20,6 +20,10 @@ kernel's writeback at once (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, Linux): 
 we copy, and the final fsync finds little left. On the 0.5B benchmark (``bench/writer_ab.py``) the
 fp32 conversion took 1.70-1.76 s with it and 2.04-2.57 s without, and bf16 1.13 s against 1.47 s.
 
+The output is a local file descriptor, or an object store's :class:`~vllm_consolidate.storage.upload.ObjectSink`
+(``--output s3://…``): the same jobs, the same offsets; a plain copy then goes through a buffer (the kernel
+cannot copy into a network upload) and the sink turns the positional writes into one multipart upload.
+
 We read with positional reads rather than ``mmap``: both read only the bytes we ask for (Adam
 moments are never touched), but mapped pages count toward the process's RSS on a shared box.
 """
@@ -43,7 +47,7 @@ from vllm_consolidate.read.gather import SMALL_RANGE_BYTES, Gather, plan_gather,
 from vllm_consolidate.read.ranges import OpenFiles, check_read, thread_buffer
 from vllm_consolidate.source import Segment, sub_segments
 from vllm_consolidate.storage.bytefile import ByteFile, LocalFile
-from vllm_consolidate.write.pwrite import pwrite_all
+from vllm_consolidate.write.pwrite import Out, pwrite_all
 
 CHUNK_BYTES = 16 * 2**20
 # Smaller chunks for casts keep a chunk and its result near the core's cache: on the 0.5B benchmark
@@ -156,7 +160,7 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
-def _run_job(files: OpenFiles, out_fd: int, job: Any) -> int:
+def _run_job(files: OpenFiles, out_fd: Out, job: Any) -> int:
     if not isinstance(job, _Job):  # --quantize: a block of rows of a weight and its scales
         from vllm_consolidate.write.quantize import run_quant_job
 
@@ -172,18 +176,15 @@ def _run_job(files: OpenFiles, out_fd: int, job: Any) -> int:
         merged = merged_rows(t.spec, job.first // cols, job.count // cols, buf)
         data = merged if t.out_dtype == dtypes.float32 else _cast(merged, dtypes.float32, t.out_dtype, job.count)
         written = pwrite_all(out_fd, data, job.dst_offset)
-    elif src_dtype == t.out_dtype and src_bytes > SMALL_RANGE_BYTES * len(ranges):
+    elif src_dtype == t.out_dtype and isinstance(out_fd, int) and src_bytes > SMALL_RANGE_BYTES * len(ranges):
         written = _copy_bytes(files, out_fd, iter(ranges), job.dst_offset)
-    elif src_dtype == t.out_dtype:  # many small ranges (a TP row-parallel weight): gathered, then one write
+    else:  # a cast, many small ranges (a TP row-parallel weight), or an object-store output: gathered, one write
         buf = thread_buffer(src_bytes)
         read_gathered(files, buf, ranges, job.gather)
-        written = pwrite_all(out_fd, buf, job.dst_offset)
-    else:
-        buf = thread_buffer(src_bytes)
-        read_gathered(files, buf, ranges, job.gather)
-        data = _cast(buf, src_dtype, t.out_dtype, job.count)
+        data = buf if src_dtype == t.out_dtype else _cast(buf, src_dtype, t.out_dtype, job.count)
         written = pwrite_all(out_fd, data, job.dst_offset)
-    start_writeback(out_fd, job.dst_offset, written)
+    if isinstance(out_fd, int):
+        start_writeback(out_fd, job.dst_offset, written)
     return written
 
 
@@ -253,7 +254,7 @@ def _advised(files: OpenFiles, jobs: Iterator[Any]) -> Iterator[Any]:
         yield job
 
 
-def _run_jobs(files: OpenFiles, out_fd: int, jobs: Iterator[Any], progress: ProgressFn | None) -> None:
+def _run_jobs(files: OpenFiles, out_fd: Out, jobs: Iterator[Any], progress: ProgressFn | None) -> None:
     from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="vllmc-write") as pool:
@@ -268,19 +269,39 @@ def _run_jobs(files: OpenFiles, out_fd: int, jobs: Iterator[Any], progress: Prog
                 if progress:
                     progress(n)
 
-        for job in _advised(files, jobs):
-            pending.add(pool.submit(_run_job, files, out_fd, job))
-            # Keep a few jobs in flight, not all of them: bounded buffers, prompt errors. Waiting for
-            # any job rather than the oldest keeps both workers busy (chunks write disjoint ranges).
-            if len(pending) >= 2 * WORKERS:
-                drain(FIRST_COMPLETED)
-        drain(ALL_COMPLETED)
+        try:
+            for job in _advised(files, jobs):
+                pending.add(pool.submit(_run_job, files, out_fd, job))
+                # Keep a few jobs in flight, not all of them: bounded buffers, prompt errors. Waiting for
+                # any job rather than the oldest keeps both workers busy (chunks write disjoint ranges).
+                if len(pending) >= 2 * WORKERS:
+                    drain(FIRST_COMPLETED)
+            drain(ALL_COMPLETED)
+        except BaseException:
+            if not isinstance(out_fd, int):  # a sink's writer waiting for the failed chunk's gap must not wait on
+                out_fd.fail()
+            raise
+
+
+def safetensors_header(pfile: PlannedFile) -> bytes:
+    """The header of a planned safetensors file (its data section follows: ``pfile.data_size`` bytes)."""
+    return header_bytes([HeaderEntry(t.name, t.out_dtype, t.spec.shape, t.offset, t.offset + t.nbytes)
+                         for t in pfile.tensors])
+
+
+def stream_safetensors_file(pfile: PlannedFile, header: bytes, sink: Any, progress: ProgressFn | None = None) -> None:
+    """Write one planned safetensors file into ``sink`` (an object being uploaded) with the same jobs."""
+    files = OpenFiles()
+    try:
+        pwrite_all(sink, memoryview(header), 0)
+        _run_jobs(files, sink, _jobs(pfile, len(header)), progress)
+    finally:
+        files.close()
 
 
 def write_safetensors_file(pfile: PlannedFile, path: Path, progress: ProgressFn | None = None) -> None:
     """Write one planned safetensors file, streaming each tensor into its slot."""
-    header = header_bytes([HeaderEntry(t.name, t.out_dtype, t.spec.shape, t.offset, t.offset + t.nbytes)
-                           for t in pfile.tensors])
+    header = safetensors_header(pfile)
     files = OpenFiles()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
