@@ -8,21 +8,14 @@ independent view: listings, multipart uploads, ETags) talk to it exactly as to a
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: The environment obstore reads (and boto3 too): fake credentials, the loopback endpoint, plain HTTP allowed.
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+from tests.moto_s3 import CREDENTIALS, start_moto, stop
 
 
 @dataclass
@@ -57,39 +50,12 @@ class S3Server:
         return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _moto_server() -> str:
-    exe = Path(sys.executable).with_name("moto_server")
-    return str(exe) if exe.exists() else (shutil.which("moto_server") or "moto_server")
-
-
 @contextlib.contextmanager
-def start(timeout: float = 30.0) -> Iterator[S3Server]:
-    """Run ``moto_server -H 127.0.0.1 -p PORT`` until the block ends."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([_moto_server(), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **CREDENTIALS})
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).read()  # noqa: S310 - loopback
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-                time.sleep(0.1)
-        yield S3Server(endpoint, proc)
-    finally:
-        proc.terminate()
+def start() -> Iterator[S3Server]:
+    """Run ``moto_server -H 127.0.0.1 -p PORT`` (:func:`tests.moto_s3.start_moto`) until the block ends."""
+    with tempfile.TemporaryDirectory(prefix="moto-") as logs:
+        proc, endpoint = start_moto(Path(logs) / "moto.log")
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            yield S3Server(endpoint, proc)
+        finally:
+            stop(proc)

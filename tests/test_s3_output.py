@@ -6,8 +6,9 @@ before the commit; a failure, SIGTERM or SIGKILL leaves nothing under it, and a 
 leaves no staged object and no open multipart upload either; ``--force`` replaces only an output
 carrying our marker, and deletes only the objects that output consisted of.
 
-Validation of a staged output reads it through the object-store reader (another branch): these runs
-pass ``--no-validate-vllm`` until that is merged.
+Validation of a staged output reads it where it is, through the object-store reader's mirror (headers
+and sampled ranges only): the byte-identity cases run it (and it must pass); the signal and failure tests
+skip it (``--no-validate-vllm``) to reach the writer sooner.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def test_objects_are_the_local_conversions_files(label, s3, bucket, case_dir, ca
     name, options = CASES[label]
     src = case_dir(name) / case_meta(name)["input"]
     convert(ConvertOptions(input=src, output=tmp_path / "local", validate=False, **options))
-    result = convert(ConvertOptions(input=src, output=f"s3://{bucket}/models/m", validate=False, **options))
+    result = convert(ConvertOptions(input=src, output=f"s3://{bucket}/models/m", validate=True, **options))
+    assert result.validation is not None and result.validation["ok"], result.validation  # run on the staged objects
     local = _files(tmp_path / "local")
     remote = _objects(s3, bucket, "models/m")
     assert sorted(remote) == sorted(local)
@@ -95,6 +97,26 @@ def test_objects_are_the_local_conversions_files(label, s3, bucket, case_dir, ca
     assert str(result.output) == f"s3://{bucket}/models/m" and result.status == "converted"
     assert result.bytes_written == sum(len(remote[f]) for f in result.files)
     assert set(s3.keys(bucket)) == {f"models/m/{rel}" for rel in local}, "staging objects left behind"
+    assert s3.uploads(bucket) == []
+
+
+def test_s3_input_to_s3_output_is_the_local_conversion(s3, bucket, case_dir, tmp_path):
+    """s3:// -> s3://, validation on: the checkpoint is read from one prefix and the model committed under another,
+    byte-identical to the local conversion, nothing staged left, the source objects unchanged (ETags)."""
+    src = case_dir(DS) / "ckpt"
+    client = s3.client()
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, "runs/r1/" + path.relative_to(src).as_posix())
+    etags = {k: client.head_object(Bucket=bucket, Key=k)["ETag"] for k in s3.keys(bucket, "runs/")}
+    convert(ConvertOptions(input=src, output=tmp_path / "local", validate=False))
+    result = convert(ConvertOptions(input=f"s3://{bucket}/runs/r1", output=f"s3://{bucket}/models/m"))
+    assert result.validation is not None and result.validation["ok"]
+    local, remote = _files(tmp_path / "local"), _objects(s3, bucket, "models/m")
+    assert sorted(remote) == sorted(local)
+    assert all(remote[rel] == local[rel] for rel in local if rel != MARKER)
+    assert json.loads(remote[MARKER])["input"] == f"s3://{bucket}/runs/r1"
+    assert set(s3.keys(bucket)) == set(etags) | {f"models/m/{rel}" for rel in local}
+    assert {k: client.head_object(Bucket=bucket, Key=k)["ETag"] for k in etags} == etags
     assert s3.uploads(bucket) == []
 
 

@@ -455,7 +455,10 @@ def validate_staged(conv: Conversion, staged: ObjectURL, opts: ConvertOptions, o
     prefix (stand-ins; only headers and sampled ranges are fetched, no second download)."""
     view = remote.mirror(staged, dict(opts.storage_options))
     try:
-        return _validate(conv, view.path, output, on_stage, adapter)  # type: ignore[arg-type]
+        # transformers opens config.json and the tokenizer files by name: those few small files are fetched into
+        # the private mirror (bounded, removed with it); weights stay stand-ins read by range.
+        view.materialize()
+        return _validate(conv, view.path, str(output), on_stage, adapter)  # type: ignore[arg-type]
     finally:
         view.close()
 
