@@ -65,20 +65,25 @@ exit status: 0 if every job was done or skipped, 11 if any failed or did not run
 
 
 
-def _local_folder(text: str) -> Path:
-    """``--output-dir``: a local folder. An object-store URL is refused by name (``Path`` would fold
-    ``s3://b/x`` into a local folder ``s3:/b/x``); batch output to object storage is not built yet."""
+def _local_folder(text: str, *, what: str = "--output-dir", use: str = "convert --output s3://...") -> Path:
+    """A local folder argument. An object-store URL is refused by name (``Path`` would fold ``s3://b/x`` into a
+    local folder ``s3:/b/x``): batch reading from and writing to object storage is not built yet."""
     from vllm_consolidate.storage.urls import is_object_url
 
     if is_object_url(text):
-        raise argparse.ArgumentTypeError(f"{text!r}: batch cannot write to object storage yet; convert one "
-                                         "checkpoint with 'convert --output s3://...', or use a local --output-dir")
+        raise argparse.ArgumentTypeError(f"{text!r}: batch does not use object storage yet; convert one "
+                                         f"checkpoint with '{use}', or use a local {what}")
     return Path(text)
+
+
+def _local_input(text: str) -> Path:
+    return _local_folder(text, what="--input-dir", use="convert --input s3://...")
+
 
 def _batch_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src = p.add_argument_group("input selection (choose one)")
     one = src.add_mutually_exclusive_group(required=True)
-    one.add_argument("--input-dir", type=Path, help="a run, checkpoint or HF model folder, or a folder of runs")
+    one.add_argument("--input-dir", type=_local_input, help="a run, checkpoint or HF model folder, or a folder of runs")
     one.add_argument("--input-pattern", help="glob for several folders, e.g. './ft_runs_*/qwen2.5-7b' "
                                              "(quote it; {a,b} braces and ** work)")
     one.add_argument("--input-list", type=Path, help="file with one folder per line (# comments, blank lines ignored)")
