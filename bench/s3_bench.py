@@ -1,7 +1,7 @@
 """Benchmark object storage in and out (issue 27) against "download, convert, upload".
 
-A real S3 endpoint on loopback (``moto_server``), behind a byte-counting TCP relay so every byte either way is
-counted, holds the cached 0.5B Qwen2 ZeRO-3 checkpoint (``make_checkpoints.py``, ``qwen0.5b-z3``, world size 2:
+A real S3 endpoint on loopback, behind a byte-counting TCP relay so every byte either way is counted, holds
+the cached 0.5B Qwen2 ZeRO-3 checkpoint (``make_checkpoints.py``, ``qwen0.5b-z3``, world size 2:
 every file of the ``global_stepN`` folder plus the run's config/tokenizer, as a training job would upload it).
 In one run, N repetitions, the three alternating inside each repetition, medians reported:
 
@@ -16,7 +16,11 @@ directions, i.e. what the network would carry, HTTP headers included) and the pe
 (blocks under its private TMPDIR and its local output, sampled every 50 ms). Targets: wall <= 0.5x and bytes
 <= 0.4x of the chain, 0 bytes of local disk for s3 -> s3, peak RSS bounded as for local runs.
 
-Usage: python bench/s3_bench.py [--reps 3] [--out s3]
+The endpoint is s3rver (file-backed, streams ranges; ``npm install --prefix .cache/s3rver s3rver@3.7.1``) when
+it is installed, else moto's server, which reads a whole object into memory for every ranged GET (fine for the
+tests, slow at this size: say which one the results came from).
+
+Usage: python bench/s3_bench.py [--reps 3] [--out s3] [--server s3rver|moto]
 Writes bench/results/<out>.json and .md.
 """
 
@@ -41,6 +45,7 @@ import make_checkpoints as mk  # noqa: E402
 import run as bench  # noqa: E402
 
 BUCKET = "vllmc-bench"
+S3RVER = mk.REPO / ".cache" / "s3rver" / "node_modules" / ".bin" / "s3rver"
 TARGETS = {"wall_s3_to_local_vs_chain": 0.5, "bytes_s3_to_local_vs_chain": 0.4, "wall_s3_to_s3_vs_chain": 0.5,
            "bytes_s3_to_s3_vs_chain": 0.4}
 CHAIN = r'''
@@ -234,16 +239,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default="s3")
+    parser.add_argument("--ckpt", type=Path, default=None,
+                        help="another checkpoint folder (e.g. a corpus case, for a quick check of the script)")
+    parser.add_argument("--server", choices=("s3rver", "moto"), default="s3rver" if S3RVER.exists() else "moto")
     args = parser.parse_args()
-    spec = next(s for s in mk.small_specs() if s.name == "qwen0.5b-z3")
-    if not (spec.folder() / mk.MARKER).is_file():
-        mk.generate(spec)
+    if args.ckpt is None:
+        spec = next(s for s in mk.small_specs() if s.name == "qwen0.5b-z3")
+        if not (spec.folder() / mk.MARKER).is_file():
+            mk.generate(spec)
+        ckpt = spec.ckpt()
+    else:
+        ckpt = args.ckpt
     work = bench.WORK / "s3"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     port = free_port()
-    server = subprocess.Popen([str(bench.BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    if args.server == "s3rver":
+        cmd = [str(S3RVER), "-d", str(work / "server"), "-a", "127.0.0.1", "-p", str(port), "-s",
+               "--allow-mismatched-signatures", "--no-vhost-buckets"]
+    else:
+        cmd = [str(bench.BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         for _ in range(100):
             try:
@@ -252,9 +268,9 @@ def main() -> None:
             except OSError:
                 time.sleep(0.1)
         relay = Relay(port)
-        env = dict(bench.ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{relay.port}", AWS_ACCESS_KEY_ID="bench",
-                   AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true")
-        prefix = upload_checkpoint(spec.ckpt(), env)
+        env = dict(bench.ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{relay.port}", AWS_ACCESS_KEY_ID="S3RVER",
+                   AWS_SECRET_ACCESS_KEY="S3RVER", AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true")
+        prefix = upload_checkpoint(ckpt, env)
         relay.take()
         reps = [one_rep(prefix, work, env, relay) for _ in range(args.reps)]
     finally:
@@ -267,6 +283,7 @@ def main() -> None:
         raise SystemExit(f"failed runs: {failed}")
     summary = summarize(reps)
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
+    summary["server"], summary["checkpoint"] = args.server, str(ckpt)
     (bench.RESULTS / f"{args.out}.json").write_text(json.dumps({"summary": summary, "reps": reps}, indent=1) + "\n")
     (bench.RESULTS / f"{args.out}.md").write_text(markdown(summary))
     print(markdown(summary))
