@@ -10,309 +10,34 @@ streamed into a sibling staging prefix instead and committed by server-side copy
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vllm_consolidate import dtypes
-from vllm_consolidate.dtypes import DType
-from vllm_consolidate.errors import UsageError, ValidationFailedError
-from vllm_consolidate.plan import vlm
-from vllm_consolidate.plan.architecture import FROM_CONFIG, ArchitectureDecision, decide_architectures
-from vllm_consolidate.plan.inputs import LORA_MODES, InputSpec, LoraMode, detect_input, read_input
-from vllm_consolidate.plan.moe import MOE_LAYOUTS, MoeSummary
-from vllm_consolidate.plan.names import plan_names
-from vllm_consolidate.plan.quantize import check_quantize_options, plan_quantization, scheme_of
-from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
-from vllm_consolidate.read import detect as detection
-from vllm_consolidate.read.assets import (  # DEFAULT_BASE_MODEL re-exported: the CLI imports it from here
+from vllm_consolidate.conversion import (  # the records and planning; re-exported (see __all__)
     DEFAULT_BASE_MODEL,
-    NO_TOKENIZER_WARNING,
-    Assets,
-    asset_bytes,
-    find_checkpoint_assets,
-    missing_config,
-    read_config,
+    DEFAULT_MAX_SHARD_SIZE,
+    Conversion,
+    ConvertOptions,
+    ConvertResult,
+    adapter_config_of,
+    input_paths,
+    marker_info,
+    plan_conversion,
+    summary_fields,
+    unchanged_single,
+    validate_output,
+    write_files,
 )
-from vllm_consolidate.read.registry import is_single_file_model, is_training_source
-from vllm_consolidate.source import SourceModel
+from vllm_consolidate.read.assets import asset_bytes
+from vllm_consolidate.read.registry import is_single_file_model
 from vllm_consolidate.storage import remote
-from vllm_consolidate.storage.store import parse_storage_options
 from vllm_consolidate.storage.urls import ObjectURL, is_object_url
 from vllm_consolidate.write import publish as pub
 from vllm_consolidate.write import remote as rpub
-from vllm_consolidate.write import write_plan
-from vllm_consolidate.write.assets import copy_adapter_assets, copy_assets
 from vllm_consolidate.write.cleanup import clean_stale
-
-DEFAULT_MAX_SHARD_SIZE = 40 * 10**9
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Options of one conversion; the CLI flags map one to one.
-
-    Frozen and free of callbacks so that one record can be pickled to a batch worker and shared: a
-    batch keeps the model options in one of these (without paths) and gives each job a copy with
-    ``input``/``output``/``checkpoint_dir`` set by :func:`dataclasses.replace`. Progress callbacks are
-    arguments of :func:`convert`, not options.
-
-    Attributes:
-        input: What the user passed as ``--input``; required by :func:`convert` (None only in a batch's
-            template record).
-        output: The output folder, or an object-store prefix (``s3://bucket/prefix``, kept as the string);
-            required like ``input``.
-        input_type: ``auto``, ``deepspeed``, ``dcp``, ``verl`` or ``hf_sharded``.
-        checkpoint_dir: Overrides detection when given.
-        base_model_name: Local folder or Hub id for config/tokenizer the checkpoint lacks.
-        dtype: Output dtype for floating tensors, a :class:`~vllm_consolidate.dtypes.DType` or a name
-            (``bfloat16``, ``bf16``...), stored as the DType; ignored with ``keep_original_precision``.
-        keep_original_precision: DeepSpeed: the precision it was trained in (bf16/fp16 enabled in
-            its DeepSpeed config, else fp32). HF: each tensor's stored dtype.
-        fmt: ``safetensors`` or ``bin``.
-        max_shard_size: Bytes per file before splitting.
-        force: Replace an existing output (only after the new one is complete).
-        validate: Run the static validation before publishing the output.
-        architecture: ``--architecture``: the model class written into the output's config.json
-            ``architectures``, for a config.json that lacks it and whose class cannot be inferred from
-            ``model_type`` (see :mod:`vllm_consolidate.plan.architecture`). Replaces config.json's own.
-        model_key: ``--model-key``: for a DCP checkpoint holding more than one model-like entry
-            (``model`` and ``ema``), the one to convert (``""`` for the top level).
-        lora: ``--lora``: for a LoRA run, ``merge`` (a full model: the adapter merged into its base)
-            or ``adapter`` (a clean peft adapter folder that vLLM serves with ``--enable-lora``).
-        moe_layout: ``--moe-layout``: MoE experts ``per-expert`` (save_pretrained's names, what vLLM loads),
-            ``fused`` (transformers 5's in-memory 3-D tensors), or ``auto`` (= save_pretrained's); see
-            :mod:`vllm_consolidate.plan.moe`.
-        quantize: ``--quantize``: ``fp8_dynamic``, ``fp8_block`` or ``w8a8`` (compressed-tensors, as
-            llm-compressor writes it; see :mod:`vllm_consolidate.plan.quantize`), or None. The weights are cast
-            to ``dtype`` first (the CLI's default dtype is bfloat16 with ``--quantize``).
-        quantize_ignore: ``--quantize-ignore``: more modules to leave unquantized (a name, ``re:REGEX`` or a class).
-        storage_options: ``--storage-options``: obstore settings for object-store URLs (a dict, or its JSON
-            text), beyond the standard environment; kept as sorted pairs so the record stays hashable.
-
-    ``input`` and ``checkpoint_dir`` may be object-store URLs (``s3://bucket/prefix``, ``gs://``, ``az://``):
-    they are kept as strings (a ``Path`` would fold ``//``), and :func:`convert` reads the prefix through a
-    mirror of stand-ins (:mod:`vllm_consolidate.storage.remote`).
-
-    Raises:
-        UsageError: ``dtype`` names no known dtype.
-    """
-
-    input: Path | None = None
-    output: Path | str | None = None
-    input_type: str = "auto"
-    checkpoint_dir: Path | None = None
-    base_model_name: str | None = DEFAULT_BASE_MODEL
-    dtype: DType | str = dtypes.float32
-    keep_original_precision: bool = False
-    fmt: str = "safetensors"
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
-    force: bool = False
-    validate: bool = True
-    architecture: str | None = None
-    model_key: str | None = None
-    lora: str = "merge"
-    moe_layout: str = "auto"
-    quantize: str | None = None
-    quantize_ignore: tuple[str, ...] = ()
-    storage_options: tuple[tuple[str, str], ...] | dict[str, str] | str | None = ()
-
-    def __post_init__(self) -> None:
-        # Normalised once here so every reader of the record sees Paths and a DType (frozen: set via object).
-        for name in ("input", "output", "checkpoint_dir"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, str(value) if is_object_url(str(value)) else Path(value))
-        options = self.storage_options
-        if isinstance(options, str):
-            options = parse_storage_options(options)
-        object.__setattr__(self, "storage_options", tuple(sorted(dict(options or {}).items())))
-        object.__setattr__(self, "dtype", _as_dtype(self.dtype))
-        object.__setattr__(self, "quantize_ignore", tuple(self.quantize_ignore))
-        if self.quantize_ignore and self.quantize is None:
-            raise UsageError("--quantize-ignore needs --quantize")
-        if self.quantize is not None:
-            check_quantize_options(self.quantize, self.quantize_ignore, self.fmt, self.lora)
-
-    @property
-    def input_spec(self) -> InputSpec:
-        """Which input these options name (what every command that reads one shares)."""
-        return InputSpec(Path(self.input), self.input_type, self.checkpoint_dir, self.model_key, self.base_model_name)
-
-    def require_paths(self) -> None:
-        """Refuse a record without ``input`` or ``output`` (a batch's template), before anything is read.
-
-        Raises:
-            UsageError: ``input`` or ``output`` is missing.
-        """
-        missing = [name for name in ("input", "output") if getattr(self, name) is None]
-        if missing:
-            raise UsageError(f"ConvertOptions needs {' and '.join(missing)}")
-
-
-def _as_dtype(value: DType | str) -> DType:
-    """A DType for a DType, a torch dtype, a torch name (``bfloat16``) or a CLI alias (``bf16``)."""
-    found = DTYPES_BY_NAME.get(value) if isinstance(value, str) else None
-    if found is not None:
-        return found
-    try:
-        return dtypes.of(value)
-    except KeyError:
-        raise UsageError(f"unknown dtype {value!r}", hint="Use float32, float16 or bfloat16.") from None
-
-
-@dataclass
-class ConvertResult:
-    """What a conversion did, for the summary and ``--json``."""
-
-    output: Path
-    status: str  # "converted" or "already_consolidated"
-    detected: dict[str, Any]
-    files: list[str]
-    tensors: int
-    parameters: int
-    bytes_read: int
-    bytes_written: int
-    output_dtype: str
-    seconds: float
-    assets: dict[str, str | None] = field(default_factory=dict)
-    dropped: list[str] = field(default_factory=list)
-    renamed: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    validation: dict[str, Any] | None = None
-    architectures: dict[str, Any] | None = None
-    moe: dict[str, Any] | None = None
-    vlm: dict[str, Any] | None = None  # plan.vlm.VlmSummary: a vision-language model's parts and their sizes
-    quantize: str | None = None  # --quantize's scheme
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out["output"] = str(self.output)
-        out["throughput_mb_s"] = round(self.bytes_written / 1e6 / self.seconds, 1) if self.seconds else None
-        return out
-
-
-def _vlm_parts(conv: Conversion) -> dict[str, Any] | None:
-    """The modality parts of a vision-language model (what ``inspect`` shows), else None."""
-    parts = vlm.summarize(conv.source, conv.config)
-    return parts.to_dict() if parts else None
-
-
-def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> DType | None:
-    """The dtype for floating tensors, or None to keep each tensor's own (see ``ConvertOptions``)."""
-    if not opts.keep_original_precision:
-        return opts.dtype
-    if is_training_source(source):
-        if source.trained_dtype is not None:
-            return source.trained_dtype
-        name = config.get("torch_dtype") or config.get("dtype")
-        return DTYPES_BY_NAME.get(str(name), dtypes.float32)
-    return None  # HF: each tensor keeps its stored dtype
-
-
-def _config_dtype(plan: OutputPlan) -> str:
-    # The floating dtype holding the most bytes is the model's dtype.
-    weight: dict[DType, int] = {}
-    for t in plan.tensors:
-        if t.out_dtype.is_floating_point and t.quant is None:  # a quantized model's dtype is its other tensors'
-            weight[t.out_dtype] = weight.get(t.out_dtype, 0) + t.nbytes
-    return dtype_name(max(weight, key=weight.__getitem__)) if weight else "float32"
-
-
-@dataclass
-class Conversion:
-    """Everything decided about one conversion before any tensor byte is read."""
-
-    detected: detection.DetectedInput
-    source: SourceModel
-    assets: Assets
-    config: dict
-    plan: OutputPlan
-    dropped: list[str]
-    warnings: list[str]
-    architecture: ArchitectureDecision
-    moe: MoeSummary | None = None
-
-
-def _inputs(opts: ConvertOptions, weights_dir: Path | None = None) -> list[Path]:
-    """Every folder of the input that the output must not be, lie in or contain (and cleanup never touches)."""
-    named = [opts.input, weights_dir, opts.checkpoint_dir]
-    return [p if is_object_url(p) else Path(p) for p in named if p is not None]
-
-
-def _check_location(opts: ConvertOptions, inputs: list) -> None:
-    """The output is not an input, inside one, or holding one (a folder, or an object-store prefix)."""
-    url = rpub.output_url(opts.output)
-    if url is not None:
-        rpub.check_output_url(url, [opts.input, opts.checkpoint_dir, *inputs])
-    else:
-        pub.check_output_location(Path(opts.output), [p for p in inputs if not is_object_url(p)])
-
-
-def _max_shard_size(opts: ConvertOptions) -> int:
-    url = rpub.output_url(opts.output)
-    if url is not None and url.kind == "s3":  # the commit copies each shard in one request (CopyObject: 5 GiB)
-        return min(opts.max_shard_size, rpub.S3_MAX_SHARD_BYTES)
-    return opts.max_shard_size
-
-
-def plan_conversion(opts: ConvertOptions) -> Conversion:
-    """Detect the input, read its metadata, find its config and tokenizer, and plan the output.
-
-    Reads no tensor data and writes nothing; the batch uses it for its estimates.
-
-    Raises:
-        ConsolidateError: The input cannot be read, or no config.json can be found.
-    """
-    opts.require_paths()
-    if opts.fmt not in ("safetensors", "bin"):
-        raise UsageError(f"unknown format {opts.fmt}")
-    if opts.lora not in LORA_MODES:
-        raise UsageError(f"unknown --lora {opts.lora}", hint=f"Use one of {', '.join(LORA_MODES)}.")
-    if opts.moe_layout not in MOE_LAYOUTS:
-        raise UsageError(f"unknown --moe-layout {opts.moe_layout}", hint=f"Use one of {', '.join(MOE_LAYOUTS)}.")
-    spec = opts.input_spec
-    detected = detect_input(spec)
-    _check_location(opts, _inputs(opts, detected.weights_dir))
-    source = read_input(spec, detected, LoraMode(opts.lora))
-    adapter = source.lora is not None and source.lora.is_adapter
-    found_base = source.lora.base_model if source.lora is not None else None
-    assets = find_checkpoint_assets(detected.weights_dir, Path(opts.input), source.asset_dirs,
-                                    str(found_base) if found_base is not None else opts.base_model_name)
-    warnings: list[str] = list(assets.skipped)
-    warnings.extend(source.info.get("warnings") or ())  # a reader's advisory disagreements (DeepSpeed rank files)
-    if source.info.get("vllm_warning"):
-        warnings.append(source.info["vllm_warning"])
-    if source.info.get("base_model_error"):
-        warnings.append(f"the adapter was not checked against its base model: {source.info['base_model_error']}")
-    if assets.config is None and source.config is None and not adapter:  # an adapter folder has no config.json
-        raise missing_config(assets, detected.weights_dir)
-    if assets.tokenizer_dir is None:
-        warnings.append(NO_TOKENIZER_WARNING)
-    # A config the reader built from the checkpoint's own record wins over a base model's.
-    config = dict(source.config) if source.config is not None else read_config(assets.config) if assets.config else {}
-    if adapter:
-        architecture = ArchitectureDecision(tuple(config.get("architectures") or ()), FROM_CONFIG)
-        tensors, dropped, moe = list(source.tensors), [], None
-    else:
-        architecture = decide_architectures(config, source, opts.architecture)
-        if architecture.changed:  # only the dict written to the output; the input's file is never touched
-            config["architectures"] = list(architecture.architectures)
-        tensors, dropped, moe = plan_names(source, config, opts.moe_layout)
-    quant = None
-    if opts.quantize is not None:  # each chosen weight gets a scale after it, and config.json its quantization_config
-        quant = plan_quantization(tensors, config, scheme_of(opts.quantize), opts.quantize_ignore,
-                                  target_dtype(opts, source, config))
-        tensors = quant.tensors
-        config["quantization_config"] = quant.config
-    plan = plan_output(tensors, target_dtype=target_dtype(opts, source, config),
-                       max_shard_size=2**62 if adapter else _max_shard_size(opts), fmt=opts.fmt,
-                       stem="adapter_model" if adapter else None, out_dtypes=quant and quant.out_dtypes,
-                       quant=quant and quant.targets)
-    return Conversion(detected, source, assets, config, plan, dropped, warnings, architecture, moe)
 
 
 def convert(opts: ConvertOptions, *, progress: Callable[[int, int], None] | None = None,
@@ -364,19 +89,19 @@ def _convert(opts: ConvertOptions, progress: Callable[[int, int], None] | None,
     pub.check_output_path(output)
     # The full location check (with the detected weights folder) runs in plan_conversion; this one
     # comes first so that a --force over a parent of the input is refused for what it is.
-    pub.check_output_location(output, _inputs(opts))
+    pub.check_output_location(output, input_paths(opts))
     pub.check_replaceable(output, opts.force)
     conv = plan_conversion(opts)
     plan, assets = conv.plan, conv.assets
-    common = _summary(conv, opts)
+    common = summary_fields(conv, opts)
     # A folder whose config.json needs architectures written is not "already consolidated": vLLM refuses it.
     if (is_single_file_model(conv.source) and not opts.force and not conv.architecture.changed
-            and _unchanged_single(conv.source, plan)):
+            and unchanged_single(conv.source, plan)):
         return ConvertResult(output=conv.detected.weights_dir, status="already_consolidated", files=[],
                              bytes_read=0, bytes_written=0, seconds=time.monotonic() - started, **common)
 
     # Never the input, even when it is named like one of our leftovers (a copy of a temporary folder).
-    clean_stale(output, protect=_inputs(opts, conv.detected.weights_dir))
+    clean_stale(output, protect=input_paths(opts, conv.detected.weights_dir))
     parents = pub.CreatedParents(output)
     try:
         parents.make()
@@ -400,16 +125,6 @@ def _convert(opts: ConvertOptions, progress: Callable[[int, int], None] | None,
     )
 
 
-def _summary(conv: Conversion, opts: ConvertOptions) -> dict[str, Any]:
-    """The fields of a :class:`ConvertResult` known once the conversion is planned."""
-    plan = conv.plan
-    info = dict(conv.source.info, how=conv.detected.how, weights_dir=str(conv.detected.weights_dir))
-    return dict(tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
-                output_dtype=_config_dtype(plan), assets=conv.assets.origin(), warnings=conv.warnings, detected=info,
-                architectures=conv.architecture.to_dict(), moe=conv.moe.to_dict() if conv.moe else None,
-                vlm=_vlm_parts(conv), quantize=opts.quantize)
-
-
 def _convert_to_store(opts: ConvertOptions, url: ObjectURL, started: float,
                       progress: Callable[[int, int], None] | None,
                       on_stage: Callable[[str], None] | None) -> ConvertResult:
@@ -422,21 +137,21 @@ def _convert_to_store(opts: ConvertOptions, url: ObjectURL, started: float,
     from vllm_consolidate.storage.staging import clean_stale as clean_stale_staging
     from vllm_consolidate.storage.store import open_store
 
-    rpub.check_output_url(url, _inputs(opts))
+    rpub.check_output_url(url, input_paths(opts))
     store = open_store(url, dict(opts.storage_options))
     rpub.check_replaceable(store, url, opts.force)
     conv = plan_conversion(opts)
     clean_stale_staging(store, url)  # what a killed run for this output left in its staging prefix
-    common = _summary(conv, opts)
-    adapter = _adapter_config(conv) is not None
+    common = summary_fields(conv, opts)
+    adapter = adapter_config_of(conv) is not None
     with StagedOutput(store, url) as staged:
-        written = _write_files(conv, staged, progress)
+        written = write_files(conv, staged, progress)
         nbytes = rpub.staged_sizes(staged, written)
 
         def validate() -> Any:
             return validate_staged(conv, staged.url, opts, url, on_stage, adapter)
 
-        report = rpub.commit(staged, _marker_info(opts, conv, written), opts.force,
+        report = rpub.commit(staged, marker_info(opts, conv, written), opts.force,
                              validate=validate if opts.validate else None)
     if report is not None:
         report.path = str(url)
@@ -458,60 +173,21 @@ def validate_staged(conv: Conversion, staged: ObjectURL, opts: ConvertOptions, o
         # transformers opens config.json and the tokenizer files by name: those few small files are fetched into
         # the private mirror (bounded, removed with it); weights stay stand-ins read by range.
         view.materialize()
-        return _validate(conv, view.path, str(output), on_stage, adapter)  # type: ignore[arg-type]
+        return validate_output(conv, view.path, str(output), on_stage, adapter)  # type: ignore[arg-type]
     finally:
         view.close()
-
-
-def _write_files(conv: Conversion, dest: Any, progress: Callable[[int, int], None] | None) -> list[str]:
-    """Write the weights and the assets into ``dest`` (a temporary folder or a staging prefix); their names."""
-    plan, config = conv.plan, conv.config
-    out_dtype = _config_dtype(plan)
-    config["torch_dtype"] = out_dtype
-    config["dtype"] = out_dtype
-    total, done, lock = plan.total_size, 0, threading.Lock()
-
-    def on_bytes(n: int) -> None:
-        nonlocal done
-        with lock:
-            done += n
-            if progress:
-                progress(done, total)
-
-    adapter_config = _adapter_config(conv)
-    written = [p.name for p in write_plan(plan, dest, on_bytes)]
-    if adapter_config is not None:
-        written += copy_adapter_assets(conv.assets, adapter_config, dest)
-    else:
-        written += copy_assets(conv.assets, dest, config)
-    return written
-
-
-def _adapter_config(conv: Conversion) -> Path | None:
-    """The checked ``adapter_config.json`` of a LoRA adapter written as an adapter folder (``--lora adapter``)."""
-    lora = conv.source.lora
-    return lora.adapter_config if lora is not None and lora.is_adapter else None
-
-
-def _marker_info(opts: ConvertOptions, conv: Conversion, written: list[str]) -> dict[str, Any]:
-    # An object-store input is read through a local mirror: the marker names its URLs, not the mirror's paths.
-    source = opts.input if is_object_url(opts.input) else remote.public(str(Path(opts.input).absolute()))
-    return {"source": remote.public(str(conv.detected.weights_dir)), "input": source,
-            "output_dtype": _config_dtype(conv.plan), "files": written,
-            **({"moe": conv.moe.to_dict()} if conv.moe else {}),
-            **({"quantize": opts.quantize} if opts.quantize else {})}
 
 
 def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
                        progress: Callable[[int, int], None] | None,
                        on_stage: Callable[[str], None] | None) -> tuple[list[str], Any]:
     """Stream the weights and assets into a locked temporary sibling, validate it, and rename it into place."""
-    adapter = _adapter_config(conv) is not None
+    adapter = adapter_config_of(conv) is not None
     with pub.Staging(output) as staging:
         tmp = staging.path
-        written = _write_files(conv, tmp, progress)
-        pub.write_marker(tmp, _marker_info(opts, conv, written))
-        report = _validate(conv, tmp, output, on_stage, adapter) if opts.validate else None
+        written = write_files(conv, tmp, progress)
+        pub.write_marker(tmp, marker_info(opts, conv, written))
+        report = validate_output(conv, tmp, output, on_stage, adapter) if opts.validate else None
         staging.publish(opts.force)
     if report is not None:
         report.path = output  # it ran on the temporary folder, now renamed
@@ -519,33 +195,7 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
     return written, report
 
 
-def _validate(conv: Conversion, tmp: Path, output: Path, on_stage: Callable[[str], None] | None,
-              adapter: bool = False) -> Any:
-    from vllm_consolidate.validate import validate_adapter_folder, validate_folder
-    from vllm_consolidate.validate.source import Reference
-
-    if on_stage:
-        on_stage("validating the output (--no-validate-vllm skips this)")
-    # The sampled comparison with the source proves each tensor landed where the plan put it.
-    sample = Reference(str(conv.detected.weights_dir), {t.name: t.spec for t in conv.plan.tensors}, conv.dropped,
-                       depth="sample")
-    report = validate_adapter_folder(tmp, reference=sample) if adapter else validate_folder(tmp, reference=sample)
-    if not report.ok:
-        raise ValidationFailedError(
-            "the converted folder failed validation: " + "; ".join(report.failure_messages()),
-            path=output,
-            hint="Rerun with --no-validate-vllm to keep the output anyway and inspect it.",
-            report=report,
-        )
-    return report
-
-
-def _unchanged_single(source: SourceModel, plan: OutputPlan) -> bool:
-    """A single-file HF model whose format and dtypes would not change needs no conversion."""
-    src_file = source.source_files[0] if source.source_files else ""
-    same_format = src_file.endswith(".safetensors") == (plan.format == "safetensors")
-    same_dtypes = all(t.out_dtype == t.spec.dtype for t in plan.tensors)
-    one_file = len(plan.files) == 1
-    same_names = {t.spec.name for t in plan.tensors} <= {t.name for t in source.tensors}  # no MoE re-layout
-    return (len(source.source_files) == 1 and one_file and same_format and same_dtypes and not source.renamed
-            and same_names)
+#: What callers import from here: the flow (:func:`convert`) and, for compatibility, the records and planning
+#: that live in :mod:`vllm_consolidate.conversion`.
+__all__ = ["DEFAULT_BASE_MODEL", "DEFAULT_MAX_SHARD_SIZE", "ConvertOptions", "ConvertResult", "convert",
+           "plan_conversion", "validate_staged"]
