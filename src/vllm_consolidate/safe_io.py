@@ -99,19 +99,10 @@ def open_source(path: str | os.PathLike, *, error: type[ConsolidateError] | None
     return LocalFile(open_regular(path, error=error), os.fspath(path))
 
 
-def open_file(path: str | os.PathLike, *, error: type[ConsolidateError] | None = None):
-    """A seekable binary file object (``with open_file(p) as fh``): :func:`open_regular` wrapped, or a
-    reader of the object behind a stand-in (no descriptor; see :func:`size_of`)."""
-    found = remote.open_remote(path)
-    if found is not None:
-        return ByteFileReader(found)
-    return os.fdopen(open_regular(path, error=error), "rb")
-
-
-def size_of(fh) -> int:
-    """The size of a file object :func:`open_file` returned."""
-    size = getattr(fh, "size", None)
-    return size if isinstance(size, int) else os.fstat(fh.fileno()).st_size
+def open_file(path: str | os.PathLike, *, error: type[ConsolidateError] | None = None) -> ByteFileReader:
+    """A seekable binary file object (``with open_file(p) as fh``) over :func:`open_source`: a local regular
+    file or the object behind a stand-in, read the same way (positional reads, ``fh.size``)."""
+    return ByteFileReader(open_source(path, error=error))
 
 
 def is_regular_file(path: str | os.PathLike) -> bool:
@@ -277,5 +268,5 @@ __all__ = [
     "MAX_CONFIG_BYTES", "MAX_INDEX_BYTES", "MAX_LIST_BYTES", "MAX_TAG_BYTES", "MAX_TEMPLATE_BYTES",
     "MAX_TOKENIZER_BYTES", "MAX_TOKENIZER_SET_BYTES", "confined", "contains",
     "DuplicateKeyError", "is_regular_file", "open_file", "open_regular", "open_source", "parse_json", "read_bounded",
-    "read_json", "read_text", "size_of", "trust_root",
+    "read_json", "read_text", "trust_root",
 ]

@@ -296,39 +296,6 @@ def _unpickle(data: bytes, path: str, storages: dict[str, tuple[int, int]], allo
 SMALL_ARCHIVE_BYTES = 1 << 20
 
 
-class _Window(io.RawIOBase):
-    """A read-only view of bytes ``[start, start + length)`` of an open file, seekable within them.
-
-    DCP stores each tensor as a whole ``torch.save`` archive inside a larger ``.distcp`` file; the
-    zip reader must see that archive alone (its directory is found from the end).
-    """
-
-    def __init__(self, fh: Any, start: int, length: int):
-        self._fh, self._start, self._length, self._pos = fh, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._length}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        want = max(0, min(len(buffer), self._length - self._pos))
-        self._fh.seek(self._start + self._pos)
-        data = self._fh.read(want)
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-
 def load_lazy(path: str | os.PathLike, *, start: int = 0, length: int | None = None,
               allow: Allowlist = _DEFAULT) -> Any:
     """Unpickle a ``torch.save`` zip file through the allowlist, without reading tensor data.
@@ -353,7 +320,7 @@ def load_lazy(path: str | os.PathLike, *, start: int = 0, length: int | None = N
     path = os.fspath(path)
     try:
         with safe_io.open_file(path) as fh:
-            size = safe_io.size_of(fh)
+            size = fh.size
             if start or length is not None:
                 if length is None or start < 0 or length < 0 or start + length > size:
                     raise CorruptCheckpointError(
@@ -363,7 +330,7 @@ def load_lazy(path: str | os.PathLike, *, start: int = 0, length: int | None = N
                     fh.seek(start)
                     fh = io.BytesIO(fh.read(length))
                 else:
-                    fh = _Window(fh, start, length)
+                    fh = fh.window(start, length)
                 size = length
             if fh.read(4) != b"PK\x03\x04":
                 raise UnsupportedCheckpointError(

@@ -285,16 +285,24 @@ class RemoteFile:
 
 
 class ByteFileReader:
-    """A seekable binary file object over a :class:`ByteFile`, for ``zipfile`` (reads exactly what is asked).
+    """A seekable binary file object over a :class:`ByteFile` (or a window of it), for ``zipfile``.
 
-    No read-ahead buffer: ``zipfile`` reads a 30-byte local header before each member, and a buffer
-    would fetch the member data after it (for a ZeRO rank file, the Adam moments).
+    Every read is exactly what is asked (no read-ahead buffer): ``zipfile`` reads a 30-byte local header
+    before each member, and a buffer would fetch the member data after it (for a ZeRO rank file, the Adam
+    moments). :meth:`window` gives a view of bytes ``[start, start + length)`` seen as a whole file: DCP
+    stores each tensor as a ``torch.save`` archive inside a larger ``.distcp``, and the zip reader must see
+    that archive alone (its directory is found from the end).
     """
 
-    def __init__(self, source: ByteFile):
-        self.source, self.size, self._pos = source, source.size, 0
+    def __init__(self, source: ByteFile, *, start: int = 0, length: int | None = None, owns: bool = True):
+        self.source, self._start, self._pos, self._owns = source, start, 0, owns
+        self.size = source.size - start if length is None else length
         self.name = source.name
         self.closed = False
+
+    def window(self, start: int, length: int) -> ByteFileReader:
+        """Bytes ``[start, start + length)`` of this reader as a file of their own (closing it closes nothing)."""
+        return ByteFileReader(self.source, start=self._start + start, length=length, owns=False)
 
     def readable(self) -> bool:
         return True
@@ -315,7 +323,8 @@ class ByteFileReader:
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             n = self.size - self._pos
-        data = self.source.pread(n, self._pos) if n > 0 and self._pos < self.size else b""
+        n = min(n, self.size - self._pos)
+        data = self.source.pread(n, self._start + self._pos) if n > 0 else b""
         self._pos += len(data)
         return data
 
@@ -327,12 +336,13 @@ class ByteFileReader:
     def fileno(self) -> int:
         import io
 
-        raise io.UnsupportedOperation("an object-store stand-in has no descriptor")
+        raise io.UnsupportedOperation("read through positional reads only (an object-store input has no descriptor)")
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.source.close()
+            if self._owns:
+                self.source.close()
 
     def __enter__(self) -> ByteFileReader:
         return self
