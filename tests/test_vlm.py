@@ -26,7 +26,7 @@ from vllm_consolidate.plan import vlm
 
 #: ZeRO-3 and ZeRO-2 (frozen tower: stored whole in mp_rank_00), and HF Trainer + ZeRO-3 (tower trained).
 DS_CASES = ["qwen2vl_z3_w2_fp32", "llava_z3_w2_bf16", "gemma3_z3_w2_bf16", "qwen2vl_z2_w2_bf16_frozen",
-            "trainer_qwen2vl_z3_bf16"]
+            "trainer_qwen2vl_z3_bf16", "qwen25vl_z3_w2_bf16"]
 DCP_CASES = ["dcp_qwen2vl_w2_frozen", "dcp_llava_w2_frozen", "dcp_qwen25vl_w2", "dcp_gemma3_w2",
              "verl_qwen2vl_w2"]  # and verl's FSDP checkpoint manager
 ALL = DS_CASES + DCP_CASES
@@ -282,7 +282,8 @@ TEXT_ONLY = {"limit_mm_per_prompt": {"image": 0, "video": 0}}
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16",
-                                  "dcp_qwen25vl_w2"])  # trainer_qwen2vl_z3_bf16 passed once too (same names)
+                                  "dcp_qwen25vl_w2", "qwen25vl_z3_w2_bf16"])
+# trainer_qwen2vl_z3_bf16 passed once too (same names as qwen2vl_z3_w2_fp32)
 def test_vllm_generates_what_the_truth_generates(name, vlm_cases, tmp_path, monkeypatch):
     from tests.test_e2e_vllm import MAX_TOKENS, PROMPTS, assert_greedy_agrees, vllm_python
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText

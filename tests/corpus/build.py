@@ -540,6 +540,9 @@ _SPECS: list[CaseSpec] = [
     _ds("qwen2vl_z2_w2_bf16_frozen", tiny_vlm("qwen2_vl", frozen_vision=True), 2, 2, "bf16",
         "Qwen2-VL under ZeRO-2 bf16, vision tower frozen (stored whole in mp_rank_00), config+tokenizer",
         has_config=True, has_tokenizer=True, seed=93),
+    _ds("qwen25vl_z3_w2_bf16", tiny_vlm("qwen2_5_vl"), 3, 2, "bf16",
+        "Qwen2.5-VL under ZeRO-3 bf16, vision tower trained (one windowed, one full-attention block), "
+        "config+tokenizer", has_config=True, has_tokenizer=True, seed=99),
     # ---- HF Trainer + DeepSpeed on the issue-25 families (one checkpoint each, to keep the build short)
     _trainer("trainer_mixtral_z3g16_bf16", tiny_moe("mixtral"), 3,
              "HF Trainer ZeRO-3 Mixtral with 16-bit gather: DS shards (fused expert names) + Trainer's bf16 "
