@@ -193,6 +193,12 @@ def _want_parts(spec: dict, truth: dict[str, torch.Tensor]) -> dict[str, dict[st
     return want
 
 
+def _want_moved(spec: dict, truth: dict[str, torch.Tensor]) -> int:
+    """How many written tensors leave the training names: all but Qwen-VL's ``lm_head.weight`` (vlm.py's table)."""
+    written = sum(p["tensors"] for p in _want_parts(spec, truth).values())
+    return written - (spec["arch"] in ("qwen2_vl", "qwen2_5_vl") and "lm_head.weight" in truth)
+
+
 @pytest.mark.parametrize("name", ["qwen2vl_z3_w2_fp32", "dcp_llava_w2_frozen", "gemma3_z3_w2_bf16", "dcp_qwen25vl_w2"])
 def test_inspect_shows_modality_parts(name, vlm_cases, capsys):
     spec, truth = _spec(name), _truth(name, vlm_cases[name])
@@ -202,22 +208,35 @@ def test_inspect_shows_modality_parts(name, vlm_cases, capsys):
     assert cli.main(["inspect", str(vlm_cases[name] / meta["input"]), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     found = report["inputs"][0]["vlm"] if "inputs" in report else report["vlm"]
-    assert found == {"family": spec["arch"], "parts": want}
+    assert found == {"family": spec["arch"], "parts": want, "renamed": _want_moved(spec, truth)}
     assert cli.main(["inspect", str(vlm_cases[name] / meta["input"])]) == 0
-    assert "vision_tower" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "vision_tower" in text and "lose a wrapper prefix" not in text  # a VLM prefix move is not one
+    assert f"{_want_moved(spec, truth)} names move to save_pretrained's prefixes" in text
 
 
-def test_convert_reports_modality_parts(vlm_cases, tmp_path, capsys):
-    """convert's JSON and summary carry the same parts ``inspect`` shows (the truth's counts)."""
+def test_convert_reports_modality_parts(vlm_cases, tmp_path, capsys, monkeypatch):
+    """convert's JSON and summary carry the same parts ``inspect`` shows (the truth's counts), computed once per
+    conversion; the prefix moves (training names -> save_pretrained's) are reported as such, not as wrapper
+    prefixes lost."""
     name = "qwen2vl_z3_w2_fp32"
-    want = _want_parts(_spec(name), _truth(name, vlm_cases[name]))
+    spec, truth = _spec(name), _truth(name, vlm_cases[name])
+    want = _want_parts(spec, truth)
+    saved = expected_output(spec, truth, tmp_path / "saved")
+    moved = len(saved) - len(set(saved) & set(truth))  # names save_pretrained writes differently from training
+    calls = []
+    monkeypatch.setattr(vlm, "to_output_names", lambda *a, f=vlm.to_output_names: calls.append(1) or f(*a))
     capsys.readouterr()
     assert _convert(name, vlm_cases[name], tmp_path / "j", "--json", "--no-validate") == 0
-    assert json.loads(capsys.readouterr().out)["vlm"]["parts"] == want
+    assert len(calls) == 1  # plan_names' summary is the one reported
+    result = json.loads(capsys.readouterr().out)
+    assert result["vlm"] == {"family": "qwen2_vl", "parts": want, "renamed": moved} and result["renamed"] == {}
     assert _convert(name, vlm_cases[name], tmp_path / "s", "--no-validate") == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("modality:"))
+    text = capsys.readouterr().out
+    line = next(x for x in text.splitlines() if x.startswith("modality:"))
     vision = want["vision_tower"]
     assert f"vision_tower {vision['parameters']:,} parameters ({vision['tensors']} tensors)" in line
+    assert line.endswith(f"; {moved} names moved to save_pretrained's prefixes") and "wrapper prefix" not in text
 
 
 def test_processor_files_are_copied_with_the_tokenizer(vlm_cases, tmp_path):
@@ -307,10 +326,10 @@ def test_vllm_generates_what_the_truth_generates(name, vlm_cases, tmp_path, monk
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_lora_merge_on_qwen2vl_is_peft_merge(dtype, lora_corpus, tmp_path):
+def test_lora_merge_on_qwen2vl_is_peft_merge(dtype, lora_corpus, tmp_path, capsys):
     """The adapter names the training modules (``model.language_model.layers.0.self_attn.q_proj``), base/ holds
     save_pretrained's names (``model.layers.*``, ``visual.*``): the merge equals peft's merge_and_unload, under
-    the names a conversion writes."""
+    the names a conversion writes; the summary reports no name moved (the base's are the written ones)."""
     from tests.corpus import lora_build
 
     name = "lora_qwen2vl_z2_lm"
@@ -319,6 +338,8 @@ def test_lora_merge_on_qwen2vl_is_peft_merge(dtype, lora_corpus, tmp_path):
     assert any(k.startswith("model.layers.") for k in load_file(case / meta["base_dir"] / "model.safetensors"))
     assert cli.convert_main(["--input", str(case / meta["input"]), "--output", str(out), "--dtype", dtype,
                              "--base-model-name", str(case / meta["base_dir"])]) == 0
+    summary = capsys.readouterr().out
+    assert "modality:" in summary and "renamed:" not in summary and "prefixes" not in summary
     merged = load_file(case / meta["checkpoints"][-1]["merged_truth"])
     assert_equal(expected_output(lora_build.CASES[name].model, merged, tmp_path / "saved"),
                  load_file(out / "model.safetensors"), getattr(torch, dtype))

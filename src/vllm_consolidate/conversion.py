@@ -17,13 +17,13 @@ from typing import Any
 from vllm_consolidate import dtypes
 from vllm_consolidate.dtypes import DType
 from vllm_consolidate.errors import UsageError, ValidationFailedError
-from vllm_consolidate.plan import vlm
 from vllm_consolidate.plan.architecture import FROM_CONFIG, ArchitectureDecision, decide_architectures
 from vllm_consolidate.plan.inputs import LORA_MODES, InputSpec, LoraMode, detect_input, read_input
 from vllm_consolidate.plan.moe import MOE_LAYOUTS, MoeSummary
 from vllm_consolidate.plan.names import plan_names
 from vllm_consolidate.plan.quantize import check_quantize_options, plan_quantization, scheme_of
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
+from vllm_consolidate.plan.vlm import VlmSummary
 from vllm_consolidate.read import detect as detection
 from vllm_consolidate.read.assets import (  # DEFAULT_BASE_MODEL re-exported by convert: the CLI imports it there
     DEFAULT_BASE_MODEL,
@@ -190,12 +190,6 @@ class ConvertResult:
         return out
 
 
-def vlm_parts(conv: Conversion) -> dict[str, Any] | None:
-    """The modality parts of a vision-language model (what ``inspect`` shows), else None."""
-    parts = vlm.summarize(conv.source, conv.config)
-    return parts.to_dict() if parts else None
-
-
 def target_dtype(opts: ConvertOptions, source: SourceModel, config: dict) -> DType | None:
     """The dtype for floating tensors, or None to keep each tensor's own (see ``ConvertOptions``)."""
     if not opts.keep_original_precision:
@@ -230,6 +224,7 @@ class Conversion:
     warnings: list[str]
     architecture: ArchitectureDecision
     moe: MoeSummary | None = None
+    vlm: VlmSummary | None = None  # plan_names' record of a vision-language model's parts
 
 
 def input_paths(opts: ConvertOptions, weights_dir: Path | None = None) -> list[Path]:
@@ -291,12 +286,12 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
     config = dict(source.config) if source.config is not None else read_config(assets.config) if assets.config else {}
     if adapter:
         architecture = ArchitectureDecision(tuple(config.get("architectures") or ()), FROM_CONFIG)
-        tensors, dropped, moe = list(source.tensors), [], None
+        tensors, dropped, moe, parts = list(source.tensors), [], None, None
     else:
         architecture = decide_architectures(config, source, opts.architecture)
         if architecture.changed:  # only the dict written to the output; the input's file is never touched
             config["architectures"] = list(architecture.architectures)
-        tensors, dropped, moe = plan_names(source, config, opts.moe_layout)
+        tensors, dropped, moe, parts = plan_names(source, config, opts.moe_layout)
     quant = None
     if opts.quantize is not None:  # each chosen weight gets a scale after it, and config.json its quantization_config
         quant = plan_quantization(tensors, config, scheme_of(opts.quantize), opts.quantize_ignore,
@@ -307,7 +302,7 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
                        max_shard_size=2**62 if adapter else max_shard_size(opts), fmt=opts.fmt,
                        stem="adapter_model" if adapter else None, out_dtypes=quant and quant.out_dtypes,
                        quant=quant and quant.targets)
-    return Conversion(detected, source, assets, config, plan, dropped, warnings, architecture, moe)
+    return Conversion(detected, source, assets, config, plan, dropped, warnings, architecture, moe, parts)
 
 
 def summary_fields(conv: Conversion, opts: ConvertOptions) -> dict[str, Any]:
@@ -317,7 +312,7 @@ def summary_fields(conv: Conversion, opts: ConvertOptions) -> dict[str, Any]:
     return dict(tensors=len(plan.tensors), parameters=sum(t.spec.numel for t in plan.tensors),
                 output_dtype=config_dtype(plan), assets=conv.assets.origin(), warnings=conv.warnings, detected=info,
                 architectures=conv.architecture.to_dict(), moe=conv.moe.to_dict() if conv.moe else None,
-                vlm=vlm_parts(conv), quantize=opts.quantize)
+                vlm=conv.vlm.to_dict() if conv.vlm else None, quantize=opts.quantize)
 
 
 def write_files(conv: Conversion, dest: Any, progress: Callable[[int, int], None] | None) -> list[str]:

@@ -21,7 +21,6 @@ from typing import Any
 from vllm_consolidate import dtypes
 from vllm_consolidate.convert import DEFAULT_BASE_MODEL, DEFAULT_MAX_SHARD_SIZE
 from vllm_consolidate.errors import ConsolidateError, InputNotFoundError
-from vllm_consolidate.plan import vlm
 from vllm_consolidate.plan.architecture import decide_architectures
 from vllm_consolidate.plan.inputs import InputSpec, detect_input, read_input
 from vllm_consolidate.plan.names import plan_names
@@ -323,9 +322,8 @@ def _describe_architectures(report: InputReport, config: dict | None, source: So
 
 def _describe_tensors(report: InputReport, source: SourceModel, config: dict) -> None:
     """Counts, the largest tensor, and per output dtype the planned size and the batch's RAM estimate."""
-    tensors, dropped, moe = plan_names(source, config)
+    tensors, dropped, moe, parts = plan_names(source, config)
     report.moe = moe.to_dict() if moe else None
-    parts = vlm.summarize(source, config)
     report.vlm = parts.to_dict() if parts else None
     report.tensors = len(tensors)
     report.parameters = sum(t.numel for t in tensors)

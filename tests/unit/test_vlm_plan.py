@@ -8,7 +8,7 @@ import pytest
 
 from vllm_consolidate import dtypes
 from vllm_consolidate.plan import vlm
-from vllm_consolidate.plan.names import output_tensors
+from vllm_consolidate.plan.names import output_tensors, plan_names
 from vllm_consolidate.source import Segment, SourceModel, TensorSpec
 
 LLAVA = {"model_type": "llava", "tie_word_embeddings": False}
@@ -68,15 +68,26 @@ def test_other_models_are_untouched():
     names = ["model.layers.0.mlp.up_proj.weight", "visual.x.weight", "vision_tower.y.weight"]
     out, _ = output_tensors(_source(names), {"model_type": "qwen2"})
     assert [t.name for t in out] == names
-    assert vlm.summarize(_source(names), {"model_type": "qwen2"}) is None
+    assert plan_names(_source(names), {"model_type": "qwen2"}).vlm is None
 
 
-def test_summary_counts_each_part():
-    names = [f[0] for f in QWEN_FORMS]
-    summary = vlm.summarize(_source(names), QWEN2VL)
-    assert summary.to_dict() == {"family": "qwen2_vl", "parts": {
+@pytest.mark.parametrize(("form", "moved"), [(0, 4), (1, 0), (2, 3)])
+def test_summary_counts_each_part(form, moved):
+    """The parts whatever the input form; ``renamed`` counts the names written under another prefix than the
+    input's (training: all but lm_head; save_pretrained's: none), and they are not wrapper renames."""
+    source = _source([f[form] for f in QWEN_FORMS])
+    named = plan_names(source, QWEN2VL)
+    assert named.vlm.to_dict() == {"family": "qwen2_vl", "parts": {
         "vision_tower": {"tensors": 1, "parameters": 4}, "projector": {"tensors": 1, "parameters": 4},
-        "language_model": {"tensors": 3, "parameters": 12}}}
+        "language_model": {"tensors": 3, "parameters": 12}}, "renamed": moved}
+    assert vlm.to_training_names(source, QWEN2VL).renamed == {}
+
+
+def test_tied_head_dropped_is_not_counted_as_moved():
+    emb = "model.language_model.embed_tokens.weight"
+    source = SourceModel("deepspeed", Path("/ckpt"), [_spec(emb), _spec("lm_head.weight")])
+    named = plan_names(source, GEMMA3)
+    assert named.dropped == ["lm_head.weight"] and named.vlm.renamed == 1
 
 
 @pytest.mark.parametrize(("config", "forms"), [(LLAVA, LLAVA_FORMS), (QWEN2VL, QWEN_FORMS)])

@@ -57,7 +57,9 @@ def print_summary(result) -> None:
     if result.vlm:
         parts = ", ".join(f"{name} {p['parameters']:,} parameters ({p['tensors']} tensors)"
                           for name, p in result.vlm["parts"].items() if p["tensors"])
-        print(f"modality:   {result.vlm['family']} vision-language model: {parts}")
+        moved = result.vlm.get("renamed")
+        moved_text = f"; {moved} names moved to save_pretrained's prefixes" if moved else ""
+        print(f"modality:   {result.vlm['family']} vision-language model: {parts}{moved_text}")
     if result.quantize:
         print(f"quantized:  {result.quantize} (compressed-tensors, as llm-compressor writes it)")
     if result.renamed:

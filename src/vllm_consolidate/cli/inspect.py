@@ -178,7 +178,9 @@ def _tensor_lines(inp: Any) -> list[str]:
     if inp.vlm:
         parts = inp.vlm["parts"]
         lines.append(_line("modality", ", ".join(f"{part} {p['parameters']:,} parameters ({p['tensors']} tensors)"
-                                                 for part, p in parts.items()) + f" ({inp.vlm['family']})"))
+                                                 for part, p in parts.items()) + f" ({inp.vlm['family']})"
+                                       + (f"; {inp.vlm['renamed']} names move to save_pretrained's prefixes"
+                                          if inp.vlm.get("renamed") else "")))
     big = inp.largest_tensor
     if big is not None:
         lines.append(_line("largest", f"{big.name} {list(big.shape)} {big.dtype}, {size(big.bytes)}"))

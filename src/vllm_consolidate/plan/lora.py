@@ -113,12 +113,14 @@ def merge_lora(source: SourceModel, weights_dir: Path, input_dir: Path, base_mod
 
 
 def read_base(base_dir: Path, adapter: Adapter) -> tuple[SourceModel, Adapter]:
-    """The base model's tensors and the adapter, both under the training names for a vision-language base.
+    """The base model's tensors, and the adapter with its modules under the base's names.
 
     peft names the modules it wrapped, i.e. the training names (``model.language_model.layers.0...``), while a
-    base folder holds what ``save_pretrained`` wrote (``model.layers.0...`` for Qwen2-VL, see
-    :mod:`vllm_consolidate.plan.vlm`) or any older form: both sides are brought to one naming before matching.
-    The config is read only inside the base's trust root, like its weights; without one nothing is renamed.
+    vision-language base folder holds what ``save_pretrained`` wrote (``model.layers.0...`` for Qwen2-VL, see
+    :mod:`vllm_consolidate.plan.vlm`) or any older form: both are matched by their training names, and the
+    adapter takes the base's, so the merged model holds the names the base stored (what the summary compares
+    the written names with). The config is read only inside the base's trust root, like its weights; without
+    one nothing is renamed.
     """
     root = trust_root(base_dir)
     base = hf.read_hf(base_dir, root)
@@ -126,13 +128,17 @@ def read_base(base_dir: Path, adapter: Adapter) -> tuple[SourceModel, Adapter]:
     config = read_config(path) if path.is_file() and confined(path, [root]) else {}
     if vlm.family_of(config) is None:
         return base, adapter
-    def module(name: str) -> str:  # the rules match tensor names (``language_model.lm_head.`` ends in a dot)
-        return vlm.training_name(config, f"{name}.weight").removesuffix(".weight")
+    stored = {vlm.training_name(config, t.name): t.name for t in base.tensors}
+
+    def name(tensor: str) -> str:  # a name the base lacks stays as it is: merge_plan names it in its error
+        return stored.get(vlm.training_name(config, tensor), tensor)
+
+    def module(mod: str) -> str:  # the rules match tensor names (``language_model.lm_head.`` ends in a dot)
+        return name(f"{mod}.weight").removesuffix(".weight")
 
     modules = {module(m): replace(lora, module=module(m)) for m, lora in adapter.modules.items()}
-    replacements = {vlm.training_name(config, n): replace(t, name=vlm.training_name(config, n))
-                    for n, t in adapter.replacements.items()}
-    return vlm.to_training_names(base, config), replace(adapter, modules=modules, replacements=replacements)
+    replacements = {name(n): replace(t, name=name(n)) for n, t in adapter.replacements.items()}
+    return base, replace(adapter, modules=modules, replacements=replacements)
 
 
 _SAVED_NAMES = [  # live peft names -> the names peft saves (and vLLM loads): without the adapter name

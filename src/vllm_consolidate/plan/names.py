@@ -9,6 +9,8 @@ Nothing here reads a tensor byte.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from vllm_consolidate.plan import vlm
 from vllm_consolidate.plan.moe import MoeSummary, apply_layout
 from vllm_consolidate.source import SourceModel, TensorSpec
@@ -49,26 +51,44 @@ def resolve_names(source: SourceModel, tied: bool) -> tuple[list[TensorSpec], li
     return tensors, dropped
 
 
-def plan_names(source: SourceModel, config: dict, moe_layout: str = "auto") -> tuple[list[TensorSpec], list[str],
-                                                                                    MoeSummary | None]:
-    """The tensors a conversion writes, under their output names, the names it drops, and the MoE layout.
+class NamePlan(NamedTuple):
+    """What :func:`plan_names` decided: the tensors under their output names and what it found on the way.
+
+    Attributes:
+        tensors: The tensors a conversion writes, under their output names.
+        dropped: Names not written (tied output embeddings).
+        moe: The MoE layout written, or None for a model without experts.
+        vlm: A vision-language model's parts and its prefix moves, or None for other models.
+    """
+
+    tensors: list[TensorSpec]
+    dropped: list[str]
+    moe: MoeSummary | None
+    vlm: vlm.VlmSummary | None
+
+
+def plan_names(source: SourceModel, config: dict, moe_layout: str = "auto") -> NamePlan:
+    """The tensors a conversion writes, under their output names, the names it drops, the MoE layout and the
+    modality parts (computed here once: the summary, ``inspect`` and the marker all take them from this).
 
     Args:
         source: The checkpoint, as a reader found it.
         config: The model's config.json (it decides tying and the MoE family).
         moe_layout: ``--moe-layout`` (see :mod:`vllm_consolidate.plan.moe`).
     """
-    source = vlm.to_training_names(source, config)
-    tensors, dropped = resolve_names(source, is_tied(config, source))
+    training = vlm.to_training_names(source, config)
+    tensors, dropped = resolve_names(training, is_tied(config, training))
     tensors, moe = apply_layout(tensors, config, moe_layout)
-    tensors, _parts = vlm.to_output_names(tensors, config)
-    return tensors, dropped, moe
+    tensors, parts = vlm.to_output_names(tensors, config)
+    if parts is not None:
+        parts.renamed = vlm.moved_count(source, config, dropped)
+    return NamePlan(tensors, dropped, moe, parts)
 
 
 def output_tensors(source: SourceModel, config: dict, moe_layout: str = "auto") -> tuple[list[TensorSpec], list[str]]:
-    """:func:`plan_names` without the MoE summary."""
-    tensors, dropped, _moe = plan_names(source, config, moe_layout)
-    return tensors, dropped
+    """:func:`plan_names` without the MoE and modality summaries."""
+    named = plan_names(source, config, moe_layout)
+    return named.tensors, named.dropped
 
 
-__all__ = ["LM_HEAD_NAMES", "is_tied", "output_tensors", "plan_names", "resolve_names"]
+__all__ = ["LM_HEAD_NAMES", "NamePlan", "is_tied", "output_tensors", "plan_names", "resolve_names"]

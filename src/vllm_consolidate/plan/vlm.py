@@ -24,7 +24,7 @@ Nothing here reads a tensor byte.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm_consolidate.source import SourceModel, TensorSpec
@@ -82,9 +82,12 @@ class VlmSummary:
 
     family: str
     parts: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Tensors written under another prefix than the input stored them under (training names moved to
+    #: save_pretrained's); not a wrapper prefix lost, which ``SourceModel.renamed`` counts.
+    renamed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"family": self.family, "parts": {k: dict(v) for k, v in self.parts.items()}}
+        return {"family": self.family, "parts": {k: dict(v) for k, v in self.parts.items()}, "renamed": self.renamed}
 
 
 def family_of(config: dict) -> VlmFamily | None:
@@ -102,6 +105,8 @@ def to_training_names(source: SourceModel, config: dict) -> SourceModel:
     """``source`` with every tensor and alias under the training names (unchanged for other models).
 
     Done before tying is resolved, so a tied head under any VLM prefix is recognised as ``lm_head.weight``.
+    The moves are not added to ``source.renamed`` (the wrapper prefixes a reader stripped): the summary
+    reports them apart (:attr:`VlmSummary.renamed`, :func:`moved_count`).
     """
     family = family_of(config)
     if family is None:
@@ -111,16 +116,17 @@ def to_training_names(source: SourceModel, config: dict) -> SourceModel:
     rename.update({t: _apply(family.to_training, t) for t in source.aliases.values()})
     tensors = [TensorSpec(rename[t.name], t.dtype, t.shape, t.segments, t.delta) for t in source.tensors]
     aliases = {rename[a]: rename[t] for a, t in source.aliases.items() if rename[a] != rename[t]}
-    renamed = dict(source.renamed)
-    renamed.update({old: new for old, new in rename.items() if old != new})
-    return _replace(source, tensors, aliases, renamed)
+    return replace(source, tensors=tensors, aliases=aliases)
 
 
-def _replace(source: SourceModel, tensors: list[TensorSpec], aliases: dict[str, str],
-             renamed: dict[str, str]) -> SourceModel:
-    from dataclasses import replace
-
-    return replace(source, tensors=tensors, aliases=aliases, renamed=renamed)
+def moved_count(source: SourceModel, config: dict, dropped: list[str] | tuple[str, ...] = ()) -> int:
+    """How many of ``source``'s written tensors (``dropped``: training names not written) get another prefix
+    than the one they are stored under."""
+    if family_of(config) is None:
+        return 0
+    skip = set(dropped)
+    return sum(written_name(config, t.name) != t.name for t in source.tensors
+               if training_name(config, t.name) not in skip)
 
 
 def part_of(family: VlmFamily, training_name: str) -> str:
@@ -155,10 +161,5 @@ def training_name(config: dict, name: str) -> str:
     return name if family is None else _apply(family.to_training, name)
 
 
-def summarize(source: SourceModel, config: dict) -> VlmSummary | None:
-    """The modality parts of ``source`` (None for a model that is not a vision-language model listed here)."""
-    return to_output_names(to_training_names(source, config).tensors, config)[1]
-
-
-__all__ = ["FAMILIES", "PARTS", "VlmFamily", "VlmSummary", "family_of", "part_of", "summarize", "training_name",
+__all__ = ["FAMILIES", "PARTS", "VlmFamily", "VlmSummary", "family_of", "moved_count", "part_of", "training_name",
            "written_name", "to_output_names", "to_training_names"]
