@@ -1,7 +1,7 @@
 """Vision-language models end to end (issue 25, the VLM half): Qwen2-VL, Qwen2.5-VL, LLaVA and Gemma 3.
 
 The corpus (tests/corpus/build.py ``tiny_vlm``, fsdp_build.py ``dcp_*``/``verl_*``, lora_build.py) holds each
-family trained on image batches under ZeRO-3 and FSDP2 ``dcp.save`` (Qwen2.5-VL: DCP only), and Qwen2-VL also
+family trained on image batches under ZeRO-3 and FSDP2 ``dcp.save``, and Qwen2-VL also
 under ZeRO-2, HF Trainer + ZeRO-3, verl and a LoRA Trainer run, with the vision tower trained in some cases and
 frozen in others; each stores the training names (``model.language_model.*``, ``model.visual.*``,
 ``model.vision_tower.*``). The truth is the live model's parameters gathered at save time; the names a
@@ -263,8 +263,9 @@ def test_processor_files_are_copied_with_the_tokenizer(vlm_cases, tmp_path):
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "llava", "gemma3"])
 def test_written_names_are_save_pretrained_names(model_type, tmp_path):
-    """For every listed family (Qwen2.5-VL has no corpus case): the training names and save_pretrained's names
-    both map to save_pretrained's (CLIP/SigLIP towers under vision_model), and transformers loads them."""
+    """For every listed family (here Qwen2.5-VL as a one-block variant of its corpus cases): the training names and
+    save_pretrained's names both map to save_pretrained's (CLIP/SigLIP towers under vision_model), and transformers
+    loads them."""
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForImageTextToText
 
