@@ -176,11 +176,16 @@ def test_s3_input_to_local_output_and_dry_run(s3, bucket, case_dir, reference, t
     assert list((tmp_path / "tmpdir").iterdir()) == []
 
 
-def test_second_batch_on_the_same_output_prefix_is_refused(s3, bucket, case_dir, monkeypatch, capsys):
-    """The lock object is created only if absent: a batch finding it stops before it converts anything."""
-    _runs(s3, bucket, case_dir)
+def test_local_input_to_s3_output_and_one_batch_per_prefix(s3, bucket, case_dir, reference, tmp_path, capsys):
+    """A local checkpoint into an s3:// --output-dir; then the lock object, created only if absent: a batch
+    finding it (another batch's, or a killed one's) stops before converting anything and leaves it alone."""
+    args = ["batch", "--input-dir", str(case_dir(DS) / "ckpt"), "--output-dir", f"s3://{bucket}/models", *FAST]
+    assert cli.main(args) == 0
+    _same_as_reference(_objects(s3, bucket, "models/ckpt_step_2"), reference)
+    assert list(json.loads(s3.get(bucket, f"models/{objects.MANIFEST_KEY}"))["jobs"]) == ["ckpt_step_2"]
     s3.client().put_object(Bucket=bucket, Key=f"models/{objects.LOCK_KEY}", Body=b"{}")
-    code = cli.main(["batch", "--input-dir", f"s3://{bucket}/runs", "--output-dir", f"s3://{bucket}/models", *FAST])
-    assert code == 11
+    before = _etags(s3, bucket, "models/")
+    capsys.readouterr()
+    assert cli.main([*args, "--force"]) == 11
     assert "another batch is writing to this output prefix" in capsys.readouterr().err
-    assert list(s3.keys(bucket, "models/")) == [f"models/{objects.LOCK_KEY}"]  # its lock is not ours to delete
+    assert _etags(s3, bucket, "models/") == before  # nothing replaced, and its lock is not ours to delete
