@@ -5,7 +5,9 @@ admitted by the :class:`~vllm_consolidate.batch.resources.Scheduler`. A batch ho
 ``.vllm-consolidate-batch.lock`` (:data:`LOCK_NAME`) in the output folder (exclusive while it cleans
 up, shared while it runs; workers hold it shared), and on start removes the stale ``.<name>.batch-*``,
 ``.<name>.old-*`` and ``.<name>.partial-*`` folders of the outputs it plans, with the checks of a single
-conversion (:func:`clean_stale`: ours by marker or lock, never an input).
+conversion (:func:`clean_stale`: ours by marker or lock, never an input). An object-store output
+prefix has a lock object and a manifest object instead, and convert cleans its own staging prefixes
+(:mod:`~vllm_consolidate.batch.objects`).
 
 Failure policy: without ``continue_on_error`` the first failed job stops the batch: no new job
 starts, running jobs finish (their outputs are kept), the rest are reported as not run.
@@ -416,10 +418,11 @@ def run_batch(plan: BatchPlan, on_event: EventFn | None = None, executor: Execut
             j.status = Status.FAILED
             emit(BatchEvent(EventKind.FAILED, j, (j.error or {}).get("message", "")))
     pending = list(plan.to_run)
-    if pending and not (plan.problems and not plan.options.continue_on_error) and plan.objects is not None:
+    runs = pending and not (plan.problems and not plan.options.continue_on_error)
+    if runs and plan.objects is not None:  # no local folder, lock or cleanup: the store's (batch.objects)
         with executor.session(), plan.objects.lock():
             pending = executor.run(plan, _recording(plan, plan.objects, emit), plan.objects.url, pending)
-    elif pending and not (plan.problems and not plan.options.continue_on_error):
+    elif runs:
         out_dir = Path(plan.options.output_dir).absolute()
         with executor.session():
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -437,6 +440,7 @@ def run_batch(plan: BatchPlan, on_event: EventFn | None = None, executor: Execut
 
 def _recording(plan: BatchPlan, objects: ObjectOutputs, emit: EventFn) -> EventFn:
     """``emit``, recording each finished job in the object-store batch manifest first (the driver's one PUT)."""
+
     def on_event(ev: BatchEvent) -> None:
         if ev.kind == EventKind.DONE:
             try:
