@@ -222,13 +222,16 @@ def plan_batch(opts: BatchOptions) -> BatchPlan:
     """Collect inputs, select checkpoints, name outputs, estimate needs and classify existing outputs.
 
     Per-job problems (unreadable checkpoint, output blocked) are recorded in the job's ``action``
-    (``error``/``blocked``) rather than raised.
+    (``error``/``blocked``) rather than raised. An object-store input is listed once into a mirror the plan
+    holds until :meth:`BatchPlan.close`; an object-store ``--output-dir`` is judged by its batch manifest
+    object and each output's marker and listing (:mod:`~vllm_consolidate.batch.objects`).
 
     Raises:
-        UsageError: Bad template or options.
+        UsageError: Bad template or options (or an object-store ``--output-dir`` inside ``--input-dir``).
         InputNotFoundError: The inputs yield nothing.
         BatchError: Two jobs would write the same output, or nothing is selected.
         OutputNotWritableError: An output's path would be too long for the file system.
+        StorageError: The object store could not be listed or read (exit 13).
     """
     if opts.max_workers < 1:
         raise UsageError("--max-workers must be at least 1")
