@@ -101,8 +101,14 @@ class Cluster:
                 "--dashboard-agent-grpc-port", str(p[4]), "--runtime-env-agent-port", str(p[5]),
                 "--disable-usage-stats", "--log-style", "record"]
 
+    def tmpdir(self, name: str) -> Path:
+        """The node's own TMPDIR (its Ray workers' temporary folders): no node sees another's."""
+        return self.root / f"{name}-tmp"
+
     def _start(self, name: str, args: list[str]) -> None:
-        proc = subprocess.Popen([str(BIN / "ray"), "start", *args], env=self.env, start_new_session=True,
+        self.tmpdir(name).mkdir(exist_ok=True)
+        proc = subprocess.Popen([str(BIN / "ray"), "start", *args], env={**self.env, "TMPDIR": str(self.tmpdir(name))},
+                                start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.sessions[name] = proc.pid
         out = proc.communicate(timeout=120)[0]
@@ -424,3 +430,53 @@ def test_node_killed_mid_job_is_retried(cluster: Cluster, corpus: dict[str, Path
     proc2 = _batch(cluster, args)
     assert proc2.returncode == 0, proc2.stderr
     assert "0 done, 2 skipped (up to date)" in proc2.stdout
+
+
+@needs_ray
+@pytest.mark.slow
+def test_s3_batch_on_ray_needs_no_shared_filesystem(cluster: Cluster, corpus: dict[str, Path], tmp_path: Path) -> None:
+    """s3:// in and out on the two nodes, each with its own TMPDIR: tasks get URLs and --storage-options only
+    (the driver and the nodes have no AWS_* variables), the outputs are only in the store and byte-identical
+    to a local conversion, both nodes ran a job, and nothing is left in any node's or the driver's temp dir."""
+    from tests import s3_server
+
+    from vllm_consolidate import cli
+
+    if not cluster.worker_alive():
+        cluster.start_worker()
+    src = corpus[ZERO[1]] / "ckpt"
+    ref = tmp_path / "ref"
+    assert cli.main(["convert", "--input", str(src), "--output", str(ref), *FAST]) == 0
+    driver = tmp_path / "driver"  # the driver's cwd and TMPDIR; no job is given any local path
+    driver.mkdir()
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("AWS_")} | {"TMPDIR": str(driver)}
+    with s3_server.start() as s3:
+        client = s3.client()
+        client.create_bucket(Bucket="raybatch")
+        for run in ("r1", "r2"):
+            for path in sorted(p for p in src.rglob("*") if p.is_file()):
+                client.upload_file(str(path), "raybatch", f"runs/{run}/{path.relative_to(src).as_posix()}")
+        options = json.dumps({"endpoint": s3.endpoint, "access_key_id": "testing", "secret_access_key": "testing",
+                              "region": "us-east-1"})
+        proc = subprocess.run([str(BIN / "vllm-consolidate"), "batch", "--input-dir", "s3://raybatch/runs",
+                               "--output-dir", "s3://raybatch/models", "--storage-options", options, *FAST,
+                               "--max-workers", "2", *_ray(cluster), "--report", str(tmp_path / "r.json")],
+                              capture_output=True, text=True, timeout=240, env=env, cwd=driver)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        jobs = _report(tmp_path / "r.json")
+        assert sorted(jobs) == ["r1_step_2", "r2_step_2"] and all(j["status"] == "done" for j in jobs.values())
+        assert sorted(ip for j in jobs.values() for ip in j["nodes"]) == [HEAD_IP, WORKER_IP]  # one job per node
+        ref_files = {p.relative_to(ref).as_posix(): p.read_bytes() for p in ref.rglob("*") if p.is_file()}
+        for name in jobs:
+            got = {k.split("/", 2)[2]: s3.get("raybatch", k) for k in s3.keys("raybatch", f"models/{name}/")}
+            assert sorted(got) == sorted(ref_files)
+            assert all(got[rel] == ref_files[rel] for rel in ref_files if rel != B.MANIFEST_NAME), name
+        outputs = {k for k in s3.keys("raybatch", "models/")}
+        assert outputs == {f"models/{n}/{rel}" for n in jobs for rel in ref_files} | {
+            "models/.vllm-consolidate-batch.json"}  # no staging prefix, no lock left
+        assert s3.uploads("raybatch") == []
+        assert "testing" not in s3.get("raybatch", "models/.vllm-consolidate-batch.json").decode()
+    assert "testing" not in (tmp_path / "r.json").read_text()  # credentials are not in the report either
+    assert list(driver.iterdir()) == []
+    for node in ("head", "worker"):
+        assert [p.name for p in cluster.tmpdir(node).iterdir() if p.name.startswith("vllmc")] == [], node

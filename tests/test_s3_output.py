@@ -350,18 +350,6 @@ def test_sink_abort_leaves_no_upload(s3, bucket, monkeypatch):
     _no_leftovers(s3, bucket)
 
 
-@pytest.mark.parametrize("where", ["--output-dir", "--input-dir"])
-def test_batch_object_storage_is_refused_by_name(where, tmp_path, monkeypatch, capsys):
-    """Not built yet: refused as a usage error, not folded into a local folder named ``s3:``."""
-    monkeypatch.chdir(tmp_path)
-    dirs = {"--input-dir": str(tmp_path), "--output-dir": str(tmp_path / "out"), where: "s3://bkt/models"}
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["batch", *[x for kv in dirs.items() for x in kv]])
-    assert exc.value.code == 2
-    assert "batch does not use object storage yet" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_commit_copies_config_then_the_marker_last(s3, bucket, case_dir, monkeypatch):
     """A reader that waits for the marker (or config.json) finds every other object already there."""
     import obstore

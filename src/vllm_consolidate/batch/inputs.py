@@ -52,6 +52,7 @@ from vllm_consolidate.errors import InputNotFoundError, UsageError
 from vllm_consolidate.read.runs import InputFolder, inputs_in, inspect_input
 from vllm_consolidate.read.steps import Checkpoint, step_of
 from vllm_consolidate.safe_io import MAX_LIST_BYTES, read_text
+from vllm_consolidate.storage.urls import is_object_url
 from vllm_consolidate.write.publish import NAME_MAX, TEMP_NAME_OVERHEAD
 
 DEFAULT_TEMPLATE = "{input_name}_step_{step}"
@@ -170,6 +171,10 @@ def _from_list(input_list: Path) -> list[InputFolder]:
     entries = [e for e in (ln.strip() for ln in lines) if e and not e.startswith("#")]
     if not entries:
         raise InputNotFoundError("the input list names no folder", path=input_list)
+    remote = next((e for e in entries if is_object_url(e)), None)
+    if remote is not None:  # Path() would fold s3://b/x into a local folder s3:/b/x
+        raise UsageError(f"--input-list names local folders only, not {remote}", path=input_list,
+                         hint="For object storage use --input-dir s3://bucket/prefix or --input-pattern.")
     seen = dict.fromkeys(os.path.normpath(os.path.expanduser(e)) for e in entries)  # first mention wins
     return [inspect_input(Path(p)) for p in seen]
 

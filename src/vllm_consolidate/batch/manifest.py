@@ -26,6 +26,7 @@ from typing import Any
 from vllm_consolidate import __version__
 from vllm_consolidate.convert import ConvertOptions
 from vllm_consolidate.plan.shards import dtype_name
+from vllm_consolidate.storage import remote
 from vllm_consolidate.units import MIB, few
 from vllm_consolidate.write.publish import MARKER_FORMAT, MARKER_NAME
 
@@ -89,16 +90,20 @@ def _stat(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def source_fingerprint(weights_dir: Path, extra_files: list[Path]) -> dict[str, list[int]]:
-    """``{absolute path: [size, mtime_ns]}`` of every file in the weights folder and of ``extra_files``."""
-    out: dict[str, list[int]] = {}
-    for p in sorted(Path(weights_dir).iterdir()):
-        if p.is_file():
-            out[str(p.absolute())] = _stat(p)
-    for p in extra_files:
-        if p.is_file():
-            out[str(Path(p).absolute())] = _stat(Path(p))
-    return out
+def _fingerprint(path: Path) -> tuple[str, list]:
+    """A source file's key and fingerprint: ``(absolute path, [size, mtime_ns])``, or for a stand-in of an
+    object-store input ``(its URL, [size, ETag])`` (a stand-in's mtime is when the mirror was made)."""
+    obj = remote.lookup(path)
+    if obj is not None:
+        return obj.url, [obj.size, obj.etag or ""]
+    return str(path.absolute()), _stat(path)
+
+
+def source_fingerprint(weights_dir: Path, extra_files: list[Path]) -> dict[str, list]:
+    """``{absolute path: [size, mtime_ns]}`` of every file in the weights folder and of ``extra_files``
+    (``{URL: [size, ETag]}`` for an object-store input)."""
+    files = [p for p in sorted(Path(weights_dir).iterdir()) if p.is_file()]
+    return dict(_fingerprint(Path(p)) for p in [*files, *extra_files] if Path(p).is_file())
 
 
 def sha256_file(path: Path, bufsize: int = 8 * MIB) -> str:
@@ -112,13 +117,16 @@ def sha256_file(path: Path, bufsize: int = 8 * MIB) -> str:
 
 def manifest_base(*, input: Path, checkpoint: Path, checkpoint_name: str, step: int | None,
                   detected: dict[str, Any], sources: dict[str, list[int]], options: dict[str, Any]) -> dict[str, Any]:
-    """What the plan knows for a job's manifest; :func:`write_manifest` adds the files and the result."""
-    return {
+    """What the plan knows for a job's manifest; :func:`write_manifest` adds the files and the result.
+
+    Paths in an object-store input's mirror are recorded as their URLs.
+    """
+    return remote.public_value({
         "source": {"input": str(input), "checkpoint": str(checkpoint.absolute()), "checkpoint_name": checkpoint_name,
                    "step": step, **detected},
         "source_files": sources,
         "options": options,
-    }
+    })
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -154,9 +162,12 @@ def write_manifest(folder: Path, base: dict[str, Any], result: dict[str, Any]) -
     return manifest
 
 
-def output_state(output: Path, checkpoint: Path, sources: dict[str, list[int]], options: dict[str, Any],
+def output_state(output: Path, checkpoint: Path | str, sources: dict[str, list[int]], options: dict[str, Any],
                  verify_checksums: bool = False) -> tuple[str, str]:
     """Classify an existing output folder for a job.
+
+    ``checkpoint`` is compared with the manifest's as a string: a path is made absolute, a URL (or a
+    path already made public) is taken as it is.
 
     Returns:
         ``(state, reason)`` with state ``"missing"``, ``"current"``, ``"stale"`` (ours, same checkpoint,
@@ -169,14 +180,15 @@ def output_state(output: Path, checkpoint: Path, sources: dict[str, list[int]], 
         return "foreign", "exists without a vllm-consolidate manifest"
     if m.get("manifest_version") != MANIFEST_VERSION:
         return "stale", f"manifest version {m.get('manifest_version')}"
-    if (m.get("source") or {}).get("checkpoint") != str(checkpoint.absolute()):
+    if (m.get("source") or {}).get("checkpoint") != (checkpoint if isinstance(checkpoint, str)
+                                                     else str(checkpoint.absolute())):
         return "foreign", f"made from another checkpoint ({(m.get('source') or {}).get('checkpoint')})"
     if m.get("options") != options:
         return "stale", "options changed"
     if m.get("source_files") != sources:
         old, new = m.get("source_files") or {}, sources
         changed = sorted(set(old) ^ set(new) | {k for k in set(old) & set(new) if old[k] != new[k]})
-        return "stale", f"source changed ({few([Path(c).name for c in changed], sort=False)})"
+        return "stale", f"source changed ({few([c.rpartition('/')[2] for c in changed], sort=False)})"
     return _files_state(output, m.get("files") or {}, verify_checksums)
 
 

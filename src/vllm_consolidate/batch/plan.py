@@ -7,6 +7,7 @@ the job's ``action`` and ``error`` instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import traceback
@@ -27,6 +28,7 @@ from vllm_consolidate.batch.inputs import (
     template_fields,
 )
 from vllm_consolidate.batch.manifest import content_options, output_state, source_fingerprint
+from vllm_consolidate.batch.objects import ObjectOutputs, mirror_inputs, public_path
 from vllm_consolidate.batch.resources import (
     Scheduler,
     disk_free,
@@ -46,7 +48,10 @@ from vllm_consolidate.errors import (
     error_record,
 )
 from vllm_consolidate.read.zero_locate import confine_chosen
+from vllm_consolidate.storage import remote
+from vllm_consolidate.storage.urls import ObjectURL, is_object_url, parse_object_url
 from vllm_consolidate.units import few
+from vllm_consolidate.write import remote as rpub
 from vllm_consolidate.write.publish import check_output_path, is_ours
 
 
@@ -61,8 +66,8 @@ class BatchOptions:
     """Everything a batch needs; the CLI flags map one to one.
 
     Attributes:
-        output_dir: Where the output folders go.
-        input_dir: One of ``input_dir``/``input_pattern``/``input_list``.
+        output_dir: Where the output folders go: a local folder or an object-store URL (``s3://bucket/prefix``).
+        input_dir: One of ``input_dir``/``input_pattern``/``input_list``; the first two may be object-store URLs.
         all_checkpoints: Every checkpoint of each input, not only the latest.
         checkpoint_filter: fnmatch patterns with braces on checkpoint folder names.
         max_workers: Most jobs at once.
@@ -75,8 +80,8 @@ class BatchOptions:
             own). ``model.force`` redoes up-to-date outputs and replaces outputs that are not ours.
     """
 
-    output_dir: Path
-    input_dir: Path | None = None
+    output_dir: Path | str
+    input_dir: Path | str | None = None
     input_pattern: str | None = None
     input_list: Path | None = None
     all_checkpoints: bool = False
@@ -103,7 +108,9 @@ class Job:
     """One conversion of a batch, planned from metadata.
 
     ``action`` is set by the plan (an :class:`~vllm_consolidate.batch.states.Action`), ``status`` by
-    the run (a :class:`~vllm_consolidate.batch.states.Status`).
+    the run (a :class:`~vllm_consolidate.batch.states.Status`). With an object-store input, ``input`` and
+    ``checkpoint`` are stand-ins in the plan's mirror (reports name their URLs); with an object-store
+    ``--output-dir``, ``output`` is an :class:`~vllm_consolidate.storage.urls.ObjectURL`.
     """
 
     id: int
@@ -111,7 +118,7 @@ class Job:
     checkpoint: Path | None
     checkpoint_name: str
     step: int | None
-    output: Path
+    output: Path | ObjectURL
     fields: dict[str, str] = field(default_factory=dict)
     detected: dict[str, Any] = field(default_factory=dict)
     est_output_bytes: int = 0
@@ -131,10 +138,10 @@ class Job:
 
     @property
     def label(self) -> str:
-        return f"{self.input} [{self.checkpoint_name}]"
+        return f"{remote.public(str(self.input))} [{self.checkpoint_name}]"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        return remote.public_value({
             "id": self.id,
             "input": str(self.input),
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
@@ -154,7 +161,7 @@ class Job:
             "bytes_written": (self.result or {}).get("bytes_written"),
             "peak_rss_bytes": self.peak_rss,
             "error": self.error,
-        }
+        })
 
 
 def job_error(exc: BaseException, *, debug: bool = False) -> dict[str, Any]:
@@ -181,6 +188,14 @@ class BatchPlan:
     ram_margin: int
     disk_free: int | None
     notes: list[str] = field(default_factory=list)
+    #: The object-store ``--output-dir`` (its manifest and lock), None for a local one.
+    objects: ObjectOutputs | None = None
+    #: Closes the mirrors of object-store inputs (:meth:`close`).
+    resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+
+    def close(self) -> None:
+        """Remove the mirrors of object-store inputs (temporary stand-ins); call once the batch is over."""
+        self.resources.close()
 
     @property
     def to_run(self) -> list[Job]:
@@ -207,45 +222,66 @@ def plan_batch(opts: BatchOptions) -> BatchPlan:
     """Collect inputs, select checkpoints, name outputs, estimate needs and classify existing outputs.
 
     Per-job problems (unreadable checkpoint, output blocked) are recorded in the job's ``action``
-    (``error``/``blocked``) rather than raised.
+    (``error``/``blocked``) rather than raised. An object-store input is listed once into a mirror the plan
+    holds until :meth:`BatchPlan.close`; an object-store ``--output-dir`` is judged by its batch manifest
+    object and each output's marker and listing (:mod:`~vllm_consolidate.batch.objects`).
 
     Raises:
-        UsageError: Bad template or options.
+        UsageError: Bad template or options (or an object-store ``--output-dir`` inside ``--input-dir``).
         InputNotFoundError: The inputs yield nothing.
         BatchError: Two jobs would write the same output, or nothing is selected.
         OutputNotWritableError: An output's path would be too long for the file system.
+        StorageError: The object store could not be listed or read (exit 13).
     """
     if opts.max_workers < 1:
         raise UsageError("--max-workers must be at least 1")
     template_fields(opts.naming_template)
-    out_dir = Path(opts.output_dir).absolute()
-    jobs, notes = _select_jobs(collect_inputs(opts.input_dir, opts.input_pattern, opts.input_list), opts, out_dir)
+    stack = contextlib.ExitStack()
+    try:
+        return _plan(opts, stack)
+    except BaseException:
+        stack.close()
+        raise
+
+
+def _plan(opts: BatchOptions, stack: contextlib.ExitStack) -> BatchPlan:
+    objects = None
+    if is_object_url(str(opts.output_dir)):
+        objects = ObjectOutputs(parse_object_url(str(opts.output_dir)), dict(opts.model.storage_options))
+        if opts.input_dir is not None:  # the local batch ignores earlier outputs inside the input; none here
+            rpub.check_output_url(objects.url, [str(opts.input_dir)])
+    out_dir: Path | ObjectURL = objects.url if objects is not None else Path(opts.output_dir).absolute()
+    input_dir, pattern = mirror_inputs(stack, opts.input_dir, opts.input_pattern, dict(opts.model.storage_options))
+    jobs, notes = _select_jobs(collect_inputs(input_dir, pattern, opts.input_list), opts, out_dir)
     notes += _unmatched_filters(opts.checkpoint_filter or (), jobs)
     if not jobs:
         raise BatchError("nothing selected")
     _refuse_shared_outputs(jobs)
     # Before any job looks at its output: a path the kernel refuses (ENAMETOOLONG) is one error, not one per job.
-    longest = max((j.output for j in jobs if j.action != Action.ERROR), key=lambda p: len(os.fsencode(p)), default=None)
+    longest = max((j.output for j in jobs if j.action != Action.ERROR and isinstance(j.output, Path)),
+                  key=lambda p: len(os.fsencode(p)), default=None)
     if longest is not None:
         check_output_path(longest, STAGING_NAME_OVERHEAD, what="--output-dir")
     for j in jobs:
         if j.action != Action.ERROR:
-            _classify(j, opts)
-    return BatchPlan(opts, jobs, mem_available(), ram_margin(), disk_free(out_dir), notes)
+            _classify(j, opts, objects)
+    free = disk_free(out_dir) if isinstance(out_dir, Path) else None  # an object store: no local disk used
+    return BatchPlan(opts, jobs, mem_available(), ram_margin(), free, notes, objects, stack)
 
 
-def _select_jobs(inputs: list[InputFolder], opts: BatchOptions, out_dir: Path) -> tuple[list[Job], list[str]]:
+def _select_jobs(inputs: list[InputFolder], opts: BatchOptions,
+                 out_dir: Path | ObjectURL) -> tuple[list[Job], list[str]]:
     """One job per selected checkpoint (or one ``error`` job per input with none), and notes on ignored inputs."""
     jobs: list[Job] = []
     notes: list[str] = []
 
     def failed(inp_path: Path, exc: Exception) -> None:
-        jobs.append(Job(len(jobs), inp_path, None, "-", None, out_dir / "-", action=Action.ERROR,
+        jobs.append(Job(len(jobs), inp_path, None, "-", None, _join(out_dir, "-"), action=Action.ERROR,
                         error=job_error(exc)))
 
     for inp in inputs:
         inp_path = inp.path.absolute()
-        if inp_path == out_dir or out_dir in inp_path.parents:
+        if isinstance(out_dir, Path) and (inp_path == out_dir or out_dir in inp_path.parents):
             notes.append(f"ignored {inp.path}: it is inside --output-dir (an earlier batch's output)")
             continue
         if inp.kind is None:
@@ -261,8 +297,12 @@ def _select_jobs(inputs: list[InputFolder], opts: BatchOptions, out_dir: Path) -
         for ck in chosen:
             fields = name_fields(inp, ck)
             name = render_name(opts.naming_template, fields)
-            jobs.append(Job(len(jobs), inp_path, ck.path.absolute(), ck.name, ck.step, out_dir / name, fields))
+            jobs.append(Job(len(jobs), inp_path, ck.path.absolute(), ck.name, ck.step, _join(out_dir, name), fields))
     return jobs, notes
+
+
+def _join(out_dir: Path | ObjectURL, name: str) -> Path | ObjectURL:
+    return out_dir / name if isinstance(out_dir, Path) else out_dir.child(name)
 
 
 def _unmatched_filters(patterns: Sequence[str], jobs: list[Job]) -> list[str]:
@@ -277,7 +317,7 @@ def _refuse_shared_outputs(jobs: list[Job]) -> None:
     Raises:
         BatchError: With the first such folder and its jobs.
     """
-    by_output: dict[Path, list[Job]] = {}
+    by_output: dict[Path | ObjectURL, list[Job]] = {}
     for j in jobs:
         if j.action != Action.ERROR:
             by_output.setdefault(j.output, []).append(j)
@@ -292,43 +332,59 @@ def _refuse_shared_outputs(jobs: list[Job]) -> None:
         )
 
 
-def _classify(job: Job, opts: BatchOptions) -> None:
+def _classify(job: Job, opts: BatchOptions, objects: ObjectOutputs | None) -> None:
     """Estimate a job and decide its action from the state of its output."""
-    if job.output == job.input or job.input in job.output.parents or job.output in job.input.parents:
-        job.action = Action.ERROR
-        job.error = job_error(UsageError("the output folder would be the input, inside it, or hold it",
-                                         path=job.output))
-        return
     try:
+        _check_overlap(job)
         _estimate(job, opts)
     except Exception as exc:  # noqa: BLE001 - recorded per job
         job.action, job.error = Action.ERROR, job_error(exc, debug=opts.debug)
         return
-    state, reason = output_state(job.output, job.checkpoint or job.input, job.sources, content_options(opts.model),
-                                 opts.verify_checksums)
-    force = opts.model.force
+    checkpoint = public_path(job.checkpoint or job.input)
+    if objects is not None:
+        assert isinstance(job.output, ObjectURL)
+        state, reason = objects.state(job.output, checkpoint, public_path(job.detected["weights_dir"]), job.sources,
+                                      content_options(opts.model))
+        ours = objects.is_ours(job.output) if state == "foreign" else False
+    else:
+        state, reason = output_state(job.output, checkpoint, job.sources, content_options(opts.model),
+                                     opts.verify_checksums)
+        ours = is_ours(job.output) if state == "foreign" else False
+    _decide(job, opts.model.force, state, reason, ours)
+    if job.action == Action.REPLACE and isinstance(job.output, Path) and job.output.exists():
+        job.existing_bytes = sum(p.stat().st_size for p in job.output.rglob("*") if p.is_file())
+
+
+def _check_overlap(job: Job) -> None:
+    """Raises: UsageError: the output would be the input, inside it, or hold it."""
+    if isinstance(job.output, ObjectURL):
+        rpub.check_output_url(job.output, [public_path(p) for p in (job.input, job.checkpoint) if p is not None])
+    elif job.output == job.input or job.input in job.output.parents or job.output in job.input.parents:
+        raise UsageError("the output folder would be the input, inside it, or hold it", path=job.output)
+
+
+def _decide(job: Job, force: bool, state: str, reason: str, ours: bool) -> None:
+    """The job's action from its output's state (see :func:`~vllm_consolidate.batch.manifest.output_state`)."""
     if state == "current":
         job.action, job.reason = (Action.REPLACE, "up to date; --force") if force else (Action.SKIP, "up to date")
     elif state == "stale":
         job.action, job.reason = Action.REPLACE, f"stale: {reason}"
-    elif state == "foreign" and force and is_ours(job.output):
+    elif state == "foreign" and force and ours:
         job.action, job.reason = Action.REPLACE, f"--force: {reason}"
     elif state == "foreign":
         job.action, job.reason = Action.BLOCKED, reason
-        ours = is_ours(job.output)
         job.error = job_error(OutputExistsError(
             f"output exists and is not this job's to replace: {reason}", path=job.output,
             hint="Pass --force to replace it, or choose another --output-dir/--naming-template." if ours else
             "--force replaces only folders vllm-consolidate wrote; remove it yourself or choose another output."))
-    if job.action == Action.REPLACE and job.output.exists():
-        job.existing_bytes = sum(p.stat().st_size for p in job.output.rglob("*") if p.is_file())
 
 
 def _estimate(job: Job, opts: BatchOptions) -> None:
     """Fill in a job's detected type, size and memory estimates and source fingerprint (metadata only)."""
     if job.checkpoint is not None and job.checkpoint != job.input:
         confine_chosen(job.checkpoint, job.input)  # we chose it inside the input: it must not lead elsewhere
-    conv = plan_conversion(opts.job_options(input=job.input, output=job.output, checkpoint_dir=job.checkpoint))
+    output = str(job.output) if isinstance(job.output, ObjectURL) else job.output
+    conv = plan_conversion(opts.job_options(input=job.input, output=output, checkpoint_dir=job.checkpoint))
     detected, source, assets, plan = conv.detected, conv.source, conv.assets, conv.plan
     asset_files = [p for p in (assets.config, assets.generation_config, *assets.tokenizer_files) if p is not None]
     job.detected = {k: source.info.get(k) for k in ("type", "stage", "world_size", "tag", "trained_dtype")}

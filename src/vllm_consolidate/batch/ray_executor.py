@@ -3,7 +3,12 @@
 Everything but the running is the local batch's: the plan, naming, collision checks, manifests,
 the output folder's lock and the cleanup of stale folders (:func:`~vllm_consolidate.batch.run.run_batch`),
 and the scheduling loop (:meth:`~vllm_consolidate.batch.run.Executor.run`), whose hooks submit tasks here.
-The inputs and ``--output-dir`` must be on storage every node sees at the same paths.
+Local inputs and a local ``--output-dir`` must be on storage every node sees at the same paths. With
+object-store (``s3://…``) inputs and output no shared file system is needed: a task gets only URLs and
+the storage options (inside its job's options, never recorded), lists and reads its checkpoint into its
+own temporary folder, commits its output into the store itself, and returns its outcome to the driver;
+the driver alone writes the batch manifest and holds the batch lock object
+(:mod:`~vllm_consolidate.batch.objects`).
 
 * **One job, one Ray task.** :func:`_ray_job` runs :func:`~vllm_consolidate.batch.worker.run_job`,
   the local worker's conversion, in a Ray worker process used for that job alone (``max_calls=1``:
@@ -37,7 +42,7 @@ from typing import Any
 
 from vllm_consolidate.batch.plan import BatchPlan, Job
 from vllm_consolidate.batch.resources import Scheduler
-from vllm_consolidate.batch.run import LOCK_NAME, BatchEvent, Executor
+from vllm_consolidate.batch.run import BatchEvent, Executor
 from vllm_consolidate.batch.states import EventKind, Status
 from vllm_consolidate.batch.worker import JobSpec, clear_attempt, run_job, shared_lock
 from vllm_consolidate.errors import UsageError
@@ -129,7 +134,7 @@ class _Relay:
             self.outcome = message
 
 
-def _ray_job(spec: JobSpec, reporter: Any, lock_path: str) -> tuple:
+def _ray_job(spec: JobSpec, reporter: Any, lock_path: str | None) -> tuple:
     """A Ray task: one job, converted and published exactly as a local worker does it.
 
     Returns:
@@ -141,7 +146,7 @@ def _ray_job(spec: JobSpec, reporter: Any, lock_path: str) -> tuple:
 
     ip = ray.util.get_node_ip_address()
     attempt = ray.get(reporter.start.remote(spec.id, ip, ray.get_runtime_context().get_node_id(), time.time()))
-    clear_attempt(spec.staging)  # what an attempt that died with its node or process left
+    clear_attempt(spec)  # what an attempt that died with its node or process left
     relay = _Relay(reporter)
     with shared_lock(lock_path):
         run_job(relay, spec)
@@ -211,7 +216,6 @@ class RayExecutor(Executor):
         ray = self.ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.lock_path = str(self.out_dir / LOCK_NAME)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.reporter = ray.remote(num_cpus=0)(_Reporter).options(scheduling_strategy=here).remote()
         self.task = ray.remote(max_calls=1, max_retries=MAX_RETRIES, retry_exceptions=False)(_ray_job)
@@ -288,7 +292,7 @@ class RayExecutor(Executor):
 
     def _discard(self, job: Job) -> None:
         # Also convert()'s ``..<staging>.partial-*``: a task killed with its node could not remove it.
-        clear_attempt(self.specs[job.id].staging)
+        clear_attempt(self.specs[job.id])
 
     def _stopping(self) -> None:
         for ref, job in self.refs.items():  # submitted but not started: they must not start now

@@ -5,7 +5,9 @@ admitted by the :class:`~vllm_consolidate.batch.resources.Scheduler`. A batch ho
 ``.vllm-consolidate-batch.lock`` (:data:`LOCK_NAME`) in the output folder (exclusive while it cleans
 up, shared while it runs; workers hold it shared), and on start removes the stale ``.<name>.batch-*``,
 ``.<name>.old-*`` and ``.<name>.partial-*`` folders of the outputs it plans, with the checks of a single
-conversion (:func:`clean_stale`: ours by marker or lock, never an input).
+conversion (:func:`clean_stale`: ours by marker or lock, never an input). An object-store output
+prefix has a lock object and a manifest object instead, and convert cleans its own staging prefixes
+(:mod:`~vllm_consolidate.batch.objects`).
 
 Failure policy: without ``continue_on_error`` the first failed job stops the batch: no new job
 starts, running jobs finish (their outputs are kept), the rest are reported as not run.
@@ -34,11 +36,13 @@ from typing import Any
 from vllm_consolidate import __version__
 from vllm_consolidate.batch.inputs import STAGING_TAG, staging_path
 from vllm_consolidate.batch.manifest import content_options, manifest_base
+from vllm_consolidate.batch.objects import ObjectOutputs, public_path
 from vllm_consolidate.batch.plan import BatchOptions, BatchPlan, Job, job_error
 from vllm_consolidate.batch.resources import Scheduler
 from vllm_consolidate.batch.states import OUTCOMES, Action, Admission, EventKind, Status
 from vllm_consolidate.batch.worker import JobSpec, Worker, clear_attempt
-from vllm_consolidate.errors import BatchError, InsufficientDiskError, WorkerDied
+from vllm_consolidate.errors import BatchError, ConsolidateError, InsufficientDiskError, WorkerDied
+from vllm_consolidate.storage.urls import ObjectURL
 from vllm_consolidate.write import cleanup
 
 LOCK_NAME = ".vllm-consolidate-batch.lock"
@@ -139,16 +143,34 @@ def _batch_lock(out_dir: Path) -> Iterator[int]:
         os.close(fd)
 
 
+def job_manifest(job: Job, opts: BatchOptions) -> dict[str, Any]:
+    """The plan's part of ``job``'s manifest (URLs for an object-store input)."""
+    return manifest_base(input=job.input, checkpoint=job.checkpoint or job.input,
+                         checkpoint_name=job.checkpoint_name, step=job.step, detected=job.detected,
+                         sources=job.sources, options=content_options(opts.model))
+
+
 def job_spec(job: Job, opts: BatchOptions) -> JobSpec:
-    """What a worker needs for ``job``: the options record (writing into a fresh staging folder) and the manifest."""
+    """What a worker needs for ``job``: the options record (writing into a fresh staging folder) and the manifest.
+
+    An object-store input is named by its URLs (a worker never sees the driver's mirror); an object-store
+    output is the job's output URL itself (convert stages and commits it), replaced only when the plan
+    said so (``force``: our marker is checked again by convert).
+    """
+    inp = public_path(job.input)
+    checkpoint = public_path(job.checkpoint) if job.checkpoint is not None else None
+    remote_in = inp != str(Path(job.input).absolute())
+    source = (inp, checkpoint) if remote_in else (job.input, job.checkpoint)
+    if isinstance(job.output, ObjectURL):
+        options = dataclasses.replace(opts.job_options(input=source[0], output=str(job.output),  # type: ignore[arg-type]
+                                                       checkpoint_dir=source[1]), force=job.action == Action.REPLACE)
+        return JobSpec(job.id, options, str(job.output), {}, opts.debug)  # type: ignore[arg-type]
     # force: the staging folder is new and the job's own; whether the real output may be replaced was decided
     # while planning, and publish() replaces it.
     options = dataclasses.replace(
-        opts.job_options(input=job.input, output=staging_path(job.output), checkpoint_dir=job.checkpoint), force=True)
-    manifest = manifest_base(input=job.input, checkpoint=job.checkpoint or job.input,
-                             checkpoint_name=job.checkpoint_name, step=job.step, detected=job.detected,
-                             sources=job.sources, options=content_options(opts.model))
-    return JobSpec(job.id, options, job.output, manifest, opts.debug)
+        opts.job_options(input=source[0], output=staging_path(job.output),  # type: ignore[arg-type]
+                         checkpoint_dir=source[1]), force=True)
+    return JobSpec(job.id, options, job.output, job_manifest(job, opts), opts.debug)
 
 
 class Executor:
@@ -172,7 +194,7 @@ class Executor:
 
     opts: BatchOptions
     emit: EventFn
-    out_dir: Path
+    out_dir: Path | ObjectURL
     pending: list[Job]
     sched: Scheduler
     running: dict[int, Job]  # started (or submitted) and not yet ended, in start order
@@ -188,7 +210,7 @@ class Executor:
     def session(self) -> Iterator[None]:
         yield
 
-    def run(self, plan: BatchPlan, emit: EventFn, out_dir: Path, pending: list[Job]) -> list[Job]:
+    def run(self, plan: BatchPlan, emit: EventFn, out_dir: Path | ObjectURL, pending: list[Job]) -> list[Job]:
         """Start and collect jobs until none is left or the batch stops; return the jobs never started.
 
         Raises:
@@ -196,6 +218,8 @@ class Executor:
                 :meth:`_abort` stopped the running jobs and marked what did not finish.
         """
         self.opts, self.emit, self.out_dir, self.pending = plan.options, emit, out_dir, pending
+        # The local lock file (held shared by every job); an object-store output has its lock object instead.
+        self.lock_path = str(out_dir / LOCK_NAME) if isinstance(out_dir, Path) else None
         self.running, self.specs, self.waiting_noted, self.stop = {}, {}, set(), False
         self.sched = self._open(plan)
         try:
@@ -317,7 +341,7 @@ class LocalExecutor(Executor):
     def _launch(self, job: Job, spec: JobSpec) -> None:
         worker = next((w for w in self.workers if w.idle), None)
         if worker is None:
-            worker = Worker(self.ctx, self.out_dir / LOCK_NAME)
+            worker = Worker(self.ctx, self.lock_path)
             self.workers.append(worker)
         worker.job = job
         job.status, job.started = Status.RUNNING, time.time()
@@ -361,7 +385,7 @@ class LocalExecutor(Executor):
         self._died(job, f"the worker process exited with {code}{hint}")
 
     def _discard(self, job: Job) -> None:
-        clear_attempt(self.specs[job.id].staging)  # a SIGKILLed worker also leaves convert()'s .partial-*
+        clear_attempt(self.specs[job.id])  # a SIGKILLed worker also leaves convert()'s .partial-*
 
     def _halt(self) -> None:
         for w in self.workers:
@@ -394,7 +418,11 @@ def run_batch(plan: BatchPlan, on_event: EventFn | None = None, executor: Execut
             j.status = Status.FAILED
             emit(BatchEvent(EventKind.FAILED, j, (j.error or {}).get("message", "")))
     pending = list(plan.to_run)
-    if pending and not (plan.problems and not plan.options.continue_on_error):
+    runs = pending and not (plan.problems and not plan.options.continue_on_error)
+    if runs and plan.objects is not None:  # no local folder, lock or cleanup: the store's (batch.objects)
+        with executor.session(), plan.objects.lock():
+            pending = executor.run(plan, _recording(plan, plan.objects, emit), plan.objects.url, pending)
+    elif runs:
         out_dir = Path(plan.options.output_dir).absolute()
         with executor.session():
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -408,6 +436,19 @@ def run_batch(plan: BatchPlan, on_event: EventFn | None = None, executor: Execut
         j.status = Status.NOT_RUN
         emit(BatchEvent(EventKind.NOT_RUN, j))
     return BatchResult(plan, started, time.time(), executor.name, dict(executor.info), dict(executor.job_info))
+
+
+def _recording(plan: BatchPlan, objects: ObjectOutputs, emit: EventFn) -> EventFn:
+    """``emit``, recording each finished job in the object-store batch manifest first (the driver's one PUT)."""
+
+    def on_event(ev: BatchEvent) -> None:
+        if ev.kind == EventKind.DONE:
+            try:
+                objects.record(ev.job.output.name, job_manifest(ev.job, plan.options), ev.job.result or {})
+            except ConsolidateError as exc:  # the output is committed; a rerun redoes it ("not recorded")
+                plan.notes.append(f"{ev.job.output.name}: not recorded in the batch manifest ({exc})")
+        emit(ev)
+    return on_event
 
 
 __all__ = ["LOCK_NAME", "BatchEvent", "BatchResult", "EventFn", "Executor", "LocalExecutor", "WorkerDied",

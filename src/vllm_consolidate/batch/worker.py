@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_consolidate.batch.manifest import write_manifest
+from vllm_consolidate.batch.objects import clear_staging
 from vllm_consolidate.batch.plan import Job, job_error
 from vllm_consolidate.batch.states import EventKind
 from vllm_consolidate.convert import ConvertOptions, convert
@@ -45,21 +46,27 @@ class JobSpec:
     Attributes:
         id: The job's id in the plan.
         options: The conversion; ``output`` is the staging folder, which is the worker's to replace.
-        output: Where the staging folder is renamed to when complete.
+        output: Where the staging folder is renamed to when complete; for an object-store output its URL
+            (a ``str``), which is then also ``options.output``.
         manifest: The plan's part of the manifest (:func:`~vllm_consolidate.batch.manifest.manifest_base`).
         debug: Include the traceback in a failure.
     """
 
     id: int
     options: ConvertOptions
-    output: Path
+    output: Path | str
     manifest: dict[str, Any]
     debug: bool = False
 
     @property
+    def remote_output(self) -> bool:
+        """Whether ``output`` is an object-store URL (convert itself stages and commits it; no manifest file)."""
+        return isinstance(self.output, str)
+
+    @property
     def staging(self) -> Path:
         assert self.options.output is not None
-        return self.options.output
+        return Path(self.options.output)
 
 
 def reset_peak_rss() -> None:
@@ -97,21 +104,29 @@ def _set_pdeathsig() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def clear_attempt(staging: Path) -> None:
+def clear_attempt(spec: JobSpec) -> None:
     """Remove what an attempt at a job left: its staging folder and convert()'s ``..<staging>.partial-*`` beside it.
 
     A worker killed mid-convert (SIGKILL: out of memory, or its Ray node lost) can remove neither. Only
     what carries our marker or a free lock of ours goes (:func:`~vllm_consolidate.write.cleanup.discard`).
+    For an object-store output: the staging prefix of a provably dead attempt on this machine.
     """
-    discard(staging)
+    if spec.remote_output:
+        clear_staging(str(spec.output), dict(spec.options.storage_options))
+    else:
+        discard(spec.staging)
 
 
 @contextlib.contextmanager
-def shared_lock(lock_path: str) -> Iterator[None]:
+def shared_lock(lock_path: str | None) -> Iterator[None]:
     """Hold the batch lock shared while jobs convert (in a local worker or a Ray task).
 
-    No other batch can then clean up the output folder under a running job.
+    No other batch can then clean up the output folder under a running job. None (an object-store output,
+    whose lock object the driver holds): nothing to hold.
     """
+    if lock_path is None:
+        yield
+        return
     fd = os.open(lock_path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
@@ -120,7 +135,7 @@ def shared_lock(lock_path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def worker_main(conn: Connection, lock_path: str) -> None:
+def worker_main(conn: Connection, lock_path: str | None) -> None:
     """Worker process: convert jobs sent over ``conn`` until it gets None, the pipe closes, or SIGTERM."""
     _set_pdeathsig()
     with contextlib.suppress(KeyboardInterrupt), sigterm_raises_interrupt(), shared_lock(lock_path):
@@ -157,13 +172,15 @@ def run_job(conn: Connection, spec: JobSpec) -> None:
     try:
         result = convert(spec.options, progress=progress).to_dict()
         result["output"] = str(spec.output)
-        if os.environ.get(TEST_DELAY_ENV):  # tests only: widen the window in which a job is unpublished
-            time.sleep(float(os.environ[TEST_DELAY_ENV]))
-        write_manifest(spec.staging, spec.manifest, result)
-        publish(spec.staging, spec.output, force=True)
+        if not spec.remote_output:  # an object-store output is committed by convert; the driver records it
+            if os.environ.get(TEST_DELAY_ENV):  # tests only: widen the window in which a job is unpublished
+                time.sleep(float(os.environ[TEST_DELAY_ENV]))
+            write_manifest(Path(spec.staging), spec.manifest, result)
+            publish(Path(spec.staging), Path(spec.output), force=True)
         conn.send((EventKind.DONE, spec.id, {"result": result, "peak_rss": peak_rss_bytes()}))
     except BaseException as exc:
-        shutil.rmtree(spec.staging, ignore_errors=True)
+        if not spec.remote_output:  # convert removed its own staging prefix
+            shutil.rmtree(spec.staging, ignore_errors=True)
         if isinstance(exc, KeyboardInterrupt):
             raise
         conn.send((EventKind.FAILED, spec.id, job_error(exc, debug=spec.debug)))
@@ -172,9 +189,9 @@ def run_job(conn: Connection, spec: JobSpec) -> None:
 class Worker:
     """The batch's handle on one worker process: its pipe, its process and the job it runs."""
 
-    def __init__(self, ctx: Any, lock_path: Path):
+    def __init__(self, ctx: Any, lock_path: str | None):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(child, str(lock_path)), daemon=True,
+        self.proc = ctx.Process(target=worker_main, args=(child, lock_path), daemon=True,
                                 name="vllm-consolidate-worker")
         self.proc.start()
         child.close()

@@ -53,41 +53,35 @@ resume:
   file). Rerunning the same batch skips outputs that are up to date ("skipped (up to date)"),
   redoes stale or interrupted ones (replacing a stale output only when its manifest shows it was
   made by this tool from the same checkpoint) and never leaves half-written folders.
+  An object-store --output-dir (s3://bucket/prefix) keeps the same state in one object,
+  <prefix>/.vllm-consolidate-batch.json, written by this process only (source ETags, options, each
+  output's object sizes and ETags); each output is committed marker last, and one batch at a time
+  holds <prefix>/.vllm-consolidate-batch.lock (delete it if a killed batch left it).
 
 on a Ray cluster (--executor ray; pip install 'vllm-consolidate[ray]'):
   Each job is one Ray task declaring its RAM estimate as `memory`, so Ray admits jobs per node;
-  --max-workers caps the tasks in flight. Inputs and --output-dir must be on storage every node
-  sees at the same paths. A job whose node dies is retried once on another; --report records each
-  job's attempts and nodes. Plan, naming, manifests and resume are those of --executor local.
+  --max-workers caps the tasks in flight. Local inputs and --output-dir must be on storage every
+  node sees at the same paths; with s3:// (gs://, az://) inputs and --output-dir no shared file
+  system is needed (tasks get URLs and --storage-options only). A job whose node dies is retried
+  once on another; --report records each job's attempts and nodes. Plan, naming, manifests and
+  resume are those of --executor local.
 
 exit status: 0 if every job was done or skipped, 11 if any failed or did not run, 2 for bad usage.
 """
 
 
 
-def _local_folder(text: str, *, what: str = "--output-dir", use: str = "convert --output s3://...") -> Path:
-    """A local folder argument. An object-store URL is refused by name (``Path`` would fold ``s3://b/x`` into a
-    local folder ``s3:/b/x``): batch reading from and writing to object storage is not built yet."""
-    from vllm_consolidate.storage.urls import is_object_url
-
-    if is_object_url(text):
-        raise argparse.ArgumentTypeError(f"{text!r}: batch does not use object storage yet; convert one "
-                                         f"checkpoint with '{use}', or use a local {what}")
-    return Path(text)
-
-
-def _local_input(text: str) -> Path:
-    return _local_folder(text, what="--input-dir", use="convert --input s3://...")
-
-
 def _batch_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src = p.add_argument_group("input selection (choose one)")
     one = src.add_mutually_exclusive_group(required=True)
-    one.add_argument("--input-dir", type=_local_input, help="a run, checkpoint or HF model folder, or a folder of runs")
+    one.add_argument("--input-dir", type=common.path_or_url,
+                     help="a run, checkpoint or HF model folder, or a folder of runs (local, or s3://bucket/prefix, "
+                          "gs://…, az://…)")
     one.add_argument("--input-pattern", help="glob for several folders, e.g. './ft_runs_*/qwen2.5-7b' "
-                                             "(quote it; {a,b} braces and ** work)")
+                                             "(quote it; {a,b} braces and ** work; s3://bucket/runs/*/m too)")
     one.add_argument("--input-list", type=Path, help="file with one folder per line (# comments, blank lines ignored)")
-    p.add_argument("--output-dir", type=_local_folder, required=True, help="folder the outputs are written into")
+    p.add_argument("--output-dir", type=common.path_or_url, required=True,
+                   help="folder the outputs are written into (or an object-store prefix: s3://bucket/prefix)")
     proc = p.add_argument_group("processing")
     proc.add_argument("--all-checkpoints", action="store_true",
                       help="every checkpoint-N / global_stepN of each input, not only the latest")
@@ -149,6 +143,12 @@ def _size(n: int | None) -> str:
 
 
 def _rel(path: Path | str) -> str:
+    from vllm_consolidate.storage import remote
+    from vllm_consolidate.storage.urls import is_object_url
+
+    text = remote.public(str(path))  # an object-store input's stand-in: its URL
+    if is_object_url(text):
+        return text
     try:
         rel = os.path.relpath(path)
     except ValueError:
@@ -277,12 +277,25 @@ def print_summary(result: BatchResult) -> None:
         for j in failed:
             err = j.error or {}
             where = f" [{err['path']}]" if err.get("path") else ""
-            print(f"  {j.label}: {err.get('type')}: {err.get('message')}{where}")
+            print(f"  {j.label}: {err.get('type')} (exit {job_exit_code(err)}): {err.get('message')}{where}")
             if err.get("traceback"):
                 print("    " + err["traceback"].replace("\n", "\n    "))
 
 
+def job_exit_code(error: dict[str, Any] | None) -> int | None:
+    """The exit code a single ``convert`` would have exited with for a job's error record (None: no error)."""
+    if not error:
+        return None
+    cls = getattr(E, str(error.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        return common.INTERNAL_ERROR
+    return next((code for base, code in common.EXIT_CODES if issubclass(cls, base)), common.INTERNAL_ERROR)
+
+
 def _write_report(path: Path | None, data: dict[str, Any]) -> None:
+    for job in data.get("jobs") or ():  # each failed job's error says which exit code it stands for
+        if job.get("error"):
+            job["error"]["exit_code"] = job_exit_code(job["error"])
     if path is None:
         return
     path = Path(path)
@@ -323,6 +336,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def _batch(args: argparse.Namespace, opts: BatchOptions) -> int:
     plan = plan_batch(opts)
+    try:
+        return _planned(args, opts, plan)
+    finally:
+        plan.close()  # an object-store input's mirror (temporary stand-ins)
+
+
+def _planned(args: argparse.Namespace, opts: BatchOptions, plan: BatchPlan) -> int:
     if opts.dry_run:
         report = {"dry_run": True, "plan": plan.to_dict(), "jobs": [j.to_dict() for j in plan.jobs]}
         if args.json:

@@ -1,0 +1,191 @@
+"""``batch`` over object storage (issue 27) against a real S3 endpoint on loopback (moto's server).
+
+The inputs are the ZeRO-3 case the single-conversion S3 tests upload (two copies: two jobs), the outputs
+are compared byte for byte with a local ``convert`` of the same checkpoint, and the bucket is read back
+through boto3 (an independent client). What is checked: s3 -> s3 and s3 -> local give the local
+conversion's files; the batch state lives in the store (one manifest object written by the driver, a
+lock object removed at the end; source ETags, never storage options); a rerun skips finished jobs; a job
+that fails at run time is reported with its exit code and leaves nothing under its output prefix (nor a
+staged object or an open multipart upload); ``--dry-run`` plans from the listing and writes nothing; no
+local state is left behind (the temporary folders are removed).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from tests import s3_server
+
+from vllm_consolidate import cli
+from vllm_consolidate.batch import objects
+from vllm_consolidate.cli import batch as cli_batch
+
+DS = "qwen2_z3_w2_bf16_tied"  # ZeRO-3, world size 2, tied embeddings, config + tokenizer in the save folder
+MARKER = ".vllm-consolidate.json"
+FAST = ["--no-validate-vllm"]
+RUNS = ("r1", "r2")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server.start() as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch, tmp_path) -> str:
+    """A fresh bucket, the environment pointing at the server, and a private TMPDIR (checked empty after)."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))  # the spawned workers' temporary folders
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # this process's (the driver's mirror)
+    name = f"batch-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def reference(case_dir, tmp_path_factory) -> dict[str, bytes]:
+    """The files of a local ``convert`` of the case (the CLI's defaults, as batch applies them)."""
+    out = tmp_path_factory.mktemp("ref") / "model"
+    assert cli.main(["convert", "--input", str(case_dir(DS) / "ckpt"), "--output", str(out), *FAST]) == 0
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _upload(s3, bucket: str, src: Path, prefix: str) -> None:
+    client = s3.client()
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(src).as_posix()}")
+
+
+def _etags(s3, bucket: str, prefix: str) -> dict[str, str]:
+    client = s3.client()
+    return {k: client.head_object(Bucket=bucket, Key=k)["ETag"] for k in s3.keys(bucket, prefix)}
+
+
+def _objects(s3, bucket: str, prefix: str) -> dict[str, bytes]:
+    return {k[len(prefix) + 1:]: s3.get(bucket, k) for k in s3.keys(bucket, prefix + "/")}
+
+
+def _same_as_reference(files: dict[str, bytes], reference: dict[str, bytes]) -> None:
+    assert sorted(files) == sorted(reference)
+    for rel in reference:
+        if rel != MARKER:  # the marker holds the time and the input's location
+            assert files[rel] == reference[rel], rel
+
+
+def _runs(s3, bucket: str, case_dir) -> dict[str, str]:
+    for run in RUNS:
+        _upload(s3, bucket, case_dir(DS) / "ckpt", f"runs/{run}")
+    return _etags(s3, bucket, "runs/")
+
+
+def _report(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_s3_to_s3_is_the_local_conversion_and_a_rerun_skips(s3, bucket, case_dir, reference, tmp_path, monkeypatch):
+    etags = _runs(s3, bucket, case_dir)
+    monkeypatch.chdir(tmp_path)
+    args = ["batch", "--input-dir", f"s3://{bucket}/runs", "--output-dir", f"s3://{bucket}/models", *FAST,
+            "--max-workers", "2", "--report", str(tmp_path / "r.json")]
+    assert cli.main(args) == 0
+    names = [f"{run}_step_2" for run in RUNS]
+    for name in names:
+        _same_as_reference(_objects(s3, bucket, f"models/{name}"), reference)
+        assert json.loads(s3.get(bucket, f"models/{name}/{MARKER}"))["input"] == f"s3://{bucket}/runs/{name[:2]}"
+    manifest = json.loads(s3.get(bucket, f"models/{objects.MANIFEST_KEY}"))
+    assert manifest["format"] == objects.MANIFEST_FORMAT and sorted(manifest["jobs"]) == names
+    entry = manifest["jobs"]["r1_step_2"]
+    assert entry["source"]["checkpoint"] == f"s3://{bucket}/runs/r1/global_step2"
+    assert all(k.startswith(f"s3://{bucket}/runs/r1/") for k in entry["source_files"])  # URLs and ETags, not stand-ins
+    assert {v[1] for v in entry["source_files"].values()} <= set(etags.values())
+    assert sorted(entry["files"]) == sorted(reference)
+    assert "storage_options" not in json.dumps(manifest) and "testing" not in json.dumps(manifest)
+    report = _report(tmp_path / "r.json")
+    assert [j["input"] for j in report["jobs"]] == [f"s3://{bucket}/runs/{run}" for run in RUNS]
+    # Only the inputs, the outputs and the manifest: no staging prefix, no lock, no open upload, inputs unchanged.
+    assert set(s3.keys(bucket)) == set(etags) | {f"models/{n}/{rel}" for n in names for rel in reference} | {
+        f"models/{objects.MANIFEST_KEY}"}
+    assert s3.uploads(bucket) == [] and _etags(s3, bucket, "runs/") == etags
+    before = _etags(s3, bucket, "models/")
+    assert cli.main(args) == 0
+    assert _report(tmp_path / "r.json")["counts"] == {"done": 0, "skipped": 2, "failed": 0, "not_run": 0}
+    assert _etags(s3, bucket, "models/") == before  # nothing rewritten, not even the manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "tmpdir"]  # the driver's cwd: only the report
+    assert list((tmp_path / "tmpdir").iterdir()) == []  # the mirrors were removed: no local state
+
+
+def test_failed_job_leaves_nothing_under_its_output(s3, bucket, case_dir, tmp_path, monkeypatch):
+    """A rank object vanishes between planning and the run: the job fails in its worker with the exit code
+    ``convert`` would give, and its output prefix stays empty (nothing staged left, no open upload)."""
+    etags = _runs(s3, bucket, case_dir)
+    gone = "runs/r2/global_step2/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    real_plan = cli_batch.plan_batch
+
+    def plan_then_delete(opts):
+        plan = real_plan(opts)
+        s3.client().delete_object(Bucket=bucket, Key=gone)
+        return plan
+
+    monkeypatch.setattr(cli_batch, "plan_batch", plan_then_delete)
+    code = cli.main(["batch", "--input-dir", f"s3://{bucket}/runs", "--output-dir", f"s3://{bucket}/models", *FAST,
+                     "--max-workers", "1", "--continue-on-error", "--report", str(tmp_path / "r.json")])
+    assert code == 11
+    jobs = {j["output"]: j for j in _report(tmp_path / "r.json")["jobs"]}
+    bad = jobs[f"s3://{bucket}/models/r2_step_2"]
+    # CorruptCheckpointError, exit 4: what convert says of a local checkpoint missing a rank's file.
+    assert bad["status"] == "failed" and bad["error"]["exit_code"] == 4, bad["error"]
+    assert bad["error"]["path"] == f"s3://{bucket}/{gone}" and "rank 1 is missing" in bad["error"]["message"]
+    assert jobs[f"s3://{bucket}/models/r1_step_2"]["status"] == "done"
+    assert s3.keys(bucket, "models/r2_step_2") == {}
+    assert [k for k in s3.keys(bucket, "models/") if not k.startswith("models/r1_step_2/")] == [
+        f"models/{objects.MANIFEST_KEY}"]
+    assert list(json.loads(s3.get(bucket, f"models/{objects.MANIFEST_KEY}"))["jobs"]) == ["r1_step_2"]
+    assert s3.uploads(bucket) == []
+    assert {k: v for k, v in _etags(s3, bucket, "runs/").items()} == {k: v for k, v in etags.items() if k != gone}
+
+
+def test_s3_input_to_local_output_and_dry_run(s3, bucket, case_dir, reference, tmp_path, monkeypatch, capsys):
+    """``--dry-run`` plans from the listing (writes nothing, names URLs); the run writes local folders whose
+    manifests name the source by URL and ETag, so a rerun finds them up to date."""
+    etags = _runs(s3, bucket, case_dir)
+    out = tmp_path / "out"
+    args = ["batch", "--input-pattern", f"s3://{bucket}/runs/r{{1,9}}", "--output-dir", str(out), *FAST]
+    assert cli.main([*args, "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert f"s3://{bucket}/runs/r1 [global_step2]" in plan and "1 to convert" in plan, plan
+    assert not out.exists() and "vllmc-mirror" not in plan
+    assert cli.main(args) == 0
+    folder = out / "r1_step_2"
+    _same_as_reference({p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()},
+                       reference)
+    manifest = json.loads((folder / MARKER).read_text())
+    assert manifest["source"]["checkpoint"] == f"s3://{bucket}/runs/r1/global_step2"
+    assert all(k.startswith(f"s3://{bucket}/runs/r1/") for k in manifest["source_files"])
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert "0 done, 1 skipped (up to date)" in capsys.readouterr().out
+    assert _etags(s3, bucket, "runs/") == etags and set(s3.keys(bucket)) == set(etags)
+    assert list((tmp_path / "tmpdir").iterdir()) == []
+
+
+def test_local_input_to_s3_output_and_one_batch_per_prefix(s3, bucket, case_dir, reference, tmp_path, capsys):
+    """A local checkpoint into an s3:// --output-dir; then the lock object, created only if absent: a batch
+    finding it (another batch's, or a killed one's) stops before converting anything and leaves it alone."""
+    args = ["batch", "--input-dir", str(case_dir(DS) / "ckpt"), "--output-dir", f"s3://{bucket}/models", *FAST]
+    assert cli.main(args) == 0
+    _same_as_reference(_objects(s3, bucket, "models/ckpt_step_2"), reference)
+    assert list(json.loads(s3.get(bucket, f"models/{objects.MANIFEST_KEY}"))["jobs"]) == ["ckpt_step_2"]
+    s3.client().put_object(Bucket=bucket, Key=f"models/{objects.LOCK_KEY}", Body=b"{}")
+    before = _etags(s3, bucket, "models/")
+    capsys.readouterr()
+    assert cli.main([*args, "--force"]) == 11
+    assert "another batch is writing to this output prefix" in capsys.readouterr().err
+    assert _etags(s3, bucket, "models/") == before  # nothing replaced, and its lock is not ours to delete
