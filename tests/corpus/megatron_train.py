@@ -4,8 +4,9 @@ Launched by :mod:`tests.corpus.megatron_build` from ``.venv-megatron`` (megatron
 
     torchrun --nproc_per_node W tests/corpus/megatron_train.py --plan PLAN.json
 
-For each case of the plan (all with the same world size): set up TP/PP/EP groups (gloo), build a ``GPTModel``
-with the local (pure megatron-core) layer spec, run real training steps (pipelined forward and backward by hand,
+For each case of the plan (all with the same world size): set up TP/PP/VPP/EP groups (gloo), build a
+``GPTModel`` with the local (pure megatron-core) layer spec (with VPP, one per virtual stage: the model chunks
+Megatron-LM saves as ``model0``, ``model1``), run real training steps (pipelined forward and backward by hand,
 the grad all-reduces of megatron's ``finalize_model_grads`` that matter here, an Adam step), and at each save step
 save with megatron-core's own ``dist_checkpointing.save(..., 'torch_dist')``.  The truth is the model's
 sharded state dict after ``apply_factories`` (each ``ShardedTensor`` is a chunk of one global tensor), gathered
@@ -310,5 +311,8 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+# The guard is needed: dist_checkpointing.save starts a "spawn" multiprocessing Manager for its write results, and
+# a spawned child re-imports this script; run at import, init_process_group would wait forever in that child for
+# ranks that never come (the save then hangs just after common.pt).
 if __name__ == "__main__":
     main()
