@@ -243,6 +243,28 @@ def test_validate_against_the_source(conv):
     assert code == 0, stdout + stderr
 
 
+def test_quantize_tp_weights_as_from_the_truth(conv, tmp_path):
+    """``--quantize`` of a TP=2 save reads each block of rows gathered (a row-parallel weight's rows alternate
+    the two rank files) and writes what quantizing the truth as an HF folder writes (contiguous reads), byte for
+    byte: tensors and quantization_config."""
+    name = "mcore_llama_tp2_fp32"
+    case = conv.corpus[name]
+    ref_in = shutil.copytree(case / "hf", tmp_path / "truth-hf")
+    shutil.copyfile(case / conv.meta(name)["checkpoints"][-1]["truth"], ref_in / "model.safetensors")
+    # Both unvalidated: the bytes are compared here (tests/test_quantize.py loads quantized folders).
+    code, _, stderr = _cli("convert", "--input", ref_in, "--output", tmp_path / "ref", "--quantize", "fp8_dynamic",
+                           "--no-validate-vllm")
+    assert code == 0, stderr
+    code, out, _, stderr = conv.convert(name, "--quantize", "fp8_dynamic", "--no-validate-vllm")
+    assert code == 0, stderr
+    want, got = load_out(tmp_path / "ref"), load_out(out)
+    assert sorted(got) == sorted(want) and any(k.endswith("weight_scale") for k in want)
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    config = [json.loads((folder / "config.json").read_text()) for folder in (tmp_path / "ref", out)]
+    assert config[0]["quantization_config"] == config[1]["quantization_config"]
+
+
 PROMPTS = [[5, 17, 42, 99, 7], [200, 3, 3, 150], [64, 65, 66, 67, 68, 69]]
 MAX_TOKENS = 8
 

@@ -63,7 +63,7 @@ def test_case_json_schema(megatron_corpus: dict[str, Path], name: str) -> None:
     assert not missing, f"{name}: case.json lacks {missing}"
     assert meta["spec_hash"] == spec.spec_hash()
     assert meta["megatron_core_version"] == megatron_build.MCORE_VERSION
-    assert meta["parallel"] == {"tp": spec.tp, "pp": spec.pp, "ep": spec.ep}
+    assert meta["parallel"] == spec.parallel
     assert meta["padded_vocab_size"] % (megatron_build.VOCAB_DIVISIBLE_BY * spec.tp) == 0
     assert meta["padded_vocab_size"] > meta["vocab_size"], "no padding rows: the trim would not be exercised"
     assert [c["step"] for c in meta["checkpoints"]] == list(spec.save_steps)
@@ -160,3 +160,23 @@ def test_training_happened(megatron_corpus: dict[str, Path], name: str) -> None:
     assert not torch.equal(norm, torch.ones_like(norm)), "RMSNorm weights still at init: no optimizer step"
     if len(truths) > 1:
         assert not torch.equal(truths[0]["model.embed_tokens.weight"], truths[-1]["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("name", [s.name for s in SPECS if "vpp" in s.parallel])
+def test_vpp_layers_interleaved(megatron_corpus: dict[str, Path], name: str) -> None:
+    """A VPP save really is interleaved (read with torch's own DCP reader): the files' keys carry no ``model0.``
+    prefix (that nesting is in the saved dict only), the stacked layer axis is the global one, and pipeline rank
+    ``r`` (file ``__r_*``) holds layers ``r, r + pp, ...``: one chunk per virtual stage, not adjacent."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = megatron_build.load_case(name)
+    pp, vpp, layers = meta["parallel"]["pp"], meta["parallel"]["vpp"], meta["num_layers"]
+    assert layers == pp * vpp and not any(k.startswith("model") for k in meta["layout"]["dcp_tensors"])
+    md = FileSystemReader(str(megatron_corpus[name] / meta["checkpoints"][-1]["path"])).read_metadata()
+    key = "decoder.layers.self_attention.linear_qkv.weight"
+    assert md.state_dict_metadata[key].size[0] == layers
+    held: dict[int, set[int]] = {}
+    for index, info in md.storage_data.items():
+        if index.fqn == key:
+            held.setdefault(int(info.relative_path.split("_")[2]), set()).add(index.offset[0])
+    assert held == {r: set(range(r, layers, pp)) for r in range(pp)}, held

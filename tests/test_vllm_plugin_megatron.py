@@ -220,3 +220,26 @@ def test_bare_torch_dist_takes_its_layout_from_hf_config_path(tmp_path: Path) ->
     named = args(model_loader_extra_config={"base_model_name": hf})
     # vLLM builds the model from that config too
     assert vp.prepare_engine_args(named) == {"hf_config_path": hf, "generation_config": hf}
+
+
+def test_streamed_tp_tensors_are_the_truth() -> None:
+    """Without vLLM: the generator yields a TP=2 run's tensors equal to the truth (fp32 bit-exact, bf16 cast as
+    torch casts), its row-parallel weights (rows alternating the two rank files: many small ranges, one run per
+    file) read gathered as ``convert`` reads them."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vllm_consolidate.read.gather import plan_gather
+
+    name = "mcore_lm_run_llama_tp2"
+    case = megatron_build.build_all([name])[name]
+    truth = load_file(case / megatron_build.load_case(name)["checkpoints"][-1]["truth"])
+    checkpoint = vp.open_checkpoint(case / "run")
+    tensors = vp.plan_tensors(checkpoint.source, json.loads((case / "hf" / "config.json").read_text()))
+    gathered = {t.name.split(".")[-2] for t in tensors if plan_gather(t.segments).worth_it}
+    assert gathered == {"o_proj", "down_proj"}, gathered
+    for dtype in (torch.float32, torch.bfloat16):
+        got = dict(vp.iter_weights(tensors, dtype))
+        assert set(got) == set(truth)
+        for key, tensor in got.items():
+            assert tensor.dtype == dtype and torch.equal(tensor, truth[key].to(dtype)), key

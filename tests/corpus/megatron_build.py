@@ -54,7 +54,8 @@ kind            str   "torch_dist" (bare dist_checkpointing folder) | "megatron_
                       | "bridge" (Megatron-Bridge run folder, assembled: tests/corpus/megatron_bridge.py)
 arch            str   HF model_type (llama, qwen2, qwen3, mixtral, qwen2_moe)
 hf_class        str   transformers class the truth was verified with
-parallel        dict  {tp, pp, ep}; world_size = tp * pp * dp (dp = world / (tp * pp))
+parallel        dict  {tp, pp, ep} (+ vpp: virtual pipeline stages per PP rank, when used); world_size = tp * pp * dp
+                      (dp = world / (tp * pp))
 world_size      int
 precision       str   "fp32" | "bf16": dtype of the parameters as saved (= truth dtype)
 tied            bool  embeddings shared with the output layer (no output_layer / lm_head)
@@ -114,6 +115,12 @@ class MegatronCaseSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def parallel(self) -> dict[str, int]:
+        """``{tp, pp, ep}``, and ``vpp`` (virtual pipeline stages per rank) when the options set it."""
+        vpp = self.options.get("vpp")
+        return {"tp": self.tp, "pp": self.pp, "ep": self.ep, **({"vpp": vpp} if vpp else {})}
+
+    @property
     def world_size(self) -> int:
         """Ranks of the launch: TP x PP x DP with DP = EP (experts are split over EP x expert-TP, expert-TP = TP)."""
         return self.tp * self.pp * self.ep
@@ -134,7 +141,7 @@ class MegatronCaseSpec:
             "name": self.name, "kind": self.kind, "arch": m["arch"],
             "hf_class": {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                          "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[m["arch"]],
-            "parallel": {"tp": self.tp, "pp": self.pp, "ep": self.ep}, "world_size": self.world_size,
+            "parallel": self.parallel, "world_size": self.world_size,
             "precision": self.precision, "tied": bool(m["tied"]), "layer_keys": self.layer_keys,
             "vocab_size": m["vocab"], "padded_vocab_size": m["padded_vocab"], "hidden_size": m["hidden"],
             "num_layers": m["layers"], "num_heads": m["heads"], "num_kv_heads": m["kv_heads"],
@@ -148,7 +155,7 @@ class MegatronCaseSpec:
         """JSON-able instructions for ``megatron_train.py``."""
         return {
             "name": self.name, "case_dir": str(case_dir), "kind": self.kind, "model": self.full_model(),
-            "parallel": {"tp": self.tp, "pp": self.pp, "ep": self.ep}, "precision": self.precision,
+            "parallel": self.parallel, "precision": self.precision,
             "layer_keys": self.layer_keys, "save_steps": list(self.save_steps), "seed": self.seed,
             "options": self.options, "meta": self.meta(),
         }
@@ -194,6 +201,10 @@ _SPECS: list[MegatronCaseSpec] = [
                      tp=2, save_steps=(1, 2), seed=11),
     MegatronCaseSpec("mcore_llama_tp2pp2", "torch_dist", _model("llama"),
                      "dense Llama-like fp32, TP=2 x PP=2 (4 ranks), untied", tp=2, pp=2, seed=8),
+    MegatronCaseSpec("mcore_llama_pp2_vpp2", "torch_dist", _model("llama", layers=4),
+                     "dense Llama-like fp32, 4 layers, PP=2 x VPP=2 (interleaved: rank 0 holds layers 0 and 2, "
+                     "rank 1 layers 1 and 3; saved as model0/model1 chunks whose stacked keys have a global layer "
+                     "axis), untied", pp=2, seed=12, options={"vpp": 2}),
 ]
 
 CASES: dict[str, MegatronCaseSpec] = {c.name: c for c in _SPECS}

@@ -45,6 +45,15 @@ def sd_metadata(case: dict[str, Any]) -> dict[str, Any]:
     return {**meta, "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
 
 
+def model_state(chunks: list[Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The model part of the saved dict as Megatron-LM's ``generate_state_dict`` lays it out: ``model``, or with
+    VPP one ``model<i>`` per virtual stage (nesting only: the ``ShardedTensor`` keys, which are what the files
+    hold, carry no such prefix, and their layer numbers are global)."""
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict(metadata=meta)}
+    return {f"model{i}": chunk.sharded_state_dict(metadata=meta) for i, chunk in enumerate(chunks)}
+
+
 def megatron_lm_args(case: dict[str, Any], step: int) -> argparse.Namespace:
     """The ``args`` Namespace Megatron-LM pickles into the checkpoint (the fields a converter reads, and more)."""
     m, par = case["model"], case["parallel"]
@@ -95,7 +104,7 @@ def optimizer_state(opt: torch.optim.Optimizer, model_sd: dict[str, Any]) -> dic
     return state
 
 
-def save(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, step: int) -> Path:
+def save(case: dict[str, Any], gpt: list[Any], opt: torch.optim.Optimizer, step: int) -> Path:
     """Write this step's checkpoint (collective); return its folder."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -103,11 +112,13 @@ def save(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, step: int) 
 
     case_dir = Path(case["case_dir"])
     meta = sd_metadata(case)
-    model_sd = gpt.sharded_state_dict(metadata=meta)
+    models = model_state(gpt, meta)
     content = {k: v for k, v in meta.items() if k != "dp_cp_group"}
     if case["kind"] == "torch_dist":
-        folder, state = case_dir / "ckpt", {"model": model_sd}
+        folder, state = case_dir / "ckpt", models
     else:
+        assert len(gpt) == 1, "VPP is built as a bare torch_dist case only"
+        model_sd = models["model"]
         folder = case_dir / "run" / f"iter_{step:07d}"
         rng = [{"random_rng_state": random.getstate(), "torch_rng_state": torch.get_rng_state()}]
         state = {
@@ -137,7 +148,7 @@ def save(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, step: int) 
     return folder
 
 
-def save_and_verify(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, step: int, prompt: torch.Tensor,
+def save_and_verify(case: dict[str, Any], gpt: list[Any], opt: torch.optim.Optimizer, step: int, prompt: torch.Tensor,
                     tok: Any, logits_of: Any) -> dict[str, Any] | None:
     """Save, gather the live global tensors, check the HF mapping by logits, write the truth (rank 0's record).
 
@@ -150,7 +161,7 @@ def save_and_verify(case: dict[str, Any], gpt: Any, opt: torch.optim.Optimizer, 
         megatron_bridge.write_extras(case, folder, step, tok)
     dist.barrier()
     model, dtype = case["model"], megatron_hf_dtype(case)
-    gathered = megatron_hf.gather_global(gpt.sharded_state_dict(metadata=sd_metadata(case)))
+    gathered = megatron_hf.gather_global(model_state(gpt, sd_metadata(case)))
     logits = (logits_of(prompt), logits_of(prompt, folder))
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, logits)

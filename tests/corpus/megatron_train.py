@@ -4,8 +4,9 @@ Launched by :mod:`tests.corpus.megatron_build` from ``.venv-megatron`` (megatron
 
     torchrun --nproc_per_node W tests/corpus/megatron_train.py --plan PLAN.json
 
-For each case of the plan (all with the same world size): set up TP/PP/EP groups (gloo), build a ``GPTModel``
-with the local (pure megatron-core) layer spec, run real training steps (pipelined forward and backward by hand,
+For each case of the plan (all with the same world size): set up TP/PP/VPP/EP groups (gloo), build a
+``GPTModel`` with the local (pure megatron-core) layer spec (with VPP, one per virtual stage: the model chunks
+Megatron-LM saves as ``model0``, ``model1``), run real training steps (pipelined forward and backward by hand,
 the grad all-reduces of megatron's ``finalize_model_grads`` that matter here, an Adam step), and at each save step
 save with megatron-core's own ``dist_checkpointing.save(..., 'torch_dist')``.  The truth is the model's
 sharded state dict after ``apply_factories`` (each ``ShardedTensor`` is a chunk of one global tensor), gathered
@@ -97,6 +98,7 @@ def transformer_config(model: dict[str, Any], par: dict[str, int], dtype: torch.
         tensor_model_parallel_size=par["tp"],
         pipeline_model_parallel_size=par["pp"],
         expert_model_parallel_size=par["ep"],
+        virtual_pipeline_model_parallel_size=par.get("vpp"),
         pipeline_dtype=dtype,  # PP refuses to build without it
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -104,8 +106,14 @@ def transformer_config(model: dict[str, Any], par: dict[str, int], dtype: torch.
     )
 
 
-def build_gpt(model: dict[str, Any], par: dict[str, int], dtype: torch.dtype) -> Any:
-    """A ``GPTModel`` (local layer spec) holding this rank's pipeline stage."""
+def build_model(model: dict[str, Any], par: dict[str, int], dtype: torch.dtype) -> list[Any]:
+    """This rank's model chunks: one ``GPTModel`` per virtual pipeline stage (one without VPP)."""
+    return [build_gpt(model, par, dtype, vp) for vp in range(par["vpp"])] if par.get("vpp") else [
+        build_gpt(model, par, dtype)]
+
+
+def build_gpt(model: dict[str, Any], par: dict[str, int], dtype: torch.dtype, vp_stage: int | None = None) -> Any:
+    """A ``GPTModel`` (local layer spec) holding this rank's pipeline stage (its virtual stage ``vp_stage``)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -119,12 +127,13 @@ def build_gpt(model: dict[str, Any], par: dict[str, int], dtype: torch.dtype) ->
         spec,
         vocab_size=model["padded_vocab"],
         max_sequence_length=256,
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         parallel_output=False,  # gathered logits: compared with the HF model's
         share_embeddings_and_output_weights=bool(model["tied"]),
         position_embedding_type="rope",
         rotary_base=model["rope_base"],
+        vp_stage=vp_stage,
     )
     if model.get("experts") and par["tp"] > 1:
         # MoELayer refuses TP without sequence parallelism in training mode (a performance guard); with no
@@ -133,10 +142,26 @@ def build_gpt(model: dict[str, Any], par: dict[str, int], dtype: torch.dtype) ->
     return gpt
 
 
-def pipeline_forward(gpt: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+def _first(chunk: Any) -> bool:
+    """The chunk holds the model's first (virtual) pipeline stage: the embedding."""
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=chunk.vp_stage)
+
+
+def _last(chunk: Any) -> bool:
+    """The chunk holds the model's last (virtual) pipeline stage: the output layer."""
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=chunk.vp_stage)
+
+
+def pipeline_forward(chunks: list[Any], ids: torch.Tensor) -> list[tuple[torch.Tensor, Any]]:
     """Forward through every pipeline stage by hand (megatron's schedules allocate on CUDA).
 
-    Returns ``(output, recv)``: the stage's output (logits on the last stage) and the tensor received from the
+    With VPP the stages form a ring: virtual stage ``v`` of the last rank sends to stage ``v + 1`` of the first,
+    which is the ring's next rank, so each chunk in turn receives from the previous rank and sends to the next.
+    Returns per chunk ``(output, recv)``: its output (logits on the last stage) and the tensor received from the
     previous stage (None on the first), whose ``.grad`` the backward pass sends back.
     """
     from megatron.core import parallel_state as ps
@@ -144,36 +169,49 @@ def pipeline_forward(gpt: Any, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
     pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
     # Megatron's default causal mask is built on CUDA: pass it (True = masked out).
     mask = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).triu(1)[None, None]
-    recv = None
-    if not ps.is_pipeline_first_stage():
-        recv = torch.empty(ids.shape[1], ids.shape[0], gpt.config.hidden_size, dtype=gpt.config.pipeline_dtype)
-        dist.recv(recv, ps.get_pipeline_model_parallel_prev_rank())
-        recv.requires_grad_(True)
-        gpt.set_input_tensor(recv)
-    out = gpt(ids, pos, mask)
-    if not ps.is_pipeline_last_stage():
-        dist.send(out.detach().contiguous(), ps.get_pipeline_model_parallel_next_rank())
-        return out, recv
-    return out, recv
+    outs = []
+    for gpt in chunks:
+        recv = None
+        if not _first(gpt):
+            recv = torch.empty(ids.shape[1], ids.shape[0], gpt.config.hidden_size, dtype=gpt.config.pipeline_dtype)
+            dist.recv(recv, ps.get_pipeline_model_parallel_prev_rank())
+            recv.requires_grad_(True)
+            gpt.set_input_tensor(recv)
+        out = gpt(ids, pos, mask)
+        if not _last(gpt):
+            dist.send(out.detach().contiguous(), ps.get_pipeline_model_parallel_next_rank())
+        outs.append((out, recv))
+    return outs
 
 
-def train_step(gpt: Any, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
-    """One real step: pipelined forward, backward (grads sent back stage by stage), Adam step."""
+def train_step(chunks: list[Any], opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    """One real step: pipelined forward, backward (grads sent back stage by stage, chunks in reverse), Adam step."""
     from megatron.core import parallel_state as ps
 
-    out, recv = pipeline_forward(gpt, ids)
     loss = 0.0
-    if ps.is_pipeline_last_stage():
-        # Our own cross-entropy on the gathered logits (megatron's vocab-parallel one trips autograd at TP=1).
-        total = F.cross_entropy(out.float().flatten(0, 1), torch.roll(ids, -1, dims=1).flatten())
-        total.backward()
-        loss = float(total)
-    else:
-        grad = torch.empty_like(out)
-        dist.recv(grad, ps.get_pipeline_model_parallel_next_rank())
-        out.backward(grad)
-    if recv is not None:
-        dist.send(recv.grad.contiguous(), ps.get_pipeline_model_parallel_prev_rank())
+    for gpt, (out, recv) in reversed(list(zip(chunks, pipeline_forward(chunks, ids), strict=True))):
+        if _last(gpt):
+            # Our own cross-entropy on the gathered logits (megatron's vocab-parallel one trips autograd at TP=1).
+            total = F.cross_entropy(out.float().flatten(0, 1), torch.roll(ids, -1, dims=1).flatten())
+            total.backward()
+            loss = float(total)
+        else:
+            grad = torch.empty_like(out)
+            dist.recv(grad, ps.get_pipeline_model_parallel_next_rank())
+            out.backward(grad)
+        if recv is not None:
+            dist.send(recv.grad.contiguous(), ps.get_pipeline_model_parallel_prev_rank())
+    for gpt in chunks:
+        finalize_grads(gpt)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def finalize_grads(gpt: Any) -> None:
+    """The grad all-reduces of megatron's DDP and ``finalize_model_grads`` that matter here."""
+    from megatron.core import parallel_state as ps
+
     for p in gpt.parameters():
         # DDP's part of it: data-parallel replicas average their grads (experts over the expert-DP group), so
         # the replicas stay equal even where MoE token routing makes their float sums differ in the last bit.
@@ -191,18 +229,13 @@ def train_step(gpt: Any, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float
         # get the sum of both grads, so the two copies stay equal.
         if gpt._is_in_embd_group():
             dist.all_reduce(gpt.shared_embedding_or_output_weight().grad, group=gpt.embd_group)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
 
 
-def live_logits(gpt: Any, ids: torch.Tensor) -> torch.Tensor | None:
+def live_logits(chunks: list[Any], ids: torch.Tensor) -> torch.Tensor | None:
     """The live model's full-vocabulary logits ``[b, s, padded_vocab]`` on the last stage (None elsewhere)."""
     with torch.no_grad():
-        out, _ = pipeline_forward(gpt, ids)
-    from megatron.core import parallel_state as ps
-
-    return out.float() if ps.is_pipeline_last_stage() else None
+        out, _ = pipeline_forward(chunks, ids)[-1]
+    return out.float() if _last(chunks[-1]) else None
 
 
 def run_case(case: dict[str, Any]) -> None:
@@ -215,11 +248,12 @@ def run_case(case: dict[str, Any]) -> None:
     ps.initialize_model_parallel(
         tensor_model_parallel_size=par["tp"],
         pipeline_model_parallel_size=par["pp"],
+        virtual_pipeline_model_parallel_size=par.get("vpp"),
         expert_model_parallel_size=par["ep"],
     )
     torch.manual_seed(case["seed"])
-    gpt = build_gpt(model, par, dtype)
-    opt = torch.optim.Adam(gpt.parameters(), lr=1e-2)
+    gpt = build_model(model, par, dtype)
+    opt = torch.optim.Adam([p for chunk in gpt for p in chunk.parameters()], lr=1e-2)
     gen = torch.Generator().manual_seed(case["seed"])
     tok = megatron_hf.tokenizer()
     assert len(tok) <= model["vocab"], (len(tok), model["vocab"])
@@ -239,25 +273,30 @@ def run_case(case: dict[str, Any]) -> None:
     dist.barrier()
 
 
-def reload(case: dict[str, Any], folder: Path) -> Any:
+def reload(case: dict[str, Any], folder: Path) -> list[Any]:
     """A freshly initialised model (other seed) filled by megatron-core's own ``dist_checkpointing.load``."""
     from megatron.core import dist_checkpointing
 
     torch.manual_seed(case["seed"] + 1000)
-    fresh = build_gpt(case["model"], case["parallel"], DTYPES[case["precision"]])
-    request = {"model": fresh.sharded_state_dict(metadata=megatron_save.sd_metadata(case))}
-    fresh.load_state_dict(dist_checkpointing.load(request, str(folder))["model"], strict=True)
+    fresh = build_model(case["model"], case["parallel"], DTYPES[case["precision"]])
+    request = megatron_save.model_state(fresh, megatron_save.sd_metadata(case))
+    loaded = dist_checkpointing.load(request, str(folder))
+    for key, chunk in zip(request, fresh, strict=True):
+        chunk.load_state_dict(loaded[key], strict=True)
     return fresh
 
 
-def fp32_logits(gpt: Any, model: dict[str, Any], par: dict[str, int], ids: torch.Tensor) -> torch.Tensor | None:
+def fp32_logits(gpt: list[Any], model: dict[str, Any], par: dict[str, int], ids: torch.Tensor,
+                ) -> torch.Tensor | None:
     """The live model's fp32 logits; for bf16 params, those of an fp32 replica holding the same (upcast) values,
     so that the mapping check compares like with like (megatron and transformers round bf16 differently)."""
-    if gpt.config.params_dtype == torch.float32:
+    if gpt[0].config.params_dtype == torch.float32:
         return live_logits(gpt, ids)
-    replica = build_gpt(model, par, torch.float32)
-    sd = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in gpt.state_dict().items()}
-    replica.load_state_dict(sd, strict=True)
+    replica = build_model(model, par, torch.float32)
+    for chunk, copy in zip(gpt, replica, strict=True):
+        sd = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in chunk.state_dict().items()}
+        copy.load_state_dict(sd, strict=True)
     return live_logits(replica, ids)
 
 
@@ -272,5 +311,8 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+# The guard is needed: dist_checkpointing.save starts a "spawn" multiprocessing Manager for its write results, and
+# a spawned child re-imports this script; run at import, init_process_group would wait forever in that child for
+# ranks that never come (the save then hangs just after common.pt).
 if __name__ == "__main__":
     main()

@@ -20,8 +20,9 @@ from vllm_consolidate.errors import UnsupportedCheckpointError, UsageError
 from vllm_consolidate.plan.inputs import InputSpec, LoraMode, open_input
 from vllm_consolidate.plan.names import output_tensors
 from vllm_consolidate.read import detect as detection
+from vllm_consolidate.read.gather import read_gathered
 from vllm_consolidate.read.lora_find import holds_lora
-from vllm_consolidate.read.ranges import OpenFiles, read_into, thread_buffer
+from vllm_consolidate.read.ranges import OpenFiles, thread_buffer
 from vllm_consolidate.source import SourceModel, TensorSpec, sub_segments
 from vllm_consolidate.write.safetensors import WORKERS, chunk_elements  # threads and chunks as the writer's
 
@@ -153,12 +154,13 @@ def _fill(files: OpenFiles, spec: TensorSpec, dst: DType, out: memoryview, first
     """Read elements ``[first, first + count)`` of ``spec`` into ``out`` (the output's bytes), cast to ``dst``."""
     src_size, dst_size = spec.dtype.itemsize, dst.itemsize
     target = out[first * dst_size:(first + count) * dst_size]
-    ranges = sub_segments(spec.segments, first * src_size, count * src_size)
+    # Gathered as convert's writer reads: a TP row-parallel weight is many small ranges, few runs per rank file.
+    ranges = list(sub_segments(spec.segments, first * src_size, count * src_size))
     if dst == spec.dtype:
-        read_into(files, target, ranges)
+        read_gathered(files, target, ranges)
         return
     buf = thread_buffer(count * src_size)
-    read_into(files, buf, ranges)
+    read_gathered(files, buf, ranges)
     cast_into(buf, spec.dtype, dst, target)
 
 

@@ -42,7 +42,8 @@ from vllm_consolidate.dtypes import DType
 from vllm_consolidate.plan.lora_rows import merged_rows
 from vllm_consolidate.plan.quantize import Scheme
 from vllm_consolidate.plan.shards import PlannedTensor
-from vllm_consolidate.read.ranges import OpenFiles, read_into, thread_buffer
+from vllm_consolidate.read.gather import read_gathered
+from vllm_consolidate.read.ranges import OpenFiles, thread_buffer
 from vllm_consolidate.source import sub_segments
 from vllm_consolidate.write.pwrite import Out, pwrite_all
 
@@ -196,7 +197,8 @@ def _rows(files: OpenFiles, job: QuantJob) -> Any:
     cols = spec.shape[1]
     nbytes = job.rows * cols * spec.dtype.itemsize
     buf = thread_buffer(nbytes)
-    read_into(files, buf, sub_segments(spec.segments, job.first * cols * spec.dtype.itemsize, nbytes))
+    # Gathered: a TP row-parallel weight's rows alternate rank files (one read per run, not per range).
+    read_gathered(files, buf, list(sub_segments(spec.segments, job.first * cols * spec.dtype.itemsize, nbytes)))
     if spec.delta is not None:  # a LoRA merge: float32 rows, cast like any float32 source
         data, dtype = memoryview(merged_rows(spec, job.first, job.rows, buf)).cast("B"), dtypes.float32
     else:
