@@ -148,6 +148,10 @@ def test_missing_config_missing_prefix_and_bad_urls(served, s3, tmp_path):
     vp.prepare_engine_args(args)
     assert args.hf_config_path == str(local) and not (Path(args.model) / "config.json").exists()
     assert (Path(args.model) / "tokenizer.json").is_file()
+    # The URL named as the tokenizer too (as `vllm serve URL --tokenizer URL` would) is the checkpoint's own.
+    args = _engine_args(served[1], tokenizer=served[1])
+    vp.prepare_engine_args(args)
+    assert args.tokenizer is None and (Path(args.model) / "tokenizer.json").is_file()
 
     missing = f"s3://{BUCKET}/no/such/prefix"
     error = _plugin_error(_engine_args(missing))

@@ -101,6 +101,7 @@ def prepare_remote(args: Any, options: LoaderOptions) -> dict[str, Any]:
         checkpoint.close()
     extra = dict(getattr(args, "model_loader_extra_config", None) or {})
     changes: dict[str, Any] = {"model": str(folder), "model_loader_extra_config": {**extra, "input_url": url}}
+    changes.update({key: None for key in ("hf_config_path", "tokenizer") if getattr(args, key, None) == url})
     if not getattr(args, "served_model_name", None):
         changes["served_model_name"] = url
     for key, value in changes.items():
@@ -114,8 +115,10 @@ def _local_model(args: Any, checkpoint: Checkpoint, options: LoaderOptions, url:
     source = checkpoint.source
     assets = find_checkpoint_assets(checkpoint.detected.weights_dir, checkpoint.mirror.path, source.asset_dirs,
                                     options.base_model_name)
-    need_config = getattr(args, "hf_config_path", None) is None
-    need_tokenizer = getattr(args, "tokenizer", None) is None and not getattr(args, "skip_tokenizer_init", False)
+    # The URL named again as the tokenizer (or config) means the checkpoint's own: vLLM cannot read a URL there.
+    need_config = getattr(args, "hf_config_path", None) in (None, url)
+    need_tokenizer = (getattr(args, "tokenizer", None) in (None, url)
+                      and not getattr(args, "skip_tokenizer_init", False))
     if need_config and source.config is None and assets.config is None:
         raise ConfigNotFoundError("no config.json in the checkpoint or its parent prefixes", path=url,
                                   hint=CONFIG_HINT)

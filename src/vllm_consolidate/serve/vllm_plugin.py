@@ -5,6 +5,7 @@ Installed with the package, the entry point ``vllm.general_plugins: consolidate`
 ``vllm.model_executor.model_loader.register_model_loader``, so that::
 
     vllm serve ./run/checkpoint-196 --load-format consolidate
+    vllm serve s3://bucket/run/checkpoint-196 --load-format consolidate   # see .remote_model
     LLM(model="./run", load_format="consolidate")
 
 load a DeepSpeed ZeRO checkpoint (a run folder, ``checkpoint-N``, a folder with ``latest``, a
@@ -33,7 +34,8 @@ How a load goes:
    engine runs in the same process (``LLM()``), the metadata read in step 1 is reused.
 
 Not served: LoRA runs (their merged tensors are computed, not stored; refused, pointing at
-``convert`` and at vLLM's ``--enable-lora``), and models that are not local folders.
+``convert`` and at vLLM's ``--enable-lora``), and Hub ids. An ``s3://``, ``gs://`` or ``az://`` model is
+served by ranged reads, its config and tokenizer copied to a private temporary folder (:mod:`.remote_model`).
 
 Not applied: quantization. The loader streams the checkpoint's unquantized tensors, so vLLM's
 ``--quantization`` (or a ``quantization_config`` in the config vLLM reads) is refused in one line before the
