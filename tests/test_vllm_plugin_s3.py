@@ -209,8 +209,11 @@ def test_vllm_serves_an_s3_checkpoint_as_it_serves_the_local_one(vllm_s3_run, se
     assert all(len(t) == MAX_TOKENS for t in there["tokens"]) and len(there["digest"]) > 10
     assert there["streamed"]["tensors"] == here["streamed"]["tensors"] > 10
     assert there["streamed"]["write_bytes"] == 0  # nothing written while the weights streamed
-    # vLLM was given the private folder; the URL is what the server names.
+    # vLLM was given the private folder; our log lines name the URL, never the stand-in folder.
     assert Path(there["tokenizer"]).name.startswith("vllm-consolidate-model-")
+    ours = [ln for ln in vllm_s3_run["stderr"].splitlines() if "consolidate: " in ln and url in ln]
+    assert any(f"from {url}/global_step2 " in ln and "nothing written" in ln for ln in ours), ours
+    assert not [ln for ln in ours if "vllmc-mirror" in ln], ours
     # On disk: the config and tokenizer copies only, no stand-in left, no weight file ever.
     new = [Path(f) for f in there["new_tmp_files"]]
     assert new and all(f.parts[0].startswith("vllm-consolidate-model-") and f.name in ASSETS for f in new), new

@@ -319,7 +319,7 @@ def _loader_class(base: type) -> type:
             logger.info("consolidate: streamed %d tensors (%.2f GB as %s) from %s (%s: %s) in %.2f s; nothing written",
                         stats["tensors"], stats["bytes"] / 1e9, model_config.dtype,
                         remote.public(str(checkpoint.detected.weights_dir)),
-                        checkpoint.detected.kind, checkpoint.detected.how, time.monotonic() - started)
+                        checkpoint.detected.kind, remote.public(checkpoint.detected.how), time.monotonic() - started)
             _track_weights(self, model, model_config, loaded)
 
     return ConsolidateModelLoader
