@@ -5,6 +5,7 @@ Installed with the package, the entry point ``vllm.general_plugins: consolidate`
 ``vllm.model_executor.model_loader.register_model_loader``, so that::
 
     vllm serve ./run/checkpoint-196 --load-format consolidate
+    vllm serve s3://bucket/run/checkpoint-196 --load-format consolidate   # see .remote_model
     LLM(model="./run", load_format="consolidate")
 
 load a DeepSpeed ZeRO checkpoint (a run folder, ``checkpoint-N``, a folder with ``latest``, a
@@ -33,7 +34,8 @@ How a load goes:
    engine runs in the same process (``LLM()``), the metadata read in step 1 is reused.
 
 Not served: LoRA runs (their merged tensors are computed, not stored; refused, pointing at
-``convert`` and at vLLM's ``--enable-lora``), and models that are not local folders.
+``convert`` and at vLLM's ``--enable-lora``), and Hub ids. An ``s3://``, ``gs://`` or ``az://`` model is
+served by ranged reads, its config and tokenizer copied to a private temporary folder (:mod:`.remote_model`).
 
 Not applied: quantization. The loader streams the checkpoint's unquantized tensors, so vLLM's
 ``--quantization`` (or a ``quantization_config`` in the config vLLM reads) is refused in one line before the
@@ -57,14 +59,11 @@ This module imports neither vLLM nor torch at import time (the package must impo
 
 from __future__ import annotations
 
-import atexit
 import functools
 import inspect
-import json
 import logging
-import shutil
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,36 +75,30 @@ from vllm_consolidate.read.assets import (
     has_tokenizer,
     tokenizer_names,
 )
+from vllm_consolidate.serve.remote_model import prepare_remote, private_config_folder
 from vllm_consolidate.serve.weights import (  # re-exported: the plugin's public surface
+    CONFIG_HINT,
     LOAD_FORMAT,
+    TOKENIZER_HINT,
     Checkpoint,
     LoaderOptions,
     iter_weights,
     loader_options,
+    object_url,
     open_checkpoint,
     plan_tensors,
     read_tensor,
     remember_checkpoint,
+    served_config,
     take_checkpoint,
     with_config_base,
 )
-from vllm_consolidate.source import SourceModel
+from vllm_consolidate.storage import remote
 
 #: vLLM versions the plugin was tested with (the load tests run against these).
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 #: A child of vLLM's logger, so our lines come out with vLLM's format wherever vLLM logs.
 logger = logging.getLogger("vllm.consolidate")
-
-CONFIG_HINT = (
-    "vLLM reads config.json and the tokenizer from the folder it serves, and this checkpoint has none. "
-    "Pass them: --hf-config-path BASE --tokenizer BASE (a folder or Hub id of the model you trained from; "
-    "in Python hf_config_path=..., tokenizer=...), or consolidate first: "
-    "vllm-consolidate convert --input CHECKPOINT --output FOLDER --base-model-name BASE"
-)
-TOKENIZER_HINT = (
-    "Pass --tokenizer with the folder or Hub id of the model's tokenizer (Python: tokenizer=...), "
-    "or --skip-tokenizer-init to serve token ids only."
-)
 
 
 class CheckpointLoadError(RuntimeError):
@@ -130,7 +123,7 @@ def one_line(exc: ConsolidateError) -> str:
 
 def clean_error(exc: ConsolidateError) -> CheckpointLoadError:
     """The error to raise (``raise clean_error(exc) from None``) for ``exc``, its line logged as vLLM logs errors."""
-    error = CheckpointLoadError(exc)
+    error = CheckpointLoadError(remote.public_error(exc))  # an object-store input's errors name URLs
     logger.error("%s", error)
     return error
 
@@ -160,10 +153,12 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
     Raises:
         ConsolidateError: The checkpoint cannot be read, or has no config (or tokenizer) vLLM could use.
     """
-    model = Path(str(args.model))
-    refuse_quantization(getattr(args, "quantization", None), model)
+    refuse_quantization(getattr(args, "quantization", None), str(args.model))
     options = with_config_base(loader_options(getattr(args, "model_loader_extra_config", None)),
                                getattr(args, "hf_config_path", None))
+    if object_url(args.model, options) is not None:
+        return _prepare_object_store(args, options)
+    model = Path(str(args.model))
     checkpoint = open_checkpoint(model, options)
     remember_checkpoint(model, options, checkpoint)
     need_config = getattr(args, "hf_config_path", None) is None and not (model / CONFIG_FILE).is_file()
@@ -202,29 +197,19 @@ def prepare_engine_args(args: Any) -> dict[str, str]:
     return changes
 
 
-def served_config(source: SourceModel) -> dict[str, Any]:
-    """The config a reader built, with the precision the weights were stored in (vLLM's ``--dtype auto``)."""
-    config = dict(source.config or {})
-    stored = source.trained_dtype.name if source.trained_dtype is not None else source.info.get("stored_dtype")
-    if stored and "dtype" not in config and "torch_dtype" not in config:
-        config["dtype"] = stored
-    return config
+def _prepare_object_store(args: Any, options: Any) -> dict[str, Any]:
+    """An ``s3://`` (``gs://``, ``az://``) model: see :mod:`.remote_model`. With ``input_url`` named in the
+    extra config and a local ``--model`` folder (its config and tokenizer), the checkpoint is only checked."""
+    if object_url(args.model, replace(options, input_url=None)) is not None:
+        changes = prepare_remote(args, options)
+        logger.info("consolidate: serving %s from object storage; config and tokenizer copied to %s, weights "
+                    "streamed by ranged reads", changes["model_loader_extra_config"]["input_url"], changes["model"])
+        return changes
+    open_checkpoint(args.model, options).close()
+    return {}
 
 
-def private_config_folder(config: dict[str, Any]) -> Path:
-    """A new private folder holding ``config`` as ``config.json``, for vLLM's ``hf_config_path``.
-
-    vLLM reads a config only from a folder, and a config the reader built from the checkpoint's own
-    record exists nowhere on disk; the input is never written to. The folder (mode 0700) is this
-    process's: removed when it exits (vLLM's engine processes get the parsed config, not the path).
-    """
-    folder = Path(tempfile.mkdtemp(prefix="vllm-consolidate-config-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return folder
-
-
-def refuse_quantization(method: Any, model: Path) -> None:
+def refuse_quantization(method: Any, model: str | Path) -> None:
     """Refuse ``--quantization`` (or a config's quantization method): the loader streams unquantized tensors.
 
     Raises:
@@ -304,8 +289,8 @@ def _loader_class(base: type) -> type:
                 raise clean_error(exc) from None
 
         def download_model(self, model_config: Any) -> None:
-            # Nothing to download: the checkpoint is local. Reading its metadata checks it.
-            self._open(model_config)
+            # Nothing to download (an object-store checkpoint is streamed too). Reading its metadata checks it.
+            self._open(model_config).close()
 
         def load_model(self, vllm_config: Any, model_config: Any, *args: Any, **kwargs: Any) -> Any:
             try:  # also a quantization vLLM took from config.json (prepare_engine_args saw only the flag)
@@ -314,7 +299,12 @@ def _loader_class(base: type) -> type:
                 raise clean_error(exc) from None
             # Read the metadata before vLLM allocates the model: a broken checkpoint fails in seconds.
             self._checkpoint = self._open(model_config, prepared=True)
-            return super().load_model(vllm_config, model_config, *args, **kwargs)
+            try:
+                return super().load_model(vllm_config, model_config, *args, **kwargs)
+            finally:  # load_weights closed it, unless vLLM failed before (an object store's listing goes)
+                if self._checkpoint is not None:
+                    self._checkpoint.close()
+                    self._checkpoint = None
 
         def load_weights(self, model: Any, model_config: Any) -> None:
             checkpoint, self._checkpoint = self._checkpoint or self._open(model_config), None
@@ -324,9 +314,12 @@ def _loader_class(base: type) -> type:
                 loaded = model.load_weights(iter_weights(tensors, model_config.dtype, stats))
             except ConsolidateError as exc:  # raised by a reader while vLLM pulls the tensors
                 raise clean_error(exc) from None
+            finally:
+                checkpoint.close()
             logger.info("consolidate: streamed %d tensors (%.2f GB as %s) from %s (%s: %s) in %.2f s; nothing written",
-                        stats["tensors"], stats["bytes"] / 1e9, model_config.dtype, checkpoint.detected.weights_dir,
-                        checkpoint.detected.kind, checkpoint.detected.how, time.monotonic() - started)
+                        stats["tensors"], stats["bytes"] / 1e9, model_config.dtype,
+                        remote.public(str(checkpoint.detected.weights_dir)),
+                        checkpoint.detected.kind, remote.public(checkpoint.detected.how), time.monotonic() - started)
             _track_weights(self, model, model_config, loaded)
 
     return ConsolidateModelLoader

@@ -1,11 +1,17 @@
 """What the ``consolidate`` load format loads: the checkpoint, read as ``convert`` reads it, and its tensors
 streamed one at a time from their byte ranges, cast to vLLM's model dtype (see :mod:`.vllm_plugin`).
 
+A checkpoint in object storage (``input_url`` in the options, an ``s3://``, ``gs://`` or ``az://`` URL) is
+read as ``convert --input URL`` reads it: listed into a private folder of empty stand-ins
+(:func:`vllm_consolidate.storage.remote.mirror`), every byte a ranged GET; the :class:`Checkpoint` holds the
+mirror, and :meth:`Checkpoint.close` removes it.
+
 Nothing here imports vLLM; torch is imported only when a tensor is built.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,14 +30,30 @@ from vllm_consolidate.read.gather import read_gathered
 from vllm_consolidate.read.lora_find import holds_lora
 from vllm_consolidate.read.ranges import OpenFiles, thread_buffer
 from vllm_consolidate.source import SourceModel, TensorSpec, sub_segments
+from vllm_consolidate.storage import remote
+from vllm_consolidate.storage.store import parse_storage_options
+from vllm_consolidate.storage.urls import is_object_url, parse_object_url
 from vllm_consolidate.write.safetensors import WORKERS, chunk_elements  # threads and chunks as the writer's
 
 #: The ``--load-format`` the plugin registers.
 LOAD_FORMAT = "consolidate"
 #: ``--model-loader-extra-config`` keys: ``type`` (``--type``), ``checkpoint_dir``, ``model_key`` and
-#: ``base_model_name`` as in ``convert``. vLLM's own ``--hf-config-path`` stands for ``base_model_name`` when
-#: that is not given (see :func:`with_config_base`).
-EXTRA_CONFIG_KEYS = ("type", "checkpoint_dir", "model_key", "base_model_name")
+#: ``base_model_name`` as in ``convert``; ``storage_options`` as ``--storage-options`` (a JSON object of obstore
+#: settings). vLLM's own ``--hf-config-path`` stands for ``base_model_name`` when that is not given (see
+#: :func:`with_config_base`). ``input_url``, the object-store URL served, is set by the plugin when
+#: ``--model`` is a URL (:mod:`.remote_model`), so that the engine's processes read from it.
+EXTRA_CONFIG_KEYS = ("type", "checkpoint_dir", "model_key", "base_model_name", "storage_options", "input_url")
+
+CONFIG_HINT = (
+    "vLLM reads config.json and the tokenizer from the folder it serves, and this checkpoint has none. "
+    "Pass them: --hf-config-path BASE --tokenizer BASE (a folder or Hub id of the model you trained from; "
+    "in Python hf_config_path=..., tokenizer=...), or consolidate first: "
+    "vllm-consolidate convert --input CHECKPOINT --output FOLDER --base-model-name BASE"
+)
+TOKENIZER_HINT = (
+    "Pass --tokenizer with the folder or Hub id of the model's tokenizer (Python: tokenizer=...), "
+    "or --skip-tokenizer-init to serve token ids only."
+)
 
 LORA_HINT = (
     "Merge it into its base model first (vllm-consolidate convert --input CHECKPOINT --output FOLDER), or export "
@@ -49,6 +71,9 @@ class LoaderOptions:
     checkpoint_dir: Path | None = None
     model_key: str | None = None
     base_model_name: str | None = None
+    #: ``--storage-options`` as sorted pairs (hashable: options key :data:`_prepared`).
+    storage_options: tuple[tuple[str, str], ...] = ()
+    input_url: str | None = None
 
     def input_spec(self, model: str | os.PathLike) -> InputSpec:
         """Which input ``model`` with these options names (as ``convert --input model`` would)."""
@@ -85,9 +110,24 @@ def loader_options(extra: Any) -> LoaderOptions:
                          f"{', '.join(map(str, unknown))}", hint=f"Known keys: {', '.join(EXTRA_CONFIG_KEYS)}.")
     checkpoint_dir = extra.get("checkpoint_dir")
     base = extra.get("base_model_name")
+    url = extra.get("input_url")
+    if url is not None and not is_object_url(url):
+        raise UsageError(f"input_url in --model-loader-extra-config must be an object-store URL, not {url!r}",
+                         hint="Serve an s3://, gs:// or az:// checkpoint with --model URL.")
+    if url is not None:
+        parse_object_url(url)  # a bad URL fails here, in one line
     return LoaderOptions(input_type=str(extra.get("type") or "auto"),
                          checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-                         model_key=extra.get("model_key"), base_model_name=str(base) if base else None)
+                         model_key=extra.get("model_key"), base_model_name=str(base) if base else None,
+                         storage_options=_storage_options(extra.get("storage_options")), input_url=url)
+
+
+def _storage_options(value: Any) -> tuple[tuple[str, str], ...]:
+    """``storage_options`` (a JSON object, or its text) checked as ``--storage-options`` is."""
+    if value is None:
+        return ()
+    text = value if isinstance(value, str) else json.dumps(value)
+    return tuple(sorted(parse_storage_options(text).items()))
 
 
 @dataclass
@@ -96,20 +136,51 @@ class Checkpoint:
 
     detected: detection.DetectedInput
     source: SourceModel
+    #: The object-store listing the checkpoint is read through (None for a local one).
+    mirror: remote.Mirror | None = None
+
+    def close(self) -> None:
+        """Remove the mirror's stand-in folder (a local checkpoint holds nothing to close)."""
+        if self.mirror is not None:
+            self.mirror.close()
+
+
+def object_url(model: str | os.PathLike, options: LoaderOptions) -> str | None:
+    """The object-store URL to serve: ``input_url``, else ``model`` when it is one; None for a local path."""
+    if options.input_url:
+        return options.input_url
+    return os.fspath(model) if is_object_url(os.fspath(model)) else None
 
 
 def open_checkpoint(model: str | os.PathLike, options: LoaderOptions = LoaderOptions()) -> Checkpoint:
     """Resolve ``model`` (run folder, ``checkpoint-N``, ``latest``, ``global_stepN``, DCP, verl, HF) and read it.
 
+    With an object-store URL (``options.input_url``, or ``model`` itself) the prefix is listed and read by
+    ranged GETs; the checkpoint then holds the listing until :meth:`Checkpoint.close`, and errors name URLs.
+
     Raises:
         ConsolidateError: Nothing loadable is there, or the checkpoint is broken or unsafe.
     """
-    detected, source = open_input(options.input_spec(model), LoraMode.AS_READ)
+    url = object_url(model, options)
+    if url is None:
+        return _checked(*open_input(options.input_spec(model), LoraMode.AS_READ))
+    view = remote.mirror(parse_object_url(url), dict(options.storage_options))
+    try:
+        local = replace(options, checkpoint_dir=view.local(options.checkpoint_dir))
+        return _checked(*open_input(local.input_spec(view.path), LoraMode.AS_READ), mirror=view)
+    except BaseException as exc:
+        view.close()
+        remote.public_error(exc)
+        raise
+
+
+def _checked(detected: detection.DetectedInput, source: SourceModel, mirror: remote.Mirror | None = None,
+             ) -> Checkpoint:
     if holds_lora(detected.kind, source):
         raise UnsupportedCheckpointError(
             "this is a LoRA fine-tune; the consolidate load format serves full models only",
             path=detected.weights_dir, hint=LORA_HINT)
-    return Checkpoint(detected, source)
+    return Checkpoint(detected, source, mirror)
 
 
 #: What :func:`prepare_engine_args` read, for the loader when the engine runs in the same process
@@ -123,6 +194,9 @@ def _key(model: str | os.PathLike, options: LoaderOptions) -> tuple[str, LoaderO
 
 def remember_checkpoint(model: str | os.PathLike, options: LoaderOptions, checkpoint: Checkpoint) -> None:
     """Keep what was read before the engine started, for :func:`take_checkpoint` in the same process."""
+    for old in _prepared.values():
+        if old is not checkpoint:
+            old.close()
     _prepared.clear()  # one engine at a time: never keep the metadata of an earlier one
     _prepared[_key(model, options)] = checkpoint
 
@@ -131,6 +205,15 @@ def take_checkpoint(model: str | os.PathLike, options: LoaderOptions) -> Checkpo
     """The checkpoint read for this engine's arguments in this process, else read it now."""
     found = _prepared.pop(_key(model, options), None)
     return found if found is not None else open_checkpoint(model, options)
+
+
+def served_config(source: SourceModel) -> dict[str, Any]:
+    """The config a reader built, with the precision the weights were stored in (vLLM's ``--dtype auto``)."""
+    config = dict(source.config or {})
+    stored = source.trained_dtype.name if source.trained_dtype is not None else source.info.get("stored_dtype")
+    if stored and "dtype" not in config and "torch_dtype" not in config:
+        config["dtype"] = stored
+    return config
 
 
 def plan_tensors(source: SourceModel, config: dict) -> list[TensorSpec]:
@@ -219,6 +302,6 @@ def iter_weights(tensors: list[TensorSpec], model_dtype: Any, stats: dict[str, A
         files.close()
 
 
-__all__ = ["EXTRA_CONFIG_KEYS", "LOAD_FORMAT", "LORA_HINT", "Checkpoint", "LoaderOptions",
-           "iter_weights", "loader_options", "open_checkpoint", "out_dtype", "plan_tensors", "read_tensor",
-           "remember_checkpoint", "take_checkpoint"]
+__all__ = ["CONFIG_HINT", "EXTRA_CONFIG_KEYS", "LOAD_FORMAT", "LORA_HINT", "TOKENIZER_HINT", "Checkpoint",
+           "LoaderOptions", "iter_weights", "loader_options", "object_url", "open_checkpoint", "out_dtype",
+           "plan_tensors", "read_tensor", "remember_checkpoint", "served_config", "take_checkpoint"]
