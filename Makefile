@@ -30,9 +30,11 @@ demo: setup
 	@DEMO_OUT=$(DEMO_OUT) $(PY) -m tests.corpus.demo
 
 # Everything: lint (ruff + the import-linter layers contract), then every test. pytest's first line names the
-# versions it runs with (tests/conftest.py), pinned by constraints/*.txt.
+# versions it runs with (tests/conftest.py), pinned by constraints/*.txt. Two pytest-xdist workers, each taking whole
+# test files (--dist loadfile: a file's module fixtures, e.g. one converted folder or one Ray cluster, are built once);
+# the corpus builders share their cache under a file lock. --durations lists the 30 slowest steps at the end.
 test: setup setup-vllm setup-llmc setup-megatron lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30
 
 # The fast layer alone (pure logic, no corpus, no torch): well under 30 s.
 test-unit: setup
