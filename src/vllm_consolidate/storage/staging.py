@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from vllm_consolidate.errors import ConsolidateError, StorageError
@@ -187,6 +187,8 @@ class StagedOutput:
         self.staged: dict[str, int] = {}  # relative key -> size, in the order staged
         self._sinks: list[ObjectSink] = []
         self._lock = threading.Lock()
+        #: Given a relative key, what to call with the object's bytes as they stream (see ObjectSink), or None.
+        self.observe: Callable[[str], Callable[[bytes], None] | None] | None = None
 
     def __enter__(self) -> StagedOutput:
         record = {"format": RECORD_FORMAT, "output": str(self.output), **_machine(), "pid": os.getpid(),
@@ -201,7 +203,8 @@ class StagedOutput:
     @contextlib.contextmanager
     def sink(self, rel: str, size: int | None, *, size_hint: int = 0) -> Iterator[ObjectSink]:
         """An :class:`ObjectSink` for ``rel``: completed when the block ends, aborted if it raises."""
-        sink = ObjectSink(self.store, self.url.child(rel), size, size_hint=size_hint)
+        observe = self.observe(rel) if self.observe is not None else None
+        sink = ObjectSink(self.store, self.url.child(rel), size, size_hint=size_hint, observe=observe)
         with self._lock:
             self._sinks.append(sink)
         try:

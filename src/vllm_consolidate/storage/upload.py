@@ -20,6 +20,7 @@ removes the parts.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from vllm_consolidate.errors import StorageError
@@ -59,13 +60,16 @@ class ObjectSink:
             writer of unknown size (``size_hint`` then sets the part size).
         window: Bytes kept ahead of the first missing byte before a writer waits.
         size_hint: About how large an object of unknown size may grow.
+        observe: Called with every contiguous piece of the object, in order, as it is handed to the upload
+            (one call at a time): what validation needs of the bytes is computed as they stream, with no
+            second download. It must not raise.
     """
 
     def __init__(self, store: Any, url: ObjectURL, size: int | None, *, window: int = WINDOW_BYTES,
-                 size_hint: int = 0):
+                 size_hint: int = 0, observe: Callable[[bytes], None] | None = None):
         import obstore
 
-        self.url, self.size, self.window = url, size, window
+        self.url, self.size, self.window, self._observe = url, size, window, observe
         self._writer = obstore.open_writer(store, url.prefix, buffer_size=part_size(size or size_hint),
                                            max_concurrency=MAX_CONCURRENCY)
         self._cond = threading.Condition()
@@ -125,6 +129,8 @@ class ObjectSink:
                 except Exception as exc:
                     self.fail(storage_error(exc, self.url, what="upload"))
                     raise self._failed from exc  # type: ignore[misc]
+                if self._observe is not None:
+                    self._observe(chunk)
                 with self._cond:
                     self._next += len(chunk)
                     self._buffered -= len(chunk)
