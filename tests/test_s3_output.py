@@ -147,7 +147,7 @@ def test_nothing_under_output_before_commit(s3, bucket, case_dir, monkeypatch):
     """The writing stage is over (everything staged) and nothing is under the output; the run then fails."""
     seen: dict[str, list[str]] = {}
 
-    def fail_validation(conv, staged, opts, output, on_stage, adapter):
+    def fail_validation(conv, staged, opts, output, on_stage, adapter, scans=None):
         seen["output"] = sorted(s3.keys(bucket, "m/"))
         staged = [k for k in s3.keys(bucket) if not k.startswith("m/")]
         seen["prefixes"] = sorted({k.split("/", 1)[0] for k in staged})
@@ -374,14 +374,23 @@ def test_batch_object_storage_is_refused_by_name(where, tmp_path, monkeypatch, c
 
 
 def test_commit_copies_config_then_the_marker_last(s3, bucket, case_dir, monkeypatch):
-    """A reader that waits for the marker (or config.json) finds every other object already there."""
+    """A reader that waits for the marker (or config.json, or the index) finds every other object already there;
+    the shards are copied several at a time."""
     import obstore
 
-    real, order = obstore.copy, []
+    real, order, lock, running = obstore.copy, [], threading.Lock(), [0, 0]  # copies in flight now, at most
 
     def copy(store, from_, to, **kw):
-        order.append((to, sorted(s3.keys(bucket, "m/"))))
-        return real(store, from_, to, **kw)
+        with lock:
+            order.append((to, sorted(s3.keys(bucket, "m/"))))
+            running[0] += 1
+            running[1] = max(running)
+        try:
+            time.sleep(0.05)
+            return real(store, from_, to, **kw)
+        finally:
+            with lock:
+                running[0] -= 1
 
     monkeypatch.setattr(obstore, "copy", copy)
     assert cli.convert_main(["--input", str(case_dir(DS) / "ckpt"), "--output", f"s3://{bucket}/m",
@@ -391,6 +400,7 @@ def test_commit_copies_config_then_the_marker_last(s3, bucket, case_dir, monkeyp
     assert names.index("m/model.safetensors.index.json") > max(i for i, n in enumerate(names) if "-of-" in n)
     _, present_before_marker = order[-1]
     assert sorted([*present_before_marker, f"m/{MARKER}"]) == sorted(s3.keys(bucket, "m/"))
+    assert running[1] > 1, "the shards were copied one at a time"
 
 
 def test_force_deletes_nothing_a_hostile_marker_names_outside_the_prefix(s3, bucket, case_dir):

@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from vllm_consolidate.errors import ConsolidateError, StorageError
@@ -39,6 +40,8 @@ ID_HEX = 16
 #: The run record, staged first and never committed.
 RECORD_NAME = ".vllm-consolidate.staging.json"
 RECORD_FORMAT = "vllm-consolidate-staging"
+#: Server-side copies in flight during a commit (each a whole object; S3 copies several at once faster).
+COPIES_IN_FLIGHT = 4
 #: Objects one listing may return before we stop (an output is a few dozen files).
 MAX_LISTED = 100_000
 
@@ -240,18 +243,16 @@ class StagedOutput:
                 deletes only the copies that were not among them.
             stale: Keys of the old output the new one does not overwrite, deleted after the commit.
         """
-        import obstore
-
         rank = {rel: i + 1 for i, rel in enumerate(last)}
         order = sorted(self.staged, key=lambda rel: rank.get(rel, 0))  # stable: the rest keep their order
         before = set(existing)
         copied: list[str] = []
         try:
-            for rel in order:
-                try:
-                    obstore.copy(self.store, self.url.key(rel), self.output.key(rel))
-                except Exception as exc:
-                    raise storage_error(exc, self.output.child(rel), what="server-side copy") from exc
+            # The weights and other files first, several copies in flight (a server copies each at its own pace,
+            # GBs for a shard); then config.json and the marker, one by one, in order, once all those are there.
+            self._copy_all([rel for rel in order if rel not in rank], copied)
+            for rel in [rel for rel in order if rel in rank]:
+                self._copy(rel)
                 copied.append(rel)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -259,6 +260,31 @@ class StagedOutput:
             raise
         delete_keys(self.store, self.output, [rel for rel in stale if rel not in self.staged])
         self.discard()
+
+    def _copy(self, rel: str) -> None:
+        import obstore
+
+        try:
+            obstore.copy(self.store, self.url.key(rel), self.output.key(rel))
+        except Exception as exc:
+            raise storage_error(exc, self.output.child(rel), what="server-side copy") from exc
+
+    def _copy_all(self, rels: list[str], copied: list[str]) -> None:
+        """Copy ``rels``, :data:`COPIES_IN_FLIGHT` at a time; ``copied`` gets each one done (also when one fails).
+
+        Returns only when no copy is in flight any more, so a failed commit's cleanup sees every copy made.
+        """
+        pool = ThreadPoolExecutor(max_workers=max(1, min(COPIES_IN_FLIGHT, len(rels))), thread_name_prefix="vllmc-copy")
+        futures = {pool.submit(self._copy, rel): rel for rel in rels}
+        try:
+            for future in as_completed(futures):
+                if future.exception() is not None:
+                    raise future.exception()  # type: ignore[misc]
+        finally:  # also on Ctrl-C/SIGTERM while waiting: start no new copy, wait for those running, record them
+            for future in futures:
+                future.cancel()
+            pool.shutdown(wait=True)
+            copied.extend(rel for f, rel in futures.items() if f.done() and not f.cancelled() and f.exception() is None)
 
     def discard(self) -> None:
         """Abort every open upload and delete everything under the staging prefix (it is this run's alone)."""
