@@ -2,9 +2,10 @@
 
 An object store has no folder to rename, so an output is written under a sibling staging prefix
 ``<parent>/.<name>.vllmc-staging-<id>/`` (``<id>``: 16 random hex digits, so the prefix is ours alone)
-and, once complete and validated, committed by server-side copy into ``<output>/``, the objects the
-caller names last (``config.json``, then our marker) last: a reader that waits for the marker sees a
-whole model. Then the staging objects are deleted.
+and, once complete and validated, committed by server-side copy into ``<output>/``: the other objects
+first, :data:`COPIES_IN_FLIGHT` at a time (a server copies a multi-GB shard at its own pace), then the
+objects the caller names last (an index, ``config.json``, then our marker), one by one, in that order: a
+reader that waits for the marker sees a whole model. Then the staging objects are deleted.
 
 On any failure, Ctrl-C or SIGTERM (:meth:`StagedOutput.discard`) every open multipart upload is
 aborted and every staged object deleted; a failure during the commit also deletes the copies it had

@@ -8,7 +8,8 @@ buffered writer, which uploads it as the parts of one multipart upload, a few in
 touches the local disk. Memory is bounded: a chunk that would grow the window past
 :data:`WINDOW_BYTES` waits until the gap before it is filled (the chunk that fills the gap is always
 taken, so the threads never wait on each other in a circle: jobs start in offset order), plus
-:data:`MAX_CONCURRENCY` parts being uploaded.
+:data:`MAX_CONCURRENCY` parts being uploaded. An observer may see each contiguous piece as it is handed
+to the upload (the NaN/Inf scan of the validation, so that it needs no second download of the object).
 
 Only a complete object is ever visible: the upload completes in :meth:`ObjectSink.close` when every
 byte was written, and :meth:`ObjectSink.abort` (any failure, Ctrl-C, SIGTERM) aborts it, so no part

@@ -4,6 +4,9 @@ Checks: ``empty_tensors`` (no 0-element tensors, e.g. ZeRO-3 placeholders), ``ti
 tied output embedding that is stored anyway holds the input embedding's bytes) and ``values`` (no
 NaN or Inf in any floating-point tensor).
 
+An object-store output gets its ``values`` scan from :class:`StreamScan`, fed the bytes of each
+safetensors file as they are uploaded, so validation does not download the weights again.
+
 Decisions:
     * A tied ``lm_head.weight`` that is stored too is ignored by vLLM and transformers; when its bytes
       differ from the embedding it ties to, that is a warning (it may have been trained separately).
