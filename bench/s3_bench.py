@@ -20,7 +20,7 @@ The endpoint is s3rver (file-backed, streams ranges; ``npm install --prefix .cac
 it is installed, else moto's server, which reads a whole object into memory for every ranged GET (fine for the
 tests, slow at this size: say which one the results came from).
 
-Usage: python bench/s3_bench.py [--reps 3] [--out s3] [--server s3rver|moto]
+Usage: python bench/s3_bench.py [--reps 3] [--out s3] [--server s3rver|moto] [--dtype float32|bfloat16]
 Writes bench/results/<out>.json and .md.
 """
 
@@ -165,17 +165,22 @@ def delete_prefix(client: Any, prefix: str) -> None:
             client.delete_object(Bucket=BUCKET, Key=obj["Key"])
 
 
-def one_rep(ckpt_prefix: str, work: Path, env: dict[str, str], relay: Relay) -> dict[str, Any]:
+def one_rep(ckpt_prefix: str, work: Path, env: dict[str, str], relay: Relay, extra: tuple[str, ...] = (),
+            validated: bool = False) -> dict[str, Any]:
     client = s3(env)
     src = f"s3://{BUCKET}/{ckpt_prefix}"
     rec: dict[str, Any] = {}
     tmp = work / "tmp"
-    for name, out, local in (("ours_s3_to_local", str(work / "out"), [tmp, work / "out"]),
-                             ("ours_s3_to_s3", f"s3://{BUCKET}/out", [tmp])):
+    runs = [("ours_s3_to_local", str(work / "out"), [tmp, work / "out"], ()),
+            ("ours_s3_to_s3", f"s3://{BUCKET}/out", [tmp], ())]
+    if validated:  # the default: the static validation before the commit (the runs above skip it, as the chain's)
+        runs.append(("ours_s3_to_s3_validated", f"s3://{BUCKET}/out", [tmp], ("--validate-vllm",)))
+    for name, out, local, more in runs:
         shutil.rmtree(work / "out", ignore_errors=True)
         delete_prefix(client, "out")
         tmp.mkdir(parents=True, exist_ok=True)
-        rec[name] = run_step(bench.ours(src, out), dict(env, TMPDIR=str(tmp)), local, relay)  # type: ignore[arg-type]
+        rec[name] = run_step(bench.ours(src, out, *extra, *more), dict(env, TMPDIR=str(tmp)),  # type: ignore[arg-type]
+                             local, relay)
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(work / "out", ignore_errors=True)
     delete_prefix(client, "out")
@@ -186,7 +191,7 @@ def one_rep(ckpt_prefix: str, work: Path, env: dict[str, str], relay: Relay) -> 
     tmp.mkdir(parents=True)
     steps = [run_step([sys.executable, "-c", CHAIN, "download", BUCKET, ckpt_prefix, str(down)],
                       dict(env, TMPDIR=str(tmp)), [down, tmp], relay)]
-    steps.append(run_step(bench.ours(down, out), dict(env, TMPDIR=str(tmp)), [down, out, tmp], relay))
+    steps.append(run_step(bench.ours(down, out, *extra), dict(env, TMPDIR=str(tmp)), [down, out, tmp], relay))
     steps.append(run_step([sys.executable, "-c", CHAIN, "upload", BUCKET, "chain-out", str(out)],
                           dict(env, TMPDIR=str(tmp)), [down, out, tmp], relay))
     rec["chain"] = {"steps": steps, "wall_s": round(sum(s["wall_s"] for s in steps), 3),
@@ -204,9 +209,13 @@ KEYS = ("wall_s", "rss_mib", "bytes_transferred", "disk_peak_bytes")
 
 
 def summarize(reps: list[dict[str, Any]]) -> dict[str, Any]:
-    med = {t: {k: statistics.median(r[t][k] for r in reps) for k in KEYS} for t in TOOLS}
+    tools = [t for t in (*TOOLS, "ours_s3_to_s3_validated") if t in reps[0]]
+    med = {t: {k: statistics.median(r[t][k] for r in reps) for k in KEYS} for t in tools}
     ratios = {}
-    for t, short in (("ours_s3_to_local", "s3_to_local"), ("ours_s3_to_s3", "s3_to_s3")):
+    for t, short in (("ours_s3_to_local", "s3_to_local"), ("ours_s3_to_s3", "s3_to_s3"),
+                     ("ours_s3_to_s3_validated", "s3_to_s3_validated")):
+        if t not in med:
+            continue
         ratios[f"wall_{short}_vs_chain"] = round(med[t]["wall_s"] / med["chain"]["wall_s"], 3)
         ratios[f"bytes_{short}_vs_chain"] = round(med[t]["bytes_transferred"] / med["chain"]["bytes_transferred"], 3)
         ratios[f"rss_{short}_vs_chain"] = round(med[t]["rss_mib"] / med["chain"]["rss_mib"], 3)
@@ -242,6 +251,8 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, default=None,
                         help="another checkpoint folder (e.g. a corpus case, for a quick check of the script)")
     parser.add_argument("--server", choices=("s3rver", "moto"), default="s3rver" if S3RVER.exists() else "moto")
+    parser.add_argument("--dtype", default="float32", help="output dtype of every conversion (ours and the chain's)")
+    parser.add_argument("--validated", action="store_true", help="also s3 -> s3 with the validation on (the default)")
     args = parser.parse_args()
     if args.ckpt is None:
         spec = next(s for s in mk.small_specs() if s.name == "qwen0.5b-z3")
@@ -272,18 +283,18 @@ def main() -> None:
                    AWS_SECRET_ACCESS_KEY="S3RVER", AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true")
         prefix = upload_checkpoint(ckpt, env)
         relay.take()
-        reps = [one_rep(prefix, work, env, relay) for _ in range(args.reps)]
+        reps = [one_rep(prefix, work, env, relay, ("--dtype", args.dtype), args.validated) for _ in range(args.reps)]
     finally:
         server.terminate()
         server.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
-    failed = [(i, t) for i, r in enumerate(reps) for t in TOOLS if r[t]["exit"] != 0]
+    failed = [(i, t) for i, r in enumerate(reps) for t in r if r[t]["exit"] != 0]
     if failed:
         print(json.dumps(reps, indent=1)[-6000:])
         raise SystemExit(f"failed runs: {failed}")
     summary = summarize(reps)
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
-    summary["server"], summary["checkpoint"] = args.server, str(ckpt)
+    summary["server"], summary["checkpoint"], summary["dtype"] = args.server, str(ckpt), args.dtype
     (bench.RESULTS / f"{args.out}.json").write_text(json.dumps({"summary": summary, "reps": reps}, indent=1) + "\n")
     (bench.RESULTS / f"{args.out}.md").write_text(markdown(summary))
     print(markdown(summary))

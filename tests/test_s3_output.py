@@ -32,6 +32,7 @@ from vllm_consolidate import cli
 from vllm_consolidate.convert import ConvertOptions, convert
 from vllm_consolidate.errors import CorruptCheckpointError, UsageError, ValidationFailedError
 from vllm_consolidate.storage.urls import parse_object_url
+from vllm_consolidate.validate import values as values_mod
 
 DS = "qwen2_z3_w2_bf16_tied"  # ZeRO-3, world size 2, tied embeddings, tokenizer + chat template + generation config
 BIG = "llama_big_z2_w2_bf16"  # 74M parameters: 297 MB of fp32 output, many 16 MiB chunks and parts
@@ -78,12 +79,22 @@ CASES = {
 
 
 @pytest.mark.parametrize("label", list(CASES))
-def test_objects_are_the_local_conversions_files(label, s3, bucket, case_dir, case_meta, tmp_path):
+def test_objects_are_the_local_conversions_files(label, s3, bucket, case_dir, case_meta, tmp_path, monkeypatch):
     name, options = CASES[label]
     src = case_dir(name) / case_meta(name)["input"]
     convert(ConvertOptions(input=src, output=tmp_path / "local", validate=False, **options))
+    read_back = []  # the read-back NaN/Inf scan, one entry per tensor it reads from the staged objects
+    monkeypatch.setattr(values_mod, "_scan", lambda t, buf, scan=values_mod._scan: read_back.append(t) or scan(t, buf))
     result = convert(ConvertOptions(input=src, output=f"s3://{bucket}/models/m", validate=True, **options))
     assert result.validation is not None and result.validation["ok"], result.validation  # run on the staged objects
+    # The NaN/Inf scan ran on the bytes as they were uploaded (StreamScan): validation did not read the staged
+    # safetensors files back for it (a .bin output still is).
+    values = next(c for c in result.validation["checks"] if c["name"] == "values")
+    assert values["status"] == "pass"
+    if label == "pytorch-bin":
+        assert read_back and not values["message"].endswith("(scanned as uploaded)")
+    else:
+        assert not read_back and values["message"].endswith("(scanned as uploaded)"), values
     local = _files(tmp_path / "local")
     remote = _objects(s3, bucket, "models/m")
     assert sorted(remote) == sorted(local)
@@ -136,7 +147,7 @@ def test_nothing_under_output_before_commit(s3, bucket, case_dir, monkeypatch):
     """The writing stage is over (everything staged) and nothing is under the output; the run then fails."""
     seen: dict[str, list[str]] = {}
 
-    def fail_validation(conv, staged, opts, output, on_stage, adapter):
+    def fail_validation(conv, staged, opts, output, on_stage, adapter, scans=None):
         seen["output"] = sorted(s3.keys(bucket, "m/"))
         staged = [k for k in s3.keys(bucket) if not k.startswith("m/")]
         seen["prefixes"] = sorted({k.split("/", 1)[0] for k in staged})
@@ -351,14 +362,23 @@ def test_sink_abort_leaves_no_upload(s3, bucket, monkeypatch):
 
 
 def test_commit_copies_config_then_the_marker_last(s3, bucket, case_dir, monkeypatch):
-    """A reader that waits for the marker (or config.json) finds every other object already there."""
+    """A reader that waits for the marker (or config.json, or the index) finds every other object already there;
+    the shards are copied several at a time."""
     import obstore
 
-    real, order = obstore.copy, []
+    real, order, lock, running = obstore.copy, [], threading.Lock(), [0, 0]  # copies in flight now, at most
 
     def copy(store, from_, to, **kw):
-        order.append((to, sorted(s3.keys(bucket, "m/"))))
-        return real(store, from_, to, **kw)
+        with lock:
+            order.append((to, sorted(s3.keys(bucket, "m/"))))
+            running[0] += 1
+            running[1] = max(running)
+        try:
+            time.sleep(0.05)
+            return real(store, from_, to, **kw)
+        finally:
+            with lock:
+                running[0] -= 1
 
     monkeypatch.setattr(obstore, "copy", copy)
     assert cli.convert_main(["--input", str(case_dir(DS) / "ckpt"), "--output", f"s3://{bucket}/m",
@@ -368,6 +388,7 @@ def test_commit_copies_config_then_the_marker_last(s3, bucket, case_dir, monkeyp
     assert names.index("m/model.safetensors.index.json") > max(i for i, n in enumerate(names) if "-of-" in n)
     _, present_before_marker = order[-1]
     assert sorted([*present_before_marker, f"m/{MARKER}"]) == sorted(s3.keys(bucket, "m/"))
+    assert running[1] > 1, "the shards were copied one at a time"
 
 
 def test_force_deletes_nothing_a_hostile_marker_names_outside_the_prefix(s3, bucket, case_dir):

@@ -529,3 +529,46 @@ def test_unavailable_interpreter_through_real_resolver(folders: dict[str, Path],
     code, text = _validate(folders["good"], capsys, "--load", "--vllm-python", "/nonexistent/python")
     assert code == 10
     assert "the --vllm-python interpreter does not exist" in text
+
+
+def test_stream_scan_counts_nan_and_inf_as_the_read_back_scan(tmp_path: Path) -> None:
+    """The value scan an object-store output makes of its bytes as they are uploaded (StreamScan) finds the same
+    NaN/Inf per tensor as the read-back scan, however the bytes are cut (header split, elements split)."""
+    import random
+
+    from vllm_consolidate.validate.values import StreamScan
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.f32": torch.randn(300, generator=g), "b.bf16": torch.randn(257, generator=g).bfloat16(),
+               "c.f16": torch.randn(5, 7, generator=g).half(), "d.i64": torch.arange(9),
+               "e.f8": torch.randn(33, generator=g).to(torch.float8_e4m3fn), "f.clean": torch.ones(4)}
+    tensors["a.f32"][[3, 299]] = float("nan")
+    tensors["a.f32"][100] = float("-inf")
+    tensors["b.bf16"][256] = float("inf")
+    tensors["c.f16"][4, 6] = float("nan")
+    tensors["e.f8"][0] = float("nan")
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    data = path.read_bytes()
+    want = {"a.f32": {"nan": 2, "inf": 1}, "b.bf16": {"nan": 0, "inf": 1}, "c.f16": {"nan": 1, "inf": 0},
+            "e.f8": {"nan": 1, "inf": 0}}
+    rng = random.Random(1)
+    for cuts in ([len(data)], [1] * 9 + [3] * 40 + [len(data)], [rng.randint(1, 97) for _ in range(len(data))]):
+        scan, pos = StreamScan("model.safetensors"), 0
+        for n in cuts:
+            scan.feed(data[pos:pos + n])
+            pos += n
+            if pos >= len(data):
+                break
+        assert scan.complete and scan.error is None
+        assert scan.bad == want
+        assert scan.scanned == sum(t.nbytes for n, t in tensors.items() if t.is_floating_point())
+        check = StreamScan.check([scan])
+        assert check.status == "fail" and check.details["tensors"] == want
+    # The read-back scan of the same file agrees.
+    report = V.validate_folder(tmp_path)
+    assert report.get("values").details["tensors"] == want
+    # A stream cut short is not complete (validation then reads the file back).
+    short = StreamScan("model.safetensors")
+    short.feed(data[:-1])
+    assert not short.complete

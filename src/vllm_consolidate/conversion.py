@@ -355,7 +355,12 @@ def marker_info(opts: ConvertOptions, conv: Conversion, written: list[str]) -> d
 
 
 def validate_output(conv: Conversion, tmp: Path, output: Path, on_stage: Callable[[str], None] | None,
-              adapter: bool = False) -> Any:
+              adapter: bool = False, values: Any = None) -> Any:
+    """The static validation of a written output (raises when it fails).
+
+    ``values``: the ``values`` check already computed on the bytes as they were written (an object-store
+    output, :class:`~vllm_consolidate.validate.values.StreamScan`); the folder's values are then not read back.
+    """
     from vllm_consolidate.validate import validate_adapter_folder, validate_folder
     from vllm_consolidate.validate.source import Reference
 
@@ -364,7 +369,12 @@ def validate_output(conv: Conversion, tmp: Path, output: Path, on_stage: Callabl
     # The sampled comparison with the source proves each tensor landed where the plan put it.
     sample = Reference(str(conv.detected.weights_dir), {t.name: t.spec for t in conv.plan.tensors}, conv.dropped,
                        depth="sample")
-    report = validate_adapter_folder(tmp, reference=sample) if adapter else validate_folder(tmp, reference=sample)
+    if adapter:
+        report = validate_adapter_folder(tmp, reference=sample)
+    else:
+        report = validate_folder(tmp, reference=sample, scan_values=values is None)
+        if values is not None:
+            report.checks = [values if c.name == "values" else c for c in report.checks]
     if not report.ok:
         raise ValidationFailedError(
             "the converted folder failed validation: " + "; ".join(report.failure_messages()),

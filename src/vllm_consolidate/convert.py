@@ -144,12 +144,15 @@ def _convert_to_store(opts: ConvertOptions, url: ObjectURL, started: float,
     clean_stale_staging(store, url)  # what a killed run for this output left in its staging prefix
     common = summary_fields(conv, opts)
     adapter = adapter_config_of(conv) is not None
+    scans: dict[str, Any] = {}
     with StagedOutput(store, url) as staged:
+        if opts.validate and not adapter:
+            staged.observe = lambda rel: _stream_scan(scans, rel)
         written = write_files(conv, staged, progress)
         nbytes = rpub.staged_sizes(staged, written)
 
         def validate() -> Any:
-            return validate_staged(conv, staged.url, opts, url, on_stage, adapter)
+            return validate_staged(conv, staged.url, opts, url, on_stage, adapter, scans)
 
         report = rpub.commit(staged, marker_info(opts, conv, written), opts.force,
                              validate=validate if opts.validate else None)
@@ -164,16 +167,34 @@ def _convert_to_store(opts: ConvertOptions, url: ObjectURL, started: float,
     )
 
 
+def _stream_scan(scans: dict[str, Any], rel: str) -> Callable[[bytes], None] | None:
+    """The value scan fed with a staged safetensors file's bytes as they are uploaded (None for other files)."""
+    from vllm_consolidate.validate.values import StreamScan
+
+    if not rel.endswith(".safetensors"):
+        return None
+    scan = scans[rel] = StreamScan(rel)
+    return scan.feed
+
+
 def validate_staged(conv: Conversion, staged: ObjectURL, opts: ConvertOptions, output: ObjectURL,
-                    on_stage: Callable[[str], None] | None, adapter: bool) -> Any:
+                    on_stage: Callable[[str], None] | None, adapter: bool, scans: dict[str, Any] | None = None) -> Any:
     """Validate a staged object-store output where it is: through the read side's mirror of the staging
-    prefix (stand-ins; only headers and sampled ranges are fetched, no second download)."""
+    prefix (stand-ins; only headers and sampled ranges are fetched, no second download).
+
+    ``scans``: the value scans of the weight files, made as they were uploaded (``_stream_scan``); when every one
+    completed, the NaN/Inf scan does not read the files back (else, e.g. ``.bin`` shards, it does).
+    """
+    from vllm_consolidate.validate.values import StreamScan
+
+    done = bool(scans) and all(s.complete for s in scans.values())  # type: ignore[union-attr]
+    values = StreamScan.check(list(scans.values())) if done else None  # type: ignore[union-attr]
     view = remote.mirror(staged, dict(opts.storage_options))
     try:
         # transformers opens config.json and the tokenizer files by name: those few small files are fetched into
         # the private mirror (bounded, removed with it); weights stay stand-ins read by range.
         view.materialize()
-        return validate_output(conv, view.path, str(output), on_stage, adapter)  # type: ignore[arg-type]
+        return validate_output(conv, view.path, str(output), on_stage, adapter, values)  # type: ignore[arg-type]
     finally:
         view.close()
 

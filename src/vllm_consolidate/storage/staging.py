@@ -2,9 +2,10 @@
 
 An object store has no folder to rename, so an output is written under a sibling staging prefix
 ``<parent>/.<name>.vllmc-staging-<id>/`` (``<id>``: 16 random hex digits, so the prefix is ours alone)
-and, once complete and validated, committed by server-side copy into ``<output>/``, the objects the
-caller names last (``config.json``, then our marker) last: a reader that waits for the marker sees a
-whole model. Then the staging objects are deleted.
+and, once complete and validated, committed by server-side copy into ``<output>/``: the other objects
+first, :data:`COPIES_IN_FLIGHT` at a time (a server copies a multi-GB shard at its own pace), then the
+objects the caller names last (an index, ``config.json``, then our marker), one by one, in that order: a
+reader that waits for the marker sees a whole model. Then the staging objects are deleted.
 
 On any failure, Ctrl-C or SIGTERM (:meth:`StagedOutput.discard`) every open multipart upload is
 aborted and every staged object deleted; a failure during the commit also deletes the copies it had
@@ -26,7 +27,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 from vllm_consolidate.errors import ConsolidateError, StorageError
@@ -39,6 +41,8 @@ ID_HEX = 16
 #: The run record, staged first and never committed.
 RECORD_NAME = ".vllm-consolidate.staging.json"
 RECORD_FORMAT = "vllm-consolidate-staging"
+#: Server-side copies in flight during a commit (each a whole object; S3 copies several at once faster).
+COPIES_IN_FLIGHT = 4
 #: Objects one listing may return before we stop (an output is a few dozen files).
 MAX_LISTED = 100_000
 
@@ -187,6 +191,8 @@ class StagedOutput:
         self.staged: dict[str, int] = {}  # relative key -> size, in the order staged
         self._sinks: list[ObjectSink] = []
         self._lock = threading.Lock()
+        #: Given a relative key, what to call with the object's bytes as they stream (see ObjectSink), or None.
+        self.observe: Callable[[str], Callable[[bytes], None] | None] | None = None
 
     def __enter__(self) -> StagedOutput:
         record = {"format": RECORD_FORMAT, "output": str(self.output), **_machine(), "pid": os.getpid(),
@@ -201,7 +207,8 @@ class StagedOutput:
     @contextlib.contextmanager
     def sink(self, rel: str, size: int | None, *, size_hint: int = 0) -> Iterator[ObjectSink]:
         """An :class:`ObjectSink` for ``rel``: completed when the block ends, aborted if it raises."""
-        sink = ObjectSink(self.store, self.url.child(rel), size, size_hint=size_hint)
+        observe = self.observe(rel) if self.observe is not None else None
+        sink = ObjectSink(self.store, self.url.child(rel), size, size_hint=size_hint, observe=observe)
         with self._lock:
             self._sinks.append(sink)
         try:
@@ -237,18 +244,16 @@ class StagedOutput:
                 deletes only the copies that were not among them.
             stale: Keys of the old output the new one does not overwrite, deleted after the commit.
         """
-        import obstore
-
         rank = {rel: i + 1 for i, rel in enumerate(last)}
         order = sorted(self.staged, key=lambda rel: rank.get(rel, 0))  # stable: the rest keep their order
         before = set(existing)
         copied: list[str] = []
         try:
-            for rel in order:
-                try:
-                    obstore.copy(self.store, self.url.key(rel), self.output.key(rel))
-                except Exception as exc:
-                    raise storage_error(exc, self.output.child(rel), what="server-side copy") from exc
+            # The weights and other files first, several copies in flight (a server copies each at its own pace,
+            # GBs for a shard); then config.json and the marker, one by one, in order, once all those are there.
+            self._copy_all([rel for rel in order if rel not in rank], copied)
+            for rel in [rel for rel in order if rel in rank]:
+                self._copy(rel)
                 copied.append(rel)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -256,6 +261,31 @@ class StagedOutput:
             raise
         delete_keys(self.store, self.output, [rel for rel in stale if rel not in self.staged])
         self.discard()
+
+    def _copy(self, rel: str) -> None:
+        import obstore
+
+        try:
+            obstore.copy(self.store, self.url.key(rel), self.output.key(rel))
+        except Exception as exc:
+            raise storage_error(exc, self.output.child(rel), what="server-side copy") from exc
+
+    def _copy_all(self, rels: list[str], copied: list[str]) -> None:
+        """Copy ``rels``, :data:`COPIES_IN_FLIGHT` at a time; ``copied`` gets each one done (also when one fails).
+
+        Returns only when no copy is in flight any more, so a failed commit's cleanup sees every copy made.
+        """
+        pool = ThreadPoolExecutor(max_workers=max(1, min(COPIES_IN_FLIGHT, len(rels))), thread_name_prefix="vllmc-copy")
+        futures = {pool.submit(self._copy, rel): rel for rel in rels}
+        try:
+            for future in as_completed(futures):
+                if future.exception() is not None:
+                    raise future.exception()  # type: ignore[misc]
+        finally:  # also on Ctrl-C/SIGTERM while waiting: start no new copy, wait for those running, record them
+            for future in futures:
+                future.cancel()
+            pool.shutdown(wait=True)
+            copied.extend(rel for f, rel in futures.items() if f.done() and not f.cancelled() and f.exception() is None)
 
     def discard(self) -> None:
         """Abort every open upload and delete everything under the staging prefix (it is this run's alone)."""

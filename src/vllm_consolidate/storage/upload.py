@@ -8,7 +8,8 @@ buffered writer, which uploads it as the parts of one multipart upload, a few in
 touches the local disk. Memory is bounded: a chunk that would grow the window past
 :data:`WINDOW_BYTES` waits until the gap before it is filled (the chunk that fills the gap is always
 taken, so the threads never wait on each other in a circle: jobs start in offset order), plus
-:data:`MAX_CONCURRENCY` parts being uploaded.
+:data:`MAX_CONCURRENCY` parts being uploaded. An observer may see each contiguous piece as it is handed
+to the upload (the NaN/Inf scan of the validation, so that it needs no second download of the object).
 
 Only a complete object is ever visible: the upload completes in :meth:`ObjectSink.close` when every
 byte was written, and :meth:`ObjectSink.abort` (any failure, Ctrl-C, SIGTERM) aborts it, so no part
@@ -20,6 +21,7 @@ removes the parts.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from vllm_consolidate.errors import StorageError
@@ -59,13 +61,16 @@ class ObjectSink:
             writer of unknown size (``size_hint`` then sets the part size).
         window: Bytes kept ahead of the first missing byte before a writer waits.
         size_hint: About how large an object of unknown size may grow.
+        observe: Called with every contiguous piece of the object, in order, as it is handed to the upload
+            (one call at a time): what validation needs of the bytes is computed as they stream, with no
+            second download. It must not raise.
     """
 
     def __init__(self, store: Any, url: ObjectURL, size: int | None, *, window: int = WINDOW_BYTES,
-                 size_hint: int = 0):
+                 size_hint: int = 0, observe: Callable[[bytes], None] | None = None):
         import obstore
 
-        self.url, self.size, self.window = url, size, window
+        self.url, self.size, self.window, self._observe = url, size, window, observe
         self._writer = obstore.open_writer(store, url.prefix, buffer_size=part_size(size or size_hint),
                                            max_concurrency=MAX_CONCURRENCY)
         self._cond = threading.Condition()
@@ -125,6 +130,8 @@ class ObjectSink:
                 except Exception as exc:
                     self.fail(storage_error(exc, self.url, what="upload"))
                     raise self._failed from exc  # type: ignore[misc]
+                if self._observe is not None:
+                    self._observe(chunk)
                 with self._cond:
                     self._next += len(chunk)
                     self._buffered -= len(chunk)

@@ -132,7 +132,10 @@ def commit(staged: StagedOutput, marker_info: dict[str, Any], force: bool, valid
     store, output = staged.store, staged.output
     existing = check_replaceable(store, output, force)  # again: another run may have committed meanwhile
     stale = old_files(store, output, existing) if existing else []
-    staged.commit(last=["config.json", "adapter_config.json", MARKER_NAME], existing=existing, stale=stale)
+    # The weights go first (several copies at once), then one by one: an index after every shard it names,
+    # config.json, and our marker last.
+    index = sorted(rel for rel in staged.staged if rel.endswith(".index.json"))
+    staged.commit(last=[*index, "config.json", "adapter_config.json", MARKER_NAME], existing=existing, stale=stale)
     return report
 
 
