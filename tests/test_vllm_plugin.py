@@ -34,6 +34,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -620,8 +621,11 @@ def test_openai_server_serves_a_run_folder(plugin_run: dict[str, Any], tmp_path:
     port = _free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "VLLM_ENABLE_V1_MULTIPROCESSING")}
+    # The engine process talks to the API server over ZMQ sockets in TMPDIR, whose paths may not exceed 107 bytes
+    # (sockaddr_un): pytest-xdist's tmp_path (.../popen-gw0/test_openai_server_serves_a_ru0/) is too long for them.
+    tmpdir = Path(tempfile.mkdtemp(prefix="vc-srv-", dir="/tmp" if os.path.isdir("/tmp") else None))
     env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_NO_USAGE_STATS": "1",
-                "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmp_path)})
+                "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmpdir)})
     cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(run),
            "--load-format", vp.LOAD_FORMAT, "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
            "--max-num-seqs", "4", "--seed", "0", "--host", "127.0.0.1", "--port", str(port),
@@ -645,6 +649,7 @@ def test_openai_server_serves_a_run_folder(plugin_run: dict[str, Any], tmp_path:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        shutil.rmtree(tmpdir, ignore_errors=True)
     text = log.read_text()
     assert tokens == expected["tokens"]
     # It was our loader, in the engine process, and the checkpoint was only read.
