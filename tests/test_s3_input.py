@@ -227,15 +227,17 @@ def test_a_damaged_rank_object_gives_the_local_exit_code_and_publishes_nothing(h
 
 
 def test_hostile_listings_are_refused_by_the_cli(s3, tmp_path, monkeypatch):
-    s3.client.put_object(Bucket=BUCKET, Key="hostile/ckpt/latest", Body=b"global_step1")
-    s3.client.put_object(Bucket=BUCKET, Key="hostile/ckpt/../../elsewhere/x.pt", Body=b"PK")
-    code, _, err = _cli("convert", "--input", f"s3://{BUCKET}/hostile/ckpt", "--output", tmp_path / "o")
+    bucket = "hostile-listings"  # its own bucket: the test does not depend on another test's fixture
+    s3.client.create_bucket(Bucket=bucket)
+    s3.client.put_object(Bucket=bucket, Key="hostile/ckpt/latest", Body=b"global_step1")
+    s3.client.put_object(Bucket=bucket, Key="hostile/ckpt/../../elsewhere/x.pt", Body=b"PK")
+    code, _, err = _cli("convert", "--input", f"s3://{bucket}/hostile/ckpt", "--output", tmp_path / "o")
     assert code == 5 and "outside the input" in err, err
-    s3.client.delete_object(Bucket=BUCKET, Key="hostile/ckpt/../../elsewhere/x.pt")
+    s3.client.delete_object(Bucket=bucket, Key="hostile/ckpt/../../elsewhere/x.pt")
     for i in range(4):
-        s3.client.put_object(Bucket=BUCKET, Key=f"hostile/ckpt/global_step1/{i}.pt", Body=b"PK")
+        s3.client.put_object(Bucket=bucket, Key=f"hostile/ckpt/global_step1/{i}.pt", Body=b"PK")
     monkeypatch.setattr(remote, "MAX_OBJECTS", 3)
-    code, _, err = _cli("convert", "--input", f"s3://{BUCKET}/hostile/ckpt", "--output", tmp_path / "o")
+    code, _, err = _cli("convert", "--input", f"s3://{bucket}/hostile/ckpt", "--output", tmp_path / "o")
     assert code == 4 and "more than 3 objects" in err, err
     assert not (tmp_path / "o").exists()
 
