@@ -4,7 +4,8 @@ Variants (set on ``vllm_consolidate.write.safetensors`` around ``convert``), alt
 inputs read once before each run (warm cache), output fsync-ed as usual, median reported:
 
 * ``base``: writer.py as it is;
-* ``cast16M``: 16 MiB cast chunks instead of ``CAST_CHUNK_BYTES`` (only matters with a dtype change);
+* ``cast16M``, ``cast1M``, ``cast256K``: cast chunks of that size instead of ``CAST_CHUNK_BYTES`` (only matters
+  with a dtype change: smaller chunks keep the read buffer and the cast's result in the core's cache);
 * ``no_writeback``: no ``sync_file_range`` per chunk, so the final fsync writes the whole file;
 * ``workers1``: one worker thread instead of ``WORKERS``;
 * ``no_readahead``: no ``posix_fadvise(WILLNEED)`` ahead of the chunks (``READ_AHEAD_BYTES = 0``; matters on a cold
@@ -36,6 +37,8 @@ ORIG = {"CAST_CHUNK_BYTES": writer.CAST_CHUNK_BYTES, "WORKERS": writer.WORKERS,
 VARIANTS = {
     "base": {},
     "cast16M": {"CAST_CHUNK_BYTES": 16 * 2**20},
+    "cast1M": {"CAST_CHUNK_BYTES": 2**20},
+    "cast256K": {"CAST_CHUNK_BYTES": 2**18},
     "no_writeback": {"start_writeback": lambda fd, offset, nbytes: None},
     "workers1": {"WORKERS": 1},
     "no_readahead": {"READ_AHEAD_BYTES": 0},

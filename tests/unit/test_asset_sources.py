@@ -78,7 +78,12 @@ def test_a_missing_generation_config_alone_never_downloads(run, monkeypatch):
     ckpt, parent = run
     assets = find_assets([ckpt, parent], "acme/not-cached")
     assert assets.generation_config is None and assets.base_model_error is None
-    assert [c.get("local_files_only") for c in calls] == [True]  # the local cache only
+    assert all(c.get("local_files_only") for c in calls)  # the local cache only, never a download
+    # The cache has no folder for it: known without asking huggingface_hub at all (read/hub_cache.py).
+    monkeypatch.setenv("HF_HUB_CACHE", str(ckpt.parent / "empty-cache"))
+    calls.clear()
+    assert find_assets([ckpt, parent], "acme/not-cached").generation_config is None
+    assert calls == []
 
 
 # -- sizes (issue 22): tokenizer files and templates are capped one by one and together ------------------

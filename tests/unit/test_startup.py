@@ -45,9 +45,9 @@ print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 """
 
 
-def _modules(*argv: str) -> tuple[Any, set[str]]:
+def _modules(*argv: str, env: dict[str, str] | None = None) -> tuple[Any, set[str]]:
     """``(exit code, modules loaded)`` of a fresh interpreter: ``("import", MODULE)`` or ``("cli", *ARGS)``."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120,
                           env=env)
     assert proc.returncode == 0, proc.stderr
@@ -146,6 +146,63 @@ def test_convert_loads_the_cast_kernel_only_to_cast(tmp_path):
     assert "ml_dtypes" not in modules  # bfloat16 is cast on the bits (casts.py)
     want = {name: struct.pack(f"<{len(v)}H", *map(_bfloat16_bits, v)) for name, v in values.items()}
     assert _tensor_bytes(tmp_path / "bf16" / "model.safetensors") == want
+
+
+def _cached_base(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny model laid out in a private HF cache as ``acme/tiny`` (as huggingface_hub lays a download out), and a
+    checkpoint of it without a tokenizer; returns ``(cache, checkpoint)``."""
+    from tests.corpus.lora_build import write_hf_cache
+
+    _tiny_hf_folder(tmp_path / "base")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (ckpt / name).write_bytes((tmp_path / "base" / name).read_bytes())
+    write_hf_cache(tmp_path / "base", tmp_path / "hub", "acme/tiny")
+    return tmp_path / "hub", ckpt
+
+
+def test_a_base_model_in_the_hf_cache_is_found_without_the_hub_client(tmp_path):
+    """The tokenizer the checkpoint lacks comes from the cached base model; no huggingface_hub import (0.2-0.3 s)."""
+    cache, ckpt = _cached_base(tmp_path)
+    for offline in ("1", "0"):  # online too: a cached model needs no request
+        out = tmp_path / f"out{offline}"
+        code, modules = _modules("cli", "convert", "--input", str(ckpt), "--output", str(out), "--no-validate-vllm",
+                                 "--force", "--base-model-name", "acme/tiny", env={"HF_HUB_CACHE": str(cache),
+                                                                        "HF_HUB_OFFLINE": offline})
+        assert code == 0
+        assert "huggingface_hub" not in modules
+        assert (out / "tokenizer.json").read_bytes() == (tmp_path / "base" / "tokenizer.json").read_bytes()
+
+
+def test_the_cache_lookup_agrees_with_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from vllm_consolidate.read.assets import resolve_base_model
+    from vllm_consolidate.read.hub_cache import cached_model
+
+    cache, _ = _cached_base(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    hub = huggingface_hub.snapshot_download("acme/tiny", local_files_only=True)
+    assert resolve_base_model("acme/tiny") == (Path(hub), None)
+    assert cached_model("acme/tiny", ("config.json",)) == (True, Path(hub))
+    assert cached_model("acme/other", ()) == (False, None)
+    for odd in ("../hub", "acme--tiny", "acme/tiny/x", "/etc"):  # not a Hub id: huggingface_hub decides
+        assert cached_model(odd, ()) == (None, None)
+    (Path(hub) / "tokenizer.json").unlink()  # a snapshot that looks partial is huggingface_hub's to judge
+    assert cached_model("acme/tiny", ("tokenizer.json",)) == (None, None)
+
+
+def test_a_base_model_not_in_the_cache_offline_costs_no_hub_import(tmp_path):
+    _, ckpt = _cached_base(tmp_path)
+    out = tmp_path / "out"
+    code, modules = _modules("cli", "convert", "--input", str(ckpt), "--output", str(out), "--no-validate-vllm",
+                             "--force", env={"HF_HUB_CACHE": str(tmp_path / "empty")})
+    assert code == 0
+    assert "huggingface_hub" not in modules
+    assert not (out / "tokenizer.json").exists()
 
 
 def test_writeback_is_looked_up_on_the_first_write(tmp_path):

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_consolidate.errors import ConfigInvalidError, ConfigNotFoundError, ConsolidateError
+from vllm_consolidate.read.hub_cache import cached_model, hub_offline
 from vllm_consolidate.read.zero_locate import is_zero_checkpoint_folder
 from vllm_consolidate.safe_io import (
     MAX_CONFIG_BYTES,
@@ -164,11 +165,18 @@ def resolve_base_model(name: str | None, *, download: bool = True,
     local = Path(name).expanduser()
     if local_folders and local.is_dir():
         return local, None
+    offline = hub_offline()
+    # The cache answers the common cases without importing huggingface_hub (0.2-0.3 s; see read/hub_cache.py).
+    cached, snapshot = cached_model(name, (CONFIG_FILE,))
+    if cached and snapshot is not None and any(os.path.lexists(snapshot / n) for n in TOKENIZER_FILES):
+        return snapshot, None
+    if cached is False and (offline or not download):
+        why = "HF_HUB_OFFLINE is set" if offline else "not downloaded for this"
+        return None, f"'{name}' is not in the local HF cache and {why} (LocalEntryNotFoundError)"
     try:
         from huggingface_hub import snapshot_download
     except ImportError:  # pragma: no cover - a hard dependency, kept defensive
         return None, "huggingface_hub is not installed"
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS, local_files_only=True)), None
     except Exception as exc:  # not in the cache, or not a valid repo id
