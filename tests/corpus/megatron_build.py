@@ -201,6 +201,10 @@ _SPECS: list[MegatronCaseSpec] = [
                      tp=2, save_steps=(1, 2), seed=11),
     MegatronCaseSpec("mcore_llama_tp2pp2", "torch_dist", _model("llama"),
                      "dense Llama-like fp32, TP=2 x PP=2 (4 ranks), untied", tp=2, pp=2, seed=8),
+    MegatronCaseSpec("mcore_mixtral_ep2_grouped_bf16", "torch_dist", _model("mixtral", grouped_gemm=True),
+                     "Mixtral-like MoE with megatron-core's grouped-GEMM experts (legacy GroupedMLP: two [H, E*2F] and "
+                     "[E*F, H] weights per layer; its sharded state dict writes SequentialMLP's global keys), bf16 "
+                     "params (GroupedMLP's limit), EP=2", ep=2, precision="bf16", seed=13),
     MegatronCaseSpec("mcore_llama_pp2_vpp2", "torch_dist", _model("llama", layers=4),
                      "dense Llama-like fp32, 4 layers, PP=2 x VPP=2 (interleaved: rank 0 holds layers 0 and 2, "
                      "rank 1 layers 1 and 3; saved as model0/model1 chunks whose stacked keys have a global layer "

@@ -55,6 +55,33 @@ def stub_cuda() -> None:
     # 0.16.1's router GEMM tests `te_general_gemm is not None`, a name bound only when TransformerEngine imports.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    stub_grouped_gemm()
+
+
+def gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
+    """The ``grouped_gemm`` package's ``ops.gmm`` on the CPU: rows ``[s_i, s_i + n_i)`` of ``a`` times ``b[i]``.
+
+    The package is a CUDA kernel (github.com/fanshiqing/grouped_gemm); its contract is this loop. It is used only
+    by the forward and backward of the legacy ``GroupedMLP``: what the checkpoint holds is written by megatron-core's
+    own ``GroupedMLP.sharded_state_dict`` and ``dist_checkpointing.save``, and the truth is still checked by the
+    live model's logits.
+    """
+    outs, start = [], 0
+    for i, n in enumerate(batch_sizes.tolist()):
+        outs.append(a[start:start + n] @ (b[i].t() if trans_b else b[i]))
+        start += n
+    return torch.cat(outs)
+
+
+def stub_grouped_gemm() -> None:
+    """Make megatron-core's legacy ``GroupedMLP`` build and run without the CUDA-only ``grouped_gemm`` package."""
+    import types
+
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
+
+    gg.grouped_gemm_is_available = lambda: True
+    gg.assert_grouped_gemm_is_available = lambda: None
+    gg.ops = types.SimpleNamespace(gmm=gmm)
 
 
 def transformer_config(model: dict[str, Any], par: dict[str, int], dtype: torch.dtype) -> Any:
@@ -120,7 +147,9 @@ def build_gpt(model: dict[str, Any], par: dict[str, int], dtype: torch.dtype, vp
 
     config = transformer_config(model, par, dtype)
     spec = get_gpt_layer_local_spec(
-        num_experts=model.get("experts"), qk_layernorm=bool(model.get("qk_norm")), normalization="RMSNorm"
+        num_experts=model.get("experts"), qk_layernorm=bool(model.get("qk_norm")), normalization="RMSNorm",
+        # The legacy GroupedMLP: experts as two [H, E*2F] / [E*F, H] weights (TEGroupedMLP needs TransformerEngine).
+        moe_grouped_gemm=bool(model.get("grouped_gemm")), moe_use_legacy_grouped_gemm=bool(model.get("grouped_gemm")),
     )
     gpt = GPTModel(
         config,
@@ -135,6 +164,8 @@ def build_gpt(model: dict[str, Any], par: dict[str, int], dtype: torch.dtype, vp
         rotary_base=model["rope_base"],
         vp_stage=vp_stage,
     )
+    if model.get("grouped_gemm"):  # not silently SequentialMLP: the case is about the grouped layout
+        assert any(type(m).__name__ == "GroupedMLP" for m in gpt.modules()), "no GroupedMLP built"
     if model.get("experts") and par["tp"] > 1:
         # MoELayer refuses TP without sequence parallelism in training mode (a performance guard); with no
         # dropout anywhere, eval mode computes the same forward and backward.
@@ -293,6 +324,11 @@ def fp32_logits(gpt: list[Any], model: dict[str, Any], par: dict[str, int], ids:
     if gpt[0].config.params_dtype == torch.float32:
         return live_logits(gpt, ids)
     replica = build_model(model, par, torch.float32)
+    if model.get("grouped_gemm"):
+        # GroupedMLP's forward asserts config.bf16 (its kernel's limit). Set after the build, so the replica's
+        # attention keeps the fp32 softmax it was built with; the experts then run in fp32 like the rest.
+        for chunk in replica:
+            chunk.config.bf16 = True
     for chunk, copy in zip(gpt, replica, strict=True):
         sd = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
               for k, v in chunk.state_dict().items()}
