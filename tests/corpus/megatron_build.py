@@ -205,6 +205,16 @@ _SPECS: list[MegatronCaseSpec] = [
                      "Mixtral-like MoE with megatron-core's grouped-GEMM experts (legacy GroupedMLP: two [H, E*2F] and "
                      "[E*F, H] weights per layer; its sharded state dict writes SequentialMLP's global keys), bf16 "
                      "params (GroupedMLP's limit), EP=2", ep=2, precision="bf16", seed=13),
+    MegatronCaseSpec("mcore_mixtral_ep2_grouped_singleton", "torch_dist", _model("mixtral", grouped_gemm=True),
+                     "the grouped-GEMM Mixtral-like model of mcore_mixtral_ep2_grouped_bf16 saved with "
+                     "singleton_local_shards (sharded-state-dict metadata): per-layer keys, each expert under its own "
+                     "key mlp.experts.<e>.linear_fc1.weight_w/_v (gate/up apart) and linear_fc2.weight, dense "
+                     "linear_fc1 as weight_w/_v too; bf16, EP=2", ep=2, precision="bf16", layer_keys="per_layer",
+                     seed=14, options={"singleton": True}),
+    MegatronCaseSpec("mcore_llama_tp2_singleton", "torch_dist", _model("llama"),
+                     "dense Llama-like fp32, TP=2, saved with singleton_local_shards: per-layer keys and SwiGLU's "
+                     "linear_fc1 as two TP-split tensors weight_w (gate) and weight_v (up)", tp=2,
+                     layer_keys="per_layer", seed=15, options={"singleton": True}),
     MegatronCaseSpec("mcore_llama_pp2_vpp2", "torch_dist", _model("llama", layers=4),
                      "dense Llama-like fp32, 4 layers, PP=2 x VPP=2 (interleaved: rank 0 holds layers 0 and 2, "
                      "rank 1 layers 1 and 3; saved as model0/model1 chunks whose stacked keys have a global layer "

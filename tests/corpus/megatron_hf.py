@@ -8,6 +8,8 @@ and a deliberately wrong mapping (gate/up swapped, k/v swapped, two query heads 
 
 from __future__ import annotations
 
+import re
+
 import json
 import shutil
 from pathlib import Path
@@ -140,8 +142,32 @@ def split_qkv(w: torch.Tensor, model: dict[str, Any]) -> tuple[torch.Tensor, tor
     return q, x[:, per].reshape(groups * hd, *tail), x[:, per + 1].reshape(groups * hd, *tail)
 
 
+def merge_singletons(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Global tensors of a ``singleton_local_shards`` save in the layout of a default one.
+
+    Such a save (metadata ``singleton_local_shards=True``) stores SwiGLU's ``linear_fc1`` as two tensors
+    ``<key>_w`` (gate) and ``<key>_v`` (up), and each expert under its own key (``mlp.experts.<e>.<param>``; for
+    the grouped-GEMM experts ``mlp.experts.experts.<e>.<param>``), layers per key (``decoder.layers.<N>.``); a default save has ``[gate; up]`` in one tensor and the experts stacked on a
+    leading axis under ``mlp.experts.experts.<param>``. A no-op for a default save.
+    """
+    out = dict(g)
+    for key in [k for k in out if k.endswith("_w")]:
+        base = key[:-2]
+        out[base] = torch.cat([out.pop(key), out.pop(base + "_v")], dim=0)
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for key in list(out):
+        m = re.fullmatch(r"(.*\.mlp\.experts\.)(?:experts\.|local_experts\.)?(\d+)\.(linear_fc[12]\.weight)", key)
+        if m:
+            experts.setdefault(m[1] + "experts." + m[3], {})[int(m[2])] = out.pop(key)
+    for key, per_expert in experts.items():
+        assert sorted(per_expert) == list(range(len(per_expert))), key
+        out[key] = torch.stack([per_expert[e] for e in range(len(per_expert))])
+    return out
+
+
 def to_hf(g: dict[str, torch.Tensor], model: dict[str, Any], per_layer: bool) -> dict[str, torch.Tensor]:
     """Map gathered Megatron global tensors to the transformers model's ``state_dict`` names."""
+    g = merge_singletons(g)
     vocab = model["vocab"]
     out = {
         "model.embed_tokens.weight": g["embedding.word_embeddings.weight"][:vocab],

@@ -39,7 +39,9 @@ def sd_metadata(case: dict[str, Any]) -> dict[str, Any]:
     """Megatron-LM's ``_build_sharded_state_dict_metadata`` (no distributed optimizer), plus per-layer keys."""
     from megatron.core import parallel_state as ps
 
-    meta: dict[str, Any] = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    # Megatron-LM saves with singleton_local_shards=False; a case may ask for True (per-expert keys, gate/up apart).
+    meta: dict[str, Any] = {"singleton_local_shards": bool(case.get("options", {}).get("singleton")),
+                            "chained_optim_avoid_prefix": True}
     if case["layer_keys"] == "per_layer":
         meta["non_homogeneous_layers"] = True  # TransformerBlock then writes decoder.layers.N.<param>
     return {**meta, "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
