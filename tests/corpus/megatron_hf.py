@@ -8,9 +8,8 @@ and a deliberately wrong mapping (gate/up swapped, k/v swapped, two query heads 
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
