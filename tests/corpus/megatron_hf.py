@@ -146,8 +146,9 @@ def merge_singletons(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     Such a save (metadata ``singleton_local_shards=True``) stores SwiGLU's ``linear_fc1`` as two tensors
     ``<key>_w`` (gate) and ``<key>_v`` (up), and each expert under its own key (``mlp.experts.<e>.<param>``; for
-    the grouped-GEMM experts ``mlp.experts.experts.<e>.<param>``), layers per key (``decoder.layers.<N>.``); a default save has ``[gate; up]`` in one tensor and the experts stacked on a
-    leading axis under ``mlp.experts.experts.<param>``. A no-op for a default save.
+    the grouped-GEMM experts ``mlp.experts.experts.<e>.<param>``), layers per key (``decoder.layers.<N>.``); a
+    default save has ``[gate; up]`` in one tensor and the experts stacked on a leading axis under
+    ``mlp.experts.experts.<param>``. A no-op for a default save.
     """
     out = dict(g)
     for key in [k for k in out if k.endswith("_w")]:
