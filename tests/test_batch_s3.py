@@ -189,3 +189,47 @@ def test_local_input_to_s3_output_and_one_batch_per_prefix(s3, bucket, case_dir,
     assert cli.main([*args, "--force"]) == 11
     assert "another batch is writing to this output prefix" in capsys.readouterr().err
     assert _etags(s3, bucket, "models/") == before  # nothing replaced, and its lock is not ours to delete
+
+
+def test_a_dead_batch_lock_is_taken_over_and_a_live_or_foreign_one_is_not(s3, bucket, case_dir, capsys):
+    """A lock whose holder provably died (this machine, boot and PID namespace; no such PID) is taken over; one held
+    by a live process, on another boot, or not in our format stops the batch (exit 11) and is left as it was."""
+    import subprocess
+    import sys
+
+    from vllm_consolidate.storage.staging import machine_identity
+
+    args = ["batch", "--input-dir", str(case_dir(DS) / "ckpt"), "--output-dir", f"s3://{bucket}/models", *FAST]
+    key, client = f"models/{objects.LOCK_KEY}", s3.client()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = {"format": objects.LOCK_FORMAT, **machine_identity(), "pid": gone.pid}
+    for held in ({**dead, "pid": s3.process.pid}, {**dead, "boot_id": "another boot"}, {**dead, "format": "x"}):
+        client.put_object(Bucket=bucket, Key=key, Body=json.dumps(held).encode())
+        capsys.readouterr()
+        assert cli.main(args) == 11, held
+        assert "another batch is writing to this output prefix" in capsys.readouterr().err
+        assert json.loads(s3.get(bucket, key)) == held
+    assert s3.keys(bucket, "models/ckpt_step_2/") == {}
+    client.put_object(Bucket=bucket, Key=key, Body=json.dumps(dead).encode())
+    assert cli.main(args) == 0
+    assert MARKER in [k.rpartition("/")[2] for k in s3.keys(bucket, "models/ckpt_step_2/")]
+    assert key not in s3.keys(bucket, "models/")  # taken over, then released like our own
+
+
+def test_of_two_batches_racing_for_a_dead_lock_only_one_takes_it(s3, bucket, monkeypatch):
+    from vllm_consolidate.storage import staging
+    from vllm_consolidate.storage.urls import parse_object_url
+
+    key, client = f"models/{objects.LOCK_KEY}", s3.client()
+    client.put_object(Bucket=bucket, Key=key, Body=json.dumps({"format": objects.LOCK_FORMAT, "pid": 1}).encode())
+    winner = json.dumps({"format": objects.LOCK_FORMAT, "winner": True}).encode()
+
+    def the_other_batch_wins_first(record):  # it replaces the dead lock between our read and our write
+        client.put_object(Bucket=bucket, Key=key, Body=winner)
+        return True
+
+    monkeypatch.setattr(staging, "run_is_dead", the_other_batch_wins_first)
+    outputs = objects.ObjectOutputs(parse_object_url(f"s3://{bucket}/models"), {})
+    assert outputs._take_dead_lock(b"ours") is False  # If-Match: the ETag we read is no longer the lock's
+    assert s3.get(bucket, key) == winner

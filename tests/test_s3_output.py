@@ -221,10 +221,10 @@ def test_sigkill_leaves_nothing_under_the_output(s3, bucket, case_dir):
     assert staged, "the killed run had staged nothing (its run record at least): the cleanup below proves nothing"
     # The next run for the same output removes the dead run's staged objects (its record: this machine, PID gone),
     # and never a staging prefix of a live run or of another output.
-    from vllm_consolidate.storage.staging import RECORD_FORMAT, RECORD_NAME, _machine
+    from vllm_consolidate.storage.staging import RECORD_FORMAT, RECORD_NAME, machine_identity
 
     client = s3.client()
-    dead = {**_machine(), "pid": proc.pid, "format": RECORD_FORMAT, "output": f"s3://{bucket}/out/m"}
+    dead = {**machine_identity(), "pid": proc.pid, "format": RECORD_FORMAT, "output": f"s3://{bucket}/out/m"}
     foreign = {  # each differs from a removable leftover in one respect
         f"out/.m.vllmc-staging-{'1' * 16}/{RECORD_NAME}": json.dumps({**dead, "format": "x"}).encode(),
         f"out/.m.vllmc-staging-{'2' * 16}/{RECORD_NAME}": json.dumps({**dead, "output": f"s3://{bucket}/o/m"}).encode(),

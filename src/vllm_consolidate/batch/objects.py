@@ -30,8 +30,13 @@ under its output prefix. No local state is kept (only temporary folders that are
 * **One batch per output prefix**: the driver creates ``<output-dir>/.vllm-consolidate-batch.lock``
   (:data:`LOCK_KEY`) with a create-if-absent PUT (atomic in S3, GCS and Azure) and deletes it at the
   end. A second batch on the same prefix stops with exit 11 before touching anything. A driver killed
-  with SIGKILL leaves the lock: the message names it, and deleting it (once no batch runs) lets the
-  next batch start. (Unlike the local lock file, the store cannot tell a dead holder from a live one.)
+  with SIGKILL leaves the lock. The lock names its holder (host, kernel boot, PID namespace, PID); a
+  batch that finds a lock whose holder provably died (same machine, boot and namespace, no such PID: as
+  convert decides for a staging prefix) takes it over with a conditional PUT (``If-Match`` its ETag), so
+  of two batches racing for a dead lock one wins and the other stops with exit 11. A lock held on
+  another machine (or by a live process, or not in our format) is never taken: the message names it,
+  and deleting it (once no batch runs) lets the next batch start. The store itself cannot tell a dead
+  holder from a live one on another machine.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +63,9 @@ MANIFEST_FORMAT = "vllm-consolidate-batch"
 LOCK_KEY = ".vllm-consolidate-batch.lock"
 #: The manifest is read whole; 10k jobs of ~50 files each stay far below this.
 MAX_MANIFEST_BYTES = 256 * 2**20
+LOCK_FORMAT = "vllm-consolidate-batch-lock"
+#: A lock object is a small JSON record; a larger one is not ours and is never parsed.
+MAX_LOCK_BYTES = 4096
 _GLOB_CHARS = "*?[{"
 
 
@@ -187,8 +194,16 @@ class ObjectOutputs:
         Raises:
             BatchError: Another batch holds it (exit 11).
         """
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self._put(LOCK_KEY, json.dumps(holder).encode(), mode="create")
+        from vllm_consolidate.storage.staging import machine_identity
+
+        holder = {"format": LOCK_FORMAT, **machine_identity(), "pid": os.getpid(),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        data = json.dumps(holder).encode()
+        try:
+            self._put(LOCK_KEY, data, mode="create")
+        except BatchError:
+            if not self._take_dead_lock(data):
+                raise
         try:
             yield
         finally:
@@ -196,6 +211,40 @@ class ObjectOutputs:
 
             with contextlib.suppress(Exception):
                 delete_keys(self.store, self.url, [LOCK_KEY])
+
+
+    def _take_dead_lock(self, data: bytes) -> bool:
+        """Replace a lock whose holder provably died with ``data``, only if it is still that lock (``If-Match``).
+
+        Returns:
+            True when the lock is now ours; False when it is held (or its holder cannot be shown dead).
+        """
+        import obstore
+
+        from vllm_consolidate.storage.staging import run_is_dead
+
+        url = self.url.child(LOCK_KEY)
+        try:
+            got = obstore.get(self.store, url.prefix)
+            if int(got.meta["size"]) > MAX_LOCK_BYTES:
+                return False
+            record = json.loads(bytes(got.bytes()))
+            etag = got.meta.get("e_tag")
+        except FileNotFoundError:  # released meanwhile: try to create it once more
+            etag, record = None, {"format": LOCK_FORMAT}
+        except (ValueError, UnicodeDecodeError):  # not our record: not ours to replace
+            return False
+        except Exception as exc:  # noqa: BLE001 - obstore's errors
+            raise storage_error(exc, url, what="download") from exc
+        if not isinstance(record, dict) or record.get("format") != LOCK_FORMAT:
+            return False
+        if etag is not None and not run_is_dead(record):
+            return False
+        try:
+            self._put(LOCK_KEY, data, mode="create" if etag is None else {"e_tag": etag})
+        except BatchError:  # another batch took it first
+            return False
+        return True
 
 
 def clear_staging(output: str, options: dict[str, str]) -> None:

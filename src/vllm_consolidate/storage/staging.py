@@ -113,7 +113,7 @@ def delete_keys(store: Any, url: ObjectURL, rels: Iterable[str]) -> None:
             raise storage_error(exc, url, what="delete") from exc
 
 
-def _machine() -> dict[str, str]:
+def machine_identity() -> dict[str, str]:
     """Where this process runs: host name, kernel boot and PID namespace (a PID means one process only in them)."""
     def read(path: str, link: bool = False) -> str:
         try:
@@ -124,9 +124,9 @@ def _machine() -> dict[str, str]:
             "pid_ns": read("/proc/self/ns/pid", link=True)}
 
 
-def _dead(record: dict[str, Any]) -> bool:
+def run_is_dead(record: dict[str, Any]) -> bool:
     """Whether the run that wrote ``record`` is provably gone: same machine, boot and PID namespace, no such PID."""
-    here = _machine()
+    here = machine_identity()
     if not here["boot_id"] or any(record.get(k) != v for k, v in here.items()):
         return False  # another machine (or we cannot tell): its run may be alive
     pid = record.get("pid")
@@ -145,7 +145,7 @@ def clean_stale(store: Any, output: ObjectURL) -> list[ObjectURL]:
     """Delete the staging prefixes that killed runs (SIGKILL) left beside ``output``, and only those.
 
     A prefix is removed only if its name is ``.<name>.vllmc-staging-<16 hex>``, its run record names this
-    very output, and that run provably died (:func:`_dead`: on this machine, its PID gone). A staging prefix
+    very output, and that run provably died (:func:`run_is_dead`: on this machine, its PID gone). A staging prefix
     of another machine's run is left alone (it may be running). Multipart uploads such a run left open
     cannot be listed through obstore; a bucket lifecycle rule (``AbortIncompleteMultipartUpload``) ends them.
 
@@ -172,7 +172,7 @@ def clean_stale(store: Any, output: ObjectURL) -> list[ObjectURL]:
         except ValueError:
             continue
         if isinstance(record, dict) and record.get("format") == RECORD_FORMAT and \
-                record.get("output") == str(output) and _dead(record):
+                record.get("output") == str(output) and run_is_dead(record):
             delete_keys(store, staging, list_keys(store, staging))
             removed.append(staging)
     return removed
@@ -195,7 +195,7 @@ class StagedOutput:
         self.observe: Callable[[str], Callable[[bytes], None] | None] | None = None
 
     def __enter__(self) -> StagedOutput:
-        record = {"format": RECORD_FORMAT, "output": str(self.output), **_machine(), "pid": os.getpid(),
+        record = {"format": RECORD_FORMAT, "output": str(self.output), **machine_identity(), "pid": os.getpid(),
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._put(RECORD_NAME, json.dumps(record).encode())
         return self
@@ -299,5 +299,5 @@ class StagedOutput:
         self.staged.clear()
 
 
-__all__ = ["RECORD_NAME", "STAGING_TAG", "StagedOutput", "clean_stale", "delete_keys", "list_keys", "object_exists",
-           "read_small"]
+__all__ = ["RECORD_NAME", "STAGING_TAG", "StagedOutput", "clean_stale", "delete_keys", "list_keys", "machine_identity",
+           "object_exists", "read_small", "run_is_dead"]
