@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_consolidate import __version__
-from vllm_consolidate.errors import BatchError, ConsolidateError, UsageError
+from vllm_consolidate.errors import BatchError, ConsolidateError, StorageError, UsageError
 from vllm_consolidate.storage import remote
 from vllm_consolidate.storage.staging import read_small
 from vllm_consolidate.storage.store import open_store, storage_error
@@ -242,7 +242,7 @@ class ObjectOutputs:
             return False
         try:
             self._put(LOCK_KEY, data, mode="create" if etag is None else {"e_tag": etag})
-        except BatchError:  # another batch took it first
+        except (BatchError, StorageError):  # another batch took it first, or the store has no conditional PUT
             return False
         return True
 
