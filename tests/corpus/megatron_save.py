@@ -19,6 +19,7 @@ Used by ``megatron_train.py`` (inside ``.venv-megatron``).  Two kinds of case:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import pickletools
 import random
@@ -188,8 +189,9 @@ def save_and_verify(case: dict[str, Any], gpt: list[Any], opt: torch.optim.Optim
     }
 
 
-def pickle_globals(path: Path) -> list[str]:
-    """``module.name`` of every global a torch zip pickle (``common.pt``) references, read without unpickling."""
+def pickle_globals(path: Path | io.BytesIO) -> list[str]:
+    """``module.name`` of every global a torch zip pickle (``common.pt``, or the archive of the DCP object
+    ``common_state``) references, read without unpickling."""
     with zipfile.ZipFile(path) as zf:
         data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
     found, strings = set(), []
@@ -224,11 +226,27 @@ def folder_facts(folder: Path) -> dict[str, Any]:
     common_pt = folder / "common.pt"
     if common_pt.is_file():
         obj = torch.load(common_pt, map_location="cpu", weights_only=False)  # our own file, just written
-        facts["common_pt_keys"] = sorted(obj)
-        facts["common_pt_globals"] = pickle_globals(common_pt)
-        if "args" in obj:
-            facts["common_pt_args"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
-                                       for k, v in sorted(vars(obj["args"]).items())}
+        facts.update(_common_facts("common_pt", obj, common_pt))
+    elif COMMON_STATE in objects:  # megatron-core 0.19+: torch.save([common state dict]) as one DCP bytes entry
+        (info,) = [v for k, v in md.storage_data.items() if k.fqn == COMMON_STATE]
+        with open(folder / info.relative_path, "rb") as fh:
+            fh.seek(info.offset)
+            blob = fh.read(info.length)
+        (obj,) = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)  # our own, just written
+        facts.update(_common_facts("common_state", obj, io.BytesIO(blob)))
+        facts["common_state_storage"] = {"file": info.relative_path, "offset": info.offset, "length": info.length}
+    return facts
+
+
+#: The DCP key megatron-core 0.19+ saves its common state under (ShardedObject "common_state", shape (1,)).
+COMMON_STATE = "common_state/shard_0_1"
+
+
+def _common_facts(prefix: str, obj: dict[str, Any], source: Path | io.BytesIO) -> dict[str, Any]:
+    facts: dict[str, Any] = {f"{prefix}_keys": sorted(obj), f"{prefix}_globals": pickle_globals(source)}
+    if "args" in obj:
+        facts[f"{prefix}_args"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+                                   for k, v in sorted(vars(obj["args"]).items())}
     return facts
 
 
