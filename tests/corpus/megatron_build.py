@@ -212,8 +212,9 @@ _SPECS: list[MegatronCaseSpec] = [
     MegatronCaseSpec("mcore19_lm_run_llama_tp2", "megatron_lm", _model("llama"),
                      "Megatron-LM run folder written by megatron-core 0.19.2 (see MCORE_NEXT): no common.pt, its "
                      "common state (args, iteration, optimizer param groups...) is the ShardedObject common_state "
-                     "pickled inside __0_0.distcp; one save (iter_0000002/), TP=2 fp32 untied",
-                     tp=2, save_steps=(2,), seed=13, options={"mcore": MCORE_NEXT}),
+                     "pickled inside __0_0.distcp; its args are Megatron-LM 0.19's own (parse_args + validate_args "
+                     "of megatron.training); one save (iter_0000002/), TP=2 fp32 untied",
+                     tp=2, save_steps=(2,), seed=13, options={"mcore": MCORE_NEXT, "args": "megatron.training"}),
     MegatronCaseSpec("mcore_llama_pp2_vpp2", "torch_dist", _model("llama", layers=4),
                      "dense Llama-like fp32, 4 layers, PP=2 x VPP=2 (interleaved: rank 0 holds layers 0 and 2, "
                      "rank 1 layers 1 and 3; saved as model0/model1 chunks whose stacked keys have a global layer "

@@ -52,6 +52,12 @@ ALLOW = Allowlist(inert=frozenset({
     ("torch", "device"),
     ("megatron.core.transformer.enums", "AttnBackend"),
     ("megatron.core.transformer.enums", "AttnMaskType"),
+    # Megatron-LM 0.19's validate_args always sets inference_cuda_graph_scope to an InferenceCudaGraphScope;
+    # --cuda-graph-modules (0.19) / --cuda-graph-scope (0.16) are lists of the other two; exit_signal is a Signals.
+    ("megatron.core.transformer.enums", "InferenceCudaGraphScope"),
+    ("megatron.core.transformer.enums", "CudaGraphModule"),
+    ("megatron.core.transformer.enums", "CudaGraphScope"),
+    ("signal", "Signals"),
     ("megatron.core.enums", "ModelType"),
     ("megatron.core.num_microbatches_calculator", "ConstantNumMicroBatchesCalculator"),
 }))
