@@ -13,6 +13,7 @@ line naming what is wrong, nothing published, the input unchanged, fast and smal
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -240,3 +241,18 @@ def test_a_huge_common_state_is_refused_unread(next_run: Path, tmp_path: Path,
     _place_common_state(next_run / ITER, None, length=1 << 30)
     result, out, before = attempt(next_run, tmp_path)
     refused(request, result, 4, next_run, out, before, COMMON_STATE, "__0_0.distcp")
+
+
+def test_a_common_state_without_args_falls_through_to_the_base_model(next_run: Path, tmp_path: Path) -> None:
+    """A megatron-core 0.19 save whose common_state holds no args (a NeMo, Bridge or verl save): the layout comes
+    from the next source, here --base-model-name, and the output is the truth."""
+    import io
+
+    blob = io.BytesIO()
+    torch.save([{"iteration": 2, "checkpoint_version": 3.0}], blob)
+    _place_common_state(next_run / ITER, blob.getvalue())
+    case = megatron_build.case_dir(NEXT_CASE)
+    result = convert(next_run, _out(tmp_path), "--base-model-name", str(case / "hf"), "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["detected"]["layout_from"] == str(case / "hf" / "config.json")
+    assert_equal(load_file(case / "truth" / f"{ITER}.safetensors"), load_out(_out(tmp_path)), torch.float32)
