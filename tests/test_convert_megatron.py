@@ -1,4 +1,5 @@
-"""Megatron-Core consolidation on the real corpus: ``torch_dist`` saves written by megatron-core 0.16 on CPU.
+"""Megatron-Core consolidation on the real corpus: ``torch_dist`` saves written on CPU by megatron-core 0.16 (and
+one by 0.19, which writes no common.pt).
 
 Truth is each model's global state dict gathered from the live Megatron model at save time and mapped
 to Hugging Face names by the corpus builder's own map (tests/corpus/megatron_build.py), verified by HF
@@ -162,15 +163,19 @@ SAME_FIELDS = ("model_type", "architectures", "hidden_size", "intermediate_size"
 
 @pytest.mark.parametrize("name", RUNS)
 def test_args_alone_give_a_config_transformers_loads_as_truth(name, conv, tmp_path):
-    """No config.json anywhere: the one written from Megatron-LM's args builds the model's class in transformers,
-    agrees with the model's own config.json, and every weight loads (and is the truth)."""
+    """No config.json anywhere: the one written from Megatron-LM's args (in common.pt, or with megatron-core 0.19+
+    in the common_state object inside rank 0's .distcp) builds the model's class in transformers, agrees with the
+    model's own config.json, and every weight loads (and is the truth)."""
     from transformers import AutoModelForCausalLM
 
     case = conv.corpus[name]
     out = tmp_path / "out"
-    code, stdout, stderr = _cli("convert", "--input", case / "run", "--output", out, "--base-model-name", "")
+    code, stdout, stderr = _cli("convert", "--input", case / "run", "--output", out, "--base-model-name", "",
+                                "--json")
     assert code == 0, stderr
-    assert _line(stdout, "config:") == "None" or "args" in stdout, stdout
+    storage = conv.meta(name)["layout"].get("common_state_storage")
+    where = f"common_state/shard_0_1 in {storage['file']}" if storage else "common.pt"
+    assert json.loads(stdout)["detected"]["layout_from"] == f"Megatron-LM args in {where}", stdout
     written, own = json.loads((out / "config.json").read_text()), json.loads((case / "hf" / "config.json").read_text())
     assert {k: written.get(k) for k in SAME_FIELDS if k in own} == {k: own[k] for k in SAME_FIELDS if k in own}
     model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
@@ -302,8 +307,9 @@ def test_validate_against_a_run_reads_its_latest_save(conv):
 
 
 def test_batch_over_a_folder_of_runs_writes_every_save(conv, tmp_path):
-    """``batch --input-dir`` over a folder holding two Megatron-LM runs (dense TP=2 fp32, MoE EP=2 bf16), every
-    iteration: each output is its save's truth, with the config built from that run's args."""
+    """``batch --input-dir`` over a folder holding the Megatron-LM runs (dense TP=2 fp32 by megatron-core 0.16 and
+    by 0.19, MoE EP=2 bf16), every iteration: each output is its save's truth, with the config built from that
+    run's args."""
     runs = tmp_path / "runs"
     for name in RUNS:
         shutil.copytree(conv.corpus[name] / "run", runs / name)

@@ -4,7 +4,8 @@ Every case starts from the real corpus save ``mcore_llama_tp2_fp32`` (megatron-c
 into the test's own folder as a Megatron-LM run (``run/iter_0000002`` + ``latest_checkpointed_iteration.txt``)
 and then damaged: the tracker pointed elsewhere, folders and storage files linked out of the input, a
 model key renamed inside the ``.metadata`` pickle (every occurrence, same length, so the file stays
-coherent), ``common.pt`` replaced by a pickle that runs a command, files grown past their caps.
+coherent), ``common.pt`` replaced by a pickle that runs a command, files grown past their caps; and, from the
+megatron-core 0.19 run ``mcore19_lm_run_llama_tp2`` (no common.pt), its ``common_state`` object replaced.
 Each runs the CLI as a user would and must be refused with the documented exit code and one ``error:``
 line naming what is wrong, nothing published, the input unchanged, fast and small
 (:func:`tests.test_hostile_fsdp.refused`).
@@ -12,6 +13,7 @@ line naming what is wrong, nothing published, the input unchanged, fast and smal
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -186,3 +188,71 @@ def test_secret_never_reaches_an_output(run: Path, base: list[str], tmp_path: Pa
     before = snapshot(run)
     result = convert(run, _out(tmp_path), *base)
     assert result.code == 0 and snapshot(run) == before, result.stderr
+
+
+#: megatron-core 0.19 writes no common.pt: Megatron-LM's args are in the DCP object common_state, in a .distcp.
+NEXT_CASE = "mcore19_lm_run_llama_tp2"
+COMMON_STATE = "common_state/shard_0_1"
+
+
+@pytest.fixture
+def next_run(tmp_path: Path) -> Path:
+    """A copy of the real megatron-core 0.19 run (its one save ``iter_0000002``, no common.pt)."""
+    root = tmp_path / "in" / "run"
+    shutil.copytree(megatron_build.build_all([NEXT_CASE])[NEXT_CASE] / "run", root, symlinks=True)
+    return root
+
+
+def _place_common_state(folder: Path, blob: bytes | None, length: int | None = None) -> None:
+    """Append ``blob`` to rank 0's ``.distcp`` and point the ``.metadata``'s common_state entry at it (declaring
+    ``length`` bytes, default the blob's), re-pickled as torch's DCP writer does."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    md = FileSystemReader(str(folder)).read_metadata()
+    (key,) = [k for k in md.storage_data if k.fqn == COMMON_STATE]
+    distcp = folder / md.storage_data[key].relative_path
+    start = distcp.stat().st_size
+    with open(distcp, "ab") as fh:
+        fh.write(blob or b"")
+    md.storage_data[key] = _StorageInfo(distcp.name, start, len(blob or b"") if length is None else length)
+    with open(folder / ".metadata", "wb") as fh:
+        pickle.dump(md, fh)
+
+
+def test_a_common_state_that_runs_code_is_refused_unrun(next_run: Path, tmp_path: Path,
+                                                        request: pytest.FixtureRequest) -> None:
+    """Without a config.json, the reader turns to the args in the common_state object: its pickle is never run."""
+    import io
+
+    marker, blob = tmp_path / "ran", io.BytesIO()
+    torch.save([{"args": _Payload(marker), "iteration": 2}], blob)
+    _place_common_state(next_run / ITER, blob.getvalue())
+    result, out, before = attempt(next_run, tmp_path)
+    refused(request, result, 5, next_run, out, before, "not on the allowlist", "__0_0.distcp")
+    assert not marker.exists()
+
+
+def test_a_huge_common_state_is_refused_unread(next_run: Path, tmp_path: Path,
+                                               request: pytest.FixtureRequest) -> None:
+    """A common_state entry declaring 1 GiB is refused by its cap before anything is read, naming the object."""
+    _place_common_state(next_run / ITER, None, length=1 << 30)
+    result, out, before = attempt(next_run, tmp_path)
+    refused(request, result, 4, next_run, out, before, COMMON_STATE, "__0_0.distcp")
+
+
+def test_a_common_state_without_args_falls_through_to_the_base_model(next_run: Path, tmp_path: Path) -> None:
+    """A megatron-core 0.19 save whose common_state holds no args (a NeMo, Bridge or verl save): the layout comes
+    from the next source, here --base-model-name, and the output is the truth."""
+    import io
+
+    blob = io.BytesIO()
+    torch.save([{"iteration": 2, "checkpoint_version": 3.0}], blob)
+    _place_common_state(next_run / ITER, blob.getvalue())
+    case = megatron_build.case_dir(NEXT_CASE)
+    result = convert(next_run, _out(tmp_path), "--base-model-name", str(case / "hf"), "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["detected"]["layout_from"] == str(case / "hf" / "config.json")
+    assert_equal(load_file(case / "truth" / f"{ITER}.safetensors"), load_out(_out(tmp_path)), torch.float32)

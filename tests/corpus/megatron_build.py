@@ -20,6 +20,7 @@ Case directory layout (``<root>/<case>/``)::
     truth/<tag>.safetensors what transformers' save_pretrained writes for the verified HF model (saved dtype)
     hf/                     that model's config.json + generation_config.json + tokenizer (no weights)
     ckpt/                   kind torch_dist: metadata.json, .metadata, __R_T.distcp, common.pt
+                            (no common.pt with megatron-core 0.19+: options mcore; see MCORE_NEXT)
     run/                    kind megatron_lm: latest_checkpointed_iteration.txt, iter_0000001/, iter_0000002/
                             kind bridge: the same plus latest_train_state.pt, and in each iter_N/
                             run_config.yaml, train_state.pt, tokenizer/ (no args in common.pt)
@@ -41,6 +42,10 @@ SCHEMA_VERSION = 1
 KIND_REVISION: dict[str, int] = {"torch_dist": 3, "megatron_lm": 3}
 #: megatron-core release that writes the corpus (constraints/megatron.txt pins the same).
 MCORE_VERSION = "0.16.1"
+#: The newer release a case names with ``options={"mcore": MCORE_NEXT}`` (constraints/megatron_next.txt): the
+#: first to write no common.pt (its common state is the ShardedObject ``common_state`` in the .distcp files).
+#: Its source is laid over the same venv (scripts/setup_megatron_next.sh, ``make setup-megatron-next``).
+MCORE_NEXT = "0.19.2"
 
 REPO_ROOT = cache.REPO_ROOT
 INPUTS = {"torch_dist": "ckpt", "megatron_lm": "run", "bridge": "run"}
@@ -72,7 +77,10 @@ checkpoints     list  [{tag, path, truth, step, logits_check, reload_check, trut
                       dist_checkpointing.load from the folder vs the live model (<= tol = 1e-6; 0.0 but for TPxEP)
 expected_step   int   step a convert of `input` should pick (the tracker's / the only one)
 layout          dict  facts of the last checkpoint folder: files, metadata_json, dcp_tensors {key: [shape,
-                      dtype]}, dcp_objects, common_pt_keys, common_pt_globals, common_pt_args (megatron_lm)
+                      dtype]}, dcp_objects, common_pt_keys, common_pt_globals, common_pt_args (megatron_lm); with
+                      megatron-core 0.19+ (no common.pt) the same three facts of the DCP object common_state as
+                      common_state_keys, common_state_globals, common_state_args, and common_state_storage
+                      {file, offset, length}
 tracker         str   megatron_lm and bridge: content of latest_checkpointed_iteration.txt
 run_files       list  megatron_lm and bridge: files under run/
 hf_files        list  files in hf/
@@ -215,6 +223,12 @@ _SPECS: list[MegatronCaseSpec] = [
                      "dense Llama-like fp32, TP=2, saved with singleton_local_shards: per-layer keys and SwiGLU's "
                      "linear_fc1 as two TP-split tensors weight_w (gate) and weight_v (up)", tp=2,
                      layer_keys="per_layer", seed=15, options={"singleton": True}),
+    MegatronCaseSpec("mcore19_lm_run_llama_tp2", "megatron_lm", _model("llama"),
+                     "Megatron-LM run folder written by megatron-core 0.19.2 (see MCORE_NEXT): no common.pt, its "
+                     "common state (args, iteration, optimizer param groups...) is the ShardedObject common_state "
+                     "pickled inside __0_0.distcp; its args are Megatron-LM 0.19's own (parse_args + validate_args "
+                     "of megatron.training); one save (iter_0000002/), TP=2 fp32 untied",
+                     tp=2, save_steps=(2,), seed=13, options={"mcore": MCORE_NEXT, "args": "megatron.training"}),
     MegatronCaseSpec("mcore_llama_pp2_vpp2", "torch_dist", _model("llama", layers=4),
                      "dense Llama-like fp32, 4 layers, PP=2 x VPP=2 (interleaved: rank 0 holds layers 0 and 2, "
                      "rank 1 layers 1 and 3; saved as model0/model1 chunks whose stacked keys have a global layer "
@@ -235,24 +249,36 @@ def venv() -> Path:
     return Path(os.environ.get("MEGATRON_VENV") or REPO_ROOT / ".venv-megatron")
 
 
+def next_dir() -> Path:
+    """megatron-core ``MCORE_NEXT``'s source folder (``$MEGATRON_NEXT_DIR`` or ``<repo>/.venv-megatron-next``)."""
+    return Path(os.environ.get("MEGATRON_NEXT_DIR") or REPO_ROOT / ".venv-megatron-next")
+
+
 def _build_group(specs: list[MegatronCaseSpec]) -> None:
-    """One ``torchrun`` launch (the megatron venv's) building a group of cases of one world size."""
+    """One ``torchrun`` launch (the megatron venv's) building a group of cases of one world size and release."""
     torchrun = venv() / "bin" / "torchrun"
     if not torchrun.is_file():
         raise RuntimeError(f"no {torchrun}: run `make setup-megatron` (scripts/setup_megatron_venv.sh) first")
     # Cache.launch runs <dir of sys.executable>/<launcher>; an absolute launcher path replaces that dir.
     cache.LAUNCHERS.setdefault(str(torchrun), "--nproc_per_node")
-    ws = specs[0].world_size
+    ws, mcore = specs[0].world_size, specs[0].options.get("mcore")
+    path, label = str(REPO_ROOT), f"megatron_w{ws}"
+    if mcore:  # the newer release's source first on the path, over the venv's 0.16
+        if not (next_dir() / ".megatron-next-complete").is_file():
+            raise RuntimeError(f"no {next_dir()}: run `make setup-megatron-next` (scripts/setup_megatron_next.sh)")
+        path, label = f"{next_dir()}{os.pathsep}{path}", f"{label}_mcore{mcore}"
     plan = {"cases": [s.plan(case_dir(s.name)) for s in specs]}
-    CACHE.launch(str(torchrun), "megatron_train.py", ws, plan, f"megatron_w{ws}",
-                 env={"DS_ACCELERATOR": None, "PYTHONPATH": str(REPO_ROOT)})
+    # NO_VCS_VERSION: megatron-core 0.19 appends the hash of the git repository holding its source to __version__.
+    CACHE.launch(str(torchrun), "megatron_train.py", ws, plan, label,
+                 env={"DS_ACCELERATOR": None, "PYTHONPATH": path, "NO_VCS_VERSION": "1"})
 
 
 def _steps(todo: list[MegatronCaseSpec]) -> list[tuple[str, Callable[[], None]]]:
-    groups: dict[int, list[MegatronCaseSpec]] = {}
+    groups: dict[tuple[int, str], list[MegatronCaseSpec]] = {}
     for spec in todo:
-        groups.setdefault(spec.world_size, []).append(spec)
-    return [(f"megatron world_size={ws} ({len(g)} cases)", lambda g=g: _build_group(g)) for ws, g in groups.items()]
+        groups.setdefault((spec.world_size, spec.options.get("mcore", MCORE_VERSION)), []).append(spec)
+    return [(f"megatron {mcore} world_size={ws} ({len(g)} cases)", lambda g=g: _build_group(g))
+            for (ws, mcore), g in groups.items()]
 
 
 def build_all(names: list[str] | None = None, *, rebuild: bool = False, verbose: bool = False) -> dict[str, Path]:

@@ -6,7 +6,8 @@ Used by ``megatron_train.py`` (inside ``.venv-megatron``).  Two kinds of case:
                  folder a NeMo/Bridge/verl user hands over; no args (the HF config is in the case's ``hf/``).
 ``megatron_lm``  ``run/`` as Megatron-LM's ``save_checkpoint`` writes it for ``--ckpt-format torch_dist``:
                  ``iter_NNNNNNN/`` per save and ``latest_checkpointed_iteration.txt`` holding the last
-                 iteration; the saved dict is ``generate_state_dict``'s (``args`` Namespace,
+                 iteration; the saved dict is ``generate_state_dict``'s (``args`` Namespace: with
+                 megatron-core 0.19+ Megatron-LM's own, :func:`real_megatron_lm_args`,
                  ``checkpoint_version``, ``iteration``, ``model``, ``optimizer`` via megatron-core's
                  ``optim_state_to_sharding_state`` as its ``FP32Optimizer`` does, ``opt_param_scheduler``,
                  ``rng_state`` ShardedObject, ``num_floating_point_operations_so_far``) with Megatron-LM's
@@ -19,6 +20,7 @@ Used by ``megatron_train.py`` (inside ``.venv-megatron``).  Two kinds of case:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import pickletools
 import random
@@ -83,6 +85,52 @@ def megatron_lm_args(case: dict[str, Any], step: int) -> argparse.Namespace:
     )
 
 
+def real_megatron_lm_args(case: dict[str, Any]) -> argparse.Namespace:
+    """The ``args`` of megatron-core 0.19+'s own Megatron-LM (``megatron.training``, in its wheel):
+    ``parse_args`` of this model's command line and ``validate_args``, as ``pretrain`` does, then the padded
+    vocabulary its tokenizer set-up adds. Every default and type is Megatron-LM's (hundreds of fields; enums such
+    as ``InferenceCudaGraphScope``, ``signal.Signals``, torch dtypes), not a hand-written subset.
+
+    On CPU and Python 3.11: ``typing.override`` (new in 3.12; imported by ``megatron.training.models``) is taken
+    from typing_extensions, the GPU-generation query ``validate_args`` makes under TP is answered (pre-Blackwell),
+    and ``CUDA_DEVICE_MAX_CONNECTIONS=1`` is set as Megatron-LM's launch scripts do.
+    """
+    import os
+    import sys
+    import typing
+
+    import typing_extensions
+
+    if not hasattr(typing, "override"):
+        typing.override = typing_extensions.override  # type: ignore[attr-defined]
+    from megatron.training import arguments
+
+    m, par = case["model"], case["parallel"]
+    argv = ["pretrain_gpt.py", "--num-layers", m["layers"], "--hidden-size", m["hidden"], "--ffn-hidden-size",
+            m["ffn"], "--num-attention-heads", m["heads"], "--group-query-attention", "--num-query-groups",
+            m["kv_heads"], "--kv-channels", m["head_dim"], "--seq-length", 16, "--max-position-embeddings", 256,
+            "--position-embedding-type", "rope", "--rotary-base", m["rope_base"], "--normalization", "RMSNorm",
+            "--norm-epsilon", m["eps"], "--swiglu", "--disable-bias-linear", "--vocab-size", m["vocab"],
+            "--make-vocab-size-divisible-by", megatron_hf.VOCAB_DIVISIBLE_BY, "--tokenizer-type",
+            "HuggingFaceTokenizer", "--tokenizer-model", "hf", "--tensor-model-parallel-size", par["tp"],
+            "--pipeline-model-parallel-size", par["pp"], "--micro-batch-size", 2, "--global-batch-size", 2,
+            "--lr", 1e-2, "--train-iters", max(case["save_steps"]), "--seed", case["seed"], "--transformer-impl",
+            "local", "--ckpt-format", "torch_dist", "--save", Path(case["case_dir"]) / "run", "--save-interval", 1]
+    argv += [] if m["tied"] else ["--untie-embeddings-and-output-weights"]
+    argv += ["--bf16"] if case["precision"] == "bf16" else []
+    assert not (m.get("experts") or m.get("qkv_bias") or m.get("qk_norm")), "dense Llama-like models only"
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    arguments.get_device_arch_version = lambda: 9  # a CUDA query; < 10 = the pre-Blackwell rules
+    saved, sys.argv = sys.argv, [str(a) for a in argv]
+    try:
+        args = arguments.parse_args()
+    finally:
+        sys.argv = saved
+    arguments.validate_args(args)
+    args.padded_vocab_size = m["padded_vocab"]  # what Megatron-LM's build_tokenizer sets
+    return args
+
+
 def megatron_hf_dtype(case: dict[str, Any]) -> torch.dtype:
     """The parameters' dtype."""
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[case["precision"]]
@@ -123,8 +171,9 @@ def save(case: dict[str, Any], gpt: list[Any], opt: torch.optim.Optimizer, step:
         model_sd = models["model"]
         folder = case_dir / "run" / f"iter_{step:07d}"
         rng = [{"random_rng_state": random.getstate(), "torch_rng_state": torch.get_rng_state()}]
+        args = real_megatron_lm_args(case) if case["options"].get("mcore") else megatron_lm_args(case, step)
         state = {
-            "args": megatron_lm_args(case, step),
+            "args": args,
             "checkpoint_version": 3.0,
             "iteration": step,
             "model": model_sd,
@@ -190,8 +239,9 @@ def save_and_verify(case: dict[str, Any], gpt: list[Any], opt: torch.optim.Optim
     }
 
 
-def pickle_globals(path: Path) -> list[str]:
-    """``module.name`` of every global a torch zip pickle (``common.pt``) references, read without unpickling."""
+def pickle_globals(path: Path | io.BytesIO) -> list[str]:
+    """``module.name`` of every global a torch zip pickle (``common.pt``, or the archive of the DCP object
+    ``common_state``) references, read without unpickling."""
     with zipfile.ZipFile(path) as zf:
         data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
     found, strings = set(), []
@@ -226,11 +276,27 @@ def folder_facts(folder: Path) -> dict[str, Any]:
     common_pt = folder / "common.pt"
     if common_pt.is_file():
         obj = torch.load(common_pt, map_location="cpu", weights_only=False)  # our own file, just written
-        facts["common_pt_keys"] = sorted(obj)
-        facts["common_pt_globals"] = pickle_globals(common_pt)
-        if "args" in obj:
-            facts["common_pt_args"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
-                                       for k, v in sorted(vars(obj["args"]).items())}
+        facts.update(_common_facts("common_pt", obj, common_pt))
+    elif COMMON_STATE in objects:  # megatron-core 0.19+: torch.save([common state dict]) as one DCP bytes entry
+        (info,) = [v for k, v in md.storage_data.items() if k.fqn == COMMON_STATE]
+        with open(folder / info.relative_path, "rb") as fh:
+            fh.seek(info.offset)
+            blob = fh.read(info.length)
+        (obj,) = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)  # our own, just written
+        facts.update(_common_facts("common_state", obj, io.BytesIO(blob)))
+        facts["common_state_storage"] = {"file": info.relative_path, "offset": info.offset, "length": info.length}
+    return facts
+
+
+#: The DCP key megatron-core 0.19+ saves its common state under (ShardedObject "common_state", shape (1,)).
+COMMON_STATE = "common_state/shard_0_1"
+
+
+def _common_facts(prefix: str, obj: dict[str, Any], source: Path | io.BytesIO) -> dict[str, Any]:
+    facts: dict[str, Any] = {f"{prefix}_keys": sorted(obj), f"{prefix}_globals": pickle_globals(source)}
+    if "args" in obj:
+        facts[f"{prefix}_args"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+                                   for k, v in sorted(vars(obj["args"]).items())}
     return facts
 
 

@@ -36,8 +36,32 @@ from tests.corpus import common, megatron_hf, megatron_save  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def stub_paged_stash() -> None:
+    """megatron-core 0.19+ imports its MoE paged-stash Triton kernels (GPU only, never run here) unconditionally,
+    and triton is not one of its dependencies: without triton that one module is replaced by an inert one with its
+    names (a fake ``triton`` itself would mislead torch's own triton detection). No-op for 0.16, which has none."""
+    import importlib.util
+    import types
+
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    top = importlib.util.find_spec("megatron")  # the namespace package: nothing of megatron.core is imported
+    places = list(top.submodule_search_locations or []) if top is not None else []
+    if importlib.util.find_spec("triton") is not None or not any(
+            (Path(p) / "core/transformer/moe/ops/paged_stash.py").is_file() for p in places):
+        return
+    kernels = types.ModuleType(name)
+
+    def unavailable(*args: Any, **kw: Any) -> None:
+        raise RuntimeError("the MoE paged stash needs triton and a GPU")
+
+    kernels.GLOBAL_BLOCK_SIZE = 1024  # type: ignore[attr-defined]
+    kernels.paged_stash_copy_kernel = kernels.paged_stash_pop_kernel = unavailable  # type: ignore[attr-defined]
+    sys.modules[name] = kernels
+
+
 def stub_cuda() -> None:
     """The few CUDA calls megatron-core makes on a CPU-only run: device index, synchronize, the RNG tracker."""
+    stub_paged_stash()
     from megatron.core.tensor_parallel import random as mrandom
 
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]  # used as a device= argument

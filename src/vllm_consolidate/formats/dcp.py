@@ -107,6 +107,8 @@ class DcpMetadata:
         path: The ``.metadata`` file.
         tensors: Tensor entries by flattened key, in file order.
         byte_keys: Keys of non-tensor entries (pickled Python values: steps, schedulers).
+        byte_storage: ``{byte key: (file, offset, length)}``: where each non-tensor entry lies (its bytes as saved;
+            a ``torch.save`` archive for Megatron-Core's objects), for the entries the metadata places.
         paths: ``{flattened key: original nested path}`` from the save planner, when recorded.
         version: The DCP format version, if recorded.
     """
@@ -114,6 +116,7 @@ class DcpMetadata:
     path: Path
     tensors: dict[str, DcpTensor] = field(default_factory=dict)
     byte_keys: list[str] = field(default_factory=list)
+    byte_storage: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
     version: str | None = None
 
@@ -250,6 +253,8 @@ def read_metadata(folder: Path) -> DcpMetadata:
             raise f.bad(f"a state-dict key is {brief(key)}")
         if isinstance(entry, Inert) and entry.qualname.endswith("BytesStorageMetadata"):
             meta.byte_keys.append(key)
+            if (where := index.get((key, ()))) is not None:
+                meta.byte_storage[key] = where
             continue
         fields = f.record(entry, "TensorStorageMetadata")
         shape = f.dims(fields.get("size"), f"size of {brief(key)}")

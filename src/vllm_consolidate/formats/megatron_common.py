@@ -1,12 +1,17 @@
-"""Megatron-Core's ``common.pt`` and Megatron-Bridge's ``run_config.yaml``: a save's model config, read without
+"""Megatron-Core's common state and Megatron-Bridge's ``run_config.yaml``: a save's model config, read without
 running anything.
 
 Megatron-LM saves, beside the sharded tensors, a plain ``torch.save`` of what is not sharded: the
 iteration, the checkpoint version and ``args``, the ``argparse.Namespace`` of the training run (layer
-count, heads, query groups, vocabulary sizes...). The reader wants a few numbers from ``args`` when no
-config.json gives the head layout. It is unpickled through the allowlist: ``Namespace`` and the few
-Megatron enums found in real ``args`` become inert records whose fields are read as plain values;
-anything else is refused (:class:`~vllm_consolidate.errors.UnsafePickleError`), and nothing is called.
+count, heads, query groups, vocabulary sizes...). Up to megatron-core 0.18 that is the file ``common.pt``
+(:func:`read_args`); from 0.19 (Megatron-LM since July 2026) there is no ``common.pt``: the same dict, in a
+one-element list, is ``torch.save``-d as the ``ShardedObject`` ``common_state``, a DCP bytes entry
+(``BytesStorageMetadata``, key :data:`COMMON_STATE_KEY`) written by rank 0 inside its ``.distcp`` file, at the
+offset the ``.metadata`` gives (:func:`read_common_state_args`); ``metadata.json`` is unchanged. The reader
+wants a few numbers from ``args`` when no config.json gives the head layout. It is unpickled through the
+allowlist: ``Namespace`` and the few Megatron enums found in real ``args`` become inert records whose fields
+are read as plain values; anything else is refused (:class:`~vllm_consolidate.errors.UnsafePickleError`), and
+nothing is called.
 
 Megatron-Bridge writes no ``args``: beside each save (``iter_NNNNNNN/``, with ``train_state.pt`` and an
 optional ``tokenizer/``) it writes ``run_config.yaml``, its whole ``ConfigContainer`` dumped by
@@ -25,12 +30,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vllm_consolidate.errors import CorruptCheckpointError
+from vllm_consolidate.errors import CorruptCheckpointError, LimitExceededError
 from vllm_consolidate.formats.torch_zip import Allowlist, Inert, load_lazy
 from vllm_consolidate.limits import brief
 from vllm_consolidate.safe_io import read_text
 
 COMMON_FILE = "common.pt"
+#: The DCP key of megatron-core 0.19+'s common state: ``ShardedObject("common_state", ..., (1,), (0,)).unique_key``.
+COMMON_STATE_KEY = "common_state/shard_0_1"
+#: A real common state is a few KB (args, scheduler, optimizer param groups); the cap is far above that.
+MAX_COMMON_STATE_BYTES = 64 * 2**20
 #: Megatron-Bridge's config file in each save folder.
 RUN_CONFIG_FILE = "run_config.yaml"
 #: NeMo 2's model config, beside its ``weights/`` (``io_dump`` of the model: ``config:`` is its GPTConfig).
@@ -43,6 +52,12 @@ ALLOW = Allowlist(inert=frozenset({
     ("torch", "device"),
     ("megatron.core.transformer.enums", "AttnBackend"),
     ("megatron.core.transformer.enums", "AttnMaskType"),
+    # Megatron-LM 0.19's validate_args always sets inference_cuda_graph_scope to an InferenceCudaGraphScope;
+    # --cuda-graph-modules (0.19) / --cuda-graph-scope (0.16) are lists of the other two; exit_signal is a Signals.
+    ("megatron.core.transformer.enums", "InferenceCudaGraphScope"),
+    ("megatron.core.transformer.enums", "CudaGraphModule"),
+    ("megatron.core.transformer.enums", "CudaGraphScope"),
+    ("signal", "Signals"),
     ("megatron.core.enums", "ModelType"),
     ("megatron.core.num_microbatches_calculator", "ConstantNumMicroBatchesCalculator"),
 }))
@@ -70,15 +85,41 @@ def read_args(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / COMMON_FILE
     if not os.path.lexists(path):
         return None
-    common = load_lazy(path, allow=ALLOW)
+    return _args(load_lazy(path, allow=ALLOW), COMMON_FILE, path)
+
+
+def read_common_state_args(path: Path, start: int, length: int) -> dict[str, Any] | None:
+    """Megatron-LM's ``args`` in megatron-core 0.19+'s ``common_state`` object, the ``torch.save`` archive at
+    ``start`` (``length`` bytes) in the storage file ``path`` (as the DCP metadata places it), as
+    :func:`read_args` returns them; None when the common state has no ``args`` (a bare NeMo or Bridge save).
+
+    Raises:
+        LimitExceededError: The entry is longer than :data:`MAX_COMMON_STATE_BYTES` (nothing is read).
+        UnsafePickleError: The pickle names a class outside the allowlist.
+        CorruptCheckpointError: The archive is unreadable, not a one-element list of a dict, or its ``args`` is
+            not a Namespace.
+    """
+    what = f"the DCP object {COMMON_STATE_KEY}"
+    if length > MAX_COMMON_STATE_BYTES:
+        raise LimitExceededError(f"{what} is {length:,} bytes; a real one is a few KB (the cap is "
+                                 f"{MAX_COMMON_STATE_BYTES:,})", path=path)
+    saved = load_lazy(path, start=start, length=length, allow=ALLOW)
+    if type(saved) is not list or len(saved) != 1:  # megatron-core saves the data of each object in a list
+        raise CorruptCheckpointError(f"{what} holds {brief(saved)}, not a one-element list", path=path)
+    return _args(saved[0], what, path)
+
+
+def _args(common: Any, what: str, path: Path) -> dict[str, Any] | None:
     if type(common) is not dict:
-        raise CorruptCheckpointError(f"{COMMON_FILE} holds {brief(common)}, not a dict", path=path)
+        raise CorruptCheckpointError(f"{what} holds {brief(common)}, not a dict", path=path)
     if "args" not in common:
         return None
     try:
         return _fields(common["args"])
     except CorruptCheckpointError as exc:
-        raise CorruptCheckpointError(exc.message, path=path) from None
+        # common.pt is named by the path; the object, in a .distcp shared with tensors, by the message.
+        message = exc.message if what == COMMON_FILE else f"{what}: {exc.message}"
+        raise CorruptCheckpointError(message, path=path) from None
 
 
 def read_run_config(folder: Path) -> dict[str, Any] | None:
@@ -124,5 +165,6 @@ def _model_section(path: Path, section: str) -> dict[str, Any] | None:
     return out
 
 
-__all__ = ["ALLOW", "COMMON_FILE", "MAX_RUN_CONFIG_BYTES", "NEMO_MODEL_YAML", "RUN_CONFIG_FILE", "read_args",
-           "read_nemo_model_yaml", "read_run_config"]
+__all__ = ["ALLOW", "COMMON_FILE", "COMMON_STATE_KEY", "MAX_COMMON_STATE_BYTES", "MAX_RUN_CONFIG_BYTES",
+           "NEMO_MODEL_YAML", "RUN_CONFIG_FILE", "read_args", "read_common_state_args", "read_nemo_model_yaml",
+           "read_run_config"]

@@ -1,11 +1,11 @@
 """Reader for Megatron-Core ``torch_dist`` checkpoints: Megatron-LM, NeMo 2, Megatron-Bridge, verl's Megatron backend.
 
 A ``torch_dist`` save is a DCP folder (``.metadata`` + ``__R_T.distcp``) with Megatron-Core's own
-``metadata.json`` (``{"sharded_backend": "torch_dist", ...}``) and, in older versions, ``common.pt``
-(the non-sharded state: Megatron-LM's ``args``, the iteration). Every ``ShardedTensor`` of any TP/PP/
-VPP/EP layout is a chunk of one global tensor in the DCP metadata, so the container reader does the
-work (:mod:`.dcp`, :mod:`.chunks`); :mod:`.megatron_names` maps the global tensors to Hugging Face
-names as element ranges. Nothing but metadata and each chunk's archive header is read.
+``metadata.json`` (``{"sharded_backend": "torch_dist", ...}``) and the non-sharded state (Megatron-LM's
+``args``, the iteration): ``common.pt`` up to megatron-core 0.18, the DCP object ``common_state`` from 0.19.
+Every ``ShardedTensor`` of any TP/PP/VPP/EP layout is a chunk of one global tensor in the DCP metadata, so the
+container reader does the work (:mod:`.dcp`, :mod:`.chunks`); :mod:`.megatron_names` maps the global tensors to
+Hugging Face names as element ranges. Nothing but metadata and each chunk's archive header is read.
 
 Inputs claimed (see :func:`resolve_megatron`): the save folder itself; a Megatron-LM run
 (``latest_checkpointed_iteration.txt`` naming ``N`` or ``release``, beside ``iter_NNNNNNN/``; else the
@@ -15,7 +15,8 @@ tracker is the same file name verl uses: as Megatron-LM's it counts only beside 
 
 The head layout and the true vocabulary size (the embedding is padded) come from, in order, a
 ``config.json`` where the output's config is found (the save folder and its run, verl's ``huggingface/``,
-NeMo's ``context/``), else the save's own record of its model: Megatron-LM's ``args`` in ``common.pt``,
+NeMo's ``context/``), else the save's own record of its model: Megatron-LM's ``args`` in ``common.pt`` (or,
+from megatron-core 0.19, in the ``common_state`` object inside a ``.distcp`` file),
 Megatron-Bridge's ``run_config.yaml`` in the ``iter_N`` save (a Bridge run is otherwise a Megatron-LM run:
 the same tracker and ``iter_N`` folders, plus ``train_state.pt`` and ``tokenizer/``), or NeMo 2's
 ``context/model.yaml`` (:mod:`~vllm_consolidate.formats.megatron_common`). When none gives them the reader
@@ -43,9 +44,11 @@ from vllm_consolidate.errors import (
 from vllm_consolidate.formats import dcp
 from vllm_consolidate.formats.megatron_common import (
     COMMON_FILE,
+    COMMON_STATE_KEY,
     NEMO_MODEL_YAML,
     RUN_CONFIG_FILE,
     read_args,
+    read_common_state_args,
     read_nemo_model_yaml,
     read_run_config,
 )
@@ -218,16 +221,35 @@ def asset_dirs(folder: Path) -> list[Path]:
     return [folder / name for name in ASSET_FOLDERS if (folder / name).is_dir()]
 
 
+def common_args(folder: Path, meta: dcp.DcpMetadata, root: Path) -> tuple[dict[str, Any] | None, Path, str]:
+    """Megatron-LM's args, the file they are in and how to name where: from ``common.pt`` when the save has one
+    (megatron-core up to 0.18; it wins, as in megatron-core's own load), else from the ``common_state`` object
+    the metadata places in a ``.distcp`` file (0.19+). ``(None, ...)`` when neither holds args.
+
+    Raises:
+        UnsafeInputError: The storage file holding the object resolves outside the input.
+        UnsafePickleError, CorruptCheckpointError, LimitExceededError: As the readers in
+            :mod:`~vllm_consolidate.formats.megatron_common`.
+    """
+    if os.path.lexists(folder / COMMON_FILE) or COMMON_STATE_KEY not in meta.byte_storage:
+        return read_args(folder), folder / COMMON_FILE, COMMON_FILE
+    name, start, length = meta.byte_storage[COMMON_STATE_KEY]
+    path = folder / name  # one plain name (formats.dcp); a link out of the input is refused like a shard's
+    check_weight_file(path, [root])
+    return read_common_state_args(path, start, length), path, f"{COMMON_STATE_KEY} in {name}"
+
+
 def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | None, names: set[str],
-                ) -> tuple[Layout, str, dict[str, Any] | None]:
+                meta: dcp.DcpMetadata) -> tuple[Layout, str, dict[str, Any] | None]:
     """The head layout and true vocabulary size, where they came from, and the config.json to write when
     the reader builds it (from args; None when a config.json is found, which convert then copies).
 
     In order: a config.json the checkpoint has (its folder and run, verl's ``huggingface/``, NeMo's
-    ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt``, Megatron-Bridge's
-    ``run_config.yaml`` or NeMo's ``context/model.yaml`` (the trained model's own record, before a base model
-    that may be the default one); ``--base-model-name``'s config.json. ``outer`` is the folder detection
-    claimed, ``folder`` the save in it (:func:`save_folder`).
+    ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt`` or the
+    ``common_state`` object of ``meta`` (:func:`common_args`), Megatron-Bridge's ``run_config.yaml`` or NeMo's
+    ``context/model.yaml`` (the trained model's own record, before a base model that may be the default one);
+    ``--base-model-name``'s config.json. ``outer`` is the folder detection claimed, ``folder`` the save in it
+    (:func:`save_folder`).
 
     Raises:
         ConfigNotFoundError: None of them gives the layout (exit 8).
@@ -235,10 +257,10 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
     own = find_checkpoint_assets(outer, root, asset_dirs(outer), None)  # as convert searches the claimed folder
     if own.config is not None:
         return layout_from_config(read_config(own.config), own.config), str(own.config), None
-    args = read_args(folder)
+    args, where, what = common_args(folder, meta, root)
     if args is not None:
-        layout, config = config_from_args(args, names, folder / COMMON_FILE)
-        return layout, f"Megatron-LM args in {COMMON_FILE}", config
+        layout, config = config_from_args(args, names, where)
+        return layout, f"Megatron-LM args in {what}", config
     yaml_configs = ((folder / RUN_CONFIG_FILE, f"Megatron-Bridge {RUN_CONFIG_FILE}", lambda: read_run_config(folder)),
                     (outer / NEMO_MODEL_YAML, f"NeMo {NEMO_MODEL_YAML}", lambda: read_nemo_model_yaml(outer)))
     for where, what, read in yaml_configs:
@@ -251,7 +273,8 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
     if base.config is not None:
         return layout_from_config(read_config(base.config), base.config), str(base.config), None
     why = f" ({base.base_model_error})" if base.base_model_error else ""
-    raise ConfigNotFoundError(f"found no config.json beside the checkpoint, no Megatron-LM args ({COMMON_FILE}) or "
+    raise ConfigNotFoundError(f"found no config.json beside the checkpoint, no Megatron-LM args ({COMMON_FILE} or "
+                              f"{COMMON_STATE_KEY.split('/')[0]}) or "
                               f"Bridge {RUN_CONFIG_FILE} or NeMo {NEMO_MODEL_YAML}, and no base model{why} to give "
                               "the head layout and vocabulary size", path=folder, hint=HINT_BASE)
 
@@ -328,7 +351,7 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
     if not names:
         raise UnsupportedCheckpointError("this Megatron-Core checkpoint holds no model weights (only optimizer or "
                                          "other state)", path=meta.path)
-    layout, layout_from, config = find_layout(outer, folder, roots[0], base_model_name, set(names.values()))
+    layout, layout_from, config = find_layout(outer, folder, roots[0], base_model_name, set(names.values()), meta)
     entries = len(meta.tensors) + len(meta.byte_keys)
     meta.tensors = {key: meta.tensors[key] for key in names}  # only the model's files must be present
     planned = _plan(meta.tensors, names, layout, meta.path)
@@ -362,5 +385,5 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
                        trained_dtype=trained if trained and trained.itemsize == 2 else None, config=config)
 
 
-__all__ = ["asset_dirs", "find_layout", "is_megatron_folder", "iterations", "megatron_save_list",
+__all__ = ["asset_dirs", "common_args", "find_layout", "is_megatron_folder", "iterations", "megatron_save_list",
            "read_megatron", "resolve_megatron"]

@@ -103,6 +103,16 @@ def args_from_run_config(model: dict[str, Any], names: set[str]) -> dict[str, An
     return args
 
 
+def _epsilon(args: dict[str, Any]) -> float:
+    """The norm epsilon: Megatron-LM's ``args`` name it after megatron-core's ``TransformerConfig`` field
+    (``layernorm_epsilon``, from ``--norm-epsilon``: 0.16 and 0.19 alike); ``norm_epsilon`` is the older
+    Megatron-LM name (and :func:`args_from_run_config`'s). megatron-core's default when neither is recorded."""
+    for name in ("norm_epsilon", "layernorm_epsilon"):
+        if type(args.get(name)) is float:
+            return args[name]
+    return 1e-5
+
+
 def config_from_args(args: dict[str, Any], names: set[str], where: Path, source: str = "Megatron-LM's args",
                      ) -> tuple[Layout, dict[str, Any]]:
     """The layout and an HF config.json for a checkpoint known only by Megatron-LM's ``args`` (or Megatron-Bridge's
@@ -134,7 +144,7 @@ def config_from_args(args: dict[str, Any], names: set[str], where: Path, source:
         "num_hidden_layers": _need(args, "num_layers", where, source),
         "num_attention_heads": heads, "num_key_value_heads": groups, "head_dim": head_dim, "vocab_size": vocab,
         "max_position_embeddings": args.get("max_position_embeddings") or _need(args, "seq_length", where, source),
-        "rms_norm_eps": args.get("norm_epsilon", 1e-5), "rope_theta": args.get("rotary_base", 10000),
+        "rms_norm_eps": _epsilon(args), "rope_theta": args.get("rotary_base", 10000),
         "tie_word_embeddings": not args.get("untie_embeddings_and_output_weights", False), "hidden_act": "silu",
     }
     if model_type == "llama":
