@@ -101,8 +101,10 @@ def stub_grouped_gemm() -> None:
     """Make megatron-core's legacy ``GroupedMLP`` build and run without the CUDA-only ``grouped_gemm`` package."""
     import types
 
-    from megatron.core.transformer.moe import grouped_gemm_util as gg
-
+    try:
+        from megatron.core.transformer.moe import grouped_gemm_util as gg
+    except ImportError:  # megatron-core 0.19 dropped the legacy GroupedMLP with it
+        return
     gg.grouped_gemm_is_available = lambda: True
     gg.assert_grouped_gemm_is_available = lambda: None
     gg.ops = types.SimpleNamespace(gmm=gmm)
