@@ -172,10 +172,11 @@ def build_gpt(model: dict[str, Any], par: dict[str, int], dtype: torch.dtype, vp
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     config = transformer_config(model, par, dtype)
+    # The legacy GroupedMLP: experts as two [H, E*2F] / [E*F, H] weights (TEGroupedMLP needs TransformerEngine);
+    # asked for only when wanted: megatron-core 0.19 has neither it nor the keyword.
+    grouped = {"moe_grouped_gemm": True, "moe_use_legacy_grouped_gemm": True} if model.get("grouped_gemm") else {}
     spec = get_gpt_layer_local_spec(
-        num_experts=model.get("experts"), qk_layernorm=bool(model.get("qk_norm")), normalization="RMSNorm",
-        # The legacy GroupedMLP: experts as two [H, E*2F] / [E*F, H] weights (TEGroupedMLP needs TransformerEngine).
-        moe_grouped_gemm=bool(model.get("grouped_gemm")), moe_use_legacy_grouped_gemm=bool(model.get("grouped_gemm")),
+        num_experts=model.get("experts"), qk_layernorm=bool(model.get("qk_norm")), normalization="RMSNorm", **grouped
     )
     gpt = GPTModel(
         config,
