@@ -115,9 +115,8 @@ def skeleton_of(model: Any) -> Skeleton:
         tied = dict(legacy) if isinstance(legacy, dict) else {k: "" for k in legacy}
     try:
         from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # older transformers: names are saved as they are in memory
-        def revert_weight_conversion(_model: Any, sd: dict[str, Any]) -> dict[str, Any]:
-            return sd
+    except ImportError:  # transformers 4: names are saved as in memory, a VLM's through its key mapping
+        revert_weight_conversion = _revert_key_mapping
     try:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
         untied = remove_tied_weights_from_state_dict(dict(state), model)
@@ -154,6 +153,21 @@ def skeleton_of(model: Any) -> Skeleton:
     return Skeleton(type(model).__name__, required, allowed, tied, ignorable,
                     None if embedding is None else saved(embedding),
                     None if same else memory_required, None if same else memory_allowed)
+
+
+def _revert_key_mapping(model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` under the names transformers 4 (>= 4.52) saves: a VLM's ``_checkpoint_conversion_mapping``
+    reversed, the first rule that matches a name renaming it (as its ``save_pretrained`` does)."""
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    rules = [(target, re.sub(r"\(.*\)", "", source.lstrip("^"))) for source, target in mapping.items()]
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            key, count = re.subn(pattern, replacement, key)
+            if count:
+                break
+        out[key] = value
+    return out
 
 
 def check_against_skeleton(ctx: Context) -> list[Check]:
