@@ -423,6 +423,30 @@ def test_refuses_dora(lora_corpus, tmp_path) -> None:
     assert stdout == "" and not out.exists()
 
 
+def test_base_is_checked_without_a_merge_plan(lora_corpus, tmp_path, monkeypatch) -> None:
+    """The base check of --lora adapter (plan.lora.check_fit) builds no merged model; it accepts the right base and
+    still refuses one of other shapes (another case's: exit 4, the message of a merge)."""
+    from vllm_consolidate.plan import lora as plan_lora
+    from vllm_consolidate.plan.inputs import InputSpec, LoraMode, open_input
+
+    merges: list[Any] = []
+    merge_plan = plan_lora.merge_plan
+    monkeypatch.setattr(plan_lora, "merge_plan", lambda *args: merges.append(args) or merge_plan(*args))
+    cdir = lora_corpus["lora_qwen2_z2_rslora"]  # hidden size 128
+    src, right = cdir / "run" / "checkpoint-4", cdir / _meta(cdir.name)["base_dir"]
+    source = open_input(InputSpec(src, base_model_name=str(right)), LoraMode.ADAPTER).source
+    assert source.info["base_model"] == str(right) and merges == []
+    other = lora_corpus["lora_mixtral_z3_attn"] / "base"  # hidden size 64
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["convert", "--input", str(src), "--output", str(out), "--lora", "adapter",
+                                    "--base-model-name", str(other)])
+    assert (code, stderr.splitlines()) == (4, [
+        f"error: the adapter does not fit the base model {other}: model.layers.0.self_attn.q_proj has factors for a "
+        f"weight of shape (128, 128), the base's is (64, 64) [{src / 'adapter_config.json'}]",
+        "hint: Pass the model the adapter was trained on with --base-model-name."]), stdout + stderr
+    assert merges == [] and not out.exists()
+
+
 # --------------------------------------------------------------------------- 5. base not found
 
 

@@ -269,6 +269,26 @@ def _cli_error_line(input_path: Path, output: Path) -> str:
     return "; ".join(lines)
 
 
+def run_driver(python: str, jobs: list[dict[str, Any]], tmpdir: Path, *, pythonpath: str | None = None,
+               timeout: float = 1800) -> tuple[dict[str, Any], str]:
+    """Run :data:`DRIVER` once over ``jobs`` in the vLLM interpreter ``python``; its results and its stderr.
+
+    The child's TMPDIR is ``tmpdir`` (the tests look there for files left behind). ``PYTHONPATH``,
+    ``PYTHONHOME`` and ``VIRTUAL_ENV`` of this process are not inherited (they name the main venv);
+    ``pythonpath`` puts a checkout's ``src`` first. Fails the test, with vLLM's stderr, if the driver fails.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["TMPDIR"] = str(tmpdir)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    payload = json.dumps({"jobs": jobs, "prompts": PROMPTS, "max_tokens": MAX_TOKENS})
+    proc = subprocess.run([python, "-c", DRIVER], input=payload, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        pytest.fail(f"the vLLM driver failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}", pytrace=False)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
 @pytest.fixture(scope="module")
 def plugin_run(corpus: dict[str, Path], fsdp_corpus: dict[str, Path],
                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -316,21 +336,14 @@ def plugin_run(corpus: dict[str, Path], fsdp_corpus: dict[str, Path],
     before = {str(t): _snapshot(t) for t in trees}
     tmpdir = work / "tmpdir"
     tmpdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env["TMPDIR"] = str(tmpdir)
-    proc = subprocess.run([python, "-c", DRIVER], input=json.dumps({"jobs": jobs, "prompts": PROMPTS,
-                                                                       "max_tokens": MAX_TOKENS}),
-                          capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0 or not proc.stdout.strip():
-        pytest.fail(f"the vLLM driver failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}", pytrace=False)
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results, stderr = run_driver(python, jobs, tmpdir, timeout=1800)
     results["by_id"] = {job["id"]: job for job in results["jobs"]}
     results["trees_before"] = before
     results["trees_after"] = {str(t): _snapshot(t) for t in trees}
     results["tmp_files_after"] = sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*") if p.is_file())
     results["expected_missing_rank"] = expected_missing_rank
     results["served"] = {k: str(v) for k, v in served.items()}
-    results["stderr"] = proc.stderr
+    results["stderr"] = stderr
     return results
 
 

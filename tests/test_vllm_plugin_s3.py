@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import os
-import subprocess
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 from tests.test_e2e_vllm import vllm_python
 from tests.test_s3_input import _zero_layout
-from tests.test_vllm_plugin import DRIVER, MAX_TOKENS, PROMPTS
+from tests.test_vllm_plugin import MAX_TOKENS, run_driver
 
 from vllm_consolidate import cli
 from vllm_consolidate.errors import ConfigNotFoundError, ConsolidateError, InputNotFoundError, UsageError
@@ -183,17 +182,10 @@ def vllm_s3_run(served: tuple[Path, str], s3: Any, tmp_path_factory: pytest.Temp
             {"kind": "load", "id": "s3", "llm": {**common, "model": url}}]
     tmpdir = tmp_path_factory.mktemp("vllm_s3") / "tmpdir"
     tmpdir.mkdir()
-    # This checkout's code first (the venv's editable install may be another checkout's); AWS_* as set by `s3`.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(TMPDIR=str(tmpdir), PYTHONPATH=str(SRC_ROOT))
     s3.proxy.clear()
-    proc = subprocess.run([python, "-c", DRIVER], input=json.dumps({"jobs": jobs, "prompts": PROMPTS,
-                                                                       "max_tokens": MAX_TOKENS}),
-                          capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0 or not proc.stdout.strip():
-        pytest.fail(f"the vLLM driver failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}", pytrace=False)
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"by_id": {job["id"]: job for job in results["jobs"]}, "gets": s3.proxy.gets(), "stderr": proc.stderr,
+    # This checkout's code first (the venv's editable install may be another checkout's); AWS_* as set by `s3`.
+    results, stderr = run_driver(python, jobs, tmpdir, pythonpath=str(SRC_ROOT), timeout=900)
+    return {"by_id": {job["id"]: job for job in results["jobs"]}, "gets": s3.proxy.gets(), "stderr": stderr,
             "tmp_after": sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*") if p.is_file())}
 
 

@@ -152,6 +152,20 @@ def test_validate_checks_vision_tower_and_projector(name, drop, vlm_cases, tmp_p
     assert drop in capsys.readouterr().out
 
 
+def test_validation_refuses_another_familys_naming(vlm_cases, tmp_path, monkeypatch, capsys):
+    """Qwen2.5-VL planned with LLaVA's naming rules: transformers would load the folder through its key mapping,
+    but validation compares the written names with save_pretrained's, not with the plan's, and fails (exit 9)."""
+    monkeypatch.setitem(vlm.FAMILIES, "qwen2_5_vl", vlm.FAMILIES["llava"])
+    name, out = "dcp_qwen25vl_w2", tmp_path / "out"
+    capsys.readouterr()
+    assert _convert(name, vlm_cases[name], out) == 9 and not out.exists()
+    error = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: "))
+    assert ("missing_tensors: 57 tensors that Qwen2_5_VLForConditionalGeneration needs are not stored under the names "
+            "save_pretrained writes: lm_head.weight, model.embed_tokens.weight, ") in error, error
+    assert ("unexpected_tensors: 57 stored tensors are not part of Qwen2_5_VLForConditionalGeneration: "
+            "language_model.lm_head.weight, language_model.model.embed_tokens.weight, ") in error, error
+
+
 @pytest.mark.parametrize(("name", "probe"), [("qwen2vl_z3_w2_fp32", "visual.merger.mlp.0.weight"),
                                              ("dcp_llava_w2_frozen", "vision_tower.vision_model.encoder.layers.1."
                                                                      "mlp.fc2.weight")])

@@ -120,7 +120,8 @@ def test_inspect_of_a_local_folder_imports_no_tensor_library_nor_hub(tmp_path):
     code, modules = _modules("cli", "inspect", str(tmp_path / "model"))
     assert code == 0
     assert _heavy(modules) == [] and "huggingface_hub" not in modules  # no Hub id to resolve
-    assert "vllm_consolidate.batch.run" not in modules  # the batch runner (and multiprocessing) is not inspect's
+    # the batch runner and its executors (and multiprocessing) are not inspect's
+    assert "vllm_consolidate.batch.run" not in modules and "vllm_consolidate.batch.executor" not in modules
     assert "ctypes.util" not in modules  # the writer's find_library("c") runs ldconfig in a subprocess
 
 

@@ -9,7 +9,8 @@ CLI (:mod:`vllm_consolidate.cli.batch`) does the printing. The flow, one module 
 * :mod:`.resources`: what a job needs and the machine has, and the scheduler that admits jobs;
 * :mod:`.plan`: :class:`BatchOptions` and :func:`plan_batch`, the jobs and what each will do;
 * :mod:`.worker`: the worker processes that convert and publish the jobs;
-* :mod:`.run`: :func:`run_batch`, its events and its :class:`BatchResult`;
+* :mod:`.executor`: where the jobs run: the scheduling loop, its events, and the local worker processes;
+* :mod:`.run`: :func:`run_batch` (the output's lock and cleanup around the loop) and its :class:`BatchResult`;
 * :mod:`.states`: the words they report in (actions, statuses, event kinds, admission decisions).
 
 Each module's docstring holds the rules of its step.

@@ -2,7 +2,7 @@
 
 Everything but the running is the local batch's: the plan, naming, collision checks, manifests,
 the output folder's lock and the cleanup of stale folders (:func:`~vllm_consolidate.batch.run.run_batch`),
-and the scheduling loop (:meth:`~vllm_consolidate.batch.run.Executor.run`), whose hooks submit tasks here.
+and the scheduling loop (:meth:`~vllm_consolidate.batch.executor.Executor.run`), whose hooks submit tasks here.
 Local inputs and a local ``--output-dir`` must be on storage every node sees at the same paths. With
 object-store (``s3://…``) inputs and output no shared file system is needed: a task gets only URLs and
 the storage options (inside its job's options, never recorded), lists and reads its checkpoint into its
@@ -24,7 +24,7 @@ the driver alone writes the batch manifest and holds the batch lock object
   address per attempt).
 * **Events.** Each task tells a reporter actor on the driver's node when it starts (which attempt, on
   which node) and how far it is; the driver polls it and emits the usual
-  :class:`~vllm_consolidate.batch.run.BatchEvent` s, so progress, the table, ``--report`` and exit codes
+  :class:`~vllm_consolidate.batch.executor.BatchEvent` s, so progress, the table, ``--report`` and exit codes
   are those of a local batch. A START event's message names the node.
 
 Ray is imported only when a Ray batch runs.
@@ -40,9 +40,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from vllm_consolidate.batch.executor import BatchEvent, Executor
 from vllm_consolidate.batch.plan import BatchPlan, Job
 from vllm_consolidate.batch.resources import Scheduler
-from vllm_consolidate.batch.run import BatchEvent, Executor
 from vllm_consolidate.batch.states import EventKind, Status
 from vllm_consolidate.batch.worker import JobSpec, clear_attempt, run_job, shared_lock
 from vllm_consolidate.errors import UsageError

@@ -36,7 +36,7 @@ OUTCOMES = (Status.DONE, Status.SKIPPED, Status.FAILED, Status.NOT_RUN)
 
 
 class EventKind(_Word):
-    """What a :class:`~vllm_consolidate.batch.run.BatchEvent` says happened to a job."""
+    """What a :class:`~vllm_consolidate.batch.executor.BatchEvent` says happened to a job."""
 
     START = "start"
     PROGRESS = "progress"

@@ -25,46 +25,63 @@ from vllm_consolidate.plan import vlm
 from vllm_consolidate.read import hf, peft
 from vllm_consolidate.read.assets import DEFAULT_BASE_MODEL, read_config
 from vllm_consolidate.read.lora_find import find_base, find_lora, verl_lora, vllm_unsupported
-from vllm_consolidate.read.peft import Adapter
+from vllm_consolidate.read.peft import Adapter, LoraModule
 from vllm_consolidate.read.registry import LoraLayout, format_of_source
 from vllm_consolidate.safe_io import confined, trust_root
 from vllm_consolidate.source import Delta, LoraOutcome, LoraResult, SourceModel, TensorSpec
+
+
+def check_fit(base: SourceModel, adapter: Adapter, base_dir: Path) -> None:
+    """Refuse an adapter that does not fit ``base`` (what :func:`merge_plan` merges, from metadata alone).
+
+    ``--lora adapter`` checks the base with this alone: the merged model it would describe is not needed.
+
+    Raises:
+        CorruptCheckpointError: The adapter names a module the base does not have, or with another
+            shape (an adapter for another model), or lacks a ``modules_to_save`` copy.
+    """
+    by_name = {t.name: t for t in base.tensors}
+
+    def mismatch(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"the adapter does not fit the base model {base_dir}: {what}",
+                                      path=adapter.config.path,
+                                      hint="Pass the model the adapter was trained on with --base-model-name.")
+
+    _check_saved_modules(adapter, by_name)
+    for name, spec in adapter.replacements.items():
+        if name not in by_name:
+            raise mismatch(f"it replaces {name}, which the base does not have")
+        if spec.shape != by_name[name].shape:
+            raise mismatch(f"{name} is {spec.shape} in the adapter, {by_name[name].shape} in the base")
+    for module, lora in adapter.modules.items():
+        weight = by_name.get(f"{module}.weight")
+        if weight is None:
+            raise mismatch(f"it targets {module}, which the base does not have")
+        b_rows, a_cols = lora.b.shape[0], lora.a.shape[1]
+        want = (a_cols, b_rows) if _transposed(adapter, lora) else (b_rows, a_cols)
+        if len(weight.shape) != 2 or weight.shape != want:  # a replacement has the base's shape (checked above)
+            raise mismatch(f"{module} has factors for a weight of shape {want}, the base's is {weight.shape}")
+
+
+def _transposed(adapter: Adapter, lora: LoraModule) -> bool:
+    """Whether ``B @ A`` is the weight's transpose (embeddings, and ``fan_in_fan_out`` layers such as GPT-2's)."""
+    return bool(lora.embedding or adapter.config.fan_in_fan_out)
 
 
 def merge_plan(base: SourceModel, adapter: Adapter, base_dir: Path) -> SourceModel:
     """The merged model: the base's tensors with the adapter's updates and replacements.
 
     Raises:
-        CorruptCheckpointError: The adapter names a module the base does not have, or with another
-            shape (an adapter for another model).
+        CorruptCheckpointError: The adapter does not fit the base (see :func:`check_fit`).
     """
-    by_name = {t.name: t for t in base.tensors}
-    hint = "Pass the model the adapter was trained on with --base-model-name."
-
-    def mismatch(what: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"the adapter does not fit the base model {base_dir}: {what}",
-                                      path=adapter.config.path, hint=hint)
-
-    _check_saved_modules(adapter, by_name)
-    tensors = dict(by_name)
+    check_fit(base, adapter, base_dir)
+    tensors = {t.name: t for t in base.tensors}
     for name, spec in adapter.replacements.items():
-        if name not in by_name:
-            raise mismatch(f"it replaces {name}, which the base does not have")
-        if spec.shape != by_name[name].shape:
-            raise mismatch(f"{name} is {spec.shape} in the adapter, {by_name[name].shape} in the base")
         tensors[name] = TensorSpec(name, spec.dtype, spec.shape, spec.segments)
     for module, lora in adapter.modules.items():
-        name = f"{module}.weight"
-        if name not in by_name:
-            raise mismatch(f"it targets {module}, which the base does not have")
-        weight = tensors[name]
-        transpose = lora.embedding or adapter.config.fan_in_fan_out
-        b_rows, a_cols = lora.b.shape[0], lora.a.shape[1]
-        want = (a_cols, b_rows) if transpose else (b_rows, a_cols)
-        if len(weight.shape) != 2 or weight.shape != want:
-            raise mismatch(f"{module} has factors for a weight of shape {want}, the base's is {weight.shape}")
-        tensors[name] = TensorSpec(name, weight.dtype, weight.shape, weight.segments,
-                                   Delta(lora.a, lora.b, lora.scale, transpose))
+        weight = tensors[f"{module}.weight"]
+        tensors[weight.name] = TensorSpec(weight.name, weight.dtype, weight.shape, weight.segments,
+                                          Delta(lora.a, lora.b, lora.scale, _transposed(adapter, lora)))
     info = dict(base.info, type=str(LoraOutcome.MERGED), lora_source=adapter.source,
                 lora_modules=len(adapter.modules), lora_replaced=sorted(adapter.replacements), base_model=str(base_dir))
     return SourceModel(kind=str(LoraOutcome.MERGED), path=base.path, tensors=[tensors[t.name] for t in base.tensors],
@@ -176,7 +193,7 @@ def adapter_export(source: SourceModel, weights_dir: Path, input_dir: Path, base
     except (InputNotFoundError, ConfigNotFoundError) as exc:  # the adapter is still what it is: written, with a warning
         info["base_model_error"] = exc.message
     else:
-        merge_plan(*read_base(base_dir, adapter), base_dir)  # raises if it does not fit
+        check_fit(*read_base(base_dir, adapter), base_dir)  # raises if it does not fit; no merged model is needed
         info["base_model"] = str(base_dir)
     found_base = Path(info["base_model"]) if "base_model" in info else None
     unservable = vllm_unsupported(adapter)
@@ -189,4 +206,4 @@ def adapter_export(source: SourceModel, weights_dir: Path, input_dir: Path, base
                                        adapter_config=adapter.config.path))
 
 
-__all__ = ["adapter_export", "merge_lora", "merge_plan", "read_base", "saved_name"]
+__all__ = ["adapter_export", "check_fit", "merge_lora", "merge_plan", "read_base", "saved_name"]

@@ -12,10 +12,16 @@ the skeleton, which reports nothing itself: its failure is the ``missing_tensors
 Decision: the skeleton's names are what ``save_pretrained`` writes: ``model.state_dict()`` of the meta
 model (so non-persistent buffers such as rotary ``inv_freq`` are not expected), minus tied parameters
 (transformers 5's ``all_tied_weights_keys``), through transformers' reverse weight conversion
-(transformers 5 fuses MoE experts in memory but saves them per expert, as vLLM reads them). A tied
-``lm_head.weight`` may be absent (``tied_embeddings`` in :mod:`~vllm_consolidate.validate.values`
-judges a stored one). Stored names that the model class lists in ``_keys_to_ignore_on_load_unexpected``
-(or that end in ``rotary_emb.inv_freq``) are warnings.
+(transformers 5 fuses MoE experts in memory but saves them per expert, as vLLM reads them). These are
+transformers' names, not this tool's plan (plan/vlm.py): a plan that wrote one family under another's
+prefixes would otherwise validate against itself, and transformers' key mapping would even load the folder.
+The one intended departure is stated here apart (:data:`_DEPARTURES`: LLaVA's and Gemma 3's vision towers
+under ``vision_model.``). The in-memory layout (fused MoE experts: ``--moe-layout fused``, or an unlisted MoE
+family's names kept) is accepted with a warning, except for the vision-language families of plan/vlm.py,
+whose in-memory names are training names this tool never writes. A tied ``lm_head.weight`` may be absent
+(``tied_embeddings`` in :mod:`~vllm_consolidate.validate.values` judges a stored one). Stored names that
+the model class lists in ``_keys_to_ignore_on_load_unexpected`` (or that end in ``rotary_emb.inv_freq``) are
+warnings.
 """
 
 from __future__ import annotations
@@ -33,7 +39,11 @@ from vllm_consolidate.validate.report import FAIL, PASS, SKIPPED, WARN, Check, s
 
 #: Stored names loaders ignore even when the model class does not list them.
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
-
+#: The one place this tool's names depart from save_pretrained's on purpose (plan/vlm.py; README
+#: "Vision-language models"): LLaVA's CLIP and Gemma 3's SigLIP towers are written under
+#: ``vision_tower.vision_model.``, the name vLLM 0.32's tower modules have (transformers loads both).
+_TOWER = (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.")
+_DEPARTURES: dict[str, tuple[str, str]] = {"llava": _TOWER, "gemma3": _TOWER}
 
 
 def build_skeleton(ctx: Context) -> list[Check]:
@@ -90,7 +100,12 @@ def _meta_model(tf: ModuleType, config: Any, archs: list[str]) -> tuple[Any, lis
 
 
 def skeleton_of(model: Any) -> Skeleton:
-    """Names and shapes save_pretrained would write for ``model`` (on the meta device)."""
+    """Names and shapes save_pretrained would write for ``model`` (on the meta device).
+
+    The names are transformers' own (its reverse weight conversion), never this tool's plan: a folder the plan
+    wrote under another family's naming must not pass because the skeleton was renamed by the same plan. The
+    one naming this tool writes on purpose elsewhere is :data:`_DEPARTURES`' (a vision tower's ``vision_model.``).
+    """
     state = dict(model.state_dict())
     for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
         state.pop(key, None)
@@ -100,35 +115,59 @@ def skeleton_of(model: Any) -> Skeleton:
         tied = dict(legacy) if isinstance(legacy, dict) else {k: "" for k in legacy}
     try:
         from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # older transformers: names are saved as they are in memory
-        def revert_weight_conversion(_model: Any, sd: dict[str, Any]) -> dict[str, Any]:
-            return sd
+    except ImportError:  # transformers 4: names are saved as in memory, a VLM's through its key mapping
+        revert_weight_conversion = _revert_key_mapping
     try:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
         untied = remove_tied_weights_from_state_dict(dict(state), model)
     except ImportError:
         untied = {k: v for k, v in state.items() if k not in tied}
-    required = {k: tuple(v.shape) for k, v in revert_weight_conversion(model, untied).items()}
-    allowed = {k: tuple(v.shape) for k, v in revert_weight_conversion(model, dict(state)).items()}
-    allowed.update(required)
-    memory_required = {k: tuple(v.shape) for k, v in untied.items()}
-    memory_allowed = {k: tuple(v.shape) for k, v in state.items()}
-    same = memory_required == required
+    model_type = str(getattr(model.config, "model_type", None))
+    departure = _DEPARTURES.get(model_type)
+
+    def written(name: str) -> str:
+        return name if departure is None else re.sub(*departure, name)
+
+    def out(shapes: dict[str, Any]) -> Shapes:
+        return {written(k): tuple(v.shape) for k, v in shapes.items()}
+
+    def saved(name: str) -> str:  # one in-memory name as save_pretrained writes it (a renaming, not a fusion)
+        if name not in state:
+            return name
+        names = list(revert_weight_conversion(model, {name: state[name]}))
+        return written(names[0] if len(names) == 1 else name)
+
+    required = out(revert_weight_conversion(model, untied))
+    allowed = {**out(revert_weight_conversion(model, dict(state))), **required}
+    memory_required, memory_allowed = out(untied), out(state)
+    # A vision-language model's in-memory names are its training names, which this tool never writes
+    # (plan/vlm.py): only save_pretrained's names are accepted. Elsewhere the in-memory layout is the fused MoE
+    # layout (--moe-layout fused, or an unlisted MoE family's names kept), accepted with a warning.
+    same = memory_required == required or vlm.family_of({"model_type": model_type}) is not None
     embedding = None
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None:
         embedding = next((f"{n}.weight" for n, m in model.named_modules() if m is emb), None)
     ignorable = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-    # A vision-language model is written under the prefixes both transformers and vLLM load (plan/vlm.py).
-    config = {"model_type": getattr(model.config, "model_type", None)}
+    tied = {saved(k): saved(v) for k, v in tied.items()}
+    return Skeleton(type(model).__name__, required, allowed, tied, ignorable,
+                    None if embedding is None else saved(embedding),
+                    None if same else memory_required, None if same else memory_allowed)
 
-    def out(shapes: Shapes) -> Shapes:
-        return {vlm.written_name(config, k): v for k, v in shapes.items()}
 
-    tied = {vlm.written_name(config, k): vlm.written_name(config, v) for k, v in tied.items()}
-    embedding = None if embedding is None else vlm.written_name(config, embedding)
-    return Skeleton(type(model).__name__, out(required), out(allowed), tied, ignorable, embedding,
-                    None if same else out(memory_required), None if same else out(memory_allowed))
+def _revert_key_mapping(model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` under the names transformers 4 (>= 4.52) saves: a VLM's ``_checkpoint_conversion_mapping``
+    reversed, the first rule that matches a name renaming it (as its ``save_pretrained`` does)."""
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    rules = [(target, re.sub(r"\(.*\)", "", source.lstrip("^"))) for source, target in mapping.items()]
+    out = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            key, count = re.subn(pattern, replacement, key)
+            if count:
+                break
+        out[key] = value
+    return out
 
 
 def check_against_skeleton(ctx: Context) -> list[Check]:
@@ -146,7 +185,8 @@ def check_against_skeleton(ctx: Context) -> list[Check]:
 
     sk, stored = ctx.skeleton, without_scales(ctx)
     layout, required, allowed = _closest_layout(sk, stored)
-    return [_missing(sk.class_name, layout, required, stored, ctx.config), _unexpected(sk, allowed, stored),
+    unexpected = _unexpected(sk, allowed, stored)
+    return [_missing(sk.class_name, layout, required, stored, ctx.config, unexpected.status == FAIL), unexpected,
             _shapes(allowed, stored)]
 
 
@@ -170,8 +210,15 @@ def _closest_layout(sk: Skeleton, stored: dict[str, StoredTensor]) -> tuple[str,
     return min(layouts, key=mismatch)  # the first (save_pretrained) wins ties
 
 
-def _missing(cls: str, layout: str, required: Shapes, stored: dict[str, StoredTensor], config: dict) -> Check:
+def _missing(cls: str, layout: str, required: Shapes, stored: dict[str, StoredTensor], config: dict,
+             others: bool = False) -> Check:
+    """``missing_tensors``; ``others``: names outside the model are stored too (``unexpected_tensors`` fails)."""
     missing = sorted(set(required) - set(stored))
+    if missing and others:  # e.g. another family's prefixes: transformers may map them back, vLLM may not
+        return Check("missing_tensors", FAIL,
+                     f"{len(missing)} tensors that {cls} needs are not stored under the names save_pretrained "
+                     f"writes: {few(missing)}; other names are stored instead (see unexpected_tensors)",
+                     {"names": missing})
     if missing:
         return Check("missing_tensors", FAIL,
                      f"{len(missing)} tensors that {cls} needs are not stored: {few(missing)}; vLLM would "
