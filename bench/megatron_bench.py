@@ -8,9 +8,10 @@ training step, no optimizer state) and saved as a Megatron-LM run (``latest_chec
 ``bench_complete.json`` is written last). Shapes: ``qwen0.5b`` (Qwen2.5-0.5B: 24 layers, hidden 896) and
 ``qwen1.5b-8l`` (Qwen2.5-1.5B's widths, 8 layers: its embedding, the largest tensor, is 1.7x 0.5B's).
 
-Measured per checkpoint, alternating inside each repetition, medians reported (``bench/run.py``'s ``measure``:
-inputs read once before each command, outputs deleted and synced before it, peak RSS of the one child process
-from ``/usr/bin/time -v``):
+Measured per checkpoint, alternating inside each repetition in this order (ours fp32, then ``cp``, so each rep is
+a pair taken back to back), medians reported (``bench/run.py``'s ``measure``: inputs read once before each
+command, outputs deleted and synced before it, peak RSS and CPU seconds of the one child process from
+``/usr/bin/time -v``):
 
 * ``ours_fp32`` / ``ours_bf16``: ``vllm-consolidate convert --no-validate-vllm`` of the run folder;
 * ``dcp_load``: ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(iter_0000001, out.pt)`` in a child
@@ -18,11 +19,16 @@ from ``/usr/bin/time -v``):
 * ``cp``: ``cp`` of the ``.distcp`` files (the bytes ours reads) to a folder, then ``sync`` of them.
 
 Targets: ours' peak RSS <= 3x the largest tensor + a fixed overhead (the interpreter's RSS with torch imported,
-measured as a child that imports our CLI and exits), and flat as the model grows; wall <= 1.3x ``cp``.
+measured as a child that imports our CLI and exits), and flat as the model grows; wall <= 1.3x ``cp`` of the bytes
+read: reported as the ratio of medians and, steadier on a shared machine, as the median over reps of each rep's
+ours / ``cp`` (``paired``), with the load average around the runs.
 
 Usage::
 
-    python bench/megatron_bench.py [--reps 2] [--only qwen0.5b ...]
+    python bench/megatron_bench.py [--reps 2] [--only qwen0.5b ...] [--no-dcp-load]
+
+``--no-dcp-load`` leaves out the (slow, 2+ GiB) DCP load baseline from the timed runs; the untimed bit-equality
+check against it still runs.
 
 The same file is the megatron-core writer (``--worker SPEC``) under ``.venv-megatron``'s torchrun.
 Writes ``bench/results/megatron.json`` and ``bench/results/megatron.md``.
@@ -131,7 +137,7 @@ def generate(name: str) -> Path:
 # -- the measurements (main venv) -------------------------------------------------------------------------
 
 
-def bench_one(name: str, reps: int) -> dict[str, Any]:
+def bench_one(name: str, reps: int, dcp_load: bool = True) -> dict[str, Any]:
     import run as rb
 
     run = generate(name)
@@ -142,27 +148,44 @@ def bench_one(name: str, reps: int) -> dict[str, Any]:
     out = {"ours_fp32": work / "ours_fp32", "ours_bf16": work / "ours_bf16", "dcp_load": work / "dcp.pt",
            "cp": work / "cp"}
     shape = {**SHAPES[name], **COMMON}
-    cmds = {
+    cmds = {  # ours fp32 then cp: each rep's pair back to back
         "ours_fp32": rb.ours(run, out["ours_fp32"], "--base-model-name", ""),
+        "cp": rb.sh(f"mkdir -p {out['cp']} && cp {' '.join(map(str, distcp))} {out['cp']}/ && sync {out['cp']}/*"),
         "ours_bf16": rb.ours(run, out["ours_bf16"], "--base-model-name", "", "--dtype", "bfloat16"),
         "dcp_load": [sys.executable, "-c", rb.DCP_TO_TORCH_SAVE, str(iter_dir), str(out["dcp_load"])],
-        "cp": rb.sh(f"mkdir -p {out['cp']} && cp {' '.join(map(str, distcp))} {out['cp']}/ && sync {out['cp']}/*"),
     }
+    if not dcp_load:
+        del cmds["dcp_load"]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in cmds}
+    env = timing_env()
     for rep in range(reps):
         for tool, cmd in cmds.items():
-            rec = rb.measure(cmd, [iter_dir] if tool != "ours_fp32" else [run], [out[tool]])
+            rec = rb.measure(cmd, [iter_dir] if tool != "ours_fp32" else [run], [out[tool]], env=env)
             rec["rep"] = rep
             if tool == "ours_fp32" and rep == 0 and rec["exit"] == 0:
                 rec["output_bytes"] = rb.path_bytes(out[tool])
             runs[tool].append(rec)
-            print(f"{name} {tool} rep {rep}: {rec['wall_s']:.2f} s, {rec['rss_mib']:.0f} MiB, exit {rec['exit']}",
-                  flush=True)
+            print(f"{name} {tool} rep {rep}: {rec['wall_s']:.2f} s, {rec['rss_mib']:.0f} MiB, "
+                  f"cpu {rec['cpu_s']:.2f} s, exit {rec['exit']}, load {rec['loadavg_before'][0]:.1f}", flush=True)
     rb.clean(*out.values())
-    med = {tool: {"wall_s": rb.median(r, "wall_s"), "rss_mib": rb.median(r, "rss_mib")} for tool, r in runs.items()}
+    med = {tool: {"wall_s": rb.median(r, "wall_s"), "rss_mib": rb.median(r, "rss_mib"), "cpu_s": rb.median(r, "cpu_s")}
+           for tool, r in runs.items()}
     largest = shape["padded_vocab"] * shape["hidden"] * 4  # the fp32 embedding (tied: no output layer)
     return {"name": name, "shape": shape, "tp": TP, "read_bytes": sum(p.stat().st_size for p in distcp),
             "files": len(distcp), "largest_tensor_mib": round(largest / 2**20, 1), "runs": runs, "median": med}
+
+
+def timing_env() -> dict[str, str]:
+    """The timed children's environment, with our modules compiled (untimed, here) as an installed tool has them:
+    with ``PYTHONDONTWRITEBYTECODE`` (set in some shells) every timed run compiled them again, ~0.2 s each."""
+    import run as rb
+
+    import vllm_consolidate
+
+    env = {k: v for k, v in rb.ENV.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(vllm_consolidate.__file__).parent)], env=env,
+                   check=True, capture_output=True)
+    return env
 
 
 def verify(name: str) -> dict[str, Any]:
@@ -212,21 +235,38 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
             out[f"{r['name']} {tool} rss / (3x largest + overhead)"] = round(
                 med[tool]["rss_mib"] / (3 * largest + base), 3)
             out[f"{r['name']} {tool} wall / cp"] = round(med[tool]["wall_s"] / med["cp"]["wall_s"], 3)
-        theirs, ours = med["dcp_load"]["rss_mib"], med["ours_fp32"]["rss_mib"]
-        out[f"{r['name']} dcp_load rss / ours_fp32 rss"] = round(theirs / ours, 2)
+            out[f"{r['name']} {tool} wall / cp, paired"] = paired(r["runs"][tool], r["runs"]["cp"])
+        if "dcp_load" in med:
+            theirs, ours = med["dcp_load"]["rss_mib"], med["ours_fp32"]["rss_mib"]
+            out[f"{r['name']} dcp_load rss / ours_fp32 rss"] = round(theirs / ours, 2)
     return out
+
+
+def paired(ours: list[dict[str, Any]], cp: list[dict[str, Any]]) -> float:
+    """Median over reps of ours / ``cp`` in the same rep (runs that failed left out); NaN when none."""
+    import statistics
+
+    per = [o["wall_s"] / c["wall_s"] for o, c in zip(ours, cp) if o["exit"] == 0 and c["exit"] == 0]
+    return round(statistics.median(per), 3) if per else float("nan")
+
+
+def load_range(results: dict[str, Any]) -> str:
+    """The 1-minute load average before the timed runs: lowest-highest."""
+    loads = [rec["loadavg_before"][0] for r in results["checkpoints"] for runs in r["runs"].values() for rec in runs]
+    return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# Megatron-Core torch_dist (TP=2, fp32) -> HF folder", "",
-             f"Machine: {results['machine']}; reps {results['reps']} (median). Fixed overhead (interpreter + torch + "
-             f"our imports): {results['fixed_overhead_mib']:.0f} MiB.", "",
-             "| checkpoint | read (GB) | largest tensor (MiB) | tool | wall (s) | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|"]
+             f"Machine: {results['machine']}; load average before the runs {load_range(results)}; reps "
+             f"{results['reps']} (median). Fixed overhead (interpreter + torch + our imports): "
+             f"{results['fixed_overhead_mib']:.0f} MiB.", "",
+             "| checkpoint | read (GB) | largest tensor (MiB) | tool | wall (s) | CPU (s) | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|"]
     for r in results["checkpoints"]:
         for tool, m in r["median"].items():
             lines.append(f"| {r['name']} | {r['read_bytes'] / 1e9:.2f} | {r['largest_tensor_mib']:.0f} | {tool} | "
-                         f"{m['wall_s']:.2f} | {m['rss_mib']:.0f} |")
+                         f"{m['wall_s']:.2f} | {m.get('cpu_s', float('nan')):.2f} | {m['rss_mib']:.0f} |")
     checks = [f"{r['name']}: {r['verify']['bit_equal']}/{r['verify']['tensors_dcp']} tensors bit-equal"
               f"{'' if r['verify']['same_names'] else ' (names differ)'}" for r in results["checkpoints"]]
     lines += ["", "Our fp32 output vs `torch.distributed.checkpoint.load` of the same save, mapped by the corpus's "
@@ -241,12 +281,13 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=list(SHAPES))
+    parser.add_argument("--no-dcp-load", action="store_true", help="leave the DCP load baseline out of the timed runs")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    checkpoints = [bench_one(name, args.reps) for name in args.only]
+    checkpoints = [bench_one(name, args.reps, not args.no_dcp_load) for name in args.only]
     for record in checkpoints:
         record["verify"] = verify(record["name"])
     results = {"machine": f"{os.cpu_count()} CPUs, loadavg {os.getloadavg()[0]:.1f}", "reps": args.reps,

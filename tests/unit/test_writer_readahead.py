@@ -125,3 +125,47 @@ def test_rows_alternating_between_files_are_advised_and_read_once_per_file(tmp_p
 
         want = torch.from_numpy(np.frombuffer(values, dtype=np.float32).copy()).to(torch.bfloat16)
         assert got == want.view(torch.int16).numpy().tobytes()
+
+
+def test_a_row_parallel_copy_passes_through_memory_in_small_chunks(tmp_path, monkeypatch):
+    """A float32 TP row-parallel weight (rows alternating between two rank files) copied without a cast still goes
+    through a buffer (read per file run, interleaved, written), so it is cut into ``GATHER_CHUNK_BYTES`` chunks,
+    not the kernel copy's 16 MiB: on the 0.5B Megatron benchmark 16 MiB buffers made its pwrites the slowest
+    part of the fp32 conversion (issue 24), and four of them were most of its peak RSS. The bytes are the same."""
+    rows, cols = 640, 1024  # 2.5 MiB: more than one gather chunk
+    half = cols // 2 * 4
+    files = [tmp_path / "rank0.bin", tmp_path / "rank1.bin"]
+    values = struct.pack(f"<{rows * cols}f", *[k * 0.25 - 3.0 for k in range(rows * cols)])
+    for k, f in enumerate(files):
+        f.write_bytes(b"".join(values[r * cols * 4 + k * half:r * cols * 4 + (k + 1) * half] for r in range(rows)))
+    segs = [Segment(str(files[k]), r * half, half) for r in range(rows) for k in range(2)]
+    writes: list[int] = []
+    real = writer.pwrite_all
+
+    def pwrite_all(fd, data, offset):
+        writes.append(len(data))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer, "pwrite_all", pwrite_all)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_plan(plan_output([TensorSpec("w.weight", dtypes.float32, (rows, cols), segs)],
+                           target_dtype=dtypes.float32, max_shard_size=2**40), out)
+    assert len(writes) > 1 and max(writes) <= writer.GATHER_CHUNK_BYTES < rows * cols * 4
+    data = (out / "model.safetensors").read_bytes()
+    assert data[8 + struct.unpack("<Q", data[:8])[0]:] == values
+
+
+def test_jobs_cut_a_tensor_s_ranges_as_sub_segments_does():
+    """The writer cuts each tensor's ranges into its chunks in one pass (``_cut``); per chunk they are those
+    ``sub_segments`` gives (which scans from the first range: quadratic over a TP weight's thousands)."""
+    import random
+
+    from vllm_consolidate.source import sub_segments
+
+    rnd = random.Random(1)
+    for _ in range(2000):
+        segs = [Segment(rnd.choice("ab"), rnd.randint(0, 50), rnd.randint(1, 9)) for _ in range(rnd.randint(1, 10))]
+        total, n = sum(s.nbytes for s in segs), rnd.randint(1, 60)
+        want = [list(sub_segments(segs, start, min(n, total - start))) for start in range(0, total, n)]
+        assert [list(c) for c in writer._cut(segs, n)] == want, (segs, n)

@@ -197,22 +197,43 @@ def _runs(shape: tuple[int, ...], pieces: Sequence[Piece], cuts: list[list[int]]
 
     Why not ``TensorRef.segment`` per range: a TP row-parallel weight is tens of thousands of ranges, and checking
     each piece's contiguity per range cost more than the rest of the plan (issue 24's benchmark). A piece is
-    checked once (its whole extent); a range is its start plus the row's offset, which lies inside it.
+    checked once (its whole extent); a range is its start plus the row's offset, which lies inside it. Along the
+    innermost leading dimension, within one cell, each column of ranges starts at evenly spaced offsets (a
+    ``range``), so a ``Segment`` per range is all the per-range work.
     """
     inner = math.prod(shape[last + 1:])
     whole = [p.data.segment() for p in pieces]  # contiguous and inside its storage, checked once per piece
     size = pieces[0].data.dtype.itemsize
-    cell_of = [[bisect.bisect_right(cuts[d], i) - 1 for i in range(shape[d])] for d in range(last)]
     memo: dict[tuple[int, ...], list[tuple[str, int, tuple[tuple[int, int], ...], int]]] = {}
-    out: list[Segment] = []
-    for index in itertools.product(*(range(n) for n in shape[:last])):
-        prefix = tuple(cell_of[d][i] for d, i in enumerate(index))
+
+    def row_of(prefix: tuple[int, ...]) -> list[tuple[str, int, tuple[tuple[int, int], ...], int]]:
         row = memo.get(prefix)
         if row is None:  # per cell of the leading dimensions: each range's file, base and per-dimension strides
             row = memo[prefix] = [_run_of(pieces, whole, owner, cuts, prefix, j, last, inner, size)
                                   for j in range(len(cuts[last]) - 1)]
-        for path, base, steps, nbytes in row:
-            out.append(Segment(path, base + sum((i - o) * s for i, (o, s) in zip(index, steps)), nbytes))
+        return row
+
+    if last == 0:
+        return [Segment(path, base, nbytes) for path, base, _, nbytes in row_of(())]
+    d_in = last - 1
+    cell_of = [[bisect.bisect_right(cuts[d], i) - 1 for i in range(shape[d])] for d in range(d_in)]
+    spans = list(enumerate(zip(cuts[d_in], cuts[d_in][1:])))
+    out: list[Segment] = []
+    for index in itertools.product(*(range(n) for n in shape[:d_in])):
+        cells = tuple(cell_of[d][i] for d, i in enumerate(index))
+        for c, (lo, hi) in spans:
+            columns, starts = [], []
+            for path, base, steps, nbytes in row_of(cells + (c,)):
+                fixed = base + sum((i - o) * s for i, (o, s) in zip(index, steps))
+                o_in, s_in = steps[d_in]
+                columns.append((path, nbytes))
+                starts.append(range(fixed + (lo - o_in) * s_in, fixed + (hi - o_in) * s_in, s_in))
+            if len(columns) == 1:
+                (path, nbytes), = columns
+                out.extend([Segment(path, offset, nbytes) for offset in starts[0]])
+            else:
+                out.extend([Segment(path, offset, nbytes)
+                            for offsets in zip(*starts) for (path, nbytes), offset in zip(columns, offsets)])
     return out
 
 

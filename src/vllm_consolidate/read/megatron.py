@@ -284,25 +284,36 @@ def _segments(spec: TensorSpec, pick: Pick, ends: list[int] | None = None) -> li
     (found here when not given: pass them for many picks of one tensor).
 
     Found by bisection, not by :func:`~vllm_consolidate.source.sub_segments` (a scan from the first segment): a
-    stacked TP row-parallel weight is ~43k segments and 24 layers' picks scanned most of them each.
+    stacked TP row-parallel weight is ~43k segments and 24 layers' picks scanned most of them each. The segments
+    a range covers whole are the global tensor's own (a list slice: no object per segment, which cost more than the
+    rest of the plan); only its ends may be cut. ``spec.segments`` is merged already (:func:`.chunks.assemble`), so
+    two ranges can only join where one pick range meets the next.
     """
-    size = spec.dtype.itemsize
-    ends = list(itertools.accumulate(s.nbytes for s in spec.segments)) if ends is None else ends
+    size, segs = spec.dtype.itemsize, spec.segments
+    ends = list(itertools.accumulate(s.nbytes for s in segs)) if ends is None else ends
     out: list[Segment] = []
     for start, count in pick.ranges:
+        if count <= 0:
+            continue
         first, end = start * size, (start + count) * size
-        i = bisect.bisect_right(ends, first)
-        while first < end:
-            seg = spec.segments[i]
-            seg_start = ends[i] - seg.nbytes
-            take = min(end, ends[i]) - first
-            offset = seg.offset + (first - seg_start)
-            if out and out[-1].path == seg.path and out[-1].offset + out[-1].nbytes == offset:
-                out[-1] = Segment(seg.path, out[-1].offset, out[-1].nbytes + take)
-            else:
-                out.append(Segment(seg.path, offset, take))
-            first += take
-            i += 1
+        i, j = bisect.bisect_right(ends, first), bisect.bisect_left(ends, end)  # the segments holding both ends
+        head, tail = segs[i], segs[j]
+        cut = first - (ends[i] - head.nbytes)
+        if i == j:
+            if cut or end != ends[j]:
+                head = tail = Segment(head.path, head.offset + cut, end - first)
+        else:
+            if cut:
+                head = Segment(head.path, head.offset + cut, head.nbytes - cut)
+            if end != ends[j]:
+                tail = Segment(tail.path, tail.offset, tail.nbytes - (ends[j] - end))
+        if out and out[-1].path == head.path and out[-1].offset + out[-1].nbytes == head.offset:
+            out[-1] = Segment(head.path, out[-1].offset, out[-1].nbytes + head.nbytes)
+        else:
+            out.append(head)
+        if i != j:
+            out.extend(segs[i + 1:j])
+            out.append(tail)
     return out
 
 

@@ -45,7 +45,7 @@ from vllm_consolidate.plan.lora_rows import merged_rows, row_length
 from vllm_consolidate.plan.shards import PlannedFile, PlannedTensor
 from vllm_consolidate.read.gather import SMALL_RANGE_BYTES, Gather, plan_gather, read_gathered
 from vllm_consolidate.read.ranges import OpenFiles, check_read, thread_buffer
-from vllm_consolidate.source import Segment, sub_segments
+from vllm_consolidate.source import Segment, TensorSpec, sub_segments
 from vllm_consolidate.storage.bytefile import ByteFile, LocalFile
 from vllm_consolidate.write.pwrite import Out, pwrite_all
 
@@ -53,6 +53,11 @@ CHUNK_BYTES = 16 * 2**20
 # Smaller chunks for casts keep a chunk and its result near the core's cache: on the 0.5B benchmark
 # the bf16 conversion took 1.13 s with 4 MiB chunks and 1.59 s with 16 MiB ones (bench/writer_ab.py).
 CAST_CHUNK_BYTES = 4 * 2**20
+#: Chunks of a same-dtype tensor stored as many small ranges (a TP row-parallel weight), which pass through memory
+#: (read by file run, interleaved, written): small enough to stay in the core's cache between the three copies. On
+#: the 0.5B Megatron benchmark (TP=2, fp32 out) the pwrites of its 470 MB took 1.0-1.15 s of CPU from 16 MiB buffers
+#: and 0.16-0.17 s from 2 MiB ones (issue 24); the kernel's copy of the other 1.5 GB took ~0.8 s.
+GATHER_CHUNK_BYTES = 2 * 2**20
 WORKERS = 2
 #: Source bytes asked for ahead of the chunk being submitted (``posix_fadvise(WILLNEED)``, or background GETs for
 #: an object-store source), so the next chunks are read while the workers cast and write this one (0: none).
@@ -61,10 +66,17 @@ READ_AHEAD_BYTES = 64 * 2**20
 ProgressFn = Callable[[int], None]
 
 
-def chunk_elements(src: DType, dst: DType) -> int:
-    """Elements per chunk when a tensor of ``src`` is streamed as ``dst`` (a copy or a cast)."""
-    budget = CHUNK_BYTES if src == dst else CAST_CHUNK_BYTES
+def chunk_elements(src: DType, dst: DType, gathered: bool = False) -> int:
+    """Elements per chunk when a tensor of ``src`` is streamed as ``dst`` (a copy or a cast); ``gathered``: its
+    source is many small ranges, so even a plain copy passes through a buffer (:func:`is_gathered`)."""
+    budget = CAST_CHUNK_BYTES if src != dst else GATHER_CHUNK_BYTES if gathered else CHUNK_BYTES
     return max(1, budget // max(src.itemsize, dst.itemsize))
+
+
+def is_gathered(spec: TensorSpec) -> bool:
+    """Whether ``spec``'s ranges are so small on average that they are read by file run and interleaved in memory
+    rather than copied by the kernel range by range (the test :func:`_run_job` makes per chunk)."""
+    return spec.nbytes <= SMALL_RANGE_BYTES * len(spec.segments)
 
 
 @dataclass
@@ -74,11 +86,14 @@ class _Job:
     count: int
     dst_offset: int  # absolute offset in the output file of the chunk's first byte
     gather: Gather | None = None  # its source ranges by file run, found once by the read-ahead (``_advise``)
+    segments: Sequence[Segment] | None = None  # its source ranges, when ``_jobs`` cut them already
 
     def ranges(self) -> Sequence[Segment]:
         spec, size = self.tensor.spec, self.tensor.spec.dtype.itemsize
         if self.gather is not None:
             return self.gather.segments
+        if self.segments is not None:
+            return self.segments
         if self.first == 0 and self.count == spec.numel:  # the whole tensor: no copy of a long list
             return spec.segments
         return list(sub_segments(spec.segments, self.first * size, self.count * size))
@@ -199,13 +214,37 @@ def _jobs(pfile: PlannedFile, base: int) -> Iterator[Any]:
             continue
         if id(t) in scales:
             continue
-        step = chunk_elements(t.spec.dtype, t.out_dtype)
+        step = chunk_elements(t.spec.dtype, t.out_dtype, is_gathered(t.spec))
         if t.spec.delta is not None:  # merges work on whole rows, in float32
             cols = row_length(t.spec)
             step = max(1, CAST_CHUNK_BYTES // (4 * cols)) * cols
-        for first in range(0, t.spec.numel, step):
+        size = t.spec.dtype.itemsize
+        for first, segments in zip(range(0, t.spec.numel, step), _cut(t.spec.segments, step * size)):
             count = min(step, t.spec.numel - first)
-            yield _Job(t, first, count, base + t.offset + first * t.out_dtype.itemsize)
+            yield _Job(t, first, count, base + t.offset + first * t.out_dtype.itemsize, segments=segments)
+
+
+def _cut(segments: list[Segment], nbytes: int) -> Iterator[Sequence[Segment]]:
+    """The ranges of each consecutive ``nbytes`` of the concatenation of ``segments`` (the last may be shorter), in
+    one pass: ``sub_segments`` per chunk scans from the first range, quadratic in a TP weight's thousands of ranges.
+    Ranges a chunk holds whole are the tensor's own objects; a tensor of one chunk is its own list."""
+    total = sum(seg.nbytes for seg in segments)
+    if total <= nbytes:
+        yield segments
+        return
+    out: list[Segment] = []
+    room = nbytes
+    for seg in segments:
+        offset, left = seg.offset, seg.nbytes
+        while left:
+            take = min(left, room)
+            out.append(seg if take == seg.nbytes else Segment(seg.path, offset, take))
+            offset, left, room = offset + take, left - take, room - take
+            if not room:
+                yield out
+                out, room = [], nbytes
+    if out:
+        yield out
 
 
 def _advise(files: OpenFiles, job: Any) -> int:

@@ -63,6 +63,21 @@ def test_assemble_rebuilds_the_tensor(shape, cuts, max_segments):
     np.testing.assert_array_equal(_rebuild(buffer, segments, shape), full)
 
 
+
+def test_assemble_rebuilds_random_tilings():
+    """Random grid tilings of 1-4 dimensions, pieces stored in shuffled order: the ranges rebuild the tensor, and
+    none could be merged with the next (the per-column fast path of ``_runs`` against numpy's own slicing)."""
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        shape = tuple(int(n) for n in rng.integers(1, 6, size=int(rng.integers(1, 5))))
+        cuts = [sorted(rng.choice(np.arange(1, n), size=int(rng.integers(0, min(n, 3))), replace=False).tolist())
+                if n > 1 else [] for n in shape]
+        full = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+        buffer, pieces = _store(full, _grid(shape, cuts))
+        segments = assemble(shape, [pieces[i] for i in rng.permutation(len(pieces))], "w")
+        np.testing.assert_array_equal(_rebuild(buffer, segments, shape), full)
+        assert all(a.offset + a.nbytes != b.offset for a, b in zip(segments, segments[1:])), (shape, cuts)
+
 def test_overlapping_pieces_are_refused():
     full = np.zeros((4, 2), np.float32)
     _, pieces = _store(full, [((0, 0), (3, 2)), ((2, 0), (2, 2))])

@@ -296,3 +296,34 @@ def test_nemo_weights_and_verl_megatron_layouts(tmp_path):
     assert torch.equal(_values(source)["lm_head.weight"], _hf_state(1)["lm_head.weight"])
     fmt, saves = run_saves(run)
     assert fmt.kind == "megatron" and [c.step for c in saves.saves] == [1, 2] and saves.latest.step == 1
+
+
+def test_pick_ranges_are_slices_of_the_global_tensor_s_ranges():
+    """``_segments`` against the plain rule (each pick range's bytes by ``sub_segments``, adjacent ranges of one file
+    merged) on random merged global tensors and picks. The ranges a pick covers whole are the global tensor's own
+    objects, a slice of its list: a stacked TP row-parallel weight is ~43k ranges, which rebuilding per layer cost
+    more than the rest of the plan (issue 24's benchmark)."""
+    import random
+
+    from vllm_consolidate import dtypes
+    from vllm_consolidate.read.chunks import _merge
+    from vllm_consolidate.read.megatron import _segments
+    from vllm_consolidate.read.megatron_names import Pick
+    from vllm_consolidate.source import Segment, TensorSpec, sub_segments
+
+    rnd = random.Random(0)
+    shared = 0
+    for _ in range(2000):
+        spec_segments = _merge([Segment(rnd.choice("ab"), 4 * rnd.randint(0, 30), 4 * rnd.randint(1, 5))
+                                for _ in range(rnd.randint(1, 12))])
+        total = sum(s.nbytes for s in spec_segments) // 4
+        ranges = []
+        for _ in range(rnd.randint(1, 5)):
+            start = rnd.randrange(total)
+            ranges.append((start, rnd.randint(0, total - start)))
+        spec = TensorSpec("w", dtypes.float32, (total,), spec_segments)
+        got = _segments(spec, Pick("x", "w", (sum(c for _, c in ranges),), tuple(ranges)))
+        want = _merge([s for start, count in ranges for s in sub_segments(spec_segments, 4 * start, 4 * count)])
+        assert got == want, (spec_segments, ranges)
+        shared += sum(1 for g in got if any(g is s for s in spec_segments))
+    assert shared > 2000  # the plain rule builds every range anew
