@@ -12,7 +12,9 @@ What the test sees of the container goes through a minimal SharedKey client of t
   staged blobs; nothing is under the output until the commit, whose copies end with config.json and our
   marker; no staging blob is left.
 * A truncated rank file and a failure after everything was staged leave nothing under the output prefix and
-  no staging blob. ``az://`` -> ``az://`` works.
+  no staging blob. ``az://`` -> ``az://`` works, ``--force`` replaces our output, ``inspect`` and ``validate
+  --against`` take ``az://`` URLs.
+* The batch lock's conditional PUTs (create-if-absent, replace-if-ETag-matches) behave on Azure as on S3.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def test_zero3_converts_from_az_bit_identical(az, uploaded, local_out, tmp_path)
     assert code == 0, err
     _same_output(local_out, tmp_path / "remote", url)
     assert "vllmc-mirror" not in out + err
+    code, out, err = _cli("inspect", url, "--storage-options", options)
+    assert code == 0 and "ZeRO-3, world size 2" in out and f"{url}/global_step2" in out, err
     assert az.blobs(CONTAINER, f"{SRC}/") == before  # the input is untouched (ETags, MD5s)
 
 
@@ -123,11 +127,22 @@ def test_output_is_the_local_conversion_committed_marker_last(az_env, uploaded, 
     assert set(az_env.blobs(CONTAINER, "models/")) == set(names)  # no staging blob left beside the output
 
 
-def test_az_input_to_az_output(az_env, uploaded, local_out):
+def test_az_input_to_az_output_and_force(az_env, uploaded, local_out):
+    """az:// -> az://, validated; then ``--force`` replaces our output (server-side copies over existing blobs)."""
     url = f"az://{CONTAINER}/{SRC}"
     result = convert(ConvertOptions(input=url, output=f"az://{CONTAINER}/models/from-az"))
     assert result.validation is not None and result.validation["ok"]
     _same_objects(az_env, "models/from-az", local_out, url)
+    before = az_env.blobs(CONTAINER, "models/from-az/")
+    args = ["convert", "--input", url, "--output", f"az://{CONTAINER}/models/from-az", "--no-validate-vllm"]
+    assert _cli(*args)[0] == 6  # exists, no --force
+    code, _, err = _cli(*args, "--force")
+    assert code == 0, err
+    _same_objects(az_env, "models/from-az", local_out, url)
+    after = az_env.blobs(CONTAINER, "models/from-az/")
+    assert after.keys() == before.keys() and all(after[k][1] != before[k][1] for k in after)  # every blob rewritten
+    code, out, err = _cli("validate", f"az://{CONTAINER}/models/from-az", "--against", url)
+    assert code == 0 and "source_values" in out and "0 failed" in out, out + err
     assert not [k for k in az_env.blobs(CONTAINER, "models/") if k.startswith("models/.from-az.")]
     assert az_env.blobs(CONTAINER, f"{SRC}/") == uploaded[1]
 
@@ -165,3 +180,35 @@ def test_failure_after_staging_leaves_nothing(az_env, uploaded, monkeypatch):
     assert {"model.safetensors", "config.json", "tokenizer.json", MARKER} <= staged
     assert all(k.startswith("failed/.m.vllmc-staging-") for k in seen["all"]), seen["all"]
     assert _under(az_env, "failed") == []
+
+
+def test_batch_lock_conditional_puts(az_env, monkeypatch):
+    """The batch lock's two conditional PUTs, as Azure answers them: create-if-absent (``If-None-Match: *``, 409 when
+    the blob exists) and replace-if-unchanged (``If-Match`` with the ETag read, 412 once another batch replaced it)."""
+    from vllm_consolidate.batch import objects
+    from vllm_consolidate.errors import BatchError
+    from vllm_consolidate.storage import staging
+    from vllm_consolidate.storage.urls import parse_object_url
+
+    key = f"batch/{objects.LOCK_KEY}"
+    outputs = objects.ObjectOutputs(parse_object_url(f"az://{CONTAINER}/batch"), {})
+    with outputs.lock():
+        assert json.loads(az_env.get(CONTAINER, key))["pid"] == os.getpid()
+        with pytest.raises(BatchError, match="another batch is writing"):
+            objects.ObjectOutputs(parse_object_url(f"az://{CONTAINER}/batch"), {})._put(objects.LOCK_KEY, b"x",
+                                                                                       mode="create")
+    assert key not in az_env.blobs(CONTAINER, "batch/")  # released
+    dead = json.dumps({"format": objects.LOCK_FORMAT, "pid": 1}).encode()
+    winner = json.dumps({"format": objects.LOCK_FORMAT, "winner": True}).encode()
+    az_env.put(CONTAINER, key, dead)
+
+    def the_other_batch_wins_first(record):  # it replaces the dead lock between our read and our write
+        az_env.put(CONTAINER, key, winner)
+        return True
+
+    monkeypatch.setattr(staging, "run_is_dead", the_other_batch_wins_first)
+    assert outputs._take_dead_lock(b"ours") is False  # If-Match: the ETag we read is no longer the lock's
+    assert az_env.get(CONTAINER, key) == winner
+    monkeypatch.setattr(staging, "run_is_dead", lambda record: True)
+    assert outputs._take_dead_lock(b"ours") is True  # the ETag still matches: replaced
+    assert az_env.get(CONTAINER, key) == b"ours"
