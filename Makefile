@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= .cache/demo/qwen2-zero3-bf16
 
-.PHONY: setup setup-vllm setup-llmc setup-megatron setup-megatron-next lock demo test test-unit lint bench
+.PHONY: setup setup-vllm setup-llmc setup-megatron setup-megatron-next setup-azurite lock demo test test-unit lint bench
 
 setup:
 	@scripts/bootstrap.sh
@@ -24,6 +24,11 @@ setup-megatron:
 setup-megatron-next: setup-megatron
 	@scripts/setup_megatron_next.sh
 
+# Azurite (Azure Storage emulator, Node.js) in .cache/azurite, pinned by constraints/azurite/package-lock.json:
+# the az:// endpoint of tests/test_azure.py. See scripts/setup_azurite.sh.
+setup-azurite:
+	@scripts/setup_azurite.sh
+
 # Re-pin the test environments: freeze $(VENV) and .venv-vllm (VLLM_VENV), once their tests pass, into
 # constraints/test.txt and constraints/vllm.txt, which setup and setup-vllm install with. See scripts/lock.sh.
 lock:
@@ -37,7 +42,7 @@ demo: setup
 # versions it runs with (tests/conftest.py), pinned by constraints/*.txt. Two pytest-xdist workers, each taking whole
 # test files (--dist loadfile: a file's module fixtures, e.g. one converted folder or one Ray cluster, are built once);
 # the corpus builders share their cache under a file lock. --durations lists the 30 slowest steps at the end.
-test: setup setup-vllm setup-llmc setup-megatron setup-megatron-next lint
+test: setup setup-vllm setup-llmc setup-megatron setup-megatron-next setup-azurite lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30
 
 # The fast layer alone (pure logic, no corpus, no torch): well under 30 s.

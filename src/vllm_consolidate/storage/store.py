@@ -6,8 +6,8 @@ Credentials, region and endpoint come from the environment each cloud's own tool
 ``AZURE_STORAGE_ACCOUNT_KEY``…), read by obstore itself, plus ``--storage-options JSON`` for anything
 else (keys are obstore's config keys, e.g. ``{"endpoint": "…", "region": "…"}``, or its HTTP client keys such
 as ``allow_http`` and ``proxy_url``; they win over the environment). An ``http://`` endpoint is allowed when it
-is named explicitly (``endpoint`` or ``AWS_ENDPOINT_URL`` for S3, ``base_url`` or ``GOOGLE_BASE_URL`` for GCS:
-a local server); object_store refuses plain HTTP otherwise.
+is named explicitly (``endpoint`` or ``AWS_ENDPOINT_URL`` for S3, ``base_url`` or ``GOOGLE_BASE_URL`` for GCS,
+``endpoint`` or ``AZURE_STORAGE_ENDPOINT`` for Azure: a local server); object_store refuses plain HTTP otherwise.
 
 obstore is imported here, on first use, so commands on local paths never load it.
 """
@@ -70,7 +70,10 @@ def _endpoint(url: ObjectURL, options: dict[str, str]) -> str | None:
             os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
     if url.kind == "gcs":
         return options.get("base_url") or options.get("google_base_url") or os.environ.get("GOOGLE_BASE_URL")
-    return options.get("endpoint")
+    # obstore reads every AZURE_* variable, and takes these three names for the endpoint (an Azurite emulator or
+    # a private gateway); the environment's alone used to fail ("builder error") on a plain http:// endpoint.
+    return options.get("endpoint") or options.get("azure_storage_endpoint") or options.get("azure_endpoint") or (
+        os.environ.get("AZURE_STORAGE_ENDPOINT") or os.environ.get("AZURE_ENDPOINT"))
 
 
 def _split_options(url: ObjectURL, options: dict[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
