@@ -47,6 +47,7 @@ from vllm_consolidate.formats.megatron_common import (
     RUN_CONFIG_FILE,
     read_args,
     read_nemo_model_yaml,
+    read_nemo_tokenizer_name,
     read_run_config,
 )
 from vllm_consolidate.limits import brief
@@ -214,8 +215,26 @@ def megatron_save_list(path: Path) -> SaveList | None:
 
 
 def asset_dirs(folder: Path) -> list[Path]:
-    """verl's ``huggingface/``, NeMo's ``context/`` and Bridge's ``tokenizer/`` in the claimed folder."""
-    return [folder / name for name in ASSET_FOLDERS if (folder / name).is_dir()]
+    """verl's ``huggingface/``, NeMo's ``context/`` and Bridge's ``tokenizer/`` in the claimed folder, then the
+    tokenizer folder NeMo's ``model.yaml`` names in ``context/`` (:func:`nemo_tokenizer_dir`)."""
+    found = [folder / name for name in ASSET_FOLDERS if (folder / name).is_dir()]
+    named = nemo_tokenizer_dir(folder)
+    return found + [named] if named is not None and named not in found else found
+
+
+def nemo_tokenizer_dir(folder: Path) -> Path | None:
+    """``context/<name>``, the copy of the tokenizer NeMo 2's ``io_dump`` made, as ``context/model.yaml`` names it
+    (``nemo_tokenizer`` only after NeMo's HF import); None when it names none that is a folder there.
+
+    Raises:
+        UnsafeInputError: That folder is a symlink out of ``context/``.
+        CorruptCheckpointError: ``model.yaml`` is too large or not YAML.
+    """
+    context = folder / NEMO_MODEL_YAML.parent
+    name = read_nemo_tokenizer_name(folder) if context.is_dir() else None
+    if name is None or not (context / name).is_dir():
+        return None
+    return confine_chosen(context / name, context)
 
 
 def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | None, names: set[str],
@@ -362,5 +381,5 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
                        trained_dtype=trained if trained and trained.itemsize == 2 else None, config=config)
 
 
-__all__ = ["asset_dirs", "find_layout", "is_megatron_folder", "iterations", "megatron_save_list",
+__all__ = ["asset_dirs", "find_layout", "nemo_tokenizer_dir", "is_megatron_folder", "iterations", "megatron_save_list",
            "read_megatron", "resolve_megatron"]

@@ -5,9 +5,11 @@ Saves are the small DCP saves of test_megatron_reader.py; the YAML is written he
 writes (facts from its checkpoint code): the model provider's fields flat (``_target_: ...ModelProvider``,
 functions as ``{_target_, _call_: false}``), and the newer ``_builder_`` form with megatron-core's
 ``TransformerConfig`` fields nested under ``transformer:`` (the activation by name); NeMo's ``model.yaml`` (its
-``io_dump`` of the model, facts from NeMo's ``lightning/io/mixin.py``) has them under ``config:``. Bridge's real
-layout, built around a megatron-core save, is tests/test_convert_megatron.py's ``bridge`` case; NeMo could not be
-installed here, so its case is this synthetic one only.
+``io_dump`` of the model, facts from NeMo's ``lightning/io/mixin.py``) has them under ``config:``, and its
+``tokenizer:`` names the folder of ``context/`` where the tokenizer was copied. Bridge's real layout, built around
+a megatron-core save, is tests/test_convert_megatron.py's ``bridge`` case; NeMo's real save (nemo_toolkit 2.7.3 on
+CPU) is checked by ``make check-nemo`` (tests/corpus/nemo_check.py), outside the CI budget: its venv alone takes
+minutes to set up.
 """
 
 from __future__ import annotations
@@ -170,3 +172,47 @@ def test_a_nemo_model_yaml_that_cannot_give_the_layout_is_refused(tmp_path, monk
     with pytest.raises(error, match=match):
         read_megatron(outer)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_nemo_converts_with_the_tokenizer_folder_model_yaml_names(tmp_path):
+    """NeMo copies a local tokenizer folder to ``context/<its name>`` (``nemo_tokenizer`` only after its own HF
+    import) and records that name in model.yaml: the real save of tests/corpus/nemo_check.py has ``hf_tokenizer``."""
+    from tests.corpus import common
+
+    from vllm_consolidate import cli
+
+    content = nemo_model_yaml()
+    content["tokenizer"]["pretrained_model_name"] = "hf_tokenizer"
+    outer, _ = _nemo_save(tmp_path, content)
+    common.build_tokenizer().save_pretrained(outer / "context" / "hf_tokenizer")
+    code = cli.main(["convert", "--input", str(outer), "--output", str(tmp_path / "out"), "--no-validate-vllm",
+                     "--base-model-name", ""])
+    assert code == 0
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
+        outer / "context" / "hf_tokenizer" / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["../outside", "/abs/path", "..", "a/b", {"_target_": "DirOrStringArtifact"}])
+def test_a_nemo_tokenizer_name_that_is_no_folder_of_context_is_ignored(tmp_path, name):
+    """A Hub id is recorded as a mapping, and NeMo writes a single name: anything else names no copy of ours."""
+    from vllm_consolidate.read.megatron import asset_dirs
+
+    content = nemo_model_yaml()
+    content["tokenizer"]["pretrained_model_name"] = name
+    outer, _ = _nemo_save(tmp_path, content)
+    (outer / "outside").mkdir()
+    (outer / "context" / "a" / "b").mkdir(parents=True)
+    assert asset_dirs(outer) == [outer / "context"]
+
+
+def test_a_nemo_tokenizer_folder_linking_out_of_context_is_refused(tmp_path):
+    from vllm_consolidate.errors import UnsafeInputError
+    from vllm_consolidate.read.megatron import asset_dirs
+
+    content = nemo_model_yaml()
+    content["tokenizer"]["pretrained_model_name"] = "tok"
+    outer, _ = _nemo_save(tmp_path, content)
+    (tmp_path / "elsewhere").mkdir()
+    (outer / "context" / "tok").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafeInputError, match="outside"):
+        asset_dirs(outer)
