@@ -174,22 +174,20 @@ def test_a_nemo_model_yaml_that_cannot_give_the_layout_is_refused(tmp_path, monk
     assert not (tmp_path / "pwned").exists()
 
 
-def test_nemo_converts_with_the_tokenizer_folder_model_yaml_names(tmp_path):
+def test_the_tokenizer_folder_nemo_model_yaml_names_is_searched(tmp_path):
     """NeMo copies a local tokenizer folder to ``context/<its name>`` (``nemo_tokenizer`` only after its own HF
-    import) and records that name in model.yaml: the real save of tests/corpus/nemo_check.py has ``hf_tokenizer``."""
-    from tests.corpus import common
-
-    from vllm_consolidate import cli
+    import) and records that name in model.yaml: the real save of tests/corpus/nemo_check.py has ``hf_tokenizer``
+    (convert then copies its tokenizer: checked there, on the real save)."""
+    from vllm_consolidate.read.megatron import asset_dirs
 
     content = nemo_model_yaml()
     content["tokenizer"]["pretrained_model_name"] = "hf_tokenizer"
     outer, _ = _nemo_save(tmp_path, content)
-    common.build_tokenizer().save_pretrained(outer / "context" / "hf_tokenizer")
-    code = cli.main(["convert", "--input", str(outer), "--output", str(tmp_path / "out"), "--no-validate-vllm",
-                     "--base-model-name", ""])
-    assert code == 0
-    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
-        outer / "context" / "hf_tokenizer" / "tokenizer.json").read_bytes()
+    (outer / "context" / "hf_tokenizer").mkdir()
+    assert asset_dirs(outer) == [outer / "context", outer / "context" / "hf_tokenizer"]
+    (outer / "context" / "nemo_tokenizer").mkdir()  # both: each searched once
+    assert asset_dirs(outer) == [outer / "context", outer / "context" / "nemo_tokenizer",
+                                 outer / "context" / "hf_tokenizer"]
 
 
 @pytest.mark.parametrize("name", ["../outside", "/abs/path", "..", "a/b", {"_target_": "DirOrStringArtifact"}])
