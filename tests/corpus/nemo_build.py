@@ -17,7 +17,8 @@ Case directory layout (``<root>/<case>/``)::
     case.json               metadata: the Megatron case schema (tests/corpus/megatron_build.py) with kind "nemo2",
                             plus nemo_version; layout = {weights: facts of weights/, files: every file of nemo/}
     truth/final.safetensors what transformers' save_pretrained writes for the verified HF model
-    hf/                     that model's config.json + tokenizer (NOT passed to convert: the test reads context/)
+    hf/                     that model's config.json + tokenizer (--base-model-name only where model.yaml has no
+                            vocab_size: tests/corpus/nemo_check.py)
     nemo/                   the NeMo 2 checkpoint: weights/ (metadata.json, .metadata, __0_*.distcp, common.pt),
                             context/ (io.json, model.yaml, nemo_tokenizer/)
 """
@@ -37,7 +38,7 @@ KIND_REVISION: dict[str, int] = {}
 NEMO_VERSION = "2.7.3"
 REPO_ROOT = cache.REPO_ROOT
 
-# NeMo's presets set vocab_size, which NeMo then uses unpadded (it pads only a size taken from the tokenizer).
+# A vocab_size set in the config is used unpadded; NeMo pads only a size it takes from the tokenizer.
 _SPECS = [
     MegatronCaseSpec("nemo2_qwen2_fp32", "torch_dist",  # the megatron spec; kind "nemo2" in case.json
                      _model("qwen2", rope_base=1000000),
@@ -45,6 +46,11 @@ _SPECS = [
                      "io_dump): weights/ with module.-prefixed keys and Lightning's common.pt (no args), context/ "
                      "with model.yaml (Qwen2Config: QKV bias, vocab_size preset so unpadded) and nemo_tokenizer/; "
                      "fp32, untied, TP=1", seed=21),
+    MegatronCaseSpec("nemo2_llama_vocab_from_tokenizer", "torch_dist", _model("llama"),
+                     "NeMo 2 save of llm.LlamaModel whose config leaves vocab_size None (NeMo's Llama presets): NeMo "
+                     "pads the tokenizer's 480 to 512 rows and model.yaml records no vocabulary size, so convert "
+                     "needs --base-model-name (exit 8 without); fp32, untied, TP=1", seed=22,
+                     options={"vocab_from_tokenizer": True}),
 ]
 CASES: dict[str, MegatronCaseSpec] = {c.name: c for c in _SPECS}
 
@@ -59,9 +65,10 @@ def venv() -> Path:
 
 
 def _plan(spec: MegatronCaseSpec) -> dict:
-    plan = spec.plan(case_dir(spec.name))
-    plan["model"]["padded_vocab"] = plan["model"]["vocab"]  # unpadded: see above
-    plan["meta"].update(padded_vocab_size=plan["model"]["vocab"], input="nemo", kind="nemo2")
+    plan = spec.plan(case_dir(spec.name))  # padded as Megatron-LM pads (128 x TP), as NeMo pads a tokenizer's size
+    if not spec.options.get("vocab_from_tokenizer"):
+        plan["model"]["padded_vocab"] = plan["model"]["vocab"]  # a preset vocab_size is used unpadded
+    plan["meta"].update(padded_vocab_size=plan["model"]["padded_vocab"], input="nemo", kind="nemo2")
     return plan
 
 
@@ -70,12 +77,13 @@ def _build(specs: list[MegatronCaseSpec]) -> None:
     if not torchrun.is_file():
         raise RuntimeError(f"no {torchrun}: run `make setup-nemo` (scripts/setup_nemo_venv.sh) first")
     cache.LAUNCHERS.setdefault(str(torchrun), "--nproc_per_node")
-    CACHE.launch(str(torchrun), "nemo_save.py", 1, {"cases": [_plan(s) for s in specs]}, "nemo_w1",
+    CACHE.launch(str(torchrun), "nemo_save.py", 1, {"cases": [_plan(s) for s in specs]}, f"nemo_{specs[0].name}",
                  env={"DS_ACCELERATOR": None, "PYTHONPATH": str(REPO_ROOT)})
 
 
 def _steps(todo: list[MegatronCaseSpec]) -> list[tuple[str, Callable[[], None]]]:
-    return [(f"nemo ({len(todo)} cases)", lambda: _build(todo))]
+    # One launch per case: NeMo's trainer sets up the process group and model parallel state once per process.
+    return [(f"nemo {s.name}", lambda s=s: _build([s])) for s in todo]
 
 
 def build_all(names: list[str] | None = None, *, rebuild: bool = False, verbose: bool = False) -> dict[str, Path]:

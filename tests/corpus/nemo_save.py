@@ -5,6 +5,9 @@ the test venv)::
 
     torchrun --nproc_per_node 1 tests/corpus/nemo_save.py --plan PLAN.json
 
+Two variants: the config sets ``vocab_size`` (NeMo's Qwen2 presets, and any model its HF import made), which NeMo
+uses unpadded; or leaves it None (NeMo's Llama presets), and NeMo pads the tokenizer's size.
+
 The save is NeMo's own CPU code path, the one its ``llm.import_ckpt`` takes (``ModelConnector.nemo_setup`` and
 ``nemo_save`` in ``nemo/lightning/io/connector.py``): a ``nemo.lightning.Trainer`` on CPU with a
 ``MegatronStrategy`` (gloo), ``strategy.connect`` + ``setup_environment``, the model built by
@@ -39,19 +42,28 @@ from tests.corpus import common, megatron_hf, megatron_save  # noqa: E402
 from tests.corpus.megatron_train import stub_cuda  # noqa: E402
 
 
-def nemo_model(m: dict[str, Any], tokenizer_dir: Path) -> Any:
-    """``llm.Qwen2Model`` of the spec, with NeMo's HF ``AutoTokenizer`` of the corpus tokenizer (the artifact
-    ``io_dump`` copies into ``context/nemo_tokenizer``)."""
+def nemo_model(m: dict[str, Any], tokenizer_dir: Path, preset_vocab: bool) -> Any:
+    """``llm.Qwen2Model`` or ``llm.LlamaModel`` of the spec, with NeMo's HF ``AutoTokenizer`` of the corpus tokenizer
+    (the artifact ``io_dump`` copies into ``context/<its folder name>``).
+
+    ``preset_vocab``: the config sets ``vocab_size`` (as NeMo's Qwen2 presets and its HF import do), which NeMo uses
+    unpadded; else it is None (NeMo's Llama presets) and NeMo pads the tokenizer's size (multiple of 128 x TP).
+    """
     from nemo.collections import llm
     from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
-    config = llm.Qwen2Config(
+    config_cls, model_cls = {"qwen2": (llm.Qwen2Config, llm.Qwen2Model), "llama": (llm.LlamaConfig, llm.LlamaModel)}[
+        m["arch"]]
+    config = config_cls(
         num_layers=m["layers"], hidden_size=m["hidden"], ffn_hidden_size=m["ffn"], num_attention_heads=m["heads"],
         num_query_groups=m["kv_heads"], kv_channels=m["head_dim"], layernorm_epsilon=m["eps"],
-        rotary_base=float(m["rope_base"]), vocab_size=m["vocab"], seq_length=256,
+        rotary_base=float(m["rope_base"]), vocab_size=m["vocab"] if preset_vocab else None, seq_length=256,
         share_embeddings_and_output_weights=bool(m["tied"]),
+        # The CUDA fusions NeMo's Llama presets turn on (TransformerEngine's) are off, as on any machine without TE.
+        apply_rope_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False,
     )
-    return llm.Qwen2Model(config, tokenizer=AutoTokenizer(str(tokenizer_dir)))
+    return model_cls(config, tokenizer=AutoTokenizer(str(tokenizer_dir)))
 
 
 def connect(model: Any) -> Any:
@@ -84,7 +96,7 @@ def save(trainer: Any, out: Path) -> None:
 
 
 def live_logits(gpt: Any, ids: torch.Tensor) -> torch.Tensor:
-    """The live megatron-core model's fp32 logits over its (unpadded) vocabulary."""
+    """The live megatron-core model's fp32 logits (over the padded vocabulary when padded)."""
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
     mask = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).triu(1)[None, None]  # True = masked out
     with torch.no_grad():
@@ -99,9 +111,10 @@ def run_case(case: dict[str, Any]) -> None:
     tok_dir = case_dir / "hf_tokenizer"  # io_dump copies it to context/hf_tokenizer
     tok.save_pretrained(tok_dir)
     torch.manual_seed(case["seed"])
-    model = nemo_model(m, tok_dir)
+    model = nemo_model(m, tok_dir, not case["options"].get("vocab_from_tokenizer"))
     trainer = connect(model)
     gpt = model.module
+    assert gpt.vocab_size == m["padded_vocab"], (gpt.vocab_size, m["padded_vocab"])
     with torch.no_grad():  # stands in for training: norms leave 1, biases leave 0
         for p in gpt.parameters():
             p.add_(torch.randn_like(p) * 0.05)

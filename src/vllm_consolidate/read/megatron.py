@@ -245,8 +245,9 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
     In order: a config.json the checkpoint has (its folder and run, verl's ``huggingface/``, NeMo's
     ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt``, Megatron-Bridge's
     ``run_config.yaml`` or NeMo's ``context/model.yaml`` (the trained model's own record, before a base model
-    that may be the default one); ``--base-model-name``'s config.json. ``outer`` is the folder detection
-    claimed, ``folder`` the save in it (:func:`save_folder`).
+    that may be the default one); ``--base-model-name``'s config.json. A NeMo ``model.yaml`` whose
+    ``vocab_size`` is null (NeMo's Llama presets: NeMo padded the tokenizer's size) comes after the base model.
+    ``outer`` is the folder detection claimed, ``folder`` the save in it (:func:`save_folder`).
 
     Raises:
         ConfigNotFoundError: None of them gives the layout (exit 8).
@@ -260,19 +261,32 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
         return layout, f"Megatron-LM args in {COMMON_FILE}", config
     yaml_configs = ((folder / RUN_CONFIG_FILE, f"Megatron-Bridge {RUN_CONFIG_FILE}", lambda: read_run_config(folder)),
                     (outer / NEMO_MODEL_YAML, f"NeMo {NEMO_MODEL_YAML}", lambda: read_nemo_model_yaml(outer)))
+    deferred = None  # NeMo's model.yaml with a null vocab_size (NeMo padded the tokenizer's): after the base model
     for where, what, read in yaml_configs:
         model = read()
-        if model is not None:
-            layout, config = config_from_args(args_from_run_config(model, names), names, where,
-                                              source=f"the model fields of {what}")
-            return layout, what, config
+        if model is None:
+            continue
+        if where == outer / NEMO_MODEL_YAML and model.get("vocab_size") is None and base_model_name:
+            deferred = (where, what, model)
+            continue
+        return _layout_from_yaml(where, what, model, names)
     base = find_checkpoint_assets(outer, root, asset_dirs(outer), base_model_name) if base_model_name else own
     if base.config is not None:
         return layout_from_config(read_config(base.config), base.config), str(base.config), None
+    if deferred is not None:  # the base gives nothing either: model.yaml's own refusal names what is missing
+        _layout_from_yaml(*deferred, names)
     why = f" ({base.base_model_error})" if base.base_model_error else ""
     raise ConfigNotFoundError(f"found no config.json beside the checkpoint, no Megatron-LM args ({COMMON_FILE}) or "
                               f"Bridge {RUN_CONFIG_FILE} or NeMo {NEMO_MODEL_YAML}, and no base model{why} to give "
                               "the head layout and vocabulary size", path=folder, hint=HINT_BASE)
+
+
+def _layout_from_yaml(where: Path, what: str, model: dict[str, Any], names: set[str],
+                      ) -> tuple[Layout, str, dict[str, Any]]:
+    """The layout and config.json from Bridge's or NeMo's YAML model fields (``what`` names the file in errors)."""
+    layout, config = config_from_args(args_from_run_config(model, names), names, where,
+                                      source=f"the model fields of {what}")
+    return layout, what, config
 
 
 def _segments(spec: TensorSpec, pick: Pick, ends: list[int] | None = None) -> list[Segment]:

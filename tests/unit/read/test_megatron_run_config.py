@@ -161,6 +161,24 @@ def test_nemo_converts_with_the_tokenizer_nemo_saved(tmp_path):
         outer / "context" / "nemo_tokenizer" / "tokenizer.json").read_bytes()
 
 
+def test_a_nemo_model_yaml_without_vocab_size_gives_way_to_the_base_model(tmp_path):
+    """NeMo's Llama presets leave vocab_size null (NeMo pads the tokenizer's size): model.yaml cannot give the true
+    vocabulary, so the base model named on the command line does, as the refusal's hint says (the real save of
+    tests/corpus/nemo_check.py's nemo2_llama_vocab_from_tokenizer)."""
+    import json
+
+    outer, sd = _nemo_save(tmp_path, nemo_model_yaml(vocab_size=None))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(CONFIG))
+    source = read_megatron(outer, base_model_name=str(base))
+    assert source.info["layout_from"] == str(base / "config.json")
+    got = _values(source)
+    assert all(torch.equal(got[n], v) for n, v in sd.items())
+    with pytest.raises(ConfigNotFoundError, match="only the padded vocabulary"):  # a base that gives nothing
+        read_megatron(outer, base_model_name=str(tmp_path / "missing"))
+
+
 @pytest.mark.parametrize(("content", "match", "error"), [
     (nemo_model_yaml(vocab_size=None), "only the padded vocabulary", ConfigNotFoundError),
     ("config: !!python/object/apply:os.system ['touch pwned']\n", "not valid YAML", CorruptCheckpointError),
