@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= .cache/demo/qwen2-zero3-bf16
 
-.PHONY: setup setup-vllm setup-llmc setup-megatron setup-megatron-next setup-azurite lock demo test test-unit lint bench
+.PHONY: setup setup-vllm setup-llmc setup-megatron setup-megatron-next setup-azurite setup-nemo check-nemo lock demo test test-unit lint bench
 
 setup:
 	@scripts/bootstrap.sh
@@ -28,6 +28,15 @@ setup-megatron-next: setup-megatron
 # the az:// endpoint of tests/test_azure.py. See scripts/setup_azurite.sh.
 setup-azurite:
 	@scripts/setup_azurite.sh
+
+# nemo_toolkit 2.7.3 + megatron-core (CPU) in its own venv, used only to write the NeMo 2 case (tests/corpus/nemo_build.py).
+setup-nemo:
+	@scripts/setup_nemo_venv.sh
+
+# The real NeMo 2 save (weights/ + context/) converted bit for bit, config and tokenizer from context/. Not part of
+# `make test`: the venv's set-up alone does not fit the CI budget (see tests/corpus/nemo_check.py).
+check-nemo: setup setup-nemo
+	$(PY) -m tests.corpus.nemo_check
 
 # Re-pin the test environments: freeze $(VENV) and .venv-vllm (VLLM_VENV), once their tests pass, into
 # constraints/test.txt and constraints/vllm.txt, which setup and setup-vllm install with. See scripts/lock.sh.

@@ -142,16 +142,43 @@ def read_nemo_model_yaml(folder: Path) -> dict[str, Any] | None:
     return _model_section(Path(folder) / NEMO_MODEL_YAML, "config")
 
 
-def _model_section(path: Path, section: str) -> dict[str, Any] | None:
+def read_nemo_tokenizer_name(folder: Path) -> str | None:
+    """The folder, inside ``context/``, where NeMo 2 copied the model's tokenizer; None when it copied none.
+
+    ``io_dump`` copies a tokenizer given as a local folder (the ``pretrained_model_name`` of NeMo's HF
+    ``AutoTokenizer``) to ``context/<that folder's name>`` and records the name in ``model.yaml``'s
+    ``tokenizer:`` (``nemo_tokenizer`` after NeMo's own HF import, else whatever the training run's folder was
+    called); a tokenizer given as a Hub id is recorded as a mapping and nothing is copied. Only a single plain
+    name is returned: that is all NeMo writes.
+
+    Raises:
+        CorruptCheckpointError: ``model.yaml`` is too large or not YAML.
+    """
+    config = _load_yaml(Path(folder) / NEMO_MODEL_YAML)
+    tokenizer = config.get("tokenizer") if type(config) is dict else None
+    name = tokenizer.get("pretrained_model_name") if type(tokenizer) is dict else None
+    if type(name) is not str or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return None
+    return name
+
+
+def _load_yaml(path: Path) -> Any:
+    """The plain data of a bounded YAML file (None when there is no such file)."""
     import yaml  # PyYAML: a dependency of huggingface_hub; safe_load builds only plain data
 
     if not os.path.lexists(path):
         return None
     text = read_text(path, MAX_RUN_CONFIG_BYTES, what=path.name)
     try:
-        config = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{path.name} is not valid YAML ({brief(str(exc))})", path=path) from None
+
+
+def _model_section(path: Path, section: str) -> dict[str, Any] | None:
+    if not os.path.lexists(path):
+        return None
+    config = _load_yaml(path)
     model = config.get(section) if type(config) is dict else None
     if type(model) is not dict:
         raise CorruptCheckpointError(f"{path.name} has no {section}: mapping", path=path)
@@ -167,4 +194,4 @@ def _model_section(path: Path, section: str) -> dict[str, Any] | None:
 
 __all__ = ["ALLOW", "COMMON_FILE", "COMMON_STATE_KEY", "MAX_COMMON_STATE_BYTES", "MAX_RUN_CONFIG_BYTES",
            "NEMO_MODEL_YAML", "RUN_CONFIG_FILE", "read_args", "read_common_state_args", "read_nemo_model_yaml",
-           "read_run_config"]
+           "read_nemo_tokenizer_name", "read_run_config"]

@@ -50,6 +50,7 @@ from vllm_consolidate.formats.megatron_common import (
     read_args,
     read_common_state_args,
     read_nemo_model_yaml,
+    read_nemo_tokenizer_name,
     read_run_config,
 )
 from vllm_consolidate.limits import brief
@@ -217,8 +218,26 @@ def megatron_save_list(path: Path) -> SaveList | None:
 
 
 def asset_dirs(folder: Path) -> list[Path]:
-    """verl's ``huggingface/``, NeMo's ``context/`` and Bridge's ``tokenizer/`` in the claimed folder."""
-    return [folder / name for name in ASSET_FOLDERS if (folder / name).is_dir()]
+    """verl's ``huggingface/``, NeMo's ``context/`` and Bridge's ``tokenizer/`` in the claimed folder, then the
+    tokenizer folder NeMo's ``model.yaml`` names in ``context/`` (:func:`nemo_tokenizer_dir`)."""
+    found = [folder / name for name in ASSET_FOLDERS if (folder / name).is_dir()]
+    named = nemo_tokenizer_dir(folder)
+    return found + [named] if named is not None and named not in found else found
+
+
+def nemo_tokenizer_dir(folder: Path) -> Path | None:
+    """``context/<name>``, the copy of the tokenizer NeMo 2's ``io_dump`` made, as ``context/model.yaml`` names it
+    (``nemo_tokenizer`` only after NeMo's HF import); None when it names none that is a folder there.
+
+    Raises:
+        UnsafeInputError: That folder is a symlink out of ``context/``.
+        CorruptCheckpointError: ``model.yaml`` is too large or not YAML.
+    """
+    context = folder / NEMO_MODEL_YAML.parent
+    name = read_nemo_tokenizer_name(folder) if context.is_dir() else None
+    if name is None or not (context / name).is_dir():
+        return None
+    return confine_chosen(context / name, context)
 
 
 def common_args(folder: Path, meta: dcp.DcpMetadata, root: Path) -> tuple[dict[str, Any] | None, Path, str]:
@@ -248,8 +267,9 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
     ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt`` or the
     ``common_state`` object of ``meta`` (:func:`common_args`), Megatron-Bridge's ``run_config.yaml`` or NeMo's
     ``context/model.yaml`` (the trained model's own record, before a base model that may be the default one);
-    ``--base-model-name``'s config.json. ``outer`` is the folder detection claimed, ``folder`` the save in it
-    (:func:`save_folder`).
+    ``--base-model-name``'s config.json. A NeMo ``model.yaml`` whose ``vocab_size`` is null (NeMo's Llama presets:
+    NeMo padded the tokenizer's size) comes after the base model. ``outer`` is the folder detection claimed,
+    ``folder`` the save in it (:func:`save_folder`).
 
     Raises:
         ConfigNotFoundError: None of them gives the layout (exit 8).
@@ -263,20 +283,33 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
         return layout, f"Megatron-LM args in {what}", config
     yaml_configs = ((folder / RUN_CONFIG_FILE, f"Megatron-Bridge {RUN_CONFIG_FILE}", lambda: read_run_config(folder)),
                     (outer / NEMO_MODEL_YAML, f"NeMo {NEMO_MODEL_YAML}", lambda: read_nemo_model_yaml(outer)))
+    deferred = None  # NeMo's model.yaml with a null vocab_size (NeMo padded the tokenizer's): after the base model
     for where, what, read in yaml_configs:
         model = read()
-        if model is not None:
-            layout, config = config_from_args(args_from_run_config(model, names), names, where,
-                                              source=f"the model fields of {what}")
-            return layout, what, config
+        if model is None:
+            continue
+        if where == outer / NEMO_MODEL_YAML and model.get("vocab_size") is None and base_model_name:
+            deferred = (where, what, model)
+            continue
+        return _layout_from_yaml(where, what, model, names)
     base = find_checkpoint_assets(outer, root, asset_dirs(outer), base_model_name) if base_model_name else own
     if base.config is not None:
         return layout_from_config(read_config(base.config), base.config), str(base.config), None
+    if deferred is not None:  # the base gives nothing either: model.yaml's own refusal names what is missing
+        _layout_from_yaml(*deferred, names)
     why = f" ({base.base_model_error})" if base.base_model_error else ""
     raise ConfigNotFoundError(f"found no config.json beside the checkpoint, no Megatron-LM args ({COMMON_FILE} or "
                               f"{COMMON_STATE_KEY.split('/')[0]}) or "
                               f"Bridge {RUN_CONFIG_FILE} or NeMo {NEMO_MODEL_YAML}, and no base model{why} to give "
                               "the head layout and vocabulary size", path=folder, hint=HINT_BASE)
+
+
+def _layout_from_yaml(where: Path, what: str, model: dict[str, Any], names: set[str],
+                      ) -> tuple[Layout, str, dict[str, Any]]:
+    """The layout and config.json from Bridge's or NeMo's YAML model fields (``what`` names the file in errors)."""
+    layout, config = config_from_args(args_from_run_config(model, names), names, where,
+                                      source=f"the model fields of {what}")
+    return layout, what, config
 
 
 def _segments(spec: TensorSpec, pick: Pick, ends: list[int] | None = None) -> list[Segment]:
@@ -397,4 +430,4 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
 
 
 __all__ = ["asset_dirs", "common_args", "find_layout", "is_megatron_folder", "iterations", "megatron_save_list",
-           "read_megatron", "resolve_megatron"]
+           "nemo_tokenizer_dir", "read_megatron", "resolve_megatron"]

@@ -5,9 +5,11 @@ Saves are the small DCP saves of test_megatron_reader.py; the YAML is written he
 writes (facts from its checkpoint code): the model provider's fields flat (``_target_: ...ModelProvider``,
 functions as ``{_target_, _call_: false}``), and the newer ``_builder_`` form with megatron-core's
 ``TransformerConfig`` fields nested under ``transformer:`` (the activation by name); NeMo's ``model.yaml`` (its
-``io_dump`` of the model, facts from NeMo's ``lightning/io/mixin.py``) has them under ``config:``. Bridge's real
-layout, built around a megatron-core save, is tests/test_convert_megatron.py's ``bridge`` case; NeMo could not be
-installed here, so its case is this synthetic one only.
+``io_dump`` of the model, facts from NeMo's ``lightning/io/mixin.py``) has them under ``config:``, and its
+``tokenizer:`` names the folder of ``context/`` where the tokenizer was copied. Bridge's real layout, built around
+a megatron-core save, is tests/test_convert_megatron.py's ``bridge`` case; NeMo's real save (nemo_toolkit 2.7.3 on
+CPU) is checked by ``make check-nemo`` (tests/corpus/nemo_check.py), outside the CI budget: its venv alone takes
+minutes to set up.
 """
 
 from __future__ import annotations
@@ -159,6 +161,24 @@ def test_nemo_converts_with_the_tokenizer_nemo_saved(tmp_path):
         outer / "context" / "nemo_tokenizer" / "tokenizer.json").read_bytes()
 
 
+def test_a_nemo_model_yaml_without_vocab_size_gives_way_to_the_base_model(tmp_path):
+    """NeMo's Llama presets leave vocab_size null (NeMo pads the tokenizer's size): model.yaml cannot give the true
+    vocabulary, so the base model named on the command line does, as the refusal's hint says (the real save of
+    tests/corpus/nemo_check.py's nemo2_llama_vocab_from_tokenizer)."""
+    import json
+
+    outer, sd = _nemo_save(tmp_path, nemo_model_yaml(vocab_size=None))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(CONFIG))
+    source = read_megatron(outer, base_model_name=str(base))
+    assert source.info["layout_from"] == str(base / "config.json")
+    got = _values(source)
+    assert all(torch.equal(got[n], v) for n, v in sd.items())
+    with pytest.raises(ConfigNotFoundError, match="only the padded vocabulary"):  # a base that gives nothing
+        read_megatron(outer, base_model_name=str(tmp_path / "missing"))
+
+
 @pytest.mark.parametrize(("content", "match", "error"), [
     (nemo_model_yaml(vocab_size=None), "only the padded vocabulary", ConfigNotFoundError),
     ("config: !!python/object/apply:os.system ['touch pwned']\n", "not valid YAML", CorruptCheckpointError),
@@ -170,3 +190,45 @@ def test_a_nemo_model_yaml_that_cannot_give_the_layout_is_refused(tmp_path, monk
     with pytest.raises(error, match=match):
         read_megatron(outer)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_the_tokenizer_folder_nemo_model_yaml_names_is_searched(tmp_path):
+    """NeMo copies a local tokenizer folder to ``context/<its name>`` (``nemo_tokenizer`` only after its own HF
+    import) and records that name in model.yaml: the real save of tests/corpus/nemo_check.py has ``hf_tokenizer``
+    (convert then copies its tokenizer: checked there, on the real save)."""
+    from vllm_consolidate.read.megatron import asset_dirs
+
+    content = nemo_model_yaml()
+    content["tokenizer"]["pretrained_model_name"] = "hf_tokenizer"
+    outer, _ = _nemo_save(tmp_path, content)
+    (outer / "context" / "hf_tokenizer").mkdir()
+    assert asset_dirs(outer) == [outer / "context", outer / "context" / "hf_tokenizer"]
+    (outer / "context" / "nemo_tokenizer").mkdir()  # both: each searched once
+    assert asset_dirs(outer) == [outer / "context", outer / "context" / "nemo_tokenizer",
+                                 outer / "context" / "hf_tokenizer"]
+
+
+@pytest.mark.parametrize("name", ["../outside", "/abs/path", "..", "a/b", {"_target_": "DirOrStringArtifact"}])
+def test_a_nemo_tokenizer_name_that_is_no_folder_of_context_is_ignored(tmp_path, name):
+    """A Hub id is recorded as a mapping, and NeMo writes a single name: anything else names no copy of ours."""
+    from vllm_consolidate.read.megatron import asset_dirs
+
+    content = nemo_model_yaml()
+    content["tokenizer"]["pretrained_model_name"] = name
+    outer, _ = _nemo_save(tmp_path, content)
+    (outer / "outside").mkdir()
+    (outer / "context" / "a" / "b").mkdir(parents=True)
+    assert asset_dirs(outer) == [outer / "context"]
+
+
+def test_a_nemo_tokenizer_folder_linking_out_of_context_is_refused(tmp_path):
+    from vllm_consolidate.errors import UnsafeInputError
+    from vllm_consolidate.read.megatron import asset_dirs
+
+    content = nemo_model_yaml()
+    content["tokenizer"]["pretrained_model_name"] = "tok"
+    outer, _ = _nemo_save(tmp_path, content)
+    (tmp_path / "elsewhere").mkdir()
+    (outer / "context" / "tok").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafeInputError, match="outside"):
+        asset_dirs(outer)
