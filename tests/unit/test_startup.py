@@ -149,6 +149,14 @@ def test_convert_loads_the_cast_kernel_only_to_cast(tmp_path):
     assert _tensor_bytes(tmp_path / "bf16" / "model.safetensors") == want
 
 
+def test_the_progress_line_costs_no_import(tmp_path):
+    _tiny_hf_folder(tmp_path / "model")
+    code, modules = _modules("cli", "convert", "--input", str(tmp_path / "model"), "--output", str(tmp_path / "out"),
+                             "--no-validate-vllm", "--force")  # not --json: the progress line is on
+    assert code == 0
+    assert "tqdm" not in modules  # 0.17 s of imports (importlib.metadata, email) for a progress bar
+
+
 def _cached_base(tmp_path: Path) -> tuple[Path, Path]:
     """A tiny model laid out in a private HF cache as ``acme/tiny`` (as huggingface_hub lays a download out), and a
     checkpoint of it without a tokenizer; returns ``(cache, checkpoint)``."""
@@ -256,3 +264,36 @@ def test_lazy_subcommand_help_is_the_eager_one(name, capsys):
     with pytest.raises(SystemExit):
         main([name, "--help"])
     assert capsys.readouterr().out == eager.parser.format_help()
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_redraws_on_a_terminal_and_logs_lines_elsewhere(monkeypatch, tty):
+    from vllm_consolidate.cli import common
+
+    clock = iter([100.0, 100.05, 100.5, 111.0, 112.0])  # one call each
+    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
+    stream = _Stream(tty)
+    progress = common.Progress(enabled=True, stream=stream)
+    total = 2 * 10**9
+    for done in (0, 10**8, 5 * 10**8, 10**9, total):
+        progress(done, total)
+    if tty:  # every redraw (>= 0.2 s apart) overwrites the line; one newline at the end
+        assert stream.text.count("\r") == 4 and stream.text.endswith("writing: 100% 2.00/2.00 GB, 167 MB/s\x1b[K\n")
+        assert "writing:  25% 0.50/2.00 GB, 1.00 GB/s, 2 s left" in stream.text
+    else:  # a line every 10 s, and the last
+        assert stream.text.splitlines() == ["writing:  50% 1.00/2.00 GB, 91 MB/s, 11 s left",
+                                            "writing: 100% 2.00/2.00 GB, 167 MB/s"]

@@ -9,10 +9,11 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vllm_consolidate import errors as E
 from vllm_consolidate.signals import sigterm_raises_interrupt
@@ -213,33 +214,63 @@ def rate(nbytes: int, seconds: float | None) -> str | None:
 
 
 class Progress:
-    """A tqdm bar by bytes on stderr."""
+    """Bytes written so far, on stderr: one line redrawn in place on a terminal, else a line every
+    :data:`LOG_EVERY_SECONDS` (a log or a CI job keeps a readable record, not a stream of carriage returns).
 
-    def __init__(self, enabled: bool):
+    Not tqdm: ``import tqdm`` costs 0.17 s (its version lookup imports ``importlib.metadata`` and ``email``),
+    a sixth of a whole 0.5B bfloat16 conversion.
+    """
+
+    REDRAW_SECONDS = 0.2
+    LOG_EVERY_SECONDS = 10.0
+
+    def __init__(self, enabled: bool, stream: Any = None):
         self.enabled = enabled
-        self.bar = None
+        self.stream = stream if stream is not None else sys.stderr
+        self.started: float | None = None
+        self.shown = 0.0
+        self.open = self.tty = False
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
             return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing",
-                            file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
-        self.bar.update(done - self.bar.n)
-        if done >= total:
+        now = time.monotonic()
+        if self.started is None:
+            self.started, self.shown = now, now - self.REDRAW_SECONDS * 2
+            self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        finished = done >= total
+        if not finished and now - self.shown < (self.REDRAW_SECONDS if self.tty else self.LOG_EVERY_SECONDS):
+            return
+        self.shown = now
+        self.open = True
+        self.stream.write(("\r" if self.tty else "") + self.line(done, total, now - self.started)
+                          + ("\x1b[K" if self.tty else "\n"))
+        self.stream.flush()
+        if finished:
             self.close()
+
+    @staticmethod
+    def line(done: int, total: int, seconds: float) -> str:
+        """``writing:  54% 1.00/1.84 GB, 1.31 GB/s, 1 s left``."""
+        unit, scale = ("GB", 1e9) if total >= 1e9 else ("MB", 1e6)
+        text = f"writing: {100 * done // max(total, 1):3d}% {done / scale:.2f}/{total / scale:.2f} {unit}"
+        if seconds > 0 and done > 0:
+            per_second = done / seconds
+            text += f", {per_second / 1e9:.2f} GB/s" if per_second >= 1e9 else f", {per_second / 1e6:.0f} MB/s"
+            if done < total:
+                text += f", {(total - done) / per_second:.0f} s left"
+        return text
 
     def stage(self, text: str) -> None:
         """Announce a long step that has no byte count."""
         if self.enabled:
             self.close()
-            print(f"{text}...", file=sys.stderr, flush=True)
+            print(f"{text}...", file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        if self.open and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.open = False
 
 
