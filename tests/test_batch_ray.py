@@ -83,7 +83,9 @@ class Cluster:
         self.root = root
         self.port = free_port()
         self.address = f"{HEAD_IP}:{self.port}"
-        self.sessions: dict[str, int] = {}  # node -> session (= process group) id
+        # Every session (= process group) id ever started: a worker node restarted after its raylet was killed
+        # is a new session, and the old one's processes (its log monitor) must be ended too.
+        self.sessions: list[int] = []
         self.raylets: dict[str, psutil.Process] = {}
         # Token authentication with a token of its own (not ~/.ray/auth_token); the drivers get it too.
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
@@ -110,7 +112,7 @@ class Cluster:
         proc = subprocess.Popen([str(BIN / "ray"), "start", *args], env={**self.env, "TMPDIR": str(self.tmpdir(name))},
                                 start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.sessions[name] = proc.pid
+        self.sessions.append(proc.pid)
         out = proc.communicate(timeout=120)[0]
         assert proc.returncode == 0, out[-3000:]
         deadline = time.monotonic() + 30
@@ -143,7 +145,7 @@ class Cluster:
         procs: dict[int, psutil.Process] = {}
         for p in psutil.process_iter():
             with contextlib.suppress(psutil.Error, OSError):
-                if os.getsid(p.pid) in self.sessions.values():
+                if os.getsid(p.pid) in self.sessions:
                     procs[p.pid] = p
         for raylet in self.raylets.values():
             with contextlib.suppress(psutil.Error):
@@ -162,6 +164,13 @@ def cluster() -> Iterator[Cluster]:
     finally:
         c.stop()
         shutil.rmtree(root, ignore_errors=True)
+    # Nothing of the cluster outlives it (a restarted node's first session once left its log monitor running).
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(root) in arg for arg in p.info["cmdline"] or ()):
+                left.append(" ".join(p.info["cmdline"])[:200])
+    assert not left, left
 
 
 @pytest.fixture(autouse=True)
