@@ -85,18 +85,11 @@ class _Job:
     first: int  # first element of the chunk
     count: int
     dst_offset: int  # absolute offset in the output file of the chunk's first byte
+    segments: Sequence[Segment]  # its source ranges, cut once for the whole tensor by ``_jobs`` (``_cut``)
     gather: Gather | None = None  # its source ranges by file run, found once by the read-ahead (``_advise``)
-    segments: Sequence[Segment] | None = None  # its source ranges, when ``_jobs`` cut them already
 
     def ranges(self) -> Sequence[Segment]:
-        spec, size = self.tensor.spec, self.tensor.spec.dtype.itemsize
-        if self.gather is not None:
-            return self.gather.segments
-        if self.segments is not None:
-            return self.segments
-        if self.first == 0 and self.count == spec.numel:  # the whole tensor: no copy of a long list
-            return spec.segments
-        return list(sub_segments(spec.segments, self.first * size, self.count * size))
+        return self.gather.segments if self.gather is not None else self.segments
 
 
 def _copy_bytes(files: OpenFiles, out_fd: int, segs: Iterator[Segment], dst: int) -> int:
