@@ -53,7 +53,7 @@ def _instrument(events: list[tuple[str, str, float, float]]) -> tuple[object, ob
 
         setattr(owner, name, timed)
 
-    for owner, name, tag in [(st, "write_safetensors_file", "write_file"), (st, "read_into", "read"),
+    for owner, name, tag in [(st, "write_safetensors_file", "write_file"), (st, "read_gathered", "read"),
                              (st, "_cast", "cast"), (st, "pwrite_all", "pwrite"), (st, "start_writeback", "writeback"),
                              (st.os, "fsync", "fsync"), (cv, "plan_conversion", "plan")]:
         wrap(owner, name, tag)

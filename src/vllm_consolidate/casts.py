@@ -18,14 +18,13 @@ Decisions:
       its scalar path and ``0xFFFF`` from its AVX2 path for a float32 NaN cast to bfloat16 (we keep
       the sign and the top of the payload, quieted). Every other value (finite, infinite, subnormal,
       signed zero) is bit-identical to torch; ``tests/test_casts.py`` checks every float32 bit pattern.
-      A chunk is searched for NaN only when its sum is not finite (one read, no temporary).
+      A chunk is searched for NaN only when its maximum is NaN (one read, no temporary).
     * numpy is imported on the first cast, not with this module: most commands (``--help``,
       ``inspect``, an fp32 copy) never cast.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from vllm_consolidate import dtypes
@@ -52,10 +51,6 @@ def nan_mask(bits: Any, dtype: DType) -> Any:
     return magnitude > bits.dtype.type(NAN_ABOVE[dtype])
 
 
-#: Index of a uint32's high 16 bits among its two uint16 halves in memory.
-_HIGH_HALF = 1 if sys.byteorder == "little" else 0
-
-
 def _float32_to_bfloat16(values: Any, out: Any) -> None:
     """Round float32 ``values`` to bfloat16 bits in ``out`` (uint16), to nearest even, as torch does."""
     import numpy as np
@@ -65,9 +60,13 @@ def _float32_to_bfloat16(values: Any, out: Any) -> None:
     np.bitwise_and(tmp, 1, out=tmp)
     np.add(tmp, 0x7FFF, out=tmp)  # no overflow: the largest non-NaN pattern is 0xFF800000 (-inf)
     np.add(tmp, u, out=tmp)
-    # The high halves, taken as a strided uint16 view: one pass instead of a shift and a narrowing copy.
-    np.copyto(out, tmp.view(np.uint16)[_HIGH_HALF::2])
-    if not np.isfinite(np.add.reduce(values, dtype=np.float32)):  # NaN, inf or overflow: look for NaN
+    # Shifted straight into the uint16 output (one contiguous pass; a strided copy of the high halves was
+    # slower, bench/cast_rate.py).
+    np.right_shift(tmp, 16, out=out, casting="unsafe")
+    # NaN needs its own bits (the rounding above may carry its payload into the sign). ``maximum`` propagates
+    # NaN and is a vectorised reduction, about 3x faster than the float32 sum this used before (a third of the
+    # whole cast's time); inf and overflow need no fix.
+    if values.size and np.isnan(np.maximum.reduce(values)):
         nan = nan_mask(u, dtypes.float32)
         if nan.any():
             out[nan] = (u[nan] >> 16).astype(np.uint16) | 0x0040  # quiet NaN, sign and payload top kept
