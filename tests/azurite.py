@@ -88,6 +88,10 @@ class Azurite:
         assert status == 200, (status, key)
         return body
 
+    def delete(self, container: str, key: str) -> None:
+        status, _, body = self.request("DELETE", f"/{container}/{key}")
+        assert status == 202, (status, body)
+
     def blobs(self, container: str, prefix: str = "") -> dict[str, tuple[int, str, str]]:
         """``{name: (size, ETag, Content-MD5)}`` of every blob under ``prefix`` (a plain string prefix)."""
         out: dict[str, tuple[int, str, str]] = {}

@@ -51,6 +51,9 @@ class S3Server:
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
 
+    def delete(self, bucket: str, key: str) -> None:
+        self.client().delete_object(Bucket=bucket, Key=key)
+
     def etags(self, bucket: str, prefix: str = "") -> dict[str, str]:
         """Every object under ``prefix`` and its ETag (from a HEAD of each)."""
         client = self.client()

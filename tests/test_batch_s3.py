@@ -140,28 +140,31 @@ def test_s3_to_s3_is_the_local_conversion_and_a_rerun_skips(store, case_dir, ref
     assert list((tmp_path / "tmpdir").iterdir()) == []  # the mirrors were removed: no local state
 
 
-def test_failed_job_leaves_nothing_under_its_output(s3, bucket, case_dir, tmp_path, monkeypatch):
+def test_failed_job_leaves_nothing_under_its_output(store, case_dir, tmp_path, monkeypatch):
     """A rank object vanishes between planning and the run: the job fails in its worker with the exit code
-    ``convert`` would give, and its output prefix stays empty (nothing staged left, no open upload)."""
+    ``convert`` would give, and its output prefix stays empty (nothing staged left, no open upload). On S3 and
+    on Azurite."""
+    scheme, s3, bucket = store
     etags = _runs(s3, bucket, case_dir)
     gone = "runs/r2/global_step2/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
     real_plan = cli_batch.plan_batch
 
     def plan_then_delete(opts):
         plan = real_plan(opts)
-        s3.client().delete_object(Bucket=bucket, Key=gone)
+        s3.delete(bucket, gone)
         return plan
 
     monkeypatch.setattr(cli_batch, "plan_batch", plan_then_delete)
-    code = cli.main(["batch", "--input-dir", f"s3://{bucket}/runs", "--output-dir", f"s3://{bucket}/models", *FAST,
+    top = f"{scheme}://{bucket}"
+    code = cli.main(["batch", "--input-dir", f"{top}/runs", "--output-dir", f"{top}/models", *FAST,
                      "--max-workers", "1", "--continue-on-error", "--report", str(tmp_path / "r.json")])
     assert code == 11
     jobs = {j["output"]: j for j in _report(tmp_path / "r.json")["jobs"]}
-    bad = jobs[f"s3://{bucket}/models/r2_step_2"]
+    bad = jobs[f"{top}/models/r2_step_2"]
     # CorruptCheckpointError, exit 4: what convert says of a local checkpoint missing a rank's file.
     assert bad["status"] == "failed" and bad["error"]["exit_code"] == 4, bad["error"]
-    assert bad["error"]["path"] == f"s3://{bucket}/{gone}" and "rank 1 is missing" in bad["error"]["message"]
-    assert jobs[f"s3://{bucket}/models/r1_step_2"]["status"] == "done"
+    assert bad["error"]["path"] == f"{top}/{gone}" and "rank 1 is missing" in bad["error"]["message"]
+    assert jobs[f"{top}/models/r1_step_2"]["status"] == "done"
     assert s3.keys(bucket, "models/r2_step_2") == {}
     assert [k for k in s3.keys(bucket, "models/") if not k.startswith("models/r1_step_2/")] == [
         f"models/{objects.MANIFEST_KEY}"]
