@@ -88,6 +88,10 @@ class Azurite:
         assert status == 200, (status, key)
         return body
 
+    def delete(self, container: str, key: str) -> None:
+        status, _, body = self.request("DELETE", f"/{container}/{key}")
+        assert status == 202, (status, body)
+
     def blobs(self, container: str, prefix: str = "") -> dict[str, tuple[int, str, str]]:
         """``{name: (size, ETag, Content-MD5)}`` of every blob under ``prefix`` (a plain string prefix)."""
         out: dict[str, tuple[int, str, str]] = {}
@@ -106,6 +110,27 @@ class Azurite:
             marker = (re.search(r"<NextMarker>(.*?)</NextMarker>", text, re.S) or [None, ""])[1]
             if not marker:
                 return out
+
+    def keys(self, container: str, prefix: str = "") -> dict[str, int]:
+        """Every blob under ``prefix`` and its size (as :meth:`tests.s3_server.S3Server.keys`)."""
+        return {name: size for name, (size, _, _) in self.blobs(container, prefix).items()}
+
+    def etags(self, container: str, prefix: str = "") -> dict[str, str]:
+        """Every blob under ``prefix`` and its ETag."""
+        return {name: etag for name, (_, etag, _) in self.blobs(container, prefix).items()}
+
+    def uploads(self, container: str) -> list[str]:
+        """The names holding only uncommitted blocks: a block upload never committed (Azure's open multipart
+        upload; it has no abort, and a listing shows such a name only with ``include=uncommittedblobs``)."""
+        status, _, body = self.request("GET", f"/{container}", query={"restype": "container", "comp": "list",
+                                                                      "include": "uncommittedblobs"})
+        assert status == 200 and "<NextMarker/>" in body.decode(), (status, body[-300:])
+        names = re.findall(r"<Blob><Name>(.*?)</Name>", body.decode())
+        return sorted(set(names) - set(self.blobs(container)))
+
+    def create_bucket(self, container: str) -> None:
+        """:meth:`create_container` under the name the object-store tests share with :mod:`tests.s3_server`."""
+        self.create_container(container)
 
     def upload_folder(self, container: str, folder: Path, prefix: str) -> dict[str, tuple[int, str, str]]:
         """Upload every file of ``folder`` under ``prefix/``; returns :meth:`blobs` of the prefix."""

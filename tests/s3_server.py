@@ -42,6 +42,23 @@ class S3Server:
             out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
         return out
 
+    def create_bucket(self, bucket: str) -> None:
+        self.client().create_bucket(Bucket=bucket)
+
+    def upload_folder(self, bucket: str, folder: Path, prefix: str) -> None:
+        """Upload every file of ``folder`` under ``prefix/``."""
+        client = self.client()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+    def delete(self, bucket: str, key: str) -> None:
+        self.client().delete_object(Bucket=bucket, Key=key)
+
+    def etags(self, bucket: str, prefix: str = "") -> dict[str, str]:
+        """Every object under ``prefix`` and its ETag (from a HEAD of each)."""
+        client = self.client()
+        return {k: client.head_object(Bucket=bucket, Key=k)["ETag"] for k in self.keys(bucket, prefix)}
+
     def uploads(self, bucket: str) -> list[str]:
         """The keys of the multipart uploads still open in ``bucket``."""
         return [u["Key"] for u in self.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])]

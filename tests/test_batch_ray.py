@@ -441,14 +441,30 @@ def test_node_killed_mid_job_is_retried(cluster: Cluster, corpus: dict[str, Path
     assert "0 done, 2 skipped (up to date)" in proc2.stdout
 
 
+@contextlib.contextmanager
+def _object_store(scheme: str) -> Iterator[tuple[object, str, str]]:
+    """``(server, --storage-options JSON, its secret)``: moto's S3 server or Azurite, configured by options alone."""
+    from tests import azurite, s3_server
+
+    if scheme == "s3":
+        with s3_server.start() as s3:
+            yield s3, json.dumps({"endpoint": s3.endpoint, "access_key_id": "testing",
+                                  "secret_access_key": "testing", "region": "us-east-1"}), "testing"
+    else:
+        with azurite.start() as az:
+            yield az, json.dumps({"account_name": azurite.ACCOUNT, "account_key": azurite.KEY,
+                                  "endpoint": az.endpoint}), azurite.KEY
+
+
 @needs_ray
 @pytest.mark.slow
-def test_s3_batch_on_ray_needs_no_shared_filesystem(cluster: Cluster, corpus: dict[str, Path], tmp_path: Path) -> None:
-    """s3:// in and out on the two nodes, each with its own TMPDIR: tasks get URLs and --storage-options only
-    (the driver and the nodes have no AWS_* variables), the outputs are only in the store and byte-identical
-    to a local conversion, both nodes ran a job, and nothing is left in any node's or the driver's temp dir."""
-    from tests import s3_server
-
+@pytest.mark.parametrize("scheme", ["s3", "az"])
+def test_s3_batch_on_ray_needs_no_shared_filesystem(cluster: Cluster, corpus: dict[str, Path], tmp_path: Path,
+                                                    scheme: str) -> None:
+    """s3:// (and az://, on Azurite) in and out on the two nodes, each with its own TMPDIR: tasks get URLs and
+    --storage-options only (the driver and the nodes have no AWS_* or AZURE_* variables), the outputs are only in
+    the store and byte-identical to a local conversion, both nodes ran a job, and nothing is left in any node's or
+    the driver's temp dir."""
     from vllm_consolidate import cli
 
     if not cluster.worker_alive():
@@ -458,17 +474,13 @@ def test_s3_batch_on_ray_needs_no_shared_filesystem(cluster: Cluster, corpus: di
     assert cli.main(["convert", "--input", str(src), "--output", str(ref), *FAST]) == 0
     driver = tmp_path / "driver"  # the driver's cwd and TMPDIR; no job is given any local path
     driver.mkdir()
-    env = {k: v for k, v in cluster.env.items() if not k.startswith("AWS_")} | {"TMPDIR": str(driver)}
-    with s3_server.start() as s3:
-        client = s3.client()
-        client.create_bucket(Bucket="raybatch")
+    env = {k: v for k, v in cluster.env.items() if not k.startswith(("AWS_", "AZURE_"))} | {"TMPDIR": str(driver)}
+    with _object_store(scheme) as (store, options, secret):
+        store.create_bucket("raybatch")
         for run in ("r1", "r2"):
-            for path in sorted(p for p in src.rglob("*") if p.is_file()):
-                client.upload_file(str(path), "raybatch", f"runs/{run}/{path.relative_to(src).as_posix()}")
-        options = json.dumps({"endpoint": s3.endpoint, "access_key_id": "testing", "secret_access_key": "testing",
-                              "region": "us-east-1"})
-        proc = subprocess.run([str(BIN / "vllm-consolidate"), "batch", "--input-dir", "s3://raybatch/runs",
-                               "--output-dir", "s3://raybatch/models", "--storage-options", options, *FAST,
+            store.upload_folder("raybatch", src, f"runs/{run}")
+        proc = subprocess.run([str(BIN / "vllm-consolidate"), "batch", "--input-dir", f"{scheme}://raybatch/runs",
+                               "--output-dir", f"{scheme}://raybatch/models", "--storage-options", options, *FAST,
                                "--max-workers", "2", *_ray(cluster), "--report", str(tmp_path / "r.json")],
                               capture_output=True, text=True, timeout=240, env=env, cwd=driver)
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -477,15 +489,15 @@ def test_s3_batch_on_ray_needs_no_shared_filesystem(cluster: Cluster, corpus: di
         assert sorted(ip for j in jobs.values() for ip in j["nodes"]) == [HEAD_IP, WORKER_IP]  # one job per node
         ref_files = {p.relative_to(ref).as_posix(): p.read_bytes() for p in ref.rglob("*") if p.is_file()}
         for name in jobs:
-            got = {k.split("/", 2)[2]: s3.get("raybatch", k) for k in s3.keys("raybatch", f"models/{name}/")}
+            got = {k.split("/", 2)[2]: store.get("raybatch", k) for k in store.keys("raybatch", f"models/{name}/")}
             assert sorted(got) == sorted(ref_files)
             assert all(got[rel] == ref_files[rel] for rel in ref_files if rel != B.MANIFEST_NAME), name
-        outputs = {k for k in s3.keys("raybatch", "models/")}
+        outputs = {k for k in store.keys("raybatch", "models/")}
         assert outputs == {f"models/{n}/{rel}" for n in jobs for rel in ref_files} | {
             "models/.vllm-consolidate-batch.json"}  # no staging prefix, no lock left
-        assert s3.uploads("raybatch") == []
-        assert "testing" not in s3.get("raybatch", "models/.vllm-consolidate-batch.json").decode()
-    assert "testing" not in (tmp_path / "r.json").read_text()  # credentials are not in the report either
+        assert store.uploads("raybatch") == []
+        assert secret not in store.get("raybatch", "models/.vllm-consolidate-batch.json").decode()
+    assert secret not in (tmp_path / "r.json").read_text()  # credentials are not in the report either
     assert list(driver.iterdir()) == []
     for node in ("head", "worker"):
         assert [p.name for p in cluster.tmpdir(node).iterdir() if p.name.startswith("vllmc")] == [], node

@@ -1,13 +1,15 @@
-"""``batch`` over object storage (issue 27) against a real S3 endpoint on loopback (moto's server).
+"""``batch`` over object storage (issue 27) against a real S3 endpoint on loopback (moto's server), and the
+main case also against Azure's (Azurite, ``az://``; see tests/azurite.py).
 
 The inputs are the ZeRO-3 case the single-conversion S3 tests upload (two copies: two jobs), the outputs
 are compared byte for byte with a local ``convert`` of the same checkpoint, and the bucket is read back
-through boto3 (an independent client). What is checked: s3 -> s3 and s3 -> local give the local
-conversion's files; the batch state lives in the store (one manifest object written by the driver, a
-lock object removed at the end; source ETags, never storage options); a rerun skips finished jobs; a job
-that fails at run time is reported with its exit code and leaves nothing under its output prefix (nor a
-staged object or an open multipart upload); ``--dry-run`` plans from the listing and writes nothing; no
-local state is left behind (the temporary folders are removed).
+through boto3 (an independent client; for Azure, tests/azurite.py's SharedKey client). What is checked:
+s3 -> s3 (and az -> az) and s3 -> local give the local conversion's files; the batch state lives in the
+store (one manifest object written by the driver, a lock object removed at the end; source ETags, never
+storage options or credentials); a rerun skips finished jobs; a job that fails at run time is reported with
+its exit code and leaves nothing under its output prefix (nor a staged object or an open multipart upload);
+``--dry-run`` plans from the listing and writes nothing; no local state is left behind (the temporary
+folders are removed).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from tests import s3_server
+from tests import azurite, s3_server
 
 from vllm_consolidate import cli
 from vllm_consolidate.batch import objects
@@ -36,18 +38,36 @@ def s3():
         yield server
 
 
-@pytest.fixture
-def bucket(s3, monkeypatch, tmp_path) -> str:
-    """A fresh bucket, the environment pointing at the server, and a private TMPDIR (checked empty after)."""
-    for key, value in s3.env.items():
+@pytest.fixture(scope="module")
+def az():
+    with azurite.start() as server:
+        yield server
+
+
+def _fresh_bucket(server, monkeypatch, tmp_path) -> str:
+    """A fresh bucket (container), the environment pointing at the server, and a private TMPDIR (checked empty
+    after). ``server`` is an :class:`tests.s3_server.S3Server` or an :class:`tests.azurite.Azurite`."""
+    for key, value in server.env.items():
         monkeypatch.setenv(key, value)
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))  # the spawned workers' temporary folders
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # this process's (the driver's mirror)
     name = f"batch-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=name)
+    server.create_bucket(name)
     return name
+
+
+@pytest.fixture
+def bucket(s3, monkeypatch, tmp_path) -> str:
+    return _fresh_bucket(s3, monkeypatch, tmp_path)
+
+
+@pytest.fixture(params=["s3", "az"])
+def store(request, monkeypatch, tmp_path) -> tuple[str, object, str]:
+    """``(scheme, server, bucket)``: a fresh bucket in moto's S3, or a fresh container in Azurite."""
+    server = request.getfixturevalue(request.param)
+    return request.param, server, _fresh_bucket(server, monkeypatch, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +78,8 @@ def reference(case_dir, tmp_path_factory) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def _upload(s3, bucket: str, src: Path, prefix: str) -> None:
-    client = s3.client()
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(src).as_posix()}")
-
-
 def _etags(s3, bucket: str, prefix: str) -> dict[str, str]:
-    client = s3.client()
-    return {k: client.head_object(Bucket=bucket, Key=k)["ETag"] for k in s3.keys(bucket, prefix)}
+    return s3.etags(bucket, prefix)
 
 
 def _objects(s3, bucket: str, prefix: str) -> dict[str, bytes]:
@@ -82,7 +95,7 @@ def _same_as_reference(files: dict[str, bytes], reference: dict[str, bytes]) -> 
 
 def _runs(s3, bucket: str, case_dir) -> dict[str, str]:
     for run in RUNS:
-        _upload(s3, bucket, case_dir(DS) / "ckpt", f"runs/{run}")
+        s3.upload_folder(bucket, case_dir(DS) / "ckpt", f"runs/{run}")
     return _etags(s3, bucket, "runs/")
 
 
@@ -90,26 +103,31 @@ def _report(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_s3_to_s3_is_the_local_conversion_and_a_rerun_skips(s3, bucket, case_dir, reference, tmp_path, monkeypatch):
+def test_s3_to_s3_is_the_local_conversion_and_a_rerun_skips(store, case_dir, reference, tmp_path, monkeypatch):
+    """s3:// -> s3:// (and az:// -> az:// on Azurite: the same checks, the lock and manifest as blobs)."""
+    scheme, s3, bucket = store
     etags = _runs(s3, bucket, case_dir)
     monkeypatch.chdir(tmp_path)
-    args = ["batch", "--input-dir", f"s3://{bucket}/runs", "--output-dir", f"s3://{bucket}/models", *FAST,
+    top = f"{scheme}://{bucket}"
+    args = ["batch", "--input-dir", f"{top}/runs", "--output-dir", f"{top}/models", *FAST,
             "--max-workers", "2", "--report", str(tmp_path / "r.json")]
     assert cli.main(args) == 0
     names = [f"{run}_step_2" for run in RUNS]
     for name in names:
         _same_as_reference(_objects(s3, bucket, f"models/{name}"), reference)
-        assert json.loads(s3.get(bucket, f"models/{name}/{MARKER}"))["input"] == f"s3://{bucket}/runs/{name[:2]}"
+        assert json.loads(s3.get(bucket, f"models/{name}/{MARKER}"))["input"] == f"{top}/runs/{name[:2]}"
     manifest = json.loads(s3.get(bucket, f"models/{objects.MANIFEST_KEY}"))
     assert manifest["format"] == objects.MANIFEST_FORMAT and sorted(manifest["jobs"]) == names
     entry = manifest["jobs"]["r1_step_2"]
-    assert entry["source"]["checkpoint"] == f"s3://{bucket}/runs/r1/global_step2"
-    assert all(k.startswith(f"s3://{bucket}/runs/r1/") for k in entry["source_files"])  # URLs and ETags, not stand-ins
+    assert entry["source"]["checkpoint"] == f"{top}/runs/r1/global_step2"
+    assert all(k.startswith(f"{top}/runs/r1/") for k in entry["source_files"])  # URLs and ETags, not stand-ins
     assert {v[1] for v in entry["source_files"].values()} <= set(etags.values())
     assert sorted(entry["files"]) == sorted(reference)
-    assert "storage_options" not in json.dumps(manifest) and "testing" not in json.dumps(manifest)
+    secrets = [value for key, value in s3.env.items() if key.endswith("_KEY") or key.endswith("_KEY_ID")]
+    assert secrets and "storage_options" not in json.dumps(manifest)
+    assert not [secret for secret in secrets if secret in json.dumps(manifest)]
     report = _report(tmp_path / "r.json")
-    assert [j["input"] for j in report["jobs"]] == [f"s3://{bucket}/runs/{run}" for run in RUNS]
+    assert [j["input"] for j in report["jobs"]] == [f"{top}/runs/{run}" for run in RUNS]
     # Only the inputs, the outputs and the manifest: no staging prefix, no lock, no open upload, inputs unchanged.
     assert set(s3.keys(bucket)) == set(etags) | {f"models/{n}/{rel}" for n in names for rel in reference} | {
         f"models/{objects.MANIFEST_KEY}"}
@@ -122,28 +140,31 @@ def test_s3_to_s3_is_the_local_conversion_and_a_rerun_skips(s3, bucket, case_dir
     assert list((tmp_path / "tmpdir").iterdir()) == []  # the mirrors were removed: no local state
 
 
-def test_failed_job_leaves_nothing_under_its_output(s3, bucket, case_dir, tmp_path, monkeypatch):
+def test_failed_job_leaves_nothing_under_its_output(store, case_dir, tmp_path, monkeypatch):
     """A rank object vanishes between planning and the run: the job fails in its worker with the exit code
-    ``convert`` would give, and its output prefix stays empty (nothing staged left, no open upload)."""
+    ``convert`` would give, and its output prefix stays empty (nothing staged left, no open upload). On S3 and
+    on Azurite."""
+    scheme, s3, bucket = store
     etags = _runs(s3, bucket, case_dir)
     gone = "runs/r2/global_step2/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
     real_plan = cli_batch.plan_batch
 
     def plan_then_delete(opts):
         plan = real_plan(opts)
-        s3.client().delete_object(Bucket=bucket, Key=gone)
+        s3.delete(bucket, gone)
         return plan
 
     monkeypatch.setattr(cli_batch, "plan_batch", plan_then_delete)
-    code = cli.main(["batch", "--input-dir", f"s3://{bucket}/runs", "--output-dir", f"s3://{bucket}/models", *FAST,
+    top = f"{scheme}://{bucket}"
+    code = cli.main(["batch", "--input-dir", f"{top}/runs", "--output-dir", f"{top}/models", *FAST,
                      "--max-workers", "1", "--continue-on-error", "--report", str(tmp_path / "r.json")])
     assert code == 11
     jobs = {j["output"]: j for j in _report(tmp_path / "r.json")["jobs"]}
-    bad = jobs[f"s3://{bucket}/models/r2_step_2"]
+    bad = jobs[f"{top}/models/r2_step_2"]
     # CorruptCheckpointError, exit 4: what convert says of a local checkpoint missing a rank's file.
     assert bad["status"] == "failed" and bad["error"]["exit_code"] == 4, bad["error"]
-    assert bad["error"]["path"] == f"s3://{bucket}/{gone}" and "rank 1 is missing" in bad["error"]["message"]
-    assert jobs[f"s3://{bucket}/models/r1_step_2"]["status"] == "done"
+    assert bad["error"]["path"] == f"{top}/{gone}" and "rank 1 is missing" in bad["error"]["message"]
+    assert jobs[f"{top}/models/r1_step_2"]["status"] == "done"
     assert s3.keys(bucket, "models/r2_step_2") == {}
     assert [k for k in s3.keys(bucket, "models/") if not k.startswith("models/r1_step_2/")] == [
         f"models/{objects.MANIFEST_KEY}"]

@@ -242,6 +242,8 @@ data = (json.dumps(results) + "\n").encode()
 while data:
     data = data[os.write(out_fd, data):]
 sys.stderr.flush()
+if request.get("normal_exit"):
+    sys.exit(0)  # an ordinary interpreter exit: atexit handlers run (the plugin's folders are removed by one)
 os._exit(0)
 '''
 
@@ -270,18 +272,20 @@ def _cli_error_line(input_path: Path, output: Path) -> str:
 
 
 def run_driver(python: str, jobs: list[dict[str, Any]], tmpdir: Path, *, pythonpath: str | None = None,
-               timeout: float = 1800) -> tuple[dict[str, Any], str]:
+               timeout: float = 1800, normal_exit: bool = False) -> tuple[dict[str, Any], str]:
     """Run :data:`DRIVER` once over ``jobs`` in the vLLM interpreter ``python``; its results and its stderr.
 
     The child's TMPDIR is ``tmpdir`` (the tests look there for files left behind). ``PYTHONPATH``,
     ``PYTHONHOME`` and ``VIRTUAL_ENV`` of this process are not inherited (they name the main venv);
     ``pythonpath`` puts a checkout's ``src`` first. Fails the test, with vLLM's stderr, if the driver fails.
+    The driver ends with ``os._exit`` unless ``normal_exit`` (then its ``atexit`` handlers run, as when a
+    server shuts down).
     """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["TMPDIR"] = str(tmpdir)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
-    payload = json.dumps({"jobs": jobs, "prompts": PROMPTS, "max_tokens": MAX_TOKENS})
+    payload = json.dumps({"jobs": jobs, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "normal_exit": normal_exit})
     proc = subprocess.run([python, "-c", DRIVER], input=payload, capture_output=True, text=True, env=env,
                           timeout=timeout)
     if proc.returncode != 0 or not proc.stdout.strip():

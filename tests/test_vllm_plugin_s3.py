@@ -7,9 +7,11 @@ the ZeRO-3 corpus checkpoint ``tests/test_vllm_plugin.py`` also serves from its 
   config, generation config and tokenizer (byte-equal to the checkpoint's), the URL handed to the loader;
   the loader's tensors, streamed from the bucket, are bit-identical to those streamed from the local folder;
   a missing rank object, a missing config, a missing prefix and bad URLs fail in one line naming the URL.
-* in real vLLM (ONE run of :data:`tests.test_vllm_plugin.DRIVER`): the same checkpoint served locally and
-  from ``s3://`` gives the same tokens, logprobs and parameter digests; the proxy saw the fp32 masters and
-  metadata, never an Adam moment byte; nothing was written while streaming and no weight file reached disk.
+* in real vLLM (ONE run of :data:`tests.test_vllm_plugin.DRIVER`): the same checkpoint served locally, from
+  ``s3://`` and from ``az://`` (Azurite, tests/azurite.py; configured by the standard ``AZURE_STORAGE_*``
+  environment) gives the same tokens, logprobs and parameter digests; the proxy saw the fp32 masters and
+  metadata, never an Adam moment byte; nothing was written while streaming, no weight file reached disk, and
+  the private folder of config and tokenizer was gone once vLLM's process had exited.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from tests import azurite
 from tests.test_e2e_vllm import vllm_python
 from tests.test_s3_input import _zero_layout
 from tests.test_vllm_plugin import MAX_TOKENS, run_driver
@@ -172,28 +175,42 @@ def test_missing_config_missing_prefix_and_bad_urls(served, s3, tmp_path):
 
 @pytest.fixture(scope="module")
 def vllm_s3_run(served: tuple[Path, str], s3: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One run of the plugin test's driver: the checkpoint served from its folder, then from its URL."""
+    """One run of the plugin test's driver: the checkpoint served from its folder, then from its s3:// URL and
+    from its az:// URL (the same vLLM process: one more load, not another engine start-up)."""
     python = vllm_python()
     local, url = served
+    with azurite.start() as az, pytest.MonkeyPatch.context() as mp:
+        az.create_container(BUCKET)
+        az_url = f"az://{BUCKET}/runs/ckpt"
+        az.upload_folder(BUCKET, local, "runs/ckpt")
+        for key, value in az.env.items():  # what the driver's vLLM process inherits
+            mp.setenv(key, value)
+        return {**_run(python, local, [("s3", url), ("az", az_url)], s3, tmp_path_factory), "az_url": az_url}
+
+
+def _run(python: str, local: Path, urls: list[tuple[str, str]], s3: Any,
+         tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """:func:`run_driver` over the local folder, then each ``(id, url)``; what the tests check of it."""
     common = {"enforce_eager": True, "max_model_len": 128, "max_num_seqs": 4, "max_num_batched_tokens": 256,
               "seed": 0, "distributed_executor_backend": "uni", "dtype": "bfloat16", "load_format": vp.LOAD_FORMAT}
     jobs = [{"kind": "register", "id": "register"},  # after the driver's broken-API checks, as a vLLM process does
             {"kind": "load", "id": "local", "llm": {**common, "model": str(local)}},
-            {"kind": "load", "id": "s3", "llm": {**common, "model": url}}]
+            *({"kind": "load", "id": job_id, "llm": {**common, "model": url}} for job_id, url in urls)]
     tmpdir = tmp_path_factory.mktemp("vllm_s3") / "tmpdir"
     tmpdir.mkdir()
     s3.proxy.clear()
-    # This checkout's code first (the venv's editable install may be another checkout's); AWS_* as set by `s3`.
-    results, stderr = run_driver(python, jobs, tmpdir, pythonpath=str(SRC_ROOT), timeout=900)
+    # This checkout's code first (the venv's editable install may be another checkout's); AWS_* as set by `s3`,
+    # AZURE_STORAGE_* by the caller.
+    results, stderr = run_driver(python, jobs, tmpdir, pythonpath=str(SRC_ROOT), timeout=900, normal_exit=True)
     return {"by_id": {job["id"]: job for job in results["jobs"]}, "gets": s3.proxy.gets(), "stderr": stderr,
-            "tmp_after": sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*") if p.is_file())}
+            "tmp_after": sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*"))}  # folders too
 
 
-@pytest.mark.vllm
-def test_vllm_serves_an_s3_checkpoint_as_it_serves_the_local_one(vllm_s3_run, served):
-    local, url = served
-    by_id = vllm_s3_run["by_id"]
-    here, there = by_id["local"], by_id["s3"]
+def _served_as_local(run: dict[str, Any], job_id: str, url: str) -> dict[str, Any]:
+    """The checks both stores share: job ``job_id`` (serving ``url``) gave what serving the local folder gave, wrote
+    nothing while streaming, kept only the config and tokenizer on disk, and left nothing once vLLM exited."""
+    by_id = run["by_id"]
+    here, there = by_id["local"], by_id[job_id]
     assert here["ok"], here.get("traceback")
     assert there["ok"], there.get("traceback")
     for key in ("dtype", "tokens", "logprobs", "prompt_logprobs", "digest"):
@@ -203,12 +220,28 @@ def test_vllm_serves_an_s3_checkpoint_as_it_serves_the_local_one(vllm_s3_run, se
     assert there["streamed"]["write_bytes"] == 0  # nothing written while the weights streamed
     # vLLM was given the private folder; our log lines name the URL, never the stand-in folder.
     assert Path(there["tokenizer"]).name.startswith("vllm-consolidate-model-")
-    ours = [ln for ln in vllm_s3_run["stderr"].splitlines() if "consolidate: " in ln and url in ln]
+    ours = [ln for ln in run["stderr"].splitlines() if "consolidate: " in ln and url in ln]
     assert any(f"from {url}/global_step2 " in ln and "nothing written" in ln for ln in ours), ours
     assert not [ln for ln in ours if "vllmc-mirror" in ln], ours
-    # On disk: the config and tokenizer copies only, no stand-in left, no weight file ever.
+    # On disk: the config and tokenizer copies only, no stand-in left, no weight file ever...
     new = [Path(f) for f in there["new_tmp_files"]]
     assert new and all(f.parts[0].startswith("vllm-consolidate-model-") and f.name in ASSETS for f in new), new
+    # ...and none of it once the process has exited (the folder is removed at exit).
+    assert not [f for f in run["tmp_after"] if f.startswith(("vllm-consolidate-model-", "vllmc"))], run["tmp_after"]
+    return there
+
+
+@pytest.mark.vllm
+def test_vllm_serves_an_az_checkpoint_as_it_serves_the_local_one(vllm_s3_run):
+    there = _served_as_local(vllm_s3_run, "az", vllm_s3_run["az_url"])
+    print(f"\naz load {there['seconds']} s, local {vllm_s3_run['by_id']['local']['seconds']} s")
+
+
+@pytest.mark.vllm
+def test_vllm_serves_an_s3_checkpoint_as_it_serves_the_local_one(vllm_s3_run, served):
+    local, url = served
+    there = _served_as_local(vllm_s3_run, "s3", url)
+    here = vllm_s3_run["by_id"]["local"]
     # At the server: the fp32 masters (once) and metadata; never a byte of the Adam moments beside them.
     fp32, other, allowed = _zero_layout(local)
     prefix = "/" + BUCKET + "/" + url.split("/", 3)[3] + "/"
