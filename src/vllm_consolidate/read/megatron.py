@@ -50,7 +50,6 @@ from vllm_consolidate.formats.megatron_common import (
     read_args,
     read_common_state_args,
     read_nemo_model_yaml,
-    read_nemo_tokenizer_name,
     read_run_config,
 )
 from vllm_consolidate.limits import brief
@@ -66,6 +65,7 @@ from vllm_consolidate.read.megatron_config import (
     layout_from_config,
 )
 from vllm_consolidate.read.megatron_names import Layout, Pick, model_name, picks
+from vllm_consolidate.read.megatron_nemo import nemo_tokenizer_dir, nemo_tokenizer_vocab
 from vllm_consolidate.read.steps import Checkpoint, SaveList
 from vllm_consolidate.read.zero_locate import ResolvedCheckpoint, confine_chosen
 from vllm_consolidate.safe_io import MAX_TAG_BYTES, read_json, read_text
@@ -225,21 +225,6 @@ def asset_dirs(folder: Path) -> list[Path]:
     return found + [named] if named is not None and named not in found else found
 
 
-def nemo_tokenizer_dir(folder: Path) -> Path | None:
-    """``context/<name>``, the copy of the tokenizer NeMo 2's ``io_dump`` made, as ``context/model.yaml`` names it
-    (``nemo_tokenizer`` only after NeMo's HF import); None when it names none that is a folder there.
-
-    Raises:
-        UnsafeInputError: That folder is a symlink out of ``context/``.
-        CorruptCheckpointError: ``model.yaml`` is too large or not YAML.
-    """
-    context = folder / NEMO_MODEL_YAML.parent
-    name = read_nemo_tokenizer_name(folder) if context.is_dir() else None
-    if name is None or not (context / name).is_dir():
-        return None
-    return confine_chosen(context / name, context)
-
-
 def common_args(folder: Path, meta: dcp.DcpMetadata, root: Path) -> tuple[dict[str, Any] | None, Path, str]:
     """Megatron-LM's args, the file they are in and how to name where: from ``common.pt`` when the save has one
     (megatron-core up to 0.18; it wins, as in megatron-core's own load), else from the ``common_state`` object
@@ -259,9 +244,10 @@ def common_args(folder: Path, meta: dcp.DcpMetadata, root: Path) -> tuple[dict[s
 
 
 def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | None, names: set[str],
-                meta: dcp.DcpMetadata) -> tuple[Layout, str, dict[str, Any] | None]:
-    """The head layout and true vocabulary size, where they came from, and the config.json to write when
-    the reader builds it (from args; None when a config.json is found, which convert then copies).
+                meta: dcp.DcpMetadata) -> tuple[Layout, str, dict[str, Any] | None, Path | None]:
+    """The head layout and true vocabulary size, where they came from, the config.json to write when the reader
+    builds it (from args; None when a config.json is found, which convert then copies) and the file it is built
+    from (None then too).
 
     In order: a config.json the checkpoint has (its folder and run, verl's ``huggingface/``, NeMo's
     ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt`` or the
@@ -276,27 +262,32 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
     """
     own = find_checkpoint_assets(outer, root, asset_dirs(outer), None)  # as convert searches the claimed folder
     if own.config is not None:
-        return layout_from_config(read_config(own.config), own.config), str(own.config), None
+        return layout_from_config(read_config(own.config), own.config), str(own.config), None, None
     args, where, what = common_args(folder, meta, root)
     if args is not None:
         layout, config = config_from_args(args, names, where)
-        return layout, f"Megatron-LM args in {what}", config
+        return layout, f"Megatron-LM args in {what}", config, where
     yaml_configs = ((folder / RUN_CONFIG_FILE, f"Megatron-Bridge {RUN_CONFIG_FILE}", lambda: read_run_config(folder)),
                     (outer / NEMO_MODEL_YAML, f"NeMo {NEMO_MODEL_YAML}", lambda: read_nemo_model_yaml(outer)))
-    deferred = None  # NeMo's model.yaml with a null vocab_size (NeMo padded the tokenizer's): after the base model
+    deferred = None  # NeMo's model.yaml with a null vocab_size and a tokenizer that does not give it
     for where, what, read in yaml_configs:
         model = read()
         if model is None:
             continue
-        if where == outer / NEMO_MODEL_YAML and model.get("vocab_size") is None and base_model_name:
-            deferred = (where, what, model)
-            continue
+        if where == outer / NEMO_MODEL_YAML and model.get("vocab_size") is None:
+            model, what, why = nemo_tokenizer_vocab(outer, model, what, meta)
+            if why is not None and base_model_name:
+                deferred = (where, what, model, why)
+                continue
+            if why is not None:
+                _layout_from_yaml(where, what, model, names, why)
         return _layout_from_yaml(where, what, model, names)
     base = find_checkpoint_assets(outer, root, asset_dirs(outer), base_model_name) if base_model_name else own
     if base.config is not None:
-        return layout_from_config(read_config(base.config), base.config), str(base.config), None
+        return layout_from_config(read_config(base.config), base.config), str(base.config), None, None
     if deferred is not None:  # the base gives nothing either: model.yaml's own refusal names what is missing
-        _layout_from_yaml(*deferred, names)
+        where, what, model, why = deferred
+        _layout_from_yaml(where, what, model, names, why)
     why = f" ({base.base_model_error})" if base.base_model_error else ""
     raise ConfigNotFoundError(f"found no config.json beside the checkpoint, no Megatron-LM args ({COMMON_FILE} or "
                               f"{COMMON_STATE_KEY.split('/')[0]}) or "
@@ -304,12 +295,19 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
                               "the head layout and vocabulary size", path=folder, hint=HINT_BASE)
 
 
-def _layout_from_yaml(where: Path, what: str, model: dict[str, Any], names: set[str],
-                      ) -> tuple[Layout, str, dict[str, Any]]:
-    """The layout and config.json from Bridge's or NeMo's YAML model fields (``what`` names the file in errors)."""
-    layout, config = config_from_args(args_from_run_config(model, names), names, where,
-                                      source=f"the model fields of {what}")
-    return layout, what, config
+def _layout_from_yaml(where: Path, what: str, model: dict[str, Any], names: set[str], why: str | None = None,
+                      ) -> tuple[Layout, str, dict[str, Any], Path]:
+    """The layout and config.json from Bridge's or NeMo's YAML model fields (``what`` names the file in errors;
+    ``why`` the tokenizer did not give a null vocab_size, added to the refusal)."""
+    try:
+        layout, config = config_from_args(args_from_run_config(model, names), names, where,
+                                          source=f"the model fields of {what}")
+    except ConfigNotFoundError as exc:
+        if why is None:
+            raise
+        raise ConfigNotFoundError(f"{exc.message}, and the tokenizer does not give it: {why}", path=exc.path,
+                                  hint=exc.hint) from None
+    return layout, what, config, where
 
 
 def _segments(spec: TensorSpec, pick: Pick, ends: list[int] | None = None) -> list[Segment]:
@@ -395,7 +393,8 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
     if not names:
         raise UnsupportedCheckpointError("this Megatron-Core checkpoint holds no model weights (only optimizer or "
                                          "other state)", path=meta.path)
-    layout, layout_from, config = find_layout(outer, folder, roots[0], base_model_name, set(names.values()), meta)
+    layout, layout_from, config, config_file = find_layout(outer, folder, roots[0], base_model_name,
+                                                           set(names.values()), meta)
     entries = len(meta.tensors) + len(meta.byte_keys)
     meta.tensors = {key: meta.tensors[key] for key in names}  # only the model's files must be present
     planned = _plan(meta.tensors, names, layout, meta.path)
@@ -417,6 +416,7 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
     info = {
         "type": "megatron",
         "layout_from": layout_from,
+        "config_file": str(config_file) if config_file is not None else None,  # what a built config.json is from
         "heads": layout.heads,
         "query_groups": layout.groups,
         "head_dim": layout.head_dim,
