@@ -31,7 +31,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vllm_consolidate.errors import (
     ConfigNotFoundError,
@@ -61,6 +61,7 @@ from vllm_consolidate.read.hf import check_weight_file
 from vllm_consolidate.read.megatron_config import (
     HINT_BASE,
     args_from_run_config,
+    check_base_agrees,
     config_from_args,
     layout_from_config,
 )
@@ -243,6 +244,36 @@ def common_args(folder: Path, meta: dcp.DcpMetadata, root: Path) -> tuple[dict[s
     return read_common_state_args(path, start, length), path, f"{COMMON_STATE_KEY} in {name}"
 
 
+class _Record(NamedTuple):
+    """The save's own record of its model, as Megatron-LM ``args`` fields (:func:`_own_record`)."""
+
+    where: Path  # the file
+    label: str  # how ``layout_from`` names it
+    source: str  # how errors name it
+    args: dict[str, Any]
+    no_vocab: str | None = None  # why nothing gave a vocabulary size the record lacks (NeMo's tokenizer)
+
+
+def _own_record(outer: Path, folder: Path, root: Path, meta: dcp.DcpMetadata, names: set[str]) -> _Record | None:
+    """Megatron-LM's args in ``common.pt`` or the ``common_state`` object of ``meta`` (:func:`common_args`),
+    else Megatron-Bridge's ``run_config.yaml``, else NeMo's ``context/model.yaml`` (a null ``vocab_size``, as
+    NeMo's Llama presets leave it, given by the size of NeMo's copy of the tokenizer when it can be); None."""
+    args, where, what = common_args(folder, meta, root)
+    if args is not None:
+        return _Record(where, f"Megatron-LM args in {what}", "Megatron-LM's args", args)
+    if (model := read_run_config(folder)) is not None:
+        label = f"Megatron-Bridge {RUN_CONFIG_FILE}"
+        return _Record(folder / RUN_CONFIG_FILE, label, f"the model fields of {label}",
+                       args_from_run_config(model, names))
+    if (model := read_nemo_model_yaml(outer)) is None:
+        return None
+    label, why = f"NeMo {NEMO_MODEL_YAML}", None
+    if model.get("vocab_size") is None:
+        model, label, why = nemo_tokenizer_vocab(outer, model, label, meta)
+    return _Record(outer / NEMO_MODEL_YAML, label, f"the model fields of {label}", args_from_run_config(model, names),
+                   f"the tokenizer does not give it: {why}" if why else None)
+
+
 def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | None, names: set[str],
                 meta: dcp.DcpMetadata) -> tuple[Layout, str, dict[str, Any] | None, Path | None]:
     """The head layout and true vocabulary size, where they came from, the config.json to write when the reader
@@ -250,64 +281,37 @@ def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | No
     from (None then too).
 
     In order: a config.json the checkpoint has (its folder and run, verl's ``huggingface/``, NeMo's
-    ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt`` or the
-    ``common_state`` object of ``meta`` (:func:`common_args`), Megatron-Bridge's ``run_config.yaml`` or NeMo's
-    ``context/model.yaml`` (the trained model's own record, before a base model that may be the default one);
-    ``--base-model-name``'s config.json. A NeMo ``model.yaml`` whose ``vocab_size`` is null (NeMo's Llama presets:
-    NeMo padded the tokenizer's size) comes after the base model. ``outer`` is the folder detection claimed,
-    ``folder`` the save in it (:func:`save_folder`).
+    ``context/``, found as convert finds the output's); the save's own record of its model (:func:`_own_record`:
+    the trained model's own record, before a base model that may be the default one); ``--base-model-name``'s
+    config.json. A record without the true vocabulary size (Megatron-LM's args without ``--vocab-size``, NeMo's
+    Llama presets) comes after the base model, which must then describe the model the record describes.
+    ``outer`` is the folder detection claimed, ``folder`` the save in it (:func:`save_folder`).
 
     Raises:
-        ConfigNotFoundError: None of them gives the layout (exit 8).
+        ConfigNotFoundError: None of them gives the layout (exit 8), or the base model is another model.
     """
     own = find_checkpoint_assets(outer, root, asset_dirs(outer), None)  # as convert searches the claimed folder
     if own.config is not None:
         return layout_from_config(read_config(own.config), own.config), str(own.config), None, None
-    args, where, what = common_args(folder, meta, root)
-    if args is not None:
-        layout, config = config_from_args(args, names, where)
-        return layout, f"Megatron-LM args in {what}", config, where
-    yaml_configs = ((folder / RUN_CONFIG_FILE, f"Megatron-Bridge {RUN_CONFIG_FILE}", lambda: read_run_config(folder)),
-                    (outer / NEMO_MODEL_YAML, f"NeMo {NEMO_MODEL_YAML}", lambda: read_nemo_model_yaml(outer)))
-    deferred = None  # NeMo's model.yaml with a null vocab_size and a tokenizer that does not give it
-    for where, what, read in yaml_configs:
-        model = read()
-        if model is None:
-            continue
-        if where == outer / NEMO_MODEL_YAML and model.get("vocab_size") is None:
-            model, what, why = nemo_tokenizer_vocab(outer, model, what, meta)
-            if why is not None and base_model_name:
-                deferred = (where, what, model, why)
-                continue
-            if why is not None:
-                _layout_from_yaml(where, what, model, names, why)
-        return _layout_from_yaml(where, what, model, names)
+    record = _own_record(outer, folder, root, meta, names)
+    vocab = record.args.get("vocab_size") if record is not None else None
+    if record is not None and (type(vocab) is int and vocab > 0 or not base_model_name):
+        layout, config = config_from_args(record.args, names, record.where, record.source, record.no_vocab)
+        return layout, record.label, config, record.where
     base = find_checkpoint_assets(outer, root, asset_dirs(outer), base_model_name) if base_model_name else own
     if base.config is not None:
-        return layout_from_config(read_config(base.config), base.config), str(base.config), None, None
-    if deferred is not None:  # the base gives nothing either: model.yaml's own refusal names what is missing
-        where, what, model, why = deferred
-        _layout_from_yaml(where, what, model, names, why)
+        config = read_config(base.config)
+        layout = layout_from_config(config, base.config)
+        if record is not None:
+            check_base_agrees(record.args, layout, config, base.config, record.source)
+        return layout, str(base.config), None, None
+    if record is not None:  # the base gives nothing either: the record's own refusal names what is missing
+        config_from_args(record.args, names, record.where, record.source, record.no_vocab)
     why = f" ({base.base_model_error})" if base.base_model_error else ""
     raise ConfigNotFoundError(f"found no config.json beside the checkpoint, no Megatron-LM args ({COMMON_FILE} or "
                               f"{COMMON_STATE_KEY.split('/')[0]}) or "
                               f"Bridge {RUN_CONFIG_FILE} or NeMo {NEMO_MODEL_YAML}, and no base model{why} to give "
                               "the head layout and vocabulary size", path=folder, hint=HINT_BASE)
-
-
-def _layout_from_yaml(where: Path, what: str, model: dict[str, Any], names: set[str], why: str | None = None,
-                      ) -> tuple[Layout, str, dict[str, Any], Path]:
-    """The layout and config.json from Bridge's or NeMo's YAML model fields (``what`` names the file in errors;
-    ``why`` the tokenizer did not give a null vocab_size, added to the refusal)."""
-    try:
-        layout, config = config_from_args(args_from_run_config(model, names), names, where,
-                                          source=f"the model fields of {what}")
-    except ConfigNotFoundError as exc:
-        if why is None:
-            raise
-        raise ConfigNotFoundError(f"{exc.message}, and the tokenizer does not give it: {why}", path=exc.path,
-                                  hint=exc.hint) from None
-    return layout, what, config, where
 
 
 def _segments(spec: TensorSpec, pick: Pick, ends: list[int] | None = None) -> list[Segment]:

@@ -99,6 +99,22 @@ def test_a_run_config_missing_what_the_split_needs_is_exit_8(tmp_path, changes, 
     assert "run_config.yaml" in err.value.message and "--base-model-name" in err.value.hint
 
 
+def test_a_run_config_without_the_vocabulary_takes_the_named_base_model(tmp_path):
+    """As Megatron-LM's args: the base model named gives the layout and config, if it is the same model."""
+    import json
+
+    folder, sd = _bridge_save(tmp_path, provider_form(vocab_size=None))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(CONFIG))
+    source = read_megatron(folder, base_model_name=str(base))
+    assert (source.info["layout_from"], source.config) == (str(base / "config.json"), None)
+    assert all(torch.equal(_values(source)[n], v) for n, v in sd.items())
+    (base / "config.json").write_text(json.dumps(dict(CONFIG, num_attention_heads=GROUPS)))
+    with pytest.raises(ConfigNotFoundError, match="another model than the model fields of Megatron-Bridge"):
+        read_megatron(folder, base_model_name=str(base))
+
+
 @pytest.mark.parametrize(("text", "match"), [
     ("model: [1, 2\n", "not valid YAML"),
     ("!!python/object/apply:os.system ['touch pwned']\n", "not valid YAML"),  # safe_load builds no object
