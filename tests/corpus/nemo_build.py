@@ -75,11 +75,8 @@ def _plan(spec: MegatronCaseSpec) -> dict:
 
 
 def _build(specs: list[MegatronCaseSpec]) -> None:
-    torchrun = venv() / "bin" / "torchrun"
-    if not torchrun.is_file():
-        raise RuntimeError(f"no {torchrun}: run `make setup-nemo` (scripts/setup_nemo_venv.sh) first")
-    cache.LAUNCHERS.setdefault(str(torchrun), "--nproc_per_node")
-    CACHE.launch(str(torchrun), "nemo_save.py", 1, {"cases": [_plan(s) for s in specs]}, f"nemo_{specs[0].name}",
+    torchrun = cache.venv_torchrun(venv(), "`make setup-nemo` (scripts/setup_nemo_venv.sh)")
+    CACHE.launch(torchrun, "nemo_save.py", 1, {"cases": [_plan(s) for s in specs]}, f"nemo_{specs[0].name}",
                  env={"DS_ACCELERATOR": None, "PYTHONPATH": str(REPO_ROOT)})
 
 
