@@ -18,21 +18,18 @@
 # dist_checkpointing.save hangs forever when it is missing. The stamp holds the constraints' hash, so a
 # change of pins re-syncs the venv.
 # Measured on the 2-core machine: see the README (Tests) for the cold and re-run times.
+# The steps shared with scripts/setup_nemo_venv.sh (create, install, stamp) are in scripts/cpu_venv.sh.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+script=setup_megatron_venv
 venv="${MEGATRON_VENV:-$repo_root/.venv-megatron}"
-torch_spec="torch==2.13.0+cpu"
 constraints="${MEGATRON_CONSTRAINTS:-$repo_root/constraints/megatron.txt}"
-[[ -f "$constraints" ]] || { echo "error: no constraints file $constraints (MEGATRON_CONSTRAINTS)" >&2; exit 1; }
+constraints_var=MEGATRON_CONSTRAINTS
 stamp="$venv/.megatron-setup-complete"
-stamp_content="$torch_spec constraints $(sha256sum <"$constraints" | cut -c1-16)"
-# Every package named in the constraints file is installed (the file pins the whole venv).
-mapfile -t packages < <(grep -vE '^\s*(#|$)' "$constraints" | sed -E 's/[=<>!~;[ ].*//')
-
-t0=$(date +%s)
-log() { echo "[setup_megatron_venv +$(( $(date +%s) - t0 ))s] $*"; }
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+base_python="${MEGATRON_VENV_PYTHON:-}"
+# shellcheck source=scripts/cpu_venv.sh
+source "$repo_root/scripts/cpu_venv.sh"
 
 verify() {
   "$venv/bin/python" - <<'PY'
@@ -50,34 +47,6 @@ print(f"import megatron.core {megatron.core.__version__} ok (torch {torch.__vers
 PY
 }
 
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$stamp_content" && -x "$venv/bin/python" ]]; then
-  log "venv $venv already complete ($stamp_content); verifying"
-  verify
-  exit 0
-fi
-
-base_python="${MEGATRON_VENV_PYTHON:-}"
-if [[ -z "$base_python" ]]; then
-  if command -v python3.11 >/dev/null 2>&1; then base_python=python3.11; else base_python=python3; fi
-fi
-rm -f "$stamp"
-if [[ ! -x "$venv/bin/python" ]]; then
-  log "creating venv $venv with $base_python ($("$base_python" --version 2>&1))"
-  "$base_python" -m venv "$venv"
-fi
-log "installing $torch_spec (cached CPU wheel only)"
-if ! "${pip[@]}" install --quiet -c "$constraints" "$torch_spec"; then
-  echo "error: could not install $torch_spec; the CPU wheel must be available via PIP_FIND_LINKS" \
-       "(e.g. /opt/wheels). Refusing to fall back to the CUDA build." >&2
-  exit 1
-fi
-log "installing ${#packages[@]} packages pinned by $constraints"
-"${pip[@]}" install --quiet -c "$constraints" "${packages[@]}" "$torch_spec"
-torch_installed="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
-if [[ "$torch_installed" != "2.13.0+cpu" ]]; then
-  echo "error: torch in $venv is $torch_installed, expected 2.13.0+cpu" >&2
-  exit 1
-fi
-verify
-echo "$stamp_content" >"$stamp"
-log "done: $venv ready ($stamp_content)"
+venv_reuse_if_complete
+venv_create_and_install
+venv_finish

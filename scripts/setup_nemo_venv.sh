@@ -16,21 +16,19 @@
 # launchers...), of which the save path imports only what the constraints list. nemo_toolkit ships a top-level
 # `tests` package that would shadow this repo's tests/ (a namespace package): it is removed.
 # The stamp holds the constraints' hash, so a change of pins re-syncs the venv.
+# The steps shared with scripts/setup_megatron_venv.sh (create, install, stamp) are in scripts/cpu_venv.sh.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+script=setup_nemo_venv
 venv="${NEMO_VENV:-$repo_root/.venv-nemo}"
-torch_spec="torch==2.13.0+cpu"
 constraints="${NEMO_CONSTRAINTS:-$repo_root/constraints/nemo.txt}"
-[[ -f "$constraints" ]] || { echo "error: no constraints file $constraints (NEMO_CONSTRAINTS)" >&2; exit 1; }
+constraints_var=NEMO_CONSTRAINTS
 stamp="$venv/.nemo-setup-complete"
-stamp_content="$torch_spec constraints $(sha256sum <"$constraints" | cut -c1-16)"
-mapfile -t packages < <(grep -vE '^\s*(#|$)' "$constraints" | sed -E 's/[=<>!~;[ ].*//')
+base_python="${NEMO_VENV_PYTHON:-}"
+# shellcheck source=scripts/cpu_venv.sh
+source "$repo_root/scripts/cpu_venv.sh"
 mapfile -t no_deps < <(sed -nE 's/^# NO_DEPS +//p' "$constraints")
-
-t0=$(date +%s)
-log() { echo "[setup_nemo_venv +$(( $(date +%s) - t0 ))s] $*"; }
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
 verify() {
   "$venv/bin/python" - <<'PY'
@@ -49,37 +47,9 @@ print(f"import nemo {nemo.__version__} + megatron.core {megatron.core.__version_
 PY
 }
 
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$stamp_content" && -x "$venv/bin/python" ]]; then
-  log "venv $venv already complete ($stamp_content); verifying"
-  verify
-  exit 0
-fi
-
-base_python="${NEMO_VENV_PYTHON:-}"
-if [[ -z "$base_python" ]]; then
-  if command -v python3.11 >/dev/null 2>&1; then base_python=python3.11; else base_python=python3; fi
-fi
-rm -f "$stamp"
-if [[ ! -x "$venv/bin/python" ]]; then
-  log "creating venv $venv with $base_python ($("$base_python" --version 2>&1))"
-  "$base_python" -m venv "$venv"
-fi
-log "installing $torch_spec (cached CPU wheel only)"
-if ! "${pip[@]}" install --quiet -c "$constraints" "$torch_spec"; then
-  echo "error: could not install $torch_spec; the CPU wheel must be available via PIP_FIND_LINKS" \
-       "(e.g. /opt/wheels). Refusing to fall back to the CUDA build." >&2
-  exit 1
-fi
-log "installing ${#packages[@]} packages pinned by $constraints"
-"${pip[@]}" install --quiet -c "$constraints" "${packages[@]}" "$torch_spec"
+venv_reuse_if_complete
+venv_create_and_install
 log "installing ${no_deps[*]} without their dependencies"
 "${pip[@]}" install --quiet --no-deps "${no_deps[@]}"
 rm -rf "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tests"
-torch_installed="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
-if [[ "$torch_installed" != "2.13.0+cpu" ]]; then
-  echo "error: torch in $venv is $torch_installed, expected 2.13.0+cpu" >&2
-  exit 1
-fi
-verify
-echo "$stamp_content" >"$stamp"
-log "done: $venv ready ($stamp_content)"
+venv_finish

@@ -231,6 +231,9 @@ def test_inspect_and_batch_list_the_runs_saves(conv, tmp_path):
     assert code == 0, stderr
     (report,) = json.loads(stdout)["inputs"]
     assert report["format"] == "megatron"
+    # The args in common.pt come before the base model named: convert writes the config built from them.
+    chosen = run / f"iter_{meta['expected_step']:07d}"
+    assert (report["assets"]["config"], report["assets"]["from"]["config"]) == (str(chosen / "common.pt"), "built")
     listed = [(c["name"], c["chosen"], c["holds"][0]) for c in report["checkpoints"]]
     want = [f"iter_{c['step']:07d}" for c in meta["checkpoints"]]
     assert listed == [(n, n.endswith(f"{meta['expected_step']:07d}"), "megatron") for n in want]

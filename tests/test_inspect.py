@@ -49,18 +49,24 @@ def _lines(text: str) -> list[str]:
 
 # -- every corpus kind: the exact human report ------------------------------------------------------------
 
+# peak RAM: write.estimates (the writer's buffers follow each tensor's chunks and ranges, so equal sizes can differ)
 _OUT_2MB = """\
-output:        float32   2.0 MB in 1 file, peak RAM ~472.0 MB
-               bfloat16  1.0 MB in 1 file, peak RAM ~488.8 MB
-               float16   1.0 MB in 1 file, peak RAM ~488.8 MB"""
-_OUT_1_5MB = """\
-output:        float32   1.5 MB in 1 file, peak RAM ~472.1 MB
-               bfloat16  767.0 kB in 1 file, peak RAM ~488.8 MB
-               float16   767.0 kB in 1 file, peak RAM ~488.8 MB"""
+output:        float32   2.0 MB in 1 file, peak RAM ~473.3 MB
+               bfloat16  1.0 MB in 1 file, peak RAM ~473.6 MB
+               float16   1.0 MB in 1 file, peak RAM ~473.6 MB"""
+
+
+def _out_1_5mb(fp32_ram: str) -> str:
+    return f"""\
+output:        float32   1.5 MB in 1 file, peak RAM ~{fp32_ram} MB
+               bfloat16  767.0 kB in 1 file, peak RAM ~473.6 MB
+               float16   767.0 kB in 1 file, peak RAM ~473.6 MB"""
+
+
 _OUT_520KB = """\
-output:        float32   519.8 kB in 1 file, peak RAM ~472.0 MB
-               bfloat16  259.9 kB in 1 file, peak RAM ~488.8 MB
-               float16   259.9 kB in 1 file, peak RAM ~488.8 MB"""
+output:        float32   519.8 kB in 1 file, peak RAM ~472.4 MB
+               bfloat16  259.9 kB in 1 file, peak RAM ~472.4 MB
+               float16   259.9 kB in 1 file, peak RAM ~472.4 MB"""
 
 #: inspect's --quantize sizes (exact: tests/test_quantize_moe.py)
 _Q_LLAMA = "quantized:     fp8_dynamic 198.5 kB, fp8_block 196.7 kB, w8a8 198.5 kB (--quantize, from names and shapes)"
@@ -122,7 +128,7 @@ checkpoints:   1 found (* = the one convert reads)
 chosen:        <corpus>/qwen2_z3_w2_bf16_tied/ckpt/global_step2 (tag 'global_step2' from <corpus>/qwen2_z3_w2_bf16_tied/ckpt/latest)
 tensors:       26 tensors, 383,488 parameters; dropped tied lm_head.weight
 largest:       model.embed_tokens.weight [1001, 128] float32, 512.5 kB
-{_OUT_1_5MB}
+{_out_1_5mb("473.4")}
 {_Q_QWEN2}
 {_assets("<corpus>/qwen2_z3_w2_bf16_tied/ckpt")}
 architectures: config has architectures: yes (Qwen2ForCausalLM)
@@ -143,7 +149,7 @@ checkpoints:   6 found (* = the one convert reads)
 chosen:        <corpus>/trainer_qwen2_z2_bf16/run/checkpoint-6/global_step6 (latest checkpoint by step: checkpoint-6; tag 'global_step6' from <corpus>/trainer_qwen2_z2_bf16/run/checkpoint-6/latest)
 tensors:       26 tensors, 383,488 parameters; dropped tied lm_head.weight
 largest:       model.embed_tokens.weight [1001, 128] float32, 512.5 kB
-{_OUT_1_5MB}
+{_out_1_5mb("473.3")}
 {_Q_QWEN2}
 {_assets("<corpus>/trainer_qwen2_z2_bf16/run/checkpoint-6")}
 architectures: config has architectures: yes (Qwen2ForCausalLM)
@@ -174,9 +180,9 @@ checkpoints:   none (no checkpoint-N or global_stepN folder in or below the inpu
 chosen:        <corpus>/hf_llama_sharded_bf16/model (HF weights in the folder given)
 tensors:       21 tensors, 511,104 parameters
 largest:       model.embed_tokens.weight [1001, 128] bfloat16, 256.3 kB
-output:        float32   2.0 MB in 1 file, peak RAM ~488.8 MB
-               bfloat16  1.0 MB in 1 file, peak RAM ~472.0 MB
-               float16   1.0 MB in 1 file, peak RAM ~488.8 MB
+output:        float32   2.0 MB in 1 file, peak RAM ~473.6 MB
+               bfloat16  1.0 MB in 1 file, peak RAM ~472.7 MB
+               float16   1.0 MB in 1 file, peak RAM ~473.1 MB
 {_Q_LLAMA_BIG}
 {_assets("<corpus>/hf_llama_sharded_bf16/model")}
 architectures: config has architectures: yes (LlamaForCausalLM)
@@ -190,7 +196,7 @@ checkpoints:   none (no checkpoint-N or global_stepN folder in or below the inpu
 chosen:        <corpus>/hf_qwen2_single_fp32_tied/model (HF weights in the folder given)
 tensors:       26 tensors, 383,488 parameters
 largest:       model.embed_tokens.weight [1001, 128] float32, 512.5 kB
-{_OUT_1_5MB}
+{_out_1_5mb("473.2")}
 {_Q_QWEN2}
 {_assets("<corpus>/hf_qwen2_single_fp32_tied/model")}
 architectures: config has architectures: yes (Qwen2ForCausalLM)
@@ -229,9 +235,9 @@ checkpoints:   1 found (* = the one convert reads)
 chosen:        <tmp>/runs/b/global_step2 (tag 'global_step2' from <tmp>/runs/b/latest)
 tensors:       21 tensors, 129,954 parameters
 largest:       lm_head.weight [503, 66] float32, 132.8 kB
-output:        float32   519.8 kB in 1 file, peak RAM ~488.8 MB
-               bfloat16  259.9 kB in 1 file, peak RAM ~488.8 MB
-               float16   259.9 kB in 1 file, peak RAM ~488.8 MB
+output:        float32   519.8 kB in 1 file, peak RAM ~472.7 MB
+               bfloat16  259.9 kB in 1 file, peak RAM ~472.4 MB
+               float16   259.9 kB in 1 file, peak RAM ~472.6 MB
 {_Q_LLAMA}
 {_assets("<corpus>/mistral_z2_w2_fp16_frozen/ckpt")}
 architectures: config has architectures: yes (MistralForCausalLM)

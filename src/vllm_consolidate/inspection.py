@@ -256,6 +256,7 @@ def _find_config(report: InputReport, detected: detection.DetectedInput, source:
     if assets.tokenizer_dir is None:
         report.warnings.append(NO_TOKENIZER_WARNING)
     if source is not None and source.config is not None:  # built by the reader (Megatron-LM args), as convert writes
+        _built_config_origin(report.assets, source)
         return dict(source.config)
     if assets.config is None:
         report.problems.append(Problem.of(missing_config(assets, detected.weights_dir)))
@@ -281,7 +282,16 @@ def _assets_dict(assets: Assets) -> dict[str, Any]:
                  "tokenizer": origin(assets.tokenizer_dir)},
         "base_model": str(assets.base_model_dir) if assets.base_model_dir else None,
         "base_model_error": assets.base_model_error,
+        "config_built_from": None,
     }
+
+
+def _built_config_origin(assets: dict[str, Any], source: SourceModel) -> None:
+    """Name the file the reader built config.json from (Megatron's args, Bridge's or NeMo's YAML): convert writes
+    that config, not one found beside the checkpoint or in a base model."""
+    assets["config"] = source.info.get("config_file")
+    assets["from"]["config"] = "built"
+    assets["config_built_from"] = source.info.get("layout_from")
 
 
 def _describe_precision(report: InputReport, source: SourceModel | None, config: dict | None) -> None:

@@ -94,6 +94,20 @@ def _subprocess_env(world_size: int) -> dict[str, str]:
 LAUNCHERS: dict[str, str] = {"deepspeed": "--num_gpus", "torchrun": "--nproc_per_node"}
 
 
+def venv_torchrun(venv: Path, setup: str) -> str:
+    """The ``torchrun`` of a builder's own venv (Megatron's, NeMo's) as a :meth:`Cache.launch` launcher: an absolute
+    path, which replaces the folder of ``sys.executable``. ``setup`` says how to make the venv.
+
+    Raises:
+        RuntimeError: The venv has no ``torchrun``.
+    """
+    torchrun = venv / "bin" / "torchrun"
+    if not torchrun.is_file():
+        raise RuntimeError(f"no {torchrun}: run {setup} first")
+    LAUNCHERS.setdefault(str(torchrun), "--nproc_per_node")
+    return str(torchrun)
+
+
 #: A summary-table column: header, then the ``case.json`` key or a function of ``case.json``.
 Column = tuple[str, "str | Callable[[dict[str, Any]], str]"]
 #: Columns every registry's table shows.

@@ -256,11 +256,7 @@ def next_dir() -> Path:
 
 def _build_group(specs: list[MegatronCaseSpec]) -> None:
     """One ``torchrun`` launch (the megatron venv's) building a group of cases of one world size and release."""
-    torchrun = venv() / "bin" / "torchrun"
-    if not torchrun.is_file():
-        raise RuntimeError(f"no {torchrun}: run `make setup-megatron` (scripts/setup_megatron_venv.sh) first")
-    # Cache.launch runs <dir of sys.executable>/<launcher>; an absolute launcher path replaces that dir.
-    cache.LAUNCHERS.setdefault(str(torchrun), "--nproc_per_node")
+    torchrun = cache.venv_torchrun(venv(), "`make setup-megatron` (scripts/setup_megatron_venv.sh)")
     ws, mcore = specs[0].world_size, specs[0].options.get("mcore")
     path, label = str(REPO_ROOT), f"megatron_w{ws}"
     if mcore:  # the newer release's source first on the path, over the venv's 0.16
@@ -269,7 +265,7 @@ def _build_group(specs: list[MegatronCaseSpec]) -> None:
         path, label = f"{next_dir()}{os.pathsep}{path}", f"{label}_mcore{mcore}"
     plan = {"cases": [s.plan(case_dir(s.name)) for s in specs]}
     # NO_VCS_VERSION: megatron-core 0.19 appends the hash of the git repository holding its source to __version__.
-    CACHE.launch(str(torchrun), "megatron_train.py", ws, plan, label,
+    CACHE.launch(torchrun, "megatron_train.py", ws, plan, label,
                  env={"DS_ACCELERATOR": None, "PYTHONPATH": path, "NO_VCS_VERSION": "1"})
 
 

@@ -17,8 +17,8 @@ Case directory layout (``<root>/<case>/``)::
     case.json               metadata: the Megatron case schema (tests/corpus/megatron_build.py) with kind "nemo2",
                             plus nemo_version; layout = {weights: facts of weights/, files: every file of nemo/}
     truth/final.safetensors what transformers' save_pretrained writes for the verified HF model
-    hf/                     that model's config.json + tokenizer (--base-model-name only where model.yaml has no
-                            vocab_size: tests/corpus/nemo_check.py)
+    hf/                     that model's config.json + tokenizer (tests/corpus/nemo_check.py also converts with it
+                            as --base-model-name where model.yaml has no vocab_size, for the same weights)
     nemo/                   the NeMo 2 checkpoint: weights/ (metadata.json, .metadata, __0_*.distcp, common.pt),
                             context/ (io.json, model.yaml, nemo_tokenizer/)
 """
@@ -46,6 +46,8 @@ _SPECS = [
                      "io_dump): weights/ with module.-prefixed keys and Lightning's common.pt (no args), context/ "
                      "with model.yaml (Qwen2Config: QKV bias, vocab_size preset so unpadded) and nemo_tokenizer/; "
                      "fp32, untied, TP=1", seed=21),
+    # Its covers text predates reading the vocabulary from the tokenizer (convert no longer needs the base model);
+    # it is part of the spec hash, so changing it would rebuild the case (which needs the NeMo venv).
     MegatronCaseSpec("nemo2_llama_vocab_from_tokenizer", "torch_dist", _model("llama"),
                      "NeMo 2 save of llm.LlamaModel whose config leaves vocab_size None (NeMo's Llama presets): NeMo "
                      "pads the tokenizer's 480 to 512 rows and model.yaml records no vocabulary size, so convert "
@@ -73,11 +75,8 @@ def _plan(spec: MegatronCaseSpec) -> dict:
 
 
 def _build(specs: list[MegatronCaseSpec]) -> None:
-    torchrun = venv() / "bin" / "torchrun"
-    if not torchrun.is_file():
-        raise RuntimeError(f"no {torchrun}: run `make setup-nemo` (scripts/setup_nemo_venv.sh) first")
-    cache.LAUNCHERS.setdefault(str(torchrun), "--nproc_per_node")
-    CACHE.launch(str(torchrun), "nemo_save.py", 1, {"cases": [_plan(s) for s in specs]}, f"nemo_{specs[0].name}",
+    torchrun = cache.venv_torchrun(venv(), "`make setup-nemo` (scripts/setup_nemo_venv.sh)")
+    CACHE.launch(torchrun, "nemo_save.py", 1, {"cases": [_plan(s) for s in specs]}, f"nemo_{specs[0].name}",
                  env={"DS_ACCELERATOR": None, "PYTHONPATH": str(REPO_ROOT)})
 
 

@@ -7,10 +7,11 @@ budget. Run it with ``make check-nemo`` (set-up, build, check), or once the case
 
 The input is the bare NeMo folder (``nemo/``: ``weights/`` + ``context/``) with NO ``--base-model-name``: the head
 layout and vocabulary must come from ``context/model.yaml`` and the tokenizer from the folder ``model.yaml`` names
-in ``context/``; where model.yaml records no vocabulary size (NeMo padded the tokenizer's), convert must stop with
-exit 8 naming ``--base-model-name``, and then convert with it. The output's tensors must equal the truth (gathered
-from the live model and verified by logits when the case was written) bit for bit, its config.json must have the truth's
-fields, and its tokenizer must be the one NeMo copied.
+in ``context/``; where model.yaml records no vocabulary size (NeMo padded the tokenizer's), from the size of that
+tokenizer (read/megatron_nemo.py), and convert with ``--base-model-name`` (the model's HF config) must write the
+same weights, byte for byte. The output's tensors must equal the truth (gathered from the live model and verified by
+logits when the case was written) bit for bit, its config.json must have the truth's fields, and its tokenizer must
+be the one NeMo copied.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from tests.corpus import nemo_build
 
 from vllm_consolidate import cli
 
-#: The cases, and whether convert needs ``--base-model-name``: model.yaml without vocab_size (NeMo padded the
-#: tokenizer's size) gives no true vocabulary size, and convert must stop with exit 8 rather than guess it.
+#: The cases, and whether model.yaml records no vocab_size (NeMo padded the tokenizer's size): the tokenizer in
+#: context/ gives it, and the base model's config.json must give the same weights.
 CASES = {"nemo2_qwen2_fp32": False, "nemo2_llama_vocab_from_tokenizer": True}
 #: config.json fields that must equal the truth's (those the HF model's shapes and numerics depend on).
 FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -45,17 +46,18 @@ def _convert(ckpt: Path, out: Path, base: str) -> tuple[int, str]:
     return code, stderr.getvalue().strip()
 
 
-def check(case_dir: Path, out: Path, needs_base: bool) -> list[str]:
+def check(case_dir: Path, out: Path, vocab_from_tokenizer: bool) -> list[str]:
     """Convert the case into ``out``; return what differs from the truth (empty: all equal)."""
     ckpt = case_dir / "nemo"
     code, stderr = _convert(ckpt, out, "")
-    if needs_base:
-        if code != 8 or "--base-model-name" not in stderr:
-            return [f"without --base-model-name convert exited {code}, not 8 naming it: {stderr}"]
-        code, stderr = _convert(ckpt, out, str(case_dir / "hf"))
     if code != 0:
         return [f"convert exited {code}: {stderr}"]
     problems = []
+    if vocab_from_tokenizer:
+        with_base = out.with_name(out.name + "-with-base")
+        code, stderr = _convert(ckpt, with_base, str(case_dir / "hf"))
+        if code != 0 or (with_base / "model.safetensors").read_bytes() != (out / "model.safetensors").read_bytes():
+            problems.append(f"with --base-model-name convert exited {code} or wrote other weights: {stderr}")
     got, want = load_file(out / "model.safetensors"), load_file(case_dir / "truth" / "final.safetensors")
     if sorted(got) != sorted(want):
         problems.append(f"tensor names differ: {sorted(set(got) ^ set(want))}")

@@ -82,7 +82,9 @@ def print_summary(result) -> None:
 
 
 def _print_model_assets(result, origin: dict) -> None:
-    print(f"config:     {origin.get('config')}")
+    d = result.detected  # a config the reader built (Megatron's args, Bridge's or NeMo's YAML) is what is written
+    built = f"built from {d['layout_from']} ({d['config_file']})" if d.get("config_file") else None
+    print(f"config:     {built or origin.get('config') or 'none'}")
     note = (result.architectures or {}).get("message")
     if note:
         print(f"architectures: {note}")

@@ -201,6 +201,8 @@ def _asset_lines(inp: Any) -> list[str]:
     origin = " (from the adapter's base model)" if inp.format == "lora_merge" else " (from --base-model-name)"
 
     def where(key: str, path: str | None, extra: str = "") -> str:
+        if a["from"][key] == "built":  # the reader builds it from the checkpoint's own record of its model
+            return f"built from {a['config_built_from']}" + (f" ({path})" if path else "")
         if path is None:
             return "none"
         return path + (origin if a["from"][key] == "base_model" else "") + extra

@@ -154,12 +154,23 @@ def read_nemo_tokenizer_name(folder: Path) -> str | None:
     Raises:
         CorruptCheckpointError: ``model.yaml`` is too large or not YAML.
     """
-    config = _load_yaml(Path(folder) / NEMO_MODEL_YAML)
-    tokenizer = config.get("tokenizer") if type(config) is dict else None
-    name = tokenizer.get("pretrained_model_name") if type(tokenizer) is dict else None
+    tokenizer = read_nemo_tokenizer(folder)
+    name = tokenizer.get("pretrained_model_name") if tokenizer is not None else None
     if type(name) is not str or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
         return None
     return name
+
+
+def read_nemo_tokenizer(folder: Path) -> dict[str, Any] | None:
+    """The ``tokenizer:`` mapping of NeMo 2's ``folder/context/model.yaml`` (plain data; its ``_target_`` a string);
+    None when there is no such file or mapping.
+
+    Raises:
+        CorruptCheckpointError: ``model.yaml`` is too large or not YAML.
+    """
+    config = _load_yaml(Path(folder) / NEMO_MODEL_YAML)
+    tokenizer = config.get("tokenizer") if type(config) is dict else None
+    return tokenizer if type(tokenizer) is dict else None
 
 
 def _load_yaml(path: Path) -> Any:
@@ -194,4 +205,4 @@ def _model_section(path: Path, section: str) -> dict[str, Any] | None:
 
 __all__ = ["ALLOW", "COMMON_FILE", "COMMON_STATE_KEY", "MAX_COMMON_STATE_BYTES", "MAX_RUN_CONFIG_BYTES",
            "NEMO_MODEL_YAML", "RUN_CONFIG_FILE", "read_args", "read_common_state_args", "read_nemo_model_yaml",
-           "read_nemo_tokenizer_name", "read_run_config"]
+           "read_nemo_tokenizer", "read_nemo_tokenizer_name", "read_run_config"]

@@ -31,7 +31,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vllm_consolidate.errors import (
     ConfigNotFoundError,
@@ -50,7 +50,6 @@ from vllm_consolidate.formats.megatron_common import (
     read_args,
     read_common_state_args,
     read_nemo_model_yaml,
-    read_nemo_tokenizer_name,
     read_run_config,
 )
 from vllm_consolidate.limits import brief
@@ -62,10 +61,12 @@ from vllm_consolidate.read.hf import check_weight_file
 from vllm_consolidate.read.megatron_config import (
     HINT_BASE,
     args_from_run_config,
+    check_base_agrees,
     config_from_args,
     layout_from_config,
 )
 from vllm_consolidate.read.megatron_names import Layout, Pick, model_name, picks
+from vllm_consolidate.read.megatron_nemo import nemo_tokenizer_dir, nemo_tokenizer_vocab
 from vllm_consolidate.read.steps import Checkpoint, SaveList
 from vllm_consolidate.read.zero_locate import ResolvedCheckpoint, confine_chosen
 from vllm_consolidate.safe_io import MAX_TAG_BYTES, read_json, read_text
@@ -225,21 +226,6 @@ def asset_dirs(folder: Path) -> list[Path]:
     return found + [named] if named is not None and named not in found else found
 
 
-def nemo_tokenizer_dir(folder: Path) -> Path | None:
-    """``context/<name>``, the copy of the tokenizer NeMo 2's ``io_dump`` made, as ``context/model.yaml`` names it
-    (``nemo_tokenizer`` only after NeMo's HF import); None when it names none that is a folder there.
-
-    Raises:
-        UnsafeInputError: That folder is a symlink out of ``context/``.
-        CorruptCheckpointError: ``model.yaml`` is too large or not YAML.
-    """
-    context = folder / NEMO_MODEL_YAML.parent
-    name = read_nemo_tokenizer_name(folder) if context.is_dir() else None
-    if name is None or not (context / name).is_dir():
-        return None
-    return confine_chosen(context / name, context)
-
-
 def common_args(folder: Path, meta: dcp.DcpMetadata, root: Path) -> tuple[dict[str, Any] | None, Path, str]:
     """Megatron-LM's args, the file they are in and how to name where: from ``common.pt`` when the save has one
     (megatron-core up to 0.18; it wins, as in megatron-core's own load), else from the ``common_state`` object
@@ -258,58 +244,74 @@ def common_args(folder: Path, meta: dcp.DcpMetadata, root: Path) -> tuple[dict[s
     return read_common_state_args(path, start, length), path, f"{COMMON_STATE_KEY} in {name}"
 
 
+class _Record(NamedTuple):
+    """The save's own record of its model, as Megatron-LM ``args`` fields (:func:`_own_record`)."""
+
+    where: Path  # the file
+    label: str  # how ``layout_from`` names it
+    source: str  # how errors name it
+    args: dict[str, Any]
+    no_vocab: str | None = None  # why nothing gave a vocabulary size the record lacks (NeMo's tokenizer)
+
+
+def _own_record(outer: Path, folder: Path, root: Path, meta: dcp.DcpMetadata, names: set[str]) -> _Record | None:
+    """Megatron-LM's args in ``common.pt`` or the ``common_state`` object of ``meta`` (:func:`common_args`),
+    else Megatron-Bridge's ``run_config.yaml``, else NeMo's ``context/model.yaml`` (a null ``vocab_size``, as
+    NeMo's Llama presets leave it, given by the size of NeMo's copy of the tokenizer when it can be); None."""
+    args, where, what = common_args(folder, meta, root)
+    if args is not None:
+        return _Record(where, f"Megatron-LM args in {what}", "Megatron-LM's args", args)
+    if (model := read_run_config(folder)) is not None:
+        label = f"Megatron-Bridge {RUN_CONFIG_FILE}"
+        return _Record(folder / RUN_CONFIG_FILE, label, f"the model fields of {label}",
+                       args_from_run_config(model, names))
+    if (model := read_nemo_model_yaml(outer)) is None:
+        return None
+    label, why = f"NeMo {NEMO_MODEL_YAML}", None
+    if model.get("vocab_size") is None:
+        model, label, why = nemo_tokenizer_vocab(outer, model, label, meta)
+    return _Record(outer / NEMO_MODEL_YAML, label, f"the model fields of {label}", args_from_run_config(model, names),
+                   f"the tokenizer does not give it: {why}" if why else None)
+
+
 def find_layout(outer: Path, folder: Path, root: Path, base_model_name: str | None, names: set[str],
-                meta: dcp.DcpMetadata) -> tuple[Layout, str, dict[str, Any] | None]:
-    """The head layout and true vocabulary size, where they came from, and the config.json to write when
-    the reader builds it (from args; None when a config.json is found, which convert then copies).
+                meta: dcp.DcpMetadata) -> tuple[Layout, str, dict[str, Any] | None, Path | None]:
+    """The head layout and true vocabulary size, where they came from, the config.json to write when the reader
+    builds it (from args; None when a config.json is found, which convert then copies) and the file it is built
+    from (None then too).
 
     In order: a config.json the checkpoint has (its folder and run, verl's ``huggingface/``, NeMo's
-    ``context/``, found as convert finds the output's); Megatron-LM's args in ``common.pt`` or the
-    ``common_state`` object of ``meta`` (:func:`common_args`), Megatron-Bridge's ``run_config.yaml`` or NeMo's
-    ``context/model.yaml`` (the trained model's own record, before a base model that may be the default one);
-    ``--base-model-name``'s config.json. A NeMo ``model.yaml`` whose ``vocab_size`` is null (NeMo's Llama presets:
-    NeMo padded the tokenizer's size) comes after the base model. ``outer`` is the folder detection claimed,
-    ``folder`` the save in it (:func:`save_folder`).
+    ``context/``, found as convert finds the output's); the save's own record of its model (:func:`_own_record`:
+    the trained model's own record, before a base model that may be the default one); ``--base-model-name``'s
+    config.json. A record without the true vocabulary size (Megatron-LM's args without ``--vocab-size``, NeMo's
+    Llama presets) comes after the base model, which must then describe the model the record describes.
+    ``outer`` is the folder detection claimed, ``folder`` the save in it (:func:`save_folder`).
 
     Raises:
-        ConfigNotFoundError: None of them gives the layout (exit 8).
+        ConfigNotFoundError: None of them gives the layout (exit 8), or the base model is another model.
     """
     own = find_checkpoint_assets(outer, root, asset_dirs(outer), None)  # as convert searches the claimed folder
     if own.config is not None:
-        return layout_from_config(read_config(own.config), own.config), str(own.config), None
-    args, where, what = common_args(folder, meta, root)
-    if args is not None:
-        layout, config = config_from_args(args, names, where)
-        return layout, f"Megatron-LM args in {what}", config
-    yaml_configs = ((folder / RUN_CONFIG_FILE, f"Megatron-Bridge {RUN_CONFIG_FILE}", lambda: read_run_config(folder)),
-                    (outer / NEMO_MODEL_YAML, f"NeMo {NEMO_MODEL_YAML}", lambda: read_nemo_model_yaml(outer)))
-    deferred = None  # NeMo's model.yaml with a null vocab_size (NeMo padded the tokenizer's): after the base model
-    for where, what, read in yaml_configs:
-        model = read()
-        if model is None:
-            continue
-        if where == outer / NEMO_MODEL_YAML and model.get("vocab_size") is None and base_model_name:
-            deferred = (where, what, model)
-            continue
-        return _layout_from_yaml(where, what, model, names)
+        return layout_from_config(read_config(own.config), own.config), str(own.config), None, None
+    record = _own_record(outer, folder, root, meta, names)
+    vocab = record.args.get("vocab_size") if record is not None else None
+    if record is not None and (type(vocab) is int and vocab > 0 or not base_model_name):
+        layout, config = config_from_args(record.args, names, record.where, record.source, record.no_vocab)
+        return layout, record.label, config, record.where
     base = find_checkpoint_assets(outer, root, asset_dirs(outer), base_model_name) if base_model_name else own
     if base.config is not None:
-        return layout_from_config(read_config(base.config), base.config), str(base.config), None
-    if deferred is not None:  # the base gives nothing either: model.yaml's own refusal names what is missing
-        _layout_from_yaml(*deferred, names)
+        config = read_config(base.config)
+        layout = layout_from_config(config, base.config)
+        if record is not None:
+            check_base_agrees(record.args, layout, config, base.config, record.source)
+        return layout, str(base.config), None, None
+    if record is not None:  # the base gives nothing either: the record's own refusal names what is missing
+        config_from_args(record.args, names, record.where, record.source, record.no_vocab)
     why = f" ({base.base_model_error})" if base.base_model_error else ""
     raise ConfigNotFoundError(f"found no config.json beside the checkpoint, no Megatron-LM args ({COMMON_FILE} or "
                               f"{COMMON_STATE_KEY.split('/')[0]}) or "
                               f"Bridge {RUN_CONFIG_FILE} or NeMo {NEMO_MODEL_YAML}, and no base model{why} to give "
                               "the head layout and vocabulary size", path=folder, hint=HINT_BASE)
-
-
-def _layout_from_yaml(where: Path, what: str, model: dict[str, Any], names: set[str],
-                      ) -> tuple[Layout, str, dict[str, Any]]:
-    """The layout and config.json from Bridge's or NeMo's YAML model fields (``what`` names the file in errors)."""
-    layout, config = config_from_args(args_from_run_config(model, names), names, where,
-                                      source=f"the model fields of {what}")
-    return layout, what, config
 
 
 def _segments(spec: TensorSpec, pick: Pick, ends: list[int] | None = None) -> list[Segment]:
@@ -395,7 +397,8 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
     if not names:
         raise UnsupportedCheckpointError("this Megatron-Core checkpoint holds no model weights (only optimizer or "
                                          "other state)", path=meta.path)
-    layout, layout_from, config = find_layout(outer, folder, roots[0], base_model_name, set(names.values()), meta)
+    layout, layout_from, config, config_file = find_layout(outer, folder, roots[0], base_model_name,
+                                                           set(names.values()), meta)
     entries = len(meta.tensors) + len(meta.byte_keys)
     meta.tensors = {key: meta.tensors[key] for key in names}  # only the model's files must be present
     planned = _plan(meta.tensors, names, layout, meta.path)
@@ -417,6 +420,7 @@ def read_megatron(folder: Path, root: Path | None = None, model_key: str | None 
     info = {
         "type": "megatron",
         "layout_from": layout_from,
+        "config_file": str(config_file) if config_file is not None else None,  # what a built config.json is from
         "heads": layout.heads,
         "query_groups": layout.groups,
         "head_dim": layout.head_dim,

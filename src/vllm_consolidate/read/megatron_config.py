@@ -113,26 +113,53 @@ def _epsilon(args: dict[str, Any]) -> float:
     return 1e-5
 
 
+def _heads(args: dict[str, Any]) -> tuple[int | None, int | None, int | None, int | None]:
+    """``(heads, query groups, head_dim, hidden)`` as the args give them (None where they do not)."""
+    heads = _int(args.get("num_attention_heads"))
+    groups = _int(args.get("num_query_groups")) if args.get("group_query_attention") else heads
+    hidden = _int(args.get("hidden_size"))
+    head_dim = _int(args.get("kv_channels")) or (hidden // heads if heads and hidden else None)
+    return heads, groups, head_dim, hidden
+
+
+def check_base_agrees(args: dict[str, Any], layout: Layout, config: dict, where: Path, source: str) -> None:
+    """A base model's config.json (``layout`` read from it) describes the model the args describe: the head layout,
+    width and depth the args record. The option has a default (a Hub id), which must not give its layout to
+    another model whose args lack only the vocabulary size.
+
+    Raises:
+        ConfigNotFoundError: They differ (the first difference named).
+    """
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    heads, groups, head_dim, hidden = _heads(args)
+    pairs = (("num_attention_heads", layout.heads, heads), ("num_key_value_heads", layout.groups, groups),
+             ("head_dim", layout.head_dim, head_dim), ("hidden_size", _int(text.get("hidden_size")), hidden),
+             ("num_hidden_layers", _int(text.get("num_hidden_layers")), _int(args.get("num_layers"))))
+    for field, base, own in pairs:
+        if own is not None and base != own:
+            raise ConfigNotFoundError(f"the base model's config.json describes another model than {source}: "
+                                      f"{field} {base}, not {own}", path=where,
+                                      hint="Pass --base-model-name with the model this checkpoint was trained from.")
+
+
 def config_from_args(args: dict[str, Any], names: set[str], where: Path, source: str = "Megatron-LM's args",
-                     ) -> tuple[Layout, dict[str, Any]]:
+                     no_vocab: str | None = None) -> tuple[Layout, dict[str, Any]]:
     """The layout and an HF config.json for a checkpoint known only by Megatron-LM's ``args`` (or Megatron-Bridge's
-    run config, as :func:`args_from_run_config` maps it; ``source`` names which in errors).
+    run config, as :func:`args_from_run_config` maps it; ``source`` names which in errors, ``no_vocab`` why nothing
+    else gave a missing vocabulary size).
 
     Raises:
         ConfigNotFoundError: The args lack what the layout or the config needs (the true vocabulary size,
             the head layout), or describe a model no HF architecture here matches (LayerNorm, GELU).
     """
-    heads = _int(args.get("num_attention_heads"))
-    groups = _int(args.get("num_query_groups")) if args.get("group_query_attention") else heads
-    hidden = _int(args.get("hidden_size"))
-    head_dim = _int(args.get("kv_channels")) or (hidden // heads if heads and hidden else None)
+    heads, groups, head_dim, hidden = _heads(args)
     if not (heads and groups and head_dim and hidden) or heads % groups:
         raise ConfigNotFoundError(f"{source} give no usable head layout (num_attention_heads {heads}, "
                                   f"num_query_groups {groups}, kv_channels {head_dim})", path=where, hint=HINT_BASE)
     vocab = _int(args.get("vocab_size"))
     if vocab is None:
-        raise ConfigNotFoundError(f"{source} record only the padded vocabulary size, not the tokenizer's",
-                                  path=where, hint=HINT_BASE)
+        raise ConfigNotFoundError(f"{source} record only the padded vocabulary size, not the tokenizer's"
+                                  + (f", and {no_vocab}" if no_vocab else ""), path=where, hint=HINT_BASE)
     if args.get("normalization") not in ("RMSNorm", None) or args.get("swiglu") is False:
         raise ConfigNotFoundError(f"{source} describe a {args.get('normalization')} / "
                                   f"{'SwiGLU' if args.get('swiglu') else 'non-gated'} model, which no architecture "
@@ -154,4 +181,5 @@ def config_from_args(args: dict[str, Any], names: set[str], where: Path, source:
     return Layout(heads, groups, head_dim, vocab, mixtral=model_type == "mixtral"), config
 
 
-__all__ = ["HINT_BASE", "architecture_of", "args_from_run_config", "config_from_args", "layout_from_config"]
+__all__ = ["HINT_BASE", "architecture_of", "args_from_run_config", "check_base_agrees", "config_from_args",
+           "layout_from_config"]

@@ -1,8 +1,10 @@
 """What writing a plan costs in memory, from its metadata alone (``inspect``'s estimate, ``batch``'s admission).
 
 RAM = :data:`JOB_BASE_RSS` (interpreter, torch, metadata: measured peak RSS of one worker converting a tiny
-model) + the writer's buffers (its threads x 2 x ``CAST_CHUNK_BYTES`` when a dtype changes; the largest tensor +
-``CHUNK_BYTES`` for ``.bin``) + :data:`QUANTIZE_RSS` with ``--quantize``.
+model) + the writer's buffers (:func:`writer_buffers`: for safetensors, each of its ``WORKERS`` threads keeps every
+buffer it used at its largest size: per kind, the largest a job of the plan asks for, as
+``write.safetensors.job_buffers`` sizes them from the writer's chunk constants, plus a LoRA merge's cached tiles;
+for ``.bin``, the largest tensor + ``CHUNK_BYTES``) + :data:`QUANTIZE_RSS` with ``--quantize``.
 """
 
 from __future__ import annotations
@@ -29,19 +31,35 @@ QUANTIZE_RSS = 160 * MIB
 PER_TENSOR_RSS = 8 * KIB
 
 
+def writer_buffers(tensors: list[Any]) -> int:
+    """The bytes the safetensors writer's threads hold for ``tensors`` (planned, not ``--quantize`` weights, whose
+    row blocks :data:`QUANTIZE_RSS` counts): ``WORKERS`` x the sum over buffer kinds of the largest size a job asks
+    for (any thread may run any job), plus the tiles a LoRA merge caches."""
+    # Late: the writer's module (and what it imports) is not loaded by commands that only estimate.
+    from vllm_consolidate.plan.lora_rows import TILE_CACHE, row_length, tile_rows
+    from vllm_consolidate.write.safetensors import WORKERS, job_buffers
+
+    largest: dict[str, int] = {}
+    for t in tensors:
+        for kind, nbytes in job_buffers(t).items():
+            largest[kind] = max(largest.get(kind, 0), nbytes)
+    tile = max((tile_rows(t.spec) * row_length(t.spec) * 4 for t in tensors if t.spec.delta is not None), default=0)
+    return WORKERS * sum(largest.values()) + TILE_CACHE * tile
+
+
 def estimate_peak_ram(plan: Any) -> int:
     """Peak RSS of one worker converting ``plan`` (an :class:`~vllm_consolidate.plan.shards.OutputPlan`)."""
-    # Late: the writer's module (and what it imports) is not loaded by commands that only estimate.
-    from vllm_consolidate.write.safetensors import CAST_CHUNK_BYTES, CHUNK_BYTES, WORKERS
+    from vllm_consolidate.write.safetensors import CHUNK_BYTES
 
     tensors = plan.tensors
     base = JOB_BASE_RSS + PER_TENSOR_RSS * len(tensors)
     if plan.format == "bin":
         largest = max((t.nbytes for t in tensors), default=0)
         return base + largest + CHUNK_BYTES
-    casts = any(t.out_dtype != t.spec.dtype for t in tensors)
-    quantized = any(getattr(t, "quant", None) is not None for t in tensors)
-    return base + (WORKERS * 2 * CAST_CHUNK_BYTES if casts else 0) + (QUANTIZE_RSS if quantized else 0)
+    quantized = [t for t in tensors if t.quant is not None]
+    scales = {id(t.scale) for t in quantized if t.scale is not None}  # written by their weight's jobs
+    plain = [t for t in tensors if t.quant is None and id(t) not in scales]
+    return base + writer_buffers(plain) + (QUANTIZE_RSS if quantized else 0)
 
 
-__all__ = ["JOB_BASE_RSS", "PER_TENSOR_RSS", "QUANTIZE_RSS", "estimate_peak_ram"]
+__all__ = ["JOB_BASE_RSS", "PER_TENSOR_RSS", "QUANTIZE_RSS", "estimate_peak_ram", "writer_buffers"]

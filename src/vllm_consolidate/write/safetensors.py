@@ -43,7 +43,7 @@ from vllm_consolidate.dtypes import DType
 from vllm_consolidate.formats.safetensors import HeaderEntry, header_bytes
 from vllm_consolidate.plan.lora_rows import merged_rows, row_length
 from vllm_consolidate.plan.shards import PlannedFile, PlannedTensor
-from vllm_consolidate.read.gather import SMALL_RANGE_BYTES, Gather, plan_gather, read_gathered
+from vllm_consolidate.read.gather import MIN_RANGES_PER_RUN, SMALL_RANGE_BYTES, Gather, plan_gather, read_gathered
 from vllm_consolidate.read.ranges import OpenFiles, check_read, thread_buffer
 from vllm_consolidate.source import Segment, TensorSpec, sub_segments
 from vllm_consolidate.storage.bytefile import ByteFile, LocalFile
@@ -71,6 +71,40 @@ def chunk_elements(src: DType, dst: DType, gathered: bool = False) -> int:
     source is many small ranges, so even a plain copy passes through a buffer (:func:`is_gathered`)."""
     budget = CAST_CHUNK_BYTES if src != dst else GATHER_CHUNK_BYTES if gathered else CHUNK_BYTES
     return max(1, budget // max(src.itemsize, dst.itemsize))
+
+
+def job_elements(t: PlannedTensor) -> int:
+    """Elements per job of ``t`` (:func:`_jobs`): a chunk (:func:`chunk_elements`), or for a LoRA merge whole rows
+    of about :data:`CAST_CHUNK_BYTES` in float32 (at least one row)."""
+    if t.spec.delta is not None:
+        cols = row_length(t.spec)
+        return max(1, CAST_CHUNK_BYTES // (4 * cols)) * cols
+    return chunk_elements(t.spec.dtype, t.out_dtype, is_gathered(t.spec))
+
+
+def job_buffers(t: PlannedTensor) -> dict[str, int]:
+    """The most each per-thread buffer of :func:`_run_job` takes for a job of ``t``, by kind (the
+    :func:`~vllm_consolidate.read.ranges.thread_buffer` slots, and ``merged``: a LoRA merge's float32 rows); a
+    writer thread keeps each slot at the largest size it was asked for. An upper bound from the chunk size and the
+    range count, without cutting the tensor's ranges into its jobs (thousands of ranges a tensor under TP).
+
+    ``src`` holds a job's source bytes unless the kernel copies them: a same-dtype job goes through it only when its
+    ranges average at most ``SMALL_RANGE_BYTES`` (or the output is an object store); ``gather`` is the scratch copy
+    of a read of many small ranges; ``dst`` a cast's result; ``copy`` a plain copy's bytes when the kernel cannot
+    copy (an object-store input, a file system refusing ``copy_file_range``): counted, since a plan cannot know.
+    """
+    src, out = t.spec.dtype, t.out_dtype
+    count = min(t.spec.numel, job_elements(t))
+    chunk = count * src.itemsize
+    ranges = len(t.spec.segments)
+    through_src = chunk if src != out or t.spec.delta is not None else min(chunk, SMALL_RANGE_BYTES * ranges)
+    return {
+        "src": through_src,
+        "gather": through_src if ranges >= MIN_RANGES_PER_RUN else 0,  # plan_gather's runs need this many ranges
+        "dst": count * out.itemsize if out != (dtypes.float32 if t.spec.delta is not None else src) else 0,
+        "copy": min(chunk, CHUNK_BYTES) if src == out and t.spec.delta is None and chunk > SMALL_RANGE_BYTES else 0,
+        "merged": count * 4 if t.spec.delta is not None else 0,  # a merge's float32 rows (plan.lora_rows)
+    }
 
 
 def is_gathered(spec: TensorSpec) -> bool:
@@ -207,10 +241,7 @@ def _jobs(pfile: PlannedFile, base: int) -> Iterator[Any]:
             continue
         if id(t) in scales:
             continue
-        step = chunk_elements(t.spec.dtype, t.out_dtype, is_gathered(t.spec))
-        if t.spec.delta is not None:  # merges work on whole rows, in float32
-            cols = row_length(t.spec)
-            step = max(1, CAST_CHUNK_BYTES // (4 * cols)) * cols
+        step = job_elements(t)
         size = t.spec.dtype.itemsize
         for first, segments in zip(range(0, t.spec.numel, step), _cut(t.spec.segments, step * size)):
             count = min(step, t.spec.numel - first)

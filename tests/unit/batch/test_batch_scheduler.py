@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
-
-import pytest
 
 from vllm_consolidate.batch.resources import (
     DISK_MARGIN,
-    JOB_BASE_RSS,
-    PER_TENSOR_RSS,
     Scheduler,
     estimate_disk,
     estimate_output_bytes,
-    estimate_peak_ram,
     meminfo,
     ram_margin,
 )
 from vllm_consolidate.batch.states import Admission
 from vllm_consolidate.units import GIB, KIB, MIB
-from vllm_consolidate.write.safetensors import CAST_CHUNK_BYTES, CHUNK_BYTES, WORKERS
 
 
 @dataclass
@@ -96,30 +89,6 @@ def test_unknown_disk_is_no_limit():
 def test_disk_and_size_estimates():
     assert estimate_output_bytes(10 * MIB, 3 * KIB) == 10 * MIB + 3 * KIB + 64 * KIB
     assert estimate_disk(100 * MIB) == 100 * MIB + 64 * MIB + MIB
-
-
-def _tensor(nbytes: int, out: str, src: str, quant: object = None) -> SimpleNamespace:
-    return SimpleNamespace(nbytes=nbytes, out_dtype=out, spec=SimpleNamespace(dtype=src), quant=quant)
-
-
-@pytest.mark.parametrize("fmt, casts, expected_extra", [
-    ("safetensors", False, 0),
-    ("safetensors", True, WORKERS * 2 * CAST_CHUNK_BYTES),
-    ("bin", False, 5 * MIB + CHUNK_BYTES),  # the largest tensor is built whole, plus a copy chunk
-])
-def test_peak_ram_estimate(fmt: str, casts: bool, expected_extra: int):
-    tensors = [_tensor(MIB, "f32", "f32"), _tensor(5 * MIB, "bf16" if casts else "f32", "f32")]
-    plan = SimpleNamespace(tensors=tensors, format=fmt)
-    assert estimate_peak_ram(plan) == JOB_BASE_RSS + 2 * PER_TENSOR_RSS + expected_extra
-
-
-def test_peak_ram_estimate_with_quantize():
-    """--quantize adds the meta model and the quantizing threads' row blocks (write.estimates.QUANTIZE_RSS)."""
-    from vllm_consolidate.write.estimates import QUANTIZE_RSS
-
-    tensors = [_tensor(MIB, "bf16", "f32"), _tensor(5 * MIB, "int8", "f32", quant=object())]
-    plan = SimpleNamespace(tensors=tensors, format="safetensors")
-    assert estimate_peak_ram(plan) == JOB_BASE_RSS + 2 * PER_TENSOR_RSS + WORKERS * 2 * CAST_CHUNK_BYTES + QUANTIZE_RSS
 
 
 def test_meminfo_and_margin():

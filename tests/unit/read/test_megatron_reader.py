@@ -244,6 +244,26 @@ def test_args_without_the_true_vocabulary_are_exit_8(tmp_path):
         read_megatron(folder)
 
 
+def test_args_without_the_true_vocabulary_take_it_from_a_named_base_model(tmp_path):
+    """Megatron-LM's args record the true vocabulary only when --vocab-size was given: the base model named (as
+    the refusal's hint says) then gives the layout and the config, if it describes the model the args describe."""
+    sd = _hf_state(0)
+    folder = _save(tmp_path / "iter_0000001", _megatron(sd), config=False)
+    _common(folder, _args(vocab_size=None))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(CONFIG))
+    source = read_megatron(folder, base_model_name=str(base))
+    assert (source.info["layout_from"], source.config) == (str(base / "config.json"), None)
+    got = _values(source)
+    assert all(torch.equal(got[n], v) for n, v in sd.items())
+    for field, value in (("num_key_value_heads", HEADS), ("num_hidden_layers", LAYERS + 1), ("hidden_size", 64)):
+        (base / "config.json").write_text(json.dumps(dict(CONFIG, **{field: value})))
+        with pytest.raises(ConfigNotFoundError, match=f"another model.*{field} {value}") as err:
+            read_megatron(folder, base_model_name=str(base))
+        assert "--base-model-name" in err.value.hint
+
+
 class _Boom:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

@@ -25,6 +25,7 @@ from tests.unit.read.test_megatron_reader import (
     HEADS,
     HIDDEN,
     LAYERS,
+    PADDED,
     VOCAB,
     _hf_state,
     _megatron,
@@ -98,6 +99,22 @@ def test_a_run_config_missing_what_the_split_needs_is_exit_8(tmp_path, changes, 
     assert "run_config.yaml" in err.value.message and "--base-model-name" in err.value.hint
 
 
+def test_a_run_config_without_the_vocabulary_takes_the_named_base_model(tmp_path):
+    """As Megatron-LM's args: the base model named gives the layout and config, if it is the same model."""
+    import json
+
+    folder, sd = _bridge_save(tmp_path, provider_form(vocab_size=None))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(CONFIG))
+    source = read_megatron(folder, base_model_name=str(base))
+    assert (source.info["layout_from"], source.config) == (str(base / "config.json"), None)
+    assert all(torch.equal(_values(source)[n], v) for n, v in sd.items())
+    (base / "config.json").write_text(json.dumps(dict(CONFIG, num_attention_heads=GROUPS)))
+    with pytest.raises(ConfigNotFoundError, match="another model than the model fields of Megatron-Bridge"):
+        read_megatron(folder, base_model_name=str(base))
+
+
 @pytest.mark.parametrize(("text", "match"), [
     ("model: [1, 2\n", "not valid YAML"),
     ("!!python/object/apply:os.system ['touch pwned']\n", "not valid YAML"),  # safe_load builds no object
@@ -145,9 +162,9 @@ def test_nemo_model_yaml_gives_the_layout_and_the_config(tmp_path):
     assert source.config == WANT
 
 
-def test_nemo_converts_with_the_tokenizer_nemo_saved(tmp_path):
-    """A NeMo 2 folder alone (no config.json, no base model): config from model.yaml, tokenizer from
-    ``context/nemo_tokenizer/``."""
+def test_nemo_converts_with_the_tokenizer_nemo_saved(tmp_path, capsys):
+    """A NeMo 2 folder alone (no config.json, no base model): config from model.yaml (the summary says so),
+    tokenizer from ``context/nemo_tokenizer/``."""
     from tests.corpus import common
 
     from vllm_consolidate import cli
@@ -157,8 +174,32 @@ def test_nemo_converts_with_the_tokenizer_nemo_saved(tmp_path):
     code = cli.main(["convert", "--input", str(outer), "--output", str(tmp_path / "out"), "--no-validate-vllm",
                      "--base-model-name", ""])
     assert code == 0
+    assert f"config:     built from NeMo context/model.yaml ({outer / 'context' / 'model.yaml'})\n" in (
+        capsys.readouterr().out)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (
         outer / "context" / "nemo_tokenizer" / "tokenizer.json").read_bytes()
+
+
+def test_inspect_names_the_nemo_model_yaml_it_builds_the_config_from(tmp_path, capsys):
+    """inspect says convert's config.json is built from ``context/model.yaml`` (not "none"), in text and JSON, even
+    when a base model with a config.json of its own is named (model.yaml comes first, as in convert)."""
+    import json
+
+    from vllm_consolidate import cli
+
+    outer, _ = _nemo_save(tmp_path, nemo_model_yaml())
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(CONFIG))
+    yaml_path = str(outer / "context" / "model.yaml")
+    for base_model in ("", str(base)):
+        assert cli.main(["inspect", str(outer), "--base-model-name", base_model]) == 0
+        text = capsys.readouterr().out
+        assert f"config:        built from NeMo context/model.yaml ({yaml_path})\n" in text, text
+        assert cli.main(["inspect", str(outer), "--json", "--base-model-name", base_model]) == 0
+        assets = json.loads(capsys.readouterr().out)["inputs"][0]["assets"]
+        assert (assets["config"], assets["from"]["config"], assets["config_built_from"]) == (
+            yaml_path, "built", "NeMo context/model.yaml"), assets
 
 
 def test_a_nemo_model_yaml_without_vocab_size_gives_way_to_the_base_model(tmp_path):
@@ -177,6 +218,89 @@ def test_a_nemo_model_yaml_without_vocab_size_gives_way_to_the_base_model(tmp_pa
     assert all(torch.equal(got[n], v) for n, v in sd.items())
     with pytest.raises(ConfigNotFoundError, match="only the padded vocabulary"):  # a base that gives nothing
         read_megatron(outer, base_model_name=str(tmp_path / "missing"))
+
+
+def _word_tokenizer_save(folder) -> None:
+    """A tokenizer of exactly VOCAB tokens (4 special), saved by transformers into ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = specials + [f"w{i}" for i in range(VOCAB - len(specials))]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(folder)
+
+
+def _tokenizer_len(folder) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(folder))
+
+
+def test_a_nemo_model_yaml_without_vocab_size_takes_it_from_the_tokenizer(tmp_path):
+    """NeMo's Llama presets leave vocab_size null: NeMo builds the embedding with len() of its tokenizer padded to
+    make_vocab_size_divisible_by x TP rows (here 50 -> 64), and its HF exporter drops the padding. The tokenizer NeMo
+    copied to context/ gives that size (the count agrees with transformers' len()), the padded count is checked
+    against the embedding's rows, and no base model is needed."""
+    outer, sd = _nemo_save(tmp_path, nemo_model_yaml(vocab_size=None))
+    _word_tokenizer_save(outer / "context" / "nemo_tokenizer")
+    assert _tokenizer_len(outer / "context" / "nemo_tokenizer") == VOCAB
+    source = read_megatron(outer, base_model_name="")
+    assert source.info["layout_from"] == "NeMo context/model.yaml and the size of context/nemo_tokenizer/tokenizer.json"
+    assert source.config == WANT and source.info["vocab_size"] == VOCAB
+    got = _values(source)
+    assert all(torch.equal(got[n], v) for n, v in sd.items())
+
+
+def _add_special_token(folder) -> None:
+    """tokenizer_config.json names a special token tokenizer.json lacks (transformers adds it when loading)."""
+    import json
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = ["<new>"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert _tokenizer_len(folder) == VOCAB + 1  # what NeMo's AutoTokenizer would count: not tokenizer.json's
+
+
+def _gap(folder) -> None:
+    import json
+
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["added_tokens"].append({**data["added_tokens"][0], "id": PADDED - 1, "content": "<gap>"})
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+
+
+def _link_out(folder) -> None:
+    outside = folder.parent.parent.parent / "outside.json"
+    (folder / "tokenizer.json").rename(outside)
+    (folder / "tokenizer.json").symlink_to(outside)
+
+
+@pytest.mark.parametrize(("change", "yaml_changes", "why"), [
+    (_add_special_token, {}, "would add <new>,"),
+    (None, {"bos_token": "<begin>"}, "would add <begin>,"),  # NeMo's AutoTokenizer adds what model.yaml names
+    (None, {"make_vocab_size_divisible_by": 128}, "pad to 128 rows"),
+    (None, {"tensor_model_parallel_size": 8}, "tensor_model_parallel_size 8), not the embedding's 64"),
+    (_gap, {}, "are not 0..50"),
+    (lambda f: (f / "tokenizer.json").unlink(), {}, "has no tokenizer.json"),
+    (_link_out, {}, "leads outside"),
+    (None, {"_target_": "nemo.collections.common.tokenizers.SentencePieceTokenizer"}, "not NeMo's Hugging Face"),
+])
+def test_a_tokenizer_that_does_not_give_the_vocabulary_is_not_guessed_from(tmp_path, change, yaml_changes, why):
+    """Whenever the count might not be NeMo's, the reader refuses (exit 8, naming why and --base-model-name)."""
+    content = nemo_model_yaml(vocab_size=None)
+    tokenizer_fields = {k: v for k, v in yaml_changes.items() if k in ("bos_token", "_target_")}
+    content["tokenizer"].update(tokenizer_fields)
+    content["config"].update({k: v for k, v in yaml_changes.items() if k not in tokenizer_fields})
+    outer, _ = _nemo_save(tmp_path, content)
+    _word_tokenizer_save(outer / "context" / "nemo_tokenizer")
+    if change is not None:
+        change(outer / "context" / "nemo_tokenizer")
+    with pytest.raises(ConfigNotFoundError, match="only the padded vocabulary") as err:
+        read_megatron(outer, base_model_name="")
+    assert why in err.value.message and "--base-model-name" in err.value.hint, err.value.message
 
 
 @pytest.mark.parametrize(("content", "match", "error"), [
