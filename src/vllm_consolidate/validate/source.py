@@ -165,7 +165,7 @@ def _values(stored: dict[str, StoredTensor], ref: Reference, chunk_bytes: int) -
             else:
                 problems[name] = f"has shape {list(t.shape)}, the source {list(spec.shape)}"
             continue
-        first_diff, n_diff, n = _differences(t, spec, _ranges(t.shape, ref.depth), buffers)
+        first_diff, n_diff, n = _differences(t, spec, sample_ranges(t.shape, ref.depth), buffers)
         compared += n
         if n_diff == 0:
             continue
@@ -192,8 +192,9 @@ def _values(stored: dict[str, StoredTensor], ref: Reference, chunk_bytes: int) -
                  "elements compared)", details)
 
 
-def _ranges(shape: tuple[int, ...], depth: str) -> list[tuple[int, int]]:
-    """Element ranges ``(first, count)`` of a tensor to compare."""
+def sample_ranges(shape: tuple[int, ...], depth: str = "sample") -> list[tuple[int, int]]:
+    """Element ranges ``(first, count)`` of a tensor to compare (known from the shape alone: an object-store
+    output keeps exactly these from its upload for the validation)."""
     numel = math.prod(shape)
     if depth == "full" or numel <= SAMPLE_WHOLE_ELEMENTS:
         return [(0, numel)]
