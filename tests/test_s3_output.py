@@ -31,6 +31,7 @@ from tests import s3_server
 from vllm_consolidate import cli
 from vllm_consolidate.convert import ConvertOptions, convert
 from vllm_consolidate.errors import CorruptCheckpointError, UsageError, ValidationFailedError
+from vllm_consolidate.storage import bytefile
 from vllm_consolidate.storage.urls import parse_object_url
 from vllm_consolidate.validate import values as values_mod
 
@@ -85,8 +86,14 @@ def test_objects_are_the_local_conversions_files(label, s3, bucket, case_dir, ca
     convert(ConvertOptions(input=src, output=tmp_path / "local", validate=False, **options))
     read_back = []  # the read-back NaN/Inf scan, one entry per tensor it reads from the staged objects
     monkeypatch.setattr(values_mod, "_scan", lambda t, buf, scan=values_mod._scan: read_back.append(t) or scan(t, buf))
+    gets: list = []  # every ranged GET our reader makes (the input is local: any GET reads the output back)
+    monkeypatch.setattr(bytefile, "RECORD_REQUESTS", True)
+    monkeypatch.setattr(bytefile, "REQUESTS", gets)
     result = convert(ConvertOptions(input=src, output=f"s3://{bucket}/models/m", validate=True, **options))
-    assert result.validation is not None and result.validation["ok"], result.validation  # run on the staged objects
+    assert result.validation is not None and result.validation["ok"], result.validation
+    # Validated before the commit with no download: only a --pytorch-bin archive (staged whole) is read back.
+    read = {url.rpartition("/")[2] for url, _, _ in gets}
+    assert read == ({"pytorch_model.bin"} if label == "pytorch-bin" else set()), read
     # The NaN/Inf scan ran on the bytes as they were uploaded (StreamScan): validation did not read the staged
     # safetensors files back for it (a .bin output still is).
     values = next(c for c in result.validation["checks"] if c["name"] == "values")
@@ -196,6 +203,27 @@ def test_nothing_under_output_before_commit(s3, bucket, case_dir, tmp_path, monk
     assert seen["listed"][0].endswith("/" + RECORD_NAME)
     assert all(seen["head_404"].values()), seen["head_404"]
     assert seen["parts"] == shards
+    _no_leftovers(s3, bucket)
+
+
+def test_validation_sees_the_uploaded_bytes(s3, bucket, case_dir, monkeypatch):
+    """One byte of the first tensor is changed on its way into the upload (as a writer bug would): the validation,
+    made from the bytes kept from that same stream, fails on it by name, and nothing is committed or left open."""
+    from vllm_consolidate.storage import upload
+
+    real, header = upload.ObjectSink.pwrite, {}
+
+    def pwrite(self, data, offset):
+        if offset == 0:
+            header[self.url.prefix] = len(data)  # the safetensors header is written first, in one piece
+        elif offset == header.get(self.url.prefix):  # the first byte of the data section: the first tensor's
+            data = bytes([data[0] ^ 0x40]) + bytes(data[1:])
+        return real(self, data, offset)
+
+    monkeypatch.setattr(upload.ObjectSink, "pwrite", pwrite)
+    with pytest.raises(ValidationFailedError, match="differs from the source in 1 of"):
+        convert(ConvertOptions(input=case_dir(DS) / "ckpt", output=f"s3://{bucket}/m", validate=True))
+    assert header, "no upload was written"
     _no_leftovers(s3, bucket)
 
 

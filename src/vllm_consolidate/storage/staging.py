@@ -1,18 +1,24 @@
-"""Staging an output in an object store, then committing it: never half a model under the output prefix.
+"""Writing an output into an object store, then committing it: never half a model under the output prefix.
 
-An object store has no folder to rename, so an output is written under a sibling staging prefix
-``<parent>/.<name>.vllmc-staging-<id>/`` (``<id>``: 16 random hex digits, so the prefix is ours alone)
-and, once complete and validated, committed by server-side copy into ``<output>/``: the other objects
-first, :data:`COPIES_IN_FLIGHT` at a time (a server copies a multi-GB shard at its own pace), then the
-objects the caller names last (an index, ``config.json``, then our marker), one by one, in that order: a
-reader that waits for the marker sees a whole model. Then the staging objects are deleted.
+An object store has no folder to rename. What it has: a multipart upload (S3, GCS's XML API) or a block
+blob's uncommitted blocks (Azure: Put Block, then Put Block List) is invisible until it is completed: not
+listed, HEAD and GET 404. So each weight file of known size is streamed as one multipart upload straight
+to its final key under ``<output>/`` and kept open after its last byte; small files (config, tokenizer,
+index, our marker) are held in memory. Once the whole model is written and validated, :meth:`StagedOutput.commit`
+completes the uploads, :data:`COPIES_IN_FLIGHT` at a time, PUTs the held files, then the objects the caller
+names last (an index, ``config.json``, then our marker), one by one, in that order: a reader that waits for
+the marker sees a whole model. No byte is copied by the server. (A file of unknown size, ``--pytorch-bin``'s
+archives, is still uploaded whole under the staging prefix below and committed by server-side copy.)
 
-On any failure, Ctrl-C or SIGTERM (:meth:`StagedOutput.discard`) every open multipart upload is
-aborted and every staged object deleted; a failure during the commit also deletes the copies it had
-made that replaced nothing. A SIGKILL cannot clean up: what it leaves is under the staging prefix (and
-open multipart uploads there), never under the output; the first object staged, :data:`RECORD_NAME`,
-names the output and the run, so the next run for the same output on the same machine deletes it once
-that run is provably dead (:func:`clean_stale`).
+On any failure, Ctrl-C or SIGTERM (:meth:`StagedOutput.discard`) every open upload is aborted (nothing of
+it ever became visible) and every staged object deleted; a failure during the commit also deletes the
+objects it had completed that replaced nothing. A SIGKILL cannot clean up: it leaves open uploads at the
+output's keys, which are invisible (nothing is listed under the output) and which a bucket lifecycle rule
+``AbortIncompleteMultipartUpload`` removes (Azure drops uncommitted blocks after 7 days), and a sibling
+staging prefix ``<parent>/.<name>.vllmc-staging-<id>/`` (``<id>``: 16 random hex digits, so the prefix is
+ours alone) holding the run record :data:`RECORD_NAME` (written first: it names the output and the run)
+and any staged archive. The next run for the same output on the same machine deletes that prefix once the
+run is provably dead (:func:`clean_stale`).
 
 Nothing here reads or deletes anything outside the staging prefix and the output prefix; the caller
 checks the output prefix against the input first.
@@ -42,7 +48,7 @@ ID_HEX = 16
 #: The run record, staged first and never committed.
 RECORD_NAME = ".vllm-consolidate.staging.json"
 RECORD_FORMAT = "vllm-consolidate-staging"
-#: Server-side copies in flight during a commit (each a whole object; S3 copies several at once faster).
+#: Commit steps in flight at once (completions, PUTs, copies; a server finishes each at its own pace).
 COPIES_IN_FLIGHT = 4
 #: Objects one listing may return before we stop (an output is a few dozen files).
 MAX_LISTED = 100_000
@@ -147,8 +153,9 @@ def clean_stale(store: Any, output: ObjectURL) -> list[ObjectURL]:
 
     A prefix is removed only if its name is ``.<name>.vllmc-staging-<16 hex>``, its run record names this
     very output, and that run provably died (:func:`run_is_dead`: on this machine, its PID gone). A staging prefix
-    of another machine's run is left alone (it may be running). Multipart uploads such a run left open
-    cannot be listed through obstore; a bucket lifecycle rule (``AbortIncompleteMultipartUpload``) ends them.
+    of another machine's run is left alone (it may be running). The multipart uploads such a run left open (at
+    the output's own keys, invisible) cannot be listed through obstore; a bucket lifecycle rule
+    (``AbortIncompleteMultipartUpload``) ends them.
 
     Returns:
         The prefixes deleted.

@@ -11,11 +11,14 @@ taken, so the threads never wait on each other in a circle: jobs start in offset
 :data:`MAX_CONCURRENCY` parts being uploaded. An observer may see each contiguous piece as it is handed
 to the upload (the NaN/Inf scan of the validation, so that it needs no second download of the object).
 
-Only a complete object is ever visible: the upload completes in :meth:`ObjectSink.close` when every
-byte was written, and :meth:`ObjectSink.abort` (any failure, Ctrl-C, SIGTERM) aborts it, so no part
-stays billed in the bucket. A SIGKILL cannot abort; the staging prefix (see :mod:`.staging`) keeps
-such leftovers away from the output, and a bucket lifecycle rule (``AbortIncompleteMultipartUpload``)
-removes the parts.
+Only a complete object is ever visible: the upload completes in :meth:`ObjectSink.complete` (called by
+the commit, :mod:`.staging`, after :meth:`ObjectSink.finish` checked every byte was written and the
+output was validated; :meth:`ObjectSink.close` does both at once), and :meth:`ObjectSink.abort` (any
+failure, Ctrl-C, SIGTERM) aborts it, so no part stays billed in the bucket. Until it completes, an
+upload of known size holds less than :data:`MAX_PARTS` bytes in memory (:func:`exact_part_size`); its
+last parts (at most :data:`MAX_CONCURRENCY`) may still be in flight when the next file starts, as
+obstore's writer does not wait for them before its close. A SIGKILL cannot abort: the open upload stays
+invisible, and a bucket lifecycle rule (``AbortIncompleteMultipartUpload``) removes the parts.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from vllm_consolidate.read.assets import read_config
 from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
 from vllm_consolidate.source import TensorSpec, sub_segments
+from vllm_consolidate.storage.streamed import NotKept
 from vllm_consolidate.units import few
 from vllm_consolidate.validate.context import Context, Reference  # Reference re-exported
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check
@@ -287,7 +288,15 @@ def _whole(spec: TensorSpec | StoredTensor, dtype: Any) -> Any:
 
 
 def _is_transpose(t: StoredTensor, spec: TensorSpec) -> bool:
-    """Whether a stored 2-D tensor holds exactly the source tensor's transpose (reads both whole)."""
+    """Whether a stored 2-D tensor holds exactly the source tensor's transpose (reads both whole).
+
+    False when the stored tensor cannot be read whole: an object-store output validated before its commit keeps
+    only the sampled ranges (:mod:`vllm_consolidate.storage.streamed`); the difference is reported as such.
+    """
     if t.dtype is None or t.dtype.itemsize not in _UINT or len(spec.shape) != 2:
         return False
-    return bool(np.array_equal(_whole(t, t.dtype), _whole(spec, t.dtype).T))
+    try:
+        stored = _whole(t, t.dtype)
+    except NotKept:
+        return False
+    return bool(np.array_equal(stored, _whole(spec, t.dtype).T))
