@@ -8,10 +8,11 @@ What the test sees of the container goes through a minimal SharedKey client of t
   source blobs are unchanged (ETags, MD5s). The store is configured as a user does for an emulator, in
   ``--storage-options`` (account, key, ``http://`` endpoint).
 * ``--output az://…`` (configured by the standard environment alone: ``AZURE_STORAGE_ACCOUNT_NAME``,
-  ``…_ACCOUNT_KEY``, ``…_ENDPOINT``) commits blobs byte-identical to the local conversion, validated on the
-  staged blobs; nothing is under the output until the commit, whose copies end with config.json and our
-  marker; no staging blob is left.
-* A truncated rank file and a failure after everything was staged leave nothing under the output prefix and
+  ``…_ACCOUNT_KEY``, ``…_ENDPOINT``) commits blobs byte-identical to the local conversion, validated before the
+  commit; the weights are uncommitted blocks of the output's own blobs until then (all their bytes at the server,
+  nothing listed, GET 404); the commit (Put Block List and PUTs, no copy) ends with config.json and our marker;
+  no staging blob is left.
+* A truncated rank file and a failure after everything was written leave nothing under the output prefix and
   no staging blob. ``az://`` -> ``az://`` works, ``--force`` replaces our output, ``inspect`` and ``validate
   --against`` take ``az://`` URLs.
 * The batch lock's conditional PUTs (create-if-absent, replace-if-ETag-matches) behave on Azure as on S3.
@@ -22,8 +23,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
-import threading
+import time
 
 import pytest
 from tests import azurite
@@ -103,28 +105,23 @@ def test_zero3_converts_from_az_bit_identical(az, uploaded, local_out, tmp_path)
 
 
 def test_output_is_the_local_conversion_committed_marker_last(az_env, uploaded, local_out, monkeypatch):
-    """Local input, ``--output az://…``, validation on (on the staged blobs); every copy of the commit is recorded
-    with what the output held at that moment."""
-    import obstore
+    """Local input, ``--output az://…``, validation on (before the commit, from what the run holds); every step of
+    the commit (a Put Block List, or a PUT of a held file; never a server-side copy) is recorded with what the
+    output held at that moment."""
+    from tests.test_s3_output import record_commit
 
-    real, order, lock = obstore.copy, [], threading.Lock()
-
-    def copy(store, from_, to, **kw):
-        with lock:
-            order.append((to, sorted(az_env.blobs(CONTAINER, "models/m/"))))
-        return real(store, from_, to, **kw)
-
-    monkeypatch.setattr(obstore, "copy", copy)
+    order, _, copies = record_commit(lambda: sorted(az_env.blobs(CONTAINER, "models/m/")), monkeypatch)
     result = convert(ConvertOptions(input=uploaded[0], output=f"az://{CONTAINER}/models/m", validate=True))
     assert result.validation is not None and result.validation["ok"], result.validation
     _same_objects(az_env, "models/m", local_out, str(uploaded[0].resolve()))
     names = [to for to, _ in order]
     assert sorted(names) == sorted(f"models/m/{rel}" for rel in _files(local_out))
     assert names[-2:] == ["models/m/config.json", f"models/m/{MARKER}"]
-    assert order[0][1] == []  # nothing under the output before the commit's first copy
+    assert order[0][1] == []  # nothing under the output before the commit's first step
     assert all(f"models/m/{MARKER}" not in seen for _, seen in order)  # the marker appears last...
     assert sorted([*order[-1][1], f"models/m/{MARKER}"]) == sorted(names) and len(set(names)) == len(names)  # ...last
     assert set(az_env.blobs(CONTAINER, "models/")) == set(names)  # no staging blob left beside the output
+    assert copies == []
 
 
 def test_az_input_to_az_output_and_force(az_env, uploaded, local_out):
@@ -164,21 +161,36 @@ def test_truncated_rank_file_leaves_nothing(az_env, uploaded, tmp_path):
     assert _under(az_env, "broken") == []
 
 
-def test_failure_after_staging_leaves_nothing(az_env, uploaded, monkeypatch):
-    """Everything is staged (seen in the container), nothing is under the output; validation then fails: the staged
-    blobs are deleted and nothing was committed."""
-    seen: dict[str, list[str]] = {}
+def _uncommitted(az, key: str) -> int:
+    """Bytes in the uncommitted blocks of blob ``key`` (Get Block List), asked of Azurite."""
+    status, _, body = az.request("GET", f"/{CONTAINER}/{key}", query={"comp": "blocklist",
+                                                                     "blocklisttype": "uncommitted"})
+    if status == 404:
+        return 0
+    assert status == 200, (status, body)
+    return sum(int(n) for n in re.findall(r"<Size>(\d+)</Size>", body.decode()))
 
-    def fail_validation(conv, staged, opts, output, on_stage, adapter, scans=None):
+
+def test_failure_after_writing_leaves_nothing(az_env, uploaded, local_out, monkeypatch):
+    """Everything is written: the weights are uncommitted blocks of the output's blob (all their bytes at the
+    server), yet no blob is listed under the output and a GET of it is 404; validation then fails: nothing is left."""
+    seen: dict = {"size": (local_out / "model.safetensors").stat().st_size}  # < 5 MiB: one block, all at the server
+
+    def fail_validation(*args, **kwargs):
         seen["all"] = _under(az_env, "failed")
-        raise ValidationFailedError("injected", path=str(output))
+        seen["get"] = az_env.request("GET", f"/{CONTAINER}/failed/m/model.safetensors")[0]
+        deadline = time.monotonic() + 20  # the file's last block may still be in flight after its last write
+        while (blocks := _uncommitted(az_env, "failed/m/model.safetensors")) != seen["size"] and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen["blocks"] = blocks
+        raise ValidationFailedError("injected", path="failed/m")
 
     monkeypatch.setattr(importlib.import_module("vllm_consolidate.convert"), "validate_staged", fail_validation)
     with pytest.raises(ValidationFailedError):
         convert(ConvertOptions(input=uploaded[0], output=f"az://{CONTAINER}/failed/m", validate=True))
-    staged = {k.split("/", 2)[2] for k in seen["all"]}
-    assert {"model.safetensors", "config.json", "tokenizer.json", MARKER} <= staged
-    assert all(k.startswith("failed/.m.vllmc-staging-") for k in seen["all"]), seen["all"]
+    assert len(seen["all"]) == 1 and seen["all"][0].startswith("failed/.m.vllmc-staging-")  # the run record alone
+    assert seen["get"] == 404 and seen["blocks"] == seen["size"] > 0
     assert _under(az_env, "failed") == []
 
 

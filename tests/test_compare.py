@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tests.corpus import build
 
 from vllm_consolidate import cli
-from vllm_consolidate.validate.source import SAMPLE_WHOLE_ELEMENTS, _ranges
+from vllm_consolidate.validate.source import SAMPLE_WHOLE_ELEMENTS, sample_ranges
 from vllm_consolidate.write import safetensors as writer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -117,11 +117,11 @@ def test_unreadable_source_is_a_clear_error(converted, capsys, tmp_path):
 
 
 def test_sample_ranges_are_first_middle_and_last_rows():
-    assert _ranges((10, 4), "sample") == [(0, 40)]  # small: whole
+    assert sample_ranges((10, 4), "sample") == [(0, 40)]  # small: whole
     rows, cols = 1000, 128
     assert rows * cols > SAMPLE_WHOLE_ELEMENTS
-    assert _ranges((rows, cols), "sample") == [(0, cols), (500 * cols, cols), (999 * cols, cols)]
-    assert _ranges((rows, cols), "full") == [(0, rows * cols)]
+    assert sample_ranges((rows, cols), "sample") == [(0, cols), (500 * cols, cols), (999 * cols, cols)]
+    assert sample_ranges((rows, cols), "full") == [(0, rows * cols)]
 
 
 def test_conversion_compares_a_sample_with_the_source(corpus, tmp_path, capsys):

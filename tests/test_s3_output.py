@@ -31,6 +31,7 @@ from tests import s3_server
 from vllm_consolidate import cli
 from vllm_consolidate.convert import ConvertOptions, convert
 from vllm_consolidate.errors import CorruptCheckpointError, UsageError, ValidationFailedError
+from vllm_consolidate.storage import bytefile
 from vllm_consolidate.storage.urls import parse_object_url
 from vllm_consolidate.validate import values as values_mod
 
@@ -85,8 +86,14 @@ def test_objects_are_the_local_conversions_files(label, s3, bucket, case_dir, ca
     convert(ConvertOptions(input=src, output=tmp_path / "local", validate=False, **options))
     read_back = []  # the read-back NaN/Inf scan, one entry per tensor it reads from the staged objects
     monkeypatch.setattr(values_mod, "_scan", lambda t, buf, scan=values_mod._scan: read_back.append(t) or scan(t, buf))
+    gets: list = []  # every ranged GET our reader makes (the input is local: any GET reads the output back)
+    monkeypatch.setattr(bytefile, "RECORD_REQUESTS", True)
+    monkeypatch.setattr(bytefile, "REQUESTS", gets)
     result = convert(ConvertOptions(input=src, output=f"s3://{bucket}/models/m", validate=True, **options))
-    assert result.validation is not None and result.validation["ok"], result.validation  # run on the staged objects
+    assert result.validation is not None and result.validation["ok"], result.validation
+    # Validated before the commit with no download: only a --pytorch-bin archive (staged whole) is read back.
+    read = {url.rpartition("/")[2] for url, _, _ in gets}
+    assert read == ({"pytorch_model.bin"} if label == "pytorch-bin" else set()), read
     # The NaN/Inf scan ran on the bytes as they were uploaded (StreamScan): validation did not read the staged
     # safetensors files back for it (a .bin output still is).
     values = next(c for c in result.validation["checks"] if c["name"] == "values")
@@ -143,23 +150,80 @@ def _same_state_dict(a: bytes, b: bytes) -> None:
         assert torch.equal(sa[name].view(torch.uint8), sb[name].view(torch.uint8)), name
 
 
-def test_nothing_under_output_before_commit(s3, bucket, case_dir, monkeypatch):
-    """The writing stage is over (everything staged) and nothing is under the output; the run then fails."""
-    seen: dict[str, list[str]] = {}
+def _parts(s3, bucket: str) -> dict[str, int]:
+    """Bytes the server holds in the parts of each open multipart upload (``{key: bytes}``), asked of moto."""
+    client = s3.client()
+    return {u["Key"]: sum(p["Size"] for p in client.list_parts(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+                          .get("Parts", []))
+            for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
 
-    def fail_validation(conv, staged, opts, output, on_stage, adapter, scans=None):
-        seen["output"] = sorted(s3.keys(bucket, "m/"))
-        staged = [k for k in s3.keys(bucket) if not k.startswith("m/")]
-        seen["prefixes"] = sorted({k.split("/", 1)[0] for k in staged})
-        seen["staged"] = sorted(k.split("/", 1)[1] for k in staged)
-        raise ValidationFailedError("injected", path=str(output))
+
+def _settled_parts(s3, bucket: str, want: dict[str, int], timeout: float = 20) -> dict[str, int]:
+    """:func:`_parts` once it equals ``want`` (a file's last parts may still be in flight after its last write:
+    obstore's writer does not wait for them), or as it is after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (got := _parts(s3, bucket)) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
+def _head_404(s3, bucket: str, key: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.client().head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        return exc.response["Error"]["Code"] in ("404", "NoSuchKey")
+    return False
+
+
+def test_nothing_under_output_before_commit(s3, bucket, case_dir, tmp_path, monkeypatch):
+    """Everything is written and validation is running: every shard's bytes are at the server, in the parts of an
+    upload to its final key, yet nothing is listed but the run record and every output key is 404; the run then
+    fails: no upload stays open and nothing is left."""
+    from vllm_consolidate.storage.staging import RECORD_NAME
+
+    options = {"input": case_dir(DS) / "ckpt", "max_shard_size": 400_000}
+    convert(ConvertOptions(output=tmp_path / "local", validate=False, **options))
+    local = {rel: len(data) for rel, data in _files(tmp_path / "local").items() if rel != MARKER}
+    shards = {f"m/{rel}": size for rel, size in local.items() if rel.endswith(".safetensors")}
+    assert len(shards) == 4 and max(shards.values()) < 5 * 2**20  # one part each: the server holds all of it
+    seen: dict = {}
+
+    def fail_validation(*args, **kwargs):
+        seen["listed"] = sorted(s3.keys(bucket))
+        seen["head_404"] = {rel: _head_404(s3, bucket, f"m/{rel}") for rel in [*local, MARKER]}
+        seen["parts"] = _settled_parts(s3, bucket, shards)
+        raise ValidationFailedError("injected", path="m")
 
     monkeypatch.setattr(importlib.import_module("vllm_consolidate.convert"), "validate_staged", fail_validation)
     with pytest.raises(ValidationFailedError):
+        convert(ConvertOptions(output=f"s3://{bucket}/m", validate=True, **options))
+    assert len(seen["listed"]) == 1 and seen["listed"][0].startswith(".m.vllmc-staging-")  # the run record alone
+    assert seen["listed"][0].endswith("/" + RECORD_NAME)
+    assert all(seen["head_404"].values()), seen["head_404"]
+    assert seen["parts"] == shards
+    _no_leftovers(s3, bucket)
+
+
+def test_validation_sees_the_uploaded_bytes(s3, bucket, case_dir, monkeypatch):
+    """One byte of the first tensor is changed on its way into the upload (as a writer bug would): the validation,
+    made from the bytes kept from that same stream, fails on it by name, and nothing is committed or left open."""
+    from vllm_consolidate.storage import upload
+
+    real, header = upload.ObjectSink.pwrite, {}
+
+    def pwrite(self, data, offset):
+        if offset == 0:
+            header[self.url.prefix] = len(data)  # the safetensors header is written first, in one piece
+        elif offset == header.get(self.url.prefix):  # the first byte of the data section: the first tensor's
+            data = bytes([data[0] ^ 0x40]) + bytes(data[1:])
+        return real(self, data, offset)
+
+    monkeypatch.setattr(upload.ObjectSink, "pwrite", pwrite)
+    with pytest.raises(ValidationFailedError, match="differs from the source in 1 of"):
         convert(ConvertOptions(input=case_dir(DS) / "ckpt", output=f"s3://{bucket}/m", validate=True))
-    assert seen["output"] == []
-    assert {"model.safetensors", "config.json", "tokenizer.json", MARKER} <= set(seen["staged"])
-    assert len(seen["prefixes"]) == 1 and seen["prefixes"][0].startswith(".m.vllmc-staging-")
+    assert header, "no upload was written"
     _no_leftovers(s3, bucket)
 
 
@@ -214,9 +278,12 @@ def test_sigkill_leaves_nothing_under_the_output(s3, bucket, case_dir):
     proc.kill()
     proc.communicate(timeout=60)
     assert s3.keys(bucket, "out/m/") == {}
-    # What a SIGKILL cannot clean is all under the staging prefix, which names the run's output.
-    leftovers = [*s3.keys(bucket), *s3.uploads(bucket)]
-    assert leftovers and all(k.startswith("out/.m.vllmc-staging-") for k in leftovers), leftovers
+    # What a SIGKILL cannot clean: listed, only the run record under the staging prefix (it names the run's output);
+    # the open uploads of the output's keys are invisible (HEAD 404, not listed), for a lifecycle rule to abort.
+    listed = list(s3.keys(bucket))
+    assert listed and all(k.startswith("out/.m.vllmc-staging-") for k in listed), listed
+    uploads = s3.uploads(bucket)
+    assert uploads and all(k.startswith("out/m/") and _head_404(s3, bucket, k) for k in uploads), uploads
     staged = s3.keys(bucket)
     assert staged, "the killed run had staged nothing (its run record at least): the cleanup below proves nothing"
     # The next run for the same output removes the dead run's staged objects (its record: this machine, PID gone),
@@ -361,34 +428,102 @@ def test_sink_abort_leaves_no_upload(s3, bucket, monkeypatch):
     _no_leftovers(s3, bucket)
 
 
-def test_commit_copies_config_then_the_marker_last(s3, bucket, case_dir, monkeypatch):
-    """A reader that waits for the marker (or config.json, or the index) finds every other object already there;
-    the shards are copied several at a time."""
+def record_commit(listing, monkeypatch, fail_at: int = 0) -> tuple[list, list, list]:
+    """Record every commit step (completing an upload, or PUTting a held file) with ``listing()`` (what the output
+    holds) at that moment, the most steps in flight at once, and any server-side copy; the ``fail_at``-th
+    completion of a safetensors file raises."""
     import obstore
 
-    real, order, lock, running = obstore.copy, [], threading.Lock(), [0, 0]  # copies in flight now, at most
+    from vllm_consolidate.errors import StorageError
+    from vllm_consolidate.storage import staging, upload
 
-    def copy(store, from_, to, **kw):
+    order, running, copies, lock = [], [0, 0], [], threading.Lock()
+    complete, put = getattr(upload.ObjectSink, "complete", None), staging.StagedOutput._put
+
+    def step(name: str, call):
         with lock:
-            order.append((to, sorted(s3.keys(bucket, "m/"))))
+            order.append((name, listing()))
             running[0] += 1
             running[1] = max(running)
+            n = len([1 for nm, _ in order if nm.endswith(".safetensors")])
         try:
             time.sleep(0.05)
-            return real(store, from_, to, **kw)
+            if fail_at and n == fail_at and name.endswith(".safetensors"):
+                raise StorageError("injected: completion refused", path=name)
+            return call()
         finally:
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(obstore, "copy", copy)
+    def complete_(self):
+        return step(self.url.prefix, lambda: complete(self))
+
+    def put_(self, *args):
+        if len(args) != 3 or args[0] != self.output:  # the run record, under the staging prefix
+            return put(self, *args)
+        prefix, rel, _ = args
+        return step(prefix.key(rel), lambda: put(self, *args))
+
+    monkeypatch.setattr(upload.ObjectSink, "complete", complete_, raising=False)
+    monkeypatch.setattr(staging.StagedOutput, "_put", put_)
+    monkeypatch.setattr(obstore, "copy", lambda *a, **kw: copies.append(a))
+    return order, running, copies
+
+
+def test_commit_completes_the_uploads_then_config_and_the_marker_last(s3, bucket, case_dir, monkeypatch):
+    """The commit completes the open uploads (several at once) and PUTs the held files, with no server-side copy; a
+    reader that waits for the marker (or config.json, or the index) finds every other object already there."""
+    order, running, copies = record_commit(lambda: sorted(s3.keys(bucket, "m/")), monkeypatch)
     assert cli.convert_main(["--input", str(case_dir(DS) / "ckpt"), "--output", f"s3://{bucket}/m",
                              "--max-shard-size", "400KB", "--no-validate-vllm"]) == 0
     names = [to for to, _ in order]
+    assert sorted(names) == sorted(s3.keys(bucket, "m/")) and len(set(names)) == len(names)
     assert names[-2:] == ["m/config.json", f"m/{MARKER}"]
     assert names.index("m/model.safetensors.index.json") > max(i for i, n in enumerate(names) if "-of-" in n)
+    assert order[0][1] == []  # nothing under the output before the commit's first step
     _, present_before_marker = order[-1]
     assert sorted([*present_before_marker, f"m/{MARKER}"]) == sorted(s3.keys(bucket, "m/"))
-    assert running[1] > 1, "the shards were copied one at a time"
+    assert running[1] > 1, "the shards were completed one at a time"
+    assert copies == [], "a server-side copy was made"
+    assert s3.uploads(bucket) == [] and set(s3.keys(bucket)) == set(names)  # nothing staged is left
+
+
+def test_failure_during_commit_leaves_nothing(s3, bucket, case_dir, monkeypatch):
+    """The third shard's completion fails: the shards already completed (they replaced nothing) are deleted, every
+    other upload is aborted, nothing is left in the bucket (exit 13)."""
+    order, _, _ = record_commit(lambda: sorted(s3.keys(bucket, "m/")), monkeypatch, fail_at=3)
+    assert cli.convert_main(["--input", str(case_dir(DS) / "ckpt"), "--output", f"s3://{bucket}/m",
+                             "--max-shard-size", "400KB", "--no-validate-vllm"]) == 13
+    assert len([n for n, _ in order if n.endswith(".safetensors")]) >= 3, order
+    _no_leftovers(s3, bucket)
+
+
+def test_open_upload_holds_less_than_a_part_until_completed(s3, bucket, monkeypatch):
+    """A known-size object whose every byte was written and not yet completed: the server holds all of it but
+    the remainder (< n bytes for n parts), nothing is visible, and completing it makes exactly the object."""
+    import obstore
+
+    from vllm_consolidate.storage import upload
+    from vllm_consolidate.storage.store import open_store
+
+    monkeypatch.setattr(upload, "PART_BYTES", upload.MIN_PART_BYTES)  # several parts from a small object
+    url = parse_object_url(f"s3://{bucket}/o/obj")
+    size = 23 * 2**20 + 12347  # 4 parts of size // 4, and a remainder of 3 bytes
+    data = random.Random(2).randbytes(size)
+    sink = upload.ObjectSink(open_store(url), url, size)
+    for off in range(0, size, 3 * 2**20 + 1):
+        sink.pwrite(memoryview(data)[off:off + 3 * 2**20 + 1], off)
+    assert _settled_parts(s3, bucket, {"o/obj": size - 3}) == {"o/obj": size - 3}
+    assert s3.keys(bucket) == {} and _head_404(s3, bucket, "o/obj")
+    sink.finish()
+    assert sink.part == size // 4 >= upload.MIN_PART_BYTES and sink.held == size % 4 == 3
+    for n in (1, 5 * 2**20 - 1, 5 * 2**20, 17 * 2**20 + 1, 10**12, 5 * 10**12):  # the bound, whatever the size
+        part = upload.exact_part_size(n)
+        assert n % part < upload.MAX_PARTS and -(-n // part) <= upload.MAX_PARTS
+        assert part >= upload.MIN_PART_BYTES or part == n
+    sink.complete()
+    assert bytes(obstore.get(open_store(url), url.prefix).bytes()) == data
+    assert s3.uploads(bucket) == []
 
 
 def test_force_deletes_nothing_a_hostile_marker_names_outside_the_prefix(s3, bucket, case_dir):

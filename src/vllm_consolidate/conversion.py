@@ -244,7 +244,9 @@ def check_location(opts: ConvertOptions, inputs: list) -> None:
 
 def max_shard_size(opts: ConvertOptions) -> int:
     url = rpub.output_url(opts.output)
-    if url is not None and url.kind == "s3":  # the commit copies each shard in one request (CopyObject: 5 GiB)
+    # A --pytorch-bin archive (size unknown before it is written) is staged and committed by one server-side copy
+    # (S3's CopyObject: at most 5 GiB); a safetensors shard is one multipart upload to its key (up to 5 TB).
+    if url is not None and url.kind == "s3" and opts.fmt == "bin":
         return min(opts.max_shard_size, rpub.S3_MAX_SHARD_BYTES)
     return opts.max_shard_size
 

@@ -4,8 +4,9 @@ The steps, in order: detect the input, read its metadata, find config and tokeni
 and dtypes, plan every output file, check disk space, stream the weights into a temporary sibling
 folder, copy the assets, validate, and only then rename the folder into place. On any failure the
 temporary folder is removed and ``--output`` is left as it was. An object-store output (``s3://…``) is
-streamed into a sibling staging prefix instead and committed by server-side copy, our marker last
-(:mod:`vllm_consolidate.write.remote`); nothing is written to the local disk.
+streamed into multipart uploads of its final keys instead, kept open (invisible) until the model is
+validated and then completed, our marker last (:mod:`vllm_consolidate.write.remote`); no weight byte is
+written to the local disk.
 """
 
 from __future__ import annotations
@@ -128,10 +129,10 @@ def _convert(opts: ConvertOptions, progress: Callable[[int, int], None] | None,
 def _convert_to_store(opts: ConvertOptions, url: ObjectURL, started: float,
                       progress: Callable[[int, int], None] | None,
                       on_stage: Callable[[str], None] | None) -> ConvertResult:
-    """:func:`convert` into an object store: the same checks, then stream into a staging prefix, validate, commit.
+    """:func:`convert` into an object store: the same checks, then stream into open uploads, validate, commit.
 
-    Nothing touches the local disk; on any failure (or Ctrl-C, SIGTERM) the uploads are aborted and the
-    staged objects deleted (see :mod:`vllm_consolidate.write.remote`).
+    No weight byte touches the local disk; on any failure (or Ctrl-C, SIGTERM) the uploads are aborted and
+    the staged objects deleted (see :mod:`vllm_consolidate.write.remote`).
     """
     from vllm_consolidate.storage.staging import StagedOutput
     from vllm_consolidate.storage.staging import clean_stale as clean_stale_staging
@@ -148,11 +149,13 @@ def _convert_to_store(opts: ConvertOptions, url: ObjectURL, started: float,
     with StagedOutput(store, url) as staged:
         if opts.validate and not adapter:
             staged.observe = lambda rel: _stream_scan(scans, rel)
+        if opts.validate:
+            staged.keep = lambda rel, size: validation_ranges(conv, rel)
         written = write_files(conv, staged, progress)
         nbytes = rpub.staged_sizes(staged, written)
 
         def validate() -> Any:
-            return validate_staged(conv, staged.url, opts, url, on_stage, adapter, scans)
+            return validate_staged(conv, staged, opts, url, on_stage, adapter, scans)
 
         report = rpub.commit(staged, marker_info(opts, conv, written), opts.force,
                              validate=validate if opts.validate else None)
@@ -177,26 +180,48 @@ def _stream_scan(scans: dict[str, Any], rel: str) -> Callable[[bytes], None] | N
     return scan.feed
 
 
-def validate_staged(conv: Conversion, staged: ObjectURL, opts: ConvertOptions, output: ObjectURL,
-                    on_stage: Callable[[str], None] | None, adapter: bool, scans: dict[str, Any] | None = None) -> Any:
-    """Validate a staged object-store output where it is: through the read side's mirror of the staging
-    prefix (stand-ins; only headers and sampled ranges are fetched, no second download).
+def validation_ranges(conv: Conversion, rel: str) -> list[tuple[int, int]]:
+    """The byte ranges of output file ``rel`` the validation reads: the safetensors header and the sampled
+    elements of every tensor (:func:`~vllm_consolidate.validate.source.sample_ranges`), from the plan alone."""
+    from vllm_consolidate.validate.source import sample_ranges
+    from vllm_consolidate.write.safetensors import safetensors_header
 
-    ``scans``: the value scans of the weight files, made as they were uploaded (``_stream_scan``); when every one
-    completed, the NaN/Inf scan does not read the files back (else, e.g. ``.bin`` shards, it does).
+    pfile = next((f for f in conv.plan.files if f.filename == rel), None)
+    if pfile is None or conv.plan.format != "safetensors":
+        return []
+    start = len(safetensors_header(pfile))
+    ranges = [(0, start)]
+    for t in pfile.tensors:
+        size = t.out_dtype.itemsize
+        ranges.extend((start + t.offset + first * size, start + t.offset + (first + count) * size)
+                      for first, count in sample_ranges(tuple(t.spec.shape)))
+    return ranges
+
+
+def validate_staged(conv: Conversion, staged: Any, opts: ConvertOptions, output: ObjectURL,
+                    on_stage: Callable[[str], None] | None, adapter: bool, scans: dict[str, Any] | None = None) -> Any:
+    """Validate an object-store output before its commit, from what the run holds (no download of the output).
+
+    The open uploads cannot be read yet: their weight files are read from the ranges kept as they streamed
+    (:mod:`vllm_consolidate.storage.streamed`, :func:`validation_ranges`); the small files from the bytes held
+    for the commit (written into a private local folder for transformers, removed with it); a staged
+    ``--pytorch-bin`` archive by ranged GET. ``scans``: the value scans of the weight files, made as they were
+    uploaded (``_stream_scan``); when every one completed, the NaN/Inf scan reads nothing (else, e.g. ``.bin``
+    shards, it reads them back).
     """
+    from vllm_consolidate.storage.bytefile import RemoteObject
+    from vllm_consolidate.storage.streamed import StreamedView
     from vllm_consolidate.validate.values import StreamScan
 
     done = bool(scans) and all(s.complete for s in scans.values())  # type: ignore[union-attr]
     values = StreamScan.check(list(scans.values())) if done else None  # type: ignore[union-attr]
-    view = remote.mirror(staged, dict(opts.storage_options))
-    try:
-        # transformers opens config.json and the tokenizer files by name: those few small files are fetched into
-        # the private mirror (bounded, removed with it); weights stay stand-ins read by range.
-        view.materialize()
+    objects: dict[str, Any] = {rel: staged.kept[rel] for rel in staged.staged if rel in staged.kept}
+    for rel in staged.staged:
+        if rel not in objects and rel not in staged.held:
+            objects[rel] = RemoteObject(staged.store, staged.url.key(rel), staged.staged[rel], None,
+                                        str(staged.url.child(rel)))
+    with StreamedView(output, staged.held, objects) as view:
         return validate_output(conv, view.path, str(output), on_stage, adapter, values)  # type: ignore[arg-type]
-    finally:
-        view.close()
 
 
 def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,

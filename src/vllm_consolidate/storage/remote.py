@@ -281,10 +281,25 @@ def is_standin(path: str | os.PathLike) -> bool:
     return lookup(path) is not None
 
 
-def open_remote(path: str | os.PathLike) -> RemoteFile | None:
-    """A :class:`RemoteFile` for a stand-in, or None when ``path`` is not one."""
+def open_remote(path: str | os.PathLike) -> Any:
+    """A :class:`RemoteFile` for a stand-in (or the file of what :func:`register` put there), None for a path."""
     obj = lookup(path)
-    return None if obj is None else RemoteFile(obj, obj.url)
+    if obj is None:
+        return None
+    return obj.open() if hasattr(obj, "open") else RemoteFile(obj, obj.url)
+
+
+def register(entries: dict[str, Any], folder: Path, url: str) -> None:
+    """Stand-ins made elsewhere (``{path: object with open()}``), and the URL ``folder`` stands for in messages."""
+    with _lock:
+        _registry.update(entries)
+        _names[str(folder)] = url
+
+
+def unregister(entries: dict[str, Any]) -> None:
+    with _lock:
+        for path in entries:
+            _registry.pop(path, None)
 
 
 def public(text: str) -> str:
@@ -323,4 +338,4 @@ def public_value(value: Any) -> Any:
 
 
 __all__ = ["MAX_OBJECTS", "Mirror", "is_standin", "local_input", "lookup", "mirror", "mirror_of", "open_remote",
-           "public", "public_error", "public_value"]
+           "public", "register", "unregister", "public_error", "public_value"]

@@ -11,11 +11,14 @@ taken, so the threads never wait on each other in a circle: jobs start in offset
 :data:`MAX_CONCURRENCY` parts being uploaded. An observer may see each contiguous piece as it is handed
 to the upload (the NaN/Inf scan of the validation, so that it needs no second download of the object).
 
-Only a complete object is ever visible: the upload completes in :meth:`ObjectSink.close` when every
-byte was written, and :meth:`ObjectSink.abort` (any failure, Ctrl-C, SIGTERM) aborts it, so no part
-stays billed in the bucket. A SIGKILL cannot abort; the staging prefix (see :mod:`.staging`) keeps
-such leftovers away from the output, and a bucket lifecycle rule (``AbortIncompleteMultipartUpload``)
-removes the parts.
+Only a complete object is ever visible: the upload completes in :meth:`ObjectSink.complete` (called by
+the commit, :mod:`.staging`, after :meth:`ObjectSink.finish` checked every byte was written and the
+output was validated; :meth:`ObjectSink.close` does both at once), and :meth:`ObjectSink.abort` (any
+failure, Ctrl-C, SIGTERM) aborts it, so no part stays billed in the bucket. Until it completes, an
+upload of known size holds less than :data:`MAX_PARTS` bytes in memory (:func:`exact_part_size`); its
+last parts (at most :data:`MAX_CONCURRENCY`) may still be in flight when the next file starts, as
+obstore's writer does not wait for them before its close. A SIGKILL cannot abort: the open upload stays
+invisible, and a bucket lifecycle rule (``AbortIncompleteMultipartUpload``) removes the parts.
 """
 
 from __future__ import annotations
@@ -40,12 +43,24 @@ WINDOW_BYTES = 64 * 2**20
 
 
 def part_size(size: int) -> int:
-    """The part size for an object of ``size`` bytes: :data:`PART_BYTES`, or more to stay within :data:`MAX_PARTS`.
-
-    A few parts short of the limit, rounded up to a MiB.
-    """
+    """The part size for an object of about ``size`` bytes (unknown exactly): :data:`PART_BYTES`, or more to stay
+    within :data:`MAX_PARTS` (a few parts short of the limit, rounded up to a MiB)."""
     need = -(-size // (MAX_PARTS - 16))
     return max(PART_BYTES, MIN_PART_BYTES, -(-need // 2**20) * 2**20)
+
+
+def exact_part_size(size: int) -> int:
+    """The part size for an object of exactly ``size`` bytes whose upload stays open until the commit.
+
+    obstore's writer uploads a part each time exactly ``buffer_size`` bytes are buffered and keeps only the
+    rest until it is closed. With ``n = ceil(size / PART_BYTES)`` parts (at most ``MAX_PARTS - 1``, so the rest
+    fits as one more) of ``size // n`` bytes, the rest is ``size % n < n`` bytes: what an open upload holds in
+    memory until the commit is below :data:`MAX_PARTS` bytes, whatever the file's size. Parts are at most
+    :data:`PART_BYTES` (for files up to ~160 GB) and at least :data:`MIN_PART_BYTES` (S3's minimum; fewer, larger
+    parts if need be); a file below that is one part (the last part may be any size).
+    """
+    n = max(1, min(-(-size // PART_BYTES), size // MIN_PART_BYTES, MAX_PARTS - 1))
+    return max(1, size // n)
 
 
 class ObjectSink:
@@ -71,8 +86,8 @@ class ObjectSink:
         import obstore
 
         self.url, self.size, self.window, self._observe = url, size, window, observe
-        self._writer = obstore.open_writer(store, url.prefix, buffer_size=part_size(size or size_hint),
-                                           max_concurrency=MAX_CONCURRENCY)
+        self.part = exact_part_size(size) if size is not None else part_size(size_hint)
+        self._writer = obstore.open_writer(store, url.prefix, buffer_size=self.part, max_concurrency=MAX_CONCURRENCY)
         self._cond = threading.Condition()
         self._upload_lock = threading.Lock()  # one thread at a time appends, in order
         self._pending: dict[int, bytes] = {}  # offset -> chunk, ahead of ``_next``
@@ -150,12 +165,17 @@ class ObjectSink:
                 self._failed = exc or StorageError("upload abandoned", path=str(self.url))
             self._cond.notify_all()
 
-    def close(self) -> None:
-        """Complete the upload (the object appears).
+    @property
+    def held(self) -> int:
+        """Bytes handed to the upload that no part has taken yet (obstore's writer holds them until a part is full,
+        or until :meth:`complete`)."""
+        return self._next % self.part
+
+    def finish(self) -> None:
+        """Check that every byte was written, and keep the upload open (invisible) for :meth:`complete`.
 
         Raises:
             RuntimeError: Not every byte was written (a bug of the caller); the upload is aborted.
-            StorageError: The store refused to complete it.
         """
         with self._upload_lock, self._cond:
             if self._pending or (self.size is not None and self._next != self.size):
@@ -163,6 +183,22 @@ class ObjectSink:
                 self._state = "closing"
                 self._abort_writer()
                 raise RuntimeError(f"{self.url}: {missing} of {self.size} bytes were never written")
+            self._state = "written"
+
+    def close(self) -> None:
+        """:meth:`finish`, then :meth:`complete`."""
+        self.finish()
+        self.complete()
+
+    def complete(self) -> None:
+        """Complete the upload: its last bytes are uploaded and the object appears.
+
+        Raises:
+            StorageError: The store refused to complete it.
+        """
+        with self._upload_lock, self._cond:
+            if self._state != "written":
+                raise RuntimeError(f"{self.url}: completed in state {self._state}")
             self._state = "closed"
         try:
             self._writer.close()
@@ -174,7 +210,7 @@ class ObjectSink:
         self.fail()
         with self._upload_lock, self._cond:
             self._pending.clear()
-            if self._state == "open":
+            if self._state in ("open", "written"):
                 self._state = "aborted"
                 self._abort_writer()
 
@@ -186,4 +222,4 @@ class ObjectSink:
             pass
 
 
-__all__ = ["MAX_CONCURRENCY", "PART_BYTES", "WINDOW_BYTES", "ObjectSink", "part_size"]
+__all__ = ["MAX_CONCURRENCY", "PART_BYTES", "WINDOW_BYTES", "ObjectSink", "exact_part_size", "part_size"]

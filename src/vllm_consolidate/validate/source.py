@@ -40,6 +40,7 @@ from vllm_consolidate.read.assets import read_config
 from vllm_consolidate.read.hf import StoredTensor
 from vllm_consolidate.read.ranges import equal_bytes, iter_chunks
 from vllm_consolidate.source import TensorSpec, sub_segments
+from vllm_consolidate.storage.streamed import NotKept
 from vllm_consolidate.units import few
 from vllm_consolidate.validate.context import Context, Reference  # Reference re-exported
 from vllm_consolidate.validate.report import FAIL, PASS, WARN, Check
@@ -165,7 +166,7 @@ def _values(stored: dict[str, StoredTensor], ref: Reference, chunk_bytes: int) -
             else:
                 problems[name] = f"has shape {list(t.shape)}, the source {list(spec.shape)}"
             continue
-        first_diff, n_diff, n = _differences(t, spec, _ranges(t.shape, ref.depth), buffers)
+        first_diff, n_diff, n = _differences(t, spec, sample_ranges(t.shape, ref.depth), buffers)
         compared += n
         if n_diff == 0:
             continue
@@ -192,8 +193,9 @@ def _values(stored: dict[str, StoredTensor], ref: Reference, chunk_bytes: int) -
                  "elements compared)", details)
 
 
-def _ranges(shape: tuple[int, ...], depth: str) -> list[tuple[int, int]]:
-    """Element ranges ``(first, count)`` of a tensor to compare."""
+def sample_ranges(shape: tuple[int, ...], depth: str = "sample") -> list[tuple[int, int]]:
+    """Element ranges ``(first, count)`` of a tensor to compare (known from the shape alone: an object-store
+    output keeps exactly these from its upload for the validation)."""
     numel = math.prod(shape)
     if depth == "full" or numel <= SAMPLE_WHOLE_ELEMENTS:
         return [(0, numel)]
@@ -286,7 +288,15 @@ def _whole(spec: TensorSpec | StoredTensor, dtype: Any) -> Any:
 
 
 def _is_transpose(t: StoredTensor, spec: TensorSpec) -> bool:
-    """Whether a stored 2-D tensor holds exactly the source tensor's transpose (reads both whole)."""
+    """Whether a stored 2-D tensor holds exactly the source tensor's transpose (reads both whole).
+
+    False when the stored tensor cannot be read whole: an object-store output validated before its commit keeps
+    only the sampled ranges (:mod:`vllm_consolidate.storage.streamed`); the difference is reported as such.
+    """
     if t.dtype is None or t.dtype.itemsize not in _UINT or len(spec.shape) != 2:
         return False
-    return bool(np.array_equal(_whole(t, t.dtype), _whole(spec, t.dtype).T))
+    try:
+        stored = _whole(t, t.dtype)
+    except NotKept:
+        return False
+    return bool(np.array_equal(stored, _whole(spec, t.dtype).T))

@@ -3,17 +3,19 @@
 * **The input is never touched.** The output prefix may not be an input prefix, lie inside one or
   contain one (same store and bucket, compared by whole path segments: ``a/b`` is not inside ``a/bc``).
   A local input cannot overlap an object-store output.
-* **Never half a model.** Everything is written under a sibling staging prefix and committed only
-  when complete and validated, the marker last (:class:`~vllm_consolidate.storage.staging.StagedOutput`).
+* **Never half a model.** Every shard is a multipart upload to its final key, kept open (invisible) until
+  the whole model is written and validated; small files are held in memory; the commit completes the
+  uploads and PUTs the small files, the marker last (:class:`~vllm_consolidate.storage.staging.StagedOutput`).
 * **Only our own outputs are replaced.** An output prefix that holds any object exists: without
   ``--force`` that is exit 6; with it, only a prefix holding our marker :data:`~.publish.MARKER_NAME`
   is replaced, and only the objects our old output listed in its marker are deleted (objects someone
   else put beside it stay). Checked before anything is written and again just before the commit.
-* **S3 copies at most 5 GiB in one request** (CopyObject), so the shards of an ``s3://`` output are
-  capped at :data:`S3_MAX_SHARD_BYTES`.
+* **S3 copies at most 5 GiB in one request** (CopyObject), so the ``--pytorch-bin`` archives of an ``s3://``
+  output (staged whole, then copied: their size is unknown until written) are capped at
+  :data:`S3_MAX_SHARD_BYTES`. Safetensors shards are not copied and have no such cap.
 
 Unlike a local rename, the commit of a ``--force`` replacement is not atomic: a failure during it (the
-server-side copies) leaves the old output partly replaced. It keeps our marker, so a rerun with
+completions, PUTs and copies) leaves the old output partly replaced. It keeps our marker, so a rerun with
 ``--force`` replaces it.
 """
 
@@ -29,7 +31,7 @@ from vllm_consolidate.storage.staging import STAGING_TAG, StagedOutput, list_key
 from vllm_consolidate.storage.urls import MAX_KEY_BYTES, ObjectURL, check_relative, is_object_url, parse_object_url
 from vllm_consolidate.write.publish import FILE_ROOM, MARKER_NAME, is_marker, marker_text
 
-#: S3's CopyObject limit is 5 GiB; a shard stays below it so that the commit can copy it in one request.
+#: S3's CopyObject limit is 5 GiB; a staged ``.bin`` archive stays below it so that the commit copies it in one request.
 S3_MAX_SHARD_BYTES = 5 * 10**9
 MAX_MARKER_BYTES = 1 << 20
 #: What the staging prefix adds to the output's name: ``.`` + name + tag + 16 hex digits.
@@ -116,7 +118,7 @@ def _confined(rel: object) -> bool:
 
 
 def commit(staged: StagedOutput, marker_info: dict[str, Any], force: bool, validate: Any = None) -> Any:
-    """Stage the marker, validate the staged output, and commit it into ``staged.output``.
+    """Hold the marker, validate the written output, and commit it into ``staged.output``.
 
     Args:
         staged: The staging prefix, holding every file of the output.
@@ -132,7 +134,7 @@ def commit(staged: StagedOutput, marker_info: dict[str, Any], force: bool, valid
     store, output = staged.store, staged.output
     existing = check_replaceable(store, output, force)  # again: another run may have committed meanwhile
     stale = old_files(store, output, existing) if existing else []
-    # The weights go first (several copies at once), then one by one: an index after every shard it names,
+    # The weights go first (several at once), then one by one: an index after every shard it names,
     # config.json, and our marker last.
     index = sorted(rel for rel in staged.staged if rel.endswith(".index.json"))
     staged.commit(last=[*index, "config.json", "adapter_config.json", MARKER_NAME], existing=existing, stale=stale)

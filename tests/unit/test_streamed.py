@@ -1,0 +1,28 @@
+"""storage.streamed: the ranges an object-store output keeps from its upload stream for the validation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vllm_consolidate.storage.streamed import Kept, NotKept
+
+
+def test_kept_ranges_are_the_streamed_bytes_and_nothing_else():
+    data = random.Random(3).randbytes(10_000)
+    kept = Kept("s3://b/m/x", len(data), [(0, 8), (100, 300), (250, 400), (9_990, 20_000), (5, 6)])
+    pos, rng = 0, random.Random(4)
+    while pos < len(data):  # pieces of any size, across range boundaries, as the upload is handed them
+        n = rng.randint(1, 97)
+        kept.feed(data[pos:pos + n])
+        pos += n
+    assert kept.nbytes == 8 + 300 + 10  # merged and clipped to the object: all that stays in memory
+    assert kept.read(0, 8) == data[:8] and kept.read(120, 390) == data[120:390]
+    assert kept.read(9_995, 10_500) == data[9_995:]  # clipped to the object's end
+    f = kept.open()
+    buf = memoryview(bytearray(50))
+    assert f.preadv_into(buf, 150) == 50 and bytes(buf) == data[150:200]
+    for start, end in [(7, 9), (99, 101), (400, 401), (5_000, 5_001)]:  # never guessed: refused
+        with pytest.raises(NotKept):
+            kept.read(start, end)
