@@ -213,7 +213,9 @@ class StagedOutput:
       committed by server-side copy, as each such file would otherwise hold up to a part until the commit.
 
     ``keep``, if set, names the byte ranges of a known-size file the validation will read (:mod:`.streamed`):
-    they are copied out of its stream into :attr:`kept`.
+    they are copied out of its stream into :attr:`kept`. ``staged_copies`` (set before the first file) sends
+    known-size files the third way too: for an output whose validation would keep more than memory allows
+    (see ``convert.KEPT_BYTES_LIMIT``), the validation then reads them back by ranged GET before the commit.
     """
 
     def __init__(self, store: Any, output: ObjectURL):
@@ -230,6 +232,8 @@ class StagedOutput:
         self.observe: Callable[[str], Callable[[bytes], None] | None] | None = None
         #: Given a relative key and its size, the byte ranges to keep for the validation.
         self.keep: Callable[[str, int], list[tuple[int, int]]] | None = None
+        #: Known-size files too are uploaded whole under the staging prefix and committed by copy.
+        self.staged_copies = False
 
     def __enter__(self) -> StagedOutput:
         record = {"format": RECORD_FORMAT, "output": str(self.output), **machine_identity(), "pid": os.getpid(),
@@ -252,25 +256,26 @@ class StagedOutput:
                 self.held[rel] = bytes(held.data)
                 self.staged[rel] = len(held.data)
             return
-        sink = ObjectSink(self.store, (self.output if size is not None else self.url).child(rel), size,
-                          size_hint=size_hint, observe=self._observer(rel, size))
+        left_open = size is not None and not self.staged_copies
+        sink = ObjectSink(self.store, (self.output if left_open else self.url).child(rel), size,
+                          size_hint=size_hint, observe=self._observer(rel, size if left_open else None))
         with self._lock:
             self._sinks.append(sink)
         try:
             yield sink
-            if size is None:
-                sink.close()
-            else:
+            if left_open:
                 sink.finish()
+            else:
+                sink.close()
         except BaseException:
             sink.abort()
             raise
         with self._lock:
             self.staged[rel] = sink.written
-            if size is None:
-                self._copies.add(rel)
-            else:
+            if left_open:
                 self._open[rel] = sink
+            else:
+                self._copies.add(rel)
 
     def _observer(self, rel: str, size: int | None) -> Callable[[bytes], None] | None:
         """The scan of ``observe`` and, for an open upload, the :class:`Kept` ranges, fed with each piece."""
