@@ -31,8 +31,7 @@ from tests import s3_server
 from vllm_consolidate import cli
 from vllm_consolidate.convert import ConvertOptions, convert
 from vllm_consolidate.errors import CorruptCheckpointError, UsageError, ValidationFailedError
-from vllm_consolidate.storage import bytefile
-from vllm_consolidate.storage import staging as staging_mod
+from vllm_consolidate.storage import bytefile, streamed
 from vllm_consolidate.storage.urls import parse_object_url
 from vllm_consolidate.validate import values as values_mod
 
@@ -77,8 +76,8 @@ CASES = {
     "pytorch-bin": (DS, {"dtype": "float32", "fmt": "bin"}),
     "fp8-quantized": (DS, {"dtype": "bfloat16", "quantize": "fp8_dynamic"}),
     "hf-sharded-keep": ("hf_llama_sharded_bf16", {"keep_original_precision": True, "max_shard_size": 300_000}),
-    # More to keep for the validation than KEPT_BYTES_LIMIT (a large --moe-layout fused model): staged and copied.
-    "over-kept-limit": (DS, {"dtype": "bfloat16", "max_shard_size": 400_000}),
+    # More kept for the validation than streamed.MEMORY_BYTES (a large MoE): the samples go to a temporary file.
+    "kept-spilled": (DS, {"dtype": "bfloat16", "max_shard_size": 400_000}),
 }
 
 
@@ -92,20 +91,18 @@ def test_objects_are_the_local_conversions_files(label, s3, bucket, case_dir, ca
     gets: list = []  # every ranged GET our reader makes (the input is local: any GET reads the output back)
     monkeypatch.setattr(bytefile, "RECORD_REQUESTS", True)
     monkeypatch.setattr(bytefile, "REQUESTS", gets)
-    kept: list = []
-    if label == "over-kept-limit":
-        monkeypatch.setattr(importlib.import_module("vllm_consolidate.convert"), "KEPT_BYTES_LIMIT", 0)
-        monkeypatch.setattr(staging_mod.StagedOutput, "_observer", lambda self, rel, size, inner=(
-            staging_mod.StagedOutput._observer): kept.append(size) or inner(self, rel, size))
+    spills: list = []
+    if label == "kept-spilled":
+        monkeypatch.setattr(streamed, "MEMORY_BYTES", 0)
+        monkeypatch.setattr(streamed.Spill, "close", lambda self, close=streamed.Spill.close: spills.append(
+            (self.spilled, self._fd)) or close(self))
     result = convert(ConvertOptions(input=src, output=f"s3://{bucket}/models/m", validate=True, **options))
     assert result.validation is not None and result.validation["ok"], result.validation
-    # Validated before the commit with no download: only a --pytorch-bin archive (staged whole) is read back,
-    # and the weights of an output whose validation would keep too much in memory (staged and copied instead).
+    # Validated before the commit with no download: only a --pytorch-bin archive (staged whole) is read back.
     read = {url.rpartition("/")[2] for url, _, _ in gets}
-    shards = {f for f in result.files if f.endswith(".safetensors")}
-    want = {"pytorch_model.bin"} if label == "pytorch-bin" else shards if label == "over-kept-limit" else set()
-    assert read == want and (label != "over-kept-limit" or len(shards) > 1), read
-    assert not any(kept), "ranges kept in memory although the output is over KEPT_BYTES_LIMIT"
+    assert read == ({"pytorch_model.bin"} if label == "pytorch-bin" else set()), read
+    if label == "kept-spilled":  # every kept sample was read from the temporary file, closed after the commit
+        assert any(n > 0 and fd is not None for n, fd in spills), spills
     # The NaN/Inf scan ran on the bytes as they were uploaded (StreamScan): validation did not read the staged
     # safetensors files back for it (a .bin output still is).
     values = next(c for c in result.validation["checks"] if c["name"] == "values")

@@ -151,7 +151,6 @@ def _convert_to_store(opts: ConvertOptions, url: ObjectURL, started: float,
             staged.observe = lambda rel: _stream_scan(scans, rel)
         if opts.validate:
             staged.keep = lambda rel, size: validation_ranges(conv, rel)
-            staged.staged_copies = kept_bytes(conv) > KEPT_BYTES_LIMIT
         written = write_files(conv, staged, progress)
         nbytes = rpub.staged_sizes(staged, written)
 
@@ -179,18 +178,6 @@ def _stream_scan(scans: dict[str, Any], rel: str) -> Callable[[bytes], None] | N
         return None
     scan = scans[rel] = StreamScan(rel)
     return scan.feed
-
-
-#: Most bytes of an object-store output kept in memory for its validation (:func:`validation_ranges`). A dense
-#: model keeps a few MB (3 rows a tensor), but the sample of a 3-D tensor is 3 whole matrices, so a large model
-#: written with ``--moe-layout fused`` would keep GBs: such an output is staged and committed by copy instead,
-#: and the validation reads the same ranges back by ranged GET (bounded memory, one copy more at the server).
-KEPT_BYTES_LIMIT = 256 * 2**20
-
-
-def kept_bytes(conv: Conversion) -> int:
-    """Bytes the validation would keep of every weight file of the output (at most: overlaps not merged)."""
-    return sum(end - start for f in conv.plan.files for start, end in validation_ranges(conv, f.filename))
 
 
 def validation_ranges(conv: Conversion, rel: str) -> list[tuple[int, int]]:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 
-from vllm_consolidate.storage.streamed import Kept, NotKept
+from vllm_consolidate.storage.streamed import Kept, NotKept, Spill
 
 
-def test_kept_ranges_are_the_streamed_bytes_and_nothing_else():
+@pytest.mark.parametrize("memory", [None, 0, 300])  # all in memory; all in the file; some of each
+def test_kept_ranges_are_the_streamed_bytes_and_nothing_else(memory):
     data = random.Random(3).randbytes(10_000)
-    kept = Kept("s3://b/m/x", len(data), [(0, 8), (100, 300), (250, 400), (9_990, 20_000), (5, 6)])
+    spill = Spill(memory) if memory is not None else None
+    kept = Kept("s3://b/m/x", len(data), [(0, 8), (100, 300), (250, 400), (9_990, 20_000), (5, 6)], spill)
     pos, rng = 0, random.Random(4)
     while pos < len(data):  # pieces of any size, across range boundaries, as the upload is handed them
         n = rng.randint(1, 97)
@@ -26,3 +29,20 @@ def test_kept_ranges_are_the_streamed_bytes_and_nothing_else():
     for start, end in [(7, 9), (99, 101), (400, 401), (5_000, 5_001)]:  # never guessed: refused
         with pytest.raises(NotKept):
             kept.read(start, end)
+    if spill is not None:  # what did not fit the memory budget is in the (unlinked) file
+        assert spill.spilled == {0: 318, 300: 300}[memory]  # 300 did not fit after the first 8: first fit
+        spill.close()
+
+
+def test_spill_file_is_unnamed_and_closed_with_the_output():
+    spill = Spill(0)
+    assert spill.reserve(5) == 0 and spill.reserve(7) == 5
+    spill.pwrite(b"hello", 0)
+    assert spill.pread(5, 0) == b"hello"
+    fd = spill._fd
+    assert fd is not None and os.readlink(f"/proc/self/fd/{fd}").endswith("(deleted)")
+    spill.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert isinstance(Spill(10).reserve(10), bytearray)  # within the budget: memory, no file
+

@@ -39,7 +39,7 @@ from typing import Any
 
 from vllm_consolidate.errors import ConsolidateError, StorageError
 from vllm_consolidate.storage.store import storage_error
-from vllm_consolidate.storage.streamed import Kept
+from vllm_consolidate.storage.streamed import Kept, Spill
 from vllm_consolidate.storage.upload import ObjectSink
 from vllm_consolidate.storage.urls import ObjectURL, relative_key
 
@@ -213,9 +213,8 @@ class StagedOutput:
       committed by server-side copy, as each such file would otherwise hold up to a part until the commit.
 
     ``keep``, if set, names the byte ranges of a known-size file the validation will read (:mod:`.streamed`):
-    they are copied out of its stream into :attr:`kept`. ``staged_copies`` (set before the first file) sends
-    known-size files the third way too: for an output whose validation would keep more than memory allows
-    (see ``convert.KEPT_BYTES_LIMIT``), the validation then reads them back by ranged GET before the commit.
+    they are copied out of its stream into :attr:`kept` (memory up to :data:`~.streamed.MEMORY_BYTES` for
+    the whole output, then an unlinked temporary file: :class:`~.streamed.Spill`).
     """
 
     def __init__(self, store: Any, output: ObjectURL):
@@ -232,8 +231,7 @@ class StagedOutput:
         self.observe: Callable[[str], Callable[[bytes], None] | None] | None = None
         #: Given a relative key and its size, the byte ranges to keep for the validation.
         self.keep: Callable[[str, int], list[tuple[int, int]]] | None = None
-        #: Known-size files too are uploaded whole under the staging prefix and committed by copy.
-        self.staged_copies = False
+        self.spill = Spill()
 
     def __enter__(self) -> StagedOutput:
         record = {"format": RECORD_FORMAT, "output": str(self.output), **machine_identity(), "pid": os.getpid(),
@@ -256,9 +254,9 @@ class StagedOutput:
                 self.held[rel] = bytes(held.data)
                 self.staged[rel] = len(held.data)
             return
-        left_open = size is not None and not self.staged_copies
+        left_open = size is not None
         sink = ObjectSink(self.store, (self.output if left_open else self.url).child(rel), size,
-                          size_hint=size_hint, observe=self._observer(rel, size if left_open else None))
+                          size_hint=size_hint, observe=self._observer(rel, size))
         with self._lock:
             self._sinks.append(sink)
         try:
@@ -281,7 +279,7 @@ class StagedOutput:
         """The scan of ``observe`` and, for an open upload, the :class:`Kept` ranges, fed with each piece."""
         feeds = [f for f in [self.observe(rel) if self.observe is not None else None] if f is not None]
         if size is not None and self.keep is not None:
-            kept = self.kept[rel] = Kept(str(self.output.child(rel)), size, self.keep(rel, size))
+            kept = self.kept[rel] = Kept(str(self.output.child(rel)), size, self.keep(rel, size), self.spill)
             feeds.append(kept.feed)
         if len(feeds) <= 1:
             return feeds[0] if feeds else None
@@ -379,6 +377,7 @@ class StagedOutput:
         self.staged.clear()
         self.held.clear()
         self.kept.clear()
+        self.spill.close()
         self._open.clear()
         self._copies.clear()
 

@@ -20,15 +20,68 @@ import bisect
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from vllm_consolidate.storage import remote
 
+#: Kept bytes held in memory per output; the rest go to an unlinked temporary file (:class:`Spill`).
+MEMORY_BYTES = 256 * 2**20
+
 
 class NotKept(RuntimeError):
     """A read of an uploaded object outside the ranges kept for the validation."""
+
+
+class Spill:
+    """Where the kept ranges of one output live: memory up to ``memory`` bytes, then an unlinked temporary file.
+
+    Why: a dense model keeps a few MB (three rows a tensor), but a model of tens of thousands of tensors (a
+    large MoE stored per expert) or of 3-D tensors (``--moe-layout fused``: three whole matrices each) keeps
+    GBs, which would break the bounded-memory promise. The file is created only when needed, never named in
+    the file system (``TemporaryFile``), and closed (gone) with the output's validation. Thread-safe: the
+    objects of one output are fed from the writer's threads.
+    """
+
+    def __init__(self, memory: int | None = None):
+        self._left = MEMORY_BYTES if memory is None else memory
+        self._fd: int | None = None
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> bytearray | int:
+        """Room for ``n`` bytes: a bytearray (memory) or an offset in the file."""
+        with self._lock:
+            if n <= self._left:
+                self._left -= n
+                return bytearray()
+            if self._fd is None:
+                with tempfile.TemporaryFile(prefix="vllmc-kept-") as fh:
+                    self._fd = os.dup(fh.fileno())
+            offset, self._size = self._size, self._size + n
+            return offset
+
+    def pwrite(self, data: Any, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.pwrite(self._fd, view, offset)  # type: ignore[arg-type]
+            view, offset = view[n:], offset + n
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return os.pread(self._fd, n, offset)  # type: ignore[arg-type]
+
+    @property
+    def spilled(self) -> int:
+        """Bytes kept in the file rather than in memory."""
+        return self._size
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 class Kept:
@@ -38,9 +91,10 @@ class Kept:
         url: The object's URL (for messages).
         size: Its size.
         ranges: ``(start, end)`` byte ranges to keep (merged here; clipped to the object).
+        spill: Where the bytes go (shared by the objects of one output); default: memory.
     """
 
-    def __init__(self, url: str, size: int, ranges: Iterable[tuple[int, int]]):
+    def __init__(self, url: str, size: int, ranges: Iterable[tuple[int, int]], spill: Spill | None = None):
         self.url, self.size, self.etag = url, size, None
         merged: list[list[int]] = []
         for start, end in sorted((max(0, a), min(size, b)) for a, b in ranges):
@@ -52,7 +106,10 @@ class Kept:
                 merged.append([start, end])
         self._starts = [a for a, _ in merged]
         self._ends = [b for _, b in merged]
-        self._data = [bytearray() for _ in merged]
+        self._spill = spill
+        # Per range: a bytearray, or the offset of its room in the spill file, and how many bytes it holds.
+        self._data: list[bytearray | int] = [spill.reserve(b - a) if spill else bytearray() for a, b in merged]
+        self._filled = [0] * len(merged)
         self._pos = 0
         self._next = 0  # first range not yet complete
 
@@ -69,7 +126,12 @@ class Kept:
         while i < len(self._starts) and self._starts[i] < end:
             a, b = max(self._starts[i], start), min(self._ends[i], end)
             if a < b:
-                self._data[i] += memoryview(chunk)[a - start:b - start]
+                piece, room = memoryview(chunk)[a - start:b - start], self._data[i]
+                if isinstance(room, bytearray):
+                    room += piece
+                else:
+                    self._spill.pwrite(piece, room + self._filled[i])  # type: ignore[union-attr]
+                self._filled[i] += b - a
             if self._ends[i] > end:
                 break
             i += 1
@@ -85,10 +147,12 @@ class Kept:
         if end <= start:
             return b""
         i = bisect.bisect_right(self._starts, start) - 1
-        if i < 0 or end > self._ends[i] or len(self._data[i]) < end - self._starts[i]:
+        if i < 0 or end > self._ends[i] or self._filled[i] < end - self._starts[i]:
             raise NotKept(f"{self.url}: bytes {start}-{end} were not kept from the upload for the validation")
-        off = start - self._starts[i]
-        return bytes(self._data[i][off:off + end - start])
+        off, room = start - self._starts[i], self._data[i]
+        if isinstance(room, bytearray):
+            return bytes(room[off:off + end - start])
+        return self._spill.pread(end - start, room + off)  # type: ignore[union-attr]
 
     def open(self) -> KeptFile:
         return KeptFile(self)
@@ -155,4 +219,4 @@ class StreamedView:
         self.close()
 
 
-__all__ = ["Kept", "KeptFile", "NotKept", "StreamedView"]
+__all__ = ["MEMORY_BYTES", "Kept", "KeptFile", "NotKept", "Spill", "StreamedView"]
