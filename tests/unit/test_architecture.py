@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,6 +102,19 @@ def test_literal_mapping_is_read_from_source_text():
     assert arch._literal_mapping(text) == {"qwen2": "Qwen2ForCausalLM", "x": "XForCausalLM"}
     assert arch._literal_mapping("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES = build()\n") is None
     assert arch._literal_mapping("OTHER = 1\n") is None
+    # Cut where the statement is not closed by a bare ")" line: the whole text is parsed instead.
+    assert arch._literal_mapping(text.replace("\n)\n", ")\nZ = (\n1)\n")) == {"qwen2": "Qwen2ForCausalLM",
+                                                                           "x": "XForCausalLM"}
+
+
+def test_literal_mapping_is_transformers_own():
+    """The statement cut out of the installed modeling_auto gives exactly the mapping transformers builds."""
+    from transformers.models.auto import modeling_auto
+
+    want = {k: v[0] if isinstance(v, tuple) else v for k, v in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()}
+    source = Path(modeling_auto.__file__).read_text(encoding="utf-8")
+    assert arch._statement(source) != source  # the cut was made
+    assert arch._literal_mapping(source) == want and len(want) > 100
 
 
 def test_reading_transformers_mapping_imports_neither_transformers_nor_torch():

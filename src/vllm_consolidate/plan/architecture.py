@@ -89,9 +89,21 @@ class ArchitectureDecision:
                 "replaced": list(self.replaced), "message": self.describe()}
 
 
+def _statement(source: str) -> str:
+    """The mapping's assignment alone (from its line to the first line that is a bare ``)``), else the whole
+    source: parsing 120 kB of modeling_auto took 20 ms of every conversion's start, the statement 1 ms."""
+    start = source.find(f"\n{MAPPING_NAME} = ")
+    end = source.find("\n)\n", start)
+    return source[start + 1:end + 2] if start >= 0 and end >= 0 else source
+
+
 def _literal_mapping(source: str) -> dict[str, str] | None:
     """``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` from modeling_auto's source text, or None if not a plain literal."""
-    for node in ast.parse(source).body:
+    try:
+        body = ast.parse(_statement(source)).body
+    except SyntaxError:  # the cut did not give a whole statement: parse it all
+        body = ast.parse(source).body
+    for node in body:
         if not (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == MAPPING_NAME
                                                      for t in node.targets)):
             continue
