@@ -131,8 +131,9 @@ def _convert_to_store(opts: ConvertOptions, url: ObjectURL, started: float,
                       on_stage: Callable[[str], None] | None) -> ConvertResult:
     """:func:`convert` into an object store: the same checks, then stream into open uploads, validate, commit.
 
-    No weight byte touches the local disk; on any failure (or Ctrl-C, SIGTERM) the uploads are aborted and
-    the staged objects deleted (see :mod:`vllm_consolidate.write.remote`).
+    No weight byte touches the local disk (but validation samples past ``streamed.MEMORY_BYTES``, in an unlinked
+    file); on any failure (or Ctrl-C, SIGTERM) the open uploads are aborted and anything staged deleted (see
+    :mod:`vllm_consolidate.write.remote`).
     """
     from vllm_consolidate.storage.staging import StagedOutput
     from vllm_consolidate.storage.staging import clean_stale as clean_stale_staging

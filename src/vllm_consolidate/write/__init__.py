@@ -3,7 +3,7 @@
 * :mod:`.safetensors`: the streaming writer (kernel byte copy, or chunked casts on two threads);
 * :mod:`.bin`: ``--pytorch-bin`` output through torch's archive writer;
 * :mod:`.publish`: the temporary sibling folder, the output-location rules, the rename into place;
-* :mod:`.remote`: the same rules for an object-store output (staging prefix, commit by server-side copy);
+* :mod:`.remote`: the same rules for an object-store output (uploads left open until validated, then completed);
 * :mod:`.cleanup`: removing what killed conversions left, and only that;
 * :mod:`.assets`: copying the config, generation config and tokenizer files found by ``read.assets``.
 """
