@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_consolidate import dtypes
+from vllm_consolidate import casts, dtypes
 from vllm_consolidate.casts import cast_into, numpy_castable
 
 BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -19,6 +19,17 @@ BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 LOW_HALVES = sorted({0x0000, 0x0001, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x2001, 0x3000, 0x5000, 0x6000,
                      0x7000, 0x7FFF, 0x8000, 0x8001, 0x9000, 0xA000, 0xC000, 0xE000, 0xF000, 0xFFFF,
                      *torch.randint(0, 1 << 16, (24,), generator=torch.Generator().manual_seed(1)).tolist()})
+
+
+@pytest.fixture(params=["c-kernel", "numpy"])
+def cast_path(request, monkeypatch):
+    """float32 -> bfloat16 both ways the package can cast: the C extension (built by every install with a C compiler,
+    so by ``make test``: its absence here fails) and the numpy fallback (forced by hiding the extension)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(casts, "_kernel", None)
+    else:
+        assert casts.kernel() is not None, "vllm_consolidate._castkernel is not built: reinstall with a C compiler"
+    return request.param
 
 
 def ours(values: torch.Tensor, dst: dtypes.DType) -> torch.Tensor:
@@ -47,7 +58,7 @@ def float32_patterns(low_halves: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dst", [dtypes.bfloat16, dtypes.float16])
-def test_float32_rounding_cases_for_every_exponent_and_sign(dst):
+def test_float32_rounding_cases_for_every_exponent_and_sign(dst, cast_path):
     values = float32_patterns(LOW_HALVES)
     assert_same_bits(ours(values, dst), values.to(dst.torch), values)
 
@@ -79,3 +90,23 @@ def test_pairs_outside_numpy_go_through_torch():
     assert not numpy_castable(dtypes.float32, dtypes.float8_e4m3fn)
     got = ours(values, dtypes.float8_e4m3fn)
     assert torch.equal(got.view(torch.uint8), values.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_c_kernel_and_numpy_agree_on_unaligned_odd_sized_chunks(monkeypatch):
+    """The writer hands the kernel slices of its buffers: any offset, any element count (the C loop has a
+    vector body and a scalar tail; an offset of 2 bytes makes every load unaligned)."""
+    assert casts.kernel() is not None, "vllm_consolidate._castkernel is not built: reinstall with a C compiler"
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.randint(-(1 << 31), 1 << 31, (4099,), dtype=torch.int64, generator=gen).to(torch.int32)
+    buf = bytearray(2) + bytearray(raw.numpy().tobytes())
+    for count in (0, 1, 7, 8, 9, 31, 4097):
+        src = memoryview(buf)[2:2 + 4 * count]
+        fast = bytearray(2 * count)
+        cast_into(src, dtypes.float32, dtypes.bfloat16, memoryview(fast))
+        monkeypatch.setattr(casts, "_kernel", None)
+        slow = bytearray(2 * count)
+        cast_into(src, dtypes.float32, dtypes.bfloat16, memoryview(slow))
+        monkeypatch.undo()
+        assert fast == slow, count
+    with pytest.raises(ValueError, match="2\\*n output bytes"):
+        casts.kernel().float32_to_bfloat16(memoryview(buf)[2:10], bytearray(3))

@@ -19,7 +19,12 @@ Decisions:
       the sign and the top of the payload, quieted). Every other value (finite, infinite, subnormal,
       signed zero) is bit-identical to torch; ``tests/test_casts.py`` checks every float32 bit pattern.
       A chunk is searched for NaN only when its maximum is NaN (one read, no temporary).
-    * numpy is imported on the first cast, not with this module: most commands (``--help``,
+    * float32 -> bfloat16, the cast nearly every conversion does, runs in a small C extension
+      (``_castkernel.c``) when the package was built with it: the same arithmetic in one pass over memory,
+      without the GIL, 3x the rate of the numpy passes on this project's 2-core machine, and a bf16
+      conversion then never imports numpy (0.1 s). The extension is optional (no C compiler: not built);
+      then numpy does it. Both are checked against torch (``tests/test_casts.py``).
+    * numpy is imported on the first cast that needs it, not with this module: most commands (``--help``,
       ``inspect``, an fp32 copy) never cast.
 """
 
@@ -38,6 +43,23 @@ _NUMPY_NAMES = {dtypes.float64: "float64", dtypes.float32: "float32", dtypes.flo
 #: not zero), as an unsigned integer of that size.
 NAN_ABOVE: dict[DType, int] = {dtypes.float64: 0x7FF0_0000_0000_0000, dtypes.float32: 0x7F80_0000,
                                dtypes.float16: 0x7C00, dtypes.bfloat16: 0x7F80}
+
+
+_UNSET: Any = object()
+_kernel: Any = _UNSET
+
+
+def kernel() -> Any:
+    """The C cast kernel (``vllm_consolidate._castkernel``), or None where the package was built without it."""
+    global _kernel
+    if _kernel is _UNSET:
+        try:
+            from vllm_consolidate import _castkernel
+        except ImportError:  # built without a C compiler: numpy does the cast
+            _kernel = None
+        else:
+            _kernel = _castkernel
+    return _kernel
 
 
 def numpy_castable(src: DType, dst: DType) -> bool:
@@ -89,6 +111,9 @@ def cast_into(src: memoryview, src_dtype: DType, dst_dtype: DType, out: memoryvi
         dst_dtype: The target dtype.
         out: Exactly ``count * dst_dtype.itemsize`` writable bytes.
     """
+    if src_dtype == dtypes.float32 and dst_dtype == dtypes.bfloat16 and (k := kernel()) is not None:
+        k.float32_to_bfloat16(src, out)
+        return
     if not numpy_castable(src_dtype, dst_dtype):
         import torch
 
