@@ -1,4 +1,5 @@
-"""Single-thread fp32 -> bf16 cast rate on the writer's 4 MiB chunks: `casts.cast_into`, memcpy and `ml_dtypes`.
+"""Single-thread fp32 -> bf16 cast rate on the writer's 4 MiB chunks: `casts.cast_into` (the C kernel, then the numpy
+fallback), memcpy and `ml_dtypes`; and fp32 -> fp16 (numpy) for comparison.
 
 ``cast_into`` rounds on the float32 bits (``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``, NaN apart; see casts.py);
 until issue 28 it was numpy's ``astype`` to ``ml_dtypes.bfloat16``, whose import alone took 0.7-4 s. This
@@ -20,7 +21,7 @@ import time
 
 import numpy as np
 
-from vllm_consolidate import dtypes
+from vllm_consolidate import casts, dtypes
 from vllm_consolidate.casts import cast_into
 
 CHUNK = 4 * 2**20  # the writer's CAST_CHUNK_BYTES of source
@@ -53,12 +54,22 @@ def main() -> None:
     rng = np.random.default_rng(0)
     src = rng.standard_normal(CHUNK // 4, dtype=np.float32)
     ours = bytearray(CHUNK // 2)
-    ours_rate = rate(lambda: cast_into(memoryview(src).cast("B"), dtypes.float32, dtypes.bfloat16,
-                                       memoryview(ours)), args.seconds)
+
+    def cast(dst: dtypes.DType = dtypes.bfloat16) -> None:
+        cast_into(memoryview(src).cast("B"), dtypes.float32, dst, memoryview(ours))
+
+    kernel = casts.kernel()
+    ours_rate = rate(cast, args.seconds)
+    casts._kernel = None  # the numpy fallback
+    numpy_rate = rate(cast, args.seconds)
+    fp16_rate = rate(lambda: cast(dtypes.float16), args.seconds)
+    casts._kernel = kernel
     copy = np.empty_like(src)
     copy_rate = rate(lambda: np.copyto(copy, src), args.seconds)  # memcpy of the 4 MiB source chunk
-    line = (f"load {os.getloadavg()[0]:.2f}; per second of one thread's CPU: cast_into (bits): "
-            f"{ours_rate / 1e6:.0f} M elem/s; memcpy of the fp32 chunk: {copy_rate / 1e6:.0f} M elem/s "
+    path = "C kernel" if kernel is not None else "numpy: the C kernel is not built"
+    line = (f"load {os.getloadavg()[0]:.2f}; per second of one thread's CPU: cast_into ({path}): "
+            f"{ours_rate / 1e6:.0f} M elem/s; numpy fallback: {numpy_rate / 1e6:.0f} M elem/s; fp32 -> fp16 "
+            f"(numpy): {fp16_rate / 1e6:.0f} M elem/s; memcpy of the fp32 chunk: {copy_rate / 1e6:.0f} M elem/s "
             f"({copy_rate * 4 / 1e9:.1f} GB/s); cast / memcpy: {ours_rate / copy_rate:.2f}")
     try:
         import ml_dtypes
@@ -67,6 +78,7 @@ def main() -> None:
         return
     theirs = np.empty(CHUNK // 4, dtype=ml_dtypes.bfloat16)
     theirs_rate = rate(lambda: np.copyto(theirs, src, casting="unsafe"), args.seconds)
+    cast()
     same = np.array_equal(np.frombuffer(ours, dtype=np.uint16), theirs.view(np.uint16))
     print(f"{line}; numpy astype to ml_dtypes.bfloat16: {theirs_rate / 1e6:.0f} M elem/s; bit-equal: {same}; "
           f"import ml_dtypes: {import_seconds('ml_dtypes'):.2f} s")

@@ -21,14 +21,31 @@ LOW_HALVES = sorted({0x0000, 0x0001, 0x0FFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x2
                      *torch.randint(0, 1 << 16, (24,), generator=torch.Generator().manual_seed(1)).tolist()})
 
 
-@pytest.fixture(params=["c-kernel", "numpy"])
+class PortableKernel:
+    """The C extension with its float16 cast forced to the scalar rounding (what a CPU without F16C runs)."""
+
+    def __init__(self, kernel):
+        self.float32_to_bfloat16 = kernel.float32_to_bfloat16
+        self.float32_to_float16 = kernel.float32_to_float16_portable
+
+
+def built_kernel():
+    kernel = casts.kernel()
+    assert kernel is not None, "vllm_consolidate._castkernel is not built: reinstall with a C compiler"
+    return kernel
+
+
+@pytest.fixture(params=["c-kernel", "c-portable", "numpy"])
 def cast_path(request, monkeypatch):
-    """float32 -> bfloat16 both ways the package can cast: the C extension (built by every install with a C compiler,
-    so by ``make test``: its absence here fails) and the numpy fallback (forced by hiding the extension)."""
+    """float32 -> 16 bits every way the package can cast: the C extension (built by every install with a C compiler,
+    so by ``make test``: its absence here fails), its scalar float16 rounding (where the CPU lacks F16C), and the
+    numpy fallback (forced by hiding the extension)."""
     if request.param == "numpy":
         monkeypatch.setattr(casts, "_kernel", None)
+    elif request.param == "c-portable":
+        monkeypatch.setattr(casts, "_kernel", PortableKernel(built_kernel()))
     else:
-        assert casts.kernel() is not None, "vllm_consolidate._castkernel is not built: reinstall with a C compiler"
+        built_kernel()
     return request.param
 
 
@@ -92,21 +109,25 @@ def test_pairs_outside_numpy_go_through_torch():
     assert torch.equal(got.view(torch.uint8), values.to(torch.float8_e4m3fn).view(torch.uint8))
 
 
-def test_c_kernel_and_numpy_agree_on_unaligned_odd_sized_chunks(monkeypatch):
-    """The writer hands the kernel slices of its buffers: any offset, any element count (the C loop has a
+@pytest.mark.parametrize("dst", [dtypes.bfloat16, dtypes.float16])
+def test_c_kernel_on_unaligned_odd_sized_chunks(dst, cast_path):
+    """The writer hands the kernel slices of its buffers: any offset, any element count (the C loops have a
     vector body and a scalar tail; an offset of 2 bytes makes every load unaligned)."""
-    assert casts.kernel() is not None, "vllm_consolidate._castkernel is not built: reinstall with a C compiler"
     gen = torch.Generator().manual_seed(3)
     raw = torch.randint(-(1 << 31), 1 << 31, (4099,), dtype=torch.int64, generator=gen).to(torch.int32)
     buf = bytearray(2) + bytearray(raw.numpy().tobytes())
     for count in (0, 1, 7, 8, 9, 31, 4097):
-        src = memoryview(buf)[2:2 + 4 * count]
-        fast = bytearray(2 * count)
-        cast_into(src, dtypes.float32, dtypes.bfloat16, memoryview(fast))
-        monkeypatch.setattr(casts, "_kernel", None)
-        slow = bytearray(2 * count)
-        cast_into(src, dtypes.float32, dtypes.bfloat16, memoryview(slow))
-        monkeypatch.undo()
-        assert fast == slow, count
-    with pytest.raises(ValueError, match="2\\*n output bytes"):
-        casts.kernel().float32_to_bfloat16(memoryview(buf)[2:10], bytearray(3))
+        values = raw[:count].view(torch.float32)
+        out = bytearray(2 * count)
+        cast_into(memoryview(buf)[2:2 + 4 * count], dtypes.float32, dst, memoryview(out))
+        assert_same_bits(torch.frombuffer(out, dtype=dst.torch) if count else torch.empty(0, dtype=dst.torch),
+                         values.to(dst.torch), values)
+
+
+def test_c_kernel_refuses_mismatched_buffers():
+    kernel = built_kernel()
+    for fn in (kernel.float32_to_bfloat16, kernel.float32_to_float16):
+        with pytest.raises(ValueError, match="2\\*n output bytes"):
+            fn(bytes(8), bytearray(3))
+        with pytest.raises(ValueError, match="4\\*n source bytes"):
+            fn(bytes(6), bytearray(3))
