@@ -389,9 +389,10 @@ def _estimate(job: Job, opts: BatchOptions) -> None:
     asset_files = [p for p in (assets.config, assets.generation_config, *assets.tokenizer_files) if p is not None]
     job.detected = {k: source.info.get(k) for k in ("type", "stage", "world_size", "tag", "trained_dtype")}
     job.detected["weights_dir"] = str(detected.weights_dir)
-    job.est_output_bytes = estimate_output_bytes(plan.total_size, sum(p.stat().st_size for p in asset_files))
+    asset_bytes = sum(p.stat().st_size for p in asset_files)
+    job.est_output_bytes = estimate_output_bytes(plan.total_size, asset_bytes)
     job.est_disk_bytes = estimate_disk(job.est_output_bytes)
-    job.est_peak_ram = estimate_peak_ram(plan)
+    job.est_peak_ram = estimate_peak_ram(plan, object_output=isinstance(job.output, ObjectURL), held=asset_bytes)
     job.sources = source_fingerprint(detected.weights_dir, [Path(f) for f in source.source_files] + asset_files)
 
 
