@@ -60,22 +60,22 @@ def read_ahead_buffers() -> int:
     return min(MAX_PREFETCH_BYTES, READ_AHEAD_BYTES + 2 * WORKERS * CHUNK_BYTES)
 
 
-def upload_buffers(plan: Any, held: int = 0) -> int:
+def upload_buffers(plan: Any, held: int = 0, kept: int = 0) -> int:
     """The bytes writing ``plan`` into an object store holds (:mod:`vllm_consolidate.storage.upload`, ``.staging``).
 
     Files are uploaded one after the other: the chunks waiting ahead of a gap (``WINDOW_BYTES``), obstore's buffer of
     one part and ``MAX_CONCURRENCY`` parts in flight, plus as many of the previous file's last parts (its writer does
     not wait for them); the rest of each open upload until the commit (below ``MAX_PARTS`` bytes a file); the small
     files held for the commit (``held``: config, tokenizer; the index is within :data:`PER_TENSOR_RSS`); the ranges
-    the validation keeps in memory (``streamed.MEMORY_BYTES`` at most, never more than the output).
+    the validation keeps (``kept`` bytes: none without validation), in memory up to ``streamed.MEMORY_BYTES``.
     """
     from vllm_consolidate.storage.streamed import MEMORY_BYTES
     from vllm_consolidate.storage.upload import MAX_CONCURRENCY, MAX_PARTS, WINDOW_BYTES, exact_part_size, part_size
 
     sized = exact_part_size if plan.format == "safetensors" else part_size  # .bin: an upload of unknown size
     part = max((sized(f.data_size) for f in plan.files), default=0)
-    kept = min(MEMORY_BYTES, plan.total_size)
-    return WINDOW_BYTES + (2 * MAX_CONCURRENCY + 1) * part + MAX_PARTS * len(plan.files) + held + kept
+    uploading = WINDOW_BYTES + (2 * MAX_CONCURRENCY + 1) * part
+    return uploading + MAX_PARTS * len(plan.files) + held + min(MEMORY_BYTES, kept)
 
 
 def reads_object_store(tensors: list[Any]) -> bool:
@@ -85,20 +85,22 @@ def reads_object_store(tensors: list[Any]) -> bool:
     return any(is_standin(t.spec.segments[0].path) for t in tensors if t.spec.segments)
 
 
-def estimate_peak_ram(plan: Any, *, object_output: bool = False, held: int = 0) -> int:
+def estimate_peak_ram(plan: Any, *, object_output: bool = False, held: int = 0, kept: int = 0) -> int:
     """Peak RSS of one worker converting ``plan`` (an :class:`~vllm_consolidate.plan.shards.OutputPlan`).
 
     Args:
         plan: The output plan; its tensors name their source files, which tell an object-store input.
         object_output: The output is an object store (``--output s3://…``).
         held: With ``object_output``: the bytes of the small files (config, tokenizer) held until the commit.
+        kept: With ``object_output``: the bytes of the output the validation keeps as it streams (its header and
+            sampled rows: ``convert.validation_ranges``; 0 without validation).
     """
     from vllm_consolidate.write.safetensors import CHUNK_BYTES
 
     tensors = plan.tensors
     base = JOB_BASE_RSS + PER_TENSOR_RSS * len(tensors)
     base += read_ahead_buffers() if reads_object_store(tensors) else 0
-    base += upload_buffers(plan, held) if object_output else 0
+    base += upload_buffers(plan, held, kept) if object_output else 0
     if plan.format == "bin":
         largest = max((t.nbytes for t in tensors), default=0)
         return base + largest + CHUNK_BYTES
