@@ -72,6 +72,8 @@ def upload_buffers(plan: Any, held: int = 0, kept: int = 0) -> int:
     not wait for them); the rest of each open upload until the commit (below ``MAX_PARTS`` bytes a file); the small
     files held for the commit (``held``: config, tokenizer; the index is within :data:`PER_TENSOR_RSS`); the ranges
     the validation keeps (``kept`` bytes: none without validation), in memory up to ``streamed.MEMORY_BYTES``.
+    Measured (as :func:`read_ahead_buffers`, without validation): 221 MiB to ``s3://`` against 58 MiB to a local
+    folder, i.e. +163 MiB; this counts 206 MiB (the window and nine 15.8 MiB parts).
     """
     from vllm_consolidate.storage.streamed import MEMORY_BYTES
     from vllm_consolidate.storage.upload import MAX_CONCURRENCY, MAX_PARTS, WINDOW_BYTES, exact_part_size, part_size
