@@ -201,8 +201,9 @@ def test_local_input_to_s3_output_and_one_batch_per_prefix(s3, bucket, case_dir,
     """A local checkpoint into an s3:// --output-dir; then the lock object, created only if absent: a batch
     finding it (another batch's, or a killed one's) stops before converting anything and leaves it alone."""
     args = ["batch", "--input-dir", str(case_dir(DS) / "ckpt"), "--output-dir", f"s3://{bucket}/models", *FAST]
-    assert cli.main(args) == 0
+    assert cli.main([*args, "--report", str(tmp_path / "s3.json")]) == 0
     _same_as_reference(_objects(s3, bucket, "models/ckpt_step_2"), reference)
+    _estimate_counts_the_upload(args, case_dir(DS) / "ckpt", tmp_path)
     assert list(json.loads(s3.get(bucket, f"models/{objects.MANIFEST_KEY}"))["jobs"]) == ["ckpt_step_2"]
     s3.client().put_object(Bucket=bucket, Key=f"models/{objects.LOCK_KEY}", Body=b"{}")
     before = _etags(s3, bucket, "models/")
@@ -210,6 +211,31 @@ def test_local_input_to_s3_output_and_one_batch_per_prefix(s3, bucket, case_dir,
     assert cli.main([*args, "--force"]) == 11
     assert "another batch is writing to this output prefix" in capsys.readouterr().err
     assert _etags(s3, bucket, "models/") == before  # nothing replaced, and its lock is not ours to delete
+
+
+def _estimate_counts_the_upload(args: list[str], ckpt: Path, tmp_path: Path) -> None:
+    """The job's RAM estimate (``write.estimates``) is a local output's (a dry run's) plus the upload's buffers
+    (the held config and tokenizer among them), and covers the peak RSS its worker reported; with validation (a dry
+    run) it also counts the ranges the validation keeps."""
+    from vllm_consolidate.conversion import ConvertOptions, plan_conversion
+    from vllm_consolidate.convert import validation_ranges
+    from vllm_consolidate.write.estimates import upload_buffers
+
+    def dry_run(*argv: str) -> dict:
+        assert cli.main([*argv, "--dry-run", "--report", str(tmp_path / "dry.json")]) == 0
+        (job,) = json.loads((tmp_path / "dry.json").read_text())["jobs"]
+        return job
+
+    (job,) = json.loads((tmp_path / "s3.json").read_text())["jobs"]
+    local = dry_run("batch", "--input-dir", str(ckpt), "--output-dir", str(tmp_path / "local"), *FAST)
+    conv = plan_conversion(ConvertOptions(input=ckpt, output=tmp_path / "never"))
+    held = sum(p.stat().st_size for p in (conv.assets.config, conv.assets.generation_config,
+                                          *conv.assets.tokenizer_files) if p is not None)
+    assert held > 0 and job["est_peak_ram_bytes"] - local["est_peak_ram_bytes"] == upload_buffers(conv.plan, held)
+    assert 0 < job["peak_rss_bytes"] <= job["est_peak_ram_bytes"]
+    kept = sum(b - a for f in conv.plan.files for a, b in validation_ranges(conv, f.filename))
+    validated = dry_run(*[a for a in args if a not in FAST])
+    assert 0 < kept and validated["est_peak_ram_bytes"] - job["est_peak_ram_bytes"] == kept
 
 
 def test_a_dead_batch_lock_is_taken_over_and_a_live_or_foreign_one_is_not(s3, bucket, case_dir, capsys):

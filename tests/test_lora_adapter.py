@@ -302,7 +302,6 @@ if __name__ == "__main__":
         result["embedding"] = {"ok": False, "error_type": type(exc).__name__, "error": str(exc)}
     sys.stderr.flush()
     print("RESULT " + json.dumps(result), flush=True)
-    os._exit(0)
 '''
 
 

@@ -18,7 +18,8 @@ in order:
    and a raw engine save without config.json.
 
 The parent snapshots every checkpoint tree before and after, and the driver snapshots its TMPDIR
-around each load and reads ``/proc/self/io`` while the plugin streams: nothing may be written.
+around each load and reads ``/proc/self/io`` while the plugin streams: nothing may be written. The driver
+exits as a server does (no ``os._exit``: atexit handlers run); no folder of ours is left in TMPDIR after it.
 
 The remaining tests need no vLLM and run in the main venv.
 """
@@ -242,9 +243,8 @@ data = (json.dumps(results) + "\n").encode()
 while data:
     data = data[os.write(out_fd, data):]
 sys.stderr.flush()
-if request.get("normal_exit"):
-    sys.exit(0)  # an ordinary interpreter exit: atexit handlers run (the plugin's folders are removed by one)
-os._exit(0)
+# Ends as a served process does: an ordinary interpreter exit, so atexit handlers run (the plugin's private
+# folders are removed by one) and the parent can check nothing of ours is left in TMPDIR.
 '''
 
 
@@ -272,20 +272,19 @@ def _cli_error_line(input_path: Path, output: Path) -> str:
 
 
 def run_driver(python: str, jobs: list[dict[str, Any]], tmpdir: Path, *, pythonpath: str | None = None,
-               timeout: float = 1800, normal_exit: bool = False) -> tuple[dict[str, Any], str]:
+               timeout: float = 1800) -> tuple[dict[str, Any], str]:
     """Run :data:`DRIVER` once over ``jobs`` in the vLLM interpreter ``python``; its results and its stderr.
 
     The child's TMPDIR is ``tmpdir`` (the tests look there for files left behind). ``PYTHONPATH``,
     ``PYTHONHOME`` and ``VIRTUAL_ENV`` of this process are not inherited (they name the main venv);
     ``pythonpath`` puts a checkout's ``src`` first. Fails the test, with vLLM's stderr, if the driver fails.
-    The driver ends with ``os._exit`` unless ``normal_exit`` (then its ``atexit`` handlers run, as when a
-    server shuts down).
+    The driver exits normally (its ``atexit`` handlers run, as when a server shuts down).
     """
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["TMPDIR"] = str(tmpdir)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
-    payload = json.dumps({"jobs": jobs, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "normal_exit": normal_exit})
+    payload = json.dumps({"jobs": jobs, "prompts": PROMPTS, "max_tokens": MAX_TOKENS})
     proc = subprocess.run([python, "-c", DRIVER], input=payload, capture_output=True, text=True, env=env,
                           timeout=timeout)
     if proc.returncode != 0 or not proc.stdout.strip():
@@ -345,6 +344,7 @@ def plugin_run(corpus: dict[str, Path], fsdp_corpus: dict[str, Path],
     results["trees_before"] = before
     results["trees_after"] = {str(t): _snapshot(t) for t in trees}
     results["tmp_files_after"] = sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*") if p.is_file())
+    results["tmp_after"] = sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*"))  # folders too
     results["expected_missing_rank"] = expected_missing_rank
     results["served"] = {k: str(v) for k, v in served.items()}
     results["stderr"] = stderr
@@ -429,6 +429,9 @@ def test_plugin_leaves_no_file_behind(plugin_run: dict[str, Any]) -> None:
     by_folder_loads = {f for job in plugin_run["jobs"] if job["id"].endswith(":folder") for f in job["new_tmp_files"]}
     assert set(plugin_run["tmp_files_after"]) <= by_folder_loads
     assert all(f.startswith("torchinductor_") for f in plugin_run["tmp_files_after"])
+    # Nor a folder of ours (a private config folder, a mirror), after vLLM's process exited.
+    assert not [f for f in plugin_run["tmp_after"] if f.startswith(("vllm-consolidate-", "vllmc"))], \
+        plugin_run["tmp_after"]
 
 
 @pytest.mark.vllm

@@ -201,7 +201,7 @@ def _run(python: str, local: Path, urls: list[tuple[str, str]], s3: Any,
     s3.proxy.clear()
     # This checkout's code first (the venv's editable install may be another checkout's); AWS_* as set by `s3`,
     # AZURE_STORAGE_* by the caller.
-    results, stderr = run_driver(python, jobs, tmpdir, pythonpath=str(SRC_ROOT), timeout=900, normal_exit=True)
+    results, stderr = run_driver(python, jobs, tmpdir, pythonpath=str(SRC_ROOT), timeout=900)
     return {"by_id": {job["id"]: job for job in results["jobs"]}, "gets": s3.proxy.gets(), "stderr": stderr,
             "tmp_after": sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*"))}  # folders too
 

@@ -245,4 +245,4 @@ def _write_and_publish(opts: ConvertOptions, conv: Conversion, output: Path,
 #: What callers import from here: the flow (:func:`convert`) and, for compatibility, the records and planning
 #: that live in :mod:`vllm_consolidate.conversion`.
 __all__ = ["DEFAULT_BASE_MODEL", "DEFAULT_MAX_SHARD_SIZE", "ConvertOptions", "ConvertResult", "convert",
-           "plan_conversion", "validate_staged"]
+           "plan_conversion", "validate_staged", "validation_ranges"]

@@ -46,3 +46,29 @@ def test_spill_file_is_unnamed_and_closed_with_the_output():
         os.fstat(fd)
     assert isinstance(Spill(10).reserve(10), bytearray)  # within the budget: memory, no file
 
+
+
+def test_short_writes_are_finished_by_the_spill_and_the_writer(monkeypatch, tmp_path):
+    """Both keep writing after ``os.pwrite`` writes less than asked (one loop, ``posix_write.pwrite_fd``)."""
+    from vllm_consolidate import posix_write
+    from vllm_consolidate.write.pwrite import pwrite_all
+
+    real, calls = os.pwrite, []
+
+    def short(fd, data, offset):  # at most 3 bytes a call, as a signal or a file-size limit may leave it
+        calls.append(offset)
+        return real(fd, memoryview(data)[:3], offset)
+
+    monkeypatch.setattr(posix_write.os, "pwrite", short)
+    data = random.Random(5).randbytes(20)
+    spill = Spill(0)
+    spill.reserve(len(data))
+    spill.pwrite(data, 0)
+    assert spill.pread(len(data), 0) == data and len(calls) == 7
+    spill.close()
+    fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert pwrite_all(fd, memoryview(data), 4) == len(data)
+        assert os.pread(fd, 30, 0) == bytes(4) + data
+    finally:
+        os.close(fd)

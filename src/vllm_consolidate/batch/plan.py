@@ -39,7 +39,7 @@ from vllm_consolidate.batch.resources import (
     ram_margin,
 )
 from vllm_consolidate.batch.states import Action, Status
-from vllm_consolidate.convert import ConvertOptions, plan_conversion
+from vllm_consolidate.convert import ConvertOptions, plan_conversion, validation_ranges
 from vllm_consolidate.errors import (
     BatchError,
     InputNotFoundError,
@@ -389,9 +389,13 @@ def _estimate(job: Job, opts: BatchOptions) -> None:
     asset_files = [p for p in (assets.config, assets.generation_config, *assets.tokenizer_files) if p is not None]
     job.detected = {k: source.info.get(k) for k in ("type", "stage", "world_size", "tag", "trained_dtype")}
     job.detected["weights_dir"] = str(detected.weights_dir)
-    job.est_output_bytes = estimate_output_bytes(plan.total_size, sum(p.stat().st_size for p in asset_files))
+    asset_bytes = sum(p.stat().st_size for p in asset_files)
+    job.est_output_bytes = estimate_output_bytes(plan.total_size, asset_bytes)
     job.est_disk_bytes = estimate_disk(job.est_output_bytes)
-    job.est_peak_ram = estimate_peak_ram(plan)
+    to_store = isinstance(job.output, ObjectURL)
+    kept = sum(end - start for f in plan.files for start, end in validation_ranges(conv, f.filename)) \
+        if to_store and opts.model.validate else 0
+    job.est_peak_ram = estimate_peak_ram(plan, object_output=to_store, held=asset_bytes, kept=kept)
     job.sources = source_fingerprint(detected.weights_dir, [Path(f) for f in source.source_files] + asset_files)
 
 

@@ -3,9 +3,9 @@
 Each job runs in a worker process (at most ``--max-workers``). A job's needs come from metadata:
 disk = the output's bytes (tensor count x output dtype size, plus config/tokenizer files) + 64 MiB +
 1 %; RAM = :func:`~vllm_consolidate.write.estimates.estimate_peak_ram` (interpreter, torch, metadata,
-and the writer's buffers). A job is started only when (a) the RAM
-estimates of the running jobs plus this one fit in ``MemAvailable`` at batch start minus
-:func:`ram_margin` (max(1 GiB, 10 % of MemTotal)), (b) ``MemAvailable`` *now* minus the margin still
+the writer's buffers, an object-store input's read-ahead, an object-store output's upload buffers). A job
+is started only when (a) the RAM estimates of the running jobs plus this one fit in ``MemAvailable`` at batch
+start minus :func:`ram_margin` (max(1 GiB, 10 % of MemTotal)), (b) ``MemAvailable`` *now* minus the margin still
 covers this job, and (c) the disk estimates of every job started so far (outputs stay on disk) plus
 this one fit in the output file system's free space at batch start minus :data:`DISK_MARGIN`. A job
 that does not fit even with nothing running: RAM -> it runs alone; disk -> it fails with "not enough

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vllm_consolidate.posix_write import pwrite_fd
 from vllm_consolidate.storage import remote
 
 #: Kept bytes held in memory per output; the rest go to an unlinked temporary file (:class:`Spill`).
@@ -64,10 +65,7 @@ class Spill:
             return offset
 
     def pwrite(self, data: Any, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.pwrite(self._fd, view, offset)  # type: ignore[arg-type]
-            view, offset = view[n:], offset + n
+        pwrite_fd(self._fd, data, offset)  # type: ignore[arg-type]
 
     def pread(self, n: int, offset: int) -> bytes:
         return os.pread(self._fd, n, offset)  # type: ignore[arg-type]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Union
 
+from vllm_consolidate.posix_write import pwrite_fd
 from vllm_consolidate.storage.upload import ObjectSink
 
 #: Where the writer's jobs write: a local file's descriptor, or an object being uploaded (``--output s3://…``).
@@ -15,10 +15,7 @@ def pwrite_all(fd: Out, data: memoryview, offset: int) -> int:
     """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked); returns its length."""
     if not isinstance(fd, int):
         return fd.pwrite(data, offset)
-    written = os.pwrite(fd, data, offset)
-    while written < len(data):
-        written += os.pwrite(fd, data[written:], offset + written)
-    return written
+    return pwrite_fd(fd, data, offset)
 
 
 __all__ = ["Out", "pwrite_all"]
