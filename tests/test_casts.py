@@ -131,3 +131,17 @@ def test_c_kernel_refuses_mismatched_buffers():
             fn(bytes(8), bytearray(3))
         with pytest.raises(ValueError, match="4\\*n source bytes"):
             fn(bytes(6), bytearray(3))
+
+
+def test_version_says_how_casts_run(monkeypatch, capsys):
+    """A build without a C compiler casts with numpy, silently: ``--version`` is where a user sees it."""
+    from vllm_consolidate.cli import build_parser
+
+    built_kernel()
+    for kernel, want in ((casts.kernel(), "casts: C extension"), (None, "casts: numpy (the C extension")):
+        monkeypatch.setattr(casts, "_kernel", kernel)
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args(["--version"])
+        assert exited.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("vllm-consolidate ") and want in out, out

@@ -84,10 +84,27 @@ def _filler(name: str) -> Callable[[argparse.ArgumentParser], Any]:
     return fill
 
 
+class _Version(argparse.Action):
+    """``--version``: the version, and whether casts run in the C extension, since a build without a C compiler
+    falls back to numpy silently (bf16 output then costs about 4x the CPU; casts.py)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from vllm_consolidate import casts
+
+        kernel = casts.kernel()
+        if kernel is None:
+            how = "numpy (the C extension vllm_consolidate._castkernel was not built: reinstall with a C compiler)"
+        else:
+            how = "C extension" + (", float16 with F16C" if kernel.float16_hardware() else "")
+        parser._print_message(f"{parser.prog} {__version__}\ncasts: {how}\n", sys.stdout)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-consolidate",
                                      description="Turn training checkpoints into folders vLLM loads.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print the version and how casts run (the C extension or numpy), and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for name, (_module, help_line) in COMMANDS.items():
         sub.add_parser(name, help=help_line)._fill = _filler(name)
