@@ -57,8 +57,8 @@ class _Module:
     """A format's module, named by string: ``zl.resolve_checkpoint`` is that function, imported on its first call.
 
     The registry lists every format without importing one, so detection loads only the claims it asks and
-    the reader it picks: a ZeRO conversion never imports the Megatron, DCP, verl or peft readers (each
-    with its own formats and checks), nor ``--help`` or ``inspect`` of one format the others'.
+    the reader it picks: a ZeRO conversion never imports the Megatron, DCP, verl, peft or HF readers (each
+    with its own formats and checks), and ``--help`` (which lists ``--type``) imports none.
     """
 
     def __init__(self, name: str) -> None:
