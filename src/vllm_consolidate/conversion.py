@@ -21,7 +21,6 @@ from vllm_consolidate.plan.architecture import FROM_CONFIG, ArchitectureDecision
 from vllm_consolidate.plan.inputs import LORA_MODES, InputSpec, LoraMode, detect_input, read_input
 from vllm_consolidate.plan.moe import MOE_LAYOUTS, MoeSummary
 from vllm_consolidate.plan.names import plan_names
-from vllm_consolidate.plan.quantize import check_quantize_options, plan_quantization, scheme_of
 from vllm_consolidate.plan.shards import DTYPES_BY_NAME, OutputPlan, dtype_name, plan_output
 from vllm_consolidate.plan.vlm import VlmSummary
 from vllm_consolidate.read import detect as detection
@@ -129,7 +128,9 @@ class ConvertOptions:
         object.__setattr__(self, "quantize_ignore", tuple(self.quantize_ignore))
         if self.quantize_ignore and self.quantize is None:
             raise UsageError("--quantize-ignore needs --quantize")
-        if self.quantize is not None:
+        if self.quantize is not None:  # the quantization planner is imported only for --quantize
+            from vllm_consolidate.plan.quantize import check_quantize_options
+
             check_quantize_options(self.quantize, self.quantize_ignore, self.fmt, self.lora)
 
     @property
@@ -296,6 +297,8 @@ def plan_conversion(opts: ConvertOptions) -> Conversion:
         tensors, dropped, moe, parts = plan_names(source, config, opts.moe_layout)
     quant = None
     if opts.quantize is not None:  # each chosen weight gets a scale after it, and config.json its quantization_config
+        from vllm_consolidate.plan.quantize import plan_quantization, scheme_of
+
         quant = plan_quantization(tensors, config, scheme_of(opts.quantize), opts.quantize_ignore,
                                   target_dtype(opts, source, config))
         tensors = quant.tensors

@@ -5,12 +5,17 @@ whole library) before printing a line. Now: the package, the CLI and every ``--h
 numpy, ml_dtypes, torch, transformers or the Hub client; ``inspect`` of a checkpoint whose files are
 all local imports none of them either; a conversion imports numpy only when it casts, ml_dtypes never
 (bfloat16 is cast on the bits), and torch not at all on the numpy path.
+
+Within the library, the format registry names each format's module by string and imports it when
+detection asks it, and the LoRA and quantization planners load only for a LoRA fine-tune or ``--quantize``:
+a ZeRO conversion imports no other format's reader, and ``--help`` plans nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import struct
@@ -74,6 +79,28 @@ def test_help_is_light(command):
     assert _heavy(modules) == []
     others = {f"vllm_consolidate.cli.{name}" for name in COMMANDS if name != command}
     assert not others & modules, "a command's --help imports only its own module"
+    if command != "batch":  # the batch command's module imports the batch package (runner, executors): not yet
+        # no planner, writer or format reader for a help text (``convert --help`` imported the whole library)
+        assert not {"vllm_consolidate.conversion", "vllm_consolidate.plan", "vllm_consolidate.write",
+                    "vllm_consolidate.read.deepspeed", "vllm_consolidate.read.hf"} & modules
+
+
+#: What a local ZeRO conversion never uses: the other formats' claims and readers (and the modules only they
+#: import), the LoRA planner (no adapter) and the quantization planner (no ``--quantize``).
+NOT_ZERO = ("read.megatron", "read.fsdp_locate", "read.dcp", "read.verl", "read.peft", "read.hf", "read.hf_layout",
+            "formats.dcp", "formats.dtensor", "formats.megatron_common", "plan.lora", "plan.quantize")
+
+
+def test_a_zero3_conversion_imports_no_other_format(case_dir, tmp_path):
+    """ZeRO claims the folder first, so detection asks no other format and no other reader is imported."""
+    names = {f"vllm_consolidate.{m}" for m in NOT_ZERO}
+    assert all(importlib.util.find_spec(n) is not None for n in names)  # real modules: else this could not fail
+    code, modules = _modules("cli", "convert", "--input", str(case_dir("qwen2_z3_w2_bf16_tied") / "ckpt"),
+                             "--output", str(tmp_path / "out"), "--dtype", "bfloat16", "--no-validate-vllm", "--json")
+    assert code == 0 and (tmp_path / "out" / "config.json").is_file()
+    assert "vllm_consolidate.read.deepspeed" in modules  # the probe sees the reader it used
+    assert sorted(names & modules) == []
+    assert "socket" not in modules  # the object-store staging's host lookup
 
 
 def _tiny_hf_folder(folder: Path) -> dict[str, list[float]]:

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +73,8 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
 def _report(exc: BaseException, args: argparse.Namespace) -> int:
     """Print what went wrong (stderr; the JSON record on stdout with ``--json``) and return the exit code."""
     if getattr(args, "debug", False):
+        import traceback  # only with --debug: 2 ms of every command's start otherwise
+
         traceback.print_exception(exc)
     if isinstance(exc, E.ConsolidateError):
         from vllm_consolidate.storage.remote import public_error
@@ -94,7 +95,7 @@ def _report(exc: BaseException, args: argparse.Namespace) -> int:
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options shared by a single conversion and a batch (the guide's model and validation options)."""
-    from vllm_consolidate.convert import DEFAULT_BASE_MODEL
+    from vllm_consolidate.read.assets import DEFAULT_BASE_MODEL  # not from convert: --help plans nothing
     from vllm_consolidate.read.detect import INPUT_TYPES
 
     p.add_argument("--type", dest="input_type", choices=INPUT_TYPES, default="auto",

@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         The new subparser.
     """
     from vllm_consolidate.cli.common import add_storage_options, path_or_url
-    from vllm_consolidate.convert import DEFAULT_BASE_MODEL
+    from vllm_consolidate.read.assets import DEFAULT_BASE_MODEL  # not from convert: --help plans nothing
     from vllm_consolidate.read.detect import INPUT_TYPES
 
     p = sub.add_parser(

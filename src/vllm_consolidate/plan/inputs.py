@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from vllm_consolidate.errors import UsageError
-from vllm_consolidate.plan.lora import adapter_export, merge_lora
 from vllm_consolidate.read import detect as detection
 from vllm_consolidate.read.assets import DEFAULT_BASE_MODEL
+from vllm_consolidate.read.lora_find import holds_lora
 from vllm_consolidate.source import SourceModel, Word
 
 
@@ -76,8 +76,10 @@ def read_input(spec: InputSpec, detected: detection.DetectedInput, lora: LoraMod
     if lora not in tuple(LoraMode):
         raise UsageError(f"unknown --lora {lora}", hint=f"Use one of {', '.join(LORA_MODES)}.")
     source = detection.read(detected, spec.model_key, spec.base_model_name)
-    if lora == LoraMode.AS_READ:
-        return source
+    if lora == LoraMode.AS_READ or (lora == LoraMode.MERGE and not holds_lora(detected.kind, source)):
+        return source  # a full model: nothing to merge (and the LoRA planner, peft and verl stay unloaded)
+    from vllm_consolidate.plan.lora import adapter_export, merge_lora
+
     if lora == LoraMode.ADAPTER:
         return adapter_export(source, detected.weights_dir, Path(spec.path), spec.base_model_name)
     return merge_lora(source, detected.weights_dir, Path(spec.path), spec.base_model_name, spec.default_base)

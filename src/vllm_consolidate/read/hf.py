@@ -88,11 +88,10 @@ from vllm_consolidate.read.hf_layout import (  # re-exported: detection and batc
     find_layout,
     is_hf_folder,
 )
+from vllm_consolidate.read.registry import HF_SHARDED as SHARDED
+from vllm_consolidate.read.registry import HF_SINGLE as SINGLE
 from vllm_consolidate.safe_io import MAX_INDEX_BYTES, confined, open_source, read_json, trust_root
 from vllm_consolidate.source import SourceModel, TensorSpec
-
-#: ``SourceModel.kind`` of an HF model in one weights file, and of one sharded with an index.
-SINGLE, SHARDED = "hf_single", "hf_sharded"
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
 

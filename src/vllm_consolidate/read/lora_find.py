@@ -10,19 +10,33 @@ factors together in the rank files (verl). :func:`find_lora` reads the adapter f
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vllm_consolidate.errors import ConfigNotFoundError, InputNotFoundError, UnsupportedCheckpointError
-from vllm_consolidate.read import peft, verl
 from vllm_consolidate.read.assets import resolve_base_model, search_chain
 from vllm_consolidate.read.registry import BY_KIND, InputKind, LoraLayout, format_of_source
 from vllm_consolidate.source import SourceModel, TensorSpec
 
+if TYPE_CHECKING:
+    from vllm_consolidate.read import peft
+
+_LORA_NAME = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)(?:\.|$)")
+
+
+def is_lora_name(name: str) -> bool:
+    """True for a LoRA factor's name, in either naming scheme."""
+    return _LORA_NAME.search(name) is not None
+
 
 def holds_lora(kind: str, source: SourceModel) -> bool:
     """Whether an input of format ``kind`` read as ``source`` is a LoRA fine-tune: an adapter folder, or LoRA
-    factors among its tensors (it needs a merge: streaming it as it is would serve the base model)."""
-    return BY_KIND[InputKind(kind)].lora == LoraLayout.ADAPTER or any(peft.is_lora_name(t.name) for t in source.tensors)
+    factors among its tensors (it needs a merge: streaming it as it is would serve the base model).
+
+    Asked before the LoRA planner is imported: a full model loads none of the adapter readers (peft, verl).
+    """
+    return BY_KIND[InputKind(kind)].lora == LoraLayout.ADAPTER or any(is_lora_name(t.name) for t in source.tensors)
 
 
 def find_lora(source: SourceModel, weights_dir: Path, input_dir: Path) -> peft.Adapter | None:
@@ -38,8 +52,9 @@ def find_lora(source: SourceModel, weights_dir: Path, input_dir: Path) -> peft.A
     """
     fmt = format_of_source(source)
     layout = fmt.lora if fmt is not None else LoraLayout.FACTORS
-    if layout != LoraLayout.ADAPTER and not any(peft.is_lora_name(t.name) for t in source.tensors):
+    if layout != LoraLayout.ADAPTER and not any(is_lora_name(t.name) for t in source.tensors):
         return None
+    from vllm_consolidate.read import peft  # a LoRA fine-tune: only now are the adapter's readers needed
     if layout == LoraLayout.RANK_FILES:
         return verl_lora(source, weights_dir)[1]
     config_path = peft.find_adapter_config(search_chain(weights_dir, input_dir))
@@ -61,6 +76,8 @@ def verl_lora(source: SourceModel, weights_dir: Path) -> tuple[SourceModel, peft
     Raises:
         UnsupportedCheckpointError: Neither file is there.
     """
+    from vllm_consolidate.read import peft, verl
+
     full = weights_dir / verl.LORA_FOLDER / peft.ADAPTER_CONFIG
     if os.path.lexists(full):  # read (and refused by name) whatever it is
         config = peft.read_lora_config(full)
@@ -70,7 +87,7 @@ def verl_lora(source: SourceModel, weights_dir: Path) -> tuple[SourceModel, peft
         raise UnsupportedCheckpointError(
             f"this verl checkpoint holds LoRA factors but no {verl.LORA_META} or {verl.LORA_FOLDER}/ records their "
             "r and lora_alpha", path=weights_dir, hint="Merge it with verl's model_merger, then convert the result.")
-    factors = [t for t in source.tensors if peft.is_lora_name(t.name)]
+    factors = [t for t in source.tensors if is_lora_name(t.name)]
     adapter = peft.read_adapter(config, factors, f"the rank files of {weights_dir.parent.name}/{weights_dir.name}",
                                 source.path)
 
@@ -79,7 +96,7 @@ def verl_lora(source: SourceModel, weights_dir: Path) -> tuple[SourceModel, peft
         return name.replace(".base_layer.", ".")
 
     base = [TensorSpec(base_name(t.name), t.dtype, t.shape, t.segments) for t in source.tensors
-            if not peft.is_lora_name(t.name)]
+            if not is_lora_name(t.name)]
     aliases = {base_name(a): base_name(b) for a, b in source.aliases.items()}
     return SourceModel(kind="verl", path=source.path, tensors=base, asset_dirs=source.asset_dirs,
                        trained_dtype=source.trained_dtype, info=source.info, aliases=aliases), adapter
@@ -142,4 +159,4 @@ def vllm_unsupported(adapter: peft.Adapter) -> list[str]:
     return found
 
 
-__all__ = ["find_base", "find_lora", "holds_lora", "verl_lora", "vllm_unsupported"]
+__all__ = ["find_base", "find_lora", "holds_lora", "is_lora_name", "verl_lora", "vllm_unsupported"]

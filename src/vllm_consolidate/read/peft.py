@@ -396,12 +396,6 @@ def find_adapter_config(folders: list[Path]) -> Path | None:
     return next((f / ADAPTER_CONFIG for f in folders if os.path.lexists(f / ADAPTER_CONFIG)), None)
 
 
-def is_lora_name(name: str) -> bool:
-    """True for a LoRA factor's name, in either naming scheme."""
-    return bool(re.search(r"\.lora_(?:A|B|embedding_A|embedding_B)(?:\.|$)", name))
-
-
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_FILES", "Adapter", "LoraConfig", "LoraModule", "check_config_file",
-           "find_adapter_config",
-           "is_lora_name", "is_peft_folder", "read_adapter", "read_lora_config", "read_peft_folder",
+           "find_adapter_config", "is_peft_folder", "read_adapter", "read_lora_config", "read_peft_folder",
            "read_verl_lora_meta", "resolve_peft"]

@@ -17,38 +17,67 @@ So a format must only raise "broken" for a layout that is unmistakably its own: 
 writes a file of the same name beside ``iter_NNNNNNN``), and a DCP folder with Megatron-Core's
 ``metadata.json`` is not claimed as plain DCP.
 
+The registry names each format's module by string (``_Module("deepspeed")``) and imports it only when
+detection calls one of its functions: listing the formats imports none of them, and a conversion loads
+the claims detection asks before one says "mine" and the reader of that one, no other.
+
 Adding a format: write ``read/<format>.py`` (its claim raising ``InputNotFoundError`` when not its own,
 and its reader), add its word to :class:`InputKind` and one :class:`Format` line to :data:`FORMATS` at
-the place its priority says, then its corpus case and tests.
+the place its priority says (naming its functions through a ``_Module`` of it), then its corpus case and
+tests.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vllm_consolidate.errors import ConsolidateError, CorruptCheckpointError, InputNotFoundError
-from vllm_consolidate.read import deepspeed as ds
-from vllm_consolidate.read import hf
-from vllm_consolidate.read.dcp import read_dcp
-from vllm_consolidate.read.fsdp_locate import (
-    dcp_save_list,
-    is_dcp_save,
-    is_verl_step,
-    resolve_dcp,
-    resolve_verl,
-    verl_save_list,
-)
-from vllm_consolidate.read.megatron import asset_dirs as megatron_assets
-from vllm_consolidate.read.megatron import is_megatron_folder, megatron_save_list, read_megatron, resolve_megatron
-from vllm_consolidate.read.peft import is_peft_folder, read_peft_folder, resolve_peft
-from vllm_consolidate.read.steps import SaveList
-from vllm_consolidate.read.verl import HF_FOLDER as VERL_HF_FOLDER
-from vllm_consolidate.read.verl import read_verl
-from vllm_consolidate.read.zero_locate import ResolvedCheckpoint, zero_saves
 from vllm_consolidate.source import SourceModel, Word
+
+if TYPE_CHECKING:
+    from vllm_consolidate.read.steps import SaveList
+    from vllm_consolidate.read.zero_locate import ResolvedCheckpoint
+
+
+class _Function(NamedTuple):
+    """A function of a format's module, imported when first called (see :class:`_Module`)."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args: Any) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)(*args)
+
+
+class _Module:
+    """A format's module, named by string: ``zl.resolve_checkpoint`` is that function, imported on its first call.
+
+    The registry lists every format without importing one, so detection loads only the claims it asks and
+    the reader it picks: a ZeRO conversion never imports the Megatron, DCP, verl, peft or HF readers (each
+    with its own formats and checks), and ``--help`` (which lists ``--type``) imports none.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.module = f"vllm_consolidate.read.{name}"
+
+    def __getattr__(self, name: str) -> _Function:
+        if name.startswith("__"):  # copy, pickle and introspection ask for dunders: this is no module
+            raise AttributeError(name)
+        return _Function(self.module, name)
+
+
+# The claims (``*_locate``) and the readers are separate modules: asking a format "is this yours?" loads no reader.
+zl, ds = _Module("zero_locate"), _Module("deepspeed")
+mg = _Module("megatron")
+fl, dcp, verl = _Module("fsdp_locate"), _Module("dcp"), _Module("verl")
+peft = _Module("peft")
+hfl, hf = _Module("hf_layout"), _Module("hf")
+#: ``SourceModel.kind`` of an HF model in one weights file, and of one sharded with an index (``read.hf`` gives them).
+HF_SINGLE, HF_SHARDED = "hf_single", "hf_sharded"
 
 
 class LoraLayout(Word):
@@ -77,7 +106,7 @@ class InputKind(Word):
 #: (``base_model_name``, ``--base-model-name``, for a format whose names need the model's config: Megatron-Core).
 Reader = Callable[[Path, Path | None, str | None, str | None], SourceModel]
 #: ``rescue(path, error)``: a later format's claim on a folder this one found broken, or None.
-Rescue = Callable[[Path, CorruptCheckpointError], tuple["InputKind", ResolvedCheckpoint] | None]
+Rescue = Callable[[Path, CorruptCheckpointError], "tuple[InputKind, ResolvedCheckpoint] | None"]
 
 
 class Holds(NamedTuple):
@@ -145,7 +174,9 @@ class Format:
 
 def _peft_rescue(path: Path, exc: CorruptCheckpointError) -> tuple[InputKind, ResolvedCheckpoint] | None:
     """A broken ZeRO save whose folder is also a peft adapter: the adapter file is used."""
-    if not is_peft_folder(path):
+    from vllm_consolidate.read.zero_locate import ResolvedCheckpoint
+
+    if not peft.is_peft_folder(path):
         return None
     return InputKind.PEFT, ResolvedCheckpoint(path, path.name,
                                               f"peft adapter folder ({exc.message}: the adapter file is used)")
@@ -153,10 +184,12 @@ def _peft_rescue(path: Path, exc: CorruptCheckpointError) -> tuple[InputKind, Re
 
 def _resolve_hf(path: Path) -> ResolvedCheckpoint:
     """HF weights in the folder, else in its latest ``checkpoint-N``."""
-    if hf.is_hf_folder(path):
+    from vllm_consolidate.read.zero_locate import ResolvedCheckpoint
+
+    if hfl.is_hf_folder(path):
         return ResolvedCheckpoint(path, path.name, "HF weights in the folder given")
-    ckpt = ds.latest_checkpoint_folder(path)
-    if ckpt is not None and hf.is_hf_folder(ckpt):
+    ckpt = zl.latest_checkpoint_folder(path)
+    if ckpt is not None and hfl.is_hf_folder(ckpt):
         return ResolvedCheckpoint(ckpt, ckpt.name, f"HF weights in the latest {ckpt.name}")
     raise InputNotFoundError("no HF weights (*.safetensors or pytorch_model*.bin)", path=path)
 
@@ -166,26 +199,27 @@ def _resolve_hf(path: Path) -> ResolvedCheckpoint:
 #: truth); an adapter wins over HF weights (a peft folder may hold a base model's files too).
 FORMATS: tuple[Format, ...] = (
     # ZeRO first: its rank files are unmistakable, and HF Trainer runs hold them beside everything else.
-    Format(InputKind.DEEPSPEED, "deepspeed", True, ds.resolve_checkpoint,
+    Format(InputKind.DEEPSPEED, "deepspeed", True, zl.resolve_checkpoint,
            lambda d, root, key, base: ds.read_deepspeed(d, root), rescue=_peft_rescue,
            precision_from="deepspeed_config",
-           rank_files=ds.rank_files, lora_what=lambda source, d: f"fp32 masters in {d.name}", saves=zero_saves,
-           holds=Holds("zero", "ZeRO rank files", ds.is_zero_checkpoint_folder)),
+           rank_files=ds.rank_files, lora_what=lambda source, d: f"fp32 masters in {d.name}", saves=zl.zero_saves,
+           holds=Holds("zero", "ZeRO rank files", zl.is_zero_checkpoint_folder)),
     # Megatron-Core before DCP: its iter_N folders are DCP folders too (with its metadata.json).
-    Format(InputKind.MEGATRON, "megatron", True, resolve_megatron, read_megatron, asset_dirs=megatron_assets,
-           saves=megatron_save_list, holds=Holds("megatron", "Megatron-Core torch_dist", is_megatron_folder)),
-    Format(InputKind.DCP, "dcp", True, resolve_dcp, lambda d, root, key, base: read_dcp(d, root, key),
-           saves=dcp_save_list,
-           holds=Holds("dcp", "DCP (FSDP) weights", is_dcp_save, nested=True)),
-    Format(InputKind.VERL, "verl", True, resolve_verl, lambda d, root, key, base: read_verl(d, root),
-           asset_dirs=lambda d: [d / VERL_HF_FOLDER], lora=LoraLayout.RANK_FILES, saves=verl_save_list,
-           holds=Holds("verl", "verl actor/critic", is_verl_step, nested=True)),
-    Format(InputKind.PEFT, "peft", False, resolve_peft, lambda d, root, key, base: read_peft_folder(d, root),
+    Format(InputKind.MEGATRON, "megatron", True, mg.resolve_megatron, mg.read_megatron, asset_dirs=mg.asset_dirs,
+           saves=mg.megatron_save_list, holds=Holds("megatron", "Megatron-Core torch_dist", mg.is_megatron_folder)),
+    Format(InputKind.DCP, "dcp", True, fl.resolve_dcp, lambda d, root, key, base: dcp.read_dcp(d, root, key),
+           saves=fl.dcp_save_list,
+           holds=Holds("dcp", "DCP (FSDP) weights", fl.is_dcp_save, nested=True)),
+    Format(InputKind.VERL, "verl", True, fl.resolve_verl, lambda d, root, key, base: verl.read_verl(d, root),
+           asset_dirs=verl.asset_dirs, lora=LoraLayout.RANK_FILES, saves=fl.verl_save_list,
+           holds=Holds("verl", "verl actor/critic", fl.is_verl_step, nested=True)),
+    Format(InputKind.PEFT, "peft", False, peft.resolve_peft, lambda d, root, key, base: peft.read_peft_folder(d, root),
            lora=LoraLayout.ADAPTER,
            lora_what=lambda source, d: f"{source.info.get('adapter_file')} ({source.info.get('adapter_dtype')})"),
     # HF last: any folder with a weights file is one, so every more specific format goes first.
     Format(InputKind.HF, "hf_sharded", False, _resolve_hf, lambda d, root, key, base: hf.read_hf(d, root),
-           last_resort=True, source_kinds=(hf.SINGLE, hf.SHARDED), holds=Holds("hf", "HF weights", hf.is_hf_folder)),
+           last_resort=True, source_kinds=(HF_SINGLE, HF_SHARDED),
+           holds=Holds("hf", "HF weights", hfl.is_hf_folder)),
 )
 BY_KIND: dict[InputKind, Format] = {f.kind: f for f in FORMATS}
 _BY_SOURCE_KIND: dict[str, Format] = {k: f for f in FORMATS for k in f.kinds}
@@ -222,7 +256,7 @@ def is_training_source(source: SourceModel) -> bool:
 
 def is_single_file_model(source: SourceModel) -> bool:
     """Whether ``source`` is an HF model in one weights file (which may already be what convert would write)."""
-    return str(source.kind) == hf.SINGLE
+    return str(source.kind) == HF_SINGLE
 
 
 def is_not_mine(exc: ConsolidateError) -> bool:
@@ -230,5 +264,6 @@ def is_not_mine(exc: ConsolidateError) -> bool:
     return isinstance(exc, InputNotFoundError)
 
 
-__all__ = ["BY_KIND", "FORMATS", "HOLDS", "INPUT_TYPES", "TRAINING_KINDS", "Format", "Holds", "InputKind", "LoraLayout",
-           "format_of", "format_of_source", "run_saves", "is_not_mine", "is_single_file_model", "is_training_source"]
+__all__ = ["BY_KIND", "FORMATS", "HF_SHARDED", "HF_SINGLE", "HOLDS", "INPUT_TYPES", "TRAINING_KINDS", "Format", "Holds",
+           "InputKind", "LoraLayout", "format_of", "format_of_source", "run_saves", "is_not_mine",
+           "is_single_file_model", "is_training_source"]

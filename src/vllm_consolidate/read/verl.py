@@ -234,9 +234,15 @@ def read_verl(folder: Path, root: Path | None = None) -> SourceModel:
         "tag": folder.parent.name,
         "stored_dtype": stored.name if stored else None,
     }
-    return SourceModel(kind="verl", path=folder, tensors=specs, asset_dirs=[folder / HF_FOLDER], info=info,
+    return SourceModel(kind="verl", path=folder, tensors=specs, asset_dirs=asset_dirs(folder), info=info,
                        aliases=aliases, renamed=renamed,
                        trained_dtype=stored if stored and stored.itemsize == 2 else None)
 
 
-__all__ = ["FSDP_CONFIG", "LORA_FOLDER", "LORA_META", "RANK_FILE", "is_verl_role_folder", "rank_files", "read_verl"]
+def asset_dirs(folder: Path) -> list[Path]:
+    """Where a verl role folder keeps its model's config and tokenizer: ``huggingface/`` beside the rank files."""
+    return [folder / HF_FOLDER]
+
+
+__all__ = ["FSDP_CONFIG", "LORA_FOLDER", "LORA_META", "RANK_FILE", "asset_dirs", "is_verl_role_folder", "rank_files",
+           "read_verl"]

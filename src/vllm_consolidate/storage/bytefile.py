@@ -14,7 +14,7 @@ Every reader reads through a :class:`ByteFile`: ``size``, ``pread(n, offset)``,
   in a ZeRO rank file are never requested), and object_store's own ``get_ranges`` is not used because
   it merges ranges less than 1 MiB apart, which would fetch the bytes between them.
 
-Transient errors are retried by obstore with backoff (``store.RETRY``); a body that breaks off mid-way
+Transient errors are retried by obstore with backoff (``store.retry_config``); a body that breaks off mid-way
 is retried here a few times more.
 """
 

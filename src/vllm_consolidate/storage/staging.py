@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -122,6 +121,8 @@ def delete_keys(store: Any, url: ObjectURL, rels: Iterable[str]) -> None:
 
 def machine_identity() -> dict[str, str]:
     """Where this process runs: host name, kernel boot and PID namespace (a PID means one process only in them)."""
+    import socket  # object-store outputs only: 3 ms of every local conversion's start otherwise
+
     def read(path: str, link: bool = False) -> str:
         try:
             return os.readlink(path) if link else open(path).read().strip()  # noqa: SIM115 - tiny /proc files

@@ -17,16 +17,11 @@ from __future__ import annotations
 import json
 import os
 import threading
-from datetime import timedelta
 from typing import Any
 
 from vllm_consolidate.errors import InputNotFoundError, StorageError, UsageError
 from vllm_consolidate.storage.urls import ObjectURL
 
-#: Retries with exponential backoff on transient errors (5xx, timeouts, connection resets); obstore's
-#: own policy, made explicit so a flaky endpoint is retried the same way everywhere.
-RETRY = {"max_retries": 6, "retry_timeout": timedelta(seconds=120),  # obstore takes timedeltas here, not "120s"
-         "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=10), "base": 2}}
 CLIENT = {"timeout": "300s", "connect_timeout": "15s"}
 MAX_OPTIONS_BYTES = 64 * 1024
 #: obstore's HTTP client keys (its ``ClientConfig``, less the non-string ``default_headers``). They must go to
@@ -87,6 +82,19 @@ def _split_options(url: ObjectURL, options: dict[str, str]) -> tuple[dict[str, s
     return config, client
 
 
+def retry_config() -> dict[str, Any]:
+    """Retries with exponential backoff on transient errors (5xx, timeouts, connection resets); obstore's
+    own policy, made explicit so a flaky endpoint is retried the same way everywhere.
+
+    Built when a store is opened: obstore takes timedeltas here (not "120s"), and datetime is not worth
+    importing at every local conversion's start.
+    """
+    from datetime import timedelta
+
+    return {"max_retries": 6, "retry_timeout": timedelta(seconds=120),
+            "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=10), "base": 2}}
+
+
 def open_store(url: ObjectURL, options: dict[str, str] | None = None) -> Any:
     """The obstore client for ``url``'s bucket (cached per bucket and options).
 
@@ -105,7 +113,7 @@ def open_store(url: ObjectURL, options: dict[str, str] | None = None) -> Any:
                                hint="pip install obstore (a dependency of vllm-consolidate).") from exc
         config, client = _split_options(url, options)
         try:
-            store = from_url(url.bucket_url, config=config or None, client_options=client, retry_config=RETRY)
+            store = from_url(url.bucket_url, config=config or None, client_options=client, retry_config=retry_config())
         except Exception as exc:  # obstore raises its own configuration errors
             raise StorageError(f"cannot configure the store for {url.bucket_url}: {_first_line(exc)}",
                                hint="Check the keys of --storage-options against obstore's settings.") from exc

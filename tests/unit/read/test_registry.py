@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import types
 from pathlib import Path
 
 import pytest
 
 from vllm_consolidate.errors import CorruptCheckpointError, InputNotFoundError
 from vllm_consolidate.read import detect as detection
+from vllm_consolidate.read import registry
 from vllm_consolidate.read.fsdp_locate import resolve_dcp, resolve_verl
 from vllm_consolidate.read.registry import FORMATS, INPUT_TYPES, TRAINING_KINDS, InputKind
 
@@ -31,6 +34,27 @@ def test_order_is_declared_once() -> None:
     assert INPUT_TYPES == ("auto", "deepspeed", "megatron", "dcp", "verl", "peft", "hf_sharded")
     assert TRAINING_KINDS == ("deepspeed", "megatron", "dcp", "verl")
     assert len({f.kind for f in FORMATS}) == len(FORMATS) == len(InputKind)
+
+
+def _named(value: object) -> list[tuple[str, str]]:
+    """The ``(module, function)`` pairs a registry field names: directly, or as ``mod.function`` in a wrapper's code."""
+    if isinstance(value, registry._Function):
+        return [(value.module, value.name)]
+    if isinstance(value, tuple):
+        return [pair for v in value for pair in _named(v)]
+    code = value.__code__ if isinstance(value, types.FunctionType) else None
+    names = code.co_names if code is not None else ()
+    return [(mod.module, names[i + 1]) for i, n in enumerate(names[:-1])
+            if isinstance(mod := vars(registry).get(n), registry._Module)]
+
+
+def test_every_function_named_by_string_is_there() -> None:
+    """The registry imports a format's module when detection first calls it, so a misspelt name would fail only
+    then: every name it gives must be a function of its module."""
+    named = {pair for f in FORMATS for value in vars(f).values() for pair in _named(value)}
+    assert len(named) >= 25 and {m for m, _ in named} >= {"vllm_consolidate.read.megatron", "vllm_consolidate.read.hf"}
+    for module, name in sorted(named):
+        assert callable(getattr(importlib.import_module(module), name, None)), f"{module}.{name}"
 
 
 def test_kind_is_its_word() -> None:
