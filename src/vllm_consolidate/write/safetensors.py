@@ -172,10 +172,11 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The process's own symbols, libc's among them: ``ctypes.util.find_library("c")`` would run ``ldconfig -p``
+        # in a subprocess (2-6 ms and ``subprocess``'s import, per conversion) to name the same library.
+        libc = ctypes.CDLL(None, use_errno=True)
         func = libc.sync_file_range
     except (OSError, AttributeError):
         return None
@@ -184,8 +185,8 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return func
 
 
-# Looked up on the first write, not at import: ``find_library`` runs ``ldconfig -p`` in a subprocess,
-# which every command importing this module (``--help``, ``inspect``) would otherwise pay for.
+# Looked up on the first write, not at import: commands that import this module without writing (``inspect``) need
+# neither ctypes nor the lookup.
 _NOT_LOADED: Any = object()
 _sync_file_range: Any = _NOT_LOADED
 
