@@ -60,6 +60,7 @@ def main() -> None:
 
     kernel = casts.kernel()
     ours_rate = rate(cast, args.seconds)
+    fp16_kernel_rate = rate(lambda: cast(dtypes.float16), args.seconds) if kernel is not None else float("nan")
     casts._kernel = None  # the numpy fallback
     numpy_rate = rate(cast, args.seconds)
     fp16_rate = rate(lambda: cast(dtypes.float16), args.seconds)
@@ -68,8 +69,9 @@ def main() -> None:
     copy_rate = rate(lambda: np.copyto(copy, src), args.seconds)  # memcpy of the 4 MiB source chunk
     path = "C kernel" if kernel is not None else "numpy: the C kernel is not built"
     line = (f"load {os.getloadavg()[0]:.2f}; per second of one thread's CPU: cast_into ({path}): "
-            f"{ours_rate / 1e6:.0f} M elem/s; numpy fallback: {numpy_rate / 1e6:.0f} M elem/s; fp32 -> fp16 "
-            f"(numpy): {fp16_rate / 1e6:.0f} M elem/s; memcpy of the fp32 chunk: {copy_rate / 1e6:.0f} M elem/s "
+            f"{ours_rate / 1e6:.0f} M elem/s; numpy fallback: {numpy_rate / 1e6:.0f} M elem/s; fp32 -> fp16: "
+            f"{fp16_kernel_rate / 1e6:.0f} M elem/s ({path}), {fp16_rate / 1e6:.0f} M elem/s (numpy); "
+            f"memcpy of the fp32 chunk: {copy_rate / 1e6:.0f} M elem/s "
             f"({copy_rate * 4 / 1e9:.1f} GB/s); cast / memcpy: {ours_rate / copy_rate:.2f}")
     try:
         import ml_dtypes
