@@ -21,7 +21,7 @@ Decisions:
       A chunk is searched for NaN only when its maximum is NaN (one read, no temporary).
     * float32 -> bfloat16, the cast nearly every conversion does, and float32 -> float16 run in a small C
       extension (``_castkernel.c``) when the package was built with it: the same rounding in one pass over
-      memory, without the GIL, 4x (bf16) and 15x (fp16, the F16C instruction) the rate of numpy on this
+      memory, without the GIL, 3x (bf16) and 30x (fp16, the F16C instruction) the rate of numpy on this
       project's 2-core machine (``bench/cast_rate.py``), and such a conversion never imports numpy (0.1 s).
       The extension is optional (no C compiler: not built); then numpy does it. Both are checked against
       torch (``tests/test_casts.py``).
