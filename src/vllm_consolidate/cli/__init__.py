@@ -96,7 +96,7 @@ class _Version(argparse.Action):
             how = "numpy (the C extension vllm_consolidate._castkernel was not built: reinstall with a C compiler)"
         else:
             how = "C extension" + (", float16 with F16C" if kernel.float16_hardware() else "")
-        parser._print_message(f"{parser.prog} {__version__}\ncasts: {how}\n", sys.stdout)
+        sys.stdout.write(f"{parser.prog} {__version__}\ncasts: {how}\n")
         parser.exit()
 
 
